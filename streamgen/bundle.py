@@ -1,0 +1,276 @@
+"""A streamgen bundle: the models of one speech chain, as safetensors plus a JSON config.
+
+    DIR/bundle.json           {"format": "streamgen-bundle", "version": 1, "sample_rate": 16000,
+                               "parts": {"hubert": {...}, "kmeans": {...}, "mbart": {...}, "vocoder": {...}},
+                               "prompts": {"<task>": {"length": L, "stacks": [...]}}}
+    DIR/<part>.safetensors    weights of each part present (any subset of the four)
+    DIR/prompts/<task>.safetensors
+
+Loading reads no pickle. `Bundle.encode` / `generate` / `vocode` are the whole-utterance API; the
+streaming pipeline uses the same models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .models.generation import Sampling, generate
+from .models.hubert import HubertConfig, HubertEncoder
+from .models.kmeans import KMeansQuantizer, dedup
+from .models.prompt import DeepPrompt, PromptConfig
+from .models.unit_mbart import UnitMBart, UnitMBartConfig
+from .models.vocoder import CodeHiFiGAN, DurationConfig, VocoderConfig
+
+FORMAT, VERSION = "streamgen-bundle", 1
+PARTS = ("hubert", "kmeans", "mbart", "vocoder")
+MAX_ENCODE_SECONDS = 60.0  # one attention pass over the whole input; longer audio goes through the pipeline
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, malformed, or lacks a part the call needs."""
+
+
+@dataclass
+class Bundle:
+    sample_rate: int = 16000
+    hubert: HubertEncoder | None = None
+    quantizer: KMeansQuantizer | None = None
+    mbart: UnitMBart | None = None
+    vocoder: CodeHiFiGAN | None = None
+    prompts: dict[str, DeepPrompt] = field(default_factory=dict)
+
+    def modules(self) -> dict[str, nn.Module]:
+        parts = {"hubert": self.hubert, "kmeans": self.quantizer, "mbart": self.mbart, "vocoder": self.vocoder}
+        return {k: m for k, m in parts.items() if m is not None}
+
+    def need(self, part: str) -> nn.Module:
+        m = self.modules().get(part)
+        if m is None:
+            raise BundleError(f"this bundle has no {part} (it holds: {', '.join(self.modules()) or 'nothing'})")
+        return m
+
+    @property
+    def device(self) -> torch.device:
+        m = next(iter(self.need_any().values()))
+        return next(iter(list(m.parameters()) + list(m.buffers()))).device
+
+    def need_any(self) -> dict[str, nn.Module]:
+        if not self.modules():
+            raise BundleError("the bundle holds no parts")
+        return self.modules()
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Bundle:
+        """Move every part (k-means centroids stay fp32 whatever the dtype)."""
+        for name, m in self.modules().items():
+            m.to(device=device, dtype=None if name == "kmeans" else dtype)
+        for p in self.prompts.values():
+            p.to(device=device)
+        return self
+
+    # --- the whole-utterance API --------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, wave: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """wave [T] float at `sample_rate` -> (de-duplicated units [N] in 0..K-1, durations [N] in frames)."""
+        hubert, quantizer = self.need("hubert"), self.need("kmeans")
+        wave = check_wave(wave, self.sample_rate, min_samples=hubert.cfg.receptive_field)
+        if wave.numel() > MAX_ENCODE_SECONDS * self.sample_rate:
+            raise ValueError(
+                f"audio of {wave.numel() / self.sample_rate:.1f} s exceeds the {MAX_ENCODE_SECONDS:.0f} s one-pass "
+                "limit of Bundle.encode; stream it through the pipeline instead"
+            )
+        p = next(hubert.parameters())
+        feats = hubert(wave.to(p.device, p.dtype)[None])[0]
+        return dedup(quantizer(feats))
+
+    def prompt(self, prompt: str | DeepPrompt | None) -> DeepPrompt | None:
+        if prompt is None or isinstance(prompt, DeepPrompt):
+            return prompt
+        if prompt not in self.prompts:
+            raise BundleError(f"no prompt {prompt!r} in this bundle (it has: {', '.join(sorted(self.prompts)) or 'none'})")
+        return self.prompts[prompt]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        units: Tensor,
+        prompt: str | DeepPrompt | None = None,
+        max_units: int = 200,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        min_units: int = 0,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Units [N] -> generated units [M] (M <= max_units), conditioned on a task prompt or none."""
+        mbart = self.need("mbart")
+        units = torch.as_tensor(units)
+        if units.dim() != 1 or units.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"units must be a 1-D integer tensor, got {units.dtype} {tuple(units.shape)}")
+        if units.numel() and (int(units.min()) < 0 or int(units.max()) >= mbart.cfg.num_units):
+            raise ValueError(f"units must lie in 0..{mbart.cfg.num_units - 1}")
+        if units.numel() + 1 > mbart.cfg.max_positions or max_units + 1 > mbart.cfg.max_positions:
+            raise ValueError(f"source or output longer than the model's {mbart.cfg.max_positions} positions")
+        p = self.prompt(prompt)
+        gen = None if seed is None else torch.Generator(device=mbart.embed_tokens.weight.device).manual_seed(seed)
+        return generate(
+            mbart, [units], p.shared_kv(mbart) if p else None, max_units=max_units, min_units=min_units,
+            sampling=Sampling(greedy, temperature, top_k), generator=gen,
+        )[0]
+
+    @torch.no_grad()
+    def vocode(self, units: Tensor) -> Tensor:
+        """De-duplicated units [N] -> waveform [S] float32 at `sample_rate`."""
+        vocoder = self.need("vocoder")
+        units = torch.as_tensor(units)
+        if units.numel() == 0:
+            return torch.zeros(0)
+        return vocoder(units.to(vocoder.dict.weight.device)).float()
+
+    # --- files --------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the bundle directory (weights cast to `dtype` if given; k-means stays fp32)."""
+        path = Path(path)
+        (path / "prompts").mkdir(parents=True, exist_ok=True)
+        configs = {
+            "hubert": self.hubert and self.hubert.cfg.to_dict(),
+            "kmeans": self.quantizer and {"num_units": self.quantizer.num_units, "dim": self.quantizer.dim},
+            "mbart": self.mbart and vars(self.mbart.cfg).copy(),
+            "vocoder": self.vocoder and self.vocoder.cfg.to_dict(),
+        }
+        for name, m in self.modules().items():
+            cast = None if name == "kmeans" else dtype
+            save_file({k: _cast(v, cast) for k, v in m.state_dict().items()}, path / f"{name}.safetensors")
+        for name, p in self.prompts.items():
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in p.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "sample_rate": self.sample_rate,
+            "parts": {k: v for k, v in configs.items() if v},
+            "prompts": {n: {"length": p.cfg.length, "stacks": list(p.cfg.stacks)} for n, p in self.prompts.items()},
+        }
+        (path / "bundle.json").write_text(json.dumps(meta, indent=2))
+        return path
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    t = t.detach().cpu()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def check_wave(wave, sample_rate: int, min_samples: int = 1) -> Tensor:
+    """A mono float waveform as a 1-D tensor, or a clear error naming what is wrong with it."""
+    if isinstance(wave, np.ndarray):
+        wave = torch.from_numpy(wave)
+    if not isinstance(wave, Tensor):
+        raise TypeError(f"audio must be a tensor or numpy array, got {type(wave).__name__}")
+    if wave.dim() != 1:
+        raise ValueError(f"audio must be mono [T], got shape {tuple(wave.shape)}")
+    if not wave.is_floating_point():
+        raise ValueError(f"audio must be float samples in [-1, 1], got {wave.dtype}")
+    if wave.numel() == 0:
+        raise ValueError("audio is empty")
+    if not torch.isfinite(wave).all():
+        raise ValueError("audio contains NaN or inf samples")
+    if wave.numel() < min_samples:
+        raise ValueError(f"audio of {wave.numel()} samples is shorter than the {min_samples} ({min_samples / sample_rate * 1000:.0f} ms) one unit needs")
+    return wave.float()
+
+
+def _load_part(path: Path, name: str, module: nn.Module) -> nn.Module:
+    file = path / f"{name}.safetensors"
+    try:
+        sd = load_file(file)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: bundle.json lists {name} but {file.name} is missing") from None
+    except Exception as e:  # safetensors raises its own error type for corrupt files
+        raise BundleError(f"{file}: not a readable safetensors file: {e}") from None
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"{file}: weights do not match the config in bundle.json: {e}") from None
+    return module.eval()
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Bundle:
+    """Load a bundle directory written by `streamgen convert` (or `Bundle.save`)."""
+    path = Path(path)
+    meta_file = path / "bundle.json"
+    if not meta_file.is_file():
+        raise BundleError(f"{path}: not a streamgen bundle (no bundle.json); make one with `streamgen convert`")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{meta_file}: not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise BundleError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT!r} v{VERSION}")
+    parts = meta.get("parts", {})
+    b = Bundle(sample_rate=int(meta.get("sample_rate", 16000)))
+    try:
+        if "hubert" in parts:
+            b.hubert = _load_part(path, "hubert", HubertEncoder(HubertConfig.from_dict(parts["hubert"])))
+        if "kmeans" in parts:
+            k = parts["kmeans"]
+            b.quantizer = _load_part(path, "kmeans", KMeansQuantizer(torch.zeros(k["num_units"], k["dim"])))
+        if "mbart" in parts:
+            b.mbart = _load_part(path, "mbart", UnitMBart(UnitMBartConfig.from_dict(parts["mbart"])))
+            b.mbart.requires_grad_(False)
+        if "vocoder" in parts:
+            b.vocoder = _load_part(path, "vocoder", CodeHiFiGAN(VocoderConfig.from_dict(parts["vocoder"])))
+        for name, pc in meta.get("prompts", {}).items():
+            if b.mbart is None:
+                raise BundleError(f"{meta_file}: prompt {name!r} needs an mbart part")
+            b.prompts[name] = _load_part(path / "prompts", name, DeepPrompt(b.mbart.cfg, PromptConfig(pc["length"], tuple(pc["stacks"]))))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, BundleError):
+            raise
+        raise BundleError(f"{meta_file}: malformed part config: {type(e).__name__}: {e}") from None
+    if b.hubert is not None and b.quantizer is not None and b.hubert.cfg.dim != b.quantizer.dim:
+        raise BundleError(f"{path}: HuBERT features ({b.hubert.cfg.dim}) and k-means centroids ({b.quantizer.dim}) differ in size")
+    if not b.modules():
+        raise BundleError(f"{meta_file}: the bundle holds no parts")
+    return b.to(device, dtype)
+
+
+# Tiny sizes (same code paths as the full models): tests, and the demo until a trained bundle ships.
+TINY_HUBERT = HubertConfig(
+    conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2, dim=48, ffn_dim=96, heads=4, layers=2,
+    conv_pos=16, conv_pos_groups=4, output_layer=2,
+)
+TINY_UNITS = 100
+TINY_MBART = UnitMBartConfig(
+    vocab_size=TINY_UNITS + 8, num_units=TINY_UNITS, dim=64, ffn_dim=128, heads=4, encoder_layers=2,
+    decoder_layers=2, max_positions=1024, dropout=0.0,
+)
+TINY_VOCODER = VocoderConfig(
+    num_embeddings=TINY_UNITS, embedding_dim=32, model_in_dim=32, upsample_initial_channel=64,
+    resblock_kernel_sizes=(3, 7), resblock_dilation_sizes=((1, 3), (1, 3)),
+    dur_predictor_params=DurationConfig(encoder_embed_dim=32, var_pred_hidden_dim=32),
+)
+
+
+def random_bundle(seed: int = 0) -> Bundle:
+    """A tiny, randomly initialised bundle: exercises every part, generates noise, not speech."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    b = Bundle(
+        hubert=HubertEncoder(TINY_HUBERT),
+        quantizer=KMeansQuantizer(torch.randn(TINY_UNITS, TINY_HUBERT.dim, generator=g)),
+        mbart=UnitMBart(TINY_MBART),
+        vocoder=CodeHiFiGAN(TINY_VOCODER),
+    )
+    for m in b.modules().values():
+        m.eval()
+    b.mbart.requires_grad_(False)
+    return b

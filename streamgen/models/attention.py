@@ -1,0 +1,98 @@
+"""Multi-head attention over a shared prefix plus per-row keys, merged by log-sum-exp.
+
+Shapes: B rows, H heads, D head size, T queries, S per-row keys, L shared prefix keys.
+
+A task's deep prompt gives every attention layer a prefix of L keys/values that is the same
+for all rows (all sessions of that task). Concatenating it to each row's keys would copy it
+B times per layer per step. Instead the prefix is attended to on its own, with the rows folded
+into the matmul's M dimension so the prefix is only read, and the two partial softmaxes are
+merged with their log-sum-exps:
+
+    softmax([s_p, s_r]) @ [V_p; V_r] = w_p * softmax(s_p) @ V_p + w_r * softmax(s_r) @ V_r,
+    w_x = exp(lse_x - logaddexp(lse_p, lse_r)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+Prefix = tuple[Tensor, Tensor]  # (k, v), each [H, L, D], shared by every row
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Softmax attention that also returns the log-sum-exp of the scores.
+
+    q [B,H,T,D], k/v [B,H,S,D], mask broadcastable to [B,H,T,S] (True = visible).
+    Returns out [B,H,T,D] and lse [B,H,T,1] (float32; -inf where a query sees no key).
+    """
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(torch.float32).min))  # no NaN on empty rows
+    return (probs.to(v.dtype) @ v), lse
+
+
+def attend_prefix(q: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor]:
+    """Attention of every row's queries to one shared prefix, without copying the prefix.
+
+    q [B,H,T,D]; prefix k/v [H,L,D]. Rows and queries fold into one axis: [H, B*T, D] @ [H, D, L].
+    """
+    pk, pv = prefix
+    B, H, T, D = q.shape
+    qh = q.transpose(0, 1).reshape(H, B * T, D)  # copies q (small), never the prefix
+    scores = torch.bmm(qh, pk.transpose(1, 2)).float() * D**-0.5  # [H, B*T, L]
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.bmm(torch.exp(scores - lse).to(pv.dtype), pv)  # [H, B*T, D]
+    return out.view(H, B, T, D).transpose(0, 1), lse.view(H, B, T, 1).transpose(0, 1)
+
+
+def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Combine two partial attentions over disjoint key sets into attention over their union."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).to(out_a.dtype)
+    w_b = torch.exp(lse_b - lse).to(out_b.dtype)
+    return out_a * w_a + out_b * w_b
+
+
+class Attention(nn.Module):
+    """fairseq-layout multi-head attention (q/k/v/out projections with bias)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def split(self, x: Tensor) -> Tensor:
+        """[B, T, H*D] -> [B, H, T, D]"""
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, -1).transpose(1, 2)
+
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of x [B, S, d], each [B, H, S, D]."""
+        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+
+    def prefix_kv(self, k_in: Tensor, v_in: Tensor) -> Prefix:
+        """A deep prompt's prefix: its vectors [L, d] through this layer's own k/v projections."""
+        L = k_in.shape[0]
+        k = self.k_proj(k_in).view(L, self.heads, -1).transpose(0, 1)  # [H, L, D]
+        v = self.v_proj(v_in).view(L, self.heads, -1).transpose(0, 1)
+        return k, v
+
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | None = None
+    ) -> Tensor:
+        """x [B,T,d] attends to k/v [B,H,S,D] (and to the shared prefix, if any) -> [B,T,d]."""
+        q = self.split(self.q_proj(x))
+        out, lse = attend(q, k, v, mask)
+        if prefix is not None:
+            out = merge(out, lse, *attend_prefix(q, prefix))
+        B, H, T, D = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
+

@@ -1,0 +1,42 @@
+"""k-means quantizer: features -> nearest centroid index (discrete units)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class KMeansQuantizer(nn.Module):
+    def __init__(self, centroids: Tensor):
+        super().__init__()
+        if centroids.dim() != 2 or centroids.shape[0] < 1:
+            raise ValueError(f"centroids must be [K, D] with K >= 1, got {tuple(centroids.shape)}")
+        if not torch.isfinite(centroids).all():
+            raise ValueError("centroids contain NaN or inf")
+        self.register_buffer("centroids", centroids.float().clone())  # [K, D]
+
+    @property
+    def num_units(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.centroids.shape[1]
+
+    def forward(self, feats: Tensor) -> Tensor:
+        """feats [..., D] -> units [...] (long). argmin_k |x - c_k|^2 = argmin_k |c_k|^2 - 2 x.c_k,
+        computed in fp32 whatever the features' dtype."""
+        if feats.shape[-1] != self.dim:
+            raise ValueError(f"features have size {feats.shape[-1]}, centroids {self.dim}")
+        x = feats.reshape(-1, self.dim).float()
+        c = self.centroids
+        dist = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # [N, K]
+        return dist.argmin(-1).reshape(feats.shape[:-1])
+
+
+def dedup(units: Tensor) -> tuple[Tensor, Tensor]:
+    """Collapse runs of a repeated unit: [5,5,7,7,7,5] -> units [5,7,5], durations [2,3,1]."""
+    if units.dim() != 1:
+        raise ValueError(f"dedup takes a 1-D unit sequence, got shape {tuple(units.shape)}")
+    out, counts = torch.unique_consecutive(units, return_counts=True)
+    return out, counts

@@ -1,0 +1,294 @@
+"""Unit mBART: fairseq's `mbart_large` encoder-decoder over discrete speech units.
+
+Dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3, then units "0".."K-1" (token = unit + 4); mBART adds
+language tokens, <mask> and padding rows after them, so the vocabulary size comes from the weights.
+Source = units + </s>; the decoder starts from </s>. Learned positions are offset by 2
+(padding_idx + 1), as in fairseq. Parameter names follow fairseq's state dict, except that the one
+shared embedding table lives at `embed_tokens` (fairseq repeats it under the encoder, the decoder
+and the output projection).
+
+Two ways to run the decoder, which must agree to fp32 rounding:
+- `forward` / `decode`: all target positions at once (training, reference);
+- `start` + `step`: incremental, one token per row per step, with a `DecoderState` per batch of
+  sessions holding the self-attention K/V cache and the cross-attention K/V of the source.
+A task's deep prompt enters both as a shared prefix (`PromptKV`), never copied per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention, Prefix
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+UNIT_OFFSET = 4
+
+
+@dataclass(frozen=True)
+class UnitMBartConfig:
+    vocab_size: int = 1008
+    num_units: int = 1000  # tokens 4 .. 4+num_units-1 are units; only they and </s> are generated
+    dim: int = 1024
+    ffn_dim: int = 4096
+    heads: int = 16
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    max_positions: int = 1024
+    normalize_before: bool = True  # pre-norm layers and a final LayerNorm per stack (mBART recipe)
+    scale_embedding: bool = True  # token embeddings times sqrt(dim) (fairseq no_scale_embedding=False)
+    layernorm_embedding: bool = True
+    dropout: float = 0.1  # residual dropout; active only in training mode
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UnitMBartConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PromptKV:
+    """A task prompt's prefix keys/values for every layer: (k, v) each [H, L, D], or None."""
+
+    encoder: tuple[Prefix | None, ...]
+    decoder: tuple[Prefix | None, ...]
+
+
+def units_to_source(units: Tensor) -> Tensor:
+    """Units [N] (0..K-1) -> encoder input tokens [N+1]: units + 4, then </s>."""
+    return torch.cat([units.long() + UNIT_OFFSET, units.new_full((1,), EOS, dtype=torch.long)])
+
+
+def pad_sequences(seqs: list[Tensor], value: int = PAD) -> Tensor:
+    """Right-pad 1-D token tensors to one [B, T] tensor."""
+    out = seqs[0].new_full((len(seqs), max(len(s) for s in seqs)), value)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def make_positions(tokens: Tensor) -> Tensor:
+    """fairseq's learned-position indices: 2, 3, ... for real tokens, 1 (padding_idx) for <pad>."""
+    real = tokens.ne(PAD)
+    return torch.cumsum(real, dim=1) * real + PAD
+
+
+class Layer(nn.Module):
+    """One transformer layer; the decoder's adds cross-attention to the encoder output."""
+
+    def __init__(self, cfg: UnitMBartConfig, cross: bool):
+        super().__init__()
+        d = cfg.dim
+        self.self_attn = Attention(d, cfg.heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        if cross:
+            self.encoder_attn = Attention(d, cfg.heads)
+            self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.pre = cfg.normalize_before
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def residual(self, x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
+        if self.pre:  # x + f(LN(x))
+            return x + self.drop(f(norm(x)))
+        return norm(x + self.drop(f(x)))  # LN(x + f(x))
+
+    def ffn(self, h: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(h)))
+
+    def forward(self, x, self_kv, self_mask, prefix=None, cross_kv=None, cross_mask=None) -> Tensor:
+        """x [B,T,d]. self_kv(h) gives the keys/values self-attention sees for its input h:
+        h's own for a full pass, the cache with h appended for an incremental step."""
+        x = self.residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, *self_kv(h), self_mask, prefix))
+        if cross_kv is not None:
+            x = self.residual(x, self.encoder_attn_layer_norm, lambda h: self.encoder_attn(h, *cross_kv, cross_mask))
+        return self.residual(x, self.final_layer_norm, self.ffn)
+
+
+class Stack(nn.Module):
+    """Positions, embedding LayerNorm, layers and final LayerNorm of the encoder or the decoder."""
+
+    def __init__(self, cfg: UnitMBartConfig, n_layers: int, cross: bool):
+        super().__init__()
+        self.embed_positions = nn.Embedding(cfg.max_positions + 2, cfg.dim)
+        self.layernorm_embedding = nn.LayerNorm(cfg.dim) if cfg.layernorm_embedding else None
+        self.layers = nn.ModuleList(Layer(cfg, cross) for _ in range(n_layers))
+        self.layer_norm = nn.LayerNorm(cfg.dim) if cfg.normalize_before else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def embed(self, tokens_emb: Tensor, positions: Tensor) -> Tensor:
+        x = tokens_emb + self.embed_positions(positions)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return self.drop(x)
+
+    def finish(self, x: Tensor) -> Tensor:
+        return x if self.layer_norm is None else self.layer_norm(x)
+
+
+@dataclass
+class DecoderState:
+    """Incremental decoding state of B rows (sessions), stepped together.
+
+    k, v:      per decoder layer, self-attention cache [B, H, C, D]; row b holds lengths[b] entries
+    lengths:   [B] decoder tokens consumed per row (rows may differ: ragged sessions)
+    cross:     per decoder layer, (k, v) of the row's encoder output [B, H, S, D]
+    src_mask:  [B, S] True at real source positions
+    prompt:    the task's shared prefix (held by reference by every row), or None
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    lengths: Tensor
+    cross: list[tuple[Tensor, Tensor]]
+    src_mask: Tensor
+    prompt: PromptKV | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def grow(self, capacity: int) -> None:
+        """Make room for `capacity` cached tokens per row (doubling keeps appends amortised O(1))."""
+        if capacity <= self.capacity:
+            return
+        new = max(capacity, 2 * self.capacity)
+        pad = (0, 0, 0, new - self.capacity)
+        self.k = [F.pad(t, pad) for t in self.k]
+        self.v = [F.pad(t, pad) for t in self.v]
+
+    def select(self, rows: Tensor | list[int]) -> DecoderState:
+        """The state of a subset of rows (e.g. to drop finished sessions)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        return DecoderState(
+            k=[t[rows] for t in self.k],
+            v=[t[rows] for t in self.v],
+            lengths=self.lengths[rows],
+            cross=[(k[rows], v[rows]) for k, v in self.cross],
+            src_mask=self.src_mask[rows],
+            prompt=self.prompt,
+        )
+
+    @staticmethod
+    def cat(states: list[DecoderState]) -> DecoderState:
+        """Join sessions into one batch (padding caches and sources); they must share the prompt."""
+        prompt = states[0].prompt
+        if any(s.prompt is not prompt for s in states):
+            raise ValueError("sessions batched together must share one prompt object (one task per batch)")
+        C = max(s.capacity for s in states)
+        S = max(s.src_mask.shape[1] for s in states)
+
+        def pad_to(t: Tensor, n: int, dim: int) -> Tensor:
+            return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, n - t.shape[dim]))
+
+        n_layers = len(states[0].k)
+        return DecoderState(
+            k=[torch.cat([pad_to(s.k[i], C, 2) for s in states]) for i in range(n_layers)],
+            v=[torch.cat([pad_to(s.v[i], C, 2) for s in states]) for i in range(n_layers)],
+            lengths=torch.cat([s.lengths for s in states]),
+            cross=[
+                (torch.cat([pad_to(s.cross[i][0], S, 2) for s in states]), torch.cat([pad_to(s.cross[i][1], S, 2) for s in states]))
+                for i in range(n_layers)
+            ],
+            src_mask=torch.cat([pad_to(s.src_mask, S, 1) for s in states]),
+            prompt=prompt,
+        )
+
+
+class UnitMBart(nn.Module):
+    def __init__(self, cfg: UnitMBartConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=PAD)
+        self.encoder = Stack(cfg, cfg.encoder_layers, cross=False)
+        self.decoder = Stack(cfg, cfg.decoder_layers, cross=True)
+        self.embed_scale = math.sqrt(cfg.dim) if cfg.scale_embedding else 1.0
+
+    def token_embedding(self, tokens: Tensor) -> Tensor:
+        return self.embed_tokens(tokens) * self.embed_scale
+
+    def output(self, x: Tensor) -> Tensor:
+        """Final decoder hidden states -> logits over the vocabulary (tied to the embedding)."""
+        return F.linear(self.decoder.finish(x), self.embed_tokens.weight)
+
+    # --- encoder -------------------------------------------------------------------------------
+
+    def encode(self, src_tokens: Tensor, prompt: PromptKV | None = None) -> Tensor:
+        """src_tokens [B, S] (right-padded with <pad>) -> encoder output [B, S, d]."""
+        src_mask = src_tokens.ne(PAD)
+        x = self.encoder.embed(self.token_embedding(src_tokens), make_positions(src_tokens))
+        key_mask = src_mask[:, None, None, :]  # [B,1,1,S]
+        for i, layer in enumerate(self.encoder.layers):
+            x = layer(x, layer.self_attn.kv, key_mask, prefix=prompt.encoder[i] if prompt else None)
+        return self.encoder.finish(x)
+
+    # --- decoder, all positions at once --------------------------------------------------------
+
+    def decode(self, prev_tokens: Tensor, enc: Tensor, src_mask: Tensor, prompt: PromptKV | None = None) -> Tensor:
+        """prev_tokens [B, T] (starting with </s>, right-padded) -> logits [B, T, V]."""
+        T = prev_tokens.shape[1]
+        x = self.decoder.embed(self.token_embedding(prev_tokens), make_positions(prev_tokens))
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        self_mask = causal[None, None] & prev_tokens.ne(PAD)[:, None, None, :]  # [B,1,T,T]
+        cross_mask = src_mask[:, None, None, :]
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(
+                x, layer.self_attn.kv, self_mask, prefix=prompt.decoder[i] if prompt else None,
+                cross_kv=layer.encoder_attn.kv(enc), cross_mask=cross_mask,
+            )
+        return self.output(x)
+
+    def forward(self, src_tokens: Tensor, prev_tokens: Tensor, prompt: PromptKV | None = None) -> Tensor:
+        """Teacher-forced logits [B, T, V] (full recompute; the reference for incremental decoding)."""
+        enc = self.encode(src_tokens, prompt)
+        return self.decode(prev_tokens, enc, src_tokens.ne(PAD), prompt)
+
+    # --- decoder, incremental ------------------------------------------------------------------
+
+    def start(self, src_tokens: Tensor, prompt: PromptKV | None = None, capacity: int = 64) -> DecoderState:
+        """Encode sources [B, S] and return a state ready for the first `step` (no tokens yet)."""
+        enc = self.encode(src_tokens, prompt)
+        B, H = src_tokens.shape[0], self.cfg.heads
+        D = self.cfg.dim // H
+        empty = enc.new_zeros(B, H, capacity, D)
+        n = len(self.decoder.layers)
+        return DecoderState(
+            k=[empty.clone() for _ in range(n)],
+            v=[empty.clone() for _ in range(n)],
+            lengths=torch.zeros(B, dtype=torch.long, device=enc.device),
+            cross=[layer.encoder_attn.kv(enc) for layer in self.decoder.layers],
+            src_mask=src_tokens.ne(PAD),
+            prompt=prompt,
+        )
+
+    def step(self, state: DecoderState, tokens: Tensor) -> Tensor:
+        """Feed one token per row [B]; append to each row's cache; return next-token logits [B, V]."""
+        state.grow(int(state.lengths.max()) + 1)
+        rows = torch.arange(state.batch_size, device=tokens.device)
+        pos = state.lengths  # index of the new entry in each row's cache
+        x = self.decoder.embed(self.token_embedding(tokens[:, None]), (pos + PAD + 1)[:, None])
+        visible = torch.arange(state.capacity, device=tokens.device)[None, :] <= pos[:, None]
+        self_mask = visible[:, None, None, :]  # [B,1,1,C]
+        cross_mask = state.src_mask[:, None, None, :]
+        for i, layer in enumerate(self.decoder.layers):
+
+            def append(h: Tensor, i: int = i, layer: Layer = layer) -> tuple[Tensor, Tensor]:
+                k, v = layer.self_attn.kv(h)  # [B,H,1,D]
+                state.k[i][rows, :, pos] = k[:, :, 0]
+                state.v[i][rows, :, pos] = v[:, :, 0]
+                return state.k[i], state.v[i]
+
+            prefix = state.prompt.decoder[i] if state.prompt else None
+            x = layer(x, append, self_mask, prefix=prefix, cross_kv=state.cross[i], cross_mask=cross_mask)
+        state.lengths = state.lengths + 1
+        return self.output(x)[:, 0]
