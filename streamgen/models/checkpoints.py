@@ -118,7 +118,7 @@ def fold_weight_norm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                 base = key[: -len(g_suffix)]
                 g, v = t.double(), sd[base + v_suffix].double()
                 dims = [i for i in range(v.dim()) if g.shape[i] == 1]
-                out[base + ".weight"] = (v * (g / v.norm(dim=dims, keepdim=True))).to(t.dtype)
+                out[base + ".weight"] = (v * (g / torch.linalg.vector_norm(v, dim=dims, keepdim=True))).to(t.dtype)
                 break
             if key.endswith(v_suffix):
                 break

@@ -205,6 +205,16 @@ class DecoderState:
         )
 
 
+def _init_bert(m: nn.Module) -> None:
+    """fairseq's init_bert_params: N(0, 0.02) for linear and embedding weights, zero biases."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear):
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+        nn.init.zeros_(m.weight[m.padding_idx])
+
+
 class UnitMBart(nn.Module):
     def __init__(self, cfg: UnitMBartConfig):
         super().__init__()
@@ -213,6 +223,8 @@ class UnitMBart(nn.Module):
         self.encoder = Stack(cfg, cfg.encoder_layers, cross=False)
         self.decoder = Stack(cfg, cfg.decoder_layers, cross=True)
         self.embed_scale = math.sqrt(cfg.dim) if cfg.scale_embedding else 1.0
+        self.apply(_init_bert)
+
 
     def token_embedding(self, tokens: Tensor) -> Tensor:
         return self.embed_tokens(tokens) * self.embed_scale

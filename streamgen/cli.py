@@ -1,0 +1,180 @@
+"""The `streamgen` command line."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from .bundle import Bundle, BundleError, load_bundle, random_bundle
+from .models.checkpoints import CheckpointError
+from .models.prompt import count_parameters
+
+app = typer.Typer(help="Streaming speech generation with prompt-tuned speech language models.", no_args_is_help=True)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def default_bundle_path() -> Path | None:
+    """The trained bundle shipped with the package, if this version ships one."""
+    p = Path(str(resources.files("streamgen") / "assets" / "default"))
+    return p if (p / "bundle.json").is_file() else None
+
+
+@app.command()
+def convert(
+    out: Path = typer.Option(..., help="Bundle directory to write."),
+    hubert: Optional[Path] = typer.Option(None, help="fairseq HuBERT / mHuBERT checkpoint (.pt)."),
+    hubert_layer: int = typer.Option(11, help="Layer whose features the k-means was fitted on."),
+    kmeans: Optional[Path] = typer.Option(None, help="k-means model: joblib MiniBatchKMeans .bin, or centroids .npy."),
+    mbart: Optional[Path] = typer.Option(None, help="fairseq Unit mBART checkpoint.pt."),
+    num_units: int = typer.Option(1000, help="Units in the Unit mBART dictionary (tokens 4..4+N-1)."),
+    vocoder: Optional[Path] = typer.Option(None, help="CodeHiFiGAN generator checkpoint (g_*)."),
+    vocoder_config: Optional[Path] = typer.Option(None, help="The vocoder's config.json."),
+    dtype: str = typer.Option("float32", help="Weight dtype in the bundle: float32, float16 or bfloat16."),
+):
+    """Turn public fairseq checkpoints into a streamgen bundle (safetensors + bundle.json)."""
+    from .models.checkpoints import read_codehifigan, read_hubert, read_kmeans, read_unit_mbart
+    from .models.hubert import HubertEncoder
+    from .models.kmeans import KMeansQuantizer
+    from .models.unit_mbart import UnitMBart
+    from .models.vocoder import CodeHiFiGAN
+
+    if dtype not in DTYPES:
+        fail(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if not any((hubert, kmeans, mbart, vocoder)):
+        fail("nothing to convert: give at least one of --hubert, --kmeans, --mbart, --vocoder")
+    if (vocoder is None) != (vocoder_config is None):
+        fail("--vocoder and --vocoder-config go together")
+    b = Bundle()
+
+    def build(name, module_cls, cfg, sd):
+        typer.echo(f"  {name}: {len(sd)} tensors")
+        m = module_cls(cfg)
+        try:
+            m.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{name}: the checkpoint's parameters do not fit its config: {e}") from None
+        return m.eval()
+
+    try:
+        if hubert:
+            typer.echo(f"reading HuBERT {hubert}")
+            cfg, sd = read_hubert(hubert, output_layer=hubert_layer)
+            b.hubert = build("hubert", HubertEncoder, cfg, sd)
+            b.sample_rate = cfg.sample_rate
+        if kmeans:
+            typer.echo(f"reading k-means {kmeans}")
+            b.quantizer = KMeansQuantizer(read_kmeans(kmeans))
+            typer.echo(f"  kmeans: {b.quantizer.num_units} centroids of size {b.quantizer.dim}")
+        if mbart:
+            typer.echo(f"reading Unit mBART {mbart}")
+            cfg, sd = read_unit_mbart(mbart, num_units=num_units)
+            b.mbart = build("mbart", UnitMBart, cfg, sd)
+        if vocoder:
+            typer.echo(f"reading CodeHiFiGAN {vocoder} + {vocoder_config}")
+            cfg, sd = read_codehifigan(vocoder, vocoder_config)
+            b.vocoder = build("vocoder", CodeHiFiGAN, cfg, sd)
+    except CheckpointError as e:
+        fail(str(e))
+    if b.hubert and b.quantizer and b.hubert.cfg.dim != b.quantizer.dim:
+        fail(f"HuBERT features have size {b.hubert.cfg.dim} but the k-means centroids {b.quantizer.dim}")
+    b.save(out, dtype=DTYPES[dtype])
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="A bundle directory.")):
+    """Show what a bundle holds: parts, parameter counts, dtype, file sizes."""
+    try:
+        b = load_bundle(path)
+    except BundleError as e:
+        fail(str(e))
+    raw = {}
+    from safetensors import safe_open
+
+    for name in b.modules():
+        with safe_open(str(path / f"{name}.safetensors"), "pt") as f:
+            raw[name] = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    typer.echo(f"bundle {path}  (sample rate {b.sample_rate} Hz)")
+    typer.echo(f"{'part':<9} {'parameters':>12} {'dtype':>10} {'size':>10}  details")
+    for name, m in b.modules().items():
+        size = (path / f"{name}.safetensors").stat().st_size
+        n = count_parameters(m) + sum(x.numel() for x in m.buffers())
+        typer.echo(f"{name:<9} {n:>12,} {','.join(sorted(raw[name])):>10} {size / 1e6:>8.2f}MB  {_describe(name, m)}")
+    for name, p in b.prompts.items():
+        size = (path / "prompts" / f"{name}.safetensors").stat().st_size
+        typer.echo(f"prompt {name}: length {p.cfg.length} on {'+'.join(p.cfg.stacks)}, {count_parameters(p):,} parameters, {size / 1e6:.2f}MB")
+
+
+def _describe(name: str, m) -> str:
+    c = getattr(m, "cfg", None)
+    if name == "hubert":
+        return f"{c.layers} layers, d={c.dim}, output layer {c.output_layer}, hop {c.hop}"
+    if name == "kmeans":
+        return f"K={m.num_units}, D={m.dim}"
+    if name == "mbart":
+        return f"{c.encoder_layers}+{c.decoder_layers} layers, d={c.dim}, heads {c.heads}, vocab {c.vocab_size} ({c.num_units} units)"
+    return f"hop {c.hop}, upsample {list(c.upsample_rates)}, duration predictor {'yes' if c.dur_predictor_params else 'no'}"
+
+
+@app.command()
+def demo(
+    bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the one shipped with streamgen)."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Speech to continue (default: the bundled sample)."),
+    out: Path = typer.Option(Path("demo_out.wav"), help="Where to write the input followed by its continuation."),
+    max_units: int = typer.Option(150, help="Units to generate (50 per second)."),
+    seed: int = typer.Option(0),
+):
+    """Continue a sample utterance offline and write the result with timing figures."""
+    from .io.files import read_audio, write_audio
+    from .models.vocoder import VocoderStream
+
+    path = bundle or default_bundle_path()
+    if path is None:
+        typer.secho(
+            "NOTE: this version ships no trained bundle yet; running a tiny RANDOMLY INITIALISED bundle.\n"
+            "      Every stage runs for real, but the output is noise, not speech.",
+            fg=typer.colors.YELLOW,
+        )
+        b = random_bundle(seed)
+    else:
+        try:
+            b = load_bundle(path)
+        except BundleError as e:
+            fail(str(e))
+    src = input or Path(str(resources.files("streamgen") / "assets" / "sample.wav"))
+    try:
+        wave = read_audio(src, b.sample_rate)
+        t0 = time.perf_counter()
+        units, durations = b.encode(wave)
+        t1 = time.perf_counter()
+        prompt = "continuation" if "continuation" in b.prompts else None
+        gen = b.generate(units, prompt=prompt, max_units=max_units, min_units=max_units // 2, greedy=False, top_k=20, seed=seed)
+        t2 = time.perf_counter()
+        stream = VocoderStream(b.need("vocoder"))
+        chunks = [stream.push(gen[i : i + 16]) for i in range(0, len(gen), 16)] + [stream.flush()]
+        audio = torch.cat(chunks).float().cpu()
+        t3 = time.perf_counter()
+    except (ValueError, BundleError) as e:
+        fail(str(e))
+    write_audio(out, torch.cat([wave, audio]), b.sample_rate)
+    sec_in, sec_out = len(wave) / b.sample_rate, len(audio) / b.sample_rate
+    typer.echo(f"input      {src.name}: {sec_in:.2f} s -> {len(units)} units (de-duplicated from {int(durations.sum())} frames)")
+    typer.echo(f"generated  {len(gen)} units{' with prompt ' + prompt if prompt else ' (no task prompt)'} -> {sec_out:.2f} s of audio")
+    typer.echo(f"compute    encode {1e3 * (t1 - t0):.0f} ms, generate {1e3 * (t2 - t1):.0f} ms, vocode {1e3 * (t3 - t2):.0f} ms "
+               f"({len(chunks)} chunks); real-time factor {(t3 - t0) / max(sec_in + sec_out, 1e-9):.3f}")
+    typer.echo(f"wrote      {out}")
+
+
+def main():  # pragma: no cover
+    app()

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from streamgen.models.unit_mbart import UnitMBart, UnitMBartConfig
+
+TINY = UnitMBartConfig(
+    vocab_size=72, num_units=60, dim=32, ffn_dim=64, heads=4, encoder_layers=2, decoder_layers=3,
+    max_positions=512, dropout=0.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def mbart() -> UnitMBart:
+    return UnitMBart(TINY).eval().requires_grad_(False)
+
+
+def random_units(n: int, k: int = TINY.num_units, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def lively_mbart() -> UnitMBart:
+    """Larger random weights: a fresh N(0, 0.02) model greedily repeats one unit forever, which
+    would make "same greedy units" trivially true; with these, greedy paths vary."""
+    m = UnitMBart(TINY).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    return m

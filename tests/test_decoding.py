@@ -1,0 +1,182 @@
+"""Incremental decoding (K/V cache, shared prompt prefix, ragged batches) equals full recompute."""
+
+import torch
+import torch.nn.functional as F
+from conftest import TINY, random_units
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from streamgen.models.generation import allowed_tokens_mask, generate
+from streamgen.models.prompt import DeepPrompt, PromptConfig
+from streamgen.models.unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, pad_sequences, units_to_source
+
+
+def make_prompt(model, length=6, stacks=("encoder", "decoder")):
+    return DeepPrompt(model.cfg, PromptConfig(length, stacks)).init_from_model(model, torch.stack([random_units(20, seed=s) for s in range(3)]))
+
+
+def prev_tokens(n, seed=1):
+    return torch.cat([torch.tensor([EOS]), random_units(n, seed=seed) + UNIT_OFFSET])
+
+
+def incremental_logits(model, src, prev, prompt_kv):
+    state = model.start(src, prompt_kv, capacity=4)  # small capacity: exercises cache growth
+    return torch.stack([model.step(state, prev[:, t]) for t in range(prev.shape[1])], dim=1)
+
+
+def test_incremental_equals_full_forward_without_and_with_prompt(mbart):
+    src = units_to_source(random_units(30))[None]
+    prev = prev_tokens(120)[None]
+    for kv in (None, make_prompt(mbart).shared_kv(mbart)):
+        full = mbart(src, prev, kv)
+        inc = incremental_logits(mbart, src, prev, kv)
+        assert (full - inc).abs().max() <= 1e-5, (full - inc).abs().max()
+
+
+def test_prompt_changes_the_output(mbart):
+    src, prev = units_to_source(random_units(30))[None], prev_tokens(10)[None]
+    diff = (mbart(src, prev) - mbart(src, prev, make_prompt(mbart).shared_kv(mbart))).abs().max()
+    assert diff > 1e-3
+
+
+def greedy_by_recompute(model, units, kv, n):
+    """Greedy decoding that re-runs the whole decoder for every token (no cache)."""
+    src = units_to_source(units)[None]
+    allowed = allowed_tokens_mask(model, "cpu")
+    allowed[EOS] = False
+    prev = torch.tensor([[EOS]])
+    for _ in range(n):
+        nxt = model(src, prev, kv)[0, -1].masked_fill(~allowed, float("-inf")).argmax()
+        prev = torch.cat([prev, nxt.view(1, 1)], dim=1)
+    return prev[0, 1:] - UNIT_OFFSET
+
+
+def test_greedy_units_identical_for_120_steps(lively_mbart):
+    m, units = lively_mbart, random_units(25)
+    for kv in (None, make_prompt(m).shared_kv(m)):
+        fast = generate(m, [units], kv, max_units=120, min_units=120)[0]
+        slow = greedy_by_recompute(m, units, kv, 120)
+        assert len(fast) == 120
+        assert torch.equal(fast, slow)
+        assert len(set(fast.tolist())) >= 5  # a varied sequence, not one repeated unit
+
+
+def test_ragged_batch_equals_each_session_alone(mbart):
+    kv = make_prompt(mbart).shared_kv(mbart)
+    sources = [units_to_source(random_units(n, seed=n)) for n in (5, 17, 11)]
+    already = [0, 9, 4]  # tokens each session has consumed before they are batched
+    script = [prev_tokens(30, seed=10 + i) for i in range(3)]
+
+    alone, states = [], []
+    for src, n0, toks in zip(sources, already, script):
+        st = mbart.start(src[None], kv, capacity=8)
+        for t in range(n0):
+            mbart.step(st, toks[t : t + 1])
+        states.append(st)
+        solo = DecoderState.cat([st]).select([0])  # an independent copy to run alone
+        alone.append(torch.stack([mbart.step(solo, toks[t : t + 1])[0] for t in range(n0, n0 + 15)]))
+
+    batch = DecoderState.cat(states)
+    assert batch.prompt is kv
+    steps = [mbart.step(batch, torch.stack([script[i][already[i] + t] for i in range(3)])) for t in range(15)]
+    for i in range(3):
+        got = torch.stack([s[i] for s in steps])
+        assert (got - alone[i]).abs().max() <= 1e-5
+    # a session leaves the batch; the others continue unchanged
+    rest = batch.select([0, 2])
+    assert rest.lengths.tolist() == [already[0] + 15, already[2] + 15]
+
+
+def test_batched_generation_equals_single(mbart):
+    kv = make_prompt(mbart).shared_kv(mbart)
+    units = [random_units(n, seed=n) for n in (8, 21, 14)]
+    batched = generate(mbart, units, kv, max_units=40)
+    for u, b in zip(units, batched):
+        assert torch.equal(generate(mbart, [u], kv, max_units=40)[0], b)
+
+
+# --- the shared prefix ------------------------------------------------------------------------------
+
+
+def unshared_logits(model, prompt, src, prev):
+    """Reference: the prompt's prefix K/V concatenated in front of every layer's keys and values
+    (a per-row copy), plain softmax attention. Written independently of the model's attention."""
+    def mha(attn, x, k_in, v_in, mask, prefix):
+        B, T, d = x.shape
+        H = attn.heads
+        q = attn.q_proj(x).view(B, T, H, -1).transpose(1, 2)
+        k = attn.k_proj(k_in).view(B, -1, H, d // H).transpose(1, 2)
+        v = attn.v_proj(v_in).view(B, -1, H, d // H).transpose(1, 2)
+        if prefix is not None:
+            pk, pv = attn.k_proj(prefix[0]), attn.v_proj(prefix[1])  # [L, d]
+            L = pk.shape[0]
+            k = torch.cat([pk.view(L, H, -1).transpose(0, 1).expand(B, H, L, -1), k], dim=2)
+            v = torch.cat([pv.view(L, H, -1).transpose(0, 1).expand(B, H, L, -1), v], dim=2)
+            mask = torch.cat([torch.ones(*mask.shape[:-1], L, dtype=torch.bool), mask], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.out_proj(out.transpose(1, 2).reshape(B, T, d))
+
+    def run(stack, x, mask, vectors, cross=None):
+        for i, layer in enumerate(stack.layers):
+            pre = None if vectors is None else (vectors[0][i], vectors[1][i])
+            h = layer.self_attn_layer_norm(x)
+            x = x + mha(layer.self_attn, h, h, h, mask, pre)
+            if cross is not None:
+                h = layer.encoder_attn_layer_norm(x)
+                x = x + mha(layer.encoder_attn, h, cross[0], cross[0], cross[1], None)
+            x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+        return stack.layer_norm(x)
+
+    pos = lambda t: torch.arange(t.shape[1])[None] + 2
+    enc = run(model.encoder, model.encoder.layernorm_embedding(model.token_embedding(src) + model.encoder.embed_positions(pos(src))),
+              src.ne(PAD)[:, None, None, :], (prompt.encoder_k, prompt.encoder_v))
+    T = prev.shape[1]
+    dec = run(model.decoder, model.decoder.layernorm_embedding(model.token_embedding(prev) + model.decoder.embed_positions(pos(prev))),
+              torch.ones(T, T, dtype=torch.bool).tril()[None, None], (prompt.decoder_k, prompt.decoder_v),
+              cross=(enc, src.ne(PAD)[:, None, None, :]))
+    return F.linear(dec, model.embed_tokens.weight)
+
+
+def test_two_sessions_share_one_prefix_and_match_the_unshared_recompute(mbart):
+    prompt = make_prompt(mbart)
+    prev = prev_tokens(25)
+    results = []
+    states = []
+    for n in (12, 12):
+        src = units_to_source(random_units(n, seed=n))[None]
+        st = mbart.start(src, prompt.shared_kv(mbart))
+        states.append(st)
+        results.append((src, torch.stack([mbart.step(st, prev[t : t + 1])[0] for t in range(len(prev))])))
+    a, b = states
+    assert a.prompt is b.prompt  # one object held by reference
+    for (ka, va), (kb, vb) in zip(a.prompt.decoder, b.prompt.decoder):
+        assert ka.data_ptr() == kb.data_ptr() and va.data_ptr() == vb.data_ptr()
+    for src, inc in results:
+        ref = unshared_logits(mbart, prompt, src, prev[None])[0]
+        assert (inc - ref).abs().max() <= 1e-5
+
+
+class TensorUses(TorchDispatchMode):
+    """Records every aten op that reads memory of the watched tensors."""
+
+    def __init__(self, watched):
+        super().__init__()
+        self.ptrs = {t.untyped_storage().data_ptr() for t in watched}
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for a in args if isinstance(a, torch.Tensor)] + [a for x in args if isinstance(x, (list, tuple)) for a in x if isinstance(a, torch.Tensor)]
+        if any(t.untyped_storage().data_ptr() in self.ptrs for t in flat):
+            self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_never_copies_the_prefix(mbart):
+    kv = make_prompt(mbart).shared_kv(mbart)
+    state = mbart.start(pad_sequences([units_to_source(random_units(n)) for n in (9, 4, 13)]), kv)
+    mbart.step(state, torch.full((3,), EOS))
+    watched = [t for pair in kv.decoder for t in pair]
+    with TensorUses(watched) as uses:
+        mbart.step(state, torch.tensor([5, 6, 7]))
+    # the prefix is only viewed (transpose) and read by the folded matmul: no cat/expand/clone/copy
+    assert uses.ops <= {"transpose", "bmm", "t", "view"}, uses.ops
+    assert "bmm" in uses.ops
