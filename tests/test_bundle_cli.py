@@ -1,0 +1,91 @@
+"""Bundles on disk, their errors, and the CLI's demo and info."""
+
+import json
+
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+import streamgen
+from streamgen.bundle import BundleError, random_bundle
+from streamgen.cli import app
+from streamgen.models.prompt import DeepPrompt, PromptConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    b = random_bundle()
+    b.prompts["continuation"] = DeepPrompt(b.mbart.cfg, PromptConfig(length=4)).init_from_model(b.mbart, torch.randint(0, 100, (2, 10)))
+    return b, b.save(tmp_path / "b")
+
+
+def test_roundtrip_keeps_outputs_and_prompts(saved):
+    b, path = saved
+    c = streamgen.load_bundle(path)
+    units = torch.randint(0, 100, (20,))
+    assert torch.equal(b.generate(units, "continuation", max_units=20), c.generate(units, "continuation", max_units=20))
+    assert torch.equal(b.vocode(units), c.vocode(units))
+    assert c.prompts["continuation"].cfg == PromptConfig(length=4)
+
+
+def test_half_precision_bundle_loads_in_fp32_and_bf16(saved, tmp_path):
+    b, _ = saved
+    path = b.save(tmp_path / "half", dtype=torch.float16)
+    assert (path / "mbart.safetensors").stat().st_size < 0.6 * (tmp_path / "b" / "mbart.safetensors").stat().st_size
+    c = streamgen.load_bundle(path, dtype=torch.bfloat16)
+    assert c.mbart.embed_tokens.weight.dtype == torch.bfloat16 and c.quantizer.centroids.dtype == torch.float32
+    units, _ = c.encode(torch.randn(8000) * 0.1)
+    assert c.vocode(c.generate(units, max_units=10, min_units=10)).shape[0] >= 10 * 320
+
+
+def test_bundle_errors_are_clear(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(BundleError, match="not a streamgen bundle"):
+        streamgen.load_bundle(tmp_path / "missing")
+    (path / "vocoder.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="vocoder.safetensors: not a readable safetensors"):
+        streamgen.load_bundle(path)
+    (path / "vocoder.safetensors").unlink()
+    with pytest.raises(BundleError, match="vocoder.safetensors is missing"):
+        streamgen.load_bundle(path)
+    meta = json.loads((path / "bundle.json").read_text())
+    del meta["parts"]["vocoder"]
+    meta["parts"]["mbart"]["dim"] = 96
+    (path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="do not match the config"):
+        streamgen.load_bundle(path)
+
+
+def test_missing_parts_and_prompts_are_named(saved, tmp_path):
+    b, _ = saved
+    only = streamgen.Bundle(mbart=b.mbart)
+    with pytest.raises(BundleError, match="no vocoder"):
+        only.vocode(torch.tensor([1, 2]))
+    with pytest.raises(BundleError, match="no prompt 'translation'.*continuation"):
+        b.generate(torch.tensor([1, 2]), prompt="translation")
+    with pytest.raises(ValueError, match="0..99"):
+        b.generate(torch.tensor([1, 200]))
+
+
+def test_demo_writes_input_plus_continuation(tmp_path):
+    out = tmp_path / "demo.wav"
+    r = runner.invoke(app, ["demo", "--out", str(out), "--max-units", "60"])
+    assert r.exit_code == 0, r.output
+    assert "RANDOMLY INITIALISED" in r.output and "real-time factor" in r.output
+    audio, rate = sf.read(out)
+    assert rate == 16000 and audio.ndim == 1
+    sample = sf.info(str(streamgen.cli.Path(streamgen.__file__).parent / "assets" / "sample.wav")).frames
+    assert sample + 30 * 320 <= len(audio) and abs(audio).max() > 0
+
+
+def test_info_lists_parts_and_prompts(saved):
+    _, path = saved
+    r = runner.invoke(app, ["info", str(path)])
+    assert r.exit_code == 0, r.output
+    for word in ("hubert", "kmeans", "mbart", "vocoder", "prompt continuation: length 4"):
+        assert word in r.output
+    r = runner.invoke(app, ["info", str(path / "nope")])
+    assert r.exit_code == 2 and "not a streamgen bundle" in r.output
