@@ -1,0 +1,171 @@
+"""Decode-step benchmark for Unit mBART (random weights), printed as ratios measured in one run.
+
+1. One new unit with the K/V cache (`step`) vs recomputing the decoder over everything generated
+   (`decode`), after 50 / 150 / 300 generated units; tiny and full (mbart_large) sizes; batch 1.
+2. One step for many sessions with a shared 200-vector deep prompt vs no prompt (aim <= 1.1x), and
+   the naive alternative that expands the prefix and concatenates it to every session's cache.
+
+    python bench/decode.py                        # CPU, both sizes
+    python bench/decode.py --device cuda --cuda-graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from streamgen.bundle import TINY_MBART
+from streamgen.models.prompt import DeepPrompt, PromptConfig
+from streamgen.models.unit_mbart import UNIT_OFFSET, DecoderState, UnitMBart, UnitMBartConfig
+
+FULL = UnitMBartConfig()  # 12 + 12 layers, d=1024, 16 heads, FFN 4096
+
+
+def timeit(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs after two warm-ups."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def state_at(model: UnitMBart, sessions: int, src_len: int, generated: int, prompt) -> DecoderState:
+    """A decoder state as after `generated` steps over a `src_len` source. Caches hold random K/V
+    (timing only), so no encoder pass is needed to build it."""
+    dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    H = model.cfg.heads
+    D = model.cfg.dim // H
+    n = len(model.decoder.layers)
+    rand = lambda length: torch.randn(sessions, H, length, D, device=dev, dtype=dtype)
+    return DecoderState(
+        k=[rand(generated + 8) for _ in range(n)],
+        v=[rand(generated + 8) for _ in range(n)],
+        lengths=torch.full((sessions,), generated, dtype=torch.long, device=dev),
+        cross=[(rand(src_len), rand(src_len)) for _ in range(n)],
+        src_mask=torch.ones(sessions, src_len, dtype=torch.bool, device=dev),
+        prompt=prompt,
+    )
+
+
+def step_fn(model, st, cuda_graphs: bool):
+    """One decode step that leaves the state as it found it (lengths restored), so it can repeat."""
+    tokens = torch.full((st.batch_size,), UNIT_OFFSET + 1, device=st.lengths.device)
+    n0 = st.lengths.clone()
+
+    def run():
+        model.step(st, tokens)
+        st.lengths.copy_(n0)  # keep the cache length fixed across repeats
+
+    if not cuda_graphs:
+        return run
+    st.grow(int(n0.max()) + 1)  # no reallocation inside the graph
+    run()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return g.replay
+
+
+def naive_step_fn(model, st, prompt_kv):
+    """The step as if the prefix were expanded to every session and concatenated to its cache."""
+    H, L = model.cfg.heads, prompt_kv.decoder[0][0].shape[1]
+    B = st.batch_size
+    tokens = torch.full((B,), UNIT_OFFSET + 1, device=st.lengths.device)
+    saved = [(layer.self_attn.forward) for layer in model.decoder.layers]
+
+    def concat_forward(attn, prefix):
+        def fwd(x, k, v, mask, _prefix=None):
+            q = attn.split(attn.q_proj(x))
+            kk = torch.cat([prefix[0].expand(B, H, L, -1), k], dim=2)  # copies the prefix per session
+            vv = torch.cat([prefix[1].expand(B, H, L, -1), v], dim=2)
+            m = torch.cat([mask.new_ones(B, 1, 1, L), mask], dim=-1)
+            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=m)
+            return attn.out_proj(out.transpose(1, 2).reshape(B, x.shape[1], -1))
+        return fwd
+
+    n0 = st.lengths.clone()
+
+    def run():
+        for layer, prefix in zip(model.decoder.layers, prompt_kv.decoder):
+            layer.self_attn.forward = concat_forward(layer.self_attn, prefix)
+        try:
+            model.step(st, tokens)
+        finally:
+            for layer, f in zip(model.decoder.layers, saved):
+                layer.self_attn.forward = f
+            st.lengths.copy_(n0)
+
+    return run
+
+
+def bench_cache(cfg, name, device, dtype, repeats, src_len=150):
+    torch.manual_seed(0)
+    model = UnitMBart(cfg).to(device, dtype).eval()
+    rows = []
+    with torch.no_grad():
+        src = torch.randint(UNIT_OFFSET, UNIT_OFFSET + cfg.num_units, (1, src_len), device=device)
+        enc = model.encode(src)
+        mask = torch.ones(1, src_len, dtype=torch.bool, device=device)
+        for n in (50, 150, 300):
+            st = state_at(model, 1, src_len, n, None)
+            t_step = timeit(step_fn(model, st, False), device, repeats)
+            prev = torch.randint(UNIT_OFFSET, UNIT_OFFSET + cfg.num_units, (1, n + 1), device=device)
+            t_full = timeit(lambda: model.decode(prev, enc, mask), device, max(3, repeats // 4))
+            rows.append((name, n, t_step * 1e3, t_full * 1e3, t_full / t_step))
+    return rows
+
+
+def bench_prompt(cfg, name, device, dtype, repeats, sessions, cuda_graphs, generated=150, src_len=150, length=200):
+    torch.manual_seed(0)
+    model = UnitMBart(cfg).to(device, dtype).eval().requires_grad_(False)
+    prompt = DeepPrompt(cfg, PromptConfig(length=length)).to(device)
+    with torch.no_grad():
+        for p in prompt.parameters():
+            p.normal_()
+        kv = prompt.shared_kv(model)
+        t_plain = timeit(step_fn(model, state_at(model, sessions, src_len, generated, None), cuda_graphs), device, repeats)
+        t_prompt = timeit(step_fn(model, state_at(model, sessions, src_len, generated, kv), cuda_graphs), device, repeats)
+        t_naive = timeit(naive_step_fn(model, state_at(model, sessions, src_len, generated, kv), kv), device, repeats)
+    return name, sessions, t_plain * 1e3, t_prompt * 1e3, t_naive * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--sizes", default="tiny,full")
+    ap.add_argument("--sessions", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--cuda-graphs", action="store_true", help="capture the prompt/no-prompt steps in CUDA graphs")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sizes = {"tiny": TINY_MBART, "full": FULL}
+    chosen = [(n, sizes[n]) for n in args.sizes.split(",")]
+    what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# decode benchmark: {what}, {args.dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print("\n## K/V cache vs full recompute (batch 1, 150-unit source): time for one new unit")
+    print(f"| size | generated | step, cache (ms) | full recompute (ms) | recompute / cache |\n|---|---|---|---|---|")
+    for name, cfg in chosen:
+        for row in bench_cache(cfg, name, device, dtype, args.repeats):
+            print("| %s | %d | %.2f | %.2f | %.1fx |" % row)
+    print(f"\n## Shared 200-vector prompt vs none ({args.sessions} sessions, 150 cached units, 150-unit source)")
+    print("| size | sessions | no prompt (ms) | shared prefix (ms) | prefix / none | naive concat (ms) | naive / none |\n|---|---|---|---|---|---|---|")
+    for name, cfg in chosen:
+        n, s, plain, shared, naive = bench_prompt(cfg, name, device, dtype, args.repeats, args.sessions, args.cuda_graphs)
+        print(f"| {n} | {s} | {plain:.2f} | {shared:.2f} | {shared / plain:.3f}x | {naive:.2f} | {naive / plain:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
