@@ -180,3 +180,19 @@ def test_decode_step_never_copies_the_prefix(mbart):
     # the prefix is only viewed (transpose) and read by the folded matmul: no cat/expand/clone/copy
     assert uses.ops <= {"transpose", "bmm", "t", "view"}, uses.ops
     assert "bmm" in uses.ops
+
+
+def test_sampling_is_seeded_and_respects_top_k(lively_mbart):
+    from streamgen.models.generation import Sampling, choose
+
+    m, units = lively_mbart, [random_units(12)]
+    run = lambda seed, s: generate(m, units, None, max_units=40, min_units=40, sampling=s, generator=torch.Generator().manual_seed(seed))[0]
+    s = Sampling(greedy=False, temperature=1.5, top_k=5)
+    assert torch.equal(run(1, s), run(1, s)) and not torch.equal(run(1, s), run(2, s))
+    assert torch.equal(run(1, Sampling(greedy=False, top_k=1)), generate(m, units, None, max_units=40, min_units=40)[0])
+    logits = torch.randn(64, TINY.vocab_size)
+    allowed = allowed_tokens_mask(m, "cpu")
+    picks = choose(logits, allowed, Sampling(greedy=False, top_k=3), torch.Generator().manual_seed(0))
+    top3 = logits.masked_fill(~allowed, float("-inf")).topk(3, dim=-1).indices
+    assert (top3 == picks[:, None]).any(-1).all()
+    assert allowed[picks].all()
