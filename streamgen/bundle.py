@@ -251,7 +251,7 @@ TINY_HUBERT = HubertConfig(
 TINY_UNITS = 100
 TINY_MBART = UnitMBartConfig(
     vocab_size=TINY_UNITS + 8, num_units=TINY_UNITS, dim=64, ffn_dim=128, heads=4, encoder_layers=2,
-    decoder_layers=2, max_positions=1024, dropout=0.0,
+    decoder_layers=2, max_positions=1024, dropout=0.0, mask_token=TINY_UNITS + 4,
 )
 TINY_VOCODER = VocoderConfig(
     num_embeddings=TINY_UNITS, embedding_dim=32, model_in_dim=32, upsample_initial_channel=64,

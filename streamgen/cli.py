@@ -30,6 +30,22 @@ def default_bundle_path() -> Path | None:
     return p if (p / "bundle.json").is_file() else None
 
 
+def open_bundle(path: Path | None, device: str, seed: int = 0) -> Bundle:
+    """The given bundle, else the shipped one, else (saying so) a tiny random one."""
+    path = path or default_bundle_path()
+    if path is None:
+        typer.secho(
+            "NOTE: this version ships no trained bundle yet; running a tiny RANDOMLY INITIALISED bundle.\n"
+            "      Every stage runs for real, but the output is noise, not speech.",
+            fg=typer.colors.YELLOW, err=True,
+        )
+        return random_bundle(seed).to(device)
+    try:
+        return load_bundle(path, device=device)
+    except BundleError as e:
+        fail(str(e))
+
+
 @app.command()
 def convert(
     out: Path = typer.Option(..., help="Bundle directory to write."),
@@ -139,19 +155,7 @@ def demo(
     from .io.files import read_audio, write_audio
     from .models.vocoder import VocoderStream
 
-    path = bundle or default_bundle_path()
-    if path is None:
-        typer.secho(
-            "NOTE: this version ships no trained bundle yet; running a tiny RANDOMLY INITIALISED bundle.\n"
-            "      Every stage runs for real, but the output is noise, not speech.",
-            fg=typer.colors.YELLOW,
-        )
-        b = random_bundle(seed)
-    else:
-        try:
-            b = load_bundle(path)
-        except BundleError as e:
-            fail(str(e))
+    b = open_bundle(bundle, "cpu", seed)
     src = input or Path(str(resources.files("streamgen") / "assets" / "sample.wav"))
     try:
         wave = read_audio(src, b.sample_rate)
@@ -174,6 +178,110 @@ def demo(
     typer.echo(f"compute    encode {1e3 * (t1 - t0):.0f} ms, generate {1e3 * (t2 - t1):.0f} ms, vocode {1e3 * (t3 - t2):.0f} ms "
                f"({len(chunks)} chunks); real-time factor {(t3 - t0) / max(sec_in + sec_out, 1e-9):.3f}")
     typer.echo(f"wrote      {out}")
+
+
+@app.command()
+def tasks():
+    """List the installed task plugins."""
+    from .tasks import available_tasks, load_task
+
+    eps = available_tasks()
+    if not eps:
+        typer.echo("no task plugins installed (pip install ./plugins/*)")
+    for name in sorted(eps):
+        try:
+            p = load_task(name)
+            opts = ", ".join(f"{k}={v}" for k, v in p.options.items())
+            typer.echo(f"{name:<14} {p.description}\n{'':<14} defaults: {opts or '-'}")
+        except Exception as e:  # a broken plugin should not hide the others
+            typer.echo(f"{name:<14} (fails to load: {type(e).__name__}: {e})")
+
+
+@app.command()
+def run(
+    input: str = typer.Option(..., "--in", help="PATH, mic, - (raw PCM16 stdin) or mqtt://host:port/topic."),
+    output: str = typer.Option(..., "--out", help="PATH, speaker, - (raw PCM16 stdout) or mqtt://host:port/topic."),
+    task: str = typer.Option("continuation", help="Task plugin (see `streamgen tasks`)."),
+    opt: list[str] = typer.Option([], "--opt", help="Task option KEY=VALUE (repeatable)."),
+    bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the shipped one)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    chunk_ms: int = typer.Option(100, help="Pipeline chunk size in ms (each chunk runs the encoder once)."),
+    left_context_ms: int = typer.Option(2000, help="Encoder left context in ms (-1: everything)."),
+    lookahead_ms: int = typer.Option(100, help="Encoder look-ahead in ms (-1: until the end of input)."),
+    vocoder_lookahead: int = typer.Option(-1, help="Vocoder look-ahead in frames (-1: exact, its receptive field)."),
+    realtime: bool = typer.Option(False, help="Pace file input in real time, like a live talker."),
+    duration: Optional[float] = typer.Option(None, help="Stop listening to the mic after this many seconds."),
+    vad: bool = typer.Option(False, help="End the input after trailing silence (silero-vad)."),
+    overflow: str = typer.Option("block", help="When the pipeline falls behind: block, or drop-oldest input."),
+    queue_size: int = typer.Option(16, help="Items per queue between stages."),
+    rate: int = typer.Option(16000, help="Sample rate of raw PCM on stdin (resampled to the bundle's)."),
+    input_device: Optional[str] = typer.Option(None, help="PortAudio input device (index or name)."),
+    output_device: Optional[str] = typer.Option(None, help="PortAudio output device (index or name)."),
+    mqtt_username: Optional[str] = typer.Option(None), mqtt_password: Optional[str] = typer.Option(None),
+    mqtt_ca: Optional[str] = typer.Option(None, help="CA file for TLS."), mqtt_cert: Optional[str] = typer.Option(None),
+    mqtt_key: Optional[str] = typer.Option(None), mqtt_insecure: bool = typer.Option(False, help="Skip TLS verification."),
+    qos: int = typer.Option(1, help="MQTT QoS for input and output."),
+    client_id: Optional[str] = typer.Option(None, help="MQTT client id (stable ids keep the broker session)."),
+    sessions: Optional[int] = typer.Option(None, help="MQTT: exit after this many sessions have ended."),
+    stats: bool = typer.Option(False, "--stats", help="Print a latency / speed summary per session."),
+    stats_json: Optional[Path] = typer.Option(None, help="Write JSON lines (per stage item and per session)."),
+    seed: int = typer.Option(0),
+):
+    """Run a task on live or recorded speech, chunk by chunk."""
+    import asyncio
+    import logging
+
+    from .io import MqttOptions, open_endpoints
+    from .pipeline.runner import Pipeline
+    from .pipeline.stages import Chunker, Generator, UnitEncoder, Vad, Vocoder
+    from .pipeline.timing import Stats
+    from .tasks import UnknownTask
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = {}
+    for kv in opt:
+        if "=" not in kv:
+            fail(f"--opt {kv!r}: expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        options[k] = v
+    b = open_bundle(bundle, device, seed)
+    sr = b.sample_rate
+    hop = b.need("hubert").cfg.hop
+    try:
+        gen = Generator(b, task, options, seed)
+        stages = [
+            Chunker(sr * chunk_ms // 1000, Vad(sr) if vad else None),
+            UnitEncoder(b, None if left_context_ms < 0 else sr * left_context_ms // 1000 // hop,
+                        None if lookahead_ms < 0 else sr * lookahead_ms // 1000 // hop),
+            gen,
+            Vocoder(b, None if vocoder_lookahead < 0 else vocoder_lookahead),
+        ]
+        dev = lambda d: int(d) if d is not None and d.isdigit() else d
+        source, sink = open_endpoints(
+            input, output, sr, realtime=realtime, input_device=dev(input_device), output_device=dev(output_device),
+            duration_s=duration, stdin_rate=rate,
+            mqtt=MqttOptions(mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key, mqtt_insecure, qos, client_id, sessions),
+        )
+    except (UnknownTask, ValueError, RuntimeError) as e:
+        fail(str(e))
+    log_file = open(stats_json, "w") if stats_json else None
+    st = Stats(sr, log_file)
+    pipeline = Pipeline(source, stages, sink, st, queue_size=queue_size, overflow=overflow)
+    try:
+        asyncio.run(pipeline.run())
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # device errors and the like, named
+        fail(f"{type(e).__name__}: {e}")
+    finally:
+        if log_file:
+            log_file.close()
+    if stats:
+        typer.echo(st.table(), err=output == "-")
+    errors = {n: s.error for n, s in st.sessions.items() if s.error}
+    for n, msg in errors.items():
+        typer.secho(f"session {n}: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1 if errors else 0)
 
 
 def main():  # pragma: no cover

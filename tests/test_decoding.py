@@ -196,3 +196,14 @@ def test_sampling_is_seeded_and_respects_top_k(lively_mbart):
     top3 = logits.masked_fill(~allowed, float("-inf")).topk(3, dim=-1).indices
     assert (top3 == picks[:, None]).any(-1).all()
     assert allowed[picks].all()
+
+
+def test_prefill_equals_single_steps(mbart):
+    kv = make_prompt(mbart).shared_kv(mbart)
+    src = pad_sequences([units_to_source(random_units(n, seed=n)) for n in (6, 14)])
+    toks = torch.stack([prev_tokens(20, seed=5), prev_tokens(20, seed=6)])
+    a = mbart.start(src, kv)
+    singles = torch.stack([mbart.step(a, toks[:, t]) for t in range(21)], dim=1)
+    b = mbart.start(src, kv, capacity=2)
+    pre = torch.cat([mbart.step(b, toks[:, :12]), mbart.step(b, toks[:, 12:])], dim=1)
+    assert (pre - singles).abs().max() <= 1e-5 and torch.equal(a.lengths, b.lengths)

@@ -1,7 +1,16 @@
-"""Audio files in and out: any rate and channel count in (mixed to mono, resampled with soxr)."""
+"""Audio files and raw PCM streams in and out.
+
+Files: any rate and channel count in (mixed to mono, resampled with soxr), WAV/FLAC out. File input
+can be paced in real time to simulate a live talker. Raw PCM: 16-bit little-endian mono on stdin /
+stdout, for shell pipelines.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +18,8 @@ import soundfile as sf
 import soxr
 import torch
 from torch import Tensor
+
+from ..pipeline.frames import AudioChunk, AudioOut, End, Item, SessionError
 
 
 def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
@@ -33,3 +44,114 @@ def write_audio(path: str | Path, wave: Tensor | np.ndarray, sample_rate: int) -
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16")
     return path
+
+
+class FileSource:
+    """Streams a file as one session, in blocks of `block_ms`; `realtime` paces it like a live talker."""
+
+    def __init__(self, path: str | Path, sample_rate: int, session: str = "file", block_ms: int = 20, realtime: bool = False):
+        self.path, self.rate, self.session = Path(path), sample_rate, session
+        self.block_ms, self.realtime = block_ms, realtime
+        try:
+            self.info = sf.info(str(self.path))
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise ValueError(f"{path}: cannot read audio: {e}") from None
+
+    async def __aiter__(self) -> AsyncIterator[Item]:
+        rs = soxr.ResampleStream(self.info.samplerate, self.rate, 1, dtype="float32", quality="HQ")
+        block = max(1, self.info.samplerate * self.block_ms // 1000)
+        t0, emitted, seq = time.monotonic(), 0, 0
+        with sf.SoundFile(str(self.path)) as f:
+            while True:
+                data = f.read(block, dtype="float32", always_2d=True)
+                last = len(data) < block
+                out = rs.resample_chunk(data.mean(axis=1), last=last)
+                if len(out):
+                    emitted += len(out)
+                    if self.realtime:
+                        await asyncio.sleep(max(0.0, t0 + emitted / self.rate - time.monotonic()))
+                    yield AudioChunk(self.session, seq, torch.from_numpy(out.copy()), emitted - len(out), time.monotonic())
+                    seq += 1
+                if last:
+                    break
+        yield End(self.session, emitted, time.monotonic())
+
+
+class FileSink:
+    """Writes each session's generated audio as it arrives (one file; `{session}` in the path
+    gives one file per session)."""
+
+    def __init__(self, path: str | Path, sample_rate: int):
+        self.path, self.rate = str(path), sample_rate
+        self.files: dict[str, sf.SoundFile] = {}
+        self.written: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+
+    def _file(self, session: str) -> sf.SoundFile:
+        if session not in self.files:
+            path = Path(self.path.replace("{session}", session))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.files[session] = sf.SoundFile(str(path), "w", self.rate, 1, subtype="PCM_16")
+            self.written[session] = 0
+        return self.files[session]
+
+    async def write(self, item: Item) -> None:
+        if isinstance(item, AudioOut):
+            self._file(item.session).write(np.clip(item.samples.numpy(), -1.0, 1.0))
+            self.written[item.session] += item.samples.numel()
+        elif isinstance(item, End):
+            self._file(item.session).close()
+        elif isinstance(item, SessionError):
+            self.errors[item.session] = item.message
+
+    async def close(self) -> None:
+        for f in self.files.values():
+            if not f.closed:
+                f.close()
+
+
+class StdinSource:
+    """Raw 16-bit little-endian mono PCM at `input_rate` from standard input (resampled to
+    `sample_rate`), as one session."""
+
+    def __init__(self, sample_rate: int, input_rate: int | None = None, session: str = "stdin", block_ms: int = 20, stream=None):
+        self.rate, self.input_rate, self.session = sample_rate, input_rate or sample_rate, session
+        self.block = 2 * self.input_rate * block_ms // 1000
+        self.stream = stream or sys.stdin.buffer
+
+    async def __aiter__(self) -> AsyncIterator[Item]:
+        loop = asyncio.get_running_loop()
+        rs = soxr.ResampleStream(self.input_rate, self.rate, 1, dtype="float32", quality="HQ")
+        seq, pos, carry = 0, 0, b""
+        while True:
+            data = await loop.run_in_executor(None, self.stream.read, self.block)
+            data = carry + (data or b"")
+            n = len(data) // 2 * 2
+            data, carry = data[:n], data[n:]
+            x = rs.resample_chunk(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0, last=not n)
+            if len(x):
+                yield AudioChunk(self.session, seq, torch.from_numpy(x.copy()), pos, time.monotonic())
+                seq, pos = seq + 1, pos + len(x)
+            if not n:
+                break
+        yield End(self.session, pos, time.monotonic())
+
+
+class StdoutSink:
+    """Raw 16-bit little-endian mono PCM on standard output; errors go to standard error."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout.buffer
+        self.errors: dict[str, str] = {}
+
+    async def write(self, item: Item) -> None:
+        if isinstance(item, AudioOut):
+            pcm = (np.clip(item.samples.numpy(), -1.0, 1.0) * 32767).astype("<i2").tobytes()
+            self.stream.write(pcm)
+            self.stream.flush()
+        elif isinstance(item, SessionError):
+            self.errors[item.session] = item.message
+            print(f"streamgen: session {item.session}: {item.message}", file=sys.stderr)
+
+    async def close(self) -> None:
+        self.stream.flush()

@@ -104,3 +104,25 @@ class DeepPrompt(nn.Module):
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_prompt(path, model_cfg) -> DeepPrompt:
+    """A prompt saved as safetensors (`<stack>_k`, `<stack>_v`); its length and stacks come from the
+    tensors, which must fit the model."""
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such prompt file") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors prompt: {e}") from None
+    stacks = tuple(s for s in STACKS if f"{s}_k" in sd)
+    if not stacks or any(k not in {f"{s}_{kind}" for s in stacks for kind in "kv"} for k in sd):
+        raise ValueError(f"{path}: expected tensors <stack>_k/<stack>_v for stacks {STACKS}, got {sorted(sd)}")
+    prompt = DeepPrompt(model_cfg, PromptConfig(length=sd[f"{stacks[0]}_k"].shape[1], stacks=stacks))
+    try:
+        prompt.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: this prompt was trained for a different model: {e}") from None
+    return prompt

@@ -43,6 +43,7 @@ class UnitMBartConfig:
     scale_embedding: bool = True  # token embeddings times sqrt(dim) (fairseq no_scale_embedding=False)
     layernorm_embedding: bool = True
     dropout: float = 0.1  # residual dropout; active only in training mode
+    mask_token: int | None = None  # mBART's <mask> (inpainting); its index depends on the dictionary
 
     @classmethod
     def from_dict(cls, d: dict) -> UnitMBartConfig:
@@ -284,23 +285,30 @@ class UnitMBart(nn.Module):
         )
 
     def step(self, state: DecoderState, tokens: Tensor) -> Tensor:
-        """Feed one token per row [B]; append to each row's cache; return next-token logits [B, V]."""
-        state.grow(int(state.lengths.max()) + 1)
-        rows = torch.arange(state.batch_size, device=tokens.device)
-        pos = state.lengths  # index of the new entry in each row's cache
-        x = self.decoder.embed(self.token_embedding(tokens[:, None]), (pos + PAD + 1)[:, None])
-        visible = torch.arange(state.capacity, device=tokens.device)[None, :] <= pos[:, None]
-        self_mask = visible[:, None, None, :]  # [B,1,1,C]
+        """Feed tokens to every row and append them to its cache; return next-token logits.
+
+        tokens [B] -> logits [B, V]; or tokens [B, T] (a prefill of T tokens per row, equal to T
+        single steps) -> logits [B, T, V]."""
+        single = tokens.dim() == 1
+        tokens = tokens[:, None] if single else tokens
+        B, T = tokens.shape
+        state.grow(int(state.lengths.max()) + T)
+        rows = torch.arange(B, device=tokens.device)[:, None]
+        pos = state.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T] cache slots
+        x = self.decoder.embed(self.token_embedding(tokens), pos + PAD + 1)
+        visible = torch.arange(state.capacity, device=tokens.device)[None, None, :] <= pos[:, :, None]
+        self_mask = visible[:, None]  # [B,1,T,C]: causal within the new tokens, all earlier entries
         cross_mask = state.src_mask[:, None, None, :]
         for i, layer in enumerate(self.decoder.layers):
 
             def append(h: Tensor, i: int = i, layer: Layer = layer) -> tuple[Tensor, Tensor]:
-                k, v = layer.self_attn.kv(h)  # [B,H,1,D]
-                state.k[i][rows, :, pos] = k[:, :, 0]
-                state.v[i][rows, :, pos] = v[:, :, 0]
+                k, v = layer.self_attn.kv(h)  # [B,H,T,D]
+                state.k[i][rows, :, pos] = k.transpose(1, 2)  # indexed [B,T] -> [B,T,H,D]
+                state.v[i][rows, :, pos] = v.transpose(1, 2)
                 return state.k[i], state.v[i]
 
             prefix = state.prompt.decoder[i] if state.prompt else None
             x = layer(x, append, self_mask, prefix=prefix, cross_kv=state.cross[i], cross_mask=cross_mask)
-        state.lengths = state.lengths + 1
-        return self.output(x)[:, 0]
+        state.lengths = state.lengths + T
+        logits = self.output(x)
+        return logits[:, 0] if single else logits
