@@ -232,8 +232,7 @@ def run(
     import logging
 
     from .io import MqttOptions, open_endpoints
-    from .pipeline.runner import Pipeline
-    from .pipeline.stages import Chunker, Generator, UnitEncoder, Vad, Vocoder
+    from .pipeline.runner import Pipeline, build_stages
     from .pipeline.timing import Stats
     from .tasks import UnknownTask
 
@@ -246,16 +245,10 @@ def run(
         options[k] = v
     b = open_bundle(bundle, device, seed)
     sr = b.sample_rate
-    hop = b.need("hubert").cfg.hop
     try:
-        gen = Generator(b, task, options, seed)
-        stages = [
-            Chunker(sr * chunk_ms // 1000, Vad(sr) if vad else None),
-            UnitEncoder(b, None if left_context_ms < 0 else sr * left_context_ms // 1000 // hop,
-                        None if lookahead_ms < 0 else sr * lookahead_ms // 1000 // hop),
-            gen,
-            Vocoder(b, None if vocoder_lookahead < 0 else vocoder_lookahead),
-        ]
+        stages = build_stages(b, task, options, chunk_ms=chunk_ms, left_context_ms=None if left_context_ms < 0 else left_context_ms,
+                              lookahead_ms=None if lookahead_ms < 0 else lookahead_ms,
+                              vocoder_lookahead=None if vocoder_lookahead < 0 else vocoder_lookahead, vad=vad, seed=seed)
         dev = lambda d: int(d) if d is not None and d.isdigit() else d
         source, sink = open_endpoints(
             input, output, sr, realtime=realtime, input_device=dev(input_device), output_device=dev(output_device),

@@ -114,7 +114,10 @@ class Pipeline:
                         st.started_at = item.captured_at - item.samples.numel() / self.stats.sample_rate
                     st.input_samples += item.samples.numel()
             elif isinstance(item, End):
-                self.stats.session(s).input_end_at = item.captured_at
+                st = self.stats.session(s)
+                st.input_end_at = item.captured_at
+                if st.input_samples == 0 and s not in self.failed:
+                    await q.put(SessionError(s, "the session ended without any audio (empty input)"))
                 self.failed.discard(s)
             elif isinstance(item, SessionError):
                 self.failed.add(s)
@@ -188,3 +191,20 @@ class Pipeline:
 
 def queue_sizes(pipeline: Pipeline) -> list[int]:
     return [q.qsize() for q in pipeline.queues]
+
+
+def build_stages(bundle, task: str = "continuation", options: dict | None = None, *, chunk_ms: int = 100,
+                 left_context_ms: int | None = 2000, lookahead_ms: int | None = 100, vocoder_lookahead: int | None = None,
+                 vad: bool = False, seed: int | None = 0) -> list[Stage]:
+    """The standard chain: chunker (+VAD) -> unit encoder -> generator (task policy) -> vocoder.
+    None for a context means unbounded (everything before / until the end of input)."""
+    from .stages import Chunker, Generator, UnitEncoder, Vad, Vocoder
+
+    sr, hop = bundle.sample_rate, bundle.need("hubert").cfg.hop
+    frames = lambda ms: None if ms is None else sr * ms // 1000 // hop
+    return [
+        Chunker(sr * chunk_ms // 1000, Vad(sr) if vad else None),
+        UnitEncoder(bundle, frames(left_context_ms), frames(lookahead_ms)),
+        Generator(bundle, task, options, seed),
+        Vocoder(bundle, vocoder_lookahead),
+    ]
