@@ -18,6 +18,10 @@ Control, in:  {"type": "start", "task": "translation", "options": {"chunk_ms": 3
               {"type": "stop"}  — end of input: the session flushes and ends
 Control, out: {"type": "end"} after a session's last audio; {"type": "error", "message": "..."}
 
+QoS 1 delivers at least once: a message may arrive twice (e.g. across a broker restart), so
+receivers order by sequence number and drop repeats; the pipeline does so on input, and clients
+should on output.
+
 Messages are delivered to the pipeline in sequence order per session: early ones wait (up to
 `reorder_window` messages), duplicates (QoS 1 redelivery) are dropped, and a gap that outlives the
 window is skipped and counted. A session's sample rate is fixed by its first audio message and
@@ -51,6 +55,7 @@ HEADER = struct.Struct("<2sBBBBIId")
 AUDIO, CONTROL = 0, 1
 PCM16, FLOAT32 = 0, 1
 MIN_RATE, MAX_RATE = 8000, 192000
+INPUT_CONTROLS = ("start", "stop", "task")
 
 
 class WireError(ValueError):
@@ -78,7 +83,7 @@ def encode_audio(session: str, seq: int, samples: np.ndarray, sample_rate: int, 
     return _pack(session, seq, AUDIO, encoding, sample_rate, timestamp, payload)
 
 
-def encode_control(session: str, seq: int, body: dict, timestamp: float | None = None) -> bytes:
+def encode_control(session: str, seq: int, body, timestamp: float | None = None) -> bytes:
     return _pack(session, seq, CONTROL, 0, 0, timestamp, json.dumps(body).encode())
 
 
@@ -110,8 +115,8 @@ def decode(data: bytes) -> Message:
             body = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WireError(f"control message {seq} is not valid JSON: {e}", session) from None
-        if not isinstance(body, dict) or body.get("type") not in ("start", "stop", "task"):
-            raise WireError(f"control message {seq} must be an object with type start, stop or task", session)
+        if not isinstance(body, dict) or not isinstance(body.get("type"), str):
+            raise WireError(f"control message {seq} must be a JSON object with a \"type\"", session)
         return Message(session, seq, kind, control=body, timestamp=ts)
     if kind != AUDIO:
         raise WireError(f"unknown message kind {kind}", session)
@@ -249,6 +254,8 @@ class MqttSource:
                 continue
             try:
                 msg = decode(data)
+                if msg.kind == CONTROL and msg.control["type"] not in INPUT_CONTROLS:
+                    raise WireError(f"control message {msg.seq}: type must be one of {', '.join(INPUT_CONTROLS)}", msg.session)
             except WireError as e:
                 self.malformed += 1
                 name = e.session or "unknown"
