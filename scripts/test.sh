@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use (none yet for the model tests; added with the services that need them).
-APT_PACKAGES=()
+# Debian packages the tests use: the MQTT broker, the JACK audio server and PortAudio, offline TTS.
+APT_PACKAGES=(mosquitto jackd2 libportaudio2 espeak-ng)
 need=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if ((${#need[@]})); then
@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first: 2.13.0 is a CPU build on local disk; the project's torch>=2.4 range then installs nothing more
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,audio,mqtt,vad]" ./plugins/*
 
 if [ "${STREAMGEN_ORACLE:-1}" = 1 ]; then
   # fairseq as a reference oracle only, in its own venv: it pins torchaudio 2.11, which does not load

@@ -279,3 +279,7 @@ def run(
 
 def main():  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":
+    app()

@@ -105,6 +105,7 @@ class Vad:
         self.threshold = threshold
         self.state: dict[str, dict] = {}
 
+    @torch.no_grad()
     def ended(self, session: str, samples: torch.Tensor) -> bool:
         st = self.state.setdefault(session, {"buf": torch.zeros(0), "speech": False, "quiet": 0})
         buf = torch.cat([st["buf"], samples])

@@ -1,0 +1,128 @@
+"""Task plugins through entry points, the VAD, and `streamgen run` / `tasks` from the command line."""
+
+import asyncio
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from speech import espeak
+from typer.testing import CliRunner
+
+from streamgen.cli import app
+from streamgen.io.memory import MemorySink, MemorySource, chunks_of
+from streamgen.pipeline.frames import AudioChunk, End
+from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.stages import Chunker, Vad
+from streamgen.pipeline.timing import Stats
+from streamgen.tasks import UnknownTask, available_tasks, load_task
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def echo_plugin(tmp_path, monkeypatch):
+    """A test-only task registered the way installed packages register theirs: a dist-info
+    directory on sys.path whose entry_points.txt names it."""
+    pkg = tmp_path / "echo_task.py"
+    pkg.write_text(textwrap.dedent('''
+        from streamgen.pipeline.policies import Policy
+        from streamgen.tasks import TaskPlugin
+
+        class Echo(Policy):
+            """Speaks back the source units, `repeat` times each, once the input ends."""
+            def __init__(self, decoder, repeat=1):
+                super().__init__(decoder)
+                self.repeat = repeat
+            def on_end(self):
+                yield self.commit(self.source.repeat_interleave(self.repeat).tolist())
+
+        plugin = TaskPlugin("echo", "Repeat the input units (test plugin).", Echo, options={"repeat": 1})
+    '''))
+    dist = tmp_path / "streamgen_echo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: streamgen-echo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[streamgen.tasks]\necho = echo_task:plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield tmp_path
+
+
+def test_builtin_plugins_are_installed():
+    assert {"continuation", "translation", "inpainting"} <= set(available_tasks())
+    with pytest.raises(UnknownTask, match="unknown task 'nope'; installed tasks: .*continuation"):
+        load_task("nope")
+
+
+def test_a_plugin_registered_through_entry_points_is_found_and_runs(echo_plugin, test_bundle):
+    assert "echo" in available_tasks()
+    r = runner.invoke(app, ["tasks"])
+    assert "echo" in r.output and "Repeat the input units" in r.output
+    wave = espeak("Echo this.")
+    sink = MemorySink()
+    stages = build_stages(test_bundle, "echo", {"repeat": "2"}, left_context_ms=None, lookahead_ms=None)  # units as offline
+    asyncio.run(Pipeline(MemorySource(chunks_of("a", wave, 1600)), stages, sink, Stats(16000)).run())
+    units, _ = test_bundle.encode(wave)
+    expected = test_bundle.vocode(units.repeat_interleave(2))
+    assert torch.allclose(sink.wave("a"), expected, atol=1e-5)  # the plugin's policy decided the output
+
+
+def test_vad_ends_the_input_after_trailing_silence():
+    speech = espeak("Hello there, how are you?")
+    stream = torch.cat([torch.zeros(8000), speech, torch.zeros(16000 * 2), speech])
+    chunker = Chunker(1600, Vad(16000, silence_ms=700))
+    out = []
+    for item in chunks_of("mic", stream, 1600):
+        out += list(chunker.process(item))
+    ends = [i for i, x in enumerate(out) if isinstance(x, End)]
+    assert len(ends) == 1
+    ended_at = out[ends[0]].source_samples / 16000
+    speech_end = (8000 + len(speech)) / 16000
+    # 700 ms of silence as the VAD judges it (it hears the last word fade out a little early)
+    assert speech_end + 0.2 < ended_at < speech_end + 1.5
+    assert not any(isinstance(x, AudioChunk) for x in out[ends[0]:])  # later input is ignored
+
+
+def test_run_file_to_file_and_stats(tmp_path):
+    sf.write(tmp_path / "in.flac", espeak("Testing the command line.", rate=22050).numpy(), 22050)
+    log = tmp_path / "log.jsonl"
+    r = runner.invoke(app, ["run", "--in", str(tmp_path / "in.flac"), "--out", str(tmp_path / "out.wav"),
+                            "--opt", "max_units=30", "--stats", "--stats-json", str(log)])
+    assert r.exit_code == 0, r.output
+    audio, rate = sf.read(tmp_path / "out.wav")
+    assert rate == 16000 and len(audio) > 0
+    assert "first_audio_ms" in r.output and "rtf" in r.output
+    lines = log.read_text().splitlines()
+    assert any('"event": "stage"' in l and '"stage": "encoder"' in l for l in lines)
+    assert any('"event": "session"' in l for l in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "unknown task 'nope'; installed tasks:"),
+    (["--bundle", "/nonexistent"], "not a streamgen bundle"),
+    (["--task", "translation", "--opt", "speed=3"], "no option speed"),
+    (["--opt", "max_units"], "expected KEY=VALUE"),
+])
+def test_run_errors_are_named(tmp_path, args, message):
+    sf.write(tmp_path / "in.wav", np.zeros(1600, np.float32), 16000)
+    r = runner.invoke(app, ["run", "--in", str(tmp_path / "in.wav"), "--out", str(tmp_path / "o.wav"), *args])
+    assert r.exit_code == 2 and message in r.output
+
+
+def test_unreadable_input_file_is_named(tmp_path):
+    (tmp_path / "in.wav").write_bytes(b"not audio")
+    r = runner.invoke(app, ["run", "--in", str(tmp_path / "in.wav"), "--out", str(tmp_path / "o.wav")])
+    assert r.exit_code == 2 and "cannot read audio" in r.output
+
+
+def test_raw_pcm_stdin_to_stdout_pipeline():
+    pcm = (espeak("Pipe me through.", rate=8000).numpy() * 32767).astype("<i2").tobytes()
+    r = subprocess.run([sys.executable, "-m", "streamgen.cli", "run", "--in", "-", "--out", "-", "--rate", "8000",
+                        "--opt", "max_units=30", "--opt", "min_units=30"], input=pcm, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    out = np.frombuffer(r.stdout, "<i2")
+    assert len(out) >= 30 * 320 and np.abs(out).max() > 0
