@@ -96,8 +96,9 @@ def test_run_file_to_file_and_stats(tmp_path):
     audio, rate = sf.read(tmp_path / "out.wav")
     assert rate == 16000 and len(audio) > 0
     assert "first_audio_ms" in r.output and "rtf" in r.output
+    assert "algorithmic latency (waiting for audio, per chunk): chunker 100 ms, encoder 105 ms, vocoder" in r.output
     lines = log.read_text().splitlines()
-    assert any('"event": "stage"' in l and '"stage": "encoder"' in l for l in lines)
+    assert any('"event": "stage"' in l and '"stage": "encoder"' in l and '"algorithmic_ms": 105.0' in l for l in lines)
     assert any('"event": "session"' in l for l in lines)
 
 

@@ -74,6 +74,7 @@ class Pipeline:
         self.queue_size, self.overflow = queue_size, overflow
         self.queues: list[asyncio.Queue] = []
         self.max_chunk = int(MAX_CHUNK_SECONDS * stats.sample_rate)
+        stats.algorithmic_ms = {s.name: 1000 * s.wait_s for s in stages if s.wait_s}
         self.failed: set[str] = set()  # sessions rejected at the input
 
     async def run(self) -> Stats:
@@ -167,6 +168,7 @@ class Pipeline:
             st.compute[stage.name] = st.compute.get(stage.name, 0.0) + compute
             self.stats.event(event="stage", stage=stage.name, session=s, item=type(item).__name__,
                              seq=getattr(item, "seq", None), compute_ms=round(1000 * compute, 3),
+                             algorithmic_ms=round(1000 * stage.wait_s, 1),
                              since_capture_ms=round(1000 * (time.monotonic() - getattr(item, "captured_at", time.monotonic())), 3))
             if error is not None:
                 failed.add(s)
@@ -203,7 +205,7 @@ def build_stages(bundle, task: str = "continuation", options: dict | None = None
     sr, hop = bundle.sample_rate, bundle.need("hubert").cfg.hop
     frames = lambda ms: None if ms is None else sr * ms // 1000 // hop
     return [
-        Chunker(sr * chunk_ms // 1000, Vad(sr) if vad else None),
+        Chunker(sr * chunk_ms // 1000, Vad(sr) if vad else None, sr),
         UnitEncoder(bundle, frames(left_context_ms), frames(lookahead_ms)),
         Generator(bundle, task, options, seed),
         Vocoder(bundle, vocoder_lookahead),

@@ -27,6 +27,8 @@ log = logging.getLogger("streamgen")
 
 class Stage:
     name = "stage"
+    wait_s = 0.0  # algorithmic latency: audio this stage must wait for before it can emit
+
 
     def process(self, item: Item) -> Iterator[Item]:
         yield item
@@ -40,8 +42,9 @@ class Chunker(Stage):
 
     name = "chunker"
 
-    def __init__(self, chunk_samples: int, vad: Vad | None = None):
+    def __init__(self, chunk_samples: int, vad: Vad | None = None, sample_rate: int = 16000):
         self.chunk = chunk_samples
+        self.wait_s = chunk_samples / sample_rate  # filling one chunk
         self.vad = vad
         self.buf: dict[str, torch.Tensor] = {}
         self.pos: dict[str, int] = {}  # samples emitted per session
@@ -132,6 +135,9 @@ class UnitEncoder(Stage):
     def __init__(self, bundle: Bundle, left_frames: int | None = 100, lookahead_frames: int | None = 5):
         self.hubert, self.quantizer = bundle.need("hubert"), bundle.need("kmeans")
         self.left, self.lookahead = left_frames, lookahead_frames
+        cfg = self.hubert.cfg
+        # a frame needs its receptive field, then `lookahead` more frames (unbounded: the whole input)
+        self.wait_s = float("inf") if lookahead_frames is None else ((cfg.receptive_field - cfg.hop) + lookahead_frames * cfg.hop) / cfg.sample_rate
         self.streams: dict[str, UnitStream] = {}
 
     def process(self, item: Item) -> Iterator[Item]:
@@ -221,6 +227,8 @@ class Vocoder(Stage):
     def __init__(self, bundle: Bundle, lookahead: int | None = None):
         self.model = bundle.need("vocoder")
         self.lookahead = lookahead
+        frames = self.model.frame_context() if lookahead is None else lookahead
+        self.wait_s = frames * self.model.hop / bundle.sample_rate  # frames of output it holds back
         self.streams: dict[str, VocoderStream] = {}
 
     def process(self, item: Item) -> Iterator[Item]:

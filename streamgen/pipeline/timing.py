@@ -9,6 +9,9 @@ the moment the chunk left the pipeline. Per session (SimulEval's speech-output c
   the end of the last one minus the input duration.
 - first audio: wall time from the first captured sample (and from the end of input) to the first output.
 - RTF: compute time summed over stages / input duration.
+
+Per stage item (JSON log): compute time, time since its audio was captured, and the stage's
+algorithmic latency (the audio it must wait for: a chunk, the encoder's look-ahead, the vocoder's).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Stats:
         self.sample_rate = sample_rate
         self.sessions: dict[str, SessionStats] = {}
         self.json_log = json_log
+        self.algorithmic_ms: dict[str, float] = {}  # per stage: audio it waits for (set by the pipeline)
 
     def session(self, name: str) -> SessionStats:
         if name not in self.sessions:
@@ -87,4 +91,7 @@ class Stats:
         for r in rows:
             cells = [str(r.get(c, "-")) for c in cols] + [str(r["compute_ms"].get(n, "-")) for n in stage_names]
             lines.append(" | ".join(cells) + (f"  ERROR: {r['error']}" if "error" in r else ""))
+        if self.algorithmic_ms:
+            waits = ", ".join(f"{k} {v:.0f} ms" for k, v in self.algorithmic_ms.items())
+            lines.append(f"algorithmic latency (waiting for audio, per chunk): {waits}; task policy waits on top")
         return "\n".join(lines)
