@@ -162,6 +162,17 @@ class Bundle:
         return path
 
 
+def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
+    """Add (or replace) a task prompt in a bundle directory, leaving its other files as they are."""
+    path = Path(path)
+    meta_file = path / "bundle.json"
+    meta = json.loads(meta_file.read_text())
+    (path / "prompts").mkdir(exist_ok=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in prompt.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
+    meta.setdefault("prompts", {})[name] = {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)}
+    meta_file.write_text(json.dumps(meta, indent=2))
+
+
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     t = t.detach().cpu()
     if dtype is not None and t.is_floating_point():

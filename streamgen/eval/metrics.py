@@ -1,0 +1,65 @@
+"""Quality and latency metrics.
+
+Latency follows SimulEval's scorers (latency_scorer.py), on per-output-unit delays in ms: every unit
+of a committed chunk gets that chunk's delay (the input consumed when it was committed, or, compute-
+aware, that plus the wall-clock compute spent until it left the pipeline).
+
+- AL (Average Lagging): tau = first i with d_i >= |X| (else all); gamma = |Y| / |X|;
+  AL = (1 / tau) * sum_{i=1..tau} (d_i - (i - 1) / gamma); if d_1 > |X|, AL = d_1.
+- StartOffset / EndOffset: see `streamgen.pipeline.timing` (speech output played in order).
+
+Quality: WER and CER (jiwer) and BLEU (sacrebleu) on normalised transcripts.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+
+def average_lagging(delays: list[float], source_len: float, target_len: int | None = None) -> float:
+    """SimulEval's AL. `delays` per output token (ms of source read), `source_len` in ms;
+    `target_len` (tokens) defaults to len(delays) (SimulEval uses the reference length when given)."""
+    if not delays:
+        raise ValueError("AL of an empty output is undefined")
+    if delays[0] > source_len:
+        return float(delays[0])
+    gamma = (target_len or len(delays)) / source_len
+    total, tau = 0.0, 0
+    for i, d in enumerate(delays):
+        total += d - i / gamma
+        tau = i + 1
+        if d >= source_len:
+            break
+    return total / tau
+
+
+def normalize(text: str) -> str:
+    """Lower case, no punctuation, single spaces (as ASR-BLEU/WER evaluations do)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"[^\w\s']", " ", text)
+    return " ".join(text.split())
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    import jiwer
+
+    return float(jiwer.wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses]))
+
+
+def cer(references: list[str], hypotheses: list[str]) -> float:
+    import jiwer
+
+    return float(jiwer.cer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses]))
+
+
+def bleu(references: list[str], hypotheses: list[str]) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu([normalize(h) for h in hypotheses], [[normalize(r) for r in references]]).score)
+
+
+def distinct_ngrams(units: list[int], n: int) -> float:
+    """Share of distinct unit n-grams (diversity of generated units)."""
+    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -1,0 +1,284 @@
+"""One training loop for three jobs on a Unit mBART:
+
+- "prompt": SpeechGen prompt tuning. The backbone is frozen; only a DeepPrompt trains.
+- "full":   full fine-tuning on the same pairs (the baseline the paper compares against).
+- "denoise": mBART-style pretraining: each target is span-masked into its own source.
+
+AdamW (betas 0.9/0.98), linear warm-up then linear decay, gradient clipping, bf16 autocast on CUDA,
+dev loss every epoch with early stopping, a resumable state. Under torchrun (WORLD_SIZE > 1) it runs
+DistributedDataParallel (gloo on CPU, nccl on CUDA); every global batch is split across ranks and
+the loss is normalised by the global token count, so the update equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models.prompt import DeepPrompt, PromptConfig, count_parameters
+from ..models.unit_mbart import PAD, UnitMBart
+from .data import Batch, Pair, collate, span_mask
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "prompt"  # prompt | full | denoise
+    prompt_length: int = 16
+    prompt_stacks: tuple[str, ...] = ("encoder", "decoder")
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 16
+    clip: float = 1.0
+    patience: int = 3
+    seed: int = 0
+    prefix_tokens: tuple[int, ...] = ()
+    mask_ratio: float = 0.3  # denoise
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.mode not in ("prompt", "full", "denoise"):
+            raise ValueError(f"mode must be prompt, full or denoise, got {self.mode!r}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int
+    best_dev_loss: float
+    history: list[dict] = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+
+
+class Objective(nn.Module):
+    """Summed token cross-entropy of a batch, with the prompt (if any) as the only thing that learns."""
+
+    def __init__(self, model: UnitMBart, prompt: DeepPrompt | None):
+        super().__init__()
+        self.model, self.prompt = model, prompt
+
+    def forward(self, src, prev, target):
+        kv = self.prompt.kv(self.model) if self.prompt is not None else None
+        logits = self.model(src, prev, kv)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD, reduction="sum")
+
+
+def world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def setup_distributed(device: torch.device) -> None:
+    """Join the torchrun process group if launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+class Trainer:
+    def __init__(self, model: UnitMBart, cfg: TrainConfig, out_dir: str | Path, device: str | torch.device = "cpu",
+                 prompt: DeepPrompt | None = None, progress: bool = True):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.device = torch.device(device)
+        self.rank, self.world = world()
+        self.model = model.to(self.device)
+        self.progress = progress and self.rank == 0
+        if cfg.mode == "prompt":
+            self.model.requires_grad_(False)
+            self.prompt = (prompt or DeepPrompt(model.cfg, PromptConfig(cfg.prompt_length, tuple(cfg.prompt_stacks)))).to(self.device)
+            self.prompt.requires_grad_(True)
+        else:
+            self.model.requires_grad_(True)
+            self.prompt = None
+        self.objective = Objective(self.model, self.prompt)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.total = count_parameters(self.model) + (count_parameters(self.prompt) if self.prompt is not None else 0)
+        if cfg.mode == "prompt":  # the SpeechGen contract: nothing but the prompt learns
+            assert self.trainable == count_parameters(self.prompt), "backbone parameters would train"
+        self.ddp = nn.parallel.DistributedDataParallel(self.objective) if self.world > 1 else None
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.epoch = 0
+        self.best = math.inf
+        self.bad_epochs = 0
+        self.history: list[dict] = []
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def pairs_for(self, pairs: list[Pair], epoch: int) -> list[Pair]:
+        if self.cfg.mode != "denoise":
+            return pairs
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return [Pair(p.id, span_mask(p.tgt, g, self.cfg.mask_ratio), p.tgt) for p in pairs]
+
+    def batches(self, pairs: list[Pair], epoch: int, shuffle: bool) -> list[list[Pair]]:
+        order = list(range(len(pairs)))
+        if shuffle:
+            random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
+        B = self.cfg.batch_size
+        out = [[pairs[i] for i in order[k : k + B]] for k in range(0, len(order), B)]
+        return [b for b in out if len(b) >= self.world]  # every process needs a share of each batch
+
+    def shard(self, batch: list[Pair]) -> Batch:
+        mine = batch[self.rank :: self.world]
+        b = collate(mine, self.model.cfg.mask_token, self.cfg.prefix_tokens)
+        return Batch(b.src.to(self.device), b.prev.to(self.device), b.target.to(self.device))
+
+    def global_tokens(self, batch: list[Pair]) -> int:
+        return sum(len(p.tgt) + 1 for p in batch)
+
+    # --- loop ---------------------------------------------------------------------------------
+
+    def lr_at(self, step: int, total: int) -> float:
+        w = self.cfg.warmup_steps
+        if step < w:
+            return (step + 1) / w
+        return max(0.0, (total - step) / max(1, total - w))
+
+    def train_step(self, batch: list[Pair], total_steps: int) -> float:
+        self.objective.train()
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * self.lr_at(self.step, total_steps)
+        mine = self.shard(batch)
+        n = self.global_tokens(batch)
+        fwd = self.ddp or self.objective
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss_sum = fwd(mine.src, mine.prev, mine.target)
+        # DDP averages gradients over ranks: scale so the result is sum over the global batch / n
+        loss = loss_sum * (self.world / n)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        self.opt.step()
+        self.step += 1
+        value = loss_sum.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(value)
+        return float(value) / n
+
+    @torch.no_grad()
+    def evaluate(self, pairs: list[Pair]) -> float:
+        self.objective.eval()
+        total, n = 0.0, 0
+        for batch in self.batches(self.pairs_for(pairs, 0), 0, shuffle=False):
+            mine = self.shard(batch)
+            total += float(self.objective(mine.src, mine.prev, mine.target))
+            n += self.global_tokens(batch)
+        if self.world > 1:
+            t = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(t)
+            total = float(t)
+        return total / max(n, 1)
+
+    def fit(self, train: list[Pair], dev: list[Pair] | None = None, resume: bool = False) -> TrainResult:
+        if len(train) < self.world:
+            raise ValueError(f"{len(train)} training pairs cannot feed {self.world} processes")
+        if resume:
+            self.load_state()
+        per_epoch = len(self.batches(train, 0, shuffle=False))
+        total_steps = self.cfg.max_steps or per_epoch * self.cfg.epochs
+        bar = _Progress(total_steps, self.step) if self.progress else None
+        try:
+            while self.epoch < self.cfg.epochs and self.step < total_steps:
+                batches = self.batches(self.pairs_for(train, self.epoch), self.epoch, shuffle=True)
+                losses = []
+                for batch in batches[self.step - self.epoch * per_epoch :]:  # mid-epoch when resuming
+                    if self.step >= total_steps:
+                        break
+                    losses.append(self.train_step(batch, total_steps))
+                    if bar:
+                        bar.update(self.step, losses[-1], self.epoch)
+                if self.step == (self.epoch + 1) * per_epoch:
+                    self.epoch += 1
+                if self.end_of_epoch(losses, dev):
+                    break
+        finally:
+            if bar:
+                bar.close()
+        return TrainResult(self.step, self.epoch, self.best, self.history, self.trainable, self.total)
+
+    def end_of_epoch(self, losses: list[float], dev: list[Pair] | None) -> bool:
+        """Dev loss, best checkpoint, resumable state; True to stop early."""
+        train_loss = sum(losses) / max(len(losses), 1)
+        dev_loss = self.evaluate(dev) if dev else train_loss
+        self.history.append({"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "dev_loss": dev_loss})
+        improved = dev_loss < self.best - 1e-6
+        if improved:
+            self.best, self.bad_epochs = dev_loss, 0
+            self.save_weights("best")
+        else:
+            self.bad_epochs += 1
+        self.save_state()
+        if self.progress:
+            print(f"epoch {self.epoch} step {self.step}: train loss {train_loss:.4f}, dev loss {dev_loss:.4f}{' (best)' if improved else ''}", flush=True)
+        if self.bad_epochs >= self.cfg.patience:
+            if self.progress:
+                print(f"early stop: no dev improvement in {self.cfg.patience} epochs", flush=True)
+            return True
+        return False
+
+    # --- files --------------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        m = self.prompt if self.prompt is not None else self.model
+        return {k: v.detach().float().cpu().contiguous() for k, v in m.state_dict().items()}
+
+    def save_weights(self, name: str) -> None:
+        if self.rank:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        kind = "prompt" if self.prompt is not None else "mbart"
+        save_file(self.weights(), self.out / f"{name}_{kind}.safetensors")
+        meta = {"mode": self.cfg.mode, "step": self.step, "epoch": self.epoch, "dev_loss": self.best,
+                "trainable_parameters": self.trainable, "total_parameters": self.total, "config": asdict(self.cfg)}
+        (self.out / "task.json").write_text(json.dumps(meta, indent=2))
+
+    def save_state(self) -> None:
+        self.save_weights("last")
+        if self.rank == 0:
+            torch.save({"step": self.step, "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
+                        "history": self.history, "optimizer": self.opt.state_dict()}, self.out / "state.pt")
+
+    def load_state(self) -> None:
+        state_file = self.out / "state.pt"
+        if not state_file.is_file():
+            raise ValueError(f"{self.out}: nothing to resume (no state.pt)")
+        st = torch.load(state_file, map_location=self.device, weights_only=True)
+        kind = "prompt" if self.prompt is not None else "mbart"
+        weights = load_file(str(self.out / f"last_{kind}.safetensors"), device=str(self.device))
+        target = self.prompt if self.prompt is not None else self.model
+        with torch.no_grad():
+            for k, v in target.state_dict().items():
+                v.copy_(weights[k].to(v.dtype))
+        self.opt.load_state_dict(st["optimizer"])
+        self.step, self.epoch, self.best = st["step"], st["epoch"], st["best"]
+        self.bad_epochs, self.history = st["bad_epochs"], st["history"]
+
+
+class _Progress:
+    def __init__(self, total: int, done: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TextColumn("loss {task.fields[loss]:.4f} epoch {task.fields[epoch]}"), TimeRemainingColumn())
+        self.task = self.p.add_task("train", total=total, completed=done, loss=float("nan"), epoch=0)
+        self.p.start()
+
+    def update(self, step: int, loss: float, epoch: int) -> None:
+        self.p.update(self.task, completed=step, loss=loss, epoch=epoch)
+
+    def close(self) -> None:
+        self.p.stop()
