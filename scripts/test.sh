@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first: 2.13.0 is a CPU build on local disk; the project's torch>=2.4 range then installs nothing more
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,audio,mqtt,vad]" ./plugins/*
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,audio,mqtt,vad,eval,data]" ./plugins/*
 
 if [ "${STREAMGEN_ORACLE:-1}" = 1 ]; then
   # fairseq as a reference oracle only, in its own venv: it pins torchaudio 2.11, which does not load

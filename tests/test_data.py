@@ -1,0 +1,75 @@
+"""Synthetic corpora (piper + espeak-ng), resumable unit extraction, task pairs."""
+
+import filecmp
+
+import pytest
+import soundfile as sf
+
+from streamgen.bundle import random_bundle
+from streamgen.train.data import MASK, read_pairs
+from streamgen.train.synth import extract_units, make_pairs, read_manifest, synth
+from streamgen.train.text import EnglishSentences, SpanishEnglishPairs, unique
+
+
+def test_sentences_are_deterministic_and_broad():
+    a, b = unique(EnglishSentences(3), 300), unique(EnglishSentences(3), 300)
+    assert a == b and unique(EnglishSentences(4), 300) != a
+    words = {w for s in a for w in s.split()}
+    assert len(words) > 800  # broad vocabulary, not a few templates
+    es, en = zip(*unique(SpanishEnglishPairs(0), 50, key=lambda p: p[0]))
+    assert all(es) and all(en) and len(set(es)) == 50
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    synth(out, 3, 1, 1, seed=5, progress=False)
+    return out
+
+
+def test_synth_is_deterministic_with_disjoint_splits(corpus, tmp_path):
+    again = tmp_path / "again"
+    synth(again, 3, 1, 1, seed=5, progress=False)
+    for name in ("en_train", "en_test", "es2en_train_src", "es2en_dev_tgt"):
+        assert filecmp.cmp(corpus / f"{name}.tsv", again / f"{name}.tsv", shallow=False)
+        for row in read_manifest(corpus / f"{name}.tsv"):
+            assert filecmp.cmp(corpus / row["audio"], again / row["audio"], shallow=False)  # same audio bytes
+    texts = {s: {r["text"] for r in read_manifest(corpus / f"en_{s}.tsv")} for s in ("train", "dev", "test")}
+    assert not (texts["train"] & texts["dev"] or texts["train"] & texts["test"] or texts["dev"] & texts["test"])
+    src, tgt = read_manifest(corpus / "es2en_train_src.tsv"), read_manifest(corpus / "es2en_train_tgt.tsv")
+    assert [r["id"] for r in src] == [r["id"] for r in tgt]
+    row = read_manifest(corpus / "en_train.tsv")[0]
+    audio, rate = sf.read(corpus / row["audio"])
+    assert rate == 16000 and len(audio) == int(row["n_frames"]) > 8000
+
+
+def test_unit_extraction_resumes(corpus, tmp_path):
+    b = random_bundle()
+    full = extract_units(b, corpus / "en_train.tsv", tmp_path / "full.tsv", progress=False)
+    lines = full.read_text().splitlines()
+    (tmp_path / "part.tsv").write_text("\n".join(lines[:2]) + "\n")  # as if it died after one utterance
+    extract_units(b, corpus / "en_train.tsv", tmp_path / "part.tsv", progress=False)
+    assert (tmp_path / "part.tsv").read_text() == full.read_text()
+    rows = read_manifest(full)
+    assert len(rows) == 3 and all(len(r["units"].split()) > 10 for r in rows)
+
+
+def test_pairs_for_each_task(corpus, tmp_path):
+    b = random_bundle()
+    for name in ("en_train", "es2en_train_src", "es2en_train_tgt"):
+        extract_units(b, corpus / f"{name}.tsv", tmp_path / f"{name}.u.tsv", progress=False)
+    en = {r["id"]: [int(u) for u in r["units"].split()] for r in read_manifest(tmp_path / "en_train.u.tsv")}
+
+    cont = read_pairs(make_pairs("continuation", tmp_path / "en_train.u.tsv", tmp_path / "c.tsv"))
+    assert all(p.src + p.tgt == en[p.id] and abs(len(p.src) - len(p.tgt)) <= 1 for p in cont)
+
+    inp = read_pairs(make_pairs("inpainting", tmp_path / "en_train.u.tsv", tmp_path / "i.tsv", seed=1))
+    for p in inp:
+        assert p.tgt == en[p.id] and p.src.count(MASK) == 1
+        hidden = len(p.tgt) - (len(p.src) - 1)
+        assert 0.15 <= hidden / len(p.tgt) <= 0.45  # 20-40 % masked (rounding on short inputs)
+
+    tr = read_pairs(make_pairs("translation", tmp_path / "es2en_train_src.u.tsv", tmp_path / "t.tsv", target=tmp_path / "es2en_train_tgt.u.tsv"))
+    assert [p.id for p in tr] == [r["id"] for r in read_manifest(corpus / "es2en_train_src.tsv")]
+    with pytest.raises(ValueError, match="no units"):
+        make_pairs("continuation", corpus / "en_train.tsv", tmp_path / "x.tsv")
