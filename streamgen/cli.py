@@ -333,6 +333,42 @@ def units(
         fail(str(e))
 
 
+@app.command("eval")
+def evaluate_cmd(
+    task: str = typer.Option(..., help="Task to evaluate (resynthesis, continuation, translation, inpainting, ...)."),
+    manifest: Path = typer.Option(..., help="Test manifest (id, audio, n_frames, text)."),
+    out: Path = typer.Option(..., help="Directory for results.json, results.md, quality_vs_latency.png."),
+    references: Optional[Path] = typer.Option(None, help="Manifest whose texts are the references (translation: the target side)."),
+    bundle: Optional[Path] = typer.Option(None), prompt: Optional[Path] = typer.Option(None, help="Prompt file for the task (default: the bundle's)."),
+    chunk_ms: str = typer.Option("320", help="Comma-separated chunk sizes to compare."),
+    opt: list[str] = typer.Option([], "--opt", help="Task option KEY=VALUE."),
+    realtime: bool = typer.Option(True, help="Pace input in real time (compute-aware latencies are then wall-clock)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N utterances."),
+    device: str = typer.Option("cpu"), seed: int = typer.Option(0),
+):
+    """Run a task through the streaming pipeline on a test set; score quality and latency."""
+    from .eval.run import evaluate
+
+    b = open_bundle(bundle, device, seed)
+    if prompt is not None:
+        from .models.prompt import load_prompt
+
+        try:
+            b.prompts[task] = load_prompt(prompt, b.need("mbart").cfg).to(b.device)
+        except ValueError as e:
+            fail(str(e))
+    options = dict(kv.split("=", 1) for kv in opt if "=" in kv)
+    try:
+        results = evaluate(b, task, manifest, out, references=references, chunk_ms=[int(x) for x in chunk_ms.split(",")],
+                           options=options, realtime=realtime, limit=limit, seed=seed)
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    from .eval.run import markdown
+
+    typer.echo(markdown(results))
+    typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'quality_vs_latency.png'}")
+
+
 @app.command()
 def tasks():
     """List the installed task plugins."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .pipeline.policies import Policy, UnitDecoder
+from .pipeline.policies import Policy, Resynthesis, UnitDecoder
 
 GROUP = "streamgen.tasks"
 
@@ -67,3 +67,10 @@ def load_task(name: str) -> TaskPlugin:
     if not isinstance(plugin, TaskPlugin):
         raise UnknownTask(f"entry point {name!r} gives {type(plugin).__name__}, not a streamgen TaskPlugin")
     return plugin
+
+
+resynthesis = TaskPlugin(
+    name="resynthesis",
+    description="Speak the input back through units and the vocoder, as it arrives (the quality ceiling of every task).",
+    policy=Resynthesis,
+)

@@ -36,3 +36,40 @@ def test_whisper_transcribes_real_speech():
     text = asr.transcribe(piper("Good morning everyone, the weather is lovely today.").numpy())
     assert wer(["good morning everyone the weather is lovely today"], [text]) <= 0.3, text
     assert asr.transcribe(espeak("").numpy()[:100]) == ""
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    from streamgen.train.synth import synth
+
+    out = tmp_path_factory.mktemp("evalcorpus")
+    synth(out, 0, 0, 2, seed=1, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("task", ["resynthesis", "continuation", "inpainting", "translation"])
+def test_eval_reports_quality_latency_and_a_plot(small_corpus, tmp_path, task, test_bundle):
+    import json
+
+    from streamgen.eval.asr import WhisperASR
+    from streamgen.eval.run import evaluate
+
+    manifest = small_corpus / ("es2en_test_src.tsv" if task == "translation" else "en_test.tsv")
+    refs = small_corpus / "es2en_test_tgt.tsv" if task == "translation" else None
+    res = evaluate(test_bundle, task, manifest, tmp_path, references=refs, chunk_ms=[160, 320], realtime=task == "resynthesis",
+                   options={"max_units": 20} if task == "continuation" else None, asr=WhisperASR(), progress=False)
+    assert [c["chunk_ms"] for c in res["chunks"]] == [160, 320]
+    c = res["chunks"][0]
+    assert c["n"] == 2 and c["errors"] == 0 and 0 <= c["wer"] and 0 <= c["asr_bleu"] <= 100
+    assert c["start_offset_ms"] is not None and c["rtf"] > 0
+    if task == "resynthesis":  # paced: compute-aware latency is measured and at least the ideal one
+        assert c["al_ca_ms"] is not None and c["start_offset_ca_ms"] >= c["start_offset_ms"] - 50
+    else:
+        assert c["al_ca_ms"] is None
+    if task == "continuation":
+        assert 0 < c["distinct_2"] <= 1 and "intelligible" in c
+    if task == "inpainting":
+        assert "baseline_wer" in c and all(0 < u["mask"][0] < u["mask"][1] for u in c["utterances"])
+    assert json.loads((tmp_path / "results.json").read_text())["task"] == task
+    assert "| chunk_ms |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "quality_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

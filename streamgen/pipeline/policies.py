@@ -94,6 +94,18 @@ class Policy:
         return iter(())
 
 
+class Resynthesis(Policy):
+    """Speak the source units back as they arrive: audio -> units -> audio, the ceiling of every task."""
+
+    def on_source(self, units, frames, source_samples) -> Iterator[Tensor]:
+        self.add_source(units, frames)
+        if len(units):
+            yield self.commit(units.tolist())
+
+    def add_source(self, units: Tensor, frames: Tensor) -> None:  # no model context involved: no length limit
+        self.source = units.cpu()
+
+
 class Continuation(Policy):
     def __init__(self, decoder: UnitDecoder, max_units: int = 250, min_units: int = 25, emit_every: int = 10):
         super().__init__(decoder)

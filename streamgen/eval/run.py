@@ -1,0 +1,181 @@
+"""`streamgen eval`: a task on a test manifest, through the streaming pipeline, scored.
+
+Each utterance is streamed from its file (paced in real time by default, so compute-aware latencies
+are wall-clock facts), through the same stages as `streamgen run`; the output is transcribed by the
+ASR and compared with the reference text. Per chunk size: ASR-BLEU, WER, CER, StartOffset,
+EndOffset and AL (ideal and compute-aware), real-time factor; for continuation also the diversity
+of generated units; for inpainting also a baseline that copies the unmasked context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from ..io.files import FileSource, read_audio
+from ..io.memory import MemorySink
+from ..pipeline.frames import Control
+from ..pipeline.runner import Pipeline, build_stages
+from ..pipeline.stages import Vocoder
+from ..pipeline.timing import SessionStats, Stats
+from ..train.synth import read_manifest
+from .metrics import average_lagging, bleu, cer, distinct_ngrams, wer
+
+
+class _UnitTap(Vocoder):
+    """The vocoder stage, also keeping the units it speaks (for diversity)."""
+
+    def __init__(self, bundle):
+        super().__init__(bundle)
+        self.units: list[int] = []
+
+    def process(self, item):
+        if type(item).__name__ == "TargetUnits":
+            self.units += item.units.tolist()
+        yield from super().process(item)
+
+
+class _WithControl:
+    """A file source preceded by a start message carrying per-utterance task options."""
+
+    def __init__(self, source: FileSource, task: str, options: dict):
+        self.source, self.task, self.options = source, task, options
+
+    async def __aiter__(self):
+        yield Control(self.source.session, "start", self.task, self.options)
+        async for item in self.source:
+            yield item
+
+
+def lagging(st: SessionStats, hop: int) -> tuple[float | None, float | None]:
+    """AL (ideal, compute-aware) over output frames: each frame carries its chunk's delay."""
+    if not st.outputs or st.started_at is None:
+        return None, None
+    src_ms = 1000 * st.input_samples / st.sample_rate
+    ideal, aware = [], []
+    for d, t, n in st.outputs:
+        k = max(1, n // hop)
+        ideal += [d] * k
+        aware += [1000 * (t - st.started_at)] * k
+    return average_lagging(ideal, src_ms), average_lagging(aware, src_ms)
+
+
+def inpainting_span(n_samples: int, rate: int, rng: random.Random) -> tuple[float, float]:
+    """A middle span of 20-40 % of the utterance, in seconds."""
+    dur = n_samples / rate
+    span = dur * rng.uniform(0.2, 0.4)
+    start = rng.uniform(0.25 * (dur - span), 0.75 * (dur - span))
+    return round(start, 3), round(start + span, 3)
+
+
+def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, references: str | Path | None = None,
+             chunk_ms: list[int] = (320,), options: dict | None = None, realtime: bool = True, limit: int | None = None,
+             asr=None, seed: int = 0, progress: bool = True) -> dict:
+    manifest, out = Path(manifest), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_manifest(manifest)[:limit]
+    refs = {r["id"]: r["text"] for r in read_manifest(references)} if references else {r["id"]: r["text"] for r in rows}
+    if asr is None:
+        from .asr import WhisperASR
+
+        asr = WhisperASR()
+    hop = bundle.need("vocoder").hop
+    results = {"task": task, "manifest": str(manifest), "realtime": realtime, "chunks": []}
+    for ms in chunk_ms:
+        utts = []
+        rng = random.Random(seed)
+        for i, row in enumerate(rows):
+            opts = dict(options or {})
+            path = manifest.parent / row["audio"]
+            if task == "inpainting":
+                opts["mask_start"], opts["mask_end"] = inpainting_span(int(row["n_frames"]), bundle.sample_rate, rng)
+            tap = _UnitTap(bundle)
+            stages = build_stages(bundle, task, None, chunk_ms=ms, seed=seed)
+            stages[-1] = tap
+            stats, sink = Stats(bundle.sample_rate), MemorySink()
+            source = _WithControl(FileSource(path, bundle.sample_rate, session=row["id"], realtime=realtime), task, opts)
+            asyncio.run(Pipeline(source, stages, sink, stats).run())
+            st = stats.sessions[row["id"]]
+            wave = sink.wave(row["id"]).numpy()
+            summary = st.summary()
+            al, al_ca = lagging(st, hop)
+            if not realtime:  # unpaced input: wall-clock delays say nothing about a live talker
+                al_ca = None
+                for k in ("start_offset_ca_ms", "end_offset_ca_ms"):
+                    summary.pop(k, None)
+            utt = {"id": row["id"], "reference": refs[row["id"]], "hypothesis": asr.transcribe(wave), "output_s": len(wave) / bundle.sample_rate,
+                   "al_ms": al, "al_ca_ms": al_ca, **{k: summary.get(k) for k in ("start_offset_ms", "end_offset_ms", "start_offset_ca_ms", "end_offset_ca_ms", "rtf", "error")}}
+            if task == "continuation":
+                utt["distinct_2"] = distinct_ngrams(tap.units, 2)
+            if task == "inpainting":
+                utt["mask"] = [opts["mask_start"], opts["mask_end"]]
+                src = read_audio(path, bundle.sample_rate).numpy().copy()
+                a, b = (int(x * bundle.sample_rate) for x in utt["mask"])
+                src[a:b] = 0.0  # the baseline: the unmasked context, copied, with silence in the gap
+                utt["baseline_hypothesis"] = asr.transcribe(src)
+            utts.append(utt)
+            if progress:
+                print(f"[{ms} ms] {i + 1}/{len(rows)} {row['id']}: {utt['hypothesis']!r}", flush=True)
+        results["chunks"].append(_aggregate(ms, utts, task))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "quality_vs_latency.png")
+    return results
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _aggregate(ms: int, utts: list[dict], task: str) -> dict:
+    refs, hyps = [u["reference"] for u in utts], [u["hypothesis"] for u in utts]
+    agg = {"chunk_ms": ms, "n": len(utts), "asr_bleu": bleu(refs, hyps), "wer": wer(refs, hyps), "cer": cer(refs, hyps),
+           "errors": sum(1 for u in utts if u.get("error"))}
+    for k in ("start_offset_ms", "end_offset_ms", "al_ms", "start_offset_ca_ms", "end_offset_ca_ms", "al_ca_ms", "rtf", "output_s"):
+        agg[k] = _mean(u.get(k) for u in utts)
+    if task == "continuation":
+        agg["distinct_2"] = _mean(u["distinct_2"] for u in utts)
+        agg["intelligible"] = sum(1 for u in utts if u["hypothesis"].strip()) / len(utts)
+    if task == "inpainting":
+        agg["baseline_wer"] = wer(refs, [u["baseline_hypothesis"] for u in utts])
+    agg["utterances"] = utts
+    return agg
+
+
+def markdown(results: dict) -> str:
+    cols = ["chunk_ms", "n", "asr_bleu", "wer", "cer", "start_offset_ms", "end_offset_ms", "al_ms", "start_offset_ca_ms",
+            "end_offset_ca_ms", "al_ca_ms", "rtf"]
+    extra = [c for c in ("distinct_2", "intelligible", "baseline_wer") if c in results["chunks"][0]]
+    head = cols + extra
+    lines = [f"task `{results['task']}` on `{results['manifest']}` ({'real-time' if results['realtime'] else 'unpaced'} input)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in results["chunks"]:
+        lines.append("| " + " | ".join("-" if c.get(k) is None else (f"{c[k]:.3f}" if isinstance(c[k], float) else str(c[k])) for k in head) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [c["al_ca_ms"] if c.get("al_ca_ms") is not None else c.get("start_offset_ms") for c in results["chunks"]]
+    quality = "asr_bleu" if results["task"] == "translation" else "wer"
+    ys = [c[quality] for c in results["chunks"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([x if x is not None else np.nan for x in xs], ys, "o-")
+    for c, x, y in zip(results["chunks"], xs, ys):
+        if x is not None:
+            ax.annotate(f"{c['chunk_ms']} ms", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("AL, compute-aware (ms)" if results["chunks"][0].get("al_ca_ms") is not None else "StartOffset (ms)")
+    ax.set_ylabel("ASR-BLEU" if quality == "asr_bleu" else "WER")
+    ax.set_title(f"{results['task']}: quality vs latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
