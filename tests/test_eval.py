@@ -1,5 +1,6 @@
 """Evaluation metrics on hand-computed cases, and the Whisper ASR on real speech."""
 
+import numpy as np
 import pytest
 from speech import espeak, piper
 
@@ -73,3 +74,42 @@ def test_eval_reports_quality_latency_and_a_plot(small_corpus, tmp_path, task, t
     assert json.loads((tmp_path / "results.json").read_text())["task"] == task
     assert "| chunk_ms |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "quality_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latency_agrees_with_simuleval_scorers(tmp_path):
+    """SimulEval (where it installs) scores the same delays: AL, StartOffset, and EndOffset through
+    its own speech-output playback (SpeechOutputInstance.summarize)."""
+    L = pytest.importorskip("simuleval.evaluator.scorers.latency_scorer", reason="simuleval is not installed")
+    from simuleval.evaluator.instance import SpeechOutputInstance
+
+    from streamgen.pipeline.timing import SessionStats
+
+    class Instance(SpeechOutputInstance):
+        source_length = wav_path = None  # plain values here, not derived from files and arguments
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 12))
+        src_ms = float(rng.uniform(500, 5000))
+        delays = sorted(float(d) for d in rng.uniform(0, src_ms * 1.2, n))
+        durations = [float(x) for x in rng.integers(20, 900, n)]  # whole ms: samples at a "1 kHz" rate
+
+        class Fixed(L.ALScorer):
+            def get_delays_lengths(self, ins):
+                return delays, src_ms, n
+
+        assert Fixed().compute(None) == pytest.approx(average_lagging(delays, src_ms))
+
+        ins = Instance.__new__(Instance)  # its playback code, with our delays
+        ins.index, ins.reference, ins.source_length, ins.target_sample_rate = 0, None, src_ms, 1000
+        ins.delays, ins.durations = delays, durations
+        ins.prediction_list = [[0.0] * int(d) for d in durations]
+        ins.wav_path = tmp_path / "p.wav"
+        ins.dataloader = type("D", (), {"get_source_audio_path": lambda self, i: "src.wav"})()
+        ins.summarize()
+        ours = SessionStats("x", 1000, started_at=0.0, input_samples=int(src_ms))
+        ours.input_samples = src_ms  # ms at a "1 kHz" rate: durations are sample counts
+        ours.outputs = [(d, 0.0, int(t)) for d, t in zip(delays, durations)]
+        start, end = ours.offsets(delays)
+        assert start == L.StartOffsetScorer().compute(ins)
+        assert end == pytest.approx(L.EndOffsetScorer().compute(ins), abs=1e-9)
