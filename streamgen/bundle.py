@@ -162,6 +162,18 @@ class Bundle:
         return path
 
 
+def save_part(path: str | Path, name: str, module: nn.Module) -> None:
+    """Write (or replace) one part of a bundle directory, leaving its other files as they are."""
+    path = Path(path)
+    meta_file = path / "bundle.json"
+    meta = json.loads(meta_file.read_text())
+    configs = {"hubert": lambda m: m.cfg.to_dict(), "kmeans": lambda m: {"num_units": m.num_units, "dim": m.dim},
+               "mbart": lambda m: vars(m.cfg).copy(), "vocoder": lambda m: m.cfg.to_dict()}
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path / f"{name}.safetensors")
+    meta.setdefault("parts", {})[name] = configs[name](module)
+    meta_file.write_text(json.dumps(meta, indent=2))
+
+
 def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
     """Add (or replace) a task prompt in a bundle directory, leaving its other files as they are."""
     path = Path(path)

@@ -278,6 +278,44 @@ def train_backbone(
         typer.echo(f"replaced {bundle / 'mbart.safetensors'}")
 
 
+@app.command("train-vocoder")
+def train_vocoder(
+    manifest: Path = typer.Option(..., help="Unit manifest with units and durations (`streamgen units`)."),
+    out: Path = typer.Option(..., help="Output directory (vocoder.safetensors, discriminators, state)."),
+    bundle: Optional[Path] = typer.Option(None, help="Bundle whose unit inventory the vocoder speaks (and, with --into-bundle, gets it)."),
+    width: int = typer.Option(128, help="Unit embedding width; generator channels start at twice this."),
+    steps: int = typer.Option(20000), batch_size: int = typer.Option(16), segment_frames: int = typer.Option(32),
+    lr: float = typer.Option(2e-4), disc_width: int = typer.Option(8, help="Discriminator channel width (light by default)."),
+    seed: int = typer.Option(0), resume: bool = typer.Option(False), device: str = typer.Option("cpu"),
+    into_bundle: bool = typer.Option(False),
+):
+    """Train a CodeHiFiGAN (HiFi-GAN losses + duration predictor) on speech and its units."""
+    from .train.vocoder import VocoderData, VocoderTrainConfig, VocoderTrainer, new_vocoder
+
+    b = open_bundle(bundle, device, seed)
+    num_units = b.need("kmeans").num_units
+    cfg = VocoderTrainConfig(steps=steps, batch_size=batch_size, segment_frames=segment_frames, lr=lr, disc_width=disc_width, seed=seed)
+    model = new_vocoder(num_units, width, b.sample_rate)
+    try:
+        data = VocoderData(manifest, model.hop, b.sample_rate, segment_frames)
+    except ValueError as e:
+        fail(str(e))
+    trainer = VocoderTrainer(model, cfg, out, device)
+    if resume:
+        trainer.resume()
+    n = sum(p.numel() for p in model.parameters())
+    typer.echo(f"vocoder: {n:,} parameters, {len(data.items)} utterances, {steps} steps of {batch_size} x {segment_frames * 20} ms")
+    history = trainer.fit(data)
+    typer.echo(f"done: mel L1 {history[0]['mel']:.3f} -> {history[-1]['mel']:.3f} -> {out}")
+    if into_bundle:
+        if bundle is None:
+            fail("--into-bundle needs --bundle")
+        from .bundle import save_part
+
+        save_part(bundle, "vocoder", model.cpu())
+        typer.echo(f"replaced the vocoder of {bundle}")
+
+
 data_app = typer.Typer(help="Synthetic speech corpora and task pairs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

@@ -161,13 +161,14 @@ class CodeHiFiGAN(nn.Module):
         return torch.clamp(torch.round(torch.exp(log_dur) - 1).long(), min=1)
 
     def generate(self, frames: Tensor) -> Tensor:
-        """Unit id per frame [F] -> waveform [F * hop]."""
-        x = self.conv_pre(self.dict(frames)[None].transpose(1, 2))
+        """Unit id per frame [F] -> waveform [F * hop]; or a batch [B, F] -> [B, F * hop]."""
+        x = self.conv_pre(self.dict(frames.view(-1, frames.shape[-1])).transpose(1, 2))
         nk = len(self.cfg.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, LRELU_SLOPE))
             x = sum(self.resblocks[i * nk + j](x) for j in range(nk)) / nk
-        return torch.tanh(self.conv_post(F.leaky_relu(x)))[0, 0]
+        wave = torch.tanh(self.conv_post(F.leaky_relu(x)))[:, 0]
+        return wave[0] if frames.dim() == 1 else wave
 
     def forward(self, units: Tensor) -> Tensor:
         """Whole-utterance synthesis: de-duplicated units [N] -> waveform [sum(durations) * hop]."""

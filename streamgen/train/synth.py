@@ -138,7 +138,7 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
 
 
 def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool = True) -> Path:
-    """Add a `units` column (de-duplicated units) to a manifest. Resumable: rows already in `out`
+    """Add `units` (de-duplicated) and `durations` (frames per unit) columns to a manifest. Resumable: rows already in `out`
     are kept and skipped. One utterance per pass, like fairseq's feature dumping: HuBERT's first
     GroupNorm spans the whole input, so padding a batch would change the units."""
     manifest, out = Path(manifest), Path(out)
@@ -149,7 +149,7 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
     if bar:
         bar[0].start()
         bar[0].update(bar[1], completed=len(rows) - len(todo))
-    cols = list(rows[0]) + ([] if "units" in rows[0] else ["units"]) if rows else []
+    cols = [c for c in (list(rows[0]) if rows else []) if c not in ("units", "durations")] + ["units", "durations"]
     with out.open("a", newline="") as f:
         w = csv.DictWriter(f, cols, delimiter="\t", lineterminator="\n")
         if not done:
@@ -157,8 +157,8 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
         try:
             for r in todo:
                 wave_ = read_audio(manifest.parent / r["audio"], bundle.sample_rate)
-                units, _ = bundle.encode(wave_)
-                w.writerow({**r, "units": " ".join(map(str, units.tolist()))})
+                units, durations = bundle.encode(wave_)
+                w.writerow({**r, "units": " ".join(map(str, units.tolist())), "durations": " ".join(map(str, durations.tolist()))})
                 f.flush()  # a crash loses at most the utterance in flight
                 if bar:
                     bar[0].advance(bar[1])
