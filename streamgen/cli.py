@@ -180,7 +180,7 @@ def demo(
     typer.echo(f"wrote      {out}")
 
 
-def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, device: str, resume: bool):
+def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, device: str, resume: bool, new_model=None):
     """Shared by train-prompt and train-backbone: load, train (torchrun-aware), report."""
     from .train.data import read_pairs
     from .train.loop import Trainer, setup_distributed, world
@@ -194,6 +194,9 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
         dev_pairs = read_pairs(dev) if dev else None
     except (BundleError, ValueError) as e:
         fail(str(e))
+    if b.mbart is None and new_model is not None:
+        b.mbart = new_model(b.need("kmeans").num_units)
+        typer.echo(f"new Unit mBART: {count_parameters(b.mbart):,} parameters (vocabulary {b.mbart.cfg.vocab_size})")
     model = b.need("mbart")
     prompt = None
     if cfg.mode == "prompt":
@@ -263,19 +266,67 @@ def train_backbone(
     batch_size: int = typer.Option(16), warmup: int = typer.Option(100), mask_ratio: float = typer.Option(0.3),
     patience: int = typer.Option(3), seed: int = typer.Option(0), resume: bool = typer.Option(False),
     device: str = typer.Option("cpu"),
-    into_bundle: bool = typer.Option(False, help="Replace the bundle's mbart weights with the best ones."),
+    into_bundle: bool = typer.Option(False, help="Write the best weights into the bundle as its mbart part."),
+    dim: int = typer.Option(256, help="New model only (the bundle has no mbart): width."),
+    layers: int = typer.Option(3, help="New model only: encoder and decoder layers each."),
+    heads: int = typer.Option(4, help="New model only."), ffn: int = typer.Option(1024, help="New model only."),
 ):
-    """mBART-style denoising pretraining of the Unit mBART on units (span infilling)."""
+    """mBART-style denoising pretraining of the Unit mBART on units (span infilling). Starts from the
+    bundle's Unit mBART, or from a new one of the given size if it has none."""
+    from .models.unit_mbart import UnitMBart, UnitMBartConfig
     from .train.loop import TrainConfig
+
+    def new_model(k: int) -> UnitMBart:
+        vocab = -(-(4 + k + 3) // 8) * 8  # specials, units, [en], [es], <mask>; padded like mBART's table
+        return UnitMBart(UnitMBartConfig(vocab_size=vocab, num_units=k, dim=dim, ffn_dim=ffn, heads=heads, encoder_layers=layers,
+                                         decoder_layers=layers, max_positions=1024, mask_token=4 + k + 2))
 
     cfg = TrainConfig(mode="denoise", lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup,
                       mask_ratio=mask_ratio, patience=patience, seed=seed)
-    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume)
+    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, new_model)
     if into_bundle and rank == 0:
-        import shutil
+        from safetensors.torch import load_file
 
-        shutil.copy(out / "best_mbart.safetensors", bundle / "mbart.safetensors")
-        typer.echo(f"replaced {bundle / 'mbart.safetensors'}")
+        from .bundle import save_part
+
+        b.mbart.load_state_dict(load_file(str(out / "best_mbart.safetensors")))
+        save_part(bundle, "mbart", b.mbart.cpu())
+        typer.echo(f"wrote the mbart part of {bundle}")
+
+
+@app.command("train-units")
+def train_units(
+    manifest: Path = typer.Option(..., help="Speech manifest (id, audio, ...)."),
+    bundle: Path = typer.Option(..., help="Bundle directory to write the hubert and kmeans parts into (created if new)."),
+    dim: int = typer.Option(256), layers: int = typer.Option(4), heads: int = typer.Option(4), ffn: int = typer.Option(1024),
+    conv_dim: int = typer.Option(256, help="Channels of the conv feature extractor."),
+    mfcc_clusters: int = typer.Option(100), units: int = typer.Option(100), output_layer: int = typer.Option(4),
+    steps: int = typer.Option(5000), batch_size: int = typer.Option(8), lr: float = typer.Option(5e-4),
+    seed: int = typer.Option(0), device: str = typer.Option("cpu"),
+):
+    """Train a small unit encoder (HuBERT iteration 1 on MFCC k-means targets) and its k-means units."""
+    from .models.hubert import HubertConfig
+    from .train.units import UnitTrainConfig, UnitTrainer
+
+    cfg = HubertConfig(conv_layers=[(conv_dim, 10, 5)] + [(conv_dim, 3, 2)] * 4 + [(conv_dim, 2, 2)] * 2, dim=dim, ffn_dim=ffn,
+                       heads=heads, layers=layers, conv_pos=32, conv_pos_groups=8 if dim % 8 == 0 else 1, output_layer=output_layer)
+    trainer = UnitTrainer(cfg, UnitTrainConfig(mfcc_clusters, units, steps, batch_size, lr=lr, output_layer=output_layer, seed=seed), device)
+    try:
+        trainer.load(manifest)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"unit encoder: {count_parameters(trainer.model):,} parameters, {len(trainer.waves)} utterances, "
+               f"MFCC k-means {mfcc_clusters} -> masked prediction -> k-means {units} on layer {output_layer}")
+    history = trainer.fit()
+    hubert, quantizer = trainer.units()
+    if (bundle / "bundle.json").is_file():
+        from .bundle import save_part
+
+        save_part(bundle, "hubert", hubert)
+        save_part(bundle, "kmeans", quantizer)
+    else:
+        Bundle(sample_rate=cfg.sample_rate, hubert=hubert, quantizer=quantizer).save(bundle)
+    typer.echo(f"done: masked-prediction loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; wrote {bundle}")
 
 
 @app.command("train-vocoder")

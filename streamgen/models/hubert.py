@@ -142,17 +142,23 @@ class HubertEncoder(nn.Module):
         self.encoder_layer_norm = nn.LayerNorm(cfg.dim)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
 
-    def forward(self, wave: Tensor, layer: int | None = None) -> Tensor:
-        """wave [B, T] (equal lengths) -> features [B, F, d] of `layer` (default cfg.output_layer)."""
-        layer = layer or self.cfg.output_layer
-        if not 1 <= layer <= len(self.layers):
-            raise ValueError(f"layer {layer} is outside 1..{len(self.layers)}")
+    def embed(self, wave: Tensor) -> Tensor:
+        """wave [B, T] (equal lengths) -> frame embeddings [B, F, d] entering the transformer
+        (where HuBERT training replaces masked frames)."""
         if self.cfg.normalize_wave:
             wave = F.layer_norm(wave, wave.shape[-1:])
         x = self.layer_norm(self.feature_extractor(wave).transpose(1, 2))
-        if self.post_extract_proj is not None:
-            x = self.post_extract_proj(x)
+        return x if self.post_extract_proj is None else self.post_extract_proj(x)
+
+    def encode(self, x: Tensor, layer: int) -> Tensor:
+        """Frame embeddings [B, F, d] -> output of transformer layer `layer` (1-based)."""
+        if not 1 <= layer <= len(self.layers):
+            raise ValueError(f"layer {layer} is outside 1..{len(self.layers)}")
         x = self.encoder_layer_norm(x + self.pos_conv(x))
         for block in self.layers[:layer]:
             x = block(x)
         return x
+
+    def forward(self, wave: Tensor, layer: int | None = None) -> Tensor:
+        """wave [B, T] (equal lengths) -> features [B, F, d] of `layer` (default cfg.output_layer)."""
+        return self.encode(self.embed(wave), layer or self.cfg.output_layer)

@@ -3,7 +3,8 @@
     id<TAB>src_units<TAB>tgt_units[<TAB>src_text<TAB>tgt_text]
 
 with a header row; units are space-separated integers (0..K-1); `<mask>` may stand in src_units
-(inpainting: one mBART <mask> for a masked span). For denoising pretraining only `tgt_units` is used.
+(inpainting: one mBART <mask> for a masked span). For denoising pretraining only `tgt_units` is used,
+and a unit manifest (`streamgen units` output, with a `units` column) is read as such pairs too.
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ def read_pairs(path: str | Path) -> list[Pair]:
         rows = list(csv.DictReader(path.open(newline=""), delimiter="\t"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such manifest") from None
-    if not rows or not {"id", "src_units", "tgt_units"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected a TSV with a header naming id, src_units, tgt_units")
+    cols = set(rows[0]) if rows else set()
+    if {"id", "units"} <= cols and "tgt_units" not in cols:  # a unit manifest: each sequence as its own pair (denoising)
+        src_col = tgt_col = "units"
+    elif {"id", "src_units", "tgt_units"} <= cols:
+        src_col, tgt_col = "src_units", "tgt_units"
+    else:
+        raise ValueError(f"{path}: expected a TSV with a header naming id, src_units, tgt_units (or a unit manifest with id, units)")
     pairs = []
     for n, r in enumerate(rows, start=2):
         try:
-            src = [t if t == MASK else int(t) for t in r["src_units"].split()]
-            tgt = [int(t) for t in r["tgt_units"].split()]
+            src = [t if t == MASK else int(t) for t in r[src_col].split()]
+            tgt = [int(t) for t in r[tgt_col].split()]
         except ValueError:
             raise ValueError(f"{path}:{n}: units must be integers (or {MASK} in src_units)") from None
         pairs.append(Pair(r["id"], src, tgt))
