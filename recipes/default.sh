@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The default bundle, from nothing: corpus -> unit encoder -> units -> Unit mBART (denoising)
+# -> task prompts -> vocoder -> evaluation. Every step is a streamgen command and resumable by rerunning
+# it with --resume where it has one. Sizes come from the environment:
+#
+#   DEVICE=cuda bash recipes/default.sh                       # full size (a GPU, hours)
+#   DEVICE=cpu SCALE=smoke bash recipes/default.sh            # minutes on a CPU: proves the chain, not quality
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/default}
+DEVICE=${DEVICE:-cuda}
+if [ "${SCALE:-full}" = smoke ]; then
+  N_TRAIN=${N_TRAIN:-40}; N_DEV=${N_DEV:-8}; N_TEST=${N_TEST:-8}; UNITS=${UNITS:-50}
+  UNIT_ARGS="--dim 64 --layers 2 --heads 4 --ffn 128 --conv-dim 64 --output-layer 2 --steps ${UNIT_STEPS:-200} --batch-size 4"
+  MBART_ARGS="--dim 64 --layers 2 --heads 4 --ffn 128 --epochs ${BB_EPOCHS:-3} --batch-size 8"
+  PROMPT_ARGS="--prompt-length 8 --epochs ${PROMPT_EPOCHS:-3} --batch-size 8"
+  VOC_ARGS="--width 32 --steps ${VOC_STEPS:-200} --batch-size 4 --segment-frames 16 --disc-width 4"
+else
+  N_TRAIN=${N_TRAIN:-3000}; N_DEV=${N_DEV:-100}; N_TEST=${N_TEST:-50}; UNITS=${UNITS:-500}
+  UNIT_ARGS="--dim 384 --layers 6 --heads 6 --ffn 1536 --conv-dim 256 --output-layer 5 --steps ${UNIT_STEPS:-20000} --batch-size 16"
+  MBART_ARGS="--dim 256 --layers 4 --heads 4 --ffn 1024 --epochs ${BB_EPOCHS:-30} --batch-size 32"
+  PROMPT_ARGS="--prompt-length 32 --epochs ${PROMPT_EPOCHS:-20} --batch-size 32"
+  VOC_ARGS="--width 128 --steps ${VOC_STEPS:-40000} --batch-size 16 --segment-frames 32"
+fi
+C=$OUT/corpus
+B=$OUT/bundle
+
+streamgen data synth --out "$C" --train "$N_TRAIN" --dev "$N_DEV" --test "$N_TEST"
+streamgen train-units --manifest "$C/en_train.tsv" --bundle "$B" --units "$UNITS" --device "$DEVICE" $UNIT_ARGS
+for m in en_train en_dev en_test es2en_train_src es2en_train_tgt es2en_dev_src es2en_dev_tgt es2en_test_src es2en_test_tgt; do
+  streamgen units --manifest "$C/$m.tsv" --out "$C/$m.units.tsv" --bundle "$B" --device "$DEVICE"
+done
+# the backbone learns both languages' units by denoising
+{ cat "$C/en_train.units.tsv"; tail -n +2 "$C/es2en_train_src.units.tsv"; } > "$C/all_train.units.tsv"
+streamgen train-backbone --bundle "$B" --train "$C/all_train.units.tsv" --dev "$C/en_dev.units.tsv" --out "$OUT/backbone" \
+  --device "$DEVICE" --into-bundle $MBART_ARGS
+for split in train dev test; do
+  streamgen data pairs --task continuation --manifest "$C/en_$split.units.tsv" --out "$C/continuation_$split.tsv"
+  streamgen data pairs --task inpainting --manifest "$C/en_$split.units.tsv" --out "$C/inpainting_$split.tsv"
+  streamgen data pairs --task translation --manifest "$C/es2en_${split}_src.units.tsv" --target "$C/es2en_${split}_tgt.units.tsv" \
+    --out "$C/translation_$split.tsv"
+done
+for task in continuation inpainting translation; do
+  streamgen train-prompt --bundle "$B" --task "$task" --train "$C/${task}_train.tsv" --dev "$C/${task}_dev.tsv" \
+    --out "$OUT/prompt_$task" --device "$DEVICE" --into-bundle $PROMPT_ARGS
+done
+streamgen train-vocoder --manifest "$C/en_train.units.tsv" --out "$OUT/vocoder" --bundle "$B" --device "$DEVICE" --into-bundle $VOC_ARGS
+streamgen info "$B"
+
+streamgen eval --task resynthesis --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_resynthesis"
+streamgen eval --task translation --manifest "$C/es2en_test_src.tsv" --references "$C/es2en_test_tgt.tsv" --bundle "$B" \
+  --chunk-ms 160,320,640 --out "$OUT/eval_translation"
+streamgen eval --task continuation --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_continuation"
+streamgen eval --task inpainting --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_inpainting"
