@@ -34,6 +34,7 @@ class TaskPlugin:
     prompt: Path | None = None  # a prompt file shipped with the plugin
     sampling: dict = field(default_factory=dict)  # greedy / temperature / top_k for this task
     prefix_tokens: tuple[int, ...] = ()  # forced after </s> (e.g. a target-language token)
+    uses_lm: bool = True  # False for tasks that never decode (no prompt is looked up)
 
     def resolve_options(self, given: dict) -> dict:
         """Plugin defaults overridden by `given`, converted to the defaults' types; unknown keys are errors."""
@@ -73,4 +74,5 @@ resynthesis = TaskPlugin(
     name="resynthesis",
     description="Speak the input back through units and the vocoder, as it arrives (the quality ceiling of every task).",
     policy=Resynthesis,
+    uses_lm=False,
 )

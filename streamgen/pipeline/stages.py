@@ -190,7 +190,7 @@ class Generator(Stage):
     def start(self, session: str, task: str, options: dict) -> Policy:
         plugin = load_task(task)
         opts = plugin.resolve_options(options)
-        prompt = self.prompt_for(plugin)
+        prompt = self.prompt_for(plugin) if plugin.uses_lm else None
         decoder = UnitDecoder(self.mbart, prompt.shared_kv(self.mbart) if prompt else None,
                               Sampling(**plugin.sampling), plugin.prefix_tokens, self.seed)
         policy = plugin.make_policy(decoder, opts)

@@ -205,7 +205,7 @@ class VocoderTrainer:
         g_loss.backward()
         self.opt_g.step()
         self.step += 1
-        return {"step": self.step, "mel": float(mel), "dur": float(dur_loss), "adv": float(adv), "disc": float(d_loss)}
+        return {"step": self.step, **{k: float(v.detach()) for k, v in (("mel", mel), ("dur", dur_loss), ("adv", adv), ("disc", d_loss))}}
 
     def fit(self, data: VocoderData) -> list[dict]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
