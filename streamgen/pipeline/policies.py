@@ -93,6 +93,17 @@ class Policy:
     def on_end(self) -> Iterator[Tensor]:
         return iter(())
 
+    def commit_every(self, units: Iterator[int], n: int) -> Iterator[Tensor]:
+        """Commit decoded units in chunks of `n` as they come (the output streams while decoding)."""
+        pending: list[int] = []
+        for u in units:
+            pending.append(u)
+            if len(pending) >= n:
+                yield self.commit(pending)
+                pending = []
+        if pending:
+            yield self.commit(pending)
+
 
 class Resynthesis(Policy):
     """Speak the source units back as they arrive: audio -> units -> audio, the ceiling of every task."""
@@ -112,16 +123,8 @@ class Continuation(Policy):
         self.max_units, self.min_units, self.emit_every = max_units, min_units, emit_every
 
     def on_end(self) -> Iterator[Tensor]:
-        if len(self.source) == 0:
-            return
-        pending: list[int] = []
-        for u in self.decoder.extend(self.source, self.committed, self.max_units, self.min_units):
-            pending.append(u)
-            if len(pending) >= self.emit_every:
-                yield self.commit(pending)
-                pending = []
-        if pending:
-            yield self.commit(pending)
+        if len(self.source):
+            yield from self.commit_every(self.decoder.extend(self.source, self.committed, self.max_units, self.min_units), self.emit_every)
 
 
 class _Simultaneous(Policy):
@@ -200,11 +203,5 @@ class Inpainting(Policy):
         eos = torch.tensor([EOS])
         tokens = torch.cat([keep_left + UNIT_OFFSET, torch.tensor([self.mask]), keep_right + UNIT_OFFSET, eos])
         budget = int(1.5 * len(self.source)) + 10
-        pending: list[int] = []
-        for u in self.decoder.extend(self.source, self.committed, budget, min_new=len(keep_left) + len(keep_right), tokens=tokens):
-            pending.append(u)
-            if len(pending) >= self.emit_every:
-                yield self.commit(pending)
-                pending = []
-        if pending:
-            yield self.commit(pending)
+        decoded = self.decoder.extend(self.source, self.committed, budget, min_new=len(keep_left) + len(keep_right), tokens=tokens)
+        yield from self.commit_every(decoded, self.emit_every)

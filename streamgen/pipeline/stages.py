@@ -37,6 +37,42 @@ class Stage:
         """Forget a session's state (after End, or when it failed)."""
 
 
+class StreamStage(Stage):
+    """A stage holding one streaming state per session: items of type `accepts` feed it, `End`
+    flushes and frees it, anything else passes through."""
+
+    accepts: type = object
+
+    def __init__(self):
+        self.streams: dict[str, object] = {}
+
+    def new_stream(self, session: str):
+        raise NotImplementedError
+
+    def feed(self, stream, item) -> Iterator[Item]:
+        raise NotImplementedError
+
+    def flush(self, stream, end: End) -> Iterator[Item]:
+        raise NotImplementedError
+
+    def process(self, item: Item) -> Iterator[Item]:
+        s = item.session
+        if isinstance(item, self.accepts):
+            if s not in self.streams:
+                self.streams[s] = self.new_stream(s)
+            yield from self.feed(self.streams[s], item)
+        elif isinstance(item, End):
+            stream = self.streams.pop(s, None)
+            if stream is not None:
+                yield from self.flush(stream, item)
+            yield item
+        else:
+            yield item
+
+    def close(self, session: str) -> None:
+        self.streams.pop(session, None)
+
+
 class Chunker(Stage):
     """Re-blocks input audio into fixed chunks; with a VAD, ends the input after trailing silence."""
 
@@ -129,51 +165,45 @@ class Vad:
         self.state.pop(session, None)
 
 
-class UnitEncoder(Stage):
+class UnitEncoder(StreamStage):
     name = "encoder"
+    accepts = AudioChunk
 
     def __init__(self, bundle: Bundle, left_frames: int | None = 100, lookahead_frames: int | None = 5):
+        super().__init__()
         self.hubert, self.quantizer = bundle.need("hubert"), bundle.need("kmeans")
         self.left, self.lookahead = left_frames, lookahead_frames
         cfg = self.hubert.cfg
         # a frame needs its receptive field, then `lookahead` more frames (unbounded: the whole input)
         self.wait_s = float("inf") if lookahead_frames is None else ((cfg.receptive_field - cfg.hop) + lookahead_frames * cfg.hop) / cfg.sample_rate
-        self.streams: dict[str, UnitStream] = {}
 
-    def process(self, item: Item) -> Iterator[Item]:
-        s = item.session
-        if isinstance(item, AudioChunk):
-            stream = self.streams.setdefault(s, UnitStream(self.hubert, self.quantizer, self.left, self.lookahead))
-            units, frames = stream.push(item.samples)
-            if len(units):
-                yield UnitChunk(s, units, frames, item.start + len(item.samples), item.captured_at)
-        elif isinstance(item, End):
-            stream = self.streams.get(s)
-            if stream is not None:
-                units, frames = stream.flush()
-                if len(units):
-                    yield UnitChunk(s, units, frames, item.source_samples, item.captured_at)
-            self.close(s)
-            yield item
-        else:
-            yield item
+    def new_stream(self, session: str) -> UnitStream:
+        return UnitStream(self.hubert, self.quantizer, self.left, self.lookahead)
 
-    def close(self, session: str) -> None:
-        self.streams.pop(session, None)
+    def feed(self, stream: UnitStream, item: AudioChunk) -> Iterator[Item]:
+        units, frames = stream.push(item.samples)
+        if len(units):
+            yield UnitChunk(item.session, units, frames, item.start + len(item.samples), item.captured_at)
+
+    def flush(self, stream: UnitStream, end: End) -> Iterator[Item]:
+        units, frames = stream.flush()
+        if len(units):
+            yield UnitChunk(end.session, units, frames, end.source_samples, end.captured_at)
 
 
-class Generator(Stage):
+class Generator(StreamStage):
     """Runs each session's task policy over the prompt-conditioned Unit mBART."""
 
     name = "generator"
+    accepts = UnitChunk
 
     def __init__(self, bundle: Bundle, task: str = "continuation", options: dict | None = None, seed: int | None = 0):
+        super().__init__()
         self.bundle = bundle
         self.mbart = bundle.need("mbart")
         self.default = (task, options or {})
         self.seed = seed
         self.prompts: dict[str, DeepPrompt | None] = {}  # one per task, shared by all its sessions
-        self.sessions: dict[str, Policy] = {}
         load_task(task).resolve_options(options or {})  # unknown task or option: fail before any audio
 
     def prompt_for(self, plugin: TaskPlugin) -> DeepPrompt | None:
@@ -193,61 +223,49 @@ class Generator(Stage):
         prompt = self.prompt_for(plugin) if plugin.uses_lm else None
         decoder = UnitDecoder(self.mbart, prompt.shared_kv(self.mbart) if prompt else None,
                               Sampling(**plugin.sampling), plugin.prefix_tokens, self.seed)
-        policy = plugin.make_policy(decoder, opts)
-        self.sessions[session] = policy
-        return policy
+        return plugin.make_policy(decoder, opts)
+
+    def new_stream(self, session: str) -> Policy:
+        return self.start(session, *self.default)
 
     def process(self, item: Item) -> Iterator[Item]:
-        s = item.session
         if isinstance(item, Control):
-            if s in self.sessions and item.action == "start":
+            s = item.session
+            if s in self.streams and item.action == "start":
                 raise ValueError(f"session {s!r} already started")
-            self.start(s, item.task or self.default[0], item.options if item.task else {**self.default[1], **item.options})
-        elif isinstance(item, UnitChunk):
-            policy = self.sessions.get(s) or self.start(s, *self.default)
-            for units in policy.on_source(item.units, item.frames, item.source_samples):
-                yield TargetUnits(s, units, item.source_samples, item.captured_at)
-        elif isinstance(item, End):
-            policy = self.sessions.get(s)
-            if policy is not None:
-                for units in policy.on_end():
-                    yield TargetUnits(s, units, item.source_samples, item.captured_at)
-            self.close(s)
-            yield item
+            self.streams[s] = self.start(s, item.task or self.default[0], item.options if item.task else {**self.default[1], **item.options})
         else:
-            yield item
+            yield from super().process(item)
 
-    def close(self, session: str) -> None:
-        self.sessions.pop(session, None)
+    def feed(self, policy: Policy, item: UnitChunk) -> Iterator[Item]:
+        for units in policy.on_source(item.units, item.frames, item.source_samples):
+            yield TargetUnits(item.session, units, item.source_samples, item.captured_at)
+
+    def flush(self, policy: Policy, end: End) -> Iterator[Item]:
+        for units in policy.on_end():
+            yield TargetUnits(end.session, units, end.source_samples, end.captured_at)
 
 
-class Vocoder(Stage):
+class Vocoder(StreamStage):
     name = "vocoder"
+    accepts = TargetUnits
 
     def __init__(self, bundle: Bundle, lookahead: int | None = None):
+        super().__init__()
         self.model = bundle.need("vocoder")
         self.lookahead = lookahead
         frames = self.model.frame_context() if lookahead is None else lookahead
         self.wait_s = frames * self.model.hop / bundle.sample_rate  # frames of output it holds back
-        self.streams: dict[str, VocoderStream] = {}
 
-    def process(self, item: Item) -> Iterator[Item]:
-        s = item.session
-        if isinstance(item, TargetUnits):
-            stream = self.streams.setdefault(s, VocoderStream(self.model, self.lookahead))
-            audio = stream.push(item.units)
-            if len(audio):
-                yield AudioOut(s, audio.float().cpu(), item.source_samples, item.captured_at)
-        elif isinstance(item, End):
-            stream = self.streams.get(s)
-            if stream is not None:
-                audio = stream.flush()
-                if len(audio):
-                    yield AudioOut(s, audio.float().cpu(), item.source_samples, item.captured_at)
-            self.close(s)
-            yield item
-        else:
-            yield item
+    def new_stream(self, session: str) -> VocoderStream:
+        return VocoderStream(self.model, self.lookahead)
 
-    def close(self, session: str) -> None:
-        self.streams.pop(session, None)
+    def feed(self, stream: VocoderStream, item: TargetUnits) -> Iterator[Item]:
+        audio = stream.push(item.units)
+        if len(audio):
+            yield AudioOut(item.session, audio.float().cpu(), item.source_samples, item.captured_at)
+
+    def flush(self, stream: VocoderStream, end: End) -> Iterator[Item]:
+        audio = stream.flush()
+        if len(audio):
+            yield AudioOut(end.session, audio.float().cpu(), end.source_samples, end.captured_at)

@@ -28,12 +28,19 @@ class Pair:
     tgt: list[int]
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
+def read_tsv(path: str | Path) -> list[dict]:
+    """Rows of a TSV with a header, or a clear error if the file is missing."""
     path = Path(path)
     try:
-        rows = list(csv.DictReader(path.open(newline=""), delimiter="\t"))
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such manifest") from None
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    path = Path(path)
+    rows = read_tsv(path)
     cols = set(rows[0]) if rows else set()
     if {"id", "units"} <= cols and "tgt_units" not in cols:  # a unit manifest: each sequence as its own pair (denoising)
         src_col = tgt_col = "units"

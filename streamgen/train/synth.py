@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from ..io.files import read_audio, resample
-from .data import MASK, Pair, write_pairs
+from .data import MASK, Pair, read_tsv, write_pairs
 from .text import EnglishSentences, SpanishEnglishPairs, unique
 
 RATE = 16000
@@ -83,11 +83,7 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    path = Path(path)
-    try:
-        rows = list(csv.DictReader(path.open(newline=""), delimiter="\t"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such manifest") from None
+    rows = read_tsv(path)
     if rows and not {"id", "audio"} <= set(rows[0]):
         raise ValueError(f"{path}: a manifest needs id and audio columns")
     return rows

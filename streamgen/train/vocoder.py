@@ -54,6 +54,17 @@ class LogMel(nn.Module):
         return torch.log(torch.clamp(self.fb @ spec, min=1e-5))
 
 
+def _convs_with_features(convs: nn.ModuleList, post: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Run a discriminator's conv stack; return its score and every layer's output (for feature matching)."""
+    feats = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        feats.append(x)
+    x = post(x)
+    feats.append(x)
+    return x.flatten(1), feats
+
+
 class PeriodDiscriminator(nn.Module):
     def __init__(self, period: int, width: int):
         super().__init__()
@@ -66,14 +77,7 @@ class PeriodDiscriminator(nn.Module):
         B, C, T = x.shape
         if T % self.period:
             x = F.pad(x, (0, self.period - T % self.period), mode="reflect")
-        x = x.view(B, C, -1, self.period)
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            feats.append(x)
-        x = self.post(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _convs_with_features(self.convs, self.post, x.view(B, C, -1, self.period))
 
 
 class ScaleDiscriminator(nn.Module):
@@ -85,13 +89,7 @@ class ScaleDiscriminator(nn.Module):
         self.post = nn.Conv1d(chans[-1], 1, 3, padding=1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            feats.append(x)
-        x = self.post(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _convs_with_features(self.convs, self.post, x)
 
 
 class Discriminators(nn.Module):
