@@ -58,13 +58,10 @@ class Bundle:
 
     @property
     def device(self) -> torch.device:
-        m = next(iter(self.need_any().values()))
-        return next(iter(list(m.parameters()) + list(m.buffers()))).device
-
-    def need_any(self) -> dict[str, nn.Module]:
-        if not self.modules():
-            raise BundleError("the bundle holds no parts")
-        return self.modules()
+        """Where the parts live (they move together, see `to`)."""
+        for m in self.modules().values():
+            return next(iter(list(m.parameters()) + list(m.buffers()))).device
+        raise BundleError("the bundle holds no parts")
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Bundle:
         """Move every part (k-means centroids stay fp32 whatever the dtype)."""
@@ -140,12 +137,6 @@ class Bundle:
         """Write the bundle directory (weights cast to `dtype` if given; k-means stays fp32)."""
         path = Path(path)
         (path / "prompts").mkdir(parents=True, exist_ok=True)
-        configs = {
-            "hubert": self.hubert and self.hubert.cfg.to_dict(),
-            "kmeans": self.quantizer and {"num_units": self.quantizer.num_units, "dim": self.quantizer.dim},
-            "mbart": self.mbart and vars(self.mbart.cfg).copy(),
-            "vocoder": self.vocoder and self.vocoder.cfg.to_dict(),
-        }
         for name, m in self.modules().items():
             cast = None if name == "kmeans" else dtype
             save_file({k: _cast(v, cast) for k, v in m.state_dict().items()}, path / f"{name}.safetensors")
@@ -155,11 +146,18 @@ class Bundle:
             "format": FORMAT,
             "version": VERSION,
             "sample_rate": self.sample_rate,
-            "parts": {k: v for k, v in configs.items() if v},
+            "parts": {name: part_config(name, m) for name, m in self.modules().items()},
             "prompts": {n: {"length": p.cfg.length, "stacks": list(p.cfg.stacks)} for n, p in self.prompts.items()},
         }
         (path / "bundle.json").write_text(json.dumps(meta, indent=2))
         return path
+
+
+def part_config(name: str, module: nn.Module) -> dict:
+    """What bundle.json records to rebuild a part."""
+    if name == "kmeans":
+        return {"num_units": module.num_units, "dim": module.dim}
+    return vars(module.cfg).copy() if name == "mbart" else module.cfg.to_dict()
 
 
 def save_part(path: str | Path, name: str, module: nn.Module) -> None:
@@ -167,10 +165,8 @@ def save_part(path: str | Path, name: str, module: nn.Module) -> None:
     path = Path(path)
     meta_file = path / "bundle.json"
     meta = json.loads(meta_file.read_text())
-    configs = {"hubert": lambda m: m.cfg.to_dict(), "kmeans": lambda m: {"num_units": m.num_units, "dim": m.dim},
-               "mbart": lambda m: vars(m.cfg).copy(), "vocoder": lambda m: m.cfg.to_dict()}
     save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path / f"{name}.safetensors")
-    meta.setdefault("parts", {})[name] = configs[name](module)
+    meta.setdefault("parts", {})[name] = part_config(name, module)
     meta_file.write_text(json.dumps(meta, indent=2))
 
 
