@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from importlib import resources
 from pathlib import Path
@@ -54,6 +55,7 @@ def convert(
     kmeans: Optional[Path] = typer.Option(None, help="k-means model: joblib MiniBatchKMeans .bin, or centroids .npy."),
     mbart: Optional[Path] = typer.Option(None, help="fairseq Unit mBART checkpoint.pt."),
     num_units: int = typer.Option(1000, help="Units in the Unit mBART dictionary (tokens 4..4+N-1)."),
+    mask_token: Optional[int] = typer.Option(None, help="Index of <mask> in the Unit mBART dictionary (enables inpainting)."),
     vocoder: Optional[Path] = typer.Option(None, help="CodeHiFiGAN generator checkpoint (g_*)."),
     vocoder_config: Optional[Path] = typer.Option(None, help="The vocoder's config.json."),
     dtype: str = typer.Option("float32", help="Weight dtype in the bundle: float32, float16 or bfloat16."),
@@ -95,6 +97,10 @@ def convert(
         if mbart:
             typer.echo(f"reading Unit mBART {mbart}")
             cfg, sd = read_unit_mbart(mbart, num_units=num_units)
+            if mask_token is not None:
+                if not 4 + num_units <= mask_token < cfg.vocab_size:
+                    fail(f"--mask-token {mask_token} must index a token after the units (4+{num_units} .. {cfg.vocab_size - 1})")
+                cfg = dataclasses.replace(cfg, mask_token=mask_token)
             b.mbart = build("mbart", UnitMBart, cfg, sd)
         if vocoder:
             typer.echo(f"reading CodeHiFiGAN {vocoder} + {vocoder_config}")

@@ -50,6 +50,15 @@ def test_unit_mbart_checkpoint(tmp_path, style, pre_norm):
         assert torch.equal(b.mbart(src, prev), model(src, prev))
 
 
+def test_mask_token_option_enables_inpainting(tmp_path):
+    model = UnitMBart(TINY).eval()
+    save_mbart(tmp_path / "checkpoint.pt", model, "dict")
+    b = converted(tmp_path, "--mbart", tmp_path / "checkpoint.pt", "--num-units", TINY.num_units, "--mask-token", TINY.num_units + 6)
+    assert b.mbart.cfg.mask_token == TINY.num_units + 6
+    r = convert("--mbart", tmp_path / "checkpoint.pt", "--num-units", TINY.num_units, "--mask-token", 5, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "must index a token after the units" in r.output
+
+
 def test_hubert_checkpoint_keeps_layers_up_to_the_output_layer(tmp_path):
     torch.manual_seed(0)
     model = HubertEncoder(TINY_HUBERT).eval()

@@ -190,7 +190,7 @@ class Inpainting(Policy):
         self.emit_every = emit_every
         mask = decoder.mbart.cfg.mask_token
         if mask is None:
-            raise ValueError("this bundle's Unit mBART has no <mask> token (set mask_token when converting)")
+            raise ValueError("this bundle's Unit mBART has no <mask> token (give `streamgen convert` --mask-token)")
         self.mask = mask
 
     def on_end(self) -> Iterator[Tensor]:
