@@ -1,0 +1,1 @@
+"""Metrics, ASR and the evaluation runner (and a SimulEval agent)."""

@@ -1,0 +1,1 @@
+"""The live pipeline: frames, stages, policies, the asyncio runner and timing."""

@@ -1,0 +1,1 @@
+"""Corpora, unit extraction and training (prompts, backbone, unit encoder, vocoder)."""
