@@ -561,9 +561,5 @@ def run(
     raise typer.Exit(1 if errors else 0)
 
 
-def main():  # pragma: no cover
-    app()
-
-
 if __name__ == "__main__":
     app()

@@ -191,10 +191,6 @@ class Pipeline:
             await self.sink.write(item)
 
 
-def queue_sizes(pipeline: Pipeline) -> list[int]:
-    return [q.qsize() for q in pipeline.queues]
-
-
 def build_stages(bundle, task: str = "continuation", options: dict | None = None, *, chunk_ms: int = 100,
                  left_context_ms: int | None = 2000, lookahead_ms: int | None = 100, vocoder_lookahead: int | None = None,
                  vad: bool = False, seed: int | None = 0) -> list[Stage]:

@@ -46,7 +46,6 @@ class TrainConfig:
     seed: int = 0
     prefix_tokens: tuple[int, ...] = ()
     mask_ratio: float = 0.3  # denoise
-    log_every: int = 10
 
     def __post_init__(self):
         if self.mode not in ("prompt", "full", "denoise"):
