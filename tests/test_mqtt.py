@@ -150,6 +150,7 @@ def test_broker_restart_mid_session_loses_no_accepted_chunk(broker, test_bundle)
     got, source, stats = asyncio.run(main())
     assert source.link.reconnects >= 1  # the pipeline really lost its connection
     assert np.array_equal(got, expected)  # every chunk arrived: same output as without the restart
+    assert source.skipped == 0
     assert "error" not in stats.sessions["carol"].summary()
 
 

@@ -226,9 +226,7 @@ class _Session:
         self.rate: int | None = None
         self.resampler = None
         self.pos = 0
-        self.seq_out = 0
         self.last_seen = time.monotonic()
-        self.skipped = 0
 
 
 class MqttSource:
@@ -240,7 +238,8 @@ class MqttSource:
         self.window, self.idle_timeout, self.max_sessions = reorder_window, idle_timeout_s, max_sessions
         self.sessions: dict[str, _Session] = {}
         self.finished: set[str] = set()
-        self.malformed = 0
+        self.malformed = 0  # messages that broke the wire format
+        self.skipped = 0  # messages that never arrived (gaps older than the reorder window)
         link.subscriptions.append(topic)
 
     async def __aiter__(self) -> AsyncIterator[Item]:
@@ -285,7 +284,7 @@ class MqttSource:
                 if s.name in self.finished:
                     return out
             elif len(s.waiting) > self.window:  # the gap is not coming back: skip it
-                s.skipped += 1
+                self.skipped += 1
                 log.warning("session %s: message %d never arrived; skipping it", s.name, s.expected)
                 s.expected += 1
             else:

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-import torch
 
+from ..bundle import check_wave
 from .frames import AudioChunk, AudioOut, End, Item, SessionError
 from .stages import Stage
 from .timing import Stats
@@ -53,15 +53,12 @@ class InputQueue(asyncio.Queue):
         return None
 
 
-def check_chunk(chunk: AudioChunk) -> str | None:
-    """Why an input chunk is unusable, or None."""
-    x = chunk.samples
-    if x.dim() != 1 or not x.is_floating_point():
-        return f"audio chunk {chunk.seq}: expected mono float samples, got {x.dtype} {tuple(x.shape)}"
-    if x.numel() == 0:
-        return f"audio chunk {chunk.seq} is empty"
-    if not torch.isfinite(x).all():
-        return f"audio chunk {chunk.seq} contains NaN or inf samples"
+def check_chunk(chunk: AudioChunk, sample_rate: int) -> str | None:
+    """Why an input chunk is unusable (the same checks as whole-utterance input), or None."""
+    try:
+        check_wave(chunk.samples, sample_rate)
+    except (TypeError, ValueError) as e:
+        return f"audio chunk {chunk.seq}: {e}"
     return None
 
 
@@ -103,7 +100,7 @@ class Pipeline:
             if isinstance(item, AudioChunk):
                 if s in self.failed:
                     continue
-                why = check_chunk(item)
+                why = check_chunk(item, self.stats.sample_rate)
                 if why is None and item.samples.numel() > self.max_chunk:
                     why = f"audio chunk {item.seq} of {item.samples.numel() / self.stats.sample_rate:.1f} s exceeds the {MAX_CHUNK_SECONDS:.0f} s limit for one chunk"
                 if why is not None:
