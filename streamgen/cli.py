@@ -343,6 +343,7 @@ def train_vocoder(
     width: int = typer.Option(128, help="Unit embedding width; generator channels start at twice this."),
     steps: int = typer.Option(20000), batch_size: int = typer.Option(16), segment_frames: int = typer.Option(32),
     lr: float = typer.Option(2e-4), disc_width: int = typer.Option(8, help="Discriminator channel width (light by default)."),
+    mel_warmup: int = typer.Option(0, help="First steps on the mel and duration losses alone (no discriminators)."),
     seed: int = typer.Option(0), resume: bool = typer.Option(False), device: str = typer.Option("cpu"),
     into_bundle: bool = typer.Option(False),
 ):
@@ -351,7 +352,8 @@ def train_vocoder(
 
     b = open_bundle(bundle, device, seed)
     num_units = b.need("kmeans").num_units
-    cfg = VocoderTrainConfig(steps=steps, batch_size=batch_size, segment_frames=segment_frames, lr=lr, disc_width=disc_width, seed=seed)
+    cfg = VocoderTrainConfig(steps=steps, batch_size=batch_size, segment_frames=segment_frames, lr=lr, disc_width=disc_width,
+                             mel_warmup=mel_warmup, seed=seed)
     model = new_vocoder(num_units, width, b.sample_rate)
     try:
         data = VocoderData(manifest, model.hop, b.sample_rate, segment_frames)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..models.prompt import DeepPrompt, PromptConfig, count_parameters
 from ..models.unit_mbart import PAD, UnitMBart
+from ..progress import Progress
 from .data import Batch, Pair, collate, span_mask
 
 
@@ -189,8 +190,7 @@ class Trainer:
             self.load_state()
         per_epoch = len(self.batches(train, 0, shuffle=False))
         total_steps = self.cfg.max_steps or per_epoch * self.cfg.epochs
-        bar = _Progress(total_steps, self.step) if self.progress else None
-        try:
+        with Progress("training", total_steps, self.step, enabled=self.progress, loss=float("nan"), epoch=self.epoch) as bar:
             while self.epoch < self.cfg.epochs and self.step < total_steps:
                 batches = self.batches(self.pairs_for(train, self.epoch), self.epoch, shuffle=True)
                 losses = []
@@ -198,15 +198,11 @@ class Trainer:
                     if self.step >= total_steps:
                         break
                     losses.append(self.train_step(batch, total_steps))
-                    if bar:
-                        bar.update(self.step, losses[-1], self.epoch)
+                    bar.update(self.step, loss=losses[-1], epoch=self.epoch)
                 if self.step == (self.epoch + 1) * per_epoch:
                     self.epoch += 1
                 if self.end_of_epoch(losses, dev):
                     break
-        finally:
-            if bar:
-                bar.close()
         return TrainResult(self.step, self.epoch, self.best, self.history, self.trainable, self.total)
 
     def end_of_epoch(self, losses: list[float], dev: list[Pair] | None) -> bool:
@@ -265,19 +261,3 @@ class Trainer:
         self.opt.load_state_dict(st["optimizer"])
         self.step, self.epoch, self.best = st["step"], st["epoch"], st["best"]
         self.bad_epochs, self.history = st["bad_epochs"], st["history"]
-
-
-class _Progress:
-    def __init__(self, total: int, done: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TextColumn("loss {task.fields[loss]:.4f} epoch {task.fields[epoch]}"), TimeRemainingColumn())
-        self.task = self.p.add_task("train", total=total, completed=done, loss=float("nan"), epoch=0)
-        self.p.start()
-
-    def update(self, step: int, loss: float, epoch: int) -> None:
-        self.p.update(self.task, completed=step, loss=loss, epoch=epoch)
-
-    def close(self) -> None:
-        self.p.stop()

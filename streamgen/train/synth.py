@@ -26,6 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from ..io.files import read_audio, resample
+from ..progress import Progress
 from .data import MASK, Pair, read_tsv, write_pairs
 from .text import EnglishSentences, SpanishEnglishPairs, unique
 
@@ -66,14 +67,6 @@ class Espeak:
         return resample(x, rate, RATE)
 
 
-def _progress(total: int, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    task = p.add_task(label, total=total)
-    return p, task
-
-
 def write_manifest(path: Path, rows: list[dict]) -> None:
     cols = list(rows[0]) if rows else ["id", "audio", "n_frames", "text"]
     with path.open("w", newline="") as f:
@@ -111,21 +104,14 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
     rng = random.Random(seed + 2)
     speeds = [rng.uniform(0.9, 1.1) for _ in jobs]  # a little prosodic variety, seeded
     manifests: dict[str, list[dict]] = {}
-    bar = _progress(len(jobs), "synthesising speech") if progress else None
-    if bar:
-        bar[0].start()
-    try:
+    with Progress("synthesising speech", len(jobs), enabled=progress) as bar:
         for (name, uid, text, tts), speed in zip(jobs, speeds):
             audio = tts(text, speed)
             rel = Path("audio") / name / f"{uid}.flac"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             sf.write(out / rel, audio, RATE, subtype="PCM_16")
             manifests.setdefault(name, []).append({"id": uid, "audio": str(rel), "n_frames": len(audio), "text": text})
-            if bar:
-                bar[0].advance(bar[1])
-    finally:
-        if bar:
-            bar[0].stop()
+            bar.update(advance=1)
     written = {}
     for name, rows in manifests.items():
         written[name] = out / f"{name}.tsv"
@@ -141,26 +127,18 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
     rows = read_manifest(manifest)
     done = {r["id"]: r for r in read_manifest(out)} if out.is_file() else {}
     todo = [r for r in rows if r["id"] not in done]
-    bar = _progress(len(rows), f"units for {manifest.name}") if progress else None
-    if bar:
-        bar[0].start()
-        bar[0].update(bar[1], completed=len(rows) - len(todo))
     cols = [c for c in (list(rows[0]) if rows else []) if c not in ("units", "durations")] + ["units", "durations"]
     with out.open("a", newline="") as f:
         w = csv.DictWriter(f, cols, delimiter="\t", lineterminator="\n")
         if not done:
             w.writeheader()
-        try:
+        with Progress(f"units for {manifest.name}", len(rows), len(rows) - len(todo), enabled=progress) as bar:
             for r in todo:
                 wave_ = read_audio(manifest.parent / r["audio"], bundle.sample_rate)
                 units, durations = bundle.encode(wave_)
                 w.writerow({**r, "units": " ".join(map(str, units.tolist())), "durations": " ".join(map(str, durations.tolist()))})
                 f.flush()  # a crash loses at most the utterance in flight
-                if bar:
-                    bar[0].advance(bar[1])
-        finally:
-            if bar:
-                bar[0].stop()
+                bar.update(advance=1)
     return out
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..io.files import read_audio
 from ..models.hubert import HubertConfig, HubertEncoder
 from ..models.kmeans import KMeansQuantizer
+from ..progress import Progress
 from .synth import read_manifest
 from .vocoder import mel_filterbank
 
@@ -143,20 +144,16 @@ class UnitTrainer:
         torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], 10.0)
         self.opt.step()
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
     def fit(self) -> list[dict]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         rng, g = random.Random(self.tcfg.seed), torch.Generator().manual_seed(self.tcfg.seed)
-        bar = Progress(TextColumn("unit encoder"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                       TimeRemainingColumn(), disable=not self.progress)
-        task = bar.add_task("u", total=self.tcfg.steps, loss=float("nan"))
-        with bar:
+        with Progress("unit encoder", self.tcfg.steps, self.step, enabled=self.progress, loss=float("nan")) as bar:
             while self.step < self.tcfg.steps:
                 loss = self.train_step(rng, g)
                 self.history.append({"step": self.step, "loss": loss})
-                bar.update(task, completed=self.step, loss=loss)
+                bar.update(self.step, loss=loss)
         return self.history
 
     @torch.no_grad()

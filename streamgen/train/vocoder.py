@@ -3,6 +3,9 @@
 Generator loss  = sum_D mean((1 - D(G(u)))^2) + 2 * feature matching L1 + 45 * mel L1 + duration MSE
 Discriminators  = multi-period (periods 2, 3, 5, 7, 11: 2-D convs over the folded waveform) and
                   multi-scale (raw, x2 and x4 average-pooled: 1-D convs); LSGAN losses.
+Warm-up         = for the first `mel_warmup` steps the generator learns from the mel L1 and duration
+                  losses alone and the discriminators are not run: half the cost of a step, and the
+                  spectral envelope (what makes speech intelligible) is learnt before the GAN refines it.
 Duration        = MSE between the predictor's output and log(1 + frames) of each de-duplicated unit,
                   as fairseq trains it. Widths are configurable: narrow discriminators keep a step cheap.
 
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from ..io.files import read_audio
 from ..models.vocoder import LRELU_SLOPE, CodeHiFiGAN, VocoderConfig
+from ..progress import Progress
 from .synth import read_manifest
 
 
@@ -116,6 +120,7 @@ class VocoderTrainConfig:
     mel_weight: float = 45.0
     fm_weight: float = 2.0
     disc_width: int = 8
+    mel_warmup: int = 0  # steps without discriminators at the start
     seed: int = 0
     log_every: int = 50
     save_every: int = 1000
@@ -185,20 +190,25 @@ class VocoderTrainer:
         for opt in (self.opt_g, self.opt_d):
             for g in opt.param_groups:
                 g["lr"] = lr
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with torch.autocast(**amp):
             fake = self.model.generate(frames).float()
-            # discriminators: real vs (detached) generated
-            d_loss = gan_losses(self.disc(audio), self.disc(fake.detach()))
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_d.step()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            d_real, d_fake = self.disc(audio), self.disc(fake)
-            adv = sum(torch.mean((1 - f) ** 2) for f, _ in d_fake)
-            fm = sum(F.l1_loss(b, a.detach()) for (_, fa), (_, fb) in zip(d_real, d_fake) for a, b in zip(fa, fb))
         mel = F.l1_loss(self.mel(fake), self.mel(audio))
         dur_loss = self.duration_loss(dur)
-        g_loss = adv + self.cfg.fm_weight * fm + self.cfg.mel_weight * mel + dur_loss
+        if self.step < self.cfg.mel_warmup:
+            adv = d_loss = torch.zeros((), device=self.device)
+            g_loss = self.cfg.mel_weight * mel + dur_loss
+        else:
+            with torch.autocast(**amp):  # discriminators: real vs (detached) generated
+                d_loss = gan_losses(self.disc(audio), self.disc(fake.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            with torch.autocast(**amp):
+                d_real, d_fake = self.disc(audio), self.disc(fake)
+                adv = sum(torch.mean((1 - f) ** 2) for f, _ in d_fake)
+                fm = sum(F.l1_loss(b, a.detach()) for (_, fa), (_, fb) in zip(d_real, d_fake) for a, b in zip(fa, fb))
+            g_loss = adv + self.cfg.fm_weight * fm + self.cfg.mel_weight * mel + dur_loss
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
@@ -206,15 +216,10 @@ class VocoderTrainer:
         return {"step": self.step, **{k: float(v.detach()) for k, v in (("mel", mel), ("dur", dur_loss), ("adv", adv), ("disc", d_loss))}}
 
     def fit(self, data: VocoderData) -> list[dict]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("vocoder"), BarColumn(), MofNCompleteColumn(), TextColumn("mel {task.fields[mel]:.3f}"),
-                       TimeRemainingColumn(), disable=not self.progress)
-        task = bar.add_task("v", total=self.cfg.steps, completed=self.step, mel=float("nan"))
-        with bar:
+        with Progress("vocoder", self.cfg.steps, self.step, enabled=self.progress, mel=float("nan")) as bar:
             while self.step < self.cfg.steps:
                 logs = self.train_step(data)
-                bar.update(task, completed=self.step, mel=logs["mel"])
+                bar.update(self.step, mel=logs["mel"])
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                     self.history.append(logs)
                 if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
