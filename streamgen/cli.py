@@ -467,6 +467,23 @@ def evaluate_cmd(
 
 
 @app.command()
+def pack(
+    src: Path = typer.Argument(..., help="Bundle directory to copy."),
+    out: Path = typer.Argument(..., help="Bundle directory to write."),
+    dtype: str = typer.Option("float16", help="Weight dtype: float16 (half the size; how the default bundle ships), bfloat16, float32."),
+):
+    """Copy a bundle with its weights cast (k-means and prompts stay fp32) and report its size."""
+    if dtype not in DTYPES:
+        fail(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if out.resolve() == src.resolve():
+        fail("OUT must differ from SRC")
+    b = open_bundle(src, "cpu")
+    b.save(out, dtype=DTYPES[dtype])
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    typer.echo(f"wrote {out}: {size / 2**20:.2f} MiB ({dtype})")
+
+
+@app.command()
 def tasks():
     """List the installed task plugins."""
     from .tasks import available_tasks, load_task

@@ -41,6 +41,20 @@ def test_half_precision_bundle_loads_in_fp32_and_bf16(saved, tmp_path):
     assert c.vocode(c.generate(units, max_units=10, min_units=10)).shape[0] >= 10 * 320
 
 
+def test_pack_casts_to_half_and_keeps_outputs_close(saved, tmp_path):
+    b, path = saved
+    r = runner.invoke(app, ["pack", str(path), str(tmp_path / "half")])
+    assert r.exit_code == 0, r.output
+    assert "MiB (float16)" in r.output
+    c = streamgen.load_bundle(tmp_path / "half")
+    assert c.prompts["continuation"].cfg == PromptConfig(length=4)
+    units = torch.randint(0, 100, (20,))
+    a, h = b.vocode(units), c.vocode(units)
+    assert a.shape == h.shape and (a - h).abs().max() < 0.05 * a.abs().max()
+    r = runner.invoke(app, ["pack", str(path), str(path)])
+    assert r.exit_code == 2 and "must differ" in r.output
+
+
 def test_bundle_errors_are_clear(saved, tmp_path):
     _, path = saved
     with pytest.raises(BundleError, match="not a streamgen bundle"):
