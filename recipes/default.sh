@@ -4,17 +4,30 @@
 # it with --resume where it has one. Sizes come from the environment:
 #
 #   DEVICE=cuda bash recipes/default.sh                       # full size (a GPU, hours)
+#   DEVICE=cpu SCALE=cpu bash recipes/default.sh              # the shipped default bundle: ~2 h on a 2-core CPU
 #   DEVICE=cpu SCALE=smoke bash recipes/default.sh            # minutes on a CPU: proves the chain, not quality
+#   SHIP=1 ...                                                # also pack the result (fp16) into streamgen/assets/default
+#
+# The vocoder only needs the units, so it trains beside the Unit mBART and the prompts (on a CPU each
+# job gets one thread: two cores, two jobs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/default}
 DEVICE=${DEVICE:-cuda}
-if [ "${SCALE:-full}" = smoke ]; then
+THREADS=
+SCALE=${SCALE:-full}
+if [ "$SCALE" = smoke ]; then
   N_TRAIN=${N_TRAIN:-40}; N_DEV=${N_DEV:-8}; N_TEST=${N_TEST:-8}; UNITS=${UNITS:-50}
   UNIT_ARGS="--dim 64 --layers 2 --heads 4 --ffn 128 --conv-dim 64 --output-layer 2 --steps ${UNIT_STEPS:-200} --batch-size 4"
   MBART_ARGS="--dim 64 --layers 2 --heads 4 --ffn 128 --epochs ${BB_EPOCHS:-3} --batch-size 8"
   PROMPT_ARGS="--prompt-length 8 --epochs ${PROMPT_EPOCHS:-3} --batch-size 8"
   VOC_ARGS="--width 32 --steps ${VOC_STEPS:-200} --batch-size 4 --segment-frames 16 --disc-width 4"
+elif [ "$SCALE" = cpu ]; then
+  N_TRAIN=${N_TRAIN:-800}; N_DEV=${N_DEV:-30}; N_TEST=${N_TEST:-30}; UNITS=${UNITS:-200}; THREADS=1
+  UNIT_ARGS="--dim 128 --layers 3 --heads 4 --ffn 256 --conv-dim 64 --output-layer 3 --steps ${UNIT_STEPS:-2500} --batch-size 8"
+  MBART_ARGS="--dim 128 --layers 3 --heads 4 --ffn 512 --epochs ${BB_EPOCHS:-40} --batch-size 16 --patience 4"
+  PROMPT_ARGS="--prompt-length 32 --epochs ${PROMPT_EPOCHS:-PROMPT_EPOCHS_CPU} --batch-size 16"
+  VOC_ARGS="--width 64 --steps ${VOC_STEPS:-VOC_STEPS_CPU} --mel-warmup ${VOC_WARMUP:-VOC_WARMUP_CPU} --lr 4e-4 --batch-size 16 --segment-frames 32"
 else
   N_TRAIN=${N_TRAIN:-3000}; N_DEV=${N_DEV:-100}; N_TEST=${N_TEST:-50}; UNITS=${UNITS:-500}
   UNIT_ARGS="--dim 384 --layers 6 --heads 6 --ffn 1536 --conv-dim 256 --output-layer 5 --steps ${UNIT_STEPS:-20000} --batch-size 16"
@@ -30,6 +43,12 @@ streamgen train-units --manifest "$C/en_train.tsv" --bundle "$B" --units "$UNITS
 for m in en_train en_dev en_test es2en_train_src es2en_train_tgt es2en_dev_src es2en_dev_tgt es2en_test_src es2en_test_tgt; do
   streamgen units --manifest "$C/$m.tsv" --out "$C/$m.units.tsv" --bundle "$B" --device "$DEVICE"
 done
+# the vocoder speaks the piper voice: all of its English speech (the continuation corpus and the translation targets)
+{ cat "$C/en_train.units.tsv"; tail -n +2 "$C/es2en_train_tgt.units.tsv"; } > "$C/voc_train.units.tsv"
+if [ -n "$THREADS" ]; then export OMP_NUM_THREADS=$THREADS; fi
+streamgen train-vocoder --manifest "$C/voc_train.units.tsv" --out "$OUT/vocoder" --bundle "$B" --device "$DEVICE" \
+  --into-bundle $VOC_ARGS > "$OUT/vocoder.log" 2>&1 &
+VOC_PID=$!
 # the backbone learns both languages' units by denoising
 { cat "$C/en_train.units.tsv"; tail -n +2 "$C/es2en_train_src.units.tsv"; } > "$C/all_train.units.tsv"
 streamgen train-backbone --bundle "$B" --train "$C/all_train.units.tsv" --dev "$C/en_dev.units.tsv" --out "$OUT/backbone" \
@@ -44,7 +63,9 @@ for task in continuation inpainting translation; do
   streamgen train-prompt --bundle "$B" --task "$task" --train "$C/${task}_train.tsv" --dev "$C/${task}_dev.tsv" \
     --out "$OUT/prompt_$task" --device "$DEVICE" --into-bundle $PROMPT_ARGS
 done
-streamgen train-vocoder --manifest "$C/en_train.units.tsv" --out "$OUT/vocoder" --bundle "$B" --device "$DEVICE" --into-bundle $VOC_ARGS
+wait "$VOC_PID" || { cat "$OUT/vocoder.log"; exit 1; }
+tail -n 2 "$OUT/vocoder.log"
+unset OMP_NUM_THREADS
 streamgen info "$B"
 
 streamgen eval --task resynthesis --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_resynthesis"

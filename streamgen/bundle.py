@@ -12,7 +12,9 @@ streaming pipeline uses the same models.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,25 +162,33 @@ def part_config(name: str, module: nn.Module) -> dict:
     return vars(module.cfg).copy() if name == "mbart" else module.cfg.to_dict()
 
 
+def _update_meta(path: Path, change) -> None:
+    """Read-modify-write bundle.json under an exclusive lock, replacing the file atomically: jobs that
+    add parts to one bundle at the same time (the recipe trains the vocoder beside the prompts) keep
+    each other's entries, and a reader never sees a half-written file."""
+    with open(path / ".bundle.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = json.loads((path / "bundle.json").read_text())
+        change(meta)
+        tmp = path / f".bundle.json.{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path / "bundle.json")
+
+
 def save_part(path: str | Path, name: str, module: nn.Module) -> None:
     """Write (or replace) one part of a bundle directory, leaving its other files as they are."""
     path = Path(path)
-    meta_file = path / "bundle.json"
-    meta = json.loads(meta_file.read_text())
     save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path / f"{name}.safetensors")
-    meta.setdefault("parts", {})[name] = part_config(name, module)
-    meta_file.write_text(json.dumps(meta, indent=2))
+    _update_meta(path, lambda meta: meta.setdefault("parts", {}).__setitem__(name, part_config(name, module)))
 
 
 def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
     """Add (or replace) a task prompt in a bundle directory, leaving its other files as they are."""
     path = Path(path)
-    meta_file = path / "bundle.json"
-    meta = json.loads(meta_file.read_text())
     (path / "prompts").mkdir(exist_ok=True)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in prompt.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
-    meta.setdefault("prompts", {})[name] = {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)}
-    meta_file.write_text(json.dumps(meta, indent=2))
+    entry = {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)}
+    _update_meta(path, lambda meta: meta.setdefault("prompts", {}).__setitem__(name, entry))
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:

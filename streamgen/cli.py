@@ -441,12 +441,25 @@ def evaluate_cmd(
     opt: list[str] = typer.Option([], "--opt", help="Task option KEY=VALUE."),
     realtime: bool = typer.Option(True, help="Pace input in real time (compute-aware latencies are then wall-clock)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N utterances."),
+    no_prompt: bool = typer.Option(False, "--no-prompt", help="The unprompted backbone (the no-prompt baseline)."),
+    mbart: Optional[Path] = typer.Option(None, help="Unit mBART weights (safetensors) replacing the bundle's, e.g. a `train-prompt --full` baseline."),
     device: str = typer.Option("cpu"), seed: int = typer.Option(0),
 ):
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
     from .eval.run import evaluate
 
+    if no_prompt and prompt is not None:
+        fail("--prompt and --no-prompt exclude each other")
     b = open_bundle(bundle, device, seed)
+    if mbart is not None:
+        from safetensors.torch import load_file
+
+        try:
+            b.need("mbart").load_state_dict(load_file(str(mbart), device=str(b.device)))
+        except Exception as e:  # a missing/corrupt file or weights of another shape
+            fail(f"{mbart}: cannot replace the bundle's Unit mBART: {e}")
+    if no_prompt:
+        b.prompts.pop(task, None)
     if prompt is not None:
         from .models.prompt import load_prompt
 

@@ -55,6 +55,21 @@ def test_pack_casts_to_half_and_keeps_outputs_close(saved, tmp_path):
     assert r.exit_code == 2 and "must differ" in r.output
 
 
+def test_concurrent_part_writers_keep_each_others_entries(saved):
+    """The recipe trains the vocoder beside the prompts: both write into one bundle.json."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streamgen.bundle import save_prompt
+
+    b, path = saved
+    prompts = {f"task{i}": DeepPrompt(b.mbart.cfg, PromptConfig(length=2 + i % 3)) for i in range(16)}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: save_prompt(path, *kv), prompts.items()))
+    c = streamgen.load_bundle(path)
+    assert set(c.prompts) == {"continuation", *prompts}
+    assert all(c.prompts[n].cfg.length == p.cfg.length for n, p in prompts.items())
+
+
 def test_bundle_errors_are_clear(saved, tmp_path):
     _, path = saved
     with pytest.raises(BundleError, match="not a streamgen bundle"):

@@ -147,3 +147,27 @@ def test_simuleval_agent_drives_the_same_stages(test_bundle):
                          sink, Stats(16000)).run())
     assert len(got) > 0 and torch.allclose(got, sink.wave("s"), atol=1e-6)
     assert early > 0  # SimulEval saw simultaneous output, not everything at the end
+
+
+def test_eval_cli_runs_the_baselines(small_corpus, tmp_path, test_bundle):
+    """`--no-prompt` runs the unprompted backbone, `--mbart` swaps in fine-tuned weights; bad use is named."""
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from streamgen.cli import app
+
+    test_bundle.save(tmp_path / "b")
+    weights = {k: v + 0.01 for k, v in test_bundle.mbart.state_dict().items()}
+    save_file(weights, tmp_path / "full.safetensors")
+    base = ["eval", "--task", "continuation", "--manifest", str(small_corpus / "en_test.tsv"), "--bundle", str(tmp_path / "b"),
+            "--limit", "1", "--no-realtime", "--opt", "max_units=10"]
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "e"), "--no-prompt", "--mbart", str(tmp_path / "full.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["chunks"][0]["n"] == 1
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights")
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "x"), "--mbart", str(tmp_path / "bad.safetensors")])
+    assert r.exit_code == 2 and "bad.safetensors: cannot replace the bundle's Unit mBART" in r.output
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "x"), "--no-prompt", "--prompt", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "exclude each other" in r.output
