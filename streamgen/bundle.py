@@ -75,19 +75,28 @@ class Bundle:
 
     # --- the whole-utterance API --------------------------------------------------------------
 
-    @torch.no_grad()
     def encode(self, wave: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
         """wave [T] float at `sample_rate` -> (de-duplicated units [N] in 0..K-1, durations [N] in frames)."""
+        return self.encode_batch([wave])[0]
+
+    @torch.no_grad()
+    def encode_batch(self, waves: list[Tensor | np.ndarray]) -> list[tuple[Tensor, Tensor]]:
+        """Several utterances in one padded pass; each gives exactly what `encode` gives it alone."""
         hubert, quantizer = self.need("hubert"), self.need("kmeans")
-        wave = check_wave(wave, self.sample_rate, min_samples=hubert.cfg.receptive_field)
-        if wave.numel() > MAX_ENCODE_SECONDS * self.sample_rate:
-            raise ValueError(
-                f"audio of {wave.numel() / self.sample_rate:.1f} s exceeds the {MAX_ENCODE_SECONDS:.0f} s one-pass "
-                "limit of Bundle.encode; stream it through the pipeline instead"
-            )
+        waves = [check_wave(w, self.sample_rate, min_samples=hubert.cfg.receptive_field) for w in waves]
+        for w in waves:
+            if w.numel() > MAX_ENCODE_SECONDS * self.sample_rate:
+                raise ValueError(
+                    f"audio of {w.numel() / self.sample_rate:.1f} s exceeds the {MAX_ENCODE_SECONDS:.0f} s one-pass "
+                    "limit of Bundle.encode; stream it through the pipeline instead"
+                )
         p = next(hubert.parameters())
-        feats = hubert(wave.to(p.device, p.dtype)[None])[0]
-        return dedup(quantizer(feats))
+        if len(waves) == 1:  # no padding: the plain path
+            return [dedup(quantizer(hubert(waves[0].to(p.device, p.dtype)[None])[0]))]
+        lengths = torch.tensor([len(w) for w in waves], device=p.device)
+        batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(p.device, p.dtype)
+        units = quantizer(hubert(batch, lengths=lengths))  # [B, F]
+        return [dedup(u[:n]) for u, n in zip(units, hubert.frames(lengths).tolist())]
 
     def prompt(self, prompt: str | DeepPrompt | None) -> DeepPrompt | None:
         if prompt is None or isinstance(prompt, DeepPrompt):

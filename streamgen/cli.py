@@ -419,13 +419,14 @@ def units(
     manifest: Path = typer.Option(..., help="Manifest TSV (id, audio, ...)."),
     out: Path = typer.Option(..., help="Manifest with a units column (appended to: resumable)."),
     bundle: Optional[Path] = typer.Option(None), device: str = typer.Option("cpu"),
+    batch_seconds: float = typer.Option(60.0, help="Audio per padded batch (utterances of similar length go together)."),
 ):
-    """Extract de-duplicated units for every utterance of a manifest, with progress; resumable."""
+    """Extract de-duplicated units for every utterance of a manifest in padded batches, with progress; resumable."""
     from .train.synth import extract_units
 
     b = open_bundle(bundle, device)
     try:
-        typer.echo(f"wrote {extract_units(b, manifest, out)}")
+        typer.echo(f"wrote {extract_units(b, manifest, out, batch_seconds=batch_seconds)}")
     except ValueError as e:
         fail(str(e))
 

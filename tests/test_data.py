@@ -52,6 +52,12 @@ def test_unit_extraction_resumes(corpus, tmp_path):
     assert (tmp_path / "part.tsv").read_text() == full.read_text()
     rows = read_manifest(full)
     assert len(rows) == 3 and all(len(r["units"].split()) > 10 for r in rows)
+    # batched (padded) extraction writes the same units as one utterance at a time, in manifest order
+    one = extract_units(b, corpus / "en_train.tsv", tmp_path / "one.tsv", progress=False, batch_seconds=0.1)
+    assert one.read_text() == full.read_text()
+    for r in rows:
+        units, durations = b.encode(sf.read(corpus / r["audio"], dtype="float32")[0])
+        assert r["units"] == " ".join(map(str, units.tolist())) and r["durations"] == " ".join(map(str, durations.tolist()))
 
 
 def test_pairs_for_each_task(corpus, tmp_path):

@@ -71,3 +71,23 @@ def test_encode_validates_and_limits_length():
         b.encode(torch.full((16000,), float("nan")))
     with pytest.raises(ValueError, match="one-pass"):
         b.encode(torch.zeros(16000 * 61))
+
+
+@pytest.mark.parametrize("normalize_wave", [False, True])
+def test_padded_batch_equals_each_row_alone(normalize_wave):
+    """GroupNorm statistics, the positional conv and attention see only each row's valid part."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    enc = HubertEncoder(dataclasses.replace(TINY_HUBERT, normalize_wave=normalize_wave)).eval()
+    waves = [torch.randn(n) * 0.3 for n in (16000, 9137, 4001)]
+    lengths = torch.tensor([len(w) for w in waves])
+    batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    batch[1, 9137:] = float("nan")  # whatever the padding holds
+    with torch.no_grad():
+        out = enc(batch, lengths=lengths)
+        frames = enc.frames(lengths).tolist()
+        for w, f, row in zip(waves, frames, out):
+            alone = enc(w[None])[0]
+            assert alone.shape[0] == f
+            torch.testing.assert_close(row[:f], alone, atol=1e-5, rtol=1e-5)

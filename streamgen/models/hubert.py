@@ -5,6 +5,11 @@ wave [B, T] at 16 kHz
   -> LayerNorm(512) -> post_extract_proj (only when 512 != d)              [B, F, d]
   -> + GELU(conv positional embedding, kernel 128, 16 groups, even kernel trimmed by one)
   -> LayerNorm -> post-norm transformer layers; "layer n" is the output of the n-th layer.
+
+Padded batches: with `lengths` (valid samples per row) every row gives exactly what it gives alone.
+Three places would otherwise see the padding: the first conv's GroupNorm (statistics over time,
+taken here over the row's valid frames only), the positional conv (padded frames are zeroed, as the
+conv's own zero padding does at the end of an unpadded row) and self-attention (padded keys masked).
 """
 
 from __future__ import annotations
@@ -92,11 +97,27 @@ class ConvFeatureExtractor(nn.Module):
             c_in = c
         self.conv_layers = nn.ModuleList(layers)
 
-    def forward(self, wave: Tensor) -> Tensor:
+    def forward(self, wave: Tensor, valid: Tensor | None = None) -> Tensor:
+        """wave [B, T] -> [B, C, F]; valid [B, F0] marks the first conv's frames that lie inside each row."""
         x = wave[:, None, :]  # [B, 1, T]
-        for conv in self.conv_layers:
-            x = conv(x)
-        return x  # [B, C, F]
+        for i, block in enumerate(self.conv_layers):
+            if i == 0 and valid is not None:
+                conv, _, norm, act = block
+                x = act(masked_instance_norm(conv(x), valid[:, None], norm))
+            else:
+                x = block(x)
+        return x
+
+
+def masked_instance_norm(x: Tensor, valid: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """GroupNorm with one group per channel, its statistics over the valid frames only.
+    x [B, C, F], valid [B, 1, F] (bool)."""
+    m = valid.to(x.dtype)
+    n = m.sum(-1, keepdim=True).clamp_min(1)
+    mean = (x * m).sum(-1, keepdim=True) / n
+    var = ((x - mean) ** 2 * m).sum(-1, keepdim=True) / n
+    y = (x - mean) * torch.rsqrt(var + norm.eps)
+    return y * norm.weight[:, None] + norm.bias[:, None]
 
 
 class PositionalConv(nn.Module):
@@ -125,8 +146,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
         self.final_layer_norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.self_attn_layer_norm(x + self.self_attn(x, *self.self_attn.kv(x), None))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # mask [B, 1, 1, F]: visible keys
+        x = self.self_attn_layer_norm(x + self.self_attn(x, *self.self_attn.kv(x), mask))
         return self.final_layer_norm(x + self.fc2(F.gelu(self.fc1(x))))
 
 
@@ -142,23 +163,54 @@ class HubertEncoder(nn.Module):
         self.encoder_layer_norm = nn.LayerNorm(cfg.dim)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
 
-    def embed(self, wave: Tensor) -> Tensor:
-        """wave [B, T] (equal lengths) -> frame embeddings [B, F, d] entering the transformer
-        (where HuBERT training replaces masked frames)."""
+    def frames(self, lengths: Tensor) -> Tensor:
+        """Frames [B] the conv extractor gives for rows of `lengths` samples."""
+        n = lengths
+        for _, k, s in self.cfg.conv_layers:
+            n = torch.div(n - k, s, rounding_mode="floor") + 1
+        return n.clamp_min(0)
+
+    def embed(self, wave: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """wave [B, T] -> frame embeddings [B, F, d] entering the transformer (where HuBERT training
+        replaces masked frames). lengths [B]: valid samples per row of a padded batch."""
+        valid = None
+        if lengths is not None:
+            T = torch.arange(wave.shape[-1], device=wave.device)
+            wave = torch.where(T[None] < lengths[:, None], wave, 0.0)  # padding holds whatever it holds
+            _, k, s = self.cfg.conv_layers[0]
+            first = torch.div(lengths - k, s, rounding_mode="floor") + 1  # frames of the first conv, per row
+            valid = torch.arange((wave.shape[-1] - k) // s + 1, device=wave.device)[None] < first[:, None]
         if self.cfg.normalize_wave:
-            wave = F.layer_norm(wave, wave.shape[-1:])
-        x = self.layer_norm(self.feature_extractor(wave).transpose(1, 2))
+            wave = F.layer_norm(wave, wave.shape[-1:]) if lengths is None else _masked_layer_norm(wave, lengths)
+        x = self.layer_norm(self.feature_extractor(wave, valid).transpose(1, 2))
         return x if self.post_extract_proj is None else self.post_extract_proj(x)
 
-    def encode(self, x: Tensor, layer: int) -> Tensor:
-        """Frame embeddings [B, F, d] -> output of transformer layer `layer` (1-based)."""
+    def encode(self, x: Tensor, layer: int, frames: Tensor | None = None) -> Tensor:
+        """Frame embeddings [B, F, d] -> output of transformer layer `layer` (1-based).
+        frames [B]: valid frames per row of a padded batch (the rest are neither seen nor meaningful)."""
         if not 1 <= layer <= len(self.layers):
             raise ValueError(f"layer {layer} is outside 1..{len(self.layers)}")
+        mask = None
+        if frames is not None:
+            valid = torch.arange(x.shape[1], device=x.device)[None] < frames[:, None]  # [B, F]
+            x = torch.where(valid[..., None], x, 0.0)
+            mask = valid[:, None, None, :]
         x = self.encoder_layer_norm(x + self.pos_conv(x))
         for block in self.layers[:layer]:
-            x = block(x)
+            x = block(x, mask)
         return x
 
-    def forward(self, wave: Tensor, layer: int | None = None) -> Tensor:
-        """wave [B, T] (equal lengths) -> features [B, F, d] of `layer` (default cfg.output_layer)."""
-        return self.encode(self.embed(wave), layer or self.cfg.output_layer)
+    def forward(self, wave: Tensor, layer: int | None = None, lengths: Tensor | None = None) -> Tensor:
+        """wave [B, T] -> features [B, F, d] of `layer` (default cfg.output_layer). With lengths [B]
+        (a padded batch), row b's first `frames(lengths)[b]` frames equal that row encoded alone."""
+        frames = None if lengths is None else self.frames(lengths)
+        return self.encode(self.embed(wave, lengths), layer or self.cfg.output_layer, frames)
+
+
+def _masked_layer_norm(wave: Tensor, lengths: Tensor) -> Tensor:
+    """fairseq's waveform normalisation (zero mean, unit variance) over each row's valid samples."""
+    m = (torch.arange(wave.shape[-1], device=wave.device)[None] < lengths[:, None]).to(wave.dtype)
+    n = lengths[:, None].to(wave.dtype)
+    mean = (wave * m).sum(-1, keepdim=True) / n
+    var = ((wave - mean) ** 2 * m).sum(-1, keepdim=True) / n
+    return (wave - mean) * torch.rsqrt(var + 1e-5) * m

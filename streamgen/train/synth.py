@@ -119,26 +119,46 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
     return written
 
 
-def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool = True) -> Path:
+def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool = True, batch_seconds: float = 60.0) -> Path:
     """Add `units` (de-duplicated) and `durations` (frames per unit) columns to a manifest. Resumable: rows already in `out`
-    are kept and skipped. One utterance per pass, like fairseq's feature dumping: HuBERT's first
-    GroupNorm spans the whole input, so padding a batch would change the units."""
+    are kept and skipped. Utterances of similar length are encoded together in padded batches of up to
+    `batch_seconds` of audio (`Bundle.encode_batch`: each gives exactly its units alone); rows are
+    written in manifest order as soon as every earlier one is done."""
     manifest, out = Path(manifest), Path(out)
     rows = read_manifest(manifest)
     done = {r["id"]: r for r in read_manifest(out)} if out.is_file() else {}
     todo = [r for r in rows if r["id"] not in done]
     cols = [c for c in (list(rows[0]) if rows else []) if c not in ("units", "durations")] + ["units", "durations"]
+    # batches of neighbours in length order; rows are still written (and resumed) in manifest order
+    order = sorted(range(len(todo)), key=lambda i: int(todo[i].get("n_frames") or 0))
+    batches, cur, cur_s = [], [], 0.0
+    for i in order:
+        n = int(todo[i].get("n_frames") or 0)
+        s = n / bundle.sample_rate if n else batch_seconds  # length unknown: a batch of its own
+        if cur and (len(cur) + 1) * max(s, cur_s) > batch_seconds:  # padded size of the batch
+            batches.append(cur)
+            cur, cur_s = [], 0.0
+        cur.append(i)
+        cur_s = max(cur_s, s)
+    batches += [cur] if cur else []
+    results: dict[int, tuple] = {}
     with out.open("a", newline="") as f:
         w = csv.DictWriter(f, cols, delimiter="\t", lineterminator="\n")
         if not done:
             w.writeheader()
+        written = 0
         with Progress(f"units for {manifest.name}", len(rows), len(rows) - len(todo), enabled=progress) as bar:
-            for r in todo:
-                wave_ = read_audio(manifest.parent / r["audio"], bundle.sample_rate)
-                units, durations = bundle.encode(wave_)
-                w.writerow({**r, "units": " ".join(map(str, units.tolist())), "durations": " ".join(map(str, durations.tolist()))})
-                f.flush()  # a crash loses at most the utterance in flight
-                bar.update(advance=1)
+            for batch in batches:
+                waves = [read_audio(manifest.parent / todo[i]["audio"], bundle.sample_rate) for i in batch]
+                for i, r in zip(batch, bundle.encode_batch(waves)):
+                    results[i] = r
+                while written in results:  # flush the finished prefix: a crash loses only unwritten rows
+                    units, durations = results.pop(written)
+                    w.writerow({**todo[written], "units": " ".join(map(str, units.tolist())),
+                                "durations": " ".join(map(str, durations.tolist()))})
+                    written += 1
+                f.flush()
+                bar.update(advance=len(batch))
     return out
 
 
