@@ -27,6 +27,10 @@ def test_wer_cer_bleu_by_hand():
     assert bleu(["the cat is on the mat"], ["The cat is on the mat!"]) == pytest.approx(100.0)
     assert bleu(["the cat is on the mat"], ["dogs run fast"]) == pytest.approx(0.0)
     assert normalize("  Hello,   World!  ") == "hello world"
+    # Whisper writes digits; the corpus spells numbers out with num2words
+    assert normalize("On Wednesday, 19th of August 1993.") == normalize("on Wednesday nineteenth of August one thousand, nine hundred and ninety-three")
+    assert normalize("It's 8:35, 8:00 and 1,250 people, 40%") == "it's eight thirty five eight and one thousand two hundred and fifty people forty percent"
+    assert wer(["the meeting starts at eight thirty-five"], ["The meeting starts at 8:35."]) == 0.0
     assert distinct_ngrams([1, 2, 1, 2, 1, 2], 2) == pytest.approx(2 / 5)
 
 

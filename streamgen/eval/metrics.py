@@ -34,9 +34,25 @@ def average_lagging(delays: list[float], source_len: float, target_len: int | No
     return total / tau
 
 
+_TIME = re.compile(r"\b(\d{1,2}):(\d{2})\b")
+_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(st|nd|rd|th)?\b")
+
+
+def spell_numbers(text: str) -> str:
+    """Digits as words, the way the references are written (num2words): Whisper writes "19th",
+    "1993", "8:35" and "40%" where the corpus says "nineteenth", "one thousand, nine hundred and
+    ninety-three", "eight thirty-five" and "forty percent"; without this a correct transcript counts
+    as several errors per number."""
+    from num2words import num2words
+
+    text = _TIME.sub(lambda m: num2words(int(m[1])) + (f" {num2words(int(m[2]))}" if int(m[2]) else ""), text)
+    text = text.replace("%", " percent")
+    return _NUMBER.sub(lambda m: num2words(int(m[1].replace(",", "")), to="ordinal" if m[2] else "cardinal"), text)
+
+
 def normalize(text: str) -> str:
-    """Lower case, no punctuation, single spaces (as ASR-BLEU/WER evaluations do)."""
-    text = unicodedata.normalize("NFKC", text).lower()
+    """Numbers spelled out, lower case, no punctuation, single spaces (as ASR-BLEU/WER evaluations do)."""
+    text = spell_numbers(unicodedata.normalize("NFKC", text)).lower()
     text = re.sub(r"[^\w\s']", " ", text)
     return " ".join(text.split())
 
