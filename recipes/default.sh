@@ -26,7 +26,7 @@ elif [ "$SCALE" = cpu ]; then
   N_TRAIN=${N_TRAIN:-800}; N_DEV=${N_DEV:-30}; N_TEST=${N_TEST:-30}; UNITS=${UNITS:-200}; THREADS=1
   UNIT_ARGS="--dim 128 --layers 3 --heads 4 --ffn 256 --conv-dim 64 --output-layer 3 --steps ${UNIT_STEPS:-2500} --batch-size 8"
   MBART_ARGS="--dim 128 --layers 3 --heads 4 --ffn 512 --epochs ${BB_EPOCHS:-40} --batch-size 16 --patience 4"
-  PROMPT_ARGS="--prompt-length 32 --epochs ${PROMPT_EPOCHS:-PROMPT_EPOCHS_CPU} --batch-size 16"
+  PROMPT_ARGS="--prompt-length 32 --epochs ${PROMPT_EPOCHS:-15} --batch-size 16"
   VOC_ARGS="--width 64 --steps ${VOC_STEPS:-VOC_STEPS_CPU} --mel-warmup ${VOC_WARMUP:-VOC_WARMUP_CPU} --lr 4e-4 --batch-size 16 --segment-frames 32"
 else
   N_TRAIN=${N_TRAIN:-3000}; N_DEV=${N_DEV:-100}; N_TEST=${N_TEST:-50}; UNITS=${UNITS:-500}
@@ -63,6 +63,11 @@ for task in continuation inpainting translation; do
   streamgen train-prompt --bundle "$B" --task "$task" --train "$C/${task}_train.tsv" --dev "$C/${task}_dev.tsv" \
     --out "$OUT/prompt_$task" --device "$DEVICE" --into-bundle $PROMPT_ARGS
 done
+# the baseline of the paper's comparison: the same data and steps, every backbone weight trains
+for task in continuation inpainting translation; do
+  streamgen train-prompt --bundle "$B" --task "$task" --train "$C/${task}_train.tsv" --dev "$C/${task}_dev.tsv" \
+    --out "$OUT/full_$task" --device "$DEVICE" --full --lr 5e-4 $PROMPT_ARGS
+done
 wait "$VOC_PID" || { cat "$OUT/vocoder.log"; exit 1; }
 tail -n 2 "$OUT/vocoder.log"
 unset OMP_NUM_THREADS
@@ -73,3 +78,15 @@ streamgen eval --task translation --manifest "$C/es2en_test_src.tsv" --reference
   --chunk-ms 160,320,640 --out "$OUT/eval_translation"
 streamgen eval --task continuation --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_continuation"
 streamgen eval --task inpainting --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_inpainting"
+# prompt tuning vs full fine-tuning vs no prompt, same data, same steps (quality only: unpaced input)
+for task in translation inpainting continuation; do
+  src=$C/en_test.tsv; refs=()
+  if [ "$task" = translation ]; then src=$C/es2en_test_src.tsv; refs=(--references "$C/es2en_test_tgt.tsv"); fi
+  streamgen eval --task "$task" --manifest "$src" "${refs[@]}" --bundle "$B" --no-realtime --out "$OUT/cmp_${task}_prompt"
+  streamgen eval --task "$task" --manifest "$src" "${refs[@]}" --bundle "$B" --no-realtime --no-prompt --out "$OUT/cmp_${task}_none"
+  streamgen eval --task "$task" --manifest "$src" "${refs[@]}" --bundle "$B" --no-realtime --no-prompt \
+    --mbart "$OUT/full_$task/best_mbart.safetensors" --out "$OUT/cmp_${task}_full"
+done
+if [ "${SHIP:-0}" = 1 ]; then
+  streamgen pack "$B" streamgen/assets/default --dtype float16
+fi
