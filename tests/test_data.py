@@ -30,10 +30,13 @@ def corpus(tmp_path_factory):
 def test_synth_is_deterministic_with_disjoint_splits(corpus, tmp_path):
     again = tmp_path / "again"
     synth(again, 3, 1, 1, seed=5, progress=False)
-    for name in ("en_train", "en_test", "es2en_train_src", "es2en_dev_tgt"):
+    for name in ("en_train", "en_test", "es2en_train_src", "es2en_dev_tgt", "en_test_espeak"):
         assert filecmp.cmp(corpus / f"{name}.tsv", again / f"{name}.tsv", shallow=False)
         for row in read_manifest(corpus / f"{name}.tsv"):
             assert filecmp.cmp(corpus / row["audio"], again / row["audio"], shallow=False)  # same audio bytes
+    piper_test, espeak_test = read_manifest(corpus / "en_test.tsv"), read_manifest(corpus / "en_test_espeak.tsv")
+    assert [(r["id"], r["text"]) for r in piper_test] == [(r["id"], r["text"]) for r in espeak_test]  # same texts, other voice
+    assert piper_test[0]["n_frames"] != espeak_test[0]["n_frames"]
     texts = {s: {r["text"] for r in read_manifest(corpus / f"en_{s}.tsv")} for s in ("train", "dev", "test")}
     assert not (texts["train"] & texts["dev"] or texts["train"] & texts["test"] or texts["dev"] & texts["test"])
     src, tgt = read_manifest(corpus / "es2en_train_src.tsv"), read_manifest(corpus / "es2en_train_tgt.tsv")

@@ -62,7 +62,7 @@ class Espeak:
             wav = subprocess.run(["espeak-ng", "-v", self.voice, "-s", str(int(160 * speed)), "--stdout", text],
                                  check=True, capture_output=True).stdout
         except FileNotFoundError:
-            raise RuntimeError("Spanish TTS needs espeak-ng (Debian: apt-get install espeak-ng)") from None
+            raise RuntimeError("espeak-ng is missing (Debian: apt-get install espeak-ng)") from None
         x, rate = sf.read(io.BytesIO(wav), dtype="float32")
         return resample(x, rate, RATE)
 
@@ -101,6 +101,11 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
                 es, en = pairs[i]
                 jobs.append((f"es2en_{split}_src", f"tr{i:06d}", es, spanish))
                 jobs.append((f"es2en_{split}_tgt", f"tr{i:06d}", en, piper))
+    # the English test texts again in another voice (espeak-ng): how units and vocoder cope with a
+    # speaker they were not trained on. Appended last, so the other files do not change.
+    english_espeak = Espeak("en-us")
+    for i in range(bounds[2], bounds[3]):
+        jobs.append(("en_test_espeak", f"en{i:06d}", english[i], english_espeak))
     rng = random.Random(seed + 2)
     speeds = [rng.uniform(0.9, 1.1) for _ in jobs]  # a little prosodic variety, seeded
     manifests: dict[str, list[dict]] = {}
