@@ -8,7 +8,6 @@ import asyncio
 from pathlib import Path
 
 import streamgen
-from streamgen.bundle import random_bundle
 from streamgen.io.files import FileSink, FileSource
 from streamgen.pipeline.runner import Pipeline, build_stages
 from streamgen.pipeline.timing import Stats
@@ -20,7 +19,7 @@ ap.add_argument("--task", default="continuation")
 ap.add_argument("--bundle")
 args = ap.parse_args()
 
-bundle = streamgen.load_bundle(args.bundle) if args.bundle else random_bundle()
+bundle = streamgen.load_bundle(args.bundle)  # None: the bundled default model
 stats = Stats(bundle.sample_rate)
 for path in sorted(p for p in args.inputs.iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg")):
     source = FileSource(path, bundle.sample_rate, session=path.stem)

@@ -9,17 +9,16 @@ import argparse
 import asyncio
 
 import streamgen
-from streamgen.bundle import random_bundle
 from streamgen.io.device import AudioDevice, MicSource, SpeakerSink
 from streamgen.pipeline.runner import Pipeline, build_stages
 from streamgen.pipeline.timing import Stats
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--bundle", help="bundle directory (default: a tiny random one, noise only)")
+ap.add_argument("--bundle", help="bundle directory (default: the one shipped with streamgen)")
 ap.add_argument("--seconds", type=float, default=8.0, help="listen at most this long")
 args = ap.parse_args()
 
-bundle = streamgen.load_bundle(args.bundle) if args.bundle else random_bundle()
+bundle = streamgen.load_bundle(args.bundle)  # None: the bundled default model
 device = AudioDevice(bundle.sample_rate)
 source, sink = MicSource(device, duration_s=args.seconds), SpeakerSink(device)
 stages = build_stages(bundle, "continuation", {"max_units": 200}, vad=True)  # a pause ends your turn

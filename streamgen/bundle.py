@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,8 +242,19 @@ def _load_part(path: Path, name: str, module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Bundle:
-    """Load a bundle directory written by `streamgen convert` (or `Bundle.save`)."""
+def default_bundle_path() -> Path | None:
+    """The trained bundle shipped with the package (streamgen/assets/default), if present."""
+    p = Path(str(resources.files("streamgen") / "assets" / "default"))
+    return p if (p / "bundle.json").is_file() else None
+
+
+def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Bundle:
+    """Load a bundle directory written by `streamgen convert`, `streamgen pack` or `Bundle.save`;
+    without a path, the default bundle shipped with streamgen."""
+    if path is None:
+        path = default_bundle_path()
+        if path is None:
+            raise BundleError("this installation has no default bundle (streamgen/assets/default); give a bundle path")
     path = Path(path)
     meta_file = path / "bundle.json"
     if not meta_file.is_file():
@@ -281,7 +293,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     return b.to(device, dtype)
 
 
-# Tiny sizes (same code paths as the full models): tests, and the demo until a trained bundle ships.
+# Tiny sizes (same code paths as the full models), for tests and examples that need a bundle in a second.
 TINY_HUBERT = HubertConfig(
     conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2, dim=48, ffn_dim=96, heads=4, layers=2,
     conv_pos=16, conv_pos_groups=4, output_layer=2,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import typer
 
-from .bundle import Bundle, BundleError, load_bundle, random_bundle
+from .bundle import Bundle, BundleError, load_bundle
 from .models.checkpoints import CheckpointError
 from .models.prompt import count_parameters
 
@@ -25,22 +25,8 @@ def fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def default_bundle_path() -> Path | None:
-    """The trained bundle shipped with the package, if this version ships one."""
-    p = Path(str(resources.files("streamgen") / "assets" / "default"))
-    return p if (p / "bundle.json").is_file() else None
-
-
-def open_bundle(path: Path | None, device: str, seed: int = 0) -> Bundle:
-    """The given bundle, else the shipped one, else (saying so) a tiny random one."""
-    path = path or default_bundle_path()
-    if path is None:
-        typer.secho(
-            "NOTE: this version ships no trained bundle yet; running a tiny RANDOMLY INITIALISED bundle.\n"
-            "      Every stage runs for real, but the output is noise, not speech.",
-            fg=typer.colors.YELLOW, err=True,
-        )
-        return random_bundle(seed).to(device)
+def open_bundle(path: Path | None, device: str) -> Bundle:
+    """The given bundle, else the one shipped with streamgen."""
     try:
         return load_bundle(path, device=device)
     except BundleError as e:
@@ -161,7 +147,7 @@ def demo(
     from .io.files import read_audio, write_audio
     from .models.vocoder import VocoderStream
 
-    b = open_bundle(bundle, "cpu", seed)
+    b = open_bundle(bundle, "cpu")
     src = input or Path(str(resources.files("streamgen") / "assets" / "sample.wav"))
     try:
         wave = read_audio(src, b.sample_rate)
@@ -350,7 +336,7 @@ def train_vocoder(
     """Train a CodeHiFiGAN (HiFi-GAN losses + duration predictor) on speech and its units."""
     from .train.vocoder import VocoderData, VocoderTrainConfig, VocoderTrainer, new_vocoder
 
-    b = open_bundle(bundle, device, seed)
+    b = open_bundle(bundle, device)
     num_units = b.need("kmeans").num_units
     cfg = VocoderTrainConfig(steps=steps, batch_size=batch_size, segment_frames=segment_frames, lr=lr, disc_width=disc_width,
                              mel_warmup=mel_warmup, seed=seed)
@@ -451,7 +437,7 @@ def evaluate_cmd(
 
     if no_prompt and prompt is not None:
         fail("--prompt and --no-prompt exclude each other")
-    b = open_bundle(bundle, device, seed)
+    b = open_bundle(bundle, device)
     if mbart is not None:
         from safetensors.torch import load_file
 
@@ -560,7 +546,7 @@ def run(
             fail(f"--opt {kv!r}: expected KEY=VALUE")
         k, v = kv.split("=", 1)
         options[k] = v
-    b = open_bundle(bundle, device, seed)
+    b = open_bundle(bundle, device)
     sr = b.sample_rate
     try:
         stages = build_stages(b, task, options, chunk_ms=chunk_ms, left_context_ms=None if left_context_ms < 0 else left_context_ms,

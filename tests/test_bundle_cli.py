@@ -99,15 +99,12 @@ def test_missing_parts_and_prompts_are_named(saved, tmp_path):
         b.generate(torch.tensor([1, 200]))
 
 
-def test_demo_writes_input_plus_continuation(tmp_path):
-    out = tmp_path / "demo.wav"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--max-units", "60"])
-    assert r.exit_code == 0, r.output
-    assert "RANDOMLY INITIALISED" in r.output and "real-time factor" in r.output
-    audio, rate = sf.read(out)
-    assert rate == 16000 and audio.ndim == 1
-    sample = sf.info(str(streamgen.cli.Path(streamgen.__file__).parent / "assets" / "sample.wav")).frames
-    assert sample + 30 * 320 <= len(audio) and abs(audio).max() > 0
+def test_without_the_default_bundle_the_cli_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(streamgen.bundle, "default_bundle_path", lambda: None)
+    with pytest.raises(BundleError, match="no default bundle"):
+        streamgen.load_bundle()
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "d.wav")])
+    assert r.exit_code == 2 and "no default bundle" in r.output
 
 
 def test_info_lists_parts_and_prompts(saved):

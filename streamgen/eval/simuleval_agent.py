@@ -41,10 +41,8 @@ class StreamgenAgent(SpeechToSpeechAgent):
     def __init__(self, args, bundle=None):
         super().__init__(args)
         import streamgen
-        from streamgen.bundle import random_bundle
-
-        if bundle is None:
-            bundle = streamgen.load_bundle(args.bundle, device=args.device) if args.bundle else random_bundle()
+        if bundle is None:  # no --bundle: the default bundle shipped with streamgen
+            bundle = streamgen.load_bundle(args.bundle, device=args.device)
         self.bundle = bundle
         self.task, self.options, self.chunk_ms = args.task, dict(kv.split("=", 1) for kv in args.task_option or []), args.chunk_ms
         self.reset()

@@ -1,0 +1,92 @@
+"""How much of the speech do the units keep, before any vocoder?
+
+Every 10 ms log-mel frame of a test utterance is replaced by the mean log-mel of its unit (the
+means are measured on a training manifest), the mel spectrogram is inverted with Griffin-Lim, and
+Whisper transcribes it. The same inversion of the true log-mel gives the floor Griffin-Lim itself
+sets. A trained vocoder should do better than the unit-mean figure; if it does worse, the vocoder is
+what limits resynthesis, not the units.
+
+    python bench/units_ceiling.py --bundle B --train corpus/en_train.units.tsv --test corpus/en_test.tsv
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from streamgen.bundle import load_bundle
+from streamgen.eval.asr import WhisperASR
+from streamgen.eval.metrics import wer
+from streamgen.io.files import read_audio
+from streamgen.progress import Progress
+from streamgen.train.synth import read_manifest
+from streamgen.train.vocoder import mel_filterbank
+
+N_FFT, HOP, N_MELS = 1024, 160, 80  # two mel frames per 20 ms unit frame
+
+
+def log_mel(wave: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:  # [T] -> [frames, n_mels]
+    spec = torch.stft(wave, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True).abs()
+    return torch.log(torch.clamp(fb @ spec, min=1e-5)).T
+
+
+def griffin_lim(logmel: torch.Tensor, fb: torch.Tensor, iters: int = 48) -> torch.Tensor:
+    """[frames, n_mels] -> waveform: least-squares linear magnitude, then Griffin-Lim phase."""
+    mag = torch.linalg.lstsq(fb.T @ fb + 1e-4 * torch.eye(fb.shape[1]), fb.T @ logmel.exp().T).solution.clamp(min=0)
+    window = torch.hann_window(N_FFT)
+    phase = torch.exp(2j * torch.pi * torch.rand(mag.shape))
+    for _ in range(iters):
+        wave = torch.istft(mag * phase, N_FFT, HOP, window=window)
+        spec = torch.stft(wave, N_FFT, HOP, window=window, return_complex=True)
+        phase = spec / spec.abs().clamp(min=1e-8)
+    return torch.istft(mag * phase, N_FFT, HOP, window=window)
+
+
+def frame_units(bundle, wave: torch.Tensor, n_frames: int) -> torch.Tensor:
+    units, durations = bundle.encode(wave)
+    per_frame = torch.repeat_interleave(units, durations)  # one unit per 20 ms
+    idx = (torch.arange(n_frames) // 2).clamp(max=len(per_frame) - 1)
+    return per_frame[idx]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--train", required=True, help="manifest whose speech gives each unit's mean log-mel")
+    ap.add_argument("--test", required=True, help="manifest to resynthesise and transcribe")
+    ap.add_argument("--limit", type=int, default=30)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    b = load_bundle(args.bundle)
+    rate, k = b.sample_rate, b.need("kmeans").num_units
+    fb = mel_filterbank(N_FFT, N_MELS, rate)
+    sums, counts = torch.zeros(k, N_MELS), torch.zeros(k)
+    train = read_manifest(args.train)
+    with Progress("unit means", len(train)) as bar:
+        for r in train:
+            wave = read_audio(Path(args.train).parent / r["audio"], rate)
+            mel = log_mel(wave, fb)
+            u = frame_units(b, wave, len(mel))
+            sums.index_add_(0, u, mel)
+            counts += torch.bincount(u, minlength=k)
+            bar.update(advance=1)
+    means = sums / counts.clamp(min=1)[:, None]
+    asr, refs, hyp_true, hyp_units = WhisperASR(), [], [], []
+    test = read_manifest(args.test)[: args.limit]
+    with Progress("griffin-lim", len(test)) as bar:
+        for r in test:
+            wave = read_audio(Path(args.test).parent / r["audio"], rate)
+            mel = log_mel(wave, fb)
+            refs.append(r["text"])
+            hyp_true.append(asr.transcribe(griffin_lim(mel, fb).numpy()))
+            hyp_units.append(asr.transcribe(griffin_lim(means[frame_units(b, wave, len(mel))], fb).numpy()))
+            bar.update(advance=1)
+    print(f"{len(test)} utterances of {args.test}; {int((counts > 0).sum())} of {k} units seen in training")
+    print(f"WER, true log-mel + Griffin-Lim (the inversion's floor): {wer(refs, hyp_true):.3f}")
+    print(f"WER, unit-mean log-mel + Griffin-Lim (what the units keep): {wer(refs, hyp_units):.3f}")
+
+
+if __name__ == "__main__":
+    main()
