@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from speech import espeak, piper
 
-from streamgen.eval.metrics import average_lagging, bleu, cer, distinct_ngrams, normalize, wer
+from streamgen.eval.metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, span_words, wer
 
 
 def test_average_lagging_by_hand():
@@ -32,6 +32,17 @@ def test_wer_cer_bleu_by_hand():
     assert normalize("It's 8:35, 8:00 and 1,250 people, 40%") == "it's eight thirty five eight and one thousand two hundred and fifty people forty percent"
     assert wer(["the meeting starts at eight thirty-five"], ["The meeting starts at 8:35."]) == 0.0
     assert distinct_ngrams([1, 2, 1, 2, 1, 2], 2) == pytest.approx(2 / 5)
+
+
+def test_span_alignment_by_hand():
+    ref = "a b c d e".split()
+    assert aligned_span(ref, 1, 4, "a x c e".split()) == ["x", "c"]  # b -> x, c kept, d deleted
+    assert aligned_span(ref, 1, 4, "a b q c d e".split()) == ["b", "q", "c", "d"]  # an insertion inside the span
+    assert aligned_span(ref, 1, 4, "q a b c d e".split()) == ["b", "c", "d"]  # one outside it is not the span's
+    assert aligned_span(ref, 1, 4, []) == []
+    words = [("Good", 0.0, 0.4), ("morning,", 0.4, 0.9), ("1993.", 1.0, 1.6)]
+    flat, i0, i1 = span_words(words, 0.5, 2.0)
+    assert flat[i0:i1] == normalize("morning one thousand nine hundred and ninety three").split() and flat[:i0] == ["good"]
 
 
 def test_whisper_transcribes_real_speech():
@@ -75,6 +86,8 @@ def test_eval_reports_quality_latency_and_a_plot(small_corpus, tmp_path, task, t
         assert 0 < c["distinct_2"] <= 1 and "intelligible" in c
     if task == "inpainting":
         assert "baseline_wer" in c and all(0 < u["mask"][0] < u["mask"][1] for u in c["utterances"])
+        # the span's words come from the original speech; copying the context leaves the gap silent
+        assert c["span_words"] > 0 and c["baseline_span_wer"] >= 0.5 and 0 <= c["span_wer"]
     assert json.loads((tmp_path / "results.json").read_text())["task"] == task
     assert "| chunk_ms |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "quality_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,3 +21,11 @@ class WhisperASR:
             return ""
         segments, _ = self.model.transcribe(wave, language=language, beam_size=1, vad_filter=False)
         return " ".join(s.text.strip() for s in segments).strip()
+
+    def transcribe_words(self, wave_16k: np.ndarray, language: str = "en") -> list[tuple[str, float, float]]:
+        """(word, start s, end s) for each word heard."""
+        wave = np.asarray(wave_16k, dtype=np.float32)
+        if wave.size < 1600:
+            return []
+        segments, _ = self.model.transcribe(wave, language=language, beam_size=1, vad_filter=False, word_timestamps=True)
+        return [(w.word.strip(), w.start, w.end) for s in segments for w in (s.words or [])]

@@ -79,3 +79,31 @@ def distinct_ngrams(units: list[int], n: int) -> float:
     """Share of distinct unit n-grams (diversity of generated units)."""
     grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def aligned_span(reference: list[str], start: int, end: int, hypothesis: list[str]) -> list[str]:
+    """The hypothesis words an edit-distance alignment sets against reference[start:end], with the
+    words it inserts strictly inside that span: what a system said where the span was."""
+    import jiwer
+
+    if not reference or not hypothesis:
+        return []
+    out = []
+    for c in jiwer.process_words(" ".join(reference), " ".join(hypothesis)).alignments[0]:
+        if c.type in ("equal", "substitute"):
+            lo, hi = max(start, c.ref_start_idx), min(end, c.ref_end_idx)
+            out += hypothesis[c.hyp_start_idx + lo - c.ref_start_idx : c.hyp_start_idx + hi - c.ref_start_idx]
+        elif c.type == "insert" and start < c.ref_start_idx < end:
+            out += hypothesis[c.hyp_start_idx : c.hyp_end_idx]
+    return out
+
+
+def span_words(words: list[tuple[str, float, float]], start_s: float, end_s: float) -> tuple[list[str], int, int]:
+    """Timed ASR words -> (normalised word list, [i0, i1) of the words whose middle lies in the span)."""
+    flat, mids = [], []
+    for w, a, b in words:
+        for n in normalize(w).split():
+            flat.append(n)
+            mids.append((a + b) / 2)
+    inside = [i for i, m in enumerate(mids) if start_s <= m < end_s]
+    return flat, (inside[0] if inside else 0), (inside[-1] + 1 if inside else 0)

@@ -23,7 +23,7 @@ from ..pipeline.runner import Pipeline, build_stages
 from ..pipeline.stages import Vocoder
 from ..pipeline.timing import SessionStats, Stats
 from ..train.synth import read_manifest
-from .metrics import average_lagging, bleu, cer, distinct_ngrams, wer
+from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, span_words, wer
 
 
 class _UnitTap(Vocoder):
@@ -115,8 +115,14 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
                 utt["mask"] = [opts["mask_start"], opts["mask_end"]]
                 src = read_audio(path, bundle.sample_rate).numpy().copy()
                 a, b = (int(x * bundle.sample_rate) for x in utt["mask"])
+                # the span's words: what Whisper hears there in the original (timed words)
+                ref_words, i0, i1 = span_words(asr.transcribe_words(read_audio(path, bundle.sample_rate).numpy()), *utt["mask"])
+                utt["span_reference"] = " ".join(ref_words[i0:i1])
                 src[a:b] = 0.0  # the baseline: the unmasked context, copied, with silence in the gap
                 utt["baseline_hypothesis"] = asr.transcribe(src)
+                for key in ("", "baseline_"):
+                    said = aligned_span(ref_words, i0, i1, normalize(utt[f"{key}hypothesis"]).split())
+                    utt[f"{key}span_hypothesis"] = " ".join(said)
             utts.append(utt)
             if progress:
                 print(f"[{ms} ms] {i + 1}/{len(rows)} {row['id']}: {utt['hypothesis']!r}", flush=True)
@@ -143,6 +149,12 @@ def _aggregate(ms: int, utts: list[dict], task: str) -> dict:
         agg["intelligible"] = sum(1 for u in utts if u["hypothesis"].strip()) / len(utts)
     if task == "inpainting":
         agg["baseline_wer"] = wer(refs, [u["baseline_hypothesis"] for u in utts])
+        spans = [u for u in utts if u["span_reference"]]  # a span with no word in it says nothing
+        agg["span_words"] = sum(len(u["span_reference"].split()) for u in spans)
+        for key in ("", "baseline_"):
+            sr, sh = [u["span_reference"] for u in spans], [u[f"{key}span_hypothesis"] for u in spans]
+            agg[f"{key}span_wer"] = wer(sr, sh) if spans else None
+            agg[f"{key}span_cer"] = cer(sr, sh) if spans else None
     agg["utterances"] = utts
     return agg
 
@@ -150,7 +162,8 @@ def _aggregate(ms: int, utts: list[dict], task: str) -> dict:
 def markdown(results: dict) -> str:
     cols = ["chunk_ms", "n", "asr_bleu", "wer", "cer", "start_offset_ms", "end_offset_ms", "al_ms", "start_offset_ca_ms",
             "end_offset_ca_ms", "al_ca_ms", "rtf"]
-    extra = [c for c in ("distinct_2", "intelligible", "baseline_wer") if c in results["chunks"][0]]
+    extra = [c for c in ("distinct_2", "intelligible", "baseline_wer", "span_words", "span_wer", "span_cer", "baseline_span_wer",
+                         "baseline_span_cer") if c in results["chunks"][0]]
     head = cols + extra
     lines = [f"task `{results['task']}` on `{results['manifest']}` ({'real-time' if results['realtime'] else 'unpaced'} input)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
