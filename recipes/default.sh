@@ -72,8 +72,13 @@ wait "$VOC_PID" || { cat "$OUT/vocoder.log"; exit 1; }
 tail -n 2 "$OUT/vocoder.log"
 unset OMP_NUM_THREADS
 streamgen info "$B"
+# what ships, and what is evaluated: the weights in fp16
+streamgen pack "$B" "$OUT/ship" --dtype float16
+B=$OUT/ship
 
 streamgen eval --task resynthesis --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_resynthesis"
+streamgen eval --task resynthesis --manifest "$C/en_test_espeak.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_resynthesis_espeak"
+python bench/units_ceiling.py --bundle "$B" --train "$C/en_train.units.tsv" --test "$C/en_test.tsv" | tee "$OUT/units_ceiling.txt"
 streamgen eval --task translation --manifest "$C/es2en_test_src.tsv" --references "$C/es2en_test_tgt.tsv" --bundle "$B" \
   --chunk-ms 160,320,640 --out "$OUT/eval_translation"
 streamgen eval --task continuation --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_continuation"
@@ -88,5 +93,5 @@ for task in translation inpainting continuation; do
     --mbart "$OUT/full_$task/best_mbart.safetensors" --out "$OUT/cmp_${task}_full"
 done
 if [ "${SHIP:-0}" = 1 ]; then
-  streamgen pack "$B" streamgen/assets/default --dtype float16
+  rm -rf streamgen/assets/default && cp -r "$OUT/ship" streamgen/assets/default
 fi
