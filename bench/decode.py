@@ -156,7 +156,7 @@ def main():
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# decode benchmark: {what}, {args.dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("\n## K/V cache vs full recompute (batch 1, 150-unit source): time for one new unit")
-    print(f"| size | generated | step, cache (ms) | full recompute (ms) | recompute / cache |\n|---|---|---|---|---|")
+    print("| size | generated | step, cache (ms) | full recompute (ms) | recompute / cache |\n|---|---|---|---|---|")
     for name, cfg in chosen:
         for row in bench_cache(cfg, name, device, dtype, args.repeats):
             print("| %s | %d | %.2f | %.2f | %.1fx |" % row)

@@ -26,7 +26,7 @@ elif [ "$SCALE" = cpu ]; then
   N_TRAIN=${N_TRAIN:-800}; N_DEV=${N_DEV:-30}; N_TEST=${N_TEST:-30}; UNITS=${UNITS:-200}; THREADS=1
   UNIT_ARGS="--dim 128 --layers 3 --heads 4 --ffn 256 --conv-dim 64 --output-layer 3 --steps ${UNIT_STEPS:-2500} --batch-size 8"
   MBART_ARGS="--dim 128 --layers 3 --heads 4 --ffn 512 --epochs ${BB_EPOCHS:-40} --batch-size 16 --patience 4"
-  PROMPT_ARGS="--prompt-length 32 --epochs ${PROMPT_EPOCHS:-15} --batch-size 16"
+  PROMPT_ARGS="--prompt-length 32 --epochs ${PROMPT_EPOCHS:-10} --batch-size 16"
   VOC_ARGS="--width 64 --steps ${VOC_STEPS:-VOC_STEPS_CPU} --mel-warmup ${VOC_WARMUP:-VOC_WARMUP_CPU} --lr 4e-4 --batch-size 16 --segment-frames 32"
 else
   N_TRAIN=${N_TRAIN:-3000}; N_DEV=${N_DEV:-100}; N_TEST=${N_TEST:-50}; UNITS=${UNITS:-500}

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import soundfile as sf
 import torch
 from typer.testing import CliRunner
 

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 import streamgen
 from streamgen.cli import app
-from streamgen.models.unit_mbart import UNIT_OFFSET
 
 pytestmark = pytest.mark.oracle
 FAIRSEQ_PY = os.environ.get("STREAMGEN_FAIRSEQ_PYTHON")

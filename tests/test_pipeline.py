@@ -2,7 +2,6 @@
 streaming vs offline units, bad input, back-pressure, session cleanup."""
 
 import asyncio
-import math
 
 import numpy as np
 import pytest

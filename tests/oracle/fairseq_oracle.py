@@ -8,7 +8,6 @@ usage: python fairseq_oracle.py OUT_DIR
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
