@@ -27,7 +27,7 @@ elif [ "$SCALE" = cpu ]; then
   UNIT_ARGS="--dim 128 --layers 3 --heads 4 --ffn 256 --conv-dim 64 --output-layer 3 --steps ${UNIT_STEPS:-2500} --batch-size 8"
   MBART_ARGS="--dim 128 --layers 3 --heads 4 --ffn 512 --epochs ${BB_EPOCHS:-40} --batch-size 16 --patience 4"
   PROMPT_ARGS="--prompt-length 32 --epochs ${PROMPT_EPOCHS:-10} --batch-size 16"
-  VOC_ARGS="--width 64 --steps ${VOC_STEPS:-VOC_STEPS_CPU} --mel-warmup ${VOC_WARMUP:-VOC_WARMUP_CPU} --lr 4e-4 --batch-size 16 --segment-frames 32"
+  VOC_ARGS="--width 64 --steps ${VOC_STEPS:-9000} --mel-warmup ${VOC_WARMUP:-9000} --lr 4e-4 --batch-size 16 --segment-frames 32"
 else
   N_TRAIN=${N_TRAIN:-3000}; N_DEV=${N_DEV:-100}; N_TEST=${N_TEST:-50}; UNITS=${UNITS:-500}
   UNIT_ARGS="--dim 384 --layers 6 --heads 6 --ffn 1536 --conv-dim 256 --output-layer 5 --steps ${UNIT_STEPS:-20000} --batch-size 16"

@@ -31,6 +31,7 @@ def test_wer_cer_bleu_by_hand():
     assert normalize("On Wednesday, 19th of August 1993.") == normalize("on Wednesday nineteenth of August one thousand, nine hundred and ninety-three")
     assert normalize("It's 8:35, 8:00 and 1,250 people, 40%") == "it's eight thirty five eight and one thousand two hundred and fifty people forty percent"
     assert wer(["the meeting starts at eight thirty-five"], ["The meeting starts at 8:35."]) == 0.0
+    assert normalize("at 8.30 sharp") == "at eight thirty sharp"
     assert distinct_ngrams([1, 2, 1, 2, 1, 2], 2) == pytest.approx(2 / 5)
 
 

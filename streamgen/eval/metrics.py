@@ -34,7 +34,7 @@ def average_lagging(delays: list[float], source_len: float, target_len: int | No
     return total / tau
 
 
-_TIME = re.compile(r"\b(\d{1,2}):(\d{2})\b")
+_TIME = re.compile(r"\b(\d{1,2})[:.](\d{2})\b")  # 8:35, and 8.35 as Whisper sometimes writes it
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(st|nd|rd|th)?\b")
 
 
