@@ -182,7 +182,8 @@ def plot(results: dict, path: Path) -> None:
     quality = "asr_bleu" if results["task"] == "translation" else "wer"
     ys = [c[quality] for c in results["chunks"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([x if x is not None else np.nan for x in xs], ys, "o-")
+    line = sorted((x, y) for x, y in zip(xs, ys) if x is not None)  # a frontier left to right, not chunk order
+    ax.plot([x for x, _ in line], [y for _, y in line], "o-")
     for c, x, y in zip(results["chunks"], xs, ys):
         if x is not None:
             ax.annotate(f"{c['chunk_ms']} ms", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
