@@ -78,7 +78,9 @@ B=$OUT/ship
 
 streamgen eval --task resynthesis --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_resynthesis"
 streamgen eval --task resynthesis --manifest "$C/en_test_espeak.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_resynthesis_espeak"
-python bench/units_ceiling.py --bundle "$B" --train "$C/en_train.units.tsv" --test "$C/en_test.tsv" | tee "$OUT/units_ceiling.txt"
+python bench/units_ceiling.py --bundle "$OUT/bundle" --train "$C/en_train.units.tsv" --test "$C/en_test.tsv" --mel-kmeans "$UNITS" \
+  | tee "$OUT/units_ceiling.txt"
+python bench/prompt_vs_full.py --bundle "$B" --runs "$OUT" --pairs "$C" | tee "$OUT/prompt_vs_full.md"
 streamgen eval --task translation --manifest "$C/es2en_test_src.tsv" --references "$C/es2en_test_tgt.tsv" --bundle "$B" \
   --chunk-ms 160,320,640 --out "$OUT/eval_translation"
 streamgen eval --task continuation --manifest "$C/en_test.tsv" --bundle "$B" --chunk-ms 320 --out "$OUT/eval_continuation"
