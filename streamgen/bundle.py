@@ -15,8 +15,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -172,14 +172,14 @@ def part_config(name: str, module: nn.Module) -> dict:
     return vars(module.cfg).copy() if name == "mbart" else module.cfg.to_dict()
 
 
-def _update_meta(path: Path, change) -> None:
-    """Read-modify-write bundle.json under an exclusive lock, replacing the file atomically: jobs that
-    add parts to one bundle at the same time (the recipe trains the vocoder beside the prompts) keep
-    each other's entries, and a reader never sees a half-written file."""
+def _set_meta(path: Path, section: str, name: str, entry: dict) -> None:
+    """bundle.json[section][name] = entry, read-modify-written under an exclusive lock and replaced
+    atomically: jobs that add parts to one bundle at the same time (the recipe trains the vocoder
+    beside the prompts) keep each other's entries, and a reader never sees a half-written file."""
     with open(path / ".bundle.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = json.loads((path / "bundle.json").read_text())
-        change(meta)
+        meta.setdefault(section, {})[name] = entry
         tmp = path / f".bundle.json.{os.getpid()}"
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path / "bundle.json")
@@ -189,7 +189,7 @@ def save_part(path: str | Path, name: str, module: nn.Module) -> None:
     """Write (or replace) one part of a bundle directory, leaving its other files as they are."""
     path = Path(path)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path / f"{name}.safetensors")
-    _update_meta(path, lambda meta: meta.setdefault("parts", {}).__setitem__(name, part_config(name, module)))
+    _set_meta(path, "parts", name, part_config(name, module))
 
 
 def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
@@ -197,8 +197,7 @@ def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
     path = Path(path)
     (path / "prompts").mkdir(exist_ok=True)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in prompt.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
-    entry = {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)}
-    _update_meta(path, lambda meta: meta.setdefault("prompts", {}).__setitem__(name, entry))
+    _set_meta(path, "prompts", name, {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)})
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
