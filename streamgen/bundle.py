@@ -97,7 +97,7 @@ class Bundle:
         lengths = torch.tensor([len(w) for w in waves], device=p.device)
         batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(p.device, p.dtype)
         units = quantizer(hubert(batch, lengths=lengths))  # [B, F]
-        return [dedup(u[:n]) for u, n in zip(units, hubert.frames(lengths).tolist())]
+        return [dedup(u[:n]) for u, n in zip(units, hubert.cfg.num_frames(lengths).tolist())]
 
     def prompt(self, prompt: str | DeepPrompt | None) -> DeepPrompt | None:
         if prompt is None or isinstance(prompt, DeepPrompt):

@@ -86,7 +86,7 @@ def test_padded_batch_equals_each_row_alone(normalize_wave):
     batch[1, 9137:] = float("nan")  # whatever the padding holds
     with torch.no_grad():
         out = enc(batch, lengths=lengths)
-        frames = enc.frames(lengths).tolist()
+        frames = enc.cfg.num_frames(lengths).tolist()
         for w, f, row in zip(waves, frames, out):
             alone = enc(w[None])[0]
             assert alone.shape[0] == f

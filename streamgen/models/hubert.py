@@ -62,11 +62,13 @@ class HubertConfig:
             jump *= s
         return rf
 
-    def num_frames(self, n_samples: int) -> int:
+    def num_frames(self, n_samples: int | Tensor, layers: int | None = None) -> int | Tensor:
+        """Frames out of the conv extractor (or its first `layers` convs) for n samples (an int or
+        a tensor of lengths)."""
         n = n_samples
-        for _, k, s in self.conv_layers:
+        for _, k, s in self.conv_layers[:layers]:
             n = (n - k) // s + 1
-        return max(n, 0)
+        return n.clamp_min(0) if isinstance(n, Tensor) else max(n, 0)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -103,21 +105,21 @@ class ConvFeatureExtractor(nn.Module):
         for i, block in enumerate(self.conv_layers):
             if i == 0 and valid is not None:
                 conv, _, norm, act = block
-                x = act(masked_instance_norm(conv(x), valid[:, None], norm))
+                x = act(_standardize(conv(x), valid[:, None], norm.eps) * norm.weight[:, None] + norm.bias[:, None])
             else:
                 x = block(x)
         return x
 
 
-def masked_instance_norm(x: Tensor, valid: Tensor, norm: nn.GroupNorm) -> Tensor:
-    """GroupNorm with one group per channel, its statistics over the valid frames only.
-    x [B, C, F], valid [B, 1, F] (bool)."""
+def _standardize(x: Tensor, valid: Tensor, eps: float) -> Tensor:
+    """Zero mean, unit variance along the last axis, the statistics over the valid entries only:
+    GroupNorm with a group per channel (x [B, C, F]) or the waveform's layer norm (x [B, T]) on
+    a padded batch. valid: bool, broadcastable to x."""
     m = valid.to(x.dtype)
     n = m.sum(-1, keepdim=True).clamp_min(1)
     mean = (x * m).sum(-1, keepdim=True) / n
     var = ((x - mean) ** 2 * m).sum(-1, keepdim=True) / n
-    y = (x - mean) * torch.rsqrt(var + norm.eps)
-    return y * norm.weight[:, None] + norm.bias[:, None]
+    return (x - mean) * torch.rsqrt(var + eps)
 
 
 class PositionalConv(nn.Module):
@@ -163,25 +165,17 @@ class HubertEncoder(nn.Module):
         self.encoder_layer_norm = nn.LayerNorm(cfg.dim)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
 
-    def frames(self, lengths: Tensor) -> Tensor:
-        """Frames [B] the conv extractor gives for rows of `lengths` samples."""
-        n = lengths
-        for _, k, s in self.cfg.conv_layers:
-            n = torch.div(n - k, s, rounding_mode="floor") + 1
-        return n.clamp_min(0)
-
     def embed(self, wave: Tensor, lengths: Tensor | None = None) -> Tensor:
         """wave [B, T] -> frame embeddings [B, F, d] entering the transformer (where HuBERT training
         replaces masked frames). lengths [B]: valid samples per row of a padded batch."""
         valid = None
         if lengths is not None:
-            T = torch.arange(wave.shape[-1], device=wave.device)
-            wave = torch.where(T[None] < lengths[:, None], wave, 0.0)  # padding holds whatever it holds
-            _, k, s = self.cfg.conv_layers[0]
-            first = torch.div(lengths - k, s, rounding_mode="floor") + 1  # frames of the first conv, per row
-            valid = torch.arange((wave.shape[-1] - k) // s + 1, device=wave.device)[None] < first[:, None]
+            samples = torch.arange(wave.shape[-1], device=wave.device)[None] < lengths[:, None]  # [B, T]
+            wave = torch.where(samples, wave, 0.0)  # padding holds whatever it holds
+            first = self.cfg.num_frames(lengths, layers=1)  # frames of the first conv, per row
+            valid = torch.arange(self.cfg.num_frames(wave.shape[-1], layers=1), device=wave.device)[None] < first[:, None]
         if self.cfg.normalize_wave:
-            wave = F.layer_norm(wave, wave.shape[-1:]) if lengths is None else _masked_layer_norm(wave, lengths)
+            wave = F.layer_norm(wave, wave.shape[-1:]) if lengths is None else _standardize(wave, samples, 1e-5)
         x = self.layer_norm(self.feature_extractor(wave, valid).transpose(1, 2))
         return x if self.post_extract_proj is None else self.post_extract_proj(x)
 
@@ -202,15 +196,7 @@ class HubertEncoder(nn.Module):
 
     def forward(self, wave: Tensor, layer: int | None = None, lengths: Tensor | None = None) -> Tensor:
         """wave [B, T] -> features [B, F, d] of `layer` (default cfg.output_layer). With lengths [B]
-        (a padded batch), row b's first `frames(lengths)[b]` frames equal that row encoded alone."""
-        frames = None if lengths is None else self.frames(lengths)
+        (a padded batch), row b's first `cfg.num_frames(lengths)[b]` frames equal that row encoded alone."""
+        frames = None if lengths is None else self.cfg.num_frames(lengths)
         return self.encode(self.embed(wave, lengths), layer or self.cfg.output_layer, frames)
 
-
-def _masked_layer_norm(wave: Tensor, lengths: Tensor) -> Tensor:
-    """fairseq's waveform normalisation (zero mean, unit variance) over each row's valid samples."""
-    m = (torch.arange(wave.shape[-1], device=wave.device)[None] < lengths[:, None]).to(wave.dtype)
-    n = lengths[:, None].to(wave.dtype)
-    mean = (wave * m).sum(-1, keepdim=True) / n
-    var = ((wave - mean) ** 2 * m).sum(-1, keepdim=True) / n
-    return (wave - mean) * torch.rsqrt(var + 1e-5) * m
