@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from streamgen.bundle import TINY_MBART
+from streamgen.testing import TINY_MBART
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import UNIT_OFFSET, DecoderState, UnitMBart, UnitMBartConfig
 

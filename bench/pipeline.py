@@ -27,7 +27,7 @@ from streamgen.models.kmeans import KMeansQuantizer
 from streamgen.models.unit_mbart import UnitMBart, UnitMBartConfig
 from streamgen.models.vocoder import CodeHiFiGAN, VocoderConfig
 from streamgen.pipeline.runner import Pipeline, build_stages
-from streamgen.pipeline.timing import Stats
+from streamgen.pipeline.stats import Stats
 
 TEXT = ("Good morning everyone. Today we are going to talk about the weather, the trains that run late, "
         "and what all of it means for the weekend ahead of us.")

@@ -10,7 +10,7 @@ from pathlib import Path
 import streamgen
 from streamgen.io.files import FileSink, FileSource
 from streamgen.pipeline.runner import Pipeline, build_stages
-from streamgen.pipeline.timing import Stats
+from streamgen.pipeline.stats import Stats
 
 ap = argparse.ArgumentParser()
 ap.add_argument("inputs", type=Path)

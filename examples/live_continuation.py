@@ -11,7 +11,7 @@ import asyncio
 import streamgen
 from streamgen.io.device import AudioDevice, MicSource, SpeakerSink
 from streamgen.pipeline.runner import Pipeline, build_stages
-from streamgen.pipeline.timing import Stats
+from streamgen.pipeline.stats import Stats
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bundle", help="bundle directory (default: the one shipped with streamgen)")

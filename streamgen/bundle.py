@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .audio import check_wave
 from .models.generation import Sampling, generate
 from .models.hubert import HubertConfig, HubertEncoder
 from .models.kmeans import KMeansQuantizer, dedup
@@ -207,25 +208,6 @@ def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t.contiguous()
 
 
-def check_wave(wave, sample_rate: int, min_samples: int = 1) -> Tensor:
-    """A mono float waveform as a 1-D tensor, or a clear error naming what is wrong with it."""
-    if isinstance(wave, np.ndarray):
-        wave = torch.from_numpy(wave)
-    if not isinstance(wave, Tensor):
-        raise TypeError(f"audio must be a tensor or numpy array, got {type(wave).__name__}")
-    if wave.dim() != 1:
-        raise ValueError(f"audio must be mono [T], got shape {tuple(wave.shape)}")
-    if not wave.is_floating_point():
-        raise ValueError(f"audio must be float samples in [-1, 1], got {wave.dtype}")
-    if wave.numel() == 0:
-        raise ValueError("audio is empty")
-    if not torch.isfinite(wave).all():
-        raise ValueError("audio contains NaN or inf samples")
-    if wave.numel() < min_samples:
-        raise ValueError(f"audio of {wave.numel()} samples is shorter than the {min_samples} ({min_samples / sample_rate * 1000:.0f} ms) one unit needs")
-    return wave.float()
-
-
 def _load_part(path: Path, name: str, module: nn.Module) -> nn.Module:
     file = path / f"{name}.safetensors"
     try:
@@ -290,36 +272,3 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     if not b.modules():
         raise BundleError(f"{meta_file}: the bundle holds no parts")
     return b.to(device, dtype)
-
-
-# Tiny sizes (same code paths as the full models), for tests and examples that need a bundle in a second.
-TINY_HUBERT = HubertConfig(
-    conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2, dim=48, ffn_dim=96, heads=4, layers=2,
-    conv_pos=16, conv_pos_groups=4, output_layer=2,
-)
-TINY_UNITS = 100
-TINY_MBART = UnitMBartConfig(
-    vocab_size=TINY_UNITS + 8, num_units=TINY_UNITS, dim=64, ffn_dim=128, heads=4, encoder_layers=2,
-    decoder_layers=2, max_positions=1024, dropout=0.0, mask_token=TINY_UNITS + 4,
-)
-TINY_VOCODER = VocoderConfig(
-    num_embeddings=TINY_UNITS, embedding_dim=32, model_in_dim=32, upsample_initial_channel=64,
-    resblock_kernel_sizes=(3, 7), resblock_dilation_sizes=((1, 3), (1, 3)),
-    dur_predictor_params=DurationConfig(encoder_embed_dim=32, var_pred_hidden_dim=32),
-)
-
-
-def random_bundle(seed: int = 0) -> Bundle:
-    """A tiny, randomly initialised bundle: exercises every part, generates noise, not speech."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    b = Bundle(
-        hubert=HubertEncoder(TINY_HUBERT),
-        quantizer=KMeansQuantizer(torch.randn(TINY_UNITS, TINY_HUBERT.dim, generator=g)),
-        mbart=UnitMBart(TINY_MBART),
-        vocoder=CodeHiFiGAN(TINY_VOCODER),
-    )
-    for m in b.modules().values():
-        m.eval()
-    b.mbart.requires_grad_(False)
-    return b

@@ -486,7 +486,7 @@ def pack(
 @app.command()
 def tasks():
     """List the installed task plugins."""
-    from .tasks import available_tasks, load_task
+    from .pipeline.tasks import available_tasks, load_task
 
     eps = available_tasks()
     if not eps:
@@ -536,8 +536,8 @@ def run(
 
     from .io import MqttOptions, open_endpoints
     from .pipeline.runner import Pipeline, build_stages
-    from .pipeline.timing import Stats
-    from .tasks import UnknownTask
+    from .pipeline.stats import Stats
+    from .pipeline.tasks import UnknownTask
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = {}

@@ -39,7 +39,7 @@ def lively_mbart() -> UnitMBart:
 def test_bundle():
     """The tiny random bundle, with decoder weights that do not pick </s> at once (an untrained
     N(0, 0.02) decoder ends every sequence immediately), so every task produces audio."""
-    from streamgen.bundle import random_bundle
+    from streamgen.testing import random_bundle
     from streamgen.models.unit_mbart import EOS
 
     b = random_bundle(seed=1)

@@ -7,7 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 import streamgen
-from streamgen.bundle import BundleError, random_bundle
+from streamgen.bundle import BundleError
+from streamgen.testing import random_bundle
 from streamgen.cli import app
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 

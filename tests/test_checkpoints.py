@@ -14,7 +14,7 @@ from sklearn.cluster import MiniBatchKMeans
 from typer.testing import CliRunner
 
 import streamgen
-from streamgen.bundle import TINY_HUBERT, TINY_VOCODER
+from streamgen.testing import TINY_HUBERT, TINY_VOCODER
 from streamgen.cli import app
 from streamgen.models.checkpoints import CheckpointError, parse_conv_layers, read_kmeans, torch_load
 from streamgen.models.hubert import HubertConfig, HubertEncoder

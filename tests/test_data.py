@@ -5,7 +5,7 @@ import filecmp
 import pytest
 import soundfile as sf
 
-from streamgen.bundle import random_bundle
+from streamgen.testing import random_bundle
 from streamgen.train.data import MASK, read_pairs
 from streamgen.train.synth import extract_units, make_pairs, read_manifest, synth
 from streamgen.train.text import EnglishSentences, SpanishEnglishPairs, unique

@@ -13,10 +13,10 @@ from services import Jack
 from speech import espeak
 
 from streamgen.io.device import AudioDevice, DeviceError, MicSource, SpeakerSink
-from streamgen.pipeline.frames import AudioChunk
+from streamgen.pipeline.items import AudioChunk
 from streamgen.pipeline.runner import Pipeline, build_stages
 from streamgen.pipeline.stages import Stage
-from streamgen.pipeline.timing import Stats
+from streamgen.pipeline.stats import Stats
 
 
 class Tap(Stage):

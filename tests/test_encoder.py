@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamgen.bundle import TINY_HUBERT, check_wave, random_bundle
+from streamgen.testing import TINY_HUBERT, random_bundle
+from streamgen.audio import check_wave
 from streamgen.models.hubert import HubertConfig, HubertEncoder
 from streamgen.models.kmeans import KMeansQuantizer, dedup
 

@@ -100,7 +100,7 @@ def test_latency_agrees_with_simuleval_scorers(tmp_path):
     L = pytest.importorskip("simuleval.evaluator.scorers.latency_scorer", reason="simuleval is not installed")
     from simuleval.evaluator.instance import SpeechOutputInstance
 
-    from streamgen.pipeline.timing import SessionStats
+    from streamgen.pipeline.stats import SessionStats
 
     class Instance(SpeechOutputInstance):
         source_length = wav_path = None  # plain values here, not derived from files and arguments
@@ -146,7 +146,7 @@ def test_simuleval_agent_drives_the_same_stages(test_bundle):
     from streamgen.eval.simuleval_agent import StreamgenAgent
     from streamgen.io.memory import MemorySink, MemorySource, chunks_of
     from streamgen.pipeline.runner import Pipeline, build_stages
-    from streamgen.pipeline.timing import Stats
+    from streamgen.pipeline.stats import Stats
 
     wave = espeak("Good morning, how are you today?")
     options = {"policy": "wait-k", "k": "5"}

@@ -14,7 +14,7 @@ from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.io.mqtt import (CONTROL, MqttLink, MqttSink, MqttSource, WireError, decode, encode_audio,
                                encode_control)
 from streamgen.pipeline.runner import Pipeline, build_stages
-from streamgen.pipeline.timing import Stats
+from streamgen.pipeline.stats import Stats
 
 OPTIONS = {"policy": "wait-k", "k": 5, "chunk_ms": 320}
 BLOCK = 320  # 20 ms messages

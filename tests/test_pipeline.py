@@ -11,10 +11,10 @@ from speech import espeak
 
 from streamgen.io.files import FileSink, FileSource
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
-from streamgen.pipeline.frames import AudioChunk, Control, End
+from streamgen.pipeline.items import AudioChunk, Control, End
 from streamgen.pipeline.runner import Pipeline, build_stages
 from streamgen.pipeline.stages import Vocoder
-from streamgen.pipeline.timing import Stats
+from streamgen.pipeline.stats import Stats
 from streamgen.pipeline.units import UnitStream
 
 SENTENCE = "The weather is nice today, and we are going to the park."
@@ -188,7 +188,7 @@ def test_realtime_file_input_is_paced(test_bundle, tmp_path):
 
 
 def test_stats_offsets_follow_simuleval_conventions():
-    from streamgen.pipeline.timing import SessionStats
+    from streamgen.pipeline.stats import SessionStats
 
     s = SessionStats("x", 1000, started_at=10.0, input_samples=2000)  # 2 s of input
     s.outputs = [(500.0, 10.7, 300), (1000.0, 10.9, 300), (2000.0, 12.5, 1000)]  # 0.3 s, 0.3 s, 1 s of output

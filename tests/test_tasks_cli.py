@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from streamgen.cli import app
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
-from streamgen.pipeline.frames import AudioChunk, End
+from streamgen.pipeline.items import AudioChunk, End
 from streamgen.pipeline.runner import Pipeline, build_stages
 from streamgen.pipeline.stages import Chunker, Vad
-from streamgen.pipeline.timing import Stats
-from streamgen.tasks import UnknownTask, available_tasks, load_task
+from streamgen.pipeline.stats import Stats
+from streamgen.pipeline.tasks import UnknownTask, available_tasks, load_task
 
 runner = CliRunner()
 
@@ -31,7 +31,7 @@ def echo_plugin(tmp_path, monkeypatch):
     pkg = tmp_path / "echo_task.py"
     pkg.write_text(textwrap.dedent('''
         from streamgen.pipeline.policies import Policy
-        from streamgen.tasks import TaskPlugin
+        from streamgen.pipeline.tasks import TaskPlugin
 
         class Echo(Policy):
             """Speaks back the source units, `repeat` times each, once the input ends."""

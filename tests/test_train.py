@@ -13,7 +13,7 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 import streamgen
-from streamgen.bundle import random_bundle
+from streamgen.testing import random_bundle
 from streamgen.models.unit_mbart import UnitMBart
 from streamgen.train.data import MASK, Pair, collate, read_pairs, span_mask, write_pairs
 from streamgen.train.loop import TrainConfig, Trainer

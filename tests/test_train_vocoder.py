@@ -5,7 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 import streamgen
-from streamgen.bundle import random_bundle
+from streamgen.testing import random_bundle
 from streamgen.cli import app
 from streamgen.train.synth import extract_units, synth
 from streamgen.train.vocoder import Discriminators, LogMel, VocoderData, VocoderTrainConfig, VocoderTrainer, mel_filterbank, new_vocoder

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from streamgen.bundle import TINY_VOCODER
+from streamgen.testing import TINY_VOCODER
 from streamgen.models.vocoder import CodeHiFiGAN, VocoderStream
 
 

@@ -6,7 +6,7 @@ aware, that plus the wall-clock compute spent until it left the pipeline).
 
 - AL (Average Lagging): tau = first i with d_i >= |X| (else all); gamma = |Y| / |X|;
   AL = (1 / tau) * sum_{i=1..tau} (d_i - (i - 1) / gamma); if d_1 > |X|, AL = d_1.
-- StartOffset / EndOffset: see `streamgen.pipeline.timing` (speech output played in order).
+- StartOffset / EndOffset: see `streamgen.pipeline.stats` (speech output played in order).
 
 Quality: WER and CER (jiwer) and BLEU (sacrebleu) on normalised transcripts.
 """

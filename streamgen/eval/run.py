@@ -18,10 +18,10 @@ import numpy as np
 
 from ..io.files import FileSource, read_audio
 from ..io.memory import MemorySink
-from ..pipeline.frames import Control
+from ..pipeline.items import Control
 from ..pipeline.runner import Pipeline, build_stages
 from ..pipeline.stages import Vocoder
-from ..pipeline.timing import SessionStats, Stats
+from ..pipeline.stats import SessionStats, Stats
 from ..train.synth import read_manifest
 from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, span_words, wer
 

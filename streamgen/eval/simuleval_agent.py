@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from streamgen.pipeline.frames import AudioChunk, AudioOut, Control, End, SessionError
+from streamgen.pipeline.items import AudioChunk, AudioOut, Control, End, SessionError
 from streamgen.pipeline.runner import build_stages
 
 try:

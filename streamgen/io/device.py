@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import torch
 
-from ..pipeline.frames import AudioChunk, AudioOut, End, Item, SessionError
+from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 
 
 class DeviceError(RuntimeError):

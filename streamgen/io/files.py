@@ -19,7 +19,7 @@ import soxr
 import torch
 from torch import Tensor
 
-from ..pipeline.frames import AudioChunk, AudioOut, End, Item, SessionError
+from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 
 
 def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:

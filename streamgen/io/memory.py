@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import torch
 
-from ..pipeline.frames import AudioChunk, AudioOut, End, Item, SessionError
+from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 
 
 class MemorySource:

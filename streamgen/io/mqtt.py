@@ -46,7 +46,7 @@ import numpy as np
 import soxr
 import torch
 
-from ..pipeline.frames import AudioChunk, AudioOut, Control, End, Item, SessionError
+from ..pipeline.items import AudioChunk, AudioOut, Control, End, Item, SessionError
 
 log = logging.getLogger("streamgen.mqtt")
 

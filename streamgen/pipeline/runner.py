@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 
-from ..bundle import check_wave
-from .frames import AudioChunk, AudioOut, End, Item, SessionError
+from ..audio import check_wave
+from .items import AudioChunk, AudioOut, End, Item, SessionError
 from .stages import Stage
-from .timing import Stats
+from .stats import Stats
 
 log = logging.getLogger("streamgen")
 _STOP = object()  # after the source is exhausted: flows through every stage, then ends the run

@@ -17,8 +17,8 @@ from ..bundle import Bundle
 from ..models.generation import Sampling
 from ..models.prompt import DeepPrompt, load_prompt
 from ..models.vocoder import VocoderStream
-from ..tasks import TaskPlugin, load_task
-from .frames import AudioChunk, AudioOut, Control, End, Item, TargetUnits, UnitChunk
+from .tasks import TaskPlugin, load_task
+from .items import AudioChunk, AudioOut, Control, End, Item, TargetUnits, UnitChunk
 from .policies import Policy, UnitDecoder
 from .units import UnitStream
 

@@ -1,7 +1,7 @@
 """Speech continuation: listen, then keep speaking in the same voice and style."""
 
 from streamgen.pipeline.policies import Continuation
-from streamgen.tasks import TaskPlugin
+from streamgen.pipeline.tasks import TaskPlugin
 
 plugin = TaskPlugin(
     name="continuation",

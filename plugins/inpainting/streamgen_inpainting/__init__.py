@@ -1,7 +1,7 @@
 """Speech inpainting: regenerate an utterance with a masked time span filled in."""
 
 from streamgen.pipeline.policies import Inpainting
-from streamgen.tasks import TaskPlugin
+from streamgen.pipeline.tasks import TaskPlugin
 
 plugin = TaskPlugin(
     name="inpainting",

@@ -1,7 +1,7 @@
 """Simultaneous speech-to-speech translation: wait-k or local agreement over units."""
 
 from streamgen.pipeline.policies import LocalAgreement, UnitDecoder, WaitK
-from streamgen.tasks import TaskPlugin
+from streamgen.pipeline.tasks import TaskPlugin
 
 
 def make_policy(decoder: UnitDecoder, policy: str, chunk_ms: int, k: int, ratio: float):

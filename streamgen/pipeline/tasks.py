@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .pipeline.policies import Policy, Resynthesis, UnitDecoder
+from .policies import Policy, Resynthesis, UnitDecoder
 
 GROUP = "streamgen.tasks"
 
