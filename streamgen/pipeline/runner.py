@@ -73,6 +73,17 @@ class Pipeline:
         self.max_chunk = int(MAX_CHUNK_SECONDS * stats.sample_rate)
         stats.algorithmic_ms = {s.name: 1000 * s.wait_s for s in stages if s.wait_s}
         self.failed: set[str] = set()  # sessions rejected at the input
+        self.live: set[str] = set()  # sessions the source opened and has not ended
+        self._stop = asyncio.Event()
+        self.stop_reason = ""
+
+    def request_stop(self, reason: str = "the server is shutting down") -> None:
+        """Stop accepting input (e.g. on SIGTERM): every live session gets a SessionError with
+        `reason` and its End, what is already queued is processed, then `run` returns its stats.
+        Safe to call from a signal handler on the event loop, and more than once."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self._stop.set()
 
     async def run(self) -> Stats:
         loop = asyncio.get_running_loop()
@@ -94,9 +105,39 @@ class Pipeline:
             await self.sink.close()
         return self.stats
 
+    async def _items(self) -> AsyncIterator[Item]:
+        """The source's items until it ends or a stop is requested; then an error and an End for
+        every session still live."""
+        it = self.source.__aiter__()
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(it.__anext__())
+                await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
+                    break
+                try:
+                    yield nxt.result()
+                except StopAsyncIteration:
+                    break
+        finally:
+            stop.cancel()
+            if hasattr(it, "aclose"):
+                await it.aclose()
+        if self._stop.is_set():
+            for s in sorted(self.live):
+                yield SessionError(s, self.stop_reason)
+                yield End(s, self.stats.session(s).input_samples, time.monotonic())
+
     async def _feed(self, q: InputQueue) -> None:
-        async for item in self.source:
+        async for item in self._items():
             s = item.session
+            if isinstance(item, End):
+                self.live.discard(s)
+            else:
+                self.live.add(s)
             if isinstance(item, AudioChunk):
                 if s in self.failed:
                     continue
