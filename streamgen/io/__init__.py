@@ -78,6 +78,8 @@ def open_endpoints(src: str, dst: str, sample_rate: int, *, realtime: bool = Fal
 
         link, topic = get_link(dst)
         sink = MqttSink(link, topic, sample_rate)
+        if src.startswith(("mqtt://", "mqtts://")):
+            source.reply_topic = topic  # refusals of sessions the pipeline never saw, and server errors
     else:
         sink = FileSink(dst, sample_rate)
     return source, sink
