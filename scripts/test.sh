@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use: the MQTT broker, the JACK audio server and PortAudio, offline TTS.
-APT_PACKAGES=(mosquitto jackd2 libportaudio2 espeak-ng)
+# Debian packages the tests use: the MQTT broker, the JACK audio server and PortAudio, offline TTS,
+# headless Chromium and its driver (the serve page test).
+APT_PACKAGES=(mosquitto jackd2 libportaudio2 espeak-ng chromium chromium-driver)
 need=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if ((${#need[@]})); then
@@ -18,7 +19,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first: 2.13.0 is a CPU build on local disk; the project's torch>=2.4 range then installs nothing more
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,audio,mqtt,vad,eval,data]" ./plugins/*
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,audio,mqtt,serve,vad,eval,data]" ./plugins/*
 
 if [ "${STREAMGEN_ORACLE:-1}" = 1 ]; then
   # fairseq as a reference oracle only, in its own venv: it pins torchaudio 2.11, which does not load

@@ -580,5 +580,10 @@ def run(
     raise typer.Exit(1 if errors else 0)
 
 
+from .serve.command import serve as _serve  # noqa: E402  (its heavy imports happen when it runs)
+
+app.command(name="serve")(_serve)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,2 @@
+"""`streamgen serve`: the engine behind a web page, a WebSocket endpoint, /metrics, and MQTT workers
+that share sessions over a broker (see README.md, "Serving")."""

@@ -1,0 +1,299 @@
+"""The HTTP side of `streamgen serve` (Starlette): the page, the WebSocket endpoint, /metrics, /healthz.
+
+WebSocket protocol (`/ws`), one live session at a time per connection:
+
+    in   text    {"type": "start", "task": "continuation", "options": {...}, "sample_rate": 48000}
+         binary  PCM16 little-endian mono audio at the start message's sample rate
+         text    {"type": "stop"}                      end of input: the session flushes, then ends
+    out  text    {"type": "started", "session": ID, "task": ..., "sample_rate": 16000}
+         binary  PCM16 little-endian mono audio at the "started" sample rate
+         text    {"type": "stats", ...}                live figures (first_audio_ms, lag_ms, ...), and a final one
+         text    {"type": "error", "message": ...}
+         text    {"type": "end"}                       after the session's last message; a new start may follow
+
+Session ids are made by the server, so a connection reaches only the sessions it opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from urllib.parse import urlparse
+
+import numpy as np
+import soxr
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..pipeline.items import AudioChunk, Control, End
+from ..pipeline.tasks import available_tasks, load_task
+from .hub import Hub
+
+MIN_RATE, MAX_RATE = 8000, 192000  # as the MQTT wire format
+MAX_CONTROL_BYTES = 4096
+PAGE = resources.files("streamgen.serve") / "page"
+CSP = "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; img-src 'self' data:"
+
+
+@dataclass
+class HttpOptions:
+    default_task: str = "continuation"
+    default_options: dict = field(default_factory=dict)
+    token: str | None = None  # bearer token for /ws and /metrics; None: open
+    allow_origins: tuple[str, ...] = ()  # WebSocket Origins allowed besides the server's own
+    max_frame_bytes: int = 65536  # one binary (audio) frame
+    max_sessions_per_connection: int = 64  # sessions one connection may open, one at a time
+    send_buffer: int = 2048  # messages queued for a client before it counts as not reading
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def _token_ok(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def bearer(headers) -> str | None:
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+class WsConnection:
+    """One WebSocket client: its input goes to the hub, its sessions' output comes back here."""
+
+    def __init__(self, ws: WebSocket, hub: Hub, opts: HttpOptions):
+        self.ws, self.hub, self.opts = ws, hub, opts
+        self.rate = hub.stats.sample_rate
+        self.prefix = secrets.token_hex(6)
+        self.opened = 0
+        self.current: str | None = None  # the session whose input is open
+        self.running: str | None = None  # the session started here that the engine has not ended
+        self.seq = self.pos = 0
+        self.in_rate = self.rate
+        self.resampler = None
+        self.out: asyncio.Queue = asyncio.Queue(opts.send_buffer)
+        self.overflow = asyncio.Event()
+
+    # Route (called by the hub; never blocks)
+    def audio(self, session: str, samples: torch.Tensor) -> None:
+        self._send((np.clip(samples.numpy(), -1, 1) * 32767).astype("<i2").tobytes())
+
+    def control(self, session: str, body: dict) -> None:
+        self._send(json.dumps(body))
+
+    def ended(self, session: str) -> None:
+        if self.running == session:
+            self.running = None
+        if self.current == session:
+            self.current = None
+
+    def _send(self, msg: bytes | str) -> None:
+        try:
+            self.out.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.overflow.set()
+
+    async def run(self) -> None:
+        tasks = [asyncio.ensure_future(c) for c in (self._receive(), self._write(), self.overflow.wait())]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self.current is not None:
+            await self.hub.abort(self.current, "the client disconnected")
+        if self.running is not None:
+            self.hub.detach(self.running)
+        if tasks[2] in done:
+            await self.ws.close(code=1008, reason="the client did not read its output fast enough")
+
+    async def flush(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.out.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                msg = await self.out.get()
+                if isinstance(msg, bytes):
+                    await self.ws.send_bytes(msg)
+                else:
+                    await self.ws.send_text(msg)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the client went away; the receive side ends the session
+
+    async def _receive(self) -> None:
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            try:
+                if msg.get("bytes") is not None:
+                    await self._audio(msg["bytes"])
+                elif msg.get("text") is not None:
+                    await self._control(msg["text"])
+            except ProtocolError as e:
+                self.hub.metrics.protocol_errors.labels(via="ws").inc()
+                if self.current is not None:  # its input stream is broken: end the session with the error
+                    await self.hub.abort(self.current, str(e))
+                else:
+                    self.control("", {"type": "error", "message": str(e)})
+
+    async def _control(self, text: str) -> None:
+        size = len(text.encode())
+        if size > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"control message of {size} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProtocolError(f"control message is not valid JSON ({e})") from None
+        if not isinstance(body, dict) or not isinstance(body.get("type"), str):
+            raise ProtocolError('a control message must be a JSON object with a "type" ("start" or "stop")')
+        if body["type"] == "start":
+            why = self._refusal(body)
+            if why is not None:  # answered alone: a running session is not touched
+                self.control("", {"type": "error", "message": why})
+                return
+            await self._start(body)
+        elif body["type"] == "stop":
+            await self._stop()
+        else:
+            raise ProtocolError(f'unknown control message type {body["type"]!r}; expected "start" or "stop"')
+
+    def _refusal(self, body: dict) -> str | None:
+        """Why a start message cannot begin a session, or None."""
+        if self.running is not None:
+            self.hub.metrics.protocol_errors.labels(via="ws").inc()
+            return "a session is already running on this connection: send stop and wait for its end, then start again"
+        task, options, rate = body.get("task"), body.get("options", {}), body.get("sample_rate", self.rate)
+        why = None
+        if task is not None and not isinstance(task, str):
+            why = '"task" must be a task name (see /tasks)'
+        elif not isinstance(options, dict):
+            why = '"options" must be a JSON object of option names to values'
+        elif not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+            why = f'"sample_rate" must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}'
+        else:
+            try:
+                load_task(task or self.opts.default_task).resolve_options(options if task else {**self.opts.default_options, **options})
+            except ValueError as e:
+                why = str(e)
+        if why is not None:
+            self.hub.metrics.protocol_errors.labels(via="ws").inc()
+            return why
+        if self.opened >= self.opts.max_sessions_per_connection:
+            self.hub.metrics.refused.labels(reason="connection_limit").inc()
+            return f"this connection has opened its limit of {self.opts.max_sessions_per_connection} sessions; open a new connection"
+        return None
+
+    async def _start(self, body: dict) -> None:
+        task = body.get("task") or self.opts.default_task
+        options = body.get("options", {}) if body.get("task") else {**self.opts.default_options, **body.get("options", {})}
+        session = f"{self.prefix}-{self.opened}"
+        why = self.hub.open(session, self, "ws")
+        if why is not None:
+            self.control("", {"type": "error", "message": why})
+            return
+        self.opened += 1
+        self.current = self.running = session
+        self.seq = self.pos = 0
+        self.in_rate = body.get("sample_rate", self.rate)
+        self.resampler = soxr.ResampleStream(self.in_rate, self.rate, 1, dtype="float32", quality="HQ") if self.in_rate != self.rate else None
+        self.control(session, {"type": "started", "session": session, "task": task, "sample_rate": self.rate})
+        await self.hub.put(Control(session, "start", task, options))
+
+    async def _stop(self) -> None:
+        if self.current is None:
+            raise ProtocolError("stop without a live session on this connection")
+        if self.resampler is not None:
+            await self._put_audio(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        await self.hub.put(End(self.current, self.pos, time.monotonic()))
+        self.current = None
+
+    async def _audio(self, data: bytes) -> None:
+        if self.current is None:
+            raise ProtocolError('audio before start: send {"type": "start", ...} first' if self.running is None
+                                else "audio after stop: wait for the end of this session, then start another")
+        if len(data) > self.opts.max_frame_bytes:
+            raise ProtocolError(f"audio frame of {len(data)} bytes exceeds the limit of {self.opts.max_frame_bytes} bytes "
+                                f"({self.opts.max_frame_bytes / 2 / self.in_rate:.2f} s at {self.in_rate} Hz); send smaller frames")
+        if not data or len(data) % 2:
+            raise ProtocolError(f"audio frame of {len(data)} bytes is not a whole number of PCM16 samples")
+        x = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+        await self._put_audio(x if self.resampler is None else self.resampler.resample_chunk(x))
+
+    async def _put_audio(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        await self.hub.put(AudioChunk(self.current, self.seq, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.pos, time.monotonic()))
+        self.seq += 1
+        self.pos += len(x)
+
+
+def build_app(hub: Hub, opts: HttpOptions) -> Starlette:
+    connections: set[WsConnection] = set()
+
+    def origin_ok(ws: WebSocket) -> bool:
+        origin = ws.headers.get("origin")
+        return origin is None or urlparse(origin).netloc == ws.headers.get("host") or origin in opts.allow_origins
+
+    async def ws_endpoint(ws: WebSocket) -> None:
+        offered = ws.scope.get("subprotocols", [])
+        if opts.token is not None:
+            given = bearer(ws.headers) or next((p[len("streamgen.token."):] for p in offered if p.startswith("streamgen.token.")), None)
+            if not _token_ok(given, opts.token):
+                await ws.close(code=1008)  # before accept: the handshake gets HTTP 403
+                return
+        if not origin_ok(ws):
+            await ws.close(code=1008)
+            return
+        await ws.accept(subprotocol="streamgen" if "streamgen" in offered else None)
+        conn = WsConnection(ws, hub, opts)
+        connections.add(conn)
+        hub.metrics.connections.inc()
+        try:
+            await conn.run()
+        finally:
+            connections.discard(conn)
+            hub.metrics.connections.dec()
+
+    async def metrics(request: Request) -> Response:
+        if opts.token is not None and not _token_ok(bearer(request.headers), opts.token):
+            return Response("a bearer token is required\n", 401, {"WWW-Authenticate": "Bearer"})
+        return Response(hub.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def healthz(request: Request) -> Response:
+        body = {"status": "ok" if hub.accepting else "draining", "live_sessions": len(hub.sessions),
+                "max_sessions": hub.max_sessions}
+        return JSONResponse(body, 200 if hub.accepting else 503)
+
+    async def tasks(request: Request) -> Response:
+        out = []
+        for name in sorted(available_tasks()):
+            try:
+                p = load_task(name)
+            except Exception:  # a broken plugin is left out of the picker
+                continue
+            out.append({"name": name, "description": p.description, "options": p.options})
+        return JSONResponse({"default": opts.default_task, "tasks": out, "auth": opts.token is not None})
+
+    async def index(request: Request) -> Response:
+        return FileResponse(PAGE / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+
+    app = Starlette(routes=[
+        Route("/", index), Route("/tasks", tasks), Route("/metrics", metrics), Route("/healthz", healthz),
+        WebSocketRoute("/ws", ws_endpoint), Mount("/static", StaticFiles(directory=str(PAGE)), name="static"),
+    ])
+    app.state.connections = connections
+    return app
