@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -14,15 +16,66 @@ import typer
 from .bundle import Bundle, BundleError, load_bundle
 from .models.checkpoints import CheckpointError
 from .models.prompt import count_parameters
+from .pipeline.stats import figures_help
 
-app = typer.Typer(help="Streaming speech generation with prompt-tuned speech language models.", no_args_is_help=True)
+DEBUG = os.environ.get("STREAMGEN_DEBUG", "") not in ("", "0")
+
+
+class App(typer.Typer):
+    """The command line: a failure nobody foresaw is one line (exit code 1), with its traceback
+    only under `--debug`."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as e:
+            if DEBUG:
+                raise
+            typer.secho(f"error: {type(e).__name__}: {e} (streamgen --debug ... shows where)", fg=typer.colors.RED, err=True)
+            sys.exit(1)
+
+
+app = App(help="Streaming speech generation with prompt-tuned speech language models.", no_args_is_help=True,
+          pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(DEBUG, "--debug", help="Show tracebacks and debug logs (also STREAMGEN_DEBUG=1).")):
+    """Streaming speech generation with prompt-tuned speech language models. Mistakes in a command
+    exit with code 2, failures while it runs with 1."""
+    global DEBUG
+    DEBUG = debug
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def fail(msg: str) -> None:
+def fail(msg: str, code: int = 2) -> None:
+    """One line on standard error and the exit code: 2 for a mistake in the command, 1 for a failure while running."""
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    """Warnings and errors as one line each; debug logs and tracebacks only under --debug."""
+    import logging
+
+    class OneLine(logging.Formatter):
+        def formatException(self, ei) -> str:
+            return f"{ei[0].__name__}: {ei[1]}"
+
+        def format(self, record: logging.LogRecord) -> str:
+            record.exc_text = None
+            text = super().format(record)
+            return text.replace("\n", " | ") if not DEBUG else text
+
+    class Stderr(logging.StreamHandler):  # whatever sys.stderr is when a record comes (test runners swap it)
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    handler = Stderr()
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt) if DEBUG else OneLine(fmt))
+    logging.basicConfig(level=logging.DEBUG if DEBUG else logging.WARNING, handlers=[handler], force=True)
 
 
 def open_bundle(path: Path | None, device: str) -> Bundle:
@@ -101,19 +154,20 @@ def convert(
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="A bundle directory.")):
+def info(path: Optional[Path] = typer.Argument(None, help="A bundle directory (default: the one shipped with streamgen).")):
     """Show what a bundle holds: parts, parameter counts, dtype, file sizes."""
-    try:
-        b = load_bundle(path)
-    except BundleError as e:
-        fail(str(e))
+    from .bundle import default_bundle_path
+
+    shipped = path is None
+    b = open_bundle(path, "cpu")
+    path = path or default_bundle_path()
     raw = {}
     from safetensors import safe_open
 
     for name in b.modules():
         with safe_open(str(path / f"{name}.safetensors"), "pt") as f:
             raw[name] = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
-    typer.echo(f"bundle {path}  (sample rate {b.sample_rate} Hz)")
+    typer.echo(f"bundle {path}{'  (the default bundle shipped with streamgen)' if shipped else ''}  (sample rate {b.sample_rate} Hz)")
     typer.echo(f"{'part':<9} {'parameters':>12} {'dtype':>10} {'size':>10}  details")
     for name, m in b.modules().items():
         size = (path / f"{name}.safetensors").stat().st_size
@@ -145,10 +199,18 @@ def demo(
 ):
     """Continue a sample utterance offline and write the result with timing figures."""
     from .io.files import read_audio, write_audio
-    from .models.vocoder import VocoderStream
+    from .pipeline.streams import VocoderStream
 
-    b = open_bundle(bundle, "cpu")
+    from .options import UsageError, check_audio_file, check_output_file, in_range
+
     src = input or Path(str(resources.files("streamgen") / "assets" / "sample.wav"))
+    try:
+        check_audio_file(src)
+        check_output_file(out)
+        in_range("--max-units", max_units, 1, None)
+    except UsageError as e:
+        fail(str(e))
+    b = open_bundle(bundle, "cpu")
     try:
         wave = read_audio(src, b.sample_rate)
         t0 = time.perf_counter()
@@ -500,7 +562,7 @@ def tasks():
             typer.echo(f"{name:<14} (fails to load: {type(e).__name__}: {e})")
 
 
-@app.command()
+@app.command(epilog=figures_help())
 def run(
     input: str = typer.Option(..., "--in", help="PATH, mic, - (raw PCM16 stdin) or mqtt://host:port/topic."),
     output: str = typer.Option(..., "--out", help="PATH, speaker, - (raw PCM16 stdout) or mqtt://host:port/topic."),
@@ -526,32 +588,53 @@ def run(
     qos: int = typer.Option(1, help="MQTT QoS for input and output."),
     client_id: Optional[str] = typer.Option(None, help="MQTT client id (stable ids keep the broker session)."),
     sessions: Optional[int] = typer.Option(None, help="MQTT: exit after this many sessions have ended."),
-    stats: bool = typer.Option(False, "--stats", help="Print a latency / speed summary per session."),
+    stats: bool = typer.Option(False, "--stats", help="Print each session's figures as it ends (defined below)."),
     stats_json: Optional[Path] = typer.Option(None, help="Write JSON lines (per stage item and per session)."),
     seed: int = typer.Option(0),
+    allow_silence: bool = typer.Option(False, help="Run the task on an input file with no speech in it (by default: say so, write nothing)."),
 ):
     """Run a task on live or recorded speech, chunk by chunk."""
     import asyncio
-    import logging
 
     from .io import MqttOptions, open_endpoints
+    from .options import RATES, StreamSettings, UsageError, check_device, check_input_spec, check_output_spec, check_task, \
+        check_writable, in_range, parse_kv
     from .pipeline.runner import Pipeline, build_stages
     from .pipeline.stats import Stats
     from .pipeline.tasks import UnknownTask
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    options = {}
-    for kv in opt:
-        if "=" not in kv:
-            fail(f"--opt {kv!r}: expected KEY=VALUE")
-        k, v = kv.split("=", 1)
-        options[k] = v
+    _setup_logging()
+    settings = StreamSettings(chunk_ms, left_context_ms, lookahead_ms, vocoder_lookahead, queue_size, overflow)
+    try:  # everything the user typed, before any audio is read
+        options = parse_kv(opt)
+        settings.check()
+        in_range("--rate", rate, *RATES, "Hz")
+        in_range("--qos", qos, 0, 2)
+        if duration is not None:
+            in_range("--duration", duration, 0.1, None, "s")
+        if sessions is not None:
+            in_range("--sessions", sessions, 1, None)
+        check_device(device)
+        input_file = check_input_spec(input, vad=vad)
+        check_output_spec(output)
+        if stats_json is not None:
+            check_writable(stats_json, "--stats-json")
+    except UsageError as e:
+        fail(str(e))
     b = open_bundle(bundle, device)
     sr = b.sample_rate
     try:
-        stages = build_stages(b, task, options, chunk_ms=chunk_ms, left_context_ms=None if left_context_ms < 0 else left_context_ms,
-                              lookahead_ms=None if lookahead_ms < 0 else lookahead_ms,
-                              vocoder_lookahead=None if vocoder_lookahead < 0 else vocoder_lookahead, vad=vad, seed=seed)
+        check_task(task, options, input_file.seconds if input_file else None, b)
+    except UsageError as e:
+        fail(str(e))
+    if input_file and not allow_silence:
+        from .io.files import file_has_speech
+
+        if not file_has_speech(input_file.path):
+            fail(f"{input}: no speech in its {input_file.seconds:.1f} s of audio, so task {task!r} has nothing to work on; "
+                 "nothing written (--allow-silence runs it anyway)", code=1)
+    try:
+        stages = build_stages(b, task, options, **settings.stage_args(), vad=vad, seed=seed)
         dev = lambda d: int(d) if d is not None and d.isdigit() else d
         source, sink = open_endpoints(
             input, output, sr, realtime=realtime, input_device=dev(input_device), output_device=dev(output_device),
@@ -562,18 +645,24 @@ def run(
         fail(str(e))
     log_file = open(stats_json, "w") if stats_json else None
     st = Stats(sr, log_file)
+    if stats:  # each session's table as it ends
+        st.on_session = lambda s: typer.echo(st.report(s.session), err=output == "-")
     pipeline = Pipeline(source, stages, sink, st, queue_size=queue_size, overflow=overflow)
     try:
         asyncio.run(pipeline.run())
     except KeyboardInterrupt:
         pass
     except Exception as e:  # device errors and the like, named
-        fail(f"{type(e).__name__}: {e}")
+        if DEBUG:
+            raise
+        fail(f"{type(e).__name__}: {e}", code=1)
     finally:
         if log_file:
             log_file.close()
     if stats:
-        typer.echo(st.table(), err=output == "-")
+        for n, s in st.sessions.items():
+            if not s.closed:  # not reported as it ended (interrupted, or failed before its end)
+                typer.echo(st.report(n), err=output == "-")
     errors = {n: s.error for n, s in st.sessions.items() if s.error}
     for n, msg in errors.items():
         typer.secho(f"session {n}: {msg}", fg=typer.colors.RED, err=True)

@@ -19,6 +19,7 @@ import soxr
 import torch
 from torch import Tensor
 
+from ..audio import SpeechGate
 from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 
 
@@ -28,8 +29,22 @@ def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return soxr.resample(wave, rate_in, rate_out, quality="HQ").astype(np.float32)
 
 
+def audio_info(path: str | Path):
+    """soundfile's header info of an audio file, or a ValueError that says what the path is instead."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory; give an audio file (WAV, FLAC, OGG)")
+    try:
+        return sf.info(str(p))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise ValueError(f"{p}: cannot read audio ({e}); give a WAV, FLAC or OGG file") from None
+
+
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:
     """Mono float32 [T] at `sample_rate` from a WAV/FLAC/OGG file."""
+    audio_info(path)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
@@ -38,12 +53,21 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
 
 
 def write_audio(path: str | Path, wave: Tensor | np.ndarray, sample_rate: int) -> Path:
-    """Write mono audio (PCM16 WAV, or FLAC by extension)."""
+    """Write mono audio (PCM16 WAV, or FLAC by extension) into an existing directory."""
     wave = wave.detach().cpu().float().numpy() if isinstance(wave, Tensor) else np.asarray(wave, np.float32)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16")
-    return path
+    return Path(path)
+
+
+def file_has_speech(path: str | Path, block_s: float = 1.0) -> bool:
+    """Whether an audio file carries speech (`SpeechGate`, at the file's own rate); reads only up
+    to the first speech."""
+    info = audio_info(path)
+    gate = SpeechGate(info.samplerate)
+    for block in sf.blocks(str(path), blocksize=max(1, int(block_s * info.samplerate)), dtype="float32", always_2d=True):
+        if gate.push(block.mean(axis=1)):
+            return True
+    return False
 
 
 class FileSource:
@@ -52,10 +76,7 @@ class FileSource:
     def __init__(self, path: str | Path, sample_rate: int, session: str = "file", block_ms: int = 20, realtime: bool = False):
         self.path, self.rate, self.session = Path(path), sample_rate, session
         self.block_ms, self.realtime = block_ms, realtime
-        try:
-            self.info = sf.info(str(self.path))
-        except (sf.LibsndfileError, RuntimeError) as e:
-            raise ValueError(f"{path}: cannot read audio: {e}") from None
+        self.info = audio_info(self.path)
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         rs = soxr.ResampleStream(self.info.samplerate, self.rate, 1, dtype="float32", quality="HQ")
@@ -79,7 +100,8 @@ class FileSource:
 
 class FileSink:
     """Writes each session's generated audio as it arrives (one file; `{session}` in the path
-    gives one file per session)."""
+    gives one file per session). A file is created with its first audio: a session that produced
+    nothing leaves no file. Directories are not created."""
 
     def __init__(self, path: str | Path, sample_rate: int):
         self.path, self.rate = str(path), sample_rate
@@ -90,7 +112,6 @@ class FileSink:
     def _file(self, session: str) -> sf.SoundFile:
         if session not in self.files:
             path = Path(self.path.replace("{session}", session))
-            path.parent.mkdir(parents=True, exist_ok=True)
             self.files[session] = sf.SoundFile(str(path), "w", self.rate, 1, subtype="PCM_16")
             self.written[session] = 0
         return self.files[session]
@@ -100,7 +121,9 @@ class FileSink:
             self._file(item.session).write(np.clip(item.samples.numpy(), -1.0, 1.0))
             self.written[item.session] += item.samples.numel()
         elif isinstance(item, End):
-            self._file(item.session).close()
+            f = self.files.get(item.session)
+            if f is not None:
+                f.close()
         elif isinstance(item, SessionError):
             self.errors[item.session] = item.message
 

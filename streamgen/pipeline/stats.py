@@ -1,25 +1,56 @@
 """Latency and speed figures, per stage item and per session.
 
-Per output chunk, its *ideal delay* is the input audio (ms) that had been read when its units were
-committed; its *compute-aware delay* is the wall time from the session's first captured sample to
-the moment the chunk left the pipeline. Per session (SimulEval's speech-output conventions):
+Each output chunk has two delays: its *ideal delay*, the input audio (ms) that had been read when its
+units were committed (what a model with instant compute would have waited for), and its
+*compute-aware delay*, the wall time from the session's first captured sample to the moment the
+chunk left the pipeline. Per session (`FIGURES` defines each one; `streamgen run --help` and the
+README repeat them):
 
-- StartOffset: the first chunk's delay.
+- StartOffset: the first output chunk's delay (SimulEval's StartOffset).
 - EndOffset: play the chunks in order, each starting at max(its delay, end of the previous one);
-  the end of the last one minus the input duration.
-- first audio: wall time from the first captured sample (and from the end of input) to the first output.
+  the end of the last one minus the moment the input ended. Ideal: minus the input's duration
+  (SimulEval's EndOffset). Compute-aware: minus the wall time at which the input ended, so a file
+  read faster than real time is not credited with audio it never waited for. Either is negative
+  only when the output had finished before the input did (e.g. a translation that ended during
+  a long trailing pause).
+- first audio after input end: wall time from the end of input to the first output (negative when
+  the output started while the talker was still talking).
 - RTF: compute time summed over stages / input duration.
 
-Per stage item (JSON log): compute time, time since its audio was captured, and the stage's
+Per stage item (JSON lines): compute time, time since its audio was captured, and the stage's
 algorithmic latency (the audio it must wait for: a chunk, the encoder's look-ahead, the vocoder's).
+The session's JSON line and its table come from `close_session`, which the pipeline calls once every
+stage has flushed the session (its last compute counted, its last audio in the sink).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
+
+# (summary key, name in the table, unit, definition)
+FIGURES = [
+    ("input_s", "input", "s", "audio read from the source"),
+    ("output_s", "output", "s", "audio generated"),
+    ("start_offset_ms", "StartOffset", "ms", "input read when the first output chunk was committed (ideal: instant compute)"),
+    ("end_offset_ms", "EndOffset", "ms", "end of the output played back-to-back from its ideal delays, minus the input's duration; negative only if the output had finished before the input did"),
+    ("start_offset_ca_ms", "StartOffset, compute-aware", "ms", "wall time from the first input sample to the first output chunk (first audio)"),
+    ("end_offset_ca_ms", "EndOffset, compute-aware", "ms", "the same with wall-clock delays, minus the wall time at which the input ended (a file read faster than real time ends early)"),
+    ("first_audio_after_input_ms", "first audio after input end", "ms", "wall time from the end of input to the first output chunk; negative: it started while input was still arriving"),
+    ("rtf", "real-time factor", "x", "compute time of all stages / input duration (below 1: faster than real time)"),
+    ("dropped_chunks", "dropped input chunks", "", "input chunks dropped because the pipeline fell behind (--overflow drop-oldest)"),
+]
+
+
+def figures_help() -> str:
+    """The figures of the session table, defined, for `--help` and documentation."""
+    lines = [f"{name} ({unit}): {what}." if unit else f"{name}: {what}." for _, name, unit, what in FIGURES]
+    lines.append("compute, STAGE (ms): compute time of that stage for the session.")
+    lines.append("algorithmic latency, STAGE (ms): audio the stage waits for before it can emit (the task policy waits on top).")
+    return "Figures of --stats: " + "\n\n".join(lines)
 
 
 @dataclass
@@ -33,20 +64,23 @@ class SessionStats:
     compute: dict[str, float] = field(default_factory=dict)  # seconds per stage
     dropped_chunks: int = 0
     error: str | None = None
+    closed: bool = False  # every stage has flushed it; its JSON line is written
 
-    def offsets(self, delays_ms: list[float]) -> tuple[float, float]:
+    def end_of_playback(self, delays_ms: list[float]) -> float:
+        """Where the last chunk ends when each chunk starts at max(its delay, end of the previous one)."""
         end = 0.0
         for d, (_, _, n) in zip(delays_ms, self.outputs):
             end = max(d, end) + 1000 * n / self.sample_rate
-        return delays_ms[0], end - 1000 * self.input_samples / self.sample_rate
+        return end
 
     def summary(self) -> dict:
+        input_ms = 1000 * self.input_samples / self.sample_rate
         out = {
             "session": self.session,
-            "input_s": round(self.input_samples / self.sample_rate, 3),
+            "input_s": round(input_ms / 1000, 3),
             "output_s": round(sum(n for *_, n in self.outputs) / self.sample_rate, 3),
             "compute_ms": {k: round(1000 * v, 1) for k, v in self.compute.items()},
-            "rtf": round(sum(self.compute.values()) / max(self.input_samples / self.sample_rate, 1e-9), 4),
+            "rtf": round(sum(self.compute.values()) / max(input_ms / 1000, 1e-9), 4),
             "dropped_chunks": self.dropped_chunks,
         }
         if self.error:
@@ -54,21 +88,39 @@ class SessionStats:
         if self.outputs and self.started_at is not None:
             ideal = [d for d, _, _ in self.outputs]
             aware = [1000 * (t - self.started_at) for _, t, _ in self.outputs]
-            out["start_offset_ms"], out["end_offset_ms"] = (round(x, 1) for x in self.offsets(ideal))
-            out["start_offset_ca_ms"], out["end_offset_ca_ms"] = (round(x, 1) for x in self.offsets(aware))
-            out["first_audio_ms"] = round(aware[0], 1)
+            input_ended_ms = input_ms if self.input_end_at is None else 1000 * (self.input_end_at - self.started_at)
+            out["start_offset_ms"] = round(ideal[0], 1)
+            out["end_offset_ms"] = round(self.end_of_playback(ideal) - input_ms, 1)
+            out["start_offset_ca_ms"] = out["first_audio_ms"] = round(aware[0], 1)
+            out["end_offset_ca_ms"] = round(self.end_of_playback(aware) - input_ended_ms, 1)
             if self.input_end_at is not None:
                 out["first_audio_after_input_ms"] = round(1000 * (self.outputs[0][1] - self.input_end_at), 1)
         return out
 
 
-class Stats:
-    """Collects figures for every session; optionally writes JSON lines (one per event) for tools."""
+def session_table(summary: dict, algorithmic_ms: dict[str, float] | None = None) -> str:
+    """One session's figures in rows: figure, value, unit."""
+    rows = [(name, summary[key], unit) for key, name, unit, _ in FIGURES if key in summary]
+    rows += [(f"compute, {stage}", ms, "ms") for stage, ms in summary["compute_ms"].items()]
+    rows += [(f"algorithmic latency, {stage}", round(ms, 1), "ms") for stage, ms in (algorithmic_ms or {}).items()]
+    if "start_offset_ms" not in summary:
+        rows.append(("latency", "-", "no output"))
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(str(r[1])) for r in rows)
+    lines = [f"session {summary['session']}" + (f"  ERROR: {summary['error']}" if "error" in summary else "")]
+    lines += [f"  {name:<{width}}  {str(value):>{vwidth}}  {unit}".rstrip() for name, value, unit in rows]
+    return "\n".join(lines)
 
-    def __init__(self, sample_rate: int, json_log: IO[str] | None = None):
+
+class Stats:
+    """Collects figures for every session; optionally writes JSON lines (one per event) for tools and
+    hands each session's figures to `on_session` as it ends."""
+
+    def __init__(self, sample_rate: int, json_log: IO[str] | None = None, on_session: Callable[[SessionStats], None] | None = None):
         self.sample_rate = sample_rate
         self.sessions: dict[str, SessionStats] = {}
         self.json_log = json_log
+        self.on_session = on_session
         self.algorithmic_ms: dict[str, float] = {}  # per stage: audio it waits for (set by the pipeline)
 
     def session(self, name: str) -> SessionStats:
@@ -81,17 +133,22 @@ class Stats:
             self.json_log.write(json.dumps({"t": round(time.monotonic(), 6), **fields}) + "\n")
             self.json_log.flush()
 
+    def close_session(self, name: str) -> dict:
+        """The session is over in every stage (compute counted, last audio delivered): write its JSON
+        line, hand it to `on_session`, return its summary. Once per session."""
+        st = self.session(name)
+        summary = st.summary()
+        if not st.closed:
+            st.closed = True
+            self.event(event="session", **summary)
+            if self.on_session is not None:
+                self.on_session(st)
+        return summary
+
+    def report(self, name: str) -> str:
+        """One session's table."""
+        return session_table(self.sessions[name].summary(), self.algorithmic_ms)
+
     def table(self) -> str:
-        cols = ["session", "input_s", "output_s", "first_audio_ms", "start_offset_ms", "end_offset_ms",
-                "start_offset_ca_ms", "end_offset_ca_ms", "rtf", "dropped_chunks"]
-        rows = [s.summary() for s in self.sessions.values()]
-        stage_names = sorted({k for r in rows for k in r["compute_ms"]})
-        head = cols + [f"{n}_ms" for n in stage_names]
-        lines = [" | ".join(head), " | ".join("---" for _ in head)]
-        for r in rows:
-            cells = [str(r.get(c, "-")) for c in cols] + [str(r["compute_ms"].get(n, "-")) for n in stage_names]
-            lines.append(" | ".join(cells) + (f"  ERROR: {r['error']}" if "error" in r else ""))
-        if self.algorithmic_ms:
-            waits = ", ".join(f"{k} {v:.0f} ms" for k, v in self.algorithmic_ms.items())
-            lines.append(f"algorithmic latency (waiting for audio, per chunk): {waits}; task policy waits on top")
-        return "\n".join(lines)
+        """Every session's table, in the order they started."""
+        return "\n".join(self.report(n) for n in self.sessions)

@@ -35,9 +35,16 @@ class TaskPlugin:
     sampling: dict = field(default_factory=dict)  # greedy / temperature / top_k for this task
     prefix_tokens: tuple[int, ...] = ()  # forced after </s> (e.g. a target-language token)
     uses_lm: bool = True  # False for tasks that never decode (no prompt is looked up)
+    choices: dict = field(default_factory=dict)  # option -> the values it may take
+    ranges: dict = field(default_factory=dict)  # option -> (lowest, highest), inclusive; None leaves an end open
+    # validate(options, input_s, bundle): what the options alone cannot say (one option against another,
+    # against the input's length when it is known, or against the bundle); raises ValueError
+    validate: Callable[[dict, float | None, object], None] | None = None
 
-    def resolve_options(self, given: dict) -> dict:
-        """Plugin defaults overridden by `given`, converted to the defaults' types; unknown keys are errors."""
+    def resolve_options(self, given: dict, input_s: float | None = None, bundle=None) -> dict:
+        """Plugin defaults overridden by `given`, converted to the defaults' types and checked against
+        `choices`, `ranges` and `validate` (with the input's length and the bundle where known);
+        unknown keys and values out of range are errors."""
         unknown = set(given) - set(self.options)
         if unknown:
             raise ValueError(f"task {self.name!r} has no option {', '.join(sorted(unknown))} (it has: {', '.join(sorted(self.options)) or 'none'})")
@@ -48,6 +55,15 @@ class TaskPlugin:
                 out[k] = (v.lower() in ("1", "true", "yes", "on")) if kind is bool and isinstance(v, str) else kind(v)
             except (TypeError, ValueError):
                 raise ValueError(f"task {self.name!r}: option {k}={v!r} is not a valid {kind.__name__}") from None
+        for k, allowed in self.choices.items():
+            if out[k] not in allowed:
+                raise ValueError(f"task {self.name!r}: option {k}={out[k]!r}: choose one of {', '.join(map(str, allowed))}")
+        for k, (lo, hi) in self.ranges.items():
+            if (lo is not None and out[k] < lo) or (hi is not None and out[k] > hi):
+                want = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"from {lo} to {hi}"
+                raise ValueError(f"task {self.name!r}: option {k}={out[k]}: must be {want}")
+        if self.validate is not None:
+            self.validate(out, input_s, bundle)
         return out
 
     def make_policy(self, decoder: UnitDecoder, options: dict) -> Policy:

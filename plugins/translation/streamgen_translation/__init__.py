@@ -3,13 +3,13 @@
 from streamgen.pipeline.policies import LocalAgreement, UnitDecoder, WaitK
 from streamgen.pipeline.tasks import TaskPlugin
 
+POLICIES = ("local-agreement", "wait-k")
+
 
 def make_policy(decoder: UnitDecoder, policy: str, chunk_ms: int, k: int, ratio: float):
     if policy == "wait-k":
         return WaitK(decoder, k=k, chunk_ms=chunk_ms, ratio=ratio)
-    if policy == "local-agreement":
-        return LocalAgreement(decoder, chunk_ms=chunk_ms, ratio=ratio)
-    raise ValueError(f"translation policy must be 'wait-k' or 'local-agreement', got {policy!r}")
+    return LocalAgreement(decoder, chunk_ms=chunk_ms, ratio=ratio)
 
 
 plugin = TaskPlugin(
@@ -18,4 +18,6 @@ plugin = TaskPlugin(
     "options: policy (local-agreement | wait-k), chunk_ms, k (wait-k, in units), ratio.",
     policy=make_policy,
     options={"policy": "local-agreement", "chunk_ms": 320, "k": 10, "ratio": 1.0},
+    choices={"policy": POLICIES},
+    ranges={"chunk_ms": (10, 10_000), "k": (0, None), "ratio": (0.1, 10.0)},
 )

@@ -1,0 +1,196 @@
+"""What a user asks for, checked before any audio is read: every mistake becomes one `UsageError`
+line that names the problem and, where there is one, the fix (the valid range, the choices, the
+package to install). Shared by the `streamgen` command line and the SimulEval agent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+# output files the sinks write (PCM16); anything else is converted afterwards
+WRITABLE = {".wav": "WAV", ".flac": "FLAC"}
+MAX_CHUNK_MS = 10_000  # the pipeline refuses input chunks over 10 s
+RATES = (1000, 384_000)  # raw PCM input rates soxr resamples from
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (the command line exits with code 2)."""
+
+
+def parse_kv(pairs: list[str] | None, flag: str = "--opt") -> dict[str, str]:
+    """KEY=VALUE strings to a dict; the last of a repeated key wins."""
+    out = {}
+    for kv in pairs or []:
+        key, eq, value = kv.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"{flag} {kv!r}: expected KEY=VALUE, e.g. {flag} max_units=100")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def in_range(flag: str, value, lo=None, hi=None, unit: str = "", allow: tuple = ()) -> None:
+    """`value` within [lo, hi] (either end open when None), or one of the special values `allow`."""
+    if value in allow or ((lo is None or value >= lo) and (hi is None or value <= hi)):
+        return
+    u = f" {unit}" if unit else ""
+    if hi is None:
+        want = f"at least {lo}{u}"
+    elif lo is None:
+        want = f"at most {hi}{u}"
+    else:
+        want = f"from {lo} to {hi}{u}"
+    also = "".join(f" or {a}" for a in allow)
+    raise UsageError(f"{flag} {value}: must be {want}{also}")
+
+
+def one_of(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def need_module(module: str, extra: str, what: str) -> None:
+    """An optional dependency, or the one line that says how to install it."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs {module}, which is not installed: pip install 'streamgen[{extra}]'")
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: not a torch device; use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if d.type == "cuda":
+        if torch.version.cuda is None:
+            raise UsageError(f"--device {device}: this torch build ({torch.__version__}) has no CUDA support; "
+                             "use --device cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ..)")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif d.type != "cpu":
+        raise UsageError(f"--device {device!r}: streamgen runs on cpu or cuda")
+    return device
+
+
+def is_live(spec: str) -> bool:
+    return spec in ("mic", "speaker", "-") or is_mqtt(spec)
+
+
+def is_mqtt(spec: str) -> bool:
+    return spec.startswith(("mqtt://", "mqtts://"))
+
+
+@dataclass
+class AudioFileInfo:
+    path: Path
+    seconds: float
+    sample_rate: int
+    channels: int
+
+
+def check_audio_file(path: str | Path) -> AudioFileInfo:
+    """An input file that exists and that libsndfile reads (WAV, FLAC, OGG, ...)."""
+    from .io.files import audio_info
+
+    p = Path(path)
+    try:
+        info = audio_info(p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if info.frames == 0:
+        raise UsageError(f"{p}: the file holds no audio samples")
+    return AudioFileInfo(p, info.frames / info.samplerate, info.samplerate, info.channels)
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """A WAV/FLAC path whose directory exists (it is never created behind the user's back)."""
+    p = Path(path)
+    if p.suffix.lower() not in WRITABLE:
+        raise UsageError(f"{flag} {p}: cannot write {p.suffix or 'a file without an extension'}; write .wav or .flac "
+                         f"(convert afterwards, e.g. ffmpeg -i out.wav out.mp3)")
+    if "{session}" in str(p.parent):
+        raise UsageError(f"{flag} {p}: {{session}} may only appear in the file name, not in its directory")
+    if p.is_dir():
+        raise UsageError(f"{flag} {p} is a directory; give a file name inside it")
+    if not p.parent.is_dir():
+        raise UsageError(f"{flag} {p}: the directory {p.parent} does not exist; create it first")
+    return p
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """A file to write (a log, a report) in a directory that exists."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {p} is a directory; give a file name inside it")
+    if not p.parent.is_dir():
+        raise UsageError(f"{flag} {p}: the directory {p.parent} does not exist; create it first")
+    return p
+
+
+def check_input_spec(spec: str, *, vad: bool = False) -> AudioFileInfo | None:
+    """The input of `streamgen run`: a file (returned with its length), or a live source whose
+    optional packages are installed."""
+    if spec == "mic":
+        need_module("sounddevice", "audio", "--in mic")
+    elif is_mqtt(spec):
+        need_module("aiomqtt", "mqtt", "--in mqtt://")
+    elif spec != "-":
+        return check_audio_file(spec)
+    if vad:
+        need_module("silero_vad", "vad", "--vad")
+    return None
+
+
+def check_output_spec(spec: str) -> None:
+    if spec == "speaker":
+        need_module("sounddevice", "audio", "--out speaker")
+    elif is_mqtt(spec):
+        need_module("aiomqtt", "mqtt", "--out mqtt://")
+    elif spec != "-":
+        check_output_file(spec)
+
+
+@dataclass
+class StreamSettings:
+    """The numeric knobs of the live pipeline; `check` names the first one out of range."""
+
+    chunk_ms: int = 100
+    left_context_ms: int = 2000  # -1: everything before
+    lookahead_ms: int = 100  # -1: until the end of input
+    vocoder_lookahead: int = -1  # frames; -1: exact
+    queue_size: int = 16
+    overflow: str = "block"
+
+    def check(self) -> StreamSettings:
+        in_range("--chunk-ms", self.chunk_ms, 10, MAX_CHUNK_MS, "ms")
+        in_range("--left-context-ms", self.left_context_ms, 0, None, "ms", allow=(-1,))
+        in_range("--lookahead-ms", self.lookahead_ms, 0, None, "ms", allow=(-1,))
+        in_range("--vocoder-lookahead", self.vocoder_lookahead, 0, None, "frames", allow=(-1,))
+        in_range("--queue-size", self.queue_size, 1, None, "items")
+        one_of("--overflow", self.overflow, ("block", "drop-oldest"))
+        return self
+
+    def stage_args(self) -> dict:
+        """Keyword arguments of `build_stages` (None where unbounded)."""
+        opt = lambda x: None if x < 0 else x
+        return dict(chunk_ms=self.chunk_ms, left_context_ms=opt(self.left_context_ms), lookahead_ms=opt(self.lookahead_ms),
+                    vocoder_lookahead=opt(self.vocoder_lookahead))
+
+
+def check_task(task: str, options: dict[str, str], input_s: float | None = None, bundle=None) -> dict:
+    """The task's plugin accepts these options (names, types, ranges, choices) and, when its length
+    is known, this input; returns the resolved options."""
+    from .pipeline.tasks import load_task
+
+    try:
+        plugin = load_task(task)
+        return plugin.resolve_options(options, input_s, bundle)
+    except ValueError as e:  # UnknownTask too
+        raise UsageError(str(e)) from None
