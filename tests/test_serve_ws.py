@@ -1,0 +1,197 @@
+"""`streamgen serve` over its WebSocket protocol, without a browser: a real server process on the tiny
+random bundle; concurrent sessions, malformed frames, a vanishing client, the token, SIGTERM."""
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+import websockets
+from serve_helpers import ServeProcess, pcm16, ws_session
+from speech import espeak
+
+from streamgen.testing import random_bundle
+
+pytest.importorskip("starlette")
+
+TEXTS = ["the quick brown fox", "a stream of speech", "seven hundred boats", "hello from the server"]
+MAX_FRAME = 8192
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    random_bundle(seed=1).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    s = ServeProcess("--bundle", str(bundle_dir), "--task", "resynthesis", "--max-frame-bytes", str(MAX_FRAME),
+                     "--status-every", "1", "--max-sessions", "12")
+    yield s
+    s.stop()
+
+
+def wave(i: int, rate: int = 16000) -> np.ndarray:
+    return espeak(TEXTS[i % len(TEXTS)], rate=rate).numpy()
+
+
+def sessions_spec():
+    """8 sessions: two tasks, four texts, two input rates (48 kHz is resampled by the server)."""
+    return [dict(wave=wave(i, rate), rate=rate, task=task)
+            for i, (task, rate) in enumerate([("resynthesis", 16000), ("continuation", 48000)] * 4)]
+
+
+async def test_concurrent_sessions_each_get_what_they_get_alone(server):
+    specs = sessions_spec()
+    alone = [await ws_session(server.port, **s) for s in specs]
+    together = await asyncio.gather(*(ws_session(server.port, **s) for s in specs))
+    for (a, ma), (t, mt), s in zip(alone, together, specs):
+        assert [m["type"] for m in ma if m["type"] != "stats"] == ["started", "end"], ma
+        assert [m["type"] for m in mt if m["type"] != "stats"] == ["started", "end"], mt
+        assert len(a) > 1600, f"{s['task']} gave {len(a)} samples"
+        assert len(t) == len(a)
+        assert np.abs(t.astype(np.int32) - a).max() <= 1, s["task"]  # equal up to PCM16 rounding of float noise
+        final = [m for m in mt if m["type"] == "stats" and m.get("final")]
+        assert final and final[0]["output_s"] == pytest.approx(len(t) / 16000, abs=1e-3)
+    sessions = {m["session"] for _, msgs in together for m in msgs if m["type"] == "started"}
+    assert len(sessions) == len(specs)  # server-assigned, one per session
+    m = server.metrics()
+    assert m[("streamgen_live_sessions", ())] == 0
+    assert m[("streamgen_sessions_ended_total", (("outcome", "ok"),))] >= 2 * len(specs)
+    assert m[("streamgen_chunk_lag_seconds_count", ())] > 0
+    assert any(k[0] == "streamgen_stage_compute_seconds_total" and v > 0 for k, v in m.items())
+    assert any(k[0] == "streamgen_queue_depth" for k in m)
+
+
+async def _first_text(ws) -> dict:
+    while True:
+        m = await asyncio.wait_for(ws.recv(), 30)
+        if isinstance(m, str):
+            return json.loads(m)
+
+
+async def _quiet(ws, seconds: float = 0.5) -> bool:
+    try:
+        await asyncio.wait_for(ws.recv(), seconds)
+        return False
+    except TimeoutError:
+        return True
+
+
+async def test_malformed_frames_get_one_error_each_and_touch_nobody_else(server):
+    good = dict(wave=wave(0), rate=16000, task="resynthesis")
+    reference, _ = await ws_session(server.port, **good)
+
+    async def bad_json():
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            await ws.send("{not json")
+            m = await _first_text(ws)
+            assert m["type"] == "error" and "not valid JSON" in m["message"]
+            assert await _quiet(ws)
+            out, msgs = await ws_session(server.port, ws=ws, **good)  # the connection still works
+            assert msgs[-1]["type"] == "end" and len(out) == len(reference)
+
+    async def audio_before_start():
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            await ws.send(pcm16(np.zeros(320, np.float32)))
+            m = await _first_text(ws)
+            assert m["type"] == "error" and "audio before start" in m["message"]
+            assert await _quiet(ws)
+
+    async def unknown_task():
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            await ws.send(json.dumps({"type": "start", "task": "nope"}))
+            m = await _first_text(ws)
+            assert m["type"] == "error" and "unknown task 'nope'" in m["message"]
+            assert await _quiet(ws)
+
+    async def unknown_type():
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            await ws.send(json.dumps({"type": "pause"}))
+            m = await _first_text(ws)
+            assert m["type"] == "error" and "unknown control message type 'pause'" in m["message"]
+
+    async def oversized_frame():
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            await ws.send(json.dumps({"type": "start", "task": "resynthesis", "sample_rate": 16000}))
+            assert (await _first_text(ws))["type"] == "started"
+            await ws.send(pcm16(wave(1)[:3200]))
+            await ws.send(b"\0\0" * (MAX_FRAME // 2 + 1))
+            texts = []
+            while not texts or texts[-1]["type"] != "end":
+                texts.append(await _first_text(ws))
+            errors = [m for m in texts if m["type"] == "error"]
+            assert len(errors) == 1 and f"exceeds the limit of {MAX_FRAME} bytes" in errors[0]["message"]
+
+    results = await asyncio.gather(ws_session(server.port, **good), bad_json(), audio_before_start(), unknown_task(),
+                                   unknown_type(), oversized_frame())
+    out, msgs = results[0]
+    assert [m["type"] for m in msgs if m["type"] != "stats"] == ["started", "end"]
+    assert np.abs(out.astype(np.int32) - reference).max() <= 1
+    m = server.metrics()
+    assert m[("streamgen_protocol_errors_total", (("via", "ws"),))] >= 5
+    assert m[("streamgen_live_sessions", ())] == 0
+
+
+async def test_a_client_that_vanishes_mid_session_is_freed(server):
+    before = server.metrics()
+    errors_before = before.get(("streamgen_sessions_ended_total", (("outcome", "error"),)), 0)
+    ws = await websockets.connect(f"ws://127.0.0.1:{server.port}/ws")
+    await ws.send(json.dumps({"type": "start", "task": "continuation", "sample_rate": 16000}))
+    assert json.loads(await ws.recv())["type"] == "started"
+    x = wave(2)
+    for i in range(0, 16000, 800):
+        await ws.send(pcm16(x[i : i + 800]))
+    assert server.metrics()[("streamgen_live_sessions", ())] == 1
+    ws.transport.abort()  # no close handshake: the client is just gone
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m[("streamgen_live_sessions", ())] == 0:
+            break
+        await asyncio.sleep(0.2)
+    assert m[("streamgen_live_sessions", ())] == 0
+    assert m[("streamgen_sessions_ended_total", (("outcome", "error"),))] == errors_before + 1
+    assert m[("streamgen_connections", ())] == 0
+    assert server.get("/healthz")[0] == 200
+    out, msgs = await ws_session(server.port, wave=wave(3), task="resynthesis")  # still serving
+    assert msgs[-1]["type"] == "end" and len(out) > 0
+    assert any(line.startswith(tuple("0123456789")) and "live" in line for line in server.lines)  # status lines
+
+
+async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
+    token = "test-token-0123456789abcdef"
+    s = ServeProcess("--bundle", str(bundle_dir), "--task", "resynthesis", "--drain", "1", env={"STREAMGEN_TOKEN": token})
+    try:
+        assert "bearer token required" in "\n".join(s.lines)
+        assert token not in "\n".join(s.lines)
+        assert s.get("/metrics")[0] == 401
+        assert s.get("/metrics", {"Authorization": f"Bearer {token}"})[0] == 200
+        assert s.get("/healthz")[0] == 200
+        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+            await websockets.connect(f"ws://127.0.0.1:{s.port}/ws")
+        assert e.value.response.status_code == 403
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", additional_headers={"Authorization": "Bearer wrong-token-0123456789"})
+        with pytest.raises(websockets.exceptions.InvalidStatus):  # another site's page cannot use it
+            await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", origin="http://evil.example",
+                                     additional_headers={"Authorization": f"Bearer {token}"})
+        ws = await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", subprotocols=["streamgen", f"streamgen.token.{token}"])
+        assert ws.subprotocol == "streamgen"
+        # SIGTERM while a session is live: it gets a clear error and its end, the process exits 0
+        live = asyncio.ensure_future(ws_session(s.port, wave=np.tile(wave(0), 4), ws=ws, realtime=True))
+        await asyncio.sleep(1.5)
+        s.signal()
+        out, msgs = await asyncio.wait_for(live, 30)
+        assert [m["type"] for m in msgs if m["type"] != "stats"] == ["started", "error", "end"]
+        assert "shutting down" in [m for m in msgs if m["type"] == "error"][0]["message"]
+        assert len(out) > 0
+        assert s.wait() == 0
+        text = "\n".join(s.lines)
+        assert "SIGTERM: draining 1 live session" in text and "streamgen serve stopped" in text
+        assert "1 sessions ended (1 with errors)" in text
+    finally:
+        s.stop()
