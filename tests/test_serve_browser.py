@@ -1,0 +1,83 @@
+"""The serve page in a real headless Chromium with a fake microphone playing a speech WAV: it
+connects, streams, receives and plays audio, and shows its figures; a screenshot is kept in
+test-artifacts/serve-page.png."""
+
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serve_helpers import ServeProcess
+
+pytest.importorskip("starlette")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if shutil.which("chromium") is None or not Path(CHROMEDRIVER).exists():
+        pytest.skip("chromium and chromium-driver are not installed (scripts/test.sh installs them)")
+    wav = resources.files("streamgen") / "assets" / "sample.wav"
+    o = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
+                "--autoplay-policy=no-user-gesture-required", "--disable-background-networking", "--no-first-run",
+                "--window-size=900,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+        o.add_argument(arg)
+    driver = webdriver.Chrome(options=o, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, script: str, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.2)
+    stats = driver.execute_script("return window.streamgenStats")
+    raise AssertionError(f"timed out waiting for {what}; page stats: {stats}")
+
+
+def test_page_talks_plays_and_shows_figures(browser, tmp_path):
+    server = ServeProcess("--task", "resynthesis", "--status-every", "0")  # the shipped bundle
+    try:
+        browser.get(server.url + "/?task=resynthesis")
+        wait_for(browser, "return window.streamgenStats && window.streamgenStats.state === 'ready'", 20, "the task list")
+        assert browser.find_element("id", "task").get_attribute("value") == "resynthesis"
+        browser.find_element("id", "talk").click()
+        wait_for(browser, "return window.streamgenStats.playedSamples > 16000", 40, "a second of played audio")
+        browser.find_element("id", "talk").click()  # stop talking: the session flushes and ends
+        wait_for(browser, "return window.streamgenStats.state === 'ended'", 30, "the session's end")
+        time.sleep(0.5)  # one more render of the figures
+        stats = browser.execute_script("return window.streamgenStats")
+        assert stats["errors"] == []
+        assert stats["sentSamples"] > 16000 and stats["receivedSamples"] > 16000
+        assert 0 < stats["playedSamples"] <= stats["receivedSamples"]
+        assert stats["firstAudioMs"] > 0 and stats["serverFirstAudioMs"] > 0
+        assert stats["lagMs"] is not None
+        shown = {k: browser.find_element("id", k).text for k in ("first-audio", "server-first-audio", "lag", "played")}
+        assert all(v != "–" for v in shown.values()), shown
+        assert shown["first-audio"].endswith("ms") and shown["played"].endswith("s")
+
+        shot = tmp_path / "serve-page.png"
+        assert browser.save_screenshot(str(shot))
+        from PIL import Image
+
+        img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+        assert img.shape[0] > 400 and img.shape[1] > 400
+        assert img.std() > 10  # not blank: text, figures and the level plot on the page
+        assert (img < 100).mean() > 0.005  # dark pixels of text
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(shot, ARTIFACTS / "serve-page.png")
+        m = server.metrics()
+        assert m[("streamgen_sessions_ended_total", (("outcome", "ok"),))] == 1
+        assert m[("streamgen_live_sessions", ())] == 0
+    finally:
+        server.stop()
