@@ -5,7 +5,7 @@ package to install). Shared by the `streamgen` command line and the SimulEval ag
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +51,13 @@ def one_of(flag: str, value, choices) -> None:
 
 
 def need_module(module: str, extra: str, what: str) -> None:
-    """An optional dependency, or the one line that says how to install it."""
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{what} needs {module}, which is not installed: pip install 'streamgen[{extra}]'")
+    """An optional dependency that imports, or the one line that says how to install it."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{what} needs {module}, which is not installed: pip install 'streamgen[{extra}]'") from None
+    except OSError as e:  # a wrapper whose system library is missing (sounddevice without PortAudio)
+        raise UsageError(f"{what}: {module} cannot load its system library ({e}); install it (Debian: apt-get install libportaudio2)") from None
 
 
 def check_device(device: str) -> str:

@@ -1,0 +1,234 @@
+"""Every user mistake gets one line that names it (and the fix), exit code 2 for a mistake in the
+command and 1 for a failure while running, no traceback, and no file left behind.
+
+The table runs in-process through typer's CliRunner (the same command function, the same exit codes
+and messages); the rows whose point is what the real process prints (a missing extra, .mp3 output
+that used to end in "Event loop is closed") run the installed `streamgen` command."""
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+import streamgen.cli as cli
+from streamgen.io.files import FileSink
+from streamgen.pipeline.items import AudioOut, End, SessionError
+from streamgen.testing import random_bundle
+
+STREAMGEN = str(Path(sys.executable).parent / "streamgen")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    random_bundle().save(d / "tiny")
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 2) / 16000
+    # a voiced-speech stand-in the speech detector accepts: a 150 Hz buzz in syllables, 4 per second
+    syllables = (np.sin(2 * np.pi * 150 * t) * (np.sin(2 * np.pi * 4 * t) > 0) * 0.3).astype(np.float32)
+    sf.write(d / "talk.wav", syllables, 16000)
+    sf.write(d / "silence.wav", np.zeros(16000 * 5, np.float32), 16000)
+    sf.write(d / "hiss.wav", (rng.standard_normal(16000 * 5) * 0.003).astype(np.float32), 16000)
+    sf.write(d / "long.wav", np.tile(syllables, 13), 16000)  # 26 s
+    (d / "notaudio.wav").write_bytes(b"this is not audio")
+    (d / "outdir").mkdir()
+    return d
+
+
+def run_args(files, *extra, inp="talk.wav", out="out.wav"):
+    return ["run", "--bundle", str(files / "tiny"), "--in", str(files / inp) if inp != "-" else "-",
+            "--out", str(files / out), *extra]
+
+
+# (extra arguments, input, output, exit code, expected message)
+BAD = [
+    (["--chunk-ms", "0"], "talk.wav", "out.wav", "--chunk-ms 0: must be from 10 to 10000 ms"),
+    (["--chunk-ms", "-100"], "talk.wav", "out.wav", "--chunk-ms -100: must be from 10 to 10000 ms"),
+    (["--left-context-ms", "-5"], "talk.wav", "out.wav", "--left-context-ms -5: must be at least 0 ms or -1"),
+    (["--lookahead-ms", "-2"], "talk.wav", "out.wav", "--lookahead-ms -2: must be at least 0 ms or -1"),
+    (["--vocoder-lookahead", "-3"], "talk.wav", "out.wav", "--vocoder-lookahead -3: must be at least 0 frames or -1"),
+    (["--queue-size", "0"], "talk.wav", "out.wav", "--queue-size 0: must be at least 1 items"),
+    (["--rate", "0"], "-", "out.wav", "--rate 0: must be from 1000 to 384000 Hz"),
+    (["--qos", "3"], "talk.wav", "out.wav", "--qos 3: must be from 0 to 2"),
+    (["--duration", "0"], "talk.wav", "out.wav", "--duration 0.0: must be at least 0.1 s"),
+    (["--sessions", "0"], "talk.wav", "out.wav", "--sessions 0: must be at least 1"),
+    (["--overflow", "explode"], "talk.wav", "out.wav", "--overflow 'explode': choose one of block, drop-oldest"),
+    (["--device", "quantum"], "talk.wav", "out.wav", "--device 'quantum': not a torch device; use cpu or cuda"),
+    (["--opt", "max_units"], "talk.wav", "out.wav", "--opt 'max_units': expected KEY=VALUE"),
+    (["--opt", "max_units=-5"], "talk.wav", "out.wav", "task 'continuation': option max_units=-5: must be at least 1"),
+    (["--opt", "max_units=lots"], "talk.wav", "out.wav", "option max_units='lots' is not a valid int"),
+    (["--opt", "min_units=50", "--opt", "max_units=10"], "talk.wav", "out.wav", "min_units=50 exceeds max_units=10"),
+    (["--opt", "policy=greedy"], "talk.wav", "out.wav", "task 'continuation' has no option policy (it has: emit_every, max_units, min_units)"),
+    (["--task", "translation", "--opt", "policy=greedy"], "talk.wav", "out.wav",
+     "task 'translation': option policy='greedy': choose one of local-agreement, wait-k"),
+    (["--task", "translation", "--opt", "ratio=0"], "talk.wav", "out.wav", "option ratio=0.0: must be from 0.1 to 10.0"),
+    (["--task", "inpainting"], "talk.wav", "out.wav", "task 'inpainting' needs the span to fill: --opt mask_start=S --opt mask_end=E"),
+    (["--task", "inpainting", "--opt", "mask_start=1.5", "--opt", "mask_end=0.5"], "talk.wav", "out.wav", "needs the span to fill"),
+    (["--task", "inpainting", "--opt", "mask_start=1", "--opt", "mask_end=9"], "talk.wav", "out.wav",
+     "task 'inpainting': the mask 1.0..9.0 s ends after the input (2.00 s)"),
+    (["--task", "inpainting", "--opt", "mask_start=1", "--opt", "mask_end=2"], "long.wav", "out.wav",
+     "task 'inpainting' regenerates the whole input within the model's context: at most 20.4 s, this input is 26.0 s"),
+    (["--task", "nope"], "talk.wav", "out.wav", "unknown task 'nope'; installed tasks:"),
+    ([], "missing.wav", "out.wav", "missing.wav: no such file"),
+    ([], "outdir", "out.wav", "outdir is a directory; give an audio file"),
+    ([], "notaudio.wav", "out.wav", "notaudio.wav: cannot read audio"),
+    ([], "talk.wav", "out.mp3", "cannot write .mp3; write .wav or .flac"),
+    ([], "talk.wav", "out", "cannot write a file without an extension; write .wav or .flac"),
+    ([], "talk.wav", "nowhere/out.wav", "the directory"),
+    ([], "talk.wav", "outdir", "cannot write a file without an extension"),
+    ([], "talk.wav", "{session}/out.wav", "{session} may only appear in the file name"),
+    (["--stats-json", "/nonexistent-dir/log.jsonl"], "talk.wav", "out.wav",
+     "--stats-json /nonexistent-dir/log.jsonl: the directory /nonexistent-dir does not exist; create it first"),
+]
+
+
+@pytest.mark.parametrize("extra, inp, out, message", BAD, ids=[" ".join(r[0]) or r[1] + "->" + r[2] for r in BAD])
+def test_a_bad_run_is_one_line_and_exit_code_2(files, extra, inp, out, message):
+    r = runner.invoke(cli.app, run_args(files, *extra, inp=inp, out=out))
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and message in r.output, r.output
+    assert r.output.count("\n") == 1 and "Traceback" not in r.output
+    assert not (files / "nowhere").exists()  # a missing directory is never created
+    assert not list(files.glob("out.*")) and not list((files / "outdir").iterdir())
+
+
+def test_a_bundle_that_is_not_there(files):
+    r = runner.invoke(cli.app, ["run", "--bundle", str(files / "nope"), "--in", str(files / "talk.wav"), "--out", str(files / "o.wav")])
+    assert r.exit_code == 2 and "not a streamgen bundle" in r.output and r.output.count("\n") == 1
+
+
+def test_cuda_on_a_machine_without_it_is_named(files):
+    r = runner.invoke(cli.app, run_args(files, "--device", "cuda:99"))
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    if torch.version.cuda is None:
+        assert f"--device cuda:99: this torch build ({torch.__version__}) has no CUDA support; use --device cpu" in r.output
+    else:
+        assert "--device cuda:99:" in r.output
+
+
+@pytest.mark.parametrize("inp", ["silence.wav", "hiss.wav"])
+def test_an_input_without_speech_says_so_and_writes_nothing(files, inp):
+    r = runner.invoke(cli.app, run_args(files, inp=inp))
+    assert r.exit_code == 1, r.output
+    assert f"{inp}: no speech in its 5.0 s of audio, so task 'continuation' has nothing to work on; nothing written (--allow-silence" in r.output
+    assert not (files / "out.wav").exists()
+
+
+def test_allow_silence_runs_the_task_anyway(files):
+    r = runner.invoke(cli.app, run_args(files, "--allow-silence", "--opt", "max_units=10", "--opt", "min_units=10", inp="silence.wav"))
+    assert r.exit_code == 0, r.output
+    assert sf.info(str(files / "out.wav")).frames > 0
+    (files / "out.wav").unlink()
+
+
+def test_other_commands_name_their_mistakes(files):
+    cases = [
+        (["info", str(files / "nope")], "not a streamgen bundle"),
+        (["demo", "--bundle", str(files / "tiny"), "--out", str(files / "nowhere" / "d.wav")], "the directory"),
+        (["demo", "--bundle", str(files / "tiny"), "--out", str(files / "d.mp3")], "cannot write .mp3"),
+        (["demo", "--bundle", str(files / "tiny"), "--input", str(files / "missing.wav")], "missing.wav: no such file"),
+        (["demo", "--bundle", str(files / "tiny"), "--max-units", "0"], "--max-units 0: must be at least 1"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(cli.app, args)
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (args, r.output)
+
+
+def test_missing_extras_name_the_package_to_install(files, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without(name, *a, **kw):
+        if name in ("sounddevice", "silero_vad", "aiomqtt"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib, "import_module", without)
+    for args, message in [
+        (["--in", "mic"], "--in mic needs sounddevice, which is not installed: pip install 'streamgen[audio]'"),
+        (["--in", str(files / "talk.wav"), "--out", "speaker"], "--out speaker needs sounddevice, which is not installed: pip install 'streamgen[audio]'"),
+        (["--in", "-", "--vad"], "--vad needs silero_vad, which is not installed: pip install 'streamgen[vad]'"),
+        (["--in", str(files / "talk.wav"), "--out", "mqtt://127.0.0.1:1/x"], "pip install 'streamgen[mqtt]'"),
+    ]:
+        if "--out" not in args:
+            args += ["--out", str(files / "out.wav")]
+        r = runner.invoke(cli.app, ["run", *args])
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (args, r.output)
+
+
+def streamgen(*args, env=None, timeout=120):
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    e.pop("STREAMGEN_DEBUG", None)
+    return subprocess.run([STREAMGEN, *args], capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def test_mqtt_input_without_aiomqtt_says_what_to_install(files, tmp_path):
+    """It used to hang silently. aiomqtt is made unimportable for this one process."""
+    (tmp_path / "aiomqtt.py").write_text("raise ImportError(\"No module named 'aiomqtt'\")\n")
+    r = streamgen("run", "--bundle", str(files / "tiny"), "--in", "mqtt://127.0.0.1:1883/sessions/+/in", "--out", "mqtt://127.0.0.1:1883/out",
+                  env={"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "error: --in mqtt:// needs aiomqtt, which is not installed: pip install 'streamgen[mqtt]'\n"
+
+
+def test_mp3_output_is_one_line_in_the_real_command(files):
+    """It used to end in a traceback, "Event loop is closed" and "coroutine was never awaited"."""
+    r = streamgen("run", "--bundle", str(files / "tiny"), "--in", str(files / "talk.wav"), "--out", str(files / "x.mp3"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == (f"error: --out {files / 'x.mp3'}: cannot write .mp3; write .wav or .flac "
+                        "(convert afterwards, e.g. ffmpeg -i out.wav out.mp3)\n")
+    assert not (files / "x.mp3").exists()
+
+
+def test_chunk_ms_zero_returns_at_once_in_the_real_command(files):
+    r = streamgen("run", "--bundle", str(files / "tiny"), "--in", str(files / "talk.wav"), "--out", str(files / "y.wav"), "--chunk-ms", "0",
+                  timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: --chunk-ms 0: must be from 10 to 10000 ms\n"
+
+
+def test_an_unforeseen_failure_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    app = cli.App()
+
+    @app.command()
+    def boom():
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.setattr(cli, "DEBUG", False)
+    with pytest.raises(SystemExit) as e:
+        app([], prog_name="streamgen")
+    err = capsys.readouterr().err
+    assert e.value.code == 1
+    assert err == "error: RuntimeError: the disk caught fire (streamgen --debug ... shows where)\n"
+    monkeypatch.setattr(cli, "DEBUG", True)
+    with pytest.raises(RuntimeError, match="the disk caught fire"):
+        app([], prog_name="streamgen")
+
+
+def test_debug_flag_reaches_the_commands(files, monkeypatch):
+    monkeypatch.setattr(cli, "DEBUG", False)
+    r = runner.invoke(cli.app, ["--debug", "info", str(files / "tiny")])
+    assert r.exit_code == 0 and cli.DEBUG is True
+
+
+def test_a_session_that_produced_nothing_leaves_no_file(tmp_path):
+    sink = FileSink(tmp_path / "{session}.wav", 16000)
+
+    async def go():
+        await sink.write(SessionError("a", "failed"))
+        await sink.write(End("a", 0, 0.0))
+        await sink.write(AudioOut("b", torch.zeros(160), 0, 0.0))
+        await sink.write(End("b", 160, 0.0))
+        await sink.close()
+
+    asyncio.run(go())
+    assert not (tmp_path / "a.wav").exists()
+    assert sf.info(str(tmp_path / "b.wav")).frames == 160
