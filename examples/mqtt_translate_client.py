@@ -10,11 +10,10 @@ then:
 import argparse
 import asyncio
 
-import numpy as np
 import soundfile as sf
 
 from streamgen.io.files import read_audio
-from streamgen.io.mqtt import CONTROL, MqttLink, decode, encode_audio, encode_control
+from streamgen.io.mqtt import MqttLink, Reply, decode, encode_audio, encode_control
 
 ap = argparse.ArgumentParser()
 ap.add_argument("wav")
@@ -41,19 +40,16 @@ async def main():
         if args.realtime:
             await asyncio.sleep(0.02)
     await link.publish(topic, encode_control(args.session, seq, {"type": "stop"}))
-    audio = {}
-    while True:
-        _, data = await link.incoming.get()
-        msg = decode(data)
-        if msg.kind == CONTROL:
-            if msg.control["type"] == "error":
-                raise SystemExit(f"server error: {msg.control['message']}")
-            if msg.control["type"] == "end":
-                break
-        else:
-            audio[msg.seq] = msg.samples  # by sequence number: QoS 1 may repeat a message
+    reply = Reply()  # follows the reply stream from its start; drops repeats; notices lost messages
+    while not reply.done:
+        _, data, _ = await link.incoming.get()
+        reply.add(decode(data))
     await link.close()
-    reply = np.concatenate([audio[k] for k in sorted(audio)] or [np.zeros(0, np.float32)])
+    if reply.error:
+        raise SystemExit(f"server error: {reply.error}")
+    if reply.missing:
+        print(f"warning: {len(reply.missing)} reply messages were lost (read faster, or raise the broker's queue limit)")
+    reply = reply.audio()
     sf.write(args.reply, reply, 16000)
     print(f"sent {len(wave) / 16000:.2f} s, received {len(reply) / 16000:.2f} s -> {args.reply}")
 

@@ -52,8 +52,8 @@ async def receive(link: MqttLink, timeout: float = 60) -> Reply:
     """One reply stream from the link's subscription, until its end."""
     reply = Reply()
     while not reply.done:
-        got = await asyncio.wait_for(link.incoming.get(), timeout=timeout)
-        reply.add(decode(got[1]))
+        _, data, _ = await asyncio.wait_for(link.incoming.get(), timeout=timeout)
+        reply.add(decode(data))
     return reply
 
 

@@ -131,7 +131,7 @@ def test_malformed_messages_get_errors_and_other_sessions_continue(broker, test_
         reply = await client(broker.port, good, "good")
         errors, server_errors = {}, []
         while len(errors) < len(bad) or not server_errors:
-            topic, data = await asyncio.wait_for(link.incoming.get(), timeout=60)
+            topic, data, _ = await asyncio.wait_for(link.incoming.get(), timeout=60)
             msg = decode(data)
             if msg.control is not None and msg.control["type"] == "error":
                 (server_errors.append(msg.control["message"]) if topic == "s/_server/errors" else errors.setdefault(msg.session, msg.control["message"]))

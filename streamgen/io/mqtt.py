@@ -297,7 +297,8 @@ def _refusal(e: Exception) -> str | None:
 
 
 class MqttLink:
-    """One client connection with reconnect and backoff, shared by a source and a sink. A refusal
+    """One client connection with reconnect and backoff, shared by a source and a sink; `incoming`
+    holds (topic, payload, monotonic arrival time) of what the subscriptions receive. A refusal
     that retrying cannot cure (credentials, authorisation, TLS) ends it: `failure` is set, the
     source raises it and publishing raises it."""
 
@@ -336,7 +337,7 @@ class MqttLink:
                     delay = 0.1
                     log.info("connected to %s:%d as %s", self.host, self.port, self.client_id)
                     async for msg in client.messages:
-                        await self.incoming.put((str(msg.topic), bytes(msg.payload)))
+                        await self.incoming.put((str(msg.topic), bytes(msg.payload), time.monotonic()))
             except (aiomqtt.MqttError, ssl.SSLError) as e:
                 why = _refusal(e)
                 if why is not None:
@@ -457,7 +458,7 @@ class MqttSource:
     no message for `idle_timeout_s` ends with an error. With `reply_topic` set (the output topic,
     `{session}` in it), refusals for sessions the pipeline has not started, and problems that belong
     to no session, are published there and on the server topic. `max_sessions` ends the source
-    after that many sessions completed (stop received, nothing missing)."""
+    after that many sessions completed (audio, then a stop, nothing missing)."""
 
     def __init__(self, link: MqttLink, topic: str, sample_rate: int, reorder_window: int = 64,
                  idle_timeout_s: float = 30.0, max_sessions: int | None = None, max_live: int = 32,
@@ -469,7 +470,7 @@ class MqttSource:
         self.reply_topic = reply_topic
         self.sessions: dict[str, _Session] = {}
         self.ended: OrderedDict[str, _Ended] = OrderedDict()  # recently ended: late duplicates are dropped
-        self.completed = 0  # sessions that ended with a stop and nothing missing
+        self.completed = 0  # sessions that had audio and ended with a stop, nothing missing
         self.malformed = 0  # messages refused
         self.outbox: asyncio.Queue = asyncio.Queue(256)
         self.replies_dropped = 0
@@ -487,9 +488,10 @@ class MqttSource:
                     got = ()
                 if got is None:
                     raise self.link.failure
-                items = self._expire_idle()
-                if got:
-                    items += self._receive(*got)
+                topic, data, now = got or (None, None, time.monotonic())
+                items = self._expire_idle(now)  # judged at the arrival time: a backlog is not idleness
+                if topic is not None:
+                    items += self._receive(topic, data, now)
                 for item in items:
                     yield item
         finally:
@@ -498,7 +500,7 @@ class MqttSource:
 
     # --- one message ------------------------------------------------------------------------
 
-    def _receive(self, topic: str, data: bytes) -> list[Item]:
+    def _receive(self, topic: str, data: bytes, arrived: float) -> list[Item]:
         """Everything one message causes; whatever goes wrong ends at most the session it names."""
         owner = None
         try:
@@ -517,7 +519,7 @@ class MqttSource:
                 return self._refuse(owner, f"message {msg.seq} on {topic} names the server's own session {SERVER!r}")
             if owner is not None and msg.session != owner:
                 return self._refuse(owner, f"message {msg.seq} on {topic} names session {msg.session!r}: a message speaks only for its topic's session, {owner!r}")
-            return self._accept(msg)
+            return self._accept(msg, arrived)
         except Exception as e:  # a bug, not the client's mistake: still only this session pays
             log.exception("message on %s failed", topic)
             return self._refuse(owner, f"internal error on this message ({type(e).__name__}); the session is ended")
@@ -564,18 +566,18 @@ class MqttSource:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
 
-    def _accept(self, msg: Message) -> list[Item]:
+    def _accept(self, msg: Message, arrived: float) -> list[Item]:
         s = self.sessions.get(msg.session)
         if s is None:
             ended = self.ended.get(msg.session)
             if ended is not None:
-                if msg.timestamp <= ended.newest or not msg.timestamp or msg.seq >= self.window:
+                if msg.seq != 0 or msg.timestamp <= ended.newest:
                     return []  # a late repeat of an ended session, or the rest of one that failed
-                del self.ended[msg.session]  # a beginning, sent after that session's last message: a new session
+                del self.ended[msg.session]  # a first message, sent after that session's last one: a new session
             if len(self.sessions) >= self.max_live:
                 return self._refuse(msg.session, f"the server is busy: {self.max_live} sessions are live, its limit; try again later")
             s = self.sessions[msg.session] = _Session(msg.session)
-        s.deadline = time.monotonic() + self.idle_timeout
+        s.deadline = arrived + self.idle_timeout
         s.newest = max(s.newest, msg.timestamp)
         if msg.seq < s.expected or msg.seq in s.waiting:
             return []  # a repeat (QoS 1 redelivers)
@@ -612,7 +614,7 @@ class MqttSource:
         if msg.kind == CONTROL:
             kind, task, options = msg.control["type"], msg.control.get("task"), msg.control.get("options", {})
             if kind == "stop":
-                self.completed += 1
+                self.completed += s.pos > 0  # an empty session is an error, not a completed one
                 return self._end(s)
             if kind == "start" and started:
                 return self._fail(s, f"control message {msg.seq}: \"start\" must be the session's first message (use \"task\" to switch)")
@@ -658,8 +660,7 @@ class MqttSource:
         self._close(s)
         return [SessionError(s.name, why), End(s.name, s.pos, time.monotonic())]
 
-    def _expire_idle(self) -> list[Item]:
-        now = time.monotonic()
+    def _expire_idle(self, now: float) -> list[Item]:
         for name in [n for n, e in self.ended.items() if e.until < now]:
             del self.ended[name]
         out: list[Item] = []

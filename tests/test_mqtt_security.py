@@ -1,0 +1,250 @@
+"""What any MQTT client can send must not hurt the service or another session (issue 8), against a
+real Mosquitto and the real MqttSource / Pipeline / MqttSink in process."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from mqtt_helpers import as_pcm, client, connect, pcm16, receive, reference, serve, session_messages
+from services import Mosquitto
+from speech import espeak
+
+from streamgen.io.mqtt import HEADER, MqttFailure, MqttLink, decode, encode_audio, encode_control
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Mosquitto(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def wave():
+    return pcm16(espeak("Good morning."))
+
+
+def with_session_id(message: bytes, raw: bytes) -> bytes:
+    """`message` with its header's session id replaced by arbitrary bytes."""
+    n = message[5]
+    return message[:5] + bytes([len(raw)]) + message[6 : HEADER.size] + raw + message[HEADER.size + n :]
+
+
+def control_bytes(session: str, seq: int, text: str) -> bytes:
+    return encode_control(session, seq, None)[: -len(b"null")] + text.encode()
+
+
+HOSTILE = {  # the issue's table: each of these stopped or stalled the whole service
+    "deep": lambda w: [control_bytes("mallory", 0, "[" * 2000 + "]" * 2000)],
+    "options": lambda w: [encode_control("mallory", 0, {"type": "start", "options": v}) for v in (5, "x", [1])],
+    "plus": lambda w: [with_session_id(encode_audio("mallory", 0, w[:320].numpy(), 16000), b"a+b"),
+                       with_session_id(encode_audio("mallory", 0, w[:320].numpy(), 16000), b"a/#")],
+    "nul": lambda w: [with_session_id(encode_audio("mallory", 0, w[:320].numpy(), 16000), b"a\x00b")],
+    "far_seq": lambda w: [encode_audio("mallory", 2**32 - 1 - i, w[:320].numpy(), 16000) for i in range(65)],
+    "other_session": lambda w: [encode_audio("alice", i, w[:320].numpy(), 16000) for i in range(3)]
+                               + [encode_control("alice", 3, {"type": "stop"})],
+}
+EXPECTED_ERROR = {
+    "deep": "nests 2000 levels deep",
+    "options": '"options" must be an object',
+    "plus": "session id b'a+b' is not valid",
+    "nul": r"session id b'a\x00b' is not valid",
+    "far_seq": "is still missing: more than the reorder window",
+    "other_session": "names session 'alice': a message speaks only for its topic's session, 'mallory'",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_the_issues_hostile_messages_end_only_their_sender(case, broker, test_bundle, wave):
+    """mallory sends one kind of hostile message on her own topic while alice runs a session:
+    mallory gets an error on her topic, alice's output equals the offline run, the server goes on."""
+    expected = reference(test_bundle, wave)
+
+    async def main():
+        server = asyncio.create_task(serve(test_bundle, broker.port, 1))
+        mallory = await connect(broker.port, "mallory", "s/mallory/out")
+        for m in HOSTILE[case](wave):
+            await mallory.publish("s/mallory/in", m)
+        error = (await receive(mallory, timeout=30)).error
+        alice = await client(broker.port, session_messages("alice", wave), "alice")
+        await asyncio.wait_for(server, 30)  # --sessions 1: alice's was the one good session
+        await mallory.close()
+        return error, alice
+
+    error, alice = asyncio.run(main())
+    assert EXPECTED_ERROR[case] in error
+    assert np.array_equal(as_pcm(alice), expected) and alice.control == [{"type": "end"}]
+
+
+def test_control_fields_are_checked_one_by_one():
+    from streamgen.io.mqtt import WireError, check_input_control
+
+    for body, why in [({"type": "start", "task": "../x"}, '"task" must be a task name'),
+                      ({"type": "start", "options": {"k": None}}, "must be a string"),
+                      ({"type": "start", "options": {"k": 10**20}}, r"integers up to 2\^53"),
+                      ({"type": "start", "options": {f"o{i}": 1 for i in range(33)}}, "33 options, at most 32"),
+                      ({"type": "stop", "now": True}, "has no field 'now'"),
+                      ({"type": "exec"}, "is not one of start, stop, task")]:
+        with pytest.raises(WireError, match=why):
+            check_input_control(decode(encode_control("a", 0, body)))
+    for text, why in [('{"type": "start", "options": {"k": NaN}}', "NaN is not a number JSON allows"),
+                      ('{"type": "stop"' + " " * 5000 + "}", "exceeds the 4096 byte limit")]:
+        with pytest.raises(WireError, match=why):
+            decode(control_bytes("a", 0, text))
+    check_input_control(decode(encode_control("a", 0, {"type": "start", "task": "translation", "options": {"k": 5, "r": 0.5, "p": "wait-k", "b": True}})))
+
+
+def test_an_unknown_task_or_option_is_an_error_for_its_session(broker, test_bundle, wave):
+    async def main():
+        server = asyncio.create_task(serve(test_bundle, broker.port, 1))
+        bad = [await client(broker.port, [encode_control(name, 0, body), encode_audio(name, 1, wave[:320].numpy(), 16000),
+                                          encode_control(name, 2, {"type": "stop"})], name)
+               for name, body in (("bob", {"type": "start", "task": "nope"}),
+                                  ("ben", {"type": "start", "task": "resynthesis", "options": {"k": 1}}))]
+        good = await client(broker.port, session_messages("carol", wave), "carol")
+        await asyncio.wait_for(server, 30)
+        return bad, good
+
+    bad, good = asyncio.run(main())
+    assert "unknown task 'nope'" in bad[0].error and "has no option k" in bad[1].error
+    assert good.control == [{"type": "end"}]
+
+
+def test_a_gap_is_reported_with_the_missing_numbers(broker, test_bundle, wave):
+    msgs = session_messages("dave", wave)
+    holed = msgs[:10] + msgs[13:]  # 10, 11, 12 never sent
+
+    async def main():
+        server = asyncio.create_task(serve(test_bundle, broker.port, None, idle_timeout_s=1.0))
+        reply = await client(broker.port, holed, "dave")
+        server.cancel()
+        return reply
+
+    reply = asyncio.run(main())
+    assert "never arrived: 10-12" in reply.error and reply.control[-1] == {"type": "end"}
+
+
+def test_sessions_expire_on_their_own_clock_while_others_talk(broker, test_bundle, wave):
+    """An abandoned session ends (with an error) after its idle time even while another client
+    keeps sending; before, expiry waited for a second of silence from everyone."""
+    chatty = session_messages("chatty", wave)
+
+    async def main():
+        server = asyncio.create_task(serve(test_bundle, broker.port, 1, idle_timeout_s=1.0))
+        quiet = await connect(broker.port, "quiet", "s/quiet/out")
+        for m in session_messages("quiet", wave)[:5]:
+            await quiet.publish("s/quiet/in", m)
+        talker = await connect(broker.port, "talker", "s/chatty/out")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        expired = asyncio.create_task(receive(quiet, timeout=30))
+        error_after = []
+        expired.add_done_callback(lambda _: error_after.append(loop.time() - t0))
+        for m in chatty:  # a message every 50 ms
+            await talker.publish("s/chatty/in", m)
+            await asyncio.sleep(0.05)
+        sent_for = loop.time() - t0
+        reply = await receive(talker)
+        await asyncio.wait_for(server, 30)
+        await quiet.close()
+        await talker.close()
+        return (await expired), error_after, sent_for, reply
+
+    expired, error_after, sent_for, reply = asyncio.run(main())
+    assert "no message for 1 s and no stop" in expired.error
+    assert expired.done and reply.control == [{"type": "end"}]
+    assert sent_for > 2 and error_after[0] < sent_for  # it came while chatty was still talking
+
+
+def test_too_many_sessions_are_refused_as_busy(broker, test_bundle, wave):
+    async def main():
+        server = asyncio.create_task(serve(test_bundle, broker.port, 1, max_live=2))
+        link = await connect(broker.port, "many", "s/+/out")
+        for name in ("s1", "s2", "s3"):
+            await link.publish(f"s/{name}/in", encode_audio(name, 0, wave[:320].numpy(), 16000))
+        reply = None
+        while reply is None:
+            topic, data, _ = await asyncio.wait_for(link.incoming.get(), 30)
+            msg = decode(data)
+            if msg.control and msg.control["type"] == "error":
+                reply = (msg.session, msg.control["message"])
+        for name in ("s1", "s2"):  # the live ones finish normally
+            await link.publish(f"s/{name}/in", encode_control(name, 1, {"type": "stop"}))
+        server.cancel()
+        await link.close()
+        return reply
+
+    session, error = asyncio.run(main())
+    assert session == "s3" and "the server is busy: 2 sessions are live" in error
+
+
+def test_the_reorder_buffer_is_bounded_in_bytes(broker, test_bundle, wave):
+    msgs = session_messages("eve", wave)[1:40]  # message 0 never comes; 39 x 662 bytes wait
+
+    async def main():
+        server = asyncio.create_task(serve(test_bundle, broker.port, None, max_buffer_bytes=16 * 1024))
+        reply = await client(broker.port, msgs, "eve")
+        server.cancel()
+        return reply
+
+    reply = asyncio.run(main())
+    assert "MiB of messages are waiting for message 0 (the limit is 0 MiB); never arrived: 0" in reply.error
+
+
+def test_ids_are_reusable_and_cannot_be_burned_in_advance(broker, test_bundle, wave):
+    expected = reference(test_bundle, wave)
+
+    async def main():
+        server = asyncio.create_task(serve(test_bundle, broker.port, 2))
+        stray = await client(broker.port, [encode_control("fay", 0, {"type": "stop"})], "fay")  # burns nothing
+        await asyncio.sleep(0.05)  # the next session's messages are sent later (sender timestamps)
+        first = await client(broker.port, session_messages("fay", wave), "fay")
+        await asyncio.sleep(0.05)
+        second = await client(broker.port, session_messages("fay", wave), "fay")
+        await asyncio.wait_for(server, 30)
+        return stray, first, second
+
+    stray, first, second = asyncio.run(main())
+    assert "empty input" in stray.error
+    for r in (first, second):
+        assert np.array_equal(as_pcm(r), expected) and r.control == [{"type": "end"}]
+
+
+def test_output_sequence_numbers_differ_across_server_runs(broker, test_bundle, wave):
+    """Two server runs (the same client id) answer the same session id: their reply streams share
+    no sequence number, so a client that drops repeats never drops new audio."""
+    async def main():
+        streams = []
+        for _ in range(2):
+            link = await connect(broker.port, "watch", "s/gus/out")
+            server = asyncio.create_task(serve(test_bundle, broker.port, 1))
+            await client(broker.port, session_messages("gus", wave), "gus")
+            await asyncio.wait_for(server, 30)
+            seqs = []
+            while not link.incoming.empty():
+                seqs.append(decode((await link.incoming.get())[1]).seq)
+            streams.append(seqs)
+            await link.close()
+            await asyncio.sleep(0.05)
+        return streams
+
+    a, b = asyncio.run(main())
+    assert len(a) > 3 and len(b) > 3 and not set(a) & set(b)
+
+
+def test_a_refused_login_is_an_error_not_a_retry_loop(tmp_path):
+    broker = Mosquitto(tmp_path, users={"server": "right"})
+    broker.start()
+    try:
+        async def main():
+            link = MqttLink("127.0.0.1", broker.port, username="server", password="wrong", client_id="s")
+            link.start()
+            with pytest.raises(MqttFailure, match="refused 'server': bad user name or password|not authorised"):
+                await asyncio.wait_for(link.publish("x", b"y"), 10)
+            assert link.reconnects == 0
+            await link.close()
+
+        asyncio.run(main())
+    finally:
+        broker.stop()
