@@ -35,11 +35,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..io.mqtt import MAX_RATE, MIN_RATE, pcm16_decode, pcm16_encode
 from ..pipeline.items import AudioChunk, Control, End
 from ..pipeline.tasks import available_tasks, load_task
 from .hub import Hub
 
-MIN_RATE, MAX_RATE = 8000, 192000  # as the MQTT wire format
 MAX_CONTROL_BYTES = 4096
 PAGE = resources.files("streamgen.serve") / "page"
 CSP = "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; img-src 'self' data:"
@@ -87,7 +87,7 @@ class WsConnection:
 
     # Route (called by the hub; never blocks)
     def audio(self, session: str, samples: torch.Tensor) -> None:
-        self._send((np.clip(samples.numpy(), -1, 1) * 32767).astype("<i2").tobytes())
+        self._send(pcm16_encode(samples.numpy()).tobytes())
 
     def control(self, session: str, body: dict) -> None:
         self._send(json.dumps(body))
@@ -230,7 +230,7 @@ class WsConnection:
                                 f"({self.opts.max_frame_bytes / 2 / self.in_rate:.2f} s at {self.in_rate} Hz); send smaller frames")
         if not data or len(data) % 2:
             raise ProtocolError(f"audio frame of {len(data)} bytes is not a whole number of PCM16 samples")
-        x = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+        x = pcm16_decode(np.frombuffer(data, "<i2"))
         await self._put_audio(x if self.resampler is None else self.resampler.resample_chunk(x))
 
     async def _put_audio(self, x: np.ndarray) -> None:

@@ -1,0 +1,129 @@
+"""Scale-out: `streamgen serve --mqtt` workers behind one real Mosquitto (with authentication) share
+sessions through an MQTT 5 shared subscription. One worker is killed mid-run: its sessions get a
+clear error from its will, the others finish unaffected, new sessions go to the survivors. A worker
+at capacity leaves new sessions to the others."""
+
+import asyncio
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from serve_helpers import ServeProcess
+from services import Mosquitto
+from speech import espeak
+
+from streamgen.testing import random_bundle
+
+pytest.importorskip("starlette")
+from streamgen.serve.cluster import cluster_session  # noqa: E402
+
+USERS = {"worker": "worker-secret-1", "client": "client-secret-2"}
+PREFIX = "sg"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    random_bundle(seed=1).save(d)
+    return d
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Mosquitto(tmp_path, users=USERS)
+    b.start()
+    yield b
+    b.stop()
+
+
+def workers(bundle_dir, broker, names: list[str], max_sessions: int) -> list[ServeProcess]:
+    def start(name):
+        return ServeProcess("--bundle", str(bundle_dir), "--task", "resynthesis", "--status-every", "0",
+                            "--mqtt", f"mqtt://127.0.0.1:{broker.port}/{PREFIX}", "--mqtt-username", "worker",
+                            "--worker-id", name, "--max-sessions", str(max_sessions),
+                            env={"STREAMGEN_MQTT_PASSWORD": USERS["worker"]})
+
+    with ThreadPoolExecutor(len(names)) as ex:
+        return list(ex.map(start, names))
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to PCM16 rounding of float noise (batched rows equal a session alone to float rounding)."""
+    return len(a) == len(b) and int(np.abs(a.astype(np.int32) - b).max()) <= 1
+
+
+def session(broker, name: str, wave: np.ndarray, **kw):
+    return cluster_session("127.0.0.1", broker.port, PREFIX, name, wave, 16000, username="client", password=USERS["client"], **kw)
+
+
+async def test_sessions_spread_a_killed_worker_fails_only_its_own(bundle_dir, broker):
+    ws = workers(bundle_dir, broker, ["w0", "w1", "w2"], max_sessions=10)
+    try:
+        assert all(f"as worker w{i}" in "\n".join(w.lines) for i, w in enumerate(ws))
+        waves = [espeak("the quick brown fox jumps").numpy(), espeak("seven boats in the harbour").numpy()]
+        refs = [await session(broker, f"ref-{i}", w) for i, w in enumerate(waves)]
+        for r in refs:
+            assert r.error is None and r.messages[-1]["type"] == "end" and len(r.audio) > 1600
+
+        claims: dict[str, str] = {}
+        all_claimed = asyncio.Event()
+
+        def on_claimed(name):
+            async def note(worker):
+                claims[name] = worker
+                if len(claims) == 20:
+                    all_claimed.set()
+            return note
+
+        runs = [asyncio.ensure_future(session(broker, f"run-{i}", waves[i % 2], realtime=True, on_claimed=on_claimed(f"run-{i}")))
+                for i in range(20)]
+        await asyncio.wait_for(all_claimed.wait(), 30)
+        assert set(claims.values()) == {"w0", "w1", "w2"}, claims  # spread over every worker
+        ws[0].proc.send_signal(signal.SIGKILL)  # mid-run: every session is still streaming
+        replies = await asyncio.gather(*runs)
+        for i, r in enumerate(replies):
+            if claims[f"run-{i}"] == "w0":
+                assert r.error is not None and "worker w0 went offline" in r.error, r.messages
+            else:
+                assert r.error is None, r.messages
+                assert r.messages[-1]["type"] == "end"
+                assert same(r.audio, refs[i % 2].audio)  # unaffected: what it gets alone
+        assert sum(c == "w0" for c in claims.values()) >= 1
+
+        after = await asyncio.gather(*(session(broker, f"after-{i}", waves[i % 2]) for i in range(4)))
+        for i, r in enumerate(after):
+            assert r.worker in ("w1", "w2") and r.error is None
+            assert same(r.audio, refs[i % 2].audio)
+        for w in ws[1:]:
+            m = w.metrics()
+            assert m[("streamgen_live_sessions", ())] == 0
+            assert m[("streamgen_sessions_started_total", (("via", "mqtt"),))] >= 1
+    finally:
+        for w in ws:
+            w.stop()
+
+
+async def test_a_full_worker_leaves_new_sessions_to_the_others(bundle_dir, broker):
+    ws = workers(bundle_dir, broker, ["a", "b"], max_sessions=1)
+    try:
+        long = np.tile(espeak("a long sentence to keep the worker busy").numpy(), 2)
+        first = asyncio.ensure_future(session(broker, "long-0", long, realtime=True))
+        await asyncio.sleep(0.5)
+        second = asyncio.ensure_future(session(broker, "long-1", long, realtime=True))
+        await asyncio.sleep(0.5)
+        third = await session(broker, "extra", long[:16000], claim_timeout=2)
+        assert third.worker is None and third.error is not None  # every worker is busy: nobody claims it
+        r0, r1 = await asyncio.gather(first, second)
+        assert {r0.worker, r1.worker} == {"a", "b"}  # the second went to the worker with room
+        assert r0.error is None and r1.error is None
+        later = await session(broker, "later", long[:16000])
+        assert later.worker in ("a", "b") and later.error is None
+        # a graceful stop says so on the status topic: no session is left hanging
+        ws[0].signal()
+        assert ws[0].wait() == 0
+        again = await session(broker, "again", long[:16000])
+        assert again.worker == "b" and again.error is None
+    finally:
+        for w in ws:
+            w.stop()
