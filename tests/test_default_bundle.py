@@ -61,11 +61,11 @@ def heard_continuing(asr, sample, audio) -> tuple[int, float]:
 
 def continues_the_sample(asr, sample, audio) -> bool:
     """Speech, heard as going on from the sample. Measured 2026-11-26 with the shipped bundle:
-    continuations of the sample (seeds 0-4) add 7-12 words with no-speech probabilities 0.05-0.19;
+    continuations of the sample (six draws) add 7-12 words with no-speech probabilities 0.05-0.20;
     babble (random units, or the sample's own units shuffled, through the same vocoder) adds none
-    (25 of 26 draws; the other one: no-speech 0.40) with no-speech probabilities 0.23-1.0."""
+    in 30 of 31 draws (no-speech 0.23-1.0); the other one adds words, with no-speech 0.40."""
     added, no_speech = heard_continuing(asr, sample, audio)
-    return added >= 3 and no_speech < 0.2
+    return added >= 3 and no_speech < 0.3
 
 
 def test_demo_continues_the_sample_where_babble_does_not(tmp_path, asr):
