@@ -20,6 +20,18 @@ from streamgen.serve.cluster import cluster_session  # noqa: E402
 
 USERS = {"worker": "worker-secret-1", "client": "client-secret-2"}
 PREFIX = "sg"
+ACL = f"""user worker
+topic readwrite {PREFIX}/start
+topic read {PREFIX}/sessions/+/in
+topic write {PREFIX}/sessions/+/out
+topic write {PREFIX}/workers/+
+
+user client
+topic write {PREFIX}/start
+topic write {PREFIX}/sessions/+/in
+topic read {PREFIX}/sessions/+/out
+topic read {PREFIX}/workers/+
+"""  # the ACL docs/deploy.md shows
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +43,7 @@ def bundle_dir(tmp_path_factory):
 
 @pytest.fixture
 def broker(tmp_path):
-    b = Mosquitto(tmp_path, users=USERS)
+    b = Mosquitto(tmp_path, users=USERS, acl=ACL)
     b.start()
     yield b
     b.stop()

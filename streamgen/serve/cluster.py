@@ -370,7 +370,8 @@ class ClusterReply:
 async def cluster_session(host: str, port: int, prefix: str, session: str, wave: np.ndarray, sample_rate: int,
                           task: str | None = None, options: dict | None = None, block: int = 320, realtime: bool = False,
                           claim_timeout: float = 5.0, on_claimed: Callable[[str], Awaitable[None]] | None = None,
-                          username: str | None = None, password: str | None = None) -> ClusterReply:
+                          username: str | None = None, password: str | None = None,
+                          tls_context: ssl.SSLContext | None = None) -> ClusterReply:
     """Run one session through a cluster: start, wait for the claim, stream `wave` (float32), stop,
     collect the reply until its end, or until the claiming worker goes offline (then an error)."""
     import aiomqtt
@@ -379,7 +380,7 @@ async def cluster_session(host: str, port: int, prefix: str, session: str, wave:
     out_topic = o.topic("out", session)
     body = {"type": "start", **({"task": task} if task else {}), "options": options or {}}
     async with aiomqtt.Client(host, port, username=username, password=password, protocol=aiomqtt.ProtocolVersion.V5,
-                              identifier=f"streamgen-client-{session}", timeout=10) as client:
+                              identifier=f"streamgen-client-{session}", tls_context=tls_context, timeout=10) as client:
         await client.subscribe(out_topic, qos=1)
         await client.publish(o.topic("start"), encode_control(session, 0, body), qos=1)
         messages = client.messages
