@@ -66,12 +66,16 @@ class SessionStats:
     error: str | None = None
     closed: bool = False  # every stage has flushed it; its JSON line is written
 
-    def end_of_playback(self, delays_ms: list[float]) -> float:
-        """Where the last chunk ends when each chunk starts at max(its delay, end of the previous one)."""
+    def offsets(self, delays_ms: list[float], input_ended_ms: float | None = None) -> tuple[float, float]:
+        """StartOffset and EndOffset for these per-chunk delays: play each chunk at max(its delay,
+        end of the previous one); EndOffset is where the last ends minus when the input ended (by
+        default: its duration)."""
         end = 0.0
         for d, (_, _, n) in zip(delays_ms, self.outputs):
             end = max(d, end) + 1000 * n / self.sample_rate
-        return end
+        if input_ended_ms is None:
+            input_ended_ms = 1000 * self.input_samples / self.sample_rate
+        return delays_ms[0], end - input_ended_ms
 
     def summary(self) -> dict:
         input_ms = 1000 * self.input_samples / self.sample_rate
@@ -88,11 +92,10 @@ class SessionStats:
         if self.outputs and self.started_at is not None:
             ideal = [d for d, _, _ in self.outputs]
             aware = [1000 * (t - self.started_at) for _, t, _ in self.outputs]
-            input_ended_ms = input_ms if self.input_end_at is None else 1000 * (self.input_end_at - self.started_at)
-            out["start_offset_ms"] = round(ideal[0], 1)
-            out["end_offset_ms"] = round(self.end_of_playback(ideal) - input_ms, 1)
-            out["start_offset_ca_ms"] = out["first_audio_ms"] = round(aware[0], 1)
-            out["end_offset_ca_ms"] = round(self.end_of_playback(aware) - input_ended_ms, 1)
+            input_ended_ms = None if self.input_end_at is None else 1000 * (self.input_end_at - self.started_at)
+            out["start_offset_ms"], out["end_offset_ms"] = (round(x, 1) for x in self.offsets(ideal))
+            out["start_offset_ca_ms"], out["end_offset_ca_ms"] = (round(x, 1) for x in self.offsets(aware, input_ended_ms))
+            out["first_audio_ms"] = out["start_offset_ca_ms"]
             if self.input_end_at is not None:
                 out["first_audio_after_input_ms"] = round(1000 * (self.outputs[0][1] - self.input_end_at), 1)
         return out
