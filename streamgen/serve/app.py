@@ -54,6 +54,7 @@ class HttpOptions:
     max_frame_bytes: int = 65536  # one binary (audio) frame
     max_sessions_per_connection: int = 64  # sessions one connection may open, one at a time
     send_buffer: int = 2048  # messages queued for a client before it counts as not reading
+    max_connections: int = 256  # open HTTP/WebSocket connections; more get HTTP 503
 
 
 class ProtocolError(Exception):
@@ -110,12 +111,16 @@ class WsConnection:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        too_slow = tasks[2] in done
         if self.current is not None:
-            await self.hub.abort(self.current, "the client disconnected")
+            await self.hub.abort(self.current, "the client did not read its output fast enough" if too_slow else "the client disconnected")
         if self.running is not None:
             self.hub.detach(self.running)
-        if tasks[2] in done:
-            await self.ws.close(code=1008, reason="the client did not read its output fast enough")
+        if too_slow:
+            try:
+                await self.ws.close(code=1008, reason="the client did not read its output fast enough")
+            except (RuntimeError, OSError):
+                pass  # already gone
 
     async def flush(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -55,6 +55,7 @@ def serve(
     max_sessions: int = typer.Option(16, help="Live sessions at once, all clients together; more are refused (MQTT: left to other workers)."),
     max_sessions_per_connection: int = typer.Option(64, help="Sessions one WebSocket connection may open (one at a time)."),
     max_frame_bytes: int = typer.Option(65536, help="Largest binary (audio) WebSocket frame; 4x this closes the connection."),
+    max_connections: int = typer.Option(256, help="Open HTTP/WebSocket connections at once; more get HTTP 503."),
     idle_timeout: float = typer.Option(30.0, help="End a session that sends nothing for this many seconds."),
     drain: float = typer.Option(10.0, help="On SIGTERM/SIGINT, seconds live sessions may go on before they are ended."),
     status_every: float = typer.Option(10.0, help="Seconds between console status lines (0: none)."),
@@ -87,7 +88,7 @@ def serve(
     host, port = parse_hostport(http)
     token = read_token(token_file)
     for name, value in (("--max-sessions", max_sessions), ("--max-sessions-per-connection", max_sessions_per_connection),
-                        ("--max-frame-bytes", max_frame_bytes)):
+                        ("--max-frame-bytes", max_frame_bytes), ("--max-connections", max_connections)):
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
     cluster = None
@@ -107,7 +108,9 @@ def serve(
                               queue_size=queue_size, overflow=overflow, max_sessions=max_sessions)
     except (UnknownTask, ValueError, RuntimeError) as e:
         fail(str(e))
-    opts = ServeOptions(host, port, HttpOptions(task, options, token, tuple(allow_origin), max_frame_bytes, max_sessions_per_connection),
+    http_opts = HttpOptions(task, options, token, tuple(allow_origin), max_frame_bytes, max_sessions_per_connection,
+                            max_connections=max_connections)
+    opts = ServeOptions(host, port, http_opts,
                         max_sessions, idle_timeout, status_every, drain, cluster)
     describe = f"bundle {bundle or 'shipped default'} ({b.sample_rate} Hz, {device}), chunks of {chunk_ms} ms"
     raise typer.Exit(run_server(engine, opts, describe))

@@ -92,7 +92,8 @@ class Server:
         loop = asyncio.get_running_loop()
         o = self.opts
         http = _Http(uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                    ws_max_size=4 * o.http.max_frame_bytes, timeout_graceful_shutdown=5))
+                                    ws_max_size=4 * o.http.max_frame_bytes, limit_concurrency=o.http.max_connections,
+                                    timeout_graceful_shutdown=5))
         sock = listen(o.host, o.port)
         self.port = sock.getsockname()[1]
         http_task = loop.create_task(http.serve(sockets=[sock]))
