@@ -1,39 +1,48 @@
-"""A SimulEval agent that runs streamgen's own pipeline stages, so SimulEval can drive streamgen:
+"""SimulEval drives streamgen: an agent that runs streamgen's own engine on the source SimulEval
+reads, and an ASR-BLEU scorer that hears the output speech with streamgen's recogniser.
+
+Latency only (SimulEval's own command; `--no-scoring` skips its text BLEU, which on speech output
+would compare file paths with the references):
 
     simuleval --agent streamgen/eval/simuleval_agent.py --source-type speech --target-type speech \\
               --source wavs.txt --target refs.txt --output out --no-scoring \\
-              --bundle DIR --task translation --task-option policy=wait-k
+              --task translation --task-option policy=wait-k [--bundle DIR]
 
-(run like this with simuleval 1.1.4; its speech-output scoring needs its own ASR extras, so score
-with `streamgen eval`, whose latency figures are checked against SimulEval's scorers).
+Quality and latency (the same command line through this module, which registers the scorer first):
 
-Each policy call feeds the source samples SimulEval has read so far through the chunker, unit
-encoder, generator and vocoder (the same classes as `streamgen run`, called in order instead of
-through queues) and writes whatever audio came out; at the end of the source the stages flush.
+    python -m streamgen.eval.simuleval_agent --source-type speech --target-type speech \\
+              --source wavs.txt --target refs.txt --output out \\
+              --quality-metrics STREAMGEN_ASR_BLEU --latency-metrics StartOffset EndOffset AL \\
+              --task translation
+
+Sources may have any sample rate (espeak-ng writes 22,050 Hz): they are resampled with soxr to the
+bundle's rate as they are read, like every other streamgen input. Each policy call feeds the new
+source samples to the engine, lets it work until it has done all it can with them, and writes the
+audio that came out; at the end of the source the session is flushed.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import soxr
 import torch
 
-from streamgen.pipeline.items import AudioChunk, AudioOut, Control, End, SessionError
+from streamgen.options import check_task, parse_kv
+from streamgen.pipeline.items import AudioChunk, AudioOut, End, SessionError
 from streamgen.pipeline.runner import build_stages
 
 try:
     from simuleval.agents import SpeechToSpeechAgent
     from simuleval.agents.actions import ReadAction, WriteAction
     from simuleval.data.segments import SpeechSegment
+    from simuleval.evaluator.scorers.quality_scorer import QualityScorer, add_sacrebleu_args, register_quality_scorer
     from simuleval.utils import entrypoint
 except ImportError as e:  # pragma: no cover - only where simuleval is missing
-    raise ImportError("the SimulEval agent needs simuleval: pip install simuleval") from e
+    raise ImportError("the SimulEval agent needs simuleval: pip install 'streamgen[dev]' (or pip install simuleval)") from e
 
-
-def run_stages(stages, item) -> list:
-    """Push one item through the stages in order; everything that comes out of the last one."""
-    items = [item]
-    for stage in stages:
-        items = [out for x in items for out in stage.process(x)]
-    return items
+SESSION = "simuleval"
 
 
 @entrypoint
@@ -41,43 +50,62 @@ class StreamgenAgent(SpeechToSpeechAgent):
     def __init__(self, args, bundle=None):
         super().__init__(args)
         import streamgen
-        if bundle is None:  # no --bundle: the default bundle shipped with streamgen
-            bundle = streamgen.load_bundle(args.bundle, device=args.device)
-        self.bundle = bundle
-        self.task, self.options, self.chunk_ms = args.task, dict(kv.split("=", 1) for kv in args.task_option or []), args.chunk_ms
+
+        self.task, self.chunk_ms = args.task, args.chunk_ms
+        self.options = parse_kv(args.task_option, "--task-option")
+        self.bundle = bundle if bundle is not None else streamgen.load_bundle(args.bundle, device=args.device)
+        check_task(self.task, self.options, bundle=self.bundle)
         self.reset()
 
     @staticmethod
     def add_args(parser):
-        parser.add_argument("--bundle", default=None, help="streamgen bundle directory (default: a tiny random one)")
-        parser.add_argument("--task", default="translation")
-        parser.add_argument("--task-option", action="append", help="KEY=VALUE")
-        parser.add_argument("--chunk-ms", type=int, default=320)
+        parser.add_argument("--bundle", default=None, help="streamgen bundle directory (default: the one shipped with streamgen)")
+        parser.add_argument("--task", default="translation", help="task plugin (see `streamgen tasks`)")
+        parser.add_argument("--task-option", action="append", help="task option KEY=VALUE (repeatable)")
+        parser.add_argument("--chunk-ms", type=int, default=320, help="engine chunk size in ms")
         parser.add_argument("--device", default="cpu")
 
     def reset(self) -> None:
         super().reset()
         if not hasattr(self, "bundle"):  # the base constructor resets before the bundle is loaded
             return
-        self.stages = build_stages(self.bundle, self.task, self.options, chunk_ms=self.chunk_ms)
-        self.session = "simuleval"
-        self.read = 0  # source samples already fed
+        self.engine = build_stages(self.bundle, self.task, self.options, chunk_ms=self.chunk_ms)
+        self.outputs: list = []
+        self.engine.emit = self.outputs.append
+        self.engine.open(SESSION)
+        self.resampler: soxr.ResampleStream | None = None
+        self.read = 0  # source samples (at the source rate) already fed
+        self.fed = 0  # samples at the bundle's rate already fed
         self.done = False
-        run_stages(self.stages, Control(self.session, "start", self.task, self.options))
+
+    def run(self, item) -> list:
+        """Hand one item to the session and tick the engine until it has done all it can with it;
+        what came out."""
+        s = self.engine.sessions.get(SESSION)
+        if s is not None:
+            s.inbox.append(item)
+            while SESSION in self.engine.sessions and (not s.idle or s.input_ended):
+                self.engine.tick()
+        out = list(self.outputs)
+        self.outputs.clear()
+        return out
 
     def policy(self, states=None):
         states = states or self.states
         if self.done:
             return ReadAction()
-        new = states.source[self.read :]
-        out = []
-        if new:
-            chunk = torch.tensor(new, dtype=torch.float32)
-            out += run_stages(self.stages, AudioChunk(self.session, 0, chunk, self.read, 0.0))
-            self.read += len(new)
+        if self.resampler is None:
+            self.resampler = soxr.ResampleStream(states.source_sample_rate, self.bundle.sample_rate, 1, dtype="float32", quality="HQ")
         finished = states.source_finished
+        new = np.asarray(states.source[self.read :], dtype=np.float32)
+        self.read += len(new)
+        x = self.resampler.resample_chunk(new, last=finished)
+        out = []
+        if len(x):
+            out += self.run(AudioChunk(SESSION, 0, torch.from_numpy(x.copy()), self.fed, 0.0))
+            self.fed += len(x)
         if finished:
-            out += run_stages(self.stages, End(self.session, self.read, 0.0))
+            out += self.run(End(SESSION, self.fed, 0.0))
             self.done = True
         errors = [x.message for x in out if isinstance(x, SessionError)]
         if errors:
@@ -87,3 +115,44 @@ class StreamgenAgent(SpeechToSpeechAgent):
             samples = torch.cat(audio).tolist() if audio else []
             return WriteAction(SpeechSegment(content=samples, sample_rate=self.bundle.sample_rate, finished=finished), finished=finished)
         return ReadAction()
+
+
+@register_quality_scorer("STREAMGEN_ASR_BLEU")
+class StreamgenASRBLEU(QualityScorer):
+    """ASR-BLEU with streamgen's own recogniser (Whisper tiny.en from disk, `streamgen.eval.asr`):
+    each output wav is transcribed and scored with sacreBLEU against the references; the
+    transcripts go to OUTPUT/asr_transcripts.txt."""
+
+    def __init__(self, tokenizer: str = "13a"):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def __call__(self, instances: dict) -> float:
+        from sacrebleu.metrics.bleu import BLEU
+
+        from streamgen.eval.asr import WhisperASR
+        from streamgen.io.files import read_audio
+
+        asr = WhisperASR()
+        hyps = []
+        for ins in instances.values():
+            wav = Path(ins.prediction)
+            hyps.append(asr.transcribe(read_audio(wav, 16000).numpy()) if wav.is_file() and wav.stat().st_size > 44 else "")
+        if instances:
+            out = Path(next(iter(instances.values())).prediction).parent.parent / "asr_transcripts.txt"
+            out.write_text("".join(h + "\n" for h in hyps))
+        return BLEU(tokenize=self.tokenizer).corpus_score(hyps, [[ins.reference for ins in instances.values()]]).score
+
+    @staticmethod
+    def add_args(parser):
+        add_sacrebleu_args(parser)
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.sacrebleu_tokenizer)
+
+
+if __name__ == "__main__":  # SimulEval's command line, with this agent and the scorer registered
+    from simuleval.cli import main
+
+    main()
