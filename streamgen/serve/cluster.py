@@ -114,7 +114,6 @@ class ClusterLink:
         self.sharing = False  # subscribed to the shared start topic
         self.accepting = True
         self.tasks: list[asyncio.Task] = []
-        self.claimed = 0
 
     def describe(self) -> str:
         return (f"mqtt://{self.o.host}:{self.o.port}/{self.o.prefix} as worker {self.o.worker_id} "
@@ -283,7 +282,6 @@ class ClusterLink:
             self._reply(name, {"type": "end"}, 1)
             return
         self.sessions[name] = s
-        self.claimed += 1
         await self.client.subscribe(self.o.topic("in", name), qos=self.o.qos)
         s.out_seq = 1
         self._reply(name, {"type": "claimed", "worker": self.o.worker_id}, 0)
