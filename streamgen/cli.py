@@ -582,7 +582,9 @@ def run(
     rate: int = typer.Option(16000, help="Sample rate of raw PCM on stdin (resampled to the bundle's)."),
     input_device: Optional[str] = typer.Option(None, help="PortAudio input device (index or name)."),
     output_device: Optional[str] = typer.Option(None, help="PortAudio output device (index or name)."),
-    mqtt_username: Optional[str] = typer.Option(None), mqtt_password: Optional[str] = typer.Option(None),
+    mqtt_username: Optional[str] = typer.Option(None),
+    mqtt_password: Optional[str] = typer.Option(None, help="Visible to other users in ps: prefer --mqtt-password-file or STREAMGEN_MQTT_PASSWORD."),
+    mqtt_password_file: Optional[Path] = typer.Option(None, help="File whose first line is the MQTT password."),
     mqtt_ca: Optional[str] = typer.Option(None, help="CA file for TLS."), mqtt_cert: Optional[str] = typer.Option(None),
     mqtt_key: Optional[str] = typer.Option(None), mqtt_insecure: bool = typer.Option(False, help="Skip TLS verification."),
     qos: int = typer.Option(1, help="MQTT QoS for input and output."),
@@ -595,6 +597,7 @@ def run(
 ):
     """Run a task on live or recorded speech, chunk by chunk."""
     import asyncio
+    import signal
 
     from .io import MqttOptions, open_endpoints
     from .options import RATES, StreamSettings, UsageError, check_device, check_input_spec, check_output_spec, check_task, \
@@ -639,7 +642,8 @@ def run(
         source, sink = open_endpoints(
             input, output, sr, realtime=realtime, input_device=dev(input_device), output_device=dev(output_device),
             duration_s=duration, stdin_rate=rate,
-            mqtt=MqttOptions(mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key, mqtt_insecure, qos, client_id, sessions),
+            mqtt=MqttOptions(mqtt_username, _mqtt_password(mqtt_password, mqtt_password_file), mqtt_ca, mqtt_cert, mqtt_key,
+                             mqtt_insecure, qos, client_id, sessions),
         )
     except (UnknownTask, ValueError, RuntimeError) as e:
         fail(str(e))
@@ -648,8 +652,15 @@ def run(
     if stats:  # each session's table as it ends
         st.on_session = lambda s: typer.echo(st.report(s.session), err=output == "-")
     pipeline = Pipeline(source, stages, sink, st, queue_size=queue_size, overflow=overflow)
+
+    async def until_signalled():  # SIGTERM / SIGINT: stop accepting, tell live sessions, drain, print stats, exit 0
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, pipeline.request_stop, "the server is shutting down")
+        return await pipeline.run()
+
     try:
-        asyncio.run(pipeline.run())
+        asyncio.run(until_signalled())
     except KeyboardInterrupt:
         pass
     except Exception as e:  # device errors and the like, named
@@ -663,10 +674,26 @@ def run(
         for n, s in st.sessions.items():
             if not s.closed:  # not reported as it ended (interrupted, or failed before its end)
                 typer.echo(st.report(n), err=output == "-")
-    errors = {n: s.error for n, s in st.sessions.items() if s.error}
+    errors = {n: s.error for n, s in st.sessions.items() if s.error and s.error != pipeline.stop_reason}
     for n, msg in errors.items():
         typer.secho(f"session {n}: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1 if errors else 0)
+
+
+def _mqtt_password(given: str | None, file: Path | None) -> str | None:
+    """The MQTT password: the first line of --mqtt-password-file, else --mqtt-password, else
+    $STREAMGEN_MQTT_PASSWORD (the file and the variable keep it out of `ps`)."""
+    if file is None:
+        return given or os.environ.get("STREAMGEN_MQTT_PASSWORD")
+    try:
+        if file.stat().st_size > 4096:
+            fail(f"--mqtt-password-file {file}: larger than 4 KiB; it should hold one line, the password")
+        lines = file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--mqtt-password-file {file}: cannot read it ({e})")
+    if not lines or not lines[0]:
+        fail(f"--mqtt-password-file {file}: its first line is empty; write the password there")
+    return lines[0]
 
 
 from .serve.command import serve as _serve  # noqa: E402  (its heavy imports happen when it runs)
