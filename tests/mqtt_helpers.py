@@ -28,8 +28,8 @@ def reference(bundle, wave, task=TASK, options=OPTIONS) -> np.ndarray:
 
 
 def make_server(bundle, port, sessions, in_topic="s/+/in", out_topic="s/{session}/out", task=TASK,
-                options=OPTIONS, client_id="streamgen-test-server", **source_options):
-    link = MqttLink("127.0.0.1", port, client_id=client_id)
+                options=OPTIONS, client_id="streamgen-test-server", username=None, password=None, **source_options):
+    link = MqttLink("127.0.0.1", port, client_id=client_id, username=username, password=password)
     source = MqttSource(link, in_topic, 16000, max_sessions=sessions, reply_topic=out_topic, **source_options)
     return Pipeline(source, build_stages(bundle, task, options), MqttSink(link, out_topic, 16000), Stats(16000))
 

@@ -286,10 +286,9 @@ def _refusal(e: Exception) -> str | None:
 
     if isinstance(e, aiomqtt.MqttCodeError):
         code = getattr(e.rc, "value", e.rc)
-        if code in (4, 134):
-            return "bad user name or password"
-        if code in (5, 135):
-            return "not authorised"
+        if code in (4, 5, 134, 135):  # mosquitto answers a wrong password with "not authorised"
+            return (f"{'bad user name or password' if code in (4, 134) else 'not authorised'}; check the user name and the "
+                    "password (--mqtt-username, --mqtt-password-file or STREAMGEN_MQTT_PASSWORD)")
     cause = e.__cause__ or e.__context__
     if isinstance(e, ssl.SSLError) or isinstance(cause, ssl.SSLError):
         return f"TLS failed ({cause or e})"
