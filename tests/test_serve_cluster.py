@@ -73,7 +73,7 @@ async def test_sessions_spread_a_killed_worker_fails_only_its_own(bundle_dir, br
     ws = workers(bundle_dir, broker, ["w0", "w1", "w2"], max_sessions=10)
     try:
         assert all(f"as worker w{i}" in "\n".join(w.lines) for i, w in enumerate(ws))
-        waves = [espeak("the quick brown fox jumps").numpy(), espeak("seven boats in the harbour").numpy()]
+        waves = [np.tile(espeak(t).numpy(), 2) for t in ("the quick brown fox jumps", "seven boats in the harbour")]
         refs = [await session(broker, f"ref-{i}", w) for i, w in enumerate(waves)]
         for r in refs:
             assert r.error is None and r.messages[-1]["type"] == "end" and len(r.audio) > 1600
