@@ -126,7 +126,8 @@ async def test_malformed_frames_get_one_error_each_and_touch_nobody_else(server)
             errors = [m for m in texts if m["type"] == "error"]
             assert len(errors) == 1 and f"exceeds the limit of {MAX_FRAME} bytes" in errors[0]["message"]
 
-    results = await asyncio.gather(ws_session(server.port, **good), bad_json(), audio_before_start(), unknown_task(),
+    # the good session talks in real time, as a person would, while the others misbehave
+    results = await asyncio.gather(ws_session(server.port, realtime=True, **good), bad_json(), audio_before_start(), unknown_task(),
                                    unknown_type(), oversized_frame())
     out, msgs = results[0]
     assert [m["type"] for m in msgs if m["type"] != "stats"] == ["started", "end"]
