@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from mqtt_helpers import BLOCK, as_pcm, client, connect, pcm16, receive, reference, serve, session_messages
+from mqtt_helpers import as_pcm, client, connect, pcm16, reference, serve, session_messages
 from services import Mosquitto
 from speech import espeak
 
@@ -147,3 +147,54 @@ def test_malformed_messages_get_errors_and_other_sessions_continue(broker, test_
     assert "exceeds the 1048576 byte limit" in errors["huge"]
     assert "11.0 s exceeds the 10 s limit" in errors["long"]
     assert "'no id' is not a valid session id" in server_errors[0]
+
+
+def test_broker_kill_9_loses_nothing_silently(tmp_path, test_bundle):
+    """The broker settings the README gives (persistence, autosave_interval 1) and a server with a
+    stable client id and clean_session off: the broker is SIGKILLed mid-session and restarted while
+    the client goes on sending. The session either comes out exact with a plain end, or its client
+    is told which input messages never arrived; never a plain end over missing audio."""
+    broker = Mosquitto(tmp_path, autosave_interval=1)
+    broker.start()
+    wave = espeak("Good morning, how are you today?")
+    expected = reference(test_bundle, wave)
+    try:
+        async def main():
+            server = asyncio.create_task(serve(test_bundle, broker.port, 1, idle_timeout_s=5.0))
+            await asyncio.sleep(1.5)  # an autosave after the server subscribed: its session survives the kill
+
+            async def kill_and_restart():
+                await asyncio.sleep(0.2)
+                await asyncio.to_thread(broker.kill)
+                await asyncio.to_thread(broker.start)
+
+            reply = await client(broker.port, session_messages("kim", pcm16(wave)), "kim", on_half=kill_and_restart)
+            source, stats = await asyncio.wait_for(server, 60)
+            return reply, source
+
+        reply, source = asyncio.run(main())
+    finally:
+        broker.stop()
+    assert source.link.reconnects >= 1
+    if reply.error is None:
+        assert np.array_equal(as_pcm(reply), expected) and reply.control == [{"type": "end"}]
+    else:
+        assert "never arrived" in reply.error and reply.control[-1] == {"type": "end"}
+
+
+def test_a_client_can_tell_which_replies_it_lost():
+    """Reply follows one stream from its start (random first number, wrapping at 2^32), drops
+    repeats and other streams' messages, and lists lost positions."""
+    from streamgen.io.mqtt import Reply
+
+    first = 2**32 - 3
+    stream = [encode_control("a", first, {"type": "start"})]
+    stream += [encode_audio("a", (first + i) % 2**32, np.full(4, i / 100, np.float32), 16000) for i in range(1, 9)]
+    stream += [encode_control("a", (first + 9) % 2**32, {"type": "end"})]
+    other = [encode_control("a", 2**31 + 77, {"type": "start"}), encode_control("a", 2**31 + 78, {"type": "error", "message": "old"})]
+    arrived = [stream[3], stream[0], stream[1], stream[1], other[0], stream[2], other[1], stream[5], stream[6], stream[8], stream[9]]
+    reply = Reply()
+    done = [reply.add(decode(m)) for m in arrived]
+    assert done[-1] and not any(done[:-1])
+    assert reply.missing == [4, 7] and reply.error is None and reply.control == [{"type": "end"}]
+    assert np.allclose(reply.audio(), np.repeat([0.01, 0.02, 0.03, 0.05, 0.06, 0.08], 4), atol=1e-4)

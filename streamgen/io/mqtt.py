@@ -719,8 +719,8 @@ class Reply:
                 self.early.append(msg)
             return self.done
         i = (msg.seq - self.first) % SEQ_MOD
-        if not 1 <= i <= 1 << 30 or i in self.messages:
-            return self.done
+        if not 1 <= i <= max(self.messages, default=0) + 4096 or i in self.messages:
+            return self.done  # a repeat, or another stream (they start 2^31 apart on average)
         self.messages[i] = msg
         if msg.kind == CONTROL and msg.control["type"] == "end":
             self.end = i
