@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import websockets
+from websockets.exceptions import InvalidStatus
 from serve_helpers import ServeProcess, pcm16, ws_session
 from speech import espeak
 
@@ -165,26 +166,33 @@ async def test_a_client_that_vanishes_mid_session_is_freed(server):
 
 async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
     token = "test-token-0123456789abcdef"
-    s = ServeProcess("--bundle", str(bundle_dir), "--task", "resynthesis", "--drain", "1", env={"STREAMGEN_TOKEN": token})
+    s = ServeProcess("--bundle", str(bundle_dir), "--task", "resynthesis", "--drain", "1", "--max-sessions", "1",
+                     env={"STREAMGEN_TOKEN": token})
+    auth = {"Authorization": f"Bearer {token}"}
     try:
         assert "bearer token required" in "\n".join(s.lines)
         assert token not in "\n".join(s.lines)
         assert s.get("/metrics")[0] == 401
         assert s.get("/metrics", {"Authorization": f"Bearer {token}"})[0] == 200
         assert s.get("/healthz")[0] == 200
-        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+        with pytest.raises(InvalidStatus) as e:
             await websockets.connect(f"ws://127.0.0.1:{s.port}/ws")
         assert e.value.response.status_code == 403
-        with pytest.raises(websockets.exceptions.InvalidStatus):
+        with pytest.raises(InvalidStatus):
             await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", additional_headers={"Authorization": "Bearer wrong-token-0123456789"})
-        with pytest.raises(websockets.exceptions.InvalidStatus):  # another site's page cannot use it
+        with pytest.raises(InvalidStatus):  # another site's page cannot use it
             await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", origin="http://evil.example",
                                      additional_headers={"Authorization": f"Bearer {token}"})
         ws = await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", subprotocols=["streamgen", f"streamgen.token.{token}"])
         assert ws.subprotocol == "streamgen"
         # SIGTERM while a session is live: it gets a clear error and its end, the process exits 0
         live = asyncio.ensure_future(ws_session(s.port, wave=np.tile(wave(0), 4), ws=ws, realtime=True))
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
+        async with websockets.connect(f"ws://127.0.0.1:{s.port}/ws", additional_headers=auth) as other:
+            await other.send(json.dumps({"type": "start"}))  # the server is full: refused, with the reason
+            m = json.loads(await other.recv())
+            assert m["type"] == "error" and "at capacity (1 live sessions)" in m["message"]
+        assert s.metrics(auth)[("streamgen_sessions_refused_total", (("reason", "capacity"),))] == 1
         s.signal()
         out, msgs = await asyncio.wait_for(live, 30)
         assert [m["type"] for m in msgs if m["type"] != "stats"] == ["started", "error", "end"]
