@@ -72,3 +72,65 @@ def test_the_json_session_line_agrees_with_the_final_figures(test_bundle):
     final = st.sessions["a"].summary()
     assert line[0]["output_s"] == final["output_s"] > 0
     assert line[0]["compute_ms"] == final["compute_ms"] and "vocoder" in final["compute_ms"]
+
+
+def test_a_service_prints_each_session_as_it_ends(tmp_path):
+    """`streamgen run --stats` over MQTT: a session's table comes out when it ends, while the service
+    goes on serving the next one."""
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from mqtt_helpers import client, session_messages
+    from services import Mosquitto
+
+    from streamgen.testing import random_bundle
+
+    random_bundle().save(tmp_path / "tiny")
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "streamgen"), "--debug", "run", "--bundle", str(tmp_path / "tiny"), "--task", "resynthesis",
+                             "--in", f"{url}/s/+/in", "--out", f"{url}/s/{{session}}/out", "--stats", "--sessions", "2",
+                             "--client-id", "stats-service"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    connected, log = threading.Event(), []
+
+    def read_log():
+        for line in proc.stderr:
+            log.append(line)
+            if "connected to 127.0.0.1" in line:  # (--debug shows this info line) subscribed, ready for sessions
+                connected.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+
+    def table_of(session: str, timeout: float = 60) -> list[str]:
+        deadline, got = time.monotonic() + timeout, []
+        while time.monotonic() < deadline:
+            try:
+                got.append(lines.get(timeout=0.5).rstrip("\n"))
+            except queue.Empty:
+                continue
+            if got[-1] == f"session {session}":
+                return got
+        raise AssertionError(f"no table for session {session}: {got}")
+
+    try:
+        assert connected.wait(60), "".join(log)
+        wave = espeak("One session at a time.")
+        asyncio.run(client(broker.port, session_messages("alice", wave), "alice"))
+        table_of("alice")
+        assert proc.poll() is None  # printed while the service is still running
+        asyncio.run(client(broker.port, session_messages("bob", wave), "bob"))
+        table_of("bob")
+        assert proc.wait(timeout=60) == 0, "".join(log)
+        time.sleep(0.5)
+        rest = [lines.get_nowait() for _ in range(lines.qsize())]
+        assert not [l for l in rest if l.startswith("session ")], rest  # each table once
+    finally:
+        proc.kill()
+        broker.stop()
