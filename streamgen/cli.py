@@ -496,9 +496,23 @@ def evaluate_cmd(
 ):
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
     from .eval.run import evaluate
+    from .options import MAX_CHUNK_MS, UsageError, check_device, in_range, parse_kv
 
     if no_prompt and prompt is not None:
         fail("--prompt and --no-prompt exclude each other")
+    try:
+        options = parse_kv(opt)
+        try:
+            chunks = [int(x) for x in chunk_ms.split(",")]
+        except ValueError:
+            raise UsageError(f"--chunk-ms {chunk_ms!r}: expected sizes in ms separated by commas, e.g. 160,320,640") from None
+        for c in chunks:
+            in_range("--chunk-ms", c, 10, MAX_CHUNK_MS, "ms")
+        if limit is not None:
+            in_range("--limit", limit, 1)
+        check_device(device)
+    except UsageError as e:
+        fail(str(e))
     b = open_bundle(bundle, device)
     if mbart is not None:
         from safetensors.torch import load_file
@@ -516,9 +530,8 @@ def evaluate_cmd(
             b.prompts[task] = load_prompt(prompt, b.need("mbart").cfg).to(b.device)
         except ValueError as e:
             fail(str(e))
-    options = dict(kv.split("=", 1) for kv in opt if "=" in kv)
     try:
-        results = evaluate(b, task, manifest, out, references=references, chunk_ms=[int(x) for x in chunk_ms.split(",")],
+        results = evaluate(b, task, manifest, out, references=references, chunk_ms=chunks,
                            options=options, realtime=realtime, limit=limit, seed=seed)
     except (ValueError, RuntimeError) as e:
         fail(str(e))

@@ -232,3 +232,15 @@ def test_a_session_that_produced_nothing_leaves_no_file(tmp_path):
     asyncio.run(go())
     assert not (tmp_path / "a.wav").exists()
     assert sf.info(str(tmp_path / "b.wav")).frames == 160
+
+
+def test_eval_names_its_mistakes_before_loading_anything(files):
+    base = ["eval", "--task", "resynthesis", "--manifest", str(files / "m.tsv"), "--out", str(files / "ev"), "--bundle", str(files / "tiny")]
+    for extra, message in [
+        (["--chunk-ms", "320,abc"], "--chunk-ms '320,abc': expected sizes in ms separated by commas"),
+        (["--chunk-ms", "0"], "--chunk-ms 0: must be from 10 to 10000 ms"),
+        (["--opt", "k"], "--opt 'k': expected KEY=VALUE"),
+        (["--limit", "0"], "--limit 0: must be at least 1"),
+    ]:
+        r = runner.invoke(cli.app, base + extra)
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (extra, r.output)
