@@ -38,6 +38,7 @@ import torch
 from ..io.mqtt import AUDIO, CONTROL, WireError, check_input_control, decode, encode_audio, encode_control, parse_url, tls_context
 from ..pipeline.items import AudioChunk, Control, End
 from ..pipeline.tasks import load_task
+from . import ServeError
 from .hub import Hub
 
 log = logging.getLogger("streamgen.cluster")
@@ -114,6 +115,7 @@ class ClusterLink:
         self.sharing = False  # subscribed to the shared start topic
         self.accepting = True
         self.tasks: list[asyncio.Task] = []
+        self.last_error: str | None = None
 
     def describe(self) -> str:
         return (f"mqtt://{self.o.host}:{self.o.port}/{self.o.prefix} as worker {self.o.worker_id} "
@@ -125,7 +127,10 @@ class ClusterLink:
         try:
             await asyncio.wait_for(self.connected.wait(), timeout=10)
         except TimeoutError:
-            raise ConnectionError(f"no MQTT connection to {self.o.host}:{self.o.port} within 10 s") from None
+            for t in self.tasks:
+                t.cancel()
+            raise ServeError(f"--mqtt: no connection to {self.o.host}:{self.o.port} within 10 s ({self.last_error or 'no answer'}); "
+                             "check the address, --mqtt-username and $STREAMGEN_MQTT_PASSWORD") from None
 
     async def _run(self) -> None:
         import aiomqtt
@@ -154,6 +159,7 @@ class ClusterLink:
                     finally:
                         publisher.cancel()
             except aiomqtt.MqttError as e:
+                self.last_error = str(e)
                 log.warning("MQTT link to %s:%d lost or refused (%s); retrying in %.1f s", self.o.host, self.o.port, e, delay)
             finally:
                 self.connected.clear()

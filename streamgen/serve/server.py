@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import uvicorn
 from ..pipeline.engine import Engine
 from ..pipeline.runner import Pipeline
 from ..pipeline.stats import Stats
+from . import ServeError
 from .app import HttpOptions, build_app
 from .hub import Hub
 from .metrics import ServeMetrics
@@ -41,10 +41,6 @@ class ServeOptions:
     status_every_s: float = 10.0  # console status line; 0: none
     drain_s: float = 10.0  # on SIGTERM, how long live sessions may go on before they are ended
     mqtt: object | None = None  # cluster.ClusterOptions
-
-
-class ServeError(Exception):
-    """The server cannot start (one line for the user)."""
 
 
 def percentile(xs, q: float) -> float | None:
@@ -96,17 +92,21 @@ class Server:
                                     timeout_graceful_shutdown=5))
         sock = listen(o.host, o.port)
         self.port = sock.getsockname()[1]
+        if o.mqtt is not None:
+            from .cluster import ClusterLink
+
+            self.cluster = ClusterLink(self.hub, o.mqtt, o.http.default_task, o.http.default_options)
+            try:
+                await self.cluster.start()
+            except ServeError:
+                sock.close()
+                raise
         http_task = loop.create_task(http.serve(sockets=[sock]))
         while not http.started and not http_task.done():
             await asyncio.sleep(0.01)
         if http_task.done():
             http_task.result()
             raise ServeError(f"the HTTP server on {o.host}:{self.port} stopped at start-up")
-        if o.mqtt is not None:
-            from .cluster import ClusterLink
-
-            self.cluster = ClusterLink(self.hub, o.mqtt, o.http.default_task, o.http.default_options)
-            await self.cluster.start()
         engine = loop.create_task(self.pipeline.run())
         ticker = loop.create_task(self._tick())
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -204,7 +204,7 @@ class Server:
                f"refused {sum(refused.values())} ({', '.join(f'{k} {v}' for k, v in refused.items())}), "
                f"{m.registry.get_sample_value('streamgen_audio_output_seconds_total') or 0:.1f} s of audio sent"]
         if lags:
-            out.append(f"  chunk lag: median {statistics.median(lags):.3f} s, p95 {percentile(lags, 0.95):.3f} s, max {max(lags):.3f} s "
+            out.append(f"  chunk lag: median {percentile(lags, 0.5):.3f} s, p95 {percentile(lags, 0.95):.3f} s, max {max(lags):.3f} s "
                        f"(last {len(lags)} chunks)")
         compute = m.compute_by_stage()
         if compute:
