@@ -154,6 +154,7 @@ function onMessage(e) {
     if (m.rtf !== undefined) stats.rtf = m.rtf;
   } else if (m.type === "error") {
     showError(m.message);
+    if (stats.state === "connecting") setState("ready"); // the start was refused: no session, no end follows
   } else if (m.type === "end") {
     stopMic();
     stats.sessions += 1;
