@@ -13,6 +13,7 @@ from serve_helpers import ServeProcess
 
 pytest.importorskip("starlette")
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -51,13 +52,22 @@ def test_page_talks_plays_and_shows_figures(browser, tmp_path):
         browser.get(server.url + "/?task=resynthesis")
         wait_for(browser, "return window.streamgenStats && window.streamgenStats.state === 'ready'", 20, "the task list")
         assert browser.find_element("id", "task").get_attribute("value") == "resynthesis"
+        # a bad option is refused with the server's message, and the page is ready again
+        Select(browser.find_element("id", "task")).select_by_value("translation")
+        k = browser.find_element("css selector", 'input[data-option="k"]')
+        k.clear()
+        k.send_keys("many")
+        browser.find_element("id", "talk").click()
+        wait_for(browser, "return window.streamgenStats.errors.length === 1 && window.streamgenStats.state === 'ready'", 20, "the refusal")
+        assert "option k='many' is not a valid int" in browser.find_element("id", "error").text
+        Select(browser.find_element("id", "task")).select_by_value("resynthesis")
         browser.find_element("id", "talk").click()
         wait_for(browser, "return window.streamgenStats.playedSamples > 16000", 40, "a second of played audio")
         browser.find_element("id", "talk").click()  # stop talking: the session flushes and ends
         wait_for(browser, "return window.streamgenStats.state === 'ended'", 30, "the session's end")
         time.sleep(0.5)  # one more render of the figures
         stats = browser.execute_script("return window.streamgenStats")
-        assert stats["errors"] == []
+        assert len(stats["errors"]) == 1  # only the refusal above
         assert stats["sentSamples"] > 16000 and stats["receivedSamples"] > 16000
         assert 0 < stats["playedSamples"] <= stats["receivedSamples"]
         assert stats["firstAudioMs"] > 0 and stats["serverFirstAudioMs"] > 0
