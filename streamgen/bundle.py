@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,12 +31,16 @@ from .audio import check_wave
 from .models.generation import Sampling, generate
 from .models.hubert import HubertConfig, HubertEncoder
 from .models.kmeans import KMeansQuantizer, dedup
+from .models.logmel_units import LogMelUnits, LogMelUnitsConfig
 from .models.prompt import DeepPrompt, PromptConfig
 from .models.unit_mbart import UnitMBart, UnitMBartConfig
+from .models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
 from .models.vocoder import CodeHiFiGAN, DurationConfig, VocoderConfig
 
 FORMAT, VERSION = "streamgen-bundle", 1
-PARTS = ("hubert", "kmeans", "mbart", "vocoder")
+PARTS = ("hubert", "kmeans", "mbart", "vocoder", "logmel_units", "source_filter")
+# logmel_units (log-mel k-means) takes the place of hubert + kmeans, source_filter that of vocoder
+CODEBOOKS = ("kmeans", "logmel_units")  # stay fp32 whatever the bundle's dtype
 MAX_ENCODE_SECONDS = 60.0  # one attention pass over the whole input; longer audio goes through the pipeline
 
 
@@ -48,10 +55,13 @@ class Bundle:
     quantizer: KMeansQuantizer | None = None
     mbart: UnitMBart | None = None
     vocoder: CodeHiFiGAN | None = None
+    logmel_units: LogMelUnits | None = None
+    source_filter: SourceFilterVocoder | None = None
     prompts: dict[str, DeepPrompt] = field(default_factory=dict)
 
     def modules(self) -> dict[str, nn.Module]:
-        parts = {"hubert": self.hubert, "kmeans": self.quantizer, "mbart": self.mbart, "vocoder": self.vocoder}
+        parts = {"hubert": self.hubert, "kmeans": self.quantizer, "mbart": self.mbart, "vocoder": self.vocoder,
+                 "logmel_units": self.logmel_units, "source_filter": self.source_filter}
         return {k: m for k, m in parts.items() if m is not None}
 
     def need(self, part: str) -> nn.Module:
@@ -70,7 +80,7 @@ class Bundle:
     def to(self, device=None, dtype: torch.dtype | None = None) -> Bundle:
         """Move every part (k-means centroids stay fp32 whatever the dtype)."""
         for name, m in self.modules().items():
-            m.to(device=device, dtype=None if name == "kmeans" else dtype)
+            m.to(device=device, dtype=None if name in CODEBOOKS else dtype)
         for p in self.prompts.values():
             p.to(device=device)
         return self
@@ -84,6 +94,8 @@ class Bundle:
     @torch.no_grad()
     def encode_batch(self, waves: list[Tensor | np.ndarray]) -> list[tuple[Tensor, Tensor]]:
         """Several utterances in one padded pass; each gives exactly what `encode` gives it alone."""
+        if self.logmel_units is not None:
+            return [self.logmel_units.encode(check_wave(w, self.sample_rate, min_samples=self.logmel_units.cfg.hop)) for w in waves]
         hubert, quantizer = self.need("hubert"), self.need("kmeans")
         waves = [check_wave(w, self.sample_rate, min_samples=hubert.cfg.receptive_field) for w in waves]
         for w in waves:
@@ -117,9 +129,10 @@ class Bundle:
         temperature: float = 1.0,
         top_k: int = 0,
         min_units: int = 0,
-        seed: int | None = None,
+        seed: int = 0,
     ) -> Tensor:
-        """Units [N] -> generated units [M] (M <= max_units), conditioned on a task prompt or none."""
+        """Units [N] -> generated units [M] (M <= max_units), conditioned on a task prompt or none;
+        sampled units are a pure function of `seed`."""
         mbart = self.need("mbart")
         units = torch.as_tensor(units)
         if units.dim() != 1 or units.dtype not in (torch.int32, torch.int64):
@@ -129,16 +142,15 @@ class Bundle:
         if units.numel() + 1 > mbart.cfg.max_positions or max_units + 1 > mbart.cfg.max_positions:
             raise ValueError(f"source or output longer than the model's {mbart.cfg.max_positions} positions")
         p = self.prompt(prompt)
-        gen = None if seed is None else torch.Generator(device=mbart.embed_tokens.weight.device).manual_seed(seed)
         return generate(
             mbart, [units], p.shared_kv(mbart) if p else None, max_units=max_units, min_units=min_units,
-            sampling=Sampling(greedy, temperature, top_k), generator=gen,
+            sampling=Sampling(greedy, temperature, top_k), seed=seed,
         )[0]
 
     @torch.no_grad()
     def vocode(self, units: Tensor) -> Tensor:
         """De-duplicated units [N] -> waveform [S] float32 at `sample_rate`."""
-        vocoder = self.need("vocoder")
+        vocoder = self.source_filter if self.source_filter is not None else self.need("vocoder")
         units = torch.as_tensor(units)
         if units.numel() == 0:
             return torch.zeros(0)
@@ -151,7 +163,7 @@ class Bundle:
         path = Path(path)
         (path / "prompts").mkdir(parents=True, exist_ok=True)
         for name, m in self.modules().items():
-            cast = None if name == "kmeans" else dtype
+            cast = None if name in CODEBOOKS else dtype
             save_file({k: _cast(v, cast) for k, v in m.state_dict().items()}, path / f"{name}.safetensors")
         for name, p in self.prompts.items():
             save_file({k: v.detach().float().contiguous().cpu() for k, v in p.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
@@ -195,6 +207,8 @@ def save_part(path: str | Path, name: str, module: nn.Module) -> None:
 
 def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
     """Add (or replace) a task prompt in a bundle directory, leaving its other files as they are."""
+    if not NAME.fullmatch(name):
+        raise BundleError(f"prompt name {name!r} must be a plain name (letters, digits, _ . -; no path)")
     path = Path(path)
     (path / "prompts").mkdir(exist_ok=True)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in prompt.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
@@ -208,12 +222,100 @@ def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t.contiguous()
 
 
-def _load_part(path: Path, name: str, module: nn.Module) -> nn.Module:
+MAX_META_BYTES = 1 << 20  # bundle.json
+MAX_PART_BYTES = 8 << 30  # one .safetensors file
+MAX_HEADER_BYTES = 16 << 20  # its JSON header
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # task prompts are files named after them
+# Sane ceilings for part configs, checked before anything is built (the largest public models are far below).
+LIMITS = {"layers": 64, "encoder_layers": 64, "decoder_layers": 64, "dim": 8192, "embedding_dim": 8192, "model_in_dim": 8192,
+          "ffn_dim": 65536, "heads": 128, "vocab_size": 1 << 17, "num_units": 1 << 17, "num_embeddings": 1 << 17,
+          "max_positions": 1 << 16, "length": 4096}
+MAX_NUMBER, MAX_LIST = 1 << 20, 64
+
+
+def _check_numbers(where: str, value, key: str = "") -> None:
+    """Every number in a part config finite and within its ceiling, every list short."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        limit = LIMITS.get(key, MAX_NUMBER)
+        if not math.isfinite(value) or not -MAX_NUMBER <= value <= limit:
+            raise BundleError(f"{where}: {key or 'a value'} = {value!r} is outside the sane range (at most {limit})")
+    elif isinstance(value, (list, tuple)):
+        if len(value) > MAX_LIST:
+            raise BundleError(f"{where}: {key or 'a list'} has {len(value)} entries (at most {MAX_LIST})")
+        for v in value:
+            _check_numbers(where, v, key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(where, v, str(k))
+    else:
+        raise BundleError(f"{where}: {key or 'a value'} has an unexpected type {type(value).__name__}")
+
+
+def _check_meta(meta_file: Path, meta: dict) -> None:
+    """bundle.json's parts and prompts, before anything is built from them."""
+    parts, prompts = meta.get("parts", {}), meta.get("prompts", {})
+    if not isinstance(parts, dict) or not isinstance(prompts, dict):
+        raise BundleError(f"{meta_file}: \"parts\" and \"prompts\" must be objects")
+    for name, cfg in parts.items():
+        if name not in PARTS:
+            raise BundleError(f"{meta_file}: unknown part {name!r} (parts are {', '.join(PARTS)})")
+        _check_numbers(f"{meta_file}: part {name}", cfg)
+    for name, cfg in prompts.items():
+        if not NAME.fullmatch(name):
+            raise BundleError(f"{meta_file}: prompt name {name[:80]!r} must be a plain name (letters, digits, _ . -; no path)")
+        _check_numbers(f"{meta_file}: prompt {name}", cfg)
+    _check_numbers(f"{meta_file}", meta.get("sample_rate", 16000), "sample_rate")
+
+
+def _weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a .safetensors file declares, from its header alone, with its sizes checked."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(size - 8, MAX_HEADER_BYTES):
+                raise BundleError(f"{file}: not a readable safetensors file (its header claims {n} bytes of a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise BundleError(f"{file.parent}: bundle.json lists {file.stem} but {file.name} is missing") from None
+    except (OSError, ValueError) as e:
+        if isinstance(e, BundleError):
+            raise
+        raise BundleError(f"{file}: not a readable safetensors file: {e}") from None
+    if size > MAX_PART_BYTES:
+        raise BundleError(f"{file}: {size / 2**30:.1f} GiB is over the {MAX_PART_BYTES >> 30} GiB limit for one part")
+    try:
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise BundleError(f"{file}: not a readable safetensors file (malformed header)") from None
+    if max(ends, default=0) > size - 8 - n:
+        raise BundleError(f"{file}: truncated: its header places data beyond the end of the file")
+    return shapes
+
+
+def _load_part(path: Path, name: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a part and load its weights, after checking, on a module built on the meta device (no
+    memory), that the config asks for exactly the shapes the weights file declares."""
     file = path / f"{name}.safetensors"
+    have = _weight_shapes(file)
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (RuntimeError, NotImplementedError):  # a constructor that computes on tensors: its config limits were checked
+        skeleton = None
+    if skeleton is not None:
+        want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        if want != have:
+            diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+            k = diff[0]
+            raise BundleError(f"{file}: weights do not match the config in bundle.json ({len(diff)} tensors differ; "
+                              f"{k}: config {want.get(k, 'none')}, file {have.get(k, 'none')})")
+    module = build()
     try:
         sd = load_file(file)
-    except FileNotFoundError:
-        raise BundleError(f"{path}: bundle.json lists {name} but {file.name} is missing") from None
     except Exception as e:  # safetensors raises its own error type for corrupt files
         raise BundleError(f"{file}: not a readable safetensors file: {e}") from None
     try:
@@ -240,29 +342,38 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     meta_file = path / "bundle.json"
     if not meta_file.is_file():
         raise BundleError(f"{path}: not a streamgen bundle (no bundle.json); make one with `streamgen convert`")
+    if meta_file.stat().st_size > MAX_META_BYTES:
+        raise BundleError(f"{meta_file}: {meta_file.stat().st_size} bytes; a bundle.json is at most {MAX_META_BYTES} (is this the right file?)")
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BundleError(f"{meta_file}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_file}: not a bundle description (a JSON object)")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise BundleError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT!r} v{VERSION}")
+    _check_meta(meta_file, meta)
     parts = meta.get("parts", {})
     b = Bundle(sample_rate=int(meta.get("sample_rate", 16000)))
     try:
         if "hubert" in parts:
-            b.hubert = _load_part(path, "hubert", HubertEncoder(HubertConfig.from_dict(parts["hubert"])))
+            b.hubert = _load_part(path, "hubert", lambda: HubertEncoder(HubertConfig.from_dict(parts["hubert"])))
         if "kmeans" in parts:
             k = parts["kmeans"]
-            b.quantizer = _load_part(path, "kmeans", KMeansQuantizer(torch.zeros(k["num_units"], k["dim"])))
+            b.quantizer = _load_part(path, "kmeans", lambda: KMeansQuantizer(torch.zeros(k["num_units"], k["dim"])))
         if "mbart" in parts:
-            b.mbart = _load_part(path, "mbart", UnitMBart(UnitMBartConfig.from_dict(parts["mbart"])))
+            b.mbart = _load_part(path, "mbart", lambda: UnitMBart(UnitMBartConfig.from_dict(parts["mbart"])))
             b.mbart.requires_grad_(False)
         if "vocoder" in parts:
-            b.vocoder = _load_part(path, "vocoder", CodeHiFiGAN(VocoderConfig.from_dict(parts["vocoder"])))
+            b.vocoder = _load_part(path, "vocoder", lambda: CodeHiFiGAN(VocoderConfig.from_dict(parts["vocoder"])))
+        if "logmel_units" in parts:
+            b.logmel_units = _load_part(path, "logmel_units", lambda: LogMelUnits(LogMelUnitsConfig.from_dict(parts["logmel_units"])))
+        if "source_filter" in parts:
+            b.source_filter = _load_part(path, "source_filter", lambda: SourceFilterVocoder(SourceFilterConfig.from_dict(parts["source_filter"])))
         for name, pc in meta.get("prompts", {}).items():
             if b.mbart is None:
                 raise BundleError(f"{meta_file}: prompt {name!r} needs an mbart part")
-            b.prompts[name] = _load_part(path / "prompts", name, DeepPrompt(b.mbart.cfg, PromptConfig(pc["length"], tuple(pc["stacks"]))))
+            b.prompts[name] = _load_part(path / "prompts", name, lambda: DeepPrompt(b.mbart.cfg, PromptConfig(pc["length"], tuple(pc["stacks"]))))
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, BundleError):
             raise

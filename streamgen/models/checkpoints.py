@@ -348,6 +348,9 @@ class _KMeansUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so BUIL
         return arr.reshape(shape[::-1]).T if w.order == "F" else arr.reshape(shape)
 
 
+MAX_KMEANS_BYTES = 256 << 20  # public ones (K <= 2000, D <= 1280, float32) are under 11 MiB
+
+
 def read_kmeans(path) -> Tensor:
     """Cluster centres [K, D] from a joblib-saved MiniBatchKMeans `.bin` or a `.npy` array."""
     path = Path(path)
@@ -359,6 +362,9 @@ def read_kmeans(path) -> Tensor:
         except ValueError as e:
             raise CheckpointError(f"{path}: not a plain numpy array: {e}") from None
     else:
+        size = path.stat().st_size
+        if size > MAX_KMEANS_BYTES:  # read whole below: refuse what no k-means model needs
+            raise CheckpointError(f"{path}: {size / 2**20:.0f} MiB is over the {MAX_KMEANS_BYTES >> 20} MiB a k-means file may have; is it the right file?")
         raw = path.read_bytes()
         if not raw.startswith(b"\x80"):
             raise CheckpointError(f"{path}: not an uncompressed joblib/pickle file (compressed joblib files are not supported)")

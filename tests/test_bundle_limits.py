@@ -1,0 +1,89 @@
+"""A bundle directory is input too (issue 8): its configs are checked against sane limits and
+against the weights' declared shapes before any module is built, files are size-checked before
+they are read, and prompt names are names, not paths."""
+
+import json
+import resource
+import struct
+
+import pytest
+
+from streamgen.bundle import BundleError, load_bundle, save_prompt
+from streamgen.models.checkpoints import CheckpointError, read_kmeans
+from streamgen.testing import random_bundle
+
+
+@pytest.fixture
+def bundle_dir(tmp_path):
+    return random_bundle(seed=0).save(tmp_path / "b")
+
+
+def edit_meta(path, change):
+    meta = json.loads((path / "bundle.json").read_text())
+    change(meta)
+    (path / "bundle.json").write_text(json.dumps(meta))
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_an_absurd_layer_count_is_refused_before_anything_is_built(bundle_dir):
+    edit_meta(bundle_dir, lambda m: m["parts"]["mbart"].update(encoder_layers=1e6))
+    with pytest.raises(BundleError, match=r"part mbart: encoder_layers = 1000000.0 is outside the sane range \(at most 64\)"):
+        load_bundle(bundle_dir)
+
+
+def test_a_config_that_disagrees_with_its_weights_is_refused_without_building_it(bundle_dir):
+    """Within the limits, but 64 layers of 8192 x 65536 would be ~340 GB: the shapes are compared
+    on a module built on the meta device, so nothing that size is ever allocated."""
+    edit_meta(bundle_dir, lambda m: m["parts"]["mbart"].update(encoder_layers=64, dim=8192, ffn_dim=65536, heads=64))
+    before = rss_mib()
+    with pytest.raises(BundleError, match=r"mbart.safetensors: weights do not match the config in bundle.json \(\d+ tensors differ"):
+        load_bundle(bundle_dir)
+    assert rss_mib() - before < 1024
+
+
+def test_prompt_names_are_names_not_paths(bundle_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    edit_meta(bundle_dir, lambda m: m["prompts"].update({"../../outside/x": {"length": 4, "stacks": ["encoder"]}}))
+    with pytest.raises(BundleError, match=r"prompt name '../../outside/x' must be a plain name"):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match="must be a plain name"):
+        save_prompt(bundle_dir, "../evil", None)
+
+
+def test_oversized_and_malformed_files_are_refused_before_they_are_read(bundle_dir, tmp_path):
+    meta = bundle_dir / "bundle.json"
+    with open(meta, "r+b") as f:  # a 2 GiB sparse bundle.json
+        f.truncate(2 << 30)
+    before = rss_mib()
+    with pytest.raises(BundleError, match="a bundle.json is at most 1048576"):
+        load_bundle(bundle_dir)
+    assert rss_mib() - before < 100
+
+    fresh = random_bundle(seed=0).save(tmp_path / "c")
+    part = fresh / "vocoder.safetensors"
+    part.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")  # a header that claims a terabyte
+    with pytest.raises(BundleError, match="not a readable safetensors file .its header claims 1099511627776 bytes"):
+        load_bundle(fresh)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 1 << 30]}}).encode()
+    part.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(BundleError, match="truncated: its header places data beyond the end"):
+        load_bundle(fresh)
+    with open(part, "r+b") as f:  # a 9 GiB sparse part
+        f.truncate(9 << 30)
+    with pytest.raises(BundleError, match="9.0 GiB is over the 8 GiB limit for one part"):
+        load_bundle(fresh)
+
+
+def test_a_huge_kmeans_bin_is_refused_unread(tmp_path):
+    big = tmp_path / "km.bin"
+    with open(big, "wb") as f:
+        f.write(b"\x80")
+        f.truncate(2 << 30)
+    before = rss_mib()
+    with pytest.raises(CheckpointError, match="2048 MiB is over the 256 MiB a k-means file may have"):
+        read_kmeans(big)
+    assert rss_mib() - before < 100
