@@ -35,10 +35,14 @@ class SpeechGate:
     background are followed). A frame is active when L > max(F + margin_db, min_dbfs). Speech has been
     seen once `min_speech_ms` of active frames fall within one `window_ms`: steady noise never climbs
     above its own floor, clicks are too short, and digital silence is below `min_dbfs`.
+
+    With `silero=True` (silero-vad installed), the loud sound must also be voice: silero-vad must
+    hear speech in `min_speech_ms` of 32 ms windows, which rules out loud non-speech (a buzz, music).
     """
 
     def __init__(self, sample_rate: int, frame_ms: int = 20, margin_db: float = 12.0, min_dbfs: float = -50.0,
-                 min_speech_ms: int = 200, window_ms: int = 1000, rise_db_per_s: float = 3.0):
+                 min_speech_ms: int = 200, window_ms: int = 1000, rise_db_per_s: float = 3.0, silero: bool = False):
+        self.voice = _SileroVoice(sample_rate, min_speech_ms) if silero else None
         self.frame = max(1, sample_rate * frame_ms // 1000)
         self.margin, self.min_dbfs = margin_db, min_dbfs
         self.need = max(1, min_speech_ms // frame_ms)
@@ -47,32 +51,65 @@ class SpeechGate:
         self.floor: float | None = None
         self.recent: list[bool] = []  # active flags of the last `window` frames
         self.rest = np.zeros(0, np.float32)
+        self.loud = False  # the energy criterion has been met
         self.speech = False
 
     def push(self, samples) -> bool:
         """Feed the next samples (float, [-1, 1]); whether speech has been seen so far."""
         if self.speech:
             return True
-        x = np.concatenate([self.rest, np.asarray(samples, np.float32).reshape(-1)])
-        n = len(x) // self.frame
-        self.rest = x[n * self.frame :]
-        if n == 0:
-            return False
-        frames = x[: n * self.frame].reshape(n, self.frame).astype(np.float64)
-        levels = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
-        for level in levels:
-            self.floor = level if self.floor is None else min(level, self.floor + self.rise)
-            self.recent.append(level > max(self.floor + self.margin, self.min_dbfs))
-            if len(self.recent) > self.window:
-                self.recent.pop(0)
-            if sum(self.recent) >= self.need:
-                self.speech = True
-                return True
-        return False
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        if self.voice is not None:
+            self.voice.push(samples)
+        if not self.loud:
+            x = np.concatenate([self.rest, samples])
+            n = len(x) // self.frame
+            self.rest = x[n * self.frame :]
+            frames = x[: n * self.frame].reshape(n, self.frame).astype(np.float64)
+            for level in 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12):
+                self.floor = level if self.floor is None else min(level, self.floor + self.rise)
+                self.recent.append(level > max(self.floor + self.margin, self.min_dbfs))
+                if len(self.recent) > self.window:
+                    self.recent.pop(0)
+                if sum(self.recent) >= self.need:
+                    self.loud = True
+                    break
+        self.speech = self.loud and (self.voice is None or self.voice.seen)
+        return self.speech
 
 
-def has_speech(wave, sample_rate: int) -> bool:
-    """Whether a whole waveform carries speech (by `SpeechGate`)."""
+class _SileroVoice:
+    """silero-vad's verdict for `SpeechGate(silero=True)`: voice in at least `min_speech_ms` of 32 ms
+    windows (each scored on its own, at 16 kHz)."""
+
+    def __init__(self, sample_rate: int, min_speech_ms: int):
+        try:
+            from silero_vad import load_silero_vad
+        except ImportError:
+            raise RuntimeError("SpeechGate(silero=True) needs silero-vad: pip install 'streamgen[vad]'") from None
+        import soxr
+
+        self.model = load_silero_vad()
+        self.resampler = soxr.ResampleStream(sample_rate, 16000, 1, dtype="float32") if sample_rate != 16000 else None
+        self.need = max(1, round(min_speech_ms / 32))
+        self.buf = np.zeros(0, np.float32)
+        self.voiced = 0
+        self.seen = False
+
+    @torch.no_grad()
+    def push(self, samples: np.ndarray) -> None:
+        if self.resampler is not None:
+            samples = self.resampler.resample_chunk(samples)
+        self.buf = np.concatenate([self.buf, samples])
+        while len(self.buf) >= 512 and not self.seen:
+            self.model.reset_states()
+            self.voiced += float(self.model(torch.from_numpy(self.buf[:512].copy()), 16000)) >= 0.5
+            self.buf = self.buf[512:]
+            self.seen = self.voiced >= self.need
+
+
+def has_speech(wave, sample_rate: int, silero: bool = False) -> bool:
+    """Whether a whole waveform carries speech (by `SpeechGate`; `silero`: confirmed by silero-vad)."""
     if isinstance(wave, Tensor):
         wave = wave.detach().cpu().float().numpy()
-    return SpeechGate(sample_rate).push(wave)
+    return SpeechGate(sample_rate, silero=silero).push(wave)

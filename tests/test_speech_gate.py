@@ -66,3 +66,17 @@ def test_a_stream_sees_speech_shortly_after_it_starts():
     onset = 3 + np.argmax(np.abs(speech) > 0.05) / SR
     assert seen_at is not None and onset <= seen_at <= onset + 0.6, (onset, seen_at)
     assert gate.push(np.zeros(1600)) is True  # once seen, it stays seen
+
+
+def test_silero_confirms_that_loud_sound_is_voice():
+    """The energy detector takes any sound that rises above its floor; with silero-vad it must be voice."""
+    pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install 'streamgen[vad]')")
+    t = np.arange(2 * SR) / SR
+    buzz = (np.sin(2 * np.pi * 150 * t) * (np.sin(2 * np.pi * 4 * t) > 0) * 0.3).astype(np.float32)  # syllable-like bursts
+    bursts = (np.random.default_rng(3).standard_normal(len(t)) * (np.sin(2 * np.pi * 3 * t) > 0) * 0.1).astype(np.float32)
+    for sound in (buzz, bursts):
+        assert has_speech(sound, SR) and not has_speech(sound, SR, silero=True)
+    wave, rate = sf.read(SAMPLE, dtype="float32")
+    assert has_speech(wave, rate, silero=True)
+    assert has_speech(espeak("Hello there, how are you?", rate=22050), 22050, silero=True)  # resampled for silero
+    assert not has_speech(np.zeros(5 * SR, np.float32), SR, silero=True)
