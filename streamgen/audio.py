@@ -98,10 +98,12 @@ class _SileroVoice:
 
     @torch.no_grad()
     def push(self, samples: np.ndarray) -> None:
+        if self.seen:
+            return
         if self.resampler is not None:
             samples = self.resampler.resample_chunk(samples)
         self.buf = np.concatenate([self.buf, samples])
-        while len(self.buf) >= 512 and not self.seen:
+        while len(self.buf) >= 512 and not self.seen:  # bounded: it stops buffering once voice is seen
             self.model.reset_states()
             self.voiced += float(self.model(torch.from_numpy(self.buf[:512].copy()), 16000)) >= 0.5
             self.buf = self.buf[512:]
