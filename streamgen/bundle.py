@@ -120,9 +120,10 @@ class Bundle:
         temperature: float = 1.0,
         top_k: int = 0,
         min_units: int = 0,
-        seed: int | None = None,
+        seed: int = 0,
     ) -> Tensor:
-        """Units [N] -> generated units [M] (M <= max_units), conditioned on a task prompt or none."""
+        """Units [N] -> generated units [M] (M <= max_units), conditioned on a task prompt or none;
+        sampled units are a pure function of `seed`."""
         mbart = self.need("mbart")
         units = torch.as_tensor(units)
         if units.dim() != 1 or units.dtype not in (torch.int32, torch.int64):
@@ -132,10 +133,9 @@ class Bundle:
         if units.numel() + 1 > mbart.cfg.max_positions or max_units + 1 > mbart.cfg.max_positions:
             raise ValueError(f"source or output longer than the model's {mbart.cfg.max_positions} positions")
         p = self.prompt(prompt)
-        gen = None if seed is None else torch.Generator(device=mbart.embed_tokens.weight.device).manual_seed(seed)
         return generate(
             mbart, [units], p.shared_kv(mbart) if p else None, max_units=max_units, min_units=min_units,
-            sampling=Sampling(greedy, temperature, top_k), generator=gen,
+            sampling=Sampling(greedy, temperature, top_k), seed=seed,
         )[0]
 
     @torch.no_grad()

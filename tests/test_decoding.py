@@ -76,7 +76,7 @@ def test_ragged_batch_equals_each_session_alone(mbart):
         alone.append(torch.stack([mbart.step(solo, toks[t : t + 1])[0] for t in range(n0, n0 + 15)]))
 
     batch = DecoderState.cat(states)
-    assert batch.prompt is kv
+    assert all(p is kv for p in batch.prompts)
     steps = [mbart.step(batch, torch.stack([script[i][already[i] + t] for i in range(3)])) for t in range(15)]
     for i in range(3):
         got = torch.stack([s[i] for s in steps])
@@ -147,8 +147,8 @@ def test_two_sessions_share_one_prefix_and_match_the_unshared_recompute(mbart):
         states.append(st)
         results.append((src, torch.stack([mbart.step(st, prev[t : t + 1])[0] for t in range(len(prev))])))
     a, b = states
-    assert a.prompt is b.prompt  # one object held by reference
-    for (ka, va), (kb, vb) in zip(a.prompt.decoder, b.prompt.decoder):
+    assert a.prompts[0] is b.prompts[0]  # one object held by reference
+    for (ka, va), (kb, vb) in zip(a.prompts[0].decoder, b.prompts[0].decoder):
         assert ka.data_ptr() == kb.data_ptr() and va.data_ptr() == vb.data_ptr()
     for src, inc in results:
         ref = unshared_logits(mbart, prompt, src, prev[None])[0]
@@ -186,13 +186,15 @@ def test_sampling_is_seeded_and_respects_top_k(lively_mbart):
     from streamgen.models.generation import Sampling, choose
 
     m, units = lively_mbart, [random_units(12)]
-    run = lambda seed, s: generate(m, units, None, max_units=40, min_units=40, sampling=s, generator=torch.Generator().manual_seed(seed))[0]
+    run = lambda seed, s: generate(m, units, None, max_units=40, min_units=40, sampling=s, seed=seed)[0]
     s = Sampling(greedy=False, temperature=1.5, top_k=5)
     assert torch.equal(run(1, s), run(1, s)) and not torch.equal(run(1, s), run(2, s))
     assert torch.equal(run(1, Sampling(greedy=False, top_k=1)), generate(m, units, None, max_units=40, min_units=40)[0])
     logits = torch.randn(64, TINY.vocab_size)
     allowed = allowed_tokens_mask(m, "cpu")
-    picks = choose(logits, allowed, Sampling(greedy=False, top_k=3), torch.Generator().manual_seed(0))
+    B = logits.shape[0]
+    picks = choose(logits, allowed[None].expand(B, -1), torch.zeros(B, dtype=torch.bool), torch.ones(B), torch.full((B,), 3),
+                   torch.arange(B), torch.zeros(B, dtype=torch.long))
     top3 = logits.masked_fill(~allowed, float("-inf")).topk(3, dim=-1).indices
     assert (top3 == picks[:, None]).any(-1).all()
     assert allowed[picks].all()

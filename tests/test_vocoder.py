@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from streamgen.testing import TINY_VOCODER
-from streamgen.models.vocoder import CodeHiFiGAN, VocoderStream
+from streamgen.models.vocoder import CodeHiFiGAN
+from streamgen.pipeline.streams import VocoderStream
 
 
 @pytest.fixture

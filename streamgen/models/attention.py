@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 Prefix = tuple[Tensor, Tensor]  # (k, v), each [H, L, D], shared by every row
+# Rows of different tasks in one batch: each task's prefix with the rows that attend to it.
+PrefixGroups = list[tuple[Prefix, Tensor]]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -46,6 +48,18 @@ def attend_prefix(q: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor]:
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     out = torch.bmm(torch.exp(scores - lse).to(pv.dtype), pv)  # [H, B*T, D]
     return out.view(H, B, T, D).transpose(0, 1), lse.view(H, B, T, 1).transpose(0, 1)
+
+
+def attend_prefix_groups(q: Tensor, groups: PrefixGroups) -> tuple[Tensor, Tensor]:
+    """Each group's rows attend to their own shared prefix; rows in no group see no prefix
+    (lse -inf, so `merge` gives them weight 0). Every prefix is read once per step, never copied."""
+    B, H, T, D = q.shape
+    out = q.new_zeros(B, H, T, D)
+    lse = torch.full((B, H, T, 1), float("-inf"), device=q.device)
+    for prefix, rows in groups:
+        o, l = attend_prefix(q[rows], prefix)
+        out[rows], lse[rows] = o, l
+    return out, lse
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
@@ -86,13 +100,16 @@ class Attention(nn.Module):
         return k, v
 
     def forward(
-        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | None = None
+        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None = None
     ) -> Tensor:
-        """x [B,T,d] attends to k/v [B,H,S,D] (and to the shared prefix, if any) -> [B,T,d]."""
+        """x [B,T,d] attends to k/v [B,H,S,D] and to a prefix: one shared by every row, or one per
+        group of rows (a batch of several tasks) -> [B,T,d]."""
         q = self.split(self.q_proj(x))
         out, lse = attend(q, k, v, mask)
-        if prefix is not None:
+        if isinstance(prefix, tuple):
             out = merge(out, lse, *attend_prefix(q, prefix))
+        elif prefix:
+            out = merge(out, lse, *attend_prefix_groups(q, prefix))
         B, H, T, D = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
 

@@ -1,13 +1,27 @@
-"""Unit generation with the incremental decoder: greedy or sampled (temperature, top-k)."""
+"""Unit generation: the one decode loop, batched across requests (continuous batching).
+
+A `Request` is one decode: encoder tokens, the decoder tokens to prefill (</s>, forced tokens,
+units already committed), how many new units at most / at least, and its sampling settings.
+`Decoder` holds a pool of slots (a `DecoderState` whose rows are slots). Each `step()`:
+
+1. advances every running request by one token with one batched decoder step (rows that have
+   nothing to do are masked out, nobody's cache moves);
+2. admits waiting requests: one padded encoder call and one ragged prefill for all of them, each
+   copied into a free slot, and chooses their first token.
+
+Sampling settings live in per-slot tensors; the randomness of a sampled token is a hash of
+(request seed, token index, vocabulary entry), so a request draws the same tokens whatever else
+shares its batch (batched = alone, greedy or sampled).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .unit_mbart import EOS, UNIT_OFFSET, PromptKV, UnitMBart, pad_sequences, units_to_source
+from .unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, PromptKV, UnitMBart, pad_sequences, units_to_source
 
 
 @dataclass(frozen=True)
@@ -32,17 +46,223 @@ def allowed_tokens_mask(model: UnitMBart, device) -> Tensor:
     return allowed
 
 
-def choose(logits: Tensor, allowed: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
-    """Next token per row from logits [B, V]."""
+_M32 = 0xFFFFFFFF
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors, overflow-free."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x446C9A8B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """[B, V] uniforms in (0, 1), a pure function of (seed[b], step[b], v)."""
+    v = torch.arange(vocab, device=seed.device)[None]
+    x = _mix(_mix(_mix(seed[:, None]) ^ step[:, None]) ^ v)
+    return ((x >> 8).double() + 0.5) / float(1 << 24)
+
+
+def choose(logits: Tensor, allowed: Tensor, greedy: Tensor, temperature: Tensor, top_k: Tensor,
+           seed: Tensor, step: Tensor) -> Tensor:
+    """Next token per row from logits [B, V]; every setting is per row ([B] tensors): greedy or
+    sampled at a temperature among the top_k (0: all) allowed tokens, by Gumbel-max with the
+    counter-based noise of `uniform`."""
     logits = logits.float().masked_fill(~allowed, float("-inf"))
-    if sampling.greedy:
-        return logits.argmax(-1)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    best = logits.argmax(-1)
+    if bool(greedy.all()):
+        return best
+    scaled = logits / temperature[:, None]
+    ranked = scaled.sort(-1, descending=True).values
+    kth = ranked.gather(1, (top_k - 1).clamp(0, logits.shape[-1] - 1)[:, None])
+    scaled = scaled.masked_fill((top_k[:, None] > 0) & (scaled < kth), float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform(seed, step, logits.shape[-1]))).float()
+    return torch.where(greedy, best, (scaled + gumbel).argmax(-1))
+
+
+@dataclass
+class Request:
+    source: Tensor  # encoder tokens [S] (units + 4, </s>; or with a <mask>)
+    prefix: Tensor  # decoder tokens to prefill [P >= 1]: </s>, forced tokens, committed units + 4
+    max_new: int
+    min_new: int = 0
+    sampling: Sampling = field(default_factory=Sampling)
+    prompt: PromptKV | None = None
+    seed: int = 0
+
+
+@dataclass
+class _Running:
+    key: object
+    request: Request
+    slot: int
+    produced: int = 0
+
+
+class Decoder:
+    """Continuous batching of decode requests over a pool of K/V slots (see the module doc)."""
+
+    def __init__(self, model: UnitMBart, slots: int = 8):
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.allowed = allowed_tokens_mask(model, self.device)
+        self.pool: DecoderState | None = None
+        self.free: list[int] = []
+        self.waiting: list[tuple[object, Request]] = []
+        self.running: dict[int, _Running] = {}  # by slot
+        self.initial_slots = slots
+        n = slots
+        self.tokens = torch.full((n,), EOS, dtype=torch.long, device=self.device)  # last token per slot
+        self.greedy = torch.ones(n, dtype=torch.bool, device=self.device)
+        self.temperature = torch.ones(n, device=self.device)
+        self.top_k = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.seed = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.produced = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.min_new = torch.zeros(n, dtype=torch.long, device=self.device)
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.cfg.max_positions
+
+    def submit(self, key, request: Request) -> None:
+        """Queue a decode; its units come out of `step()` under `key`. Requests that cannot fit the
+        model's positions are refused here, before any work."""
+        if len(request.source) > self.max_positions:
+            raise ValueError(f"source of {len(request.source) - 1} units exceeds the model's {self.max_positions - 1}-unit context")
+        if len(request.prefix) < 1:
+            raise ValueError("a decode request needs at least the start token in its prefix")
+        self.waiting.append((key, request))
+
+    def cancel(self, key) -> None:
+        """Forget a key's waiting or running request (its session ended or failed)."""
+        self.waiting = [(k, r) for k, r in self.waiting if k != key]
+        for slot in [s for s, run in self.running.items() if run.key == key]:
+            self._finish(slot)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def live(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[object, list[int], bool]]:
+        """One token for every running request, then admit the waiting ones (their first token).
+        Returns (key, new units, done) per request that moved."""
+        out: list[tuple[object, list[int], bool]] = []
+        if self.running:
+            out += self._advance()
+        if self.waiting:
+            out += self._admit()
+        return out
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _budget(self, r: Request) -> int:
+        return max(0, min(r.max_new, self.max_positions - len(r.prefix)))
+
+    def _slots(self, n: int) -> list[int]:
+        """n free slots, lowest first (the pool grows by doubling when full)."""
+        while len(self.free) < n:
+            size = 0 if self.pool is None else self.pool.batch_size
+            more = max(n - len(self.free), size, self.initial_slots)
+            if self.pool is not None:
+                self.pool.add_slots(more)
+            self.free += range(size, size + more)
+            for name in ("tokens", "greedy", "temperature", "top_k", "seed", "produced", "min_new"):
+                t = getattr(self, name)
+                if t.shape[0] < size + more:
+                    setattr(self, name, torch.cat([t, t.new_zeros(size + more - t.shape[0])]))
+        self.free.sort()
+        got, self.free = self.free[:n], self.free[n:]
+        return got
+
+    def _choose(self, logits: Tensor, slots: Tensor) -> Tensor:
+        allowed = self.allowed[None].repeat(len(slots), 1)
+        allowed[:, EOS] &= self.produced[slots] >= self.min_new[slots]
+        return choose(logits, allowed, self.greedy[slots], self.temperature[slots], self.top_k[slots],
+                      self.seed[slots], self.produced[slots])
+
+    def _advance(self) -> list[tuple[object, list[int], bool]]:
+        hi = max(self.running) + 1  # rows past the highest running slot are not computed
+        active = torch.zeros(self.pool.batch_size, dtype=torch.bool, device=self.device)
+        slots = torch.tensor(sorted(self.running), device=self.device)
+        active[slots] = True
+        longest = max(len(run.request.prefix) + run.produced for run in self.running.values())
+        self.pool.grow(longest + 1)
+        view = self.pool if hi == self.pool.batch_size else None
+        if view is None:  # step the first `hi` rows only: a view, no copy
+            view = DecoderState(self.pool.k, self.pool.v, self.pool.lengths, self.pool.cross, self.pool.src_mask, self.pool.prompts)
+            view.k, view.v = [t[:hi] for t in self.pool.k], [t[:hi] for t in self.pool.v]
+            view.cross = [(k[:hi], v[:hi]) for k, v in self.pool.cross]
+            view.lengths, view.src_mask, view.prompts = self.pool.lengths[:hi], self.pool.src_mask[:hi], self.pool.prompts[:hi]
+        logits = self.model.step(view, self.tokens[:hi], active=active[:hi], grow=False)
+        self.pool.lengths[:hi] = view.lengths
+        nxt = self._choose(logits[slots], slots)
+        return self._emit(slots.tolist(), nxt)
+
+    def _admit(self) -> list[tuple[object, list[int], bool]]:
+        batch, self.waiting = self.waiting, []
+        out: list[tuple[object, list[int], bool]] = []
+        todo = []
+        for key, r in batch:
+            if self._budget(r) == 0:
+                out.append((key, [], True))
+            else:
+                todo.append((key, r))
+        if not todo:
+            return out
+        src = pad_sequences([r.source.to(self.device) for _, r in todo])
+        prefix = pad_sequences([r.prefix.to(self.device) for _, r in todo])
+        counts = torch.tensor([len(r.prefix) for _, r in todo], device=self.device)
+        fresh = self.model.start(src, [r.prompt for _, r in todo], capacity=prefix.shape[1] + 1)
+        logits = self.model.step(fresh, prefix, counts=counts)
+        logits = logits[torch.arange(len(todo), device=self.device), counts - 1]
+        slots = self._slots(len(todo))
+        if self.pool is None:
+            self.pool = fresh.select(torch.zeros(0, dtype=torch.long))
+            self.pool.add_slots(len(self.tokens))
+            self.pool.grow(fresh.capacity)
+            self.pool.grow_source(fresh.source_capacity)
+        self.pool.insert(slots, fresh)
+        idx = torch.tensor(slots, device=self.device)
+        for (key, r), s in zip(todo, slots):
+            self.running[s] = _Running(key, r, s)
+        self.greedy[idx] = torch.tensor([r.sampling.greedy for _, r in todo], device=self.device)
+        self.temperature[idx] = torch.tensor([float(r.sampling.temperature) for _, r in todo], device=self.device)
+        self.top_k[idx] = torch.tensor([r.sampling.top_k for _, r in todo], device=self.device)
+        self.seed[idx] = torch.tensor([r.seed & _M32 for _, r in todo], device=self.device)
+        self.min_new[idx] = torch.tensor([r.min_new for _, r in todo], device=self.device)
+        self.produced[idx] = 0
+        return out + self._emit(slots, self._choose(logits, idx))
+
+    def _emit(self, slots: list[int], nxt: Tensor) -> list[tuple[object, list[int], bool]]:
+        self.tokens[torch.tensor(slots, device=self.device)] = nxt
+        self.produced[torch.tensor(slots, device=self.device)] += 1
+        out = []
+        for s, tok in zip(slots, nxt.tolist()):  # the tick's one read of results
+            run = self.running[s]
+            run.produced += 1
+            eos = tok == EOS
+            done = eos or run.produced >= self._budget(run.request)
+            out.append((run.key, [] if eos else [tok - UNIT_OFFSET], done))
+            if done:
+                self._finish(s)
+        return out
+
+    def _finish(self, slot: int) -> None:
+        self.running.pop(slot)
+        self.pool.release([slot])
+        self.free.append(slot)
+
+
+def decoder_prefix(prefix_tokens: tuple[int, ...] = (), committed: Tensor | None = None) -> Tensor:
+    """The decoder tokens a request prefills: </s>, forced tokens, then committed units."""
+    head = torch.tensor((EOS, *prefix_tokens), dtype=torch.long)
+    return head if committed is None else torch.cat([head, committed.cpu().long() + UNIT_OFFSET])
 
 
 @torch.no_grad()
@@ -54,37 +274,21 @@ def generate(
     min_units: int = 0,
     sampling: Sampling = Sampling(),
     prefix_tokens: tuple[int, ...] = (),
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> list[Tensor]:
-    """Generate units for a batch of unit sequences (each [N_i], values 0..K-1).
+    """Generate units for a batch of unit sequences (each [N_i], values 0..K-1), through `Decoder`.
 
     The decoder starts from </s>, then `prefix_tokens` (e.g. a target-language token) are forced;
     each row stops at </s> (never before `min_units` units) or after `max_units` units.
-    Finished rows leave the batch.
     Returns one LongTensor of units per source (0..K-1, </s> excluded)."""
-    device = model.embed_tokens.weight.device
-    src = pad_sequences([units_to_source(u.to(device)) for u in sources])
-    state = model.start(src, prompt, capacity=max_units + len(prefix_tokens) + 1)
-    allowed = allowed_tokens_mask(model, device)
-    no_eos = allowed.clone()
-    no_eos[EOS] = False
-    B = len(sources)
-    rows = torch.arange(B, device=device)  # which source each live row of `state` belongs to
-    out = torch.empty(B, max_units, dtype=torch.long, device=device)
-    n_out = torch.zeros(B, dtype=torch.long, device=device)
-    tokens = torch.full((B,), EOS, dtype=torch.long, device=device)
-    for forced in prefix_tokens:
-        model.step(state, tokens)
-        tokens = torch.full((B,), forced, dtype=torch.long, device=device)
-    for t in range(max_units):
-        nxt = choose(model.step(state, tokens), allowed if t >= min_units else no_eos, sampling, generator)
-        live = nxt.ne(EOS)
-        out[rows[live], t] = nxt[live] - UNIT_OFFSET
-        n_out[rows[live]] += 1
-        if not bool(live.all()):
-            if not bool(live.any()):
-                break
-            keep = live.nonzero()[:, 0]
-            state, rows, nxt = state.select(keep), rows[keep], nxt[keep]
-        tokens = nxt
-    return [out[i, : n_out[i]].clone() for i in range(B)]
+    dec = Decoder(model, slots=len(sources))
+    out: list[list[int]] = [[] for _ in sources]
+    for i, u in enumerate(sources):
+        dec.submit(i, Request(units_to_source(u.cpu()), decoder_prefix(prefix_tokens), max_units, min_units, sampling, prompt, seed + i))
+    while dec.busy:
+        for i, units, _ in dec.step():
+            out[i] += units
+    return [torch.tensor(u, dtype=torch.long) for u in out]
+
+
+__all__ = ["Decoder", "Request", "Sampling", "allowed_tokens_mask", "choose", "decoder_prefix", "generate", "PAD"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention, Prefix
+from .attention import Attention, Prefix, PrefixGroups
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 UNIT_OFFSET = 4
@@ -57,6 +57,24 @@ class PromptKV:
 
     encoder: tuple[Prefix | None, ...]
     decoder: tuple[Prefix | None, ...]
+
+
+def group_prompts(prompts: list[PromptKV | None], device) -> list[tuple[PromptKV, Tensor, bool]]:
+    """Rows by prompt object: (prompt, rows, whether it is every row's)."""
+    by_id: dict[int, tuple[PromptKV, list[int]]] = {}
+    for row, p in enumerate(prompts):
+        if p is not None:
+            by_id.setdefault(id(p), (p, []))[1].append(row)
+    return [(p, torch.tensor(rows, device=device), len(rows) == len(prompts)) for p, rows in by_id.values()]
+
+
+def layer_prefix(groups: list[tuple[PromptKV, Tensor, bool]], stack: str, i: int) -> Prefix | PrefixGroups | None:
+    """Layer i's prompt prefix for a batch: the shared one when every row has the same prompt, else
+    (prefix, rows) per task group; each prompt is attended once, never copied per row."""
+    parts = [(getattr(p, stack)[i], rows, whole) for p, rows, whole in groups if getattr(p, stack)[i] is not None]
+    if len(parts) == 1 and parts[0][2]:
+        return parts[0][0]
+    return [(pf, rows) for pf, rows, _ in parts] or None
 
 
 def units_to_source(units: Tensor) -> Tensor:
@@ -141,7 +159,11 @@ class DecoderState:
     lengths:   [B] decoder tokens consumed per row (rows may differ: ragged sessions)
     cross:     per decoder layer, (k, v) of the row's encoder output [B, H, S, D]
     src_mask:  [B, S] True at real source positions
-    prompt:    the task's shared prefix (held by reference by every row), or None
+    prompts:   per row, its task's shared prefix (held by reference, never copied) or None
+
+    Used as a pool of slots by the serving engine: a row is a slot; sessions `insert` their state
+    into free slots and `release` them, and a step advances only the `active` rows, so nobody's
+    cache moves when another session joins or leaves.
     """
 
     k: list[Tensor]
@@ -149,7 +171,10 @@ class DecoderState:
     lengths: Tensor
     cross: list[tuple[Tensor, Tensor]]
     src_mask: Tensor
-    prompt: PromptKV | None
+    prompts: list[PromptKV | None]
+
+    def __post_init__(self):
+        self._groups = None
 
     @property
     def batch_size(self) -> int:
@@ -158,6 +183,16 @@ class DecoderState:
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
+
+    @property
+    def source_capacity(self) -> int:
+        return self.src_mask.shape[1]
+
+    def prefix(self, i: int) -> Prefix | PrefixGroups | None:
+        """Decoder layer i's prompt prefix for these rows (see `layer_prefix`)."""
+        if self._groups is None:
+            self._groups = group_prompts(self.prompts, self.lengths.device)
+        return layer_prefix(self._groups, "decoder", i)
 
     def grow(self, capacity: int) -> None:
         """Make room for `capacity` cached tokens per row (doubling keeps appends amortised O(1))."""
@@ -168,6 +203,50 @@ class DecoderState:
         self.k = [F.pad(t, pad) for t in self.k]
         self.v = [F.pad(t, pad) for t in self.v]
 
+    def grow_source(self, length: int) -> None:
+        if length <= self.source_capacity:
+            return
+        new = max(length, 2 * self.source_capacity)
+        self.cross = [(F.pad(k, (0, 0, 0, new - k.shape[2])), F.pad(v, (0, 0, 0, new - v.shape[2]))) for k, v in self.cross]
+        self.src_mask = F.pad(self.src_mask, (0, new - self.source_capacity))
+
+    def add_slots(self, n: int) -> None:
+        """n more (free) rows at the end."""
+        def more(t: Tensor) -> Tensor:
+            return torch.cat([t, t.new_zeros((n, *t.shape[1:]))])
+        self.k, self.v = [more(t) for t in self.k], [more(t) for t in self.v]
+        self.cross = [(more(k), more(v)) for k, v in self.cross]
+        self.lengths, self.src_mask = more(self.lengths), more(self.src_mask)
+        self.prompts = self.prompts + [None] * n
+        self._groups = None
+
+    def insert(self, slots: list[int], other: DecoderState) -> None:
+        """Copy `other`'s rows (new sessions, just prefilled) into free slots; nothing else moves."""
+        self.grow(other.capacity)
+        self.grow_source(other.source_capacity)
+        idx = torch.tensor(slots, device=self.lengths.device)
+        C, S = other.capacity, other.source_capacity
+        for i in range(len(self.k)):
+            self.k[i][idx, :, :C] = other.k[i]
+            self.v[i][idx, :, :C] = other.v[i]
+            self.cross[i][0][idx, :, :S] = other.cross[i][0]
+            self.cross[i][1][idx, :, :S] = other.cross[i][1]
+        self.src_mask[idx] = False
+        self.src_mask[idx, :S] = other.src_mask
+        self.lengths[idx] = other.lengths
+        for j, s in enumerate(slots):
+            self.prompts[s] = other.prompts[j]
+        self._groups = None
+
+    def release(self, slots: list[int]) -> None:
+        """Free slots (their contents become unreachable: no source, no prompt, length 0)."""
+        idx = torch.tensor(slots, device=self.lengths.device)
+        self.src_mask[idx] = False
+        self.lengths[idx] = 0
+        for s in slots:
+            self.prompts[s] = None
+        self._groups = None
+
     def select(self, rows: Tensor | list[int]) -> DecoderState:
         """The state of a subset of rows (e.g. to drop finished sessions)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
@@ -177,15 +256,12 @@ class DecoderState:
             lengths=self.lengths[rows],
             cross=[(k[rows], v[rows]) for k, v in self.cross],
             src_mask=self.src_mask[rows],
-            prompt=self.prompt,
+            prompts=[self.prompts[r] for r in rows.tolist()],
         )
 
     @staticmethod
     def cat(states: list[DecoderState]) -> DecoderState:
-        """Join sessions into one batch (padding caches and sources); they must share the prompt."""
-        prompt = states[0].prompt
-        if any(s.prompt is not prompt for s in states):
-            raise ValueError("sessions batched together must share one prompt object (one task per batch)")
+        """Join sessions into one batch (padding caches and sources); they may have different prompts."""
         C = max(s.capacity for s in states)
         S = max(s.src_mask.shape[1] for s in states)
 
@@ -202,7 +278,7 @@ class DecoderState:
                 for i in range(n_layers)
             ],
             src_mask=torch.cat([pad_to(s.src_mask, S, 1) for s in states]),
-            prompt=prompt,
+            prompts=[p for s in states for p in s.prompts],
         )
 
 
@@ -236,13 +312,16 @@ class UnitMBart(nn.Module):
 
     # --- encoder -------------------------------------------------------------------------------
 
-    def encode(self, src_tokens: Tensor, prompt: PromptKV | None = None) -> Tensor:
-        """src_tokens [B, S] (right-padded with <pad>) -> encoder output [B, S, d]."""
+    def encode(self, src_tokens: Tensor, prompt: PromptKV | list[PromptKV | None] | None = None) -> Tensor:
+        """src_tokens [B, S] (right-padded with <pad>) -> encoder output [B, S, d]. `prompt`: one for
+        every row, or one per row (a batch of several tasks)."""
         src_mask = src_tokens.ne(PAD)
         x = self.encoder.embed(self.token_embedding(src_tokens), make_positions(src_tokens))
         key_mask = src_mask[:, None, None, :]  # [B,1,1,S]
+        prompts = prompt if isinstance(prompt, list) else [prompt] * src_tokens.shape[0]
+        groups = group_prompts(prompts, src_tokens.device)
         for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, layer.self_attn.kv, key_mask, prefix=prompt.encoder[i] if prompt else None)
+            x = layer(x, layer.self_attn.kv, key_mask, prefix=layer_prefix(groups, "encoder", i))
         return self.encoder.finish(x)
 
     # --- decoder, all positions at once --------------------------------------------------------
@@ -268,8 +347,9 @@ class UnitMBart(nn.Module):
 
     # --- decoder, incremental ------------------------------------------------------------------
 
-    def start(self, src_tokens: Tensor, prompt: PromptKV | None = None, capacity: int = 64) -> DecoderState:
-        """Encode sources [B, S] and return a state ready for the first `step` (no tokens yet)."""
+    def start(self, src_tokens: Tensor, prompt: PromptKV | list[PromptKV | None] | None = None, capacity: int = 64) -> DecoderState:
+        """Encode sources [B, S] and return a state ready for the first `step` (no tokens yet);
+        `prompt` for every row or per row."""
         enc = self.encode(src_tokens, prompt)
         B, H = src_tokens.shape[0], self.cfg.heads
         D = self.cfg.dim // H
@@ -281,18 +361,24 @@ class UnitMBart(nn.Module):
             lengths=torch.zeros(B, dtype=torch.long, device=enc.device),
             cross=[layer.encoder_attn.kv(enc) for layer in self.decoder.layers],
             src_mask=src_tokens.ne(PAD),
-            prompt=prompt,
+            prompts=list(prompt) if isinstance(prompt, list) else [prompt] * B,
         )
 
-    def step(self, state: DecoderState, tokens: Tensor) -> Tensor:
-        """Feed tokens to every row and append them to its cache; return next-token logits.
+    def step(self, state: DecoderState, tokens: Tensor, active: Tensor | None = None, counts: Tensor | None = None,
+             grow: bool = True) -> Tensor:
+        """Feed tokens to rows and append them to their caches; return next-token logits.
 
         tokens [B] -> logits [B, V]; or tokens [B, T] (a prefill of T tokens per row, equal to T
-        single steps) -> logits [B, T, V]."""
+        single steps) -> logits [B, T, V].
+        active [B] bool: only these rows advance (the others' lengths stay; whatever is written past
+        their length is never visible and is overwritten by their next real step).
+        counts [B]: a ragged prefill, row b takes its first counts[b] tokens (the rest is padding).
+        grow=False: the caller has already made room (no host synchronisation here)."""
         single = tokens.dim() == 1
         tokens = tokens[:, None] if single else tokens
         B, T = tokens.shape
-        state.grow(int(state.lengths.max()) + T)
+        if grow:
+            state.grow(int(state.lengths.max()) + T)
         rows = torch.arange(B, device=tokens.device)[:, None]
         pos = state.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T] cache slots
         x = self.decoder.embed(self.token_embedding(tokens), pos + PAD + 1)
@@ -307,8 +393,10 @@ class UnitMBart(nn.Module):
                 state.v[i][rows, :, pos] = v.transpose(1, 2)
                 return state.k[i], state.v[i]
 
-            prefix = state.prompt.decoder[i] if state.prompt else None
-            x = layer(x, append, self_mask, prefix=prefix, cross_kv=state.cross[i], cross_mask=cross_mask)
-        state.lengths = state.lengths + T
+            x = layer(x, append, self_mask, prefix=state.prefix(i), cross_kv=state.cross[i], cross_mask=cross_mask)
+        n = T if counts is None else counts
+        state.lengths = state.lengths + (n if active is None else n * active)
         logits = self.output(x)
-        return logits[:, 0] if single else logits
+        if single:
+            return logits[:, 0]
+        return logits

@@ -5,9 +5,11 @@ conv_pre(k7) -> per stage: leaky 0.1, transposed conv (x rate), mean of the stag
 -> leaky 0.01 -> conv_post(k7) -> tanh. One frame = hop = prod(upsample_rates) samples (320: 20 ms).
 
 All convolutions are non-causal with "same" padding, so an output sample depends on a bounded
-window of frames (`frame_context`) and a duration on a bounded window of units. `VocoderStream`
-synthesises each new chunk from just that window and trims the edges: the concatenated chunks equal
-whole-utterance synthesis, and each chunk costs O(chunk + context), never O(everything so far).
+window of frames (`frame_context`) and a duration on a bounded window of units.
+`pipeline.streams.VocoderStream` synthesises each new chunk from just that window and trims the
+edges: the concatenated chunks equal whole-utterance synthesis, and each chunk costs
+O(chunk + context), never O(everything so far). Padded batches with lengths give every row what it
+gives alone (each conv sees zeros past its row's end, like its own zero padding).
 """
 
 from __future__ import annotations
@@ -95,9 +97,12 @@ class ResBlock(nn.Module):
         self.convs2 = nn.ModuleList(nn.Conv1d(ch, ch, k, padding=(k - 1) // 2) for _ in dilations)
         self.radius = sum(d * (k - 1) // 2 + (k - 1) // 2 for d in dilations)  # samples each side
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x [B, C, T]; mask [B, 1, T] (a padded batch): every conv sees zeros past its row's end,
+        as the conv's own zero padding does at the end of an unpadded row."""
+        m = (lambda h: h) if mask is None else (lambda h: h * mask)
         for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+            x = x + m(c2(m(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))))
         return x
 
 
@@ -115,9 +120,11 @@ class DurationPredictor(nn.Module):
         self.drop = nn.Dropout(cfg.var_pred_dropout)
         self.radius = 2 * ((k - 1) // 2)  # units each side that one prediction depends on
 
-    def forward(self, x: Tensor) -> Tensor:  # x [B, N, C] -> [B, N]
-        x = self.drop(self.ln1(self.conv1(x.transpose(1, 2)).transpose(1, 2)))
-        x = self.drop(self.ln2(self.conv2(x.transpose(1, 2)).transpose(1, 2)))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x [B, N, C] -> [B, N]; mask [B, N, 1] zeroes what each conv sees past its row's end."""
+        m = (lambda h: h) if mask is None else (lambda h: h * mask)
+        x = self.drop(self.ln1(self.conv1(m(x).transpose(1, 2)).transpose(1, 2)))
+        x = self.drop(self.ln2(self.conv2(m(x).transpose(1, 2)).transpose(1, 2)))
         return self.proj(x)[..., 0]
 
 
@@ -153,21 +160,34 @@ class CodeHiFiGAN(nn.Module):
             r = -(-(r + k) // u) + 1  # through the transposed conv, back to its input rate
         return r + 3  # conv_pre
 
-    def durations(self, units: Tensor) -> Tensor:
-        """units [N] -> frames per unit [N] (fairseq: clamp(round(exp(x) - 1), min=1)); 1 each without a predictor."""
+    def durations(self, units: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """units [N] -> frames per unit [N] (fairseq: clamp(round(exp(x) - 1), min=1)); 1 each without
+        a predictor. A right-padded batch [B, N] with lengths [B] gives each row's own durations."""
         if self.dur_predictor is None:
             return torch.ones_like(units)
-        log_dur = self.dur_predictor(self.dict(units)[None])[0]
-        return torch.clamp(torch.round(torch.exp(log_dur) - 1).long(), min=1)
+        x = self.dict(units.view(-1, units.shape[-1]))
+        mask = None if lengths is None else (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[..., None].to(x.dtype)
+        log_dur = self.dur_predictor(x, mask)
+        dur = torch.clamp(torch.round(torch.exp(log_dur) - 1).long(), min=1)
+        return dur[0] if units.dim() == 1 else dur
 
-    def generate(self, frames: Tensor) -> Tensor:
-        """Unit id per frame [F] -> waveform [F * hop]; or a batch [B, F] -> [B, F * hop]."""
-        x = self.conv_pre(self.dict(frames.view(-1, frames.shape[-1])).transpose(1, 2))
+    def generate(self, frames: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Unit id per frame [F] -> waveform [F * hop]; or a batch [B, F] -> [B, F * hop].
+        lengths [B]: valid frames per row of a right-padded batch; row b's first lengths[b] * hop
+        samples then equal that row synthesised alone (the rest is zero)."""
+        x = self.dict(frames.view(-1, frames.shape[-1])).transpose(1, 2)  # [B, C, F]
+        mask = None
+        if lengths is not None:
+            mask = (torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None])[:, None].to(x.dtype)
+        m = (lambda h: h) if mask is None else (lambda h: h * mask)
+        x = m(self.conv_pre(m(x)))
         nk = len(self.cfg.resblock_kernel_sizes)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
-            x = sum(self.resblocks[i * nk + j](x) for j in range(nk)) / nk
-        wave = torch.tanh(self.conv_post(F.leaky_relu(x)))[:, 0]
+        for i, (up, u) in enumerate(zip(self.ups, self.cfg.upsample_rates)):
+            if mask is not None:
+                mask = mask.repeat_interleave(u, dim=-1)
+            x = m(up(F.leaky_relu(x, LRELU_SLOPE)))
+            x = sum(self.resblocks[i * nk + j](x, mask) for j in range(nk)) / nk
+        wave = m(torch.tanh(self.conv_post(F.leaky_relu(x))))[:, 0]
         return wave[0] if frames.dim() == 1 else wave
 
     def forward(self, units: Tensor) -> Tensor:
@@ -181,73 +201,3 @@ def check_units(units: Tensor, num_units: int) -> None:
         raise ValueError(f"units must be a 1-D integer tensor, got {units.dtype} {tuple(units.shape)}")
     if units.numel() and (int(units.min()) < 0 or int(units.max()) >= num_units):
         raise ValueError(f"units must lie in 0..{num_units - 1}, got {int(units.min())}..{int(units.max())}")
-
-
-class VocoderStream:
-    """Synthesise units as they arrive, in chunks that concatenate to `CodeHiFiGAN.forward(all units)`.
-
-    A unit's duration is final once `dur_predictor.radius` later units are known; a frame's audio once
-    `lookahead` later frames are known. With `lookahead` = `frame_context()` (default) the output is
-    exact; a smaller look-ahead trades exactness at chunk edges for latency. Memory stays bounded:
-    only the context windows are kept.
-    """
-
-    def __init__(self, model: CodeHiFiGAN, lookahead: int | None = None):
-        self.model = model
-        self.context = model.frame_context()
-        self.lookahead = self.context if lookahead is None else lookahead
-        self.unit_radius = model.dur_predictor.radius if model.dur_predictor is not None else 0
-        p = model.dict.weight.device
-        self.units = torch.empty(0, dtype=torch.long, device=p)  # units from absolute index u0
-        self.u0 = 0
-        self.n_units = 0  # units received
-        self.n_timed = 0  # units whose durations are final
-        self.frames = torch.empty(0, dtype=torch.long, device=p)  # frame unit ids from absolute frame f0
-        self.f0 = 0
-        self.n_frames = 0
-        self.emitted = 0  # frames whose audio has been returned
-
-    @torch.no_grad()
-    def push(self, units: Tensor) -> Tensor:
-        """Add units [n]; return the audio that is now final (possibly empty)."""
-        check_units(units, self.model.cfg.num_embeddings)
-        self.units = torch.cat([self.units, units.to(self.units.device).long()])
-        self.n_units += units.numel()
-        self._time(self.n_units - self.unit_radius)
-        return self._emit(self.n_frames - self.lookahead)
-
-    @torch.no_grad()
-    def flush(self) -> Tensor:
-        """End of stream: return all remaining audio."""
-        self._time(self.n_units)
-        return self._emit(self.n_frames)
-
-    def _time(self, end: int) -> None:
-        """Fix durations of units [n_timed, end) and append their frames."""
-        a = self.n_timed
-        if end <= a:
-            return
-        r = self.unit_radius
-        lo, hi = max(0, a - r), min(self.n_units, end + r)
-        window = self.units[lo - self.u0 : hi - self.u0]
-        dur = self.model.durations(window)[a - lo : end - lo]
-        new = torch.repeat_interleave(window[a - lo : end - lo], dur)
-        self.frames = torch.cat([self.frames, new])
-        self.n_frames += new.numel()
-        self.n_timed = end
-        keep = max(0, end - r)  # left context the next window needs
-        self.units, self.u0 = self.units[keep - self.u0 :], keep
-
-    def _emit(self, end: int) -> Tensor:
-        """Audio of frames [emitted, end)."""
-        a = self.emitted
-        if end <= a:
-            return torch.empty(0, device=self.frames.device)
-        lo, hi = max(0, a - self.context), min(self.n_frames, end + self.lookahead)
-        wave = self.model.generate(self.frames[lo - self.f0 : hi - self.f0])
-        hop = self.model.hop
-        out = wave[(a - lo) * hop : (end - lo) * hop]
-        self.emitted = end
-        keep = max(0, end - self.context)
-        self.frames, self.f0 = self.frames[keep - self.f0 :], keep
-        return out
