@@ -650,7 +650,7 @@ def run(
             fail(f"{input}: no speech in its {input_file.seconds:.1f} s of audio, so task {task!r} has nothing to work on; "
                  "nothing written (--allow-silence runs it anyway)", code=1)
     try:
-        stages = build_stages(b, task, options, **settings.stage_args(), vad=vad, seed=seed)
+        stages = build_stages(b, task, options, **settings.stage_args(), vad=vad, seed=seed, queue_size=queue_size, overflow=overflow)
         dev = lambda d: int(d) if d is not None and d.isdigit() else d
         source, sink = open_endpoints(
             input, output, sr, realtime=realtime, input_device=dev(input_device), output_device=dev(output_device),
@@ -664,7 +664,7 @@ def run(
     st = Stats(sr, log_file)
     if stats:  # each session's table as it ends
         st.on_session = lambda s: typer.echo(st.report(s.session), err=output == "-")
-    pipeline = Pipeline(source, stages, sink, st, queue_size=queue_size, overflow=overflow)
+    pipeline = Pipeline(source, stages, sink, st)
 
     async def until_signalled():  # SIGTERM / SIGINT: stop accepting, tell live sessions, drain, print stats, exit 0
         loop = asyncio.get_running_loop()

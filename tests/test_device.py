@@ -15,20 +15,20 @@ from speech import espeak
 from streamgen.io.device import AudioDevice, DeviceError, MicSource, SpeakerSink
 from streamgen.pipeline.items import AudioChunk
 from streamgen.pipeline.runner import Pipeline, build_stages
-from streamgen.pipeline.stages import Stage
 from streamgen.pipeline.stats import Stats
 
 
-class Tap(Stage):
-    name = "tap"
+class Tap:
+    """A source that also keeps the audio it passes on."""
 
-    def __init__(self):
-        self.audio = []
+    def __init__(self, source):
+        self.source, self.audio = source, []
 
-    def process(self, item):
-        if isinstance(item, AudioChunk):
-            self.audio.append(item.samples.numpy())
-        yield item
+    async def __aiter__(self):
+        async for item in self.source:
+            if isinstance(item, AudioChunk):
+                self.audio.append(item.samples.numpy())
+            yield item
 
 
 def best_correlation(long: np.ndarray, short: np.ndarray) -> float:
@@ -68,9 +68,9 @@ def test_mic_to_pipeline_to_speaker_through_jack(jack, test_bundle, tmp_path):
     async def main():
         device = AudioDevice(16000)
         source, sink = MicSource(device, duration_s=listen_s), SpeakerSink(device)
-        tap = Tap()
-        stages = [tap] + build_stages(test_bundle, "continuation", {"max_units": 40, "min_units": 40})
-        run = asyncio.create_task(Pipeline(source, stages, sink, Stats(16000)).run())
+        tap = Tap(source)
+        engine = build_stages(test_bundle, "continuation", {"max_units": 40, "min_units": 40})
+        run = asyncio.create_task(Pipeline(tap, engine, sink, Stats(16000)).run())
         for _ in range(100):  # wait for our stream's ports to appear
             ours = set(Jack.ports()) - peer_ports - before
             if ours:

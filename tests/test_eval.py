@@ -74,7 +74,7 @@ def test_eval_reports_quality_latency_and_a_plot(small_corpus, tmp_path, task, t
     manifest = small_corpus / ("es2en_test_src.tsv" if task == "translation" else "en_test.tsv")
     refs = small_corpus / "es2en_test_tgt.tsv" if task == "translation" else None
     res = evaluate(test_bundle, task, manifest, tmp_path, references=refs, chunk_ms=[160, 320], realtime=task == "resynthesis",
-                   options={"max_units": 20} if task == "continuation" else None, asr=WhisperASR(), progress=False)
+                   options={"max_units": 20, "min_units": 10} if task == "continuation" else None, asr=WhisperASR(), progress=False)
     assert [c["chunk_ms"] for c in res["chunks"]] == [160, 320]
     c = res["chunks"][0]
     assert c["n"] == 2 and c["errors"] == 0 and 0 <= c["wer"] and 0 <= c["asr_bleu"] <= 100

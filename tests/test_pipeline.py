@@ -13,34 +13,21 @@ from streamgen.io.files import FileSink, FileSource
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.pipeline.items import AudioChunk, Control, End
 from streamgen.pipeline.runner import Pipeline, build_stages
-from streamgen.pipeline.stages import Vocoder
+from streamgen.pipeline.policies import Policy
 from streamgen.pipeline.stats import Stats
-from streamgen.pipeline.units import UnitStream
+from streamgen.pipeline.streams import UnitStream
 
 SENTENCE = "The weather is nice today, and we are going to the park."
 
 
-class RecordingVocoder(Vocoder):
-    """Vocoder stage that also keeps the units it was given, per session."""
-
-    def __init__(self, bundle, **kw):
-        super().__init__(bundle, **kw)
-        self.units: dict[str, list[torch.Tensor]] = {}
-
-    def process(self, item):
-        if hasattr(item, "units") and type(item).__name__ == "TargetUnits":
-            self.units.setdefault(item.session, []).append(item.units)
-        yield from super().process(item)
-
-
 def run(bundle, source, sink, task="continuation", options=None, **kw):
-    stages = build_stages(bundle, task, options, **kw)
-    rec = RecordingVocoder(bundle)
-    stages[-1] = rec
+    """Run the pipeline; also returns the units each session committed to speak, and the engine."""
+    engine = build_stages(bundle, task, options, **kw)
+    units: dict[str, list[torch.Tensor]] = {}
+    engine.on_commit = lambda s, u: units.setdefault(s, []).append(u)
     stats = Stats(bundle.sample_rate)
-    pipeline = Pipeline(source, stages, sink, stats, queue_size=kw.pop("queue_size", 8) if "queue_size" in kw else 8)
-    asyncio.run(pipeline.run())
-    return stats, rec, stages
+    asyncio.run(Pipeline(source, engine, sink, stats).run())
+    return stats, units, engine
 
 
 def expected_samples(bundle, units: list[torch.Tensor]) -> int:
@@ -61,7 +48,7 @@ def test_file_to_file_every_task(test_bundle, tmp_path, task, options):
     stats, rec, _ = run(test_bundle, FileSource(wav, test_bundle.sample_rate), sink, task, options)
     out, rate = sf.read(tmp_path / "out.wav", dtype="float32")
     assert rate == 16000 and len(out) > 0 and np.isfinite(out).all()
-    assert len(out) == expected_samples(test_bundle, rec.units["file"])  # sum of durations x hop
+    assert len(out) == expected_samples(test_bundle, rec["file"])  # sum of durations x hop
     summary = stats.sessions["file"].summary()
     assert summary["output_s"] == pytest.approx(len(out) / 16000, abs=1e-3) and "error" not in summary
     if options.get("policy") == "wait-k":  # simultaneous: speaks before the input is over
@@ -72,7 +59,7 @@ def test_continuation_output_streams_in_chunks(test_bundle):
     sink = MemorySink()
     stats, rec, _ = run(test_bundle, MemorySource(chunks_of("a", espeak(SENTENCE), 320)), sink,
                         options={"max_units": 60, "min_units": 60, "emit_every": 10})
-    assert [len(u) for u in rec.units["a"]] == [10] * 6
+    assert [len(u) for u in rec["a"]] == [10] * 6
     assert len(sink.audio["a"]) >= 3  # audio left the pipeline in pieces, not once at the end
 
 
@@ -110,9 +97,8 @@ def test_sessions_are_isolated_and_cleaned_up(test_bundle):
     stats, rec, stages = run(test_bundle, MemorySource(items), sink, options={"max_units": 30, "min_units": 30})
     assert "NaN" in sink.errors["bad"] and "bad" not in sink.audio
     assert "good" not in sink.errors and len(sink.wave("good")) > 0 and "good" in sink.ended
-    for st in stages:  # every session's state is freed after its end
-        for attr in ("buf", "streams", "sessions"):
-            assert not getattr(st, attr, {}), (st.name, attr)
+    engine = stages  # every session's state is freed after its end
+    assert not engine.sessions and not engine.decoder.running and not engine.decoder.waiting
 
 
 @pytest.mark.parametrize("make, message", [
@@ -122,7 +108,7 @@ def test_sessions_are_isolated_and_cleaned_up(test_bundle):
     (lambda w: [AudioChunk("s", 0, torch.zeros(2, 100), 0, 0.0), End("s")], "mono"),
     (lambda w: [Control("s", "start", "no-such-task"), *chunks_of("s", w, 1600)], "unknown task 'no-such-task'"),
     (lambda w: [Control("s", "start", "translation", {"policy": "wait-k", "bogus": 1}), *chunks_of("s", w, 1600)], "no option bogus"),
-    (lambda w: [Control("s", "start", "inpainting", {"mask_start": 2.0, "mask_end": 1.0}), *chunks_of("s", w, 1600)], "mask_start < mask_end"),
+    (lambda w: [Control("s", "start", "inpainting", {"mask_start": 2.0, "mask_end": 1.0}), *chunks_of("s", w, 1600)], "S < E"),
 ])
 def test_bad_input_gets_a_clear_error_and_others_continue(test_bundle, make, message):
     wave = espeak("One two three.")
@@ -155,19 +141,21 @@ def test_a_sink_that_never_reads_keeps_memory_bounded(test_bundle, overflow):
             i += 1
 
     async def scenario():
-        stages = build_stages(test_bundle, "translation", {"policy": "wait-k", "k": 2, "chunk_ms": 100}, chunk_ms=100)
-        p = Pipeline(MemorySource(endless(), interval=0.001), stages, StuckSink(), Stats(16000), queue_size=4, overflow=overflow)
+        engine = build_stages(test_bundle, "translation", {"policy": "wait-k", "k": 2, "chunk_ms": 100}, chunk_ms=100,
+                              queue_size=4, overflow=overflow)
+        p = Pipeline(MemorySource(endless(), interval=0.001), engine, StuckSink(), Stats(16000))
         task = asyncio.create_task(p.run())
-        peak = [0] * 5
+        peak = [0, 0]
         for _ in range(60):
             await asyncio.sleep(0.05)
-            peak = [max(a, q.qsize()) for a, q in zip(peak, p.queues)]
+            inbox = max((sum(isinstance(i, AudioChunk) for i in s.inbox) for s in engine.sessions.values()), default=0)
+            peak = [max(peak[0], inbox), max(peak[1], engine.out.qsize())]
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return peak, p.stats.sessions["talker"].dropped_chunks
 
     peak, dropped = asyncio.run(scenario())
-    assert max(peak) <= 4 and peak[0] == 4  # the input queue filled up and stayed bounded
+    assert peak[0] == 4 and peak[1] <= 64  # the session's inbox filled up and stayed bounded, so did the output
     if overflow == "drop-oldest":
         assert dropped > 0
     else:
@@ -200,6 +188,26 @@ def test_stats_offsets_follow_simuleval_conventions():
     assert out["first_audio_ms"] == 700.0
 
 
+def decide(mbart, policy, decision):
+    """Carry out a policy's decision the way the engine does: run its decode, hand the units back.
+    Returns the units committed."""
+    from streamgen.models.generation import Decoder
+
+    spoken = []
+    while decision is not None:
+        if decision.commit is not None:
+            spoken += decision.commit.tolist()
+        if decision.decode is None:
+            break
+        dec, units = Decoder(mbart), []
+        dec.submit(0, decision.decode)
+        while dec.busy:
+            for _, u, _ in dec.step():
+                units += u
+        decision = policy.on_decoded(units, True)
+    return spoken
+
+
 def test_local_agreement_commits_what_two_hypotheses_share(test_bundle):
     from streamgen.pipeline.policies import LocalAgreement, UnitDecoder, WaitK
 
@@ -209,15 +217,17 @@ def test_local_agreement_commits_what_two_hypotheses_share(test_bundle):
             layer.encoder_attn.out_proj.weight.zero_()
             layer.encoder_attn.out_proj.bias.zero_()
     src = torch.randint(0, 100, (40,))
-    la = LocalAgreement(UnitDecoder(mbart, None), chunk_ms=320)
-    first = list(la.on_source(src[:10], torch.arange(10), 5120))  # 1st decision: nothing to agree with yet
-    second = list(la.on_source(src[10:20], torch.arange(10, 20), 10240))
-    assert first == [] and len(second) == 1
-    reference = list(UnitDecoder(mbart, None).extend(src, torch.zeros(0, dtype=torch.long), 100))
-    assert second[0].tolist() == reference[: len(second[0])] and len(second[0]) >= 10
-    rest = torch.cat(list(la.on_end()))
-    assert torch.cat([second[0], rest]).tolist() == reference[: len(second[0]) + len(rest)]
+    la = LocalAgreement(UnitDecoder(mbart.cfg), chunk_ms=320)
+    first = decide(mbart, la, la.on_source(src[:10], torch.arange(10), 5120))  # 1st decision: nothing to agree with yet
+    second = decide(mbart, la, la.on_source(src[10:20], torch.arange(10, 20), 10240))
+    assert first == [] and len(second) >= 10
+    ref = Policy(UnitDecoder(mbart.cfg))  # one decode of the whole source, committed at once
+    ref.source = src
+    reference = decide(mbart, ref, ref.decode(100))
+    assert second == reference[: len(second)]
+    rest = decide(mbart, la, la.on_end())
+    assert second + rest == reference[: len(second) + len(rest)]
 
-    wk = WaitK(UnitDecoder(mbart, None), k=4, chunk_ms=320)
-    got = list(wk.on_source(src[:10], torch.arange(10), 5120))
-    assert [len(g) for g in got] == [10 - 4]  # wait-k: ratio * (source - k) units committed
+    wk = WaitK(UnitDecoder(mbart.cfg), k=4, chunk_ms=320)
+    got = decide(mbart, wk, wk.on_source(src[:10], torch.arange(10), 5120))
+    assert len(got) == 10 - 4  # wait-k: ratio * (source - k) units committed

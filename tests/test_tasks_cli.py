@@ -17,7 +17,6 @@ from streamgen.cli import app
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.pipeline.items import AudioChunk, End
 from streamgen.pipeline.runner import Pipeline, build_stages
-from streamgen.pipeline.stages import Chunker, Vad
 from streamgen.pipeline.stats import Stats
 from streamgen.pipeline.tasks import UnknownTask, available_tasks, load_task
 
@@ -39,7 +38,7 @@ def echo_plugin(tmp_path, monkeypatch):
                 super().__init__(decoder)
                 self.repeat = repeat
             def on_end(self):
-                yield self.commit(self.source.repeat_interleave(self.repeat).tolist())
+                return self.speak(self.source.repeat_interleave(self.repeat))
 
         plugin = TaskPlugin("echo", "Repeat the input units (test plugin).", Echo, options={"repeat": 1})
     '''))
@@ -71,20 +70,25 @@ def test_a_plugin_registered_through_entry_points_is_found_and_runs(echo_plugin,
     assert torch.allclose(sink.wave("a"), expected, atol=1e-5)  # the plugin's policy decided the output
 
 
-def test_vad_ends_the_input_after_trailing_silence():
+def test_vad_ends_the_input_after_trailing_silence(test_bundle):
     speech = espeak("Hello there, how are you?")
     stream = torch.cat([torch.zeros(8000), speech, torch.zeros(16000 * 2), speech])
-    chunker = Chunker(1600, Vad(16000, silence_ms=700))
-    out = []
-    for item in chunks_of("mic", stream, 1600):
-        out += list(chunker.process(item))
-    ends = [i for i, x in enumerate(out) if isinstance(x, End)]
-    assert len(ends) == 1
-    ended_at = out[ends[0]].source_samples / 16000
+
+    class EndSink(MemorySink):
+        async def write(self, item):
+            if isinstance(item, End):
+                self.end_at = item.source_samples / 16000
+            await super().write(item)
+
+    sink = EndSink()
+    engine = build_stages(test_bundle, "resynthesis", chunk_ms=100, vad=True)
+    asyncio.run(Pipeline(MemorySource(chunks_of("mic", stream, 1600)), engine, sink, Stats(16000)).run())
+    assert sink.ended == ["mic"]
     speech_end = (8000 + len(speech)) / 16000
     # 700 ms of silence as the VAD judges it (it hears the last word fade out a little early)
-    assert speech_end + 0.2 < ended_at < speech_end + 1.5
-    assert not any(isinstance(x, AudioChunk) for x in out[ends[0]:])  # later input is ignored
+    assert speech_end + 0.2 < sink.end_at < speech_end + 1.5
+    # later input is ignored: the output is no longer than the input up to the end the VAD found
+    assert len(sink.wave("mic")) / 16000 <= sink.end_at + 0.1
 
 
 def test_run_file_to_file_and_stats(tmp_path):

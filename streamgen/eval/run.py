@@ -1,7 +1,7 @@
 """`streamgen eval`: a task on a test manifest, through the streaming pipeline, scored.
 
 Each utterance is streamed from its file (paced in real time by default, so compute-aware latencies
-are wall-clock facts), through the same stages as `streamgen run`; the output is transcribed by the
+are wall-clock facts), through the same engine as `streamgen run`; the output is transcribed by the
 ASR and compared with the reference text. Per chunk size: ASR-BLEU, WER, CER, StartOffset,
 EndOffset and AL (ideal and compute-aware), real-time factor; for continuation also the diversity
 of generated units; for inpainting also a baseline that copies the unmasked context.
@@ -20,23 +20,9 @@ from ..io.files import FileSource, read_audio
 from ..io.memory import MemorySink
 from ..pipeline.items import Control
 from ..pipeline.runner import Pipeline, build_stages
-from ..pipeline.stages import Vocoder
 from ..pipeline.stats import SessionStats, Stats
 from ..train.synth import read_manifest
 from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, span_words, wer
-
-
-class _UnitTap(Vocoder):
-    """The vocoder stage, also keeping the units it speaks (for diversity)."""
-
-    def __init__(self, bundle):
-        super().__init__(bundle)
-        self.units: list[int] = []
-
-    def process(self, item):
-        if type(item).__name__ == "TargetUnits":
-            self.units += item.units.tolist()
-        yield from super().process(item)
 
 
 class _WithControl:
@@ -93,12 +79,12 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
             path = manifest.parent / row["audio"]
             if task == "inpainting":
                 opts["mask_start"], opts["mask_end"] = inpainting_span(int(row["n_frames"]), bundle.sample_rate, rng)
-            tap = _UnitTap(bundle)
-            stages = build_stages(bundle, task, None, chunk_ms=ms, seed=seed)
-            stages[-1] = tap
+            spoken: list[int] = []  # the units the task committed (for diversity)
+            engine = build_stages(bundle, task, opts, chunk_ms=ms, seed=seed)
+            engine.on_commit = lambda _, units: spoken.extend(units.tolist())
             stats, sink = Stats(bundle.sample_rate), MemorySink()
             source = _WithControl(FileSource(path, bundle.sample_rate, session=row["id"], realtime=realtime), task, opts)
-            asyncio.run(Pipeline(source, stages, sink, stats).run())
+            asyncio.run(Pipeline(source, engine, sink, stats).run())
             st = stats.sessions[row["id"]]
             wave = sink.wave(row["id"]).numpy()
             summary = st.summary()
@@ -110,7 +96,7 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
             utt = {"id": row["id"], "reference": refs[row["id"]], "hypothesis": asr.transcribe(wave), "output_s": len(wave) / bundle.sample_rate,
                    "al_ms": al, "al_ca_ms": al_ca, **{k: summary.get(k) for k in ("start_offset_ms", "end_offset_ms", "start_offset_ca_ms", "end_offset_ca_ms", "rtf", "error")}}
             if task == "continuation":
-                utt["distinct_2"] = distinct_ngrams(tap.units, 2)
+                utt["distinct_2"] = distinct_ngrams(spoken, 2)
             if task == "inpainting":
                 utt["mask"] = [opts["mask_start"], opts["mask_end"]]
                 src = read_audio(path, bundle.sample_rate).numpy().copy()

@@ -1,167 +1,273 @@
-"""Decoding policies: when a task speaks, and what it commits.
+"""Decoding policies: when a task speaks, and what it commits. Policies decide; the engine decodes.
 
-A policy receives a session's source units as they become final and yields chunks of target units
-it commits to. Building blocks for task plugins:
+A policy sees a session's source units as they become final (`on_source`) and the end of its
+input (`on_end`), and answers with a `Decision` (or None): units to speak now, and/or a decode to
+run. The engine runs every session's decodes together (`models.generation.Decoder`) and hands the
+units back through `on_decoded` as they come; with `emit_every` > 0 they are spoken in chunks of
+that many while decoding goes on, else all at once when the decode is done (`decoded`). One decode
+per session is in flight at a time; the session's next source units wait for it.
 
-- `Continuation`: listen until the input ends, then speak; output streams every `emit_every` units.
+Building blocks for task plugins:
+
+- `Resynthesis`: speak the source units back as they arrive (no language model).
+- `Continuation`: listen until the input ends, then speak; streams every `emit_every` units. Only
+  the most recent `context` units of a long input are kept (the model's window).
 - `WaitK`: simultaneous; every `chunk_ms` of source, may commit up to ratio * (source units - k).
 - `LocalAgreement`: simultaneous; every `chunk_ms`, decode a full hypothesis and commit the prefix it
   shares with the previous hypothesis (LA-2).
-- `Inpainting`: at the end, replace the units of a masked time span by one <mask> and regenerate.
+  Both simultaneous policies translate a long input segment by segment: a segment closes at a pause
+  (a unit held for `pause_ms`, i.e. silence) once it has `min_segment` units, or at `max_segment`
+  units; its translation is finished, then the next segment starts from the units after the cut.
+- `Inpainting`: at the end, replace the units of a masked time span by one <mask> and regenerate;
+  an input longer than the model's context is refused as soon as it exceeds it.
 
 An encoder-decoder re-encodes a grown source, which changes every cross-attention input, so each
 decision re-encodes the source and re-runs the decoder over the committed units in one prefill pass.
+
+A plugin's own policy subclasses `Policy` and returns `self.speak(units)`, `self.decode(...)` or
+None from its hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..models.generation import Sampling, allowed_tokens_mask, choose
-from ..models.unit_mbart import EOS, UNIT_OFFSET, PromptKV, UnitMBart, units_to_source
+from ..models.generation import Request, Sampling, decoder_prefix
+from ..models.unit_mbart import EOS, UNIT_OFFSET, PromptKV, UnitMBartConfig, units_to_source
 
 
 class UnitDecoder:
-    """Unit mBART plus a task's shared prompt and sampling settings, for one session."""
+    """A task's view of the speech LM for one session: its config, the task's shared prompt, its
+    sampling settings and forced tokens; it turns a policy's wish into a decode `Request`."""
 
-    def __init__(self, mbart: UnitMBart, prompt: PromptKV | None, sampling: Sampling = Sampling(),
-                 prefix_tokens: tuple[int, ...] = (), seed: int | None = None):
-        self.mbart, self.prompt, self.sampling = mbart, prompt, sampling
-        self.device = mbart.embed_tokens.weight.device
-        self.prefix = torch.tensor((EOS, *prefix_tokens), device=self.device)
-        self.allowed = allowed_tokens_mask(mbart, self.device)
-        self.no_eos = self.allowed.clone()
-        self.no_eos[EOS] = False
-        self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+    def __init__(self, cfg: UnitMBartConfig, prompt: PromptKV | None = None, sampling: Sampling = Sampling(),
+                 prefix_tokens: tuple[int, ...] = (), seed: int = 0):
+        self.cfg, self.prompt, self.sampling = cfg, prompt, sampling
+        self.prefix_tokens = tuple(prefix_tokens)
+        self.seed = seed
+        self.requests = 0
 
     @property
     def max_units(self) -> int:
-        return self.mbart.cfg.max_positions - 1
+        """The longest source the encoder takes (positions minus </s>)."""
+        return self.cfg.max_positions - 1
 
-    @torch.no_grad()
-    def extend(self, source: Tensor, committed: Tensor, max_new: int, min_new: int = 0, tokens: Tensor | None = None) -> Iterator[int]:
-        """Yield up to `max_new` units continuing `committed`, given the source units (stops at </s>).
-        `tokens` overrides the encoder input (e.g. a source with a <mask>)."""
-        src = units_to_source(source.to(self.device)) if tokens is None else tokens.to(self.device)
-        if len(src) > self.mbart.cfg.max_positions:
+    @property
+    def max_new(self) -> int:
+        """The most units one decode can produce (decoder positions minus the forced prefix)."""
+        return self.cfg.max_positions - 1 - len(self.prefix_tokens)
+
+    def request(self, source: Tensor, committed: Tensor, max_new: int, min_new: int = 0, tokens: Tensor | None = None) -> Request:
+        """Decode up to `max_new` units continuing `committed`, given the source units (stops at
+        </s>, never before `min_new`). `tokens` overrides the encoder input (e.g. a source with a <mask>)."""
+        src = units_to_source(source.cpu()) if tokens is None else tokens.cpu()
+        if len(src) > self.cfg.max_positions:
             raise ValueError(f"source of {len(src) - 1} units exceeds the model's {self.max_units}-unit context")
-        max_new = min(max_new, self.mbart.cfg.max_positions - len(self.prefix) - len(committed))
-        if max_new <= 0:
-            return
-        state = self.mbart.start(src[None], self.prompt, capacity=len(self.prefix) + len(committed) + max_new)
-        prev = torch.cat([self.prefix, committed.to(self.device) + UNIT_OFFSET])
-        logits = self.mbart.step(state, prev[None])[:, -1]  # prefill the committed units at once
-        for t in range(max_new):
-            nxt = choose(logits, self.allowed if t >= min_new else self.no_eos, self.sampling, self.generator)
-            if int(nxt) == EOS:
-                return
-            yield int(nxt) - UNIT_OFFSET
-            logits = self.mbart.step(state, nxt)
+        self.requests += 1
+        return Request(src, decoder_prefix(self.prefix_tokens, committed), max_new, min_new, self.sampling, self.prompt,
+                       seed=(self.seed * 1_000_003 + self.requests) & 0xFFFFFFFF)
 
 
-def _units(xs: list[int]) -> Tensor:
-    return torch.tensor(xs, dtype=torch.long)
+@dataclass
+class Decision:
+    commit: Tensor | None = None  # units to speak now
+    decode: Request | None = None  # then run this decode; its units come to `on_decoded`
+
+
+def _units(xs) -> Tensor:
+    return torch.as_tensor(xs, dtype=torch.long).reshape(-1)
 
 
 class Policy:
     """Base: collects the source; subclasses decide when to speak."""
+
+    emit_every = 0  # 0: a decode's units are spoken when it is done; n: n at a time while decoding
 
     def __init__(self, decoder: UnitDecoder):
         self.decoder = decoder
         self.source = torch.zeros(0, dtype=torch.long)
         self.frames = torch.zeros(0, dtype=torch.long)
         self.committed = torch.zeros(0, dtype=torch.long)
+        self.pending: list[int] = []  # units of the decode in flight, not yet spoken
+
+    # --- what a policy answers with --------------------------------------------------------------
+
+    def speak(self, units) -> Decision | None:
+        """Commit units: they go to the vocoder now."""
+        new = _units(units)
+        if not len(new):
+            return None
+        self.committed = torch.cat([self.committed, new])
+        return Decision(commit=new)
+
+    def decode(self, max_new: int, min_new: int = 0, tokens: Tensor | None = None) -> Decision | None:
+        """Decode up to `max_new` units after the committed ones, given the source."""
+        max_new = min(max_new, self.decoder.max_new - len(self.committed))
+        if max_new <= 0:
+            return None
+        return Decision(decode=self.decoder.request(self.source, self.committed, max_new, min_new, tokens))
+
+    # --- hooks -------------------------------------------------------------------------------------
 
     def add_source(self, units: Tensor, frames: Tensor) -> None:
         self.source = torch.cat([self.source, units.cpu()])
         self.frames = torch.cat([self.frames, frames.cpu()])
-        if len(self.source) > self.decoder.max_units:
-            raise ValueError(f"source of {len(self.source)} units exceeds the model's {self.decoder.max_units}-unit context")
 
-    def commit(self, units: list[int]) -> Tensor:
-        new = _units(units)
-        self.committed = torch.cat([self.committed, new])
-        return new
-
-    def on_source(self, units: Tensor, frames: Tensor, source_samples: int) -> Iterator[Tensor]:
+    def on_source(self, units: Tensor, frames: Tensor, source_samples: int) -> Decision | None:
         self.add_source(units, frames)
-        return iter(())
+        return None
 
-    def on_end(self) -> Iterator[Tensor]:
-        return iter(())
+    def on_end(self) -> Decision | None:
+        return None
 
-    def commit_every(self, units: Iterator[int], n: int) -> Iterator[Tensor]:
-        """Commit decoded units in chunks of `n` as they come (the output streams while decoding)."""
-        pending: list[int] = []
-        for u in units:
-            pending.append(u)
-            if len(pending) >= n:
-                yield self.commit(pending)
-                pending = []
-        if pending:
-            yield self.commit(pending)
+    def on_decoded(self, units: list[int], done: bool) -> Decision | None:
+        """Units of the decode in flight, as they come (done: it has finished)."""
+        self.pending += units
+        if done:
+            rest, self.pending = self.pending, []
+            return self.decoded(rest)
+        if self.emit_every and len(self.pending) >= self.emit_every:
+            chunk, self.pending = self.pending, []
+            return self.speak(chunk)
+        return None
+
+    def decoded(self, units: list[int]) -> Decision | None:
+        """A decode finished with these units (those not yet spoken)."""
+        return self.speak(units)
 
 
 class Resynthesis(Policy):
     """Speak the source units back as they arrive: audio -> units -> audio, the ceiling of every task."""
 
-    def on_source(self, units, frames, source_samples) -> Iterator[Tensor]:
-        self.add_source(units, frames)
-        if len(units):
-            yield self.commit(units.tolist())
+    def on_source(self, units, frames, source_samples) -> Decision | None:
+        return self.speak(units)
 
-    def add_source(self, units: Tensor, frames: Tensor) -> None:  # no model context involved: no length limit
-        self.source = units.cpu()
+    def speak(self, units) -> Decision | None:  # nothing is kept: no length limit
+        new = _units(units)
+        return Decision(commit=new) if len(new) else None
 
 
 class Continuation(Policy):
     def __init__(self, decoder: UnitDecoder, max_units: int = 250, min_units: int = 25, emit_every: int = 10):
         super().__init__(decoder)
-        self.max_units, self.min_units, self.emit_every = max_units, min_units, emit_every
+        if max_units < 1 or min_units < 0 or emit_every < 1:
+            raise ValueError(f"continuation needs max_units >= 1, min_units >= 0 and emit_every >= 1, "
+                             f"got max_units={max_units}, min_units={min_units}, emit_every={emit_every}")
+        self.max_units, self.min_units, self.emit_every = max_units, min(min_units, max_units), emit_every
 
-    def on_end(self) -> Iterator[Tensor]:
+    def add_source(self, units: Tensor, frames: Tensor) -> None:
+        """Keep the most recent units the model can take (a long talk is continued from its end)."""
+        super().add_source(units, frames)
+        n = self.decoder.max_units
+        self.source, self.frames = self.source[-n:], self.frames[-n:]
+
+    def on_end(self) -> Decision | None:
         if len(self.source):
-            yield from self.commit_every(self.decoder.extend(self.source, self.committed, self.max_units, self.min_units), self.emit_every)
+            return self.decode(self.max_units, self.min_units)
+        return None
 
 
 class _Simultaneous(Policy):
-    """Acts once per `chunk_ms` of source; `decide` returns the units to commit now."""
+    """Acts once per `chunk_ms` of source (`decide`); translates a long input segment by segment."""
 
-    def __init__(self, decoder: UnitDecoder, chunk_ms: int = 320, ratio: float = 1.0, sample_rate: int = 16000):
+    def __init__(self, decoder: UnitDecoder, chunk_ms: int = 320, ratio: float = 1.0, sample_rate: int = 16000,
+                 max_segment: int = 400, min_segment: int = 25, pause_ms: int = 400, frame_ms: int = 20):
         super().__init__(decoder)
+        if chunk_ms <= 0 or ratio <= 0:
+            raise ValueError(f"chunk_ms and ratio must be > 0, got chunk_ms={chunk_ms}, ratio={ratio}")
         self.chunk = int(chunk_ms * sample_rate / 1000)
         self.ratio = ratio
         self.next_act = self.chunk
+        # a segment's translation must fit the decoder: ratio * segment + 10 units
+        fit = int((decoder.max_new - 10) / ratio)
+        self.max_segment = max(1, min(max_segment, decoder.max_units, fit))
+        self.min_segment = min(min_segment, self.max_segment)
+        self.pause_frames = max(1, pause_ms // frame_ms)
+        self.carry: tuple[Tensor, Tensor] | None = None  # units after a cut, for the next segment
+        self.closing = False
+        self.segments = 1
 
-    def on_source(self, units, frames, source_samples) -> Iterator[Tensor]:
+    def _cut(self) -> int | None:
+        """Where the current segment ends (units kept), or None: after a unit held for a pause, or at
+        the maximum length."""
+        if len(self.source) < self.min_segment:
+            return None
+        runs = self.frames[1:] - self.frames[:-1]  # frames each complete run lasted
+        long = torch.nonzero(runs[self.min_segment - 1 :] >= self.pause_frames)
+        if len(long):
+            return int(long[0]) + self.min_segment
+        if len(self.source) >= self.max_segment:
+            return self.max_segment
+        return None
+
+    def on_source(self, units, frames, source_samples) -> Decision | None:
         self.add_source(units, frames)
+        cut = self._cut()
+        if cut is not None:
+            self.carry = (self.source[cut:], self.frames[cut:])
+            self.source, self.frames = self.source[:cut], self.frames[:cut]
+            self.closing = True
+            return self.finish_segment()
         if source_samples >= self.next_act:
             self.next_act = (source_samples // self.chunk + 1) * self.chunk
-            new = self.decide()
-            if new:
-                yield self.commit(new)
+            return self.decide()
+        return None
 
-    def decide(self) -> list[int]:
+    def decide(self) -> Decision | None:
         raise NotImplementedError
 
-    def on_end(self) -> Iterator[Tensor]:
+    def finish_segment(self) -> Decision | None:
+        """Translate the rest of the current segment (at a cut, or at the end of input)."""
         limit = int(self.ratio * len(self.source)) + 10 - len(self.committed)
-        rest = list(self.decoder.extend(self.source, self.committed, max(limit, 0)))
-        if rest:
-            yield self.commit(rest)
+        d = self.decode(limit) if len(self.source) else None
+        if d is None:
+            return self.next_segment(None)
+        return d
+
+    def decoded(self, units: list[int]) -> Decision | None:
+        d = self.speak(units) if self.closing else self.agree(units)
+        if self.closing:
+            return self.next_segment(d)
+        return d
+
+    def agree(self, units: list[int]) -> Decision | None:
+        return self.speak(units)
+
+    def next_segment(self, spoken: Decision | None) -> Decision | None:
+        """A segment is done: start the next from the units after the cut."""
+        self.closing = False
+        if self.carry is None:
+            return spoken
+        units, frames = self.carry
+        self.carry = None
+        self.source = self.frames = torch.zeros(0, dtype=torch.long)
+        self.committed = torch.zeros(0, dtype=torch.long)
+        self.restart()
+        self.segments += 1
+        self.add_source(units, frames)
+        return spoken
+
+    def restart(self) -> None:
+        """Per-segment state a subclass keeps (forget it)."""
+
+    def on_end(self) -> Decision | None:
+        self.closing = True
+        return self.finish_segment()
 
 
 class WaitK(_Simultaneous):
     def __init__(self, decoder: UnitDecoder, k: int = 10, **kw):
         super().__init__(decoder, **kw)
+        if k < 0:
+            raise ValueError(f"wait-k needs k >= 0, got {k}")
         self.k = k
 
-    def decide(self) -> list[int]:
+    def decide(self) -> Decision | None:
         budget = int(self.ratio * (len(self.source) - self.k)) - len(self.committed)
-        return list(self.decoder.extend(self.source, self.committed, budget)) if budget > 0 else []
+        return self.decode(budget) if budget > 0 else None
 
 
 class LocalAgreement(_Simultaneous):
@@ -169,14 +275,18 @@ class LocalAgreement(_Simultaneous):
         super().__init__(decoder, **kw)
         self.previous: list[int] = []  # last hypothesis, beyond the committed units
 
-    def decide(self) -> list[int]:
-        limit = int(self.ratio * len(self.source)) + 10 - len(self.committed)
-        hyp = list(self.decoder.extend(self.source, self.committed, max(limit, 0)))
+    def decide(self) -> Decision | None:
+        return self.decode(int(self.ratio * len(self.source)) + 10 - len(self.committed))
+
+    def agree(self, hyp: list[int]) -> Decision | None:
         n = 0
         while n < min(len(hyp), len(self.previous)) and hyp[n] == self.previous[n]:
             n += 1
         self.previous = hyp[n:]
-        return hyp[:n]
+        return self.speak(hyp[:n])
+
+    def restart(self) -> None:
+        self.previous = []
 
 
 class Inpainting(Policy):
@@ -185,23 +295,36 @@ class Inpainting(Policy):
     def __init__(self, decoder: UnitDecoder, mask_start: float = 0.0, mask_end: float = 0.0, emit_every: int = 25, frame_rate: float = 50.0):
         super().__init__(decoder)
         if not 0 <= mask_start < mask_end:
-            raise ValueError(f"inpainting needs 0 <= mask_start < mask_end (seconds), got {mask_start}..{mask_end}")
+            raise ValueError(f"inpainting needs 0 <= mask_start < mask_end (seconds), got {mask_start}..{mask_end}: "
+                             "give --opt mask_start=S --opt mask_end=E")
+        if emit_every < 1:
+            raise ValueError(f"emit_every must be >= 1, got {emit_every}")
         self.span = (int(mask_start * frame_rate), int(mask_end * frame_rate))
+        self.mask_end_s = mask_end
+        self.frame_rate = frame_rate
         self.emit_every = emit_every
-        mask = decoder.mbart.cfg.mask_token
+        mask = decoder.cfg.mask_token
         if mask is None:
             raise ValueError("this bundle's Unit mBART has no <mask> token (give `streamgen convert` --mask-token)")
         self.mask = mask
 
-    def on_end(self) -> Iterator[Tensor]:
+    def add_source(self, units: Tensor, frames: Tensor) -> None:
+        super().add_source(units, frames)
+        if len(self.source) > self.decoder.max_units - 1:
+            raise ValueError(f"inpainting holds at most {self.decoder.max_units - 1} units of input (the model's context); "
+                             f"this input is longer: send a shorter excerpt around the gap")
+
+    def on_end(self) -> Decision | None:
         if len(self.source) == 0:
-            return
+            return None
         a, b = self.span
+        end = int(self.frames[-1]) + 1
+        if a >= end:
+            raise ValueError(f"the mask starts at {a / self.frame_rate:.2f} s, after the input's end "
+                             f"(about {end / self.frame_rate:.2f} s): give a mask_start inside the input")
         ends = torch.cat([self.frames[1:], self.frames[-1:] + 1])  # a run ends where the next starts
         keep_left = self.source[ends <= a]
         keep_right = self.source[self.frames >= b]
-        eos = torch.tensor([EOS])
-        tokens = torch.cat([keep_left + UNIT_OFFSET, torch.tensor([self.mask]), keep_right + UNIT_OFFSET, eos])
+        tokens = torch.cat([keep_left + UNIT_OFFSET, torch.tensor([self.mask]), keep_right + UNIT_OFFSET, torch.tensor([EOS])])
         budget = int(1.5 * len(self.source)) + 10
-        decoded = self.decoder.extend(self.source, self.committed, budget, min_new=len(keep_left) + len(keep_right), tokens=tokens)
-        yield from self.commit_every(decoded, self.emit_every)
+        return self.decode(budget, min_new=min(len(keep_left) + len(keep_right), budget), tokens=tokens)

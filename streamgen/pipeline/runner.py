@@ -1,16 +1,17 @@
-"""The asyncio pipeline: source -> stages -> sink, joined by bounded queues.
+"""The asyncio pipeline: source -> engine -> sink.
 
-Each stage runs its compute in its own worker thread; outputs are handed to the next queue as they
-are produced (a continuation streams while it decodes). Back-pressure is explicit:
+The source's items are checked (bad audio ends only its session, with a message naming the
+problem) and handed to the engine (`engine.py`), which holds a bounded inbox per session and
+advances every session together in its worker thread; its outputs go to the sink in order.
+Back-pressure is per session:
 
-- `overflow="block"` (default): a full queue makes its producer wait, back to the source; nothing
-  is lost, and a live source that cannot wait buffers in its own bounded buffer.
-- `overflow="drop-oldest"`: when the input queue is full, the oldest queued input chunk is dropped
-  and counted (`dropped_chunks` per session); later stages still block.
+- `overflow="block"` (default): a session whose inbox is full makes the source wait; nothing is
+  lost, and a live source that cannot wait buffers in its own bounded buffer.
+- `overflow="drop-oldest"`: that session's oldest queued input chunk is dropped and counted
+  (`dropped_chunks`); no other session is touched.
 
-Memory stays bounded either way: every queue holds at most `queue_size` items. A session whose
-input is bad, or whose processing fails, gets a `SessionError` and is closed in every stage; the
-other sessions go on.
+A session whose input is bad, or whose processing fails, gets a `SessionError` and its `End`; the
+other sessions go on. `request_stop` drains gracefully (SIGTERM / SIGINT).
 """
 
 from __future__ import annotations
@@ -19,17 +20,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-
 from ..audio import check_wave
+from .engine import Engine, build_engine
 from .items import AudioChunk, AudioOut, End, Item, SessionError
-from .stages import Stage
 from .stats import Stats
 
 log = logging.getLogger("streamgen")
-_STOP = object()  # after the source is exhausted: flows through every stage, then ends the run
 MAX_CHUNK_SECONDS = 10.0
 
 
@@ -43,16 +41,6 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
-class InputQueue(asyncio.Queue):
-    def drop_oldest_audio(self) -> AudioChunk | None:
-        """Remove the oldest queued AudioChunk (never an End or control item)."""
-        for i, item in enumerate(self._queue):
-            if isinstance(item, AudioChunk):
-                del self._queue[i]
-                return item
-        return None
-
-
 def check_chunk(chunk: AudioChunk, sample_rate: int) -> str | None:
     """Why an input chunk is unusable (the same checks as whole-utterance input), or None."""
     try:
@@ -63,15 +51,11 @@ def check_chunk(chunk: AudioChunk, sample_rate: int) -> str | None:
 
 
 class Pipeline:
-    def __init__(self, source: Source, stages: list[Stage], sink: Sink, stats: Stats, queue_size: int = 16,
-                 overflow: str = "block"):
-        if overflow not in ("block", "drop-oldest"):
-            raise ValueError(f"overflow must be 'block' or 'drop-oldest', got {overflow!r}")
-        self.source, self.stages, self.sink, self.stats = source, stages, sink, stats
-        self.queue_size, self.overflow = queue_size, overflow
-        self.queues: list[asyncio.Queue] = []
+    def __init__(self, source: Source, engine: Engine, sink: Sink, stats: Stats):
+        self.source, self.engine, self.sink, self.stats = source, engine, sink, stats
+        engine.stats = stats
         self.max_chunk = int(MAX_CHUNK_SECONDS * stats.sample_rate)
-        stats.algorithmic_ms = {s.name: 1000 * s.wait_s for s in stages if s.wait_s}
+        stats.algorithmic_ms = {k: 1000 * v for k, v in engine.algorithmic_s.items() if v}
         self.failed: set[str] = set()  # sessions rejected at the input
         self.live: set[str] = set()  # sessions the source opened and has not ended
         self._stop = asyncio.Event()
@@ -87,21 +71,20 @@ class Pipeline:
 
     async def run(self) -> Stats:
         loop = asyncio.get_running_loop()
-        self.queues = [InputQueue(self.queue_size)] + [asyncio.Queue(self.queue_size) for _ in self.stages]
-        executors = [ThreadPoolExecutor(1, thread_name_prefix=f"streamgen-{s.name}") for s in self.stages]
-        tasks = [loop.create_task(self._run_stage(s, ex, self.queues[i], self.queues[i + 1]))
-                 for i, (s, ex) in enumerate(zip(self.stages, executors))]
-        tasks.append(loop.create_task(self._drain(self.queues[-1])))
+        out: asyncio.Queue = asyncio.Queue()
+        worker = self.engine.start(loop, out)
+        drain = loop.create_task(self._drain(out))
         try:
-            await self._feed(self.queues[0])
-            await self.queues[0].put(_STOP)
-            await asyncio.gather(*tasks)
+            await self._feed()
+            self.engine.close()
+            await drain
+        except BaseException:  # cancelled, or the sink failed: stop the engine where it is
+            self.engine.abort()
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+            raise
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for ex in executors:
-                ex.shutdown(wait=False, cancel_futures=True)
+            await loop.run_in_executor(None, worker.join)
             await self.sink.close()
         return self.stats
 
@@ -131,7 +114,7 @@ class Pipeline:
                 yield SessionError(s, self.stop_reason)
                 yield End(s, self.stats.session(s).input_samples, time.monotonic())
 
-    async def _feed(self, q: InputQueue) -> None:
+    async def _feed(self) -> None:
         async for item in self._items():
             s = item.session
             if isinstance(item, End):
@@ -156,66 +139,16 @@ class Pipeline:
                 st = self.stats.session(s)
                 st.input_end_at = item.captured_at
                 if st.input_samples == 0 and s not in self.failed:
-                    await q.put(SessionError(s, "the session ended without any audio (empty input)"))
+                    await self.engine.put(SessionError(s, "the session ended without any audio (empty input)"))
                 self.failed.discard(s)
             elif isinstance(item, SessionError):
                 self.failed.add(s)
-            if self.overflow == "drop-oldest" and q.full() and isinstance(item, AudioChunk):
-                dropped = q.drop_oldest_audio()
-                if dropped is not None:
-                    self.stats.session(dropped.session).dropped_chunks += 1
-                    self.stats.event(event="dropped", session=dropped.session, seq=dropped.seq)
-            await q.put(item)
-
-    async def _run_stage(self, stage: Stage, executor, inq: asyncio.Queue, outq: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
-        failed: set[str] = set()
-
-        def work(item: Item) -> tuple[float, str | None]:
-            """Run the stage on one item in the worker thread, handing each output on as it comes."""
-            compute, t = 0.0, time.perf_counter()
-            try:
-                for out in stage.process(item):
-                    compute += time.perf_counter() - t
-                    asyncio.run_coroutine_threadsafe(outq.put(out), loop).result()
-                    t = time.perf_counter()
-                return compute + time.perf_counter() - t, None
-            except Exception as e:  # one session's failure must not stop the others
-                log.exception("%s failed on session %r", stage.name, item.session)
-                stage.close(item.session)
-                return compute + time.perf_counter() - t, f"{stage.name}: {type(e).__name__}: {e}"
-
-        while True:
-            item = await inq.get()
-            if item is _STOP:
-                await outq.put(_STOP)
-                return
-            s = item.session
-            if isinstance(item, SessionError):
-                stage.close(s)
-                failed.add(s)
-                await outq.put(item)
-                continue
-            if s in failed:
-                if isinstance(item, End):  # let every stage, and the sink, see the session end
-                    failed.discard(s)
-                    await outq.put(item)
-                continue
-            compute, error = await loop.run_in_executor(executor, work, item)
-            st = self.stats.session(s)
-            st.compute[stage.name] = st.compute.get(stage.name, 0.0) + compute
-            self.stats.event(event="stage", stage=stage.name, session=s, item=type(item).__name__,
-                             seq=getattr(item, "seq", None), compute_ms=round(1000 * compute, 3),
-                             algorithmic_ms=round(1000 * stage.wait_s, 1),
-                             since_capture_ms=round(1000 * (time.monotonic() - getattr(item, "captured_at", time.monotonic())), 3))
-            if error is not None:
-                failed.add(s)
-                await outq.put(SessionError(s, error))
+            await self.engine.put(item)
 
     async def _drain(self, q: asyncio.Queue) -> None:
         while True:
             item = await q.get()
-            if item is _STOP:
+            if item is None:
                 return
             st = self.stats.session(item.session)
             if isinstance(item, AudioOut):
@@ -224,23 +157,9 @@ class Pipeline:
             elif isinstance(item, SessionError):
                 st.error = item.message
                 self.stats.event(event="error", session=item.session, message=item.message)
-            elif isinstance(item, End):
-                self.stats.event(event="session", **st.summary())
             await self.sink.write(item)
+            if isinstance(item, End):
+                self.stats.close_session(item.session)
 
 
-def build_stages(bundle, task: str = "continuation", options: dict | None = None, *, chunk_ms: int = 100,
-                 left_context_ms: int | None = 2000, lookahead_ms: int | None = 100, vocoder_lookahead: int | None = None,
-                 vad: bool = False, seed: int | None = 0) -> list[Stage]:
-    """The standard chain: chunker (+VAD) -> unit encoder -> generator (task policy) -> vocoder.
-    None for a context means unbounded (everything before / until the end of input)."""
-    from .stages import Chunker, Generator, UnitEncoder, Vad, Vocoder
-
-    sr, hop = bundle.sample_rate, bundle.need("hubert").cfg.hop
-    frames = lambda ms: None if ms is None else sr * ms // 1000 // hop
-    return [
-        Chunker(sr * chunk_ms // 1000, Vad(sr) if vad else None, sr),
-        UnitEncoder(bundle, frames(left_context_ms), frames(lookahead_ms)),
-        Generator(bundle, task, options, seed),
-        Vocoder(bundle, vocoder_lookahead),
-    ]
+build_stages = build_engine  # the name callers used before the engine

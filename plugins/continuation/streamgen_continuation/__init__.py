@@ -4,18 +4,12 @@ from streamgen.pipeline.policies import Continuation
 from streamgen.pipeline.tasks import TaskPlugin
 
 
-def validate(options: dict, input_s, bundle) -> None:
-    if options["min_units"] > options["max_units"]:
-        raise ValueError(f"task 'continuation': min_units={options['min_units']} exceeds max_units={options['max_units']}")
-
-
 plugin = TaskPlugin(
     name="continuation",
     description="Listen, then keep speaking in the same voice and style once the input ends (VAD or stop); "
-    "options: max_units, min_units, emit_every.",
+    "options: max_units, min_units (at most max_units: a smaller max_units lowers it), emit_every.",
     policy=Continuation,
     options={"max_units": 250, "min_units": 25, "emit_every": 10},
     ranges={"max_units": (1, None), "min_units": (0, None), "emit_every": (1, None)},
-    validate=validate,
     sampling={"greedy": False, "temperature": 0.8, "top_k": 20},
 )

@@ -1,0 +1,557 @@
+"""The engine: one owner of the models that advances every live session together.
+
+Sessions are fed from the event loop (`put`) into their own bounded inboxes; one worker thread
+runs `tick()` over and over. A tick makes, per stage, one batched model call for every session
+that has work ready:
+
+    intake      inbox -> fixed chunks (+ VAD end-of-input), per session
+    encoder     every ready chunk's window (left context + new audio + look-ahead): one padded
+                HuBERT call with lengths, one k-means call
+    policies    each session's task policy turns new units into decisions (speak / decode)
+    LM          one decoder step for every running decode, then the new decodes are admitted
+                (batched encode + ragged prefill) into free K/V slots (`models.generation.Decoder`)
+    vocoder     every session's duration window in one padded call, then every audio window in
+                one padded generator call, trimmed per row
+
+A session's decode advances one token per tick, interleaved with everyone else's chunks, so no
+session waits behind another session's whole decode. Each row of a batched call equals that
+session computed alone (masks and lengths everywhere; greedy units are identical, audio equal to
+float rounding): tests/test_engine.py proves it.
+
+Admission: a new session is refused with a "busy" error when `max_sessions` are live, or when
+the engine is already behind real time (the oldest chunk waiting for the encoder is older than
+`admit_lag_s`), rather than letting every session fall behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..bundle import Bundle
+from ..models.generation import Decoder, Sampling
+from ..models.prompt import DeepPrompt, load_prompt
+from .items import AudioChunk, AudioOut, Control, End, Item, SessionError
+from .policies import Decision, Policy, UnitDecoder
+from .stats import Stats
+from .streams import UnitStream, VocoderStream, encode_windows, synthesise_windows, time_windows
+from .tasks import TaskPlugin, load_task
+from .vad import Vad
+
+log = logging.getLogger("streamgen")
+
+
+@dataclass
+class EngineConfig:
+    task: str = "continuation"
+    options: dict = field(default_factory=dict)
+    chunk_samples: int = 1600  # each chunk runs the unit encoder once
+    left_frames: int | None = 100  # encoder left context (None: unbounded)
+    lookahead_frames: int | None = 5  # encoder look-ahead (None: encode at the end)
+    vocoder_lookahead: int | None = None  # frames; None: exact
+    vad: bool = False
+    seed: int = 0
+    queue_size: int = 16  # input items held per session
+    overflow: str = "block"  # or "drop-oldest": a full inbox drops that session's oldest chunk
+    max_sessions: int = 256
+    admit_lag_s: float = 1.0
+    max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
+
+    def __post_init__(self):
+        if self.overflow not in ("block", "drop-oldest"):
+            raise ValueError(f"overflow must be 'block' or 'drop-oldest', got {self.overflow!r}")
+        if self.chunk_samples < 1:
+            raise ValueError(f"the chunk must hold at least one sample, got {self.chunk_samples}")
+        if self.queue_size < 1 or self.max_sessions < 1:
+            raise ValueError("queue_size and max_sessions must be >= 1")
+
+
+class Session:
+    """One live session's state inside the engine."""
+
+    def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, units: UnitStream, vocoder: VocoderStream):
+        self.name, self.plugin, self.policy = name, plugin, policy
+        self.units, self.vocoder = units, vocoder
+        self.inbox: deque[Item] = deque()
+        self.waiters: list[asyncio.Future] = []
+        self.buf = torch.zeros(0)  # input audio not yet cut into a chunk
+        self.pos = 0  # input samples cut into chunks
+        self.seq = 0
+        self.chunks: deque[tuple[Tensor, int, float]] = deque()  # (samples, end sample, captured_at)
+        self.events: deque[tuple[Tensor, Tensor, int, float]] = deque()  # units for the policy
+        self.input_ended = False  # no more input audio (End or the VAD)
+        self.source_ended = False  # the source's End has arrived
+        self.encoder_done = False
+        self.policy_ended = False  # on_end has been called
+        self.decoding = False
+        self.source_samples = 0  # input read when the latest units were committed
+        self.captured_at = 0.0
+        self.started = time.monotonic()
+        self.dropped = 0
+
+    @property
+    def idle(self) -> bool:
+        return not (self.inbox or self.chunks or self.events or self.decoding)
+
+    @property
+    def oldest_wait(self) -> float | None:
+        return self.chunks[0][2] if self.chunks else None
+
+
+class Engine:
+    """Owns the bundle's models on one device; `tick()` advances every session (see module doc)."""
+
+    def __init__(self, bundle: Bundle, cfg: EngineConfig, stats: Stats | None = None):
+        self.bundle, self.cfg = bundle, cfg
+        self.stats = stats or Stats(bundle.sample_rate)
+        self.hubert, self.quantizer = bundle.need("hubert"), bundle.need("kmeans")
+        self.vocoder = bundle.need("vocoder")
+        self.mbart = bundle.mbart
+        self.decoder = Decoder(self.mbart) if self.mbart is not None else None
+        self.vad = Vad(bundle.sample_rate) if cfg.vad else None
+        self.plugins: dict[str, TaskPlugin] = {}  # entry points are read once per task, not per session
+        self.prompts: dict[str, object] = {}  # one shared prompt K/V per task
+        self.sessions: dict[str, Session] = {}
+        # sessions the engine ended before their source did (refused, failed, ended by the VAD): their
+        # later items are dropped until the source's End, after which the id may be used again
+        self.closed: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.RLock()  # guards sessions and inboxes between the event loop and the worker
+        self.wake = threading.Condition(self.lock)
+        self.closing = False
+        self.aborted = False
+        self.emit = None  # callable(item), set by `start`
+        self.on_commit = None  # optional callable(session, units): every unit a policy commits to speak
+        self.compute: dict[str, float] = {}  # seconds per stage, all sessions
+        self.ticks = 0
+        self.busy_s = 0.0
+        hc = self.hubert.cfg
+        enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / hc.sample_rate
+        voc_frames = self.vocoder.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead
+        self.algorithmic_s = {"chunker": cfg.chunk_samples / bundle.sample_rate, "encoder": enc_wait,
+                              "vocoder": voc_frames * self.vocoder.hop / bundle.sample_rate}
+        self.plugin(cfg.task).resolve_options(cfg.options)  # unknown task or option: fail before any audio
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    def plugin(self, task: str) -> TaskPlugin:
+        if task not in self.plugins:
+            self.plugins[task] = load_task(task)
+        return self.plugins[task]
+
+    def prompt_for(self, plugin: TaskPlugin):
+        if plugin.name not in self.prompts:
+            if plugin.prompt is not None:
+                prompt: DeepPrompt | None = load_prompt(plugin.prompt, self.mbart.cfg).to(self.bundle.device)
+            else:
+                prompt = self.bundle.prompts.get(plugin.name)
+            if prompt is None:
+                log.warning("no trained prompt for task %r in this bundle: using the unprompted backbone", plugin.name)
+            self.prompts[plugin.name] = prompt.shared_kv(self.mbart) if prompt is not None else None
+        return self.prompts[plugin.name]
+
+    def new_policy(self, task: str, options: dict) -> tuple[TaskPlugin, Policy]:
+        plugin = self.plugin(task)
+        opts = plugin.resolve_options(options)
+        if plugin.uses_lm and self.mbart is None:
+            raise ValueError(f"task {task!r} needs a speech LM and this bundle has none")
+        cfg = self.mbart.cfg if self.mbart is not None else None
+        prompt = self.prompt_for(plugin) if plugin.uses_lm else None
+        decoder = UnitDecoder(cfg, prompt, Sampling(**plugin.sampling), plugin.prefix_tokens, self.cfg.seed)
+        return plugin, plugin.make_policy(decoder, opts)
+
+    def open(self, name: str, task: str | None = None, options: dict | None = None) -> Session:
+        """A new session: the default task with the default options overridden by `options`, or
+        another task with its own `options`."""
+        if task is None or task == self.cfg.task:
+            task, options = self.cfg.task, {**self.cfg.options, **(options or {})}
+        plugin, policy = self.new_policy(task, options or {})
+        s = Session(name, plugin, policy,
+                    UnitStream(self.hubert, self.quantizer, self.cfg.left_frames, self.cfg.lookahead_frames),
+                    VocoderStream(self.vocoder, self.cfg.vocoder_lookahead))
+        self.sessions[name] = s
+        return s
+
+    # --- the event-loop side ------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, out_limit: int = 64) -> threading.Thread:
+        """Run ticks in a worker thread; outputs go to `out` on `loop` (None after the last one).
+        The worker waits while `out` holds `out_limit` items (a slow sink slows the engine, and then
+        the sources, instead of growing memory)."""
+        self.loop, self.out = loop, out
+        self.thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
+
+        def emit(item) -> None:
+            if threading.current_thread() is self.thread:
+                while out.qsize() >= out_limit and not self.aborted:
+                    time.sleep(0.005)
+            if not self.aborted:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+
+        self.emit = emit
+        self.thread.start()
+        return self.thread
+
+    async def put(self, item: Item) -> None:
+        """Queue a source item for its session (blocks, or drops that session's oldest chunk, when
+        its inbox is full)."""
+        while True:
+            with self.lock:
+                s = self._session_for(item)
+                if s is None:
+                    return
+                full = sum(isinstance(i, AudioChunk) for i in s.inbox) >= self.cfg.queue_size
+                if full and isinstance(item, AudioChunk) and self.cfg.overflow == "drop-oldest":
+                    for i, queued in enumerate(s.inbox):
+                        if isinstance(queued, AudioChunk):
+                            del s.inbox[i]
+                            s.dropped += 1
+                            self.stats.session(s.name).dropped_chunks += 1
+                            self.stats.event(event="dropped", session=s.name, seq=queued.seq)
+                            break
+                    full = False
+                if not full or not isinstance(item, AudioChunk):
+                    s.inbox.append(item)
+                    self.wake.notify()
+                    return
+                waiter = self.loop.create_future()
+                s.waiters.append(waiter)
+            await waiter
+
+    def close(self) -> None:
+        """No more input: finish every session, then stop."""
+        with self.lock:
+            self.closing = True
+            self.wake.notify()
+
+    def abort(self) -> None:
+        """Stop now (the pipeline was cancelled): the worker drops what it holds and exits."""
+        with self.lock:
+            self.aborted = True
+            self.wake.notify()
+
+    def _session_for(self, item: Item) -> Session | None:
+        """The session an item goes to (opening it, or refusing it when the engine is full or behind)."""
+        name = item.session
+        s = self.sessions.get(name)
+        if s is not None:
+            if isinstance(item, Control) and item.action == "start":
+                self._fail(s, f"session {name!r} already started")
+                return None
+            return s
+        if name in self.closed:
+            if isinstance(item, End):
+                self.closed.pop(name)  # the id may be used again
+            return None
+        if isinstance(item, (End, SessionError)):
+            self.emit(item)  # an ended or failed session the engine never held
+            return None
+        why = self._admission()
+        if why is None:
+            try:
+                task, options = (item.task, item.options) if isinstance(item, Control) else (None, None)
+                s = self.open(name, task, options)
+                self.stats.session(name)
+            except ValueError as e:
+                why = str(e)
+        if why is not None:
+            self._refuse(name, why)
+            return None
+        return s if not isinstance(item, Control) else None
+
+    def _admission(self) -> str | None:
+        if len(self.sessions) >= self.cfg.max_sessions:
+            return f"busy: the server holds its maximum of {self.cfg.max_sessions} live sessions; try again later or another server"
+        now = time.monotonic()
+        waits = [w for w in (s.oldest_wait for s in self.sessions.values()) if w is not None]
+        if waits and now - min(waits) > self.cfg.admit_lag_s:
+            return (f"busy: the server is {now - min(waits):.1f} s behind real time with {len(self.sessions)} live sessions; "
+                    "try again later or another server")
+        return None
+
+    def _refuse(self, name: str, why: str) -> None:
+        self._close(name)
+        self.emit(SessionError(name, why))
+        self.emit(End(name, 0, time.monotonic()))
+
+    def _close(self, name: str) -> None:
+        self.closed[name] = None
+        while len(self.closed) > 10_000:
+            self.closed.popitem(last=False)
+
+    def _fail(self, s: Session, why: str) -> None:
+        """End one session with an error; nothing else is touched."""
+        log.warning("session %s: %s", s.name, why)
+        with self.lock:
+            self.sessions.pop(s.name, None)
+            if self.decoder is not None:
+                self.decoder.cancel(s.name)
+            if not s.source_ended:
+                self._close(s.name)
+            self.emit(SessionError(s.name, why))
+            self.emit(End(s.name, s.pos, time.monotonic()))
+            self._release_waiters(s)
+
+    def _release_waiters(self, s: Session) -> None:
+        for w in s.waiters:
+            self.loop.call_soon_threadsafe(lambda w=w: w.done() or w.set_result(None))
+        s.waiters.clear()
+
+    # --- the worker thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while True:
+                with self.lock:
+                    if self.aborted or (self.closing and not self.sessions):
+                        break
+                    if not self._has_work():
+                        self.wake.wait(timeout=0.05)
+                        continue
+                t = time.perf_counter()
+                self.tick()
+                self.busy_s += time.perf_counter() - t
+        except Exception:  # a bug in the engine itself: fail every session loudly, never hang
+            log.exception("the engine failed")
+            with self.lock:
+                for s in list(self.sessions.values()):
+                    self._fail(s, "internal error in the engine (see the server log)")
+        finally:
+            self.emit(None)
+
+    def _has_work(self) -> bool:
+        return any(not s.idle or s.input_ended for s in self.sessions.values())
+
+    def tick(self) -> None:
+        """Advance every session by one step of each stage."""
+        self.ticks += 1
+        with self.lock:
+            self._intake()
+        self._encode()
+        self._decide()
+        self._decode()
+        self._vocode()
+
+    # intake: inbox -> chunks ------------------------------------------------------------------------
+
+    def _intake(self) -> None:
+        for s in list(self.sessions.values()):
+            took = False
+            while s.inbox and len(s.chunks) < 2:
+                item = s.inbox.popleft()
+                took = True
+                try:
+                    self._take(s, item)
+                except ValueError as e:
+                    self._fail(s, str(e))
+                    break
+            if took:
+                self._release_waiters(s)
+
+    def _take(self, s: Session, item: Item) -> None:
+        if isinstance(item, SessionError):
+            raise ValueError(item.message)
+        if isinstance(item, Control):
+            if item.action == "task":
+                if s.decoding:
+                    self.decoder.cancel(s.name)
+                    s.decoding = False
+                s.plugin, s.policy = self.new_policy(item.task or self.cfg.task, item.options)
+            return
+        if s.input_ended:
+            return  # after the VAD ended the input
+        if isinstance(item, AudioChunk):
+            s.buf = torch.cat([s.buf, item.samples.float()])
+            n = self.cfg.chunk_samples
+            while len(s.buf) >= n and not s.input_ended:
+                self._chunk(s, s.buf[:n], item.captured_at)
+                s.buf = s.buf[n:]
+        elif isinstance(item, End):
+            s.source_ended = True
+            if len(s.buf):
+                self._chunk(s, s.buf, item.captured_at)
+                s.buf = torch.zeros(0)
+            s.input_ended = True
+
+    def _chunk(self, s: Session, samples: Tensor, captured_at: float) -> None:
+        s.pos += len(samples)
+        s.seq += 1
+        s.chunks.append((samples, s.pos, captured_at))
+        if self.vad is not None and self.vad.ended(s.name, samples):
+            s.input_ended = True
+
+    # encoder ---------------------------------------------------------------------------------------
+
+    def _encode(self) -> None:
+        jobs = []
+        for s in self.sessions.values():
+            if s.chunks:
+                samples, end, captured = s.chunks.popleft()
+                s.units.add(samples)
+                final = s.input_ended and not s.chunks
+            elif s.input_ended and not s.encoder_done:
+                end, captured, final = s.pos, time.monotonic(), True
+            else:
+                continue
+            if final:
+                s.encoder_done = True
+                if self.vad is not None:
+                    self.vad.close(s.name)
+            w = s.units.plan(final)
+            if w is not None:
+                jobs.append((s, w, end, captured))
+        for batch in self._batches(jobs):
+            units = self._run_batch("encoder", batch, lambda b: encode_windows(self.hubert, self.quantizer, [w for _, w, _, _ in b]))
+            for (s, w, end, captured), fu in zip(batch, units):
+                if fu is None:
+                    continue
+                u, frames = s.units.finish(w, fu)
+                if len(u):
+                    s.events.append((u, frames, end, captured))
+
+    # policies and the LM -------------------------------------------------------------------------------
+
+    def _decide(self) -> None:
+        for s in list(self.sessions.values()):
+            try:
+                while not s.decoding and s.events:
+                    u, frames, end, captured = s.events.popleft()
+                    s.source_samples, s.captured_at = end, captured
+                    self._apply(s, s.policy.on_source(u, frames, end))
+                if not s.decoding and not s.events and s.encoder_done and not s.policy_ended:
+                    s.policy_ended = True
+                    s.source_samples = s.pos
+                    self._apply(s, s.policy.on_end())
+            except ValueError as e:
+                self._fail(s, str(e))
+
+    def _apply(self, s: Session, d: Decision | None) -> None:
+        if d is None:
+            return
+        if d.commit is not None and len(d.commit):
+            s.vocoder.add(d.commit)
+            if self.on_commit is not None:
+                self.on_commit(s.name, d.commit)
+        if d.decode is not None:
+            self.decoder.submit(s.name, d.decode)
+            s.decoding = True
+
+    def _decode(self) -> None:
+        if self.decoder is None or not self.decoder.busy:
+            return
+        t = time.perf_counter()
+        try:
+            results = self.decoder.step()
+        except Exception as e:  # cannot be pinned on one session: every decoding session fails
+            log.exception("decoder step failed")
+            for name in {run.key for run in self.decoder.running.values()} | {k for k, _ in self.decoder.waiting}:
+                if name in self.sessions:
+                    self._fail(self.sessions[name], f"generator: {type(e).__name__}: {e}")
+            return
+        self._account("generator", [self.sessions[k] for k, _, _ in results if k in self.sessions], time.perf_counter() - t)
+        for name, units, done in results:
+            s = self.sessions.get(name)
+            if s is None:
+                continue
+            if done:
+                s.decoding = False
+            try:
+                self._apply(s, s.policy.on_decoded(units, done))
+            except ValueError as e:
+                self._fail(s, str(e))
+
+    # vocoder ---------------------------------------------------------------------------------------
+
+    def _vocode(self) -> None:
+        ready = []
+        for s in self.sessions.values():
+            if s.policy_ended and not s.decoding and not s.vocoder.ended:
+                s.vocoder.end()
+            w = s.vocoder.plan_durations()
+            if w is not None:
+                ready.append((s, w))
+        for batch in self._batches(ready):
+            durs = self._run_batch("vocoder", batch, lambda b: time_windows(self.vocoder, [w for _, w in b]))
+            for (s, w), d in zip(batch, durs):
+                if d is not None:
+                    s.vocoder.finish_durations(w, d)
+        jobs = [(s, w) for s in self.sessions.values() if s.name in self.sessions and (w := s.vocoder.plan_audio()) is not None]
+        for batch in self._batches(jobs):
+            waves = self._run_batch("vocoder", batch, lambda b: synthesise_windows(self.vocoder, [w for _, w in b]))
+            for (s, w), wave in zip(batch, waves):
+                if wave is None:
+                    continue
+                audio = s.vocoder.finish_audio(w, wave)
+                if len(audio):
+                    self.emit(AudioOut(s.name, audio, s.source_samples, s.captured_at))
+        for s in list(self.sessions.values()):
+            if s.vocoder.done and s.policy_ended and not s.decoding:
+                with self.lock:
+                    self.sessions.pop(s.name)
+                    if not s.source_ended:
+                        self._close(s.name)
+                    self._release_waiters(s)
+                self.emit(End(s.name, s.pos, time.monotonic()))
+
+    # batching helpers ---------------------------------------------------------------------------------
+
+    def _batches(self, jobs: list) -> list[list]:
+        n = self.cfg.max_batch or len(jobs) or 1
+        return [jobs[i : i + n] for i in range(0, len(jobs), n)]
+
+    def _run_batch(self, stage: str, batch: list, fn) -> list:
+        """One batched call; if it fails, each row alone, so that only the rows that fail alone fail."""
+        t = time.perf_counter()
+        try:
+            out = fn(batch)
+        except Exception:
+            out = []
+            for job in batch:
+                try:
+                    (r,) = fn([job])
+                except Exception as e:
+                    log.warning("%s failed on session %s: %s", stage, job[0].name, e)
+                    self._fail(job[0], f"{stage}: {type(e).__name__}: {e}")
+                    r = None
+                out.append(r)
+        self._account(stage, [job[0] for job in batch], time.perf_counter() - t)
+        return out
+
+    def _account(self, stage: str, sessions: list[Session], seconds: float) -> None:
+        """A batched call's time, shared equally by the sessions in it."""
+        self.compute[stage] = self.compute.get(stage, 0.0) + seconds
+        if not sessions:
+            return
+        share = seconds / len(sessions)
+        now = time.monotonic()
+        for s in sessions:
+            st = self.stats.session(s.name)
+            st.compute[stage] = st.compute.get(stage, 0.0) + share
+            self.stats.event(event="stage", stage=stage, session=s.name, batch=len(sessions),
+                             compute_ms=round(1000 * share, 3), algorithmic_ms=round(1000 * self.algorithmic_s.get(stage, 0.0), 1),
+                             since_capture_ms=round(1000 * (now - s.captured_at), 3) if s.captured_at else None)
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self.sessions)
+
+
+def build_engine(bundle: Bundle, task: str = "continuation", options: dict | None = None, *, chunk_ms: int = 100,
+                 left_context_ms: int | None = 2000, lookahead_ms: int | None = 100, vocoder_lookahead: int | None = None,
+                 vad: bool = False, seed: int = 0, stats: Stats | None = None, **kw) -> Engine:
+    """The standard engine: chunker (+VAD) -> unit encoder -> task policy over the speech LM -> vocoder.
+    None for a context means unbounded (everything before / until the end of input)."""
+    if chunk_ms <= 0:
+        raise ValueError(f"--chunk-ms must be > 0, got {chunk_ms}")
+    sr, hop = bundle.sample_rate, bundle.need("hubert").cfg.hop
+    frames = lambda ms: None if ms is None else sr * ms // 1000 // hop
+    cfg = EngineConfig(task, dict(options or {}), sr * chunk_ms // 1000, frames(left_context_ms), frames(lookahead_ms),
+                       vocoder_lookahead, vad, seed, **kw)
+    return Engine(bundle, cfg, stats)

@@ -1,0 +1,253 @@
+"""Per-session streaming state of the unit encoder and the vocoder, split into plan / finish so that
+the engine can run the model once for every session that has work (a padded batch with lengths).
+
+Each step is a window over the session's stream: `plan_*` says which input the model must see,
+the engine runs the model on all sessions' windows together, `finish_*` keeps what is final and
+drops what no later window needs. `push` / `flush` do the same for one session alone (the
+reference the batched path must equal).
+
+UnitStream: frame i of the conv extractor covers input samples [i*hop, i*hop + rf). When audio
+arrives, the frames whose look-ahead is complete are encoded from a window that starts
+`left_frames` frames earlier (aligned to the frame grid, so frame i is the same conv frame as
+offline) and ends `lookahead_frames` after them. Transformer attention and the first layer's
+GroupNorm see the whole window, so units agree with offline extraction only as far as the context
+allows; with unbounded context (`left_frames=None`, `lookahead_frames=None`) everything is encoded
+at the end in one pass and agreement is exact.
+
+VocoderStream: a unit's duration is final once `dur_predictor.radius` later units are known; a
+frame's audio once `lookahead` later frames are known. With `lookahead` = `frame_context()`
+(default) the concatenated chunks equal `CodeHiFiGAN.forward(all units)`; a smaller look-ahead
+trades exactness at chunk edges for latency. Memory stays bounded: only the context windows are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models.hubert import HubertEncoder
+from ..models.kmeans import KMeansQuantizer
+from ..models.vocoder import CodeHiFiGAN, check_units
+
+
+def _empty() -> tuple[Tensor, Tensor]:
+    return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+
+
+@dataclass
+class EncodeWindow:
+    wave: Tensor  # [n] samples the encoder reads
+    first: int  # index in the window's frames of the first frame to keep
+    count: int  # frames to keep
+    end: int  # absolute frame index after the last kept one
+
+
+class UnitStream:
+    def __init__(self, hubert: HubertEncoder, quantizer: KMeansQuantizer, left_frames: int | None = 100, lookahead_frames: int | None = 5):
+        self.hubert, self.quantizer = hubert, quantizer
+        self.hop, self.rf = hubert.cfg.hop, hubert.cfg.receptive_field
+        self.left, self.lookahead = left_frames, lookahead_frames
+        self.buf = torch.zeros(0)  # input samples from absolute index b0
+        self.b0 = 0
+        self.n_samples = 0
+        self.n_done = 0  # frames already turned into units
+        self.last_unit: int | None = None  # for de-duplication across chunk edges
+
+    def frames_available(self, n_samples: int) -> int:
+        return max(0, (n_samples - self.rf) // self.hop + 1)
+
+    def add(self, samples: Tensor) -> None:
+        self.buf = torch.cat([self.buf, samples.float().cpu()])
+        self.n_samples += samples.numel()
+
+    def plan(self, final: bool = False) -> EncodeWindow | None:
+        """The window to encode now (None: nothing is final yet). `final`: the input has ended."""
+        if final:
+            end = self.frames_available(self.n_samples)
+        elif self.lookahead is None:
+            return None
+        else:
+            end = self.frames_available(self.n_samples) - self.lookahead
+        a = self.n_done
+        if end <= a:
+            return None
+        w0 = 0 if self.left is None else max(0, a - self.left)
+        w1 = self.frames_available(self.n_samples)  # every frame the audio allows: the look-ahead
+        wave = self.buf[w0 * self.hop - self.b0 : (w1 - 1) * self.hop + self.rf - self.b0]
+        return EncodeWindow(wave, a - w0, end - a, end)
+
+    def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
+        """frame_units [count]: the window's kept frames quantised -> (new de-duplicated units, their start frames)."""
+        a, end = self.n_done, window.end
+        frame_units = frame_units.cpu()
+        self.n_done = end
+        if self.left is not None:  # drop samples no later window needs
+            keep = max(0, end - self.left) * self.hop
+            self.buf, self.b0 = self.buf[keep - self.b0 :], keep
+        starts = torch.ones(len(frame_units), dtype=torch.bool)
+        starts[1:] = frame_units[1:] != frame_units[:-1]
+        if self.last_unit is not None and int(frame_units[0]) == self.last_unit:
+            starts[0] = False
+        self.last_unit = int(frame_units[-1])
+        idx = torch.nonzero(starts)[:, 0]
+        return frame_units[idx], idx + a
+
+    @torch.no_grad()
+    def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
+        """Add input samples; return (new de-duplicated units, their start frames)."""
+        self.add(samples)
+        return self._run(self.plan())
+
+    @torch.no_grad()
+    def flush(self) -> tuple[Tensor, Tensor]:
+        """End of input: the remaining frames, with whatever look-ahead there is."""
+        return self._run(self.plan(final=True))
+
+    def _run(self, window: EncodeWindow | None) -> tuple[Tensor, Tensor]:
+        if window is None:
+            return _empty()
+        (units,) = encode_windows(self.hubert, self.quantizer, [window])
+        return self.finish(window, units)
+
+
+def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: list[EncodeWindow]) -> list[Tensor]:
+    """Frame units of every window's kept frames: one padded HuBERT call with lengths, one k-means call."""
+    p = next(hubert.parameters())
+    lengths = torch.tensor([len(w.wave) for w in windows])
+    wave = torch.zeros(len(windows), int(lengths.max()))
+    for i, w in enumerate(windows):
+        wave[i, : len(w.wave)] = w.wave
+    feats = hubert(wave.to(p.device, p.dtype), lengths=lengths.to(p.device) if len(windows) > 1 else None)
+    kept = torch.cat([feats[i, w.first : w.first + w.count] for i, w in enumerate(windows)])
+    return list(quantizer(kept).cpu().split([w.count for w in windows]))
+
+
+@dataclass
+class DurationWindow:
+    units: Tensor  # [n] units the duration predictor reads
+    first: int
+    count: int
+
+
+@dataclass
+class AudioWindow:
+    frames: Tensor  # [n] unit id per frame the generator reads
+    first: int  # frames to trim at the left
+    count: int  # frames of audio to keep
+
+
+class VocoderStream:
+    """Synthesise units as they arrive, in chunks that concatenate to `CodeHiFiGAN.forward(all units)`."""
+
+    def __init__(self, model: CodeHiFiGAN, lookahead: int | None = None):
+        self.model = model
+        self.context = model.frame_context()
+        self.lookahead = self.context if lookahead is None else lookahead
+        self.unit_radius = model.dur_predictor.radius if model.dur_predictor is not None else 0
+        self.units = torch.empty(0, dtype=torch.long)  # units from absolute index u0
+        self.u0 = 0
+        self.n_units = 0  # units received
+        self.n_timed = 0  # units whose durations are final
+        self.frames = torch.empty(0, dtype=torch.long)  # frame unit ids from absolute frame f0
+        self.f0 = 0
+        self.n_frames = 0
+        self.emitted = 0  # frames whose audio has been returned
+        self.ended = False
+
+    def add(self, units: Tensor) -> None:
+        check_units(units, self.model.cfg.num_embeddings)
+        self.units = torch.cat([self.units, units.cpu().long()])
+        self.n_units += units.numel()
+
+    def end(self) -> None:
+        """No more units: the last durations and frames become final."""
+        self.ended = True
+
+    def plan_durations(self) -> DurationWindow | None:
+        end = self.n_units if self.ended else self.n_units - self.unit_radius
+        a = self.n_timed
+        if end <= a:
+            return None
+        r = self.unit_radius
+        lo, hi = max(0, a - r), min(self.n_units, end + r)
+        return DurationWindow(self.units[lo - self.u0 : hi - self.u0], a - lo, end - a)
+
+    def finish_durations(self, window: DurationWindow, dur: Tensor) -> None:
+        """dur [count]: durations of the window's kept units."""
+        new = torch.repeat_interleave(window.units[window.first : window.first + window.count], dur.cpu())
+        self.frames = torch.cat([self.frames, new])
+        self.n_frames += new.numel()
+        self.n_timed += window.count
+        keep = max(0, self.n_timed - self.unit_radius)  # left context the next window needs
+        self.units, self.u0 = self.units[keep - self.u0 :], keep
+
+    def plan_audio(self) -> AudioWindow | None:
+        end = self.n_frames if self.ended and self.n_timed == self.n_units else self.n_frames - self.lookahead
+        a = self.emitted
+        if end <= a:
+            return None
+        lo, hi = max(0, a - self.context), min(self.n_frames, end + self.lookahead)
+        return AudioWindow(self.frames[lo - self.f0 : hi - self.f0], a - lo, end - a)
+
+    def finish_audio(self, window: AudioWindow, wave: Tensor) -> Tensor:
+        """wave: the window's synthesis (at least its first (first + count) * hop samples) -> the new audio."""
+        hop = self.model.hop
+        out = wave[window.first * hop : (window.first + window.count) * hop]
+        self.emitted += window.count
+        keep = max(0, self.emitted - self.context)
+        self.frames, self.f0 = self.frames[keep - self.f0 :], keep
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.ended and self.n_timed == self.n_units and self.emitted == self.n_frames
+
+    @torch.no_grad()
+    def push(self, units: Tensor) -> Tensor:
+        """Add units [n]; return the audio that is now final (possibly empty)."""
+        self.add(units)
+        return self._run()
+
+    @torch.no_grad()
+    def flush(self) -> Tensor:
+        """End of stream: return all remaining audio."""
+        self.end()
+        return self._run()
+
+    def _run(self) -> Tensor:
+        w = self.plan_durations()
+        if w is not None:
+            (dur,) = time_windows(self.model, [w])
+            self.finish_durations(w, dur)
+        w = self.plan_audio()
+        if w is None:
+            return torch.empty(0)
+        (wave,) = synthesise_windows(self.model, [w])
+        return self.finish_audio(w, wave)
+
+
+def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    out = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s.to(device)
+    return out, lengths
+
+
+def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow]) -> list[Tensor]:
+    """Durations of every window's kept units: one padded duration-predictor call."""
+    dev = model.dict.weight.device
+    units, lengths = _pad([w.units for w in windows], dev)
+    dur = model.durations(units, lengths) if len(windows) > 1 else model.durations(units)
+    return [dur[i, w.first : w.first + w.count].cpu() for i, w in enumerate(windows)]
+
+
+def synthesise_windows(model: CodeHiFiGAN, windows: list[AudioWindow]) -> list[Tensor]:
+    """Audio of every window: one padded generator call with lengths, trimmed per row."""
+    dev = model.dict.weight.device
+    frames, lengths = _pad([w.frames for w in windows], dev)
+    wave = (model.generate(frames, lengths) if len(windows) > 1 else model.generate(frames)).float().cpu()
+    hop = model.hop
+    return [wave[i, : len(w.frames) * hop] for i, w in enumerate(windows)]
