@@ -22,17 +22,30 @@ DEBUG = os.environ.get("STREAMGEN_DEBUG", "") not in ("", "0")
 
 
 class App(typer.Typer):
-    """The command line: a failure nobody foresaw is one line (exit code 1), with its traceback
-    only under `--debug`."""
+    """The command line: a mistake in the command line itself (an unknown option, a value that is
+    not a number) is one line and exit code 2; a failure nobody foresaw is one line and exit code 1,
+    with its traceback only under `--debug`."""
 
     def __call__(self, *args, **kwargs):
         try:
-            return super().__call__(*args, **kwargs)
+            code = super().__call__(*args, **kwargs, standalone_mode=False)
+        except typer.Abort:
+            typer.secho("aborted", err=True)
+            sys.exit(1)
         except Exception as e:
+            if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors (typer vendors click)
+                if type(e).__name__ == "NoArgsIsHelpError":  # `streamgen` alone: the help
+                    e.show()
+                    sys.exit(0)
+                where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "streamgen"
+                message = " ".join(e.format_message().split())
+                typer.secho(f"error: {message} (see {where} --help)", fg=typer.colors.RED, err=True)
+                sys.exit(e.exit_code)
             if DEBUG:
                 raise
             typer.secho(f"error: {type(e).__name__}: {e} (streamgen --debug ... shows where)", fg=typer.colors.RED, err=True)
             sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = App(help="Streaming speech generation with prompt-tuned speech language models.", no_args_is_help=True,

@@ -243,3 +243,19 @@ def test_eval_names_its_mistakes_before_loading_anything(files):
     ]:
         r = runner.invoke(cli.app, base + extra)
         assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (extra, r.output)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--chunk-ms", "abc"], "error: Invalid value for '--chunk-ms': Input should be a valid integer, unable to parse string as an integer (see streamgen run --help)\n"),
+    (["run", "--in", "x.wav", "--bogus"], "error: No such option: --bogus"),
+    (["run", "--in", "x.wav"], "error: Missing option '--out'. (see streamgen run --help)\n"),
+    (["nonsense"], "error: No such command 'nonsense'. (see streamgen --help)\n"),
+])
+def test_command_line_syntax_errors_are_one_line_too(args, message):
+    r = streamgen(*args, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_help_still_exits_0():
+    r = streamgen("run", "--help", timeout=60)
+    assert r.returncode == 0 and "Figures of --stats" in r.stdout
