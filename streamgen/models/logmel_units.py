@@ -1,0 +1,153 @@
+"""Log-mel k-means units: a unit encoder with no network, which keeps the phonetics frame by frame.
+
+Frame i (one unit every `hop` samples, 20 ms at 16 kHz) describes samples [i*hop, (i+1)*hop): a
+Hann window of `win` samples centred on that span, zero samples outside the audio,
+
+    x_i    = wave[i*hop + hop/2 - win/2 : i*hop + hop/2 + win/2] * hann
+    f_i    = log(max(mel @ |rfft(x_i)|, 1e-5))                      (n_mels log-mel energies)
+    unit_i = argmin_k |(f_i - mean) / std - c_k|^2                 (k-means on standardised features)
+
+A wave of T samples has T // hop frames. Frame i needs samples up to (i+1)*hop + (win-hop)/2, so
+`LogMelUnitStream` gives every unit as soon as that much audio is in, and at the end pads with zeros
+exactly as whole-utterance encoding does: streamed units equal `LogMelUnits.forward`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .kmeans import KMeansQuantizer, dedup
+
+
+@dataclass(frozen=True)
+class LogMelUnitsConfig:
+    num_units: int = 500
+    n_mels: int = 80
+    hop: int = 320
+    win: int = 640
+    sample_rate: int = 16000
+
+    def __post_init__(self):
+        if self.win < self.hop or (self.win - self.hop) % 2:
+            raise ValueError(f"win {self.win} must be at least hop {self.hop} and differ from it by an even number")
+
+    @property
+    def pad(self) -> int:
+        """Samples the window reaches beyond its frame's span, on each side."""
+        return (self.win - self.hop) // 2
+
+    def num_frames(self, n_samples: int) -> int:
+        return n_samples // self.hop
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> LogMelUnitsConfig:
+        return cls(**cfg)
+
+
+def mel_filterbank(n_fft: int, n_mels: int, rate: int) -> Tensor:
+    """Triangular filters on the HTK mel scale, 0 Hz to Nyquist: [n_mels, n_fft // 2 + 1]."""
+    mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
+    hz = lambda m: 700.0 * (10 ** (m / 2595.0) - 1.0)
+    points = torch.tensor([hz(m) for m in torch.linspace(0.0, mel(rate / 2), n_mels + 2).tolist()])
+    freqs = torch.linspace(0, rate / 2, n_fft // 2 + 1)
+    lo, mid, hi = points[:-2, None], points[1:-1, None], points[2:, None]
+    return torch.clamp(torch.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), min=0.0)
+
+
+class LogMelUnits(nn.Module):
+    def __init__(self, cfg: LogMelUnitsConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.zeros(cfg.n_mels))
+        self.register_buffer("std", torch.ones(cfg.n_mels))
+        self.quantizer = KMeansQuantizer(torch.zeros(cfg.num_units, cfg.n_mels))
+        self.register_buffer("fb", mel_filterbank(cfg.win, cfg.n_mels, cfg.sample_rate), persistent=False)
+        self.register_buffer("window", torch.hann_window(cfg.win, periodic=True), persistent=False)
+
+    @property
+    def num_units(self) -> int:
+        return self.cfg.num_units
+
+    def set_codebook(self, mean: Tensor, std: Tensor, centroids: Tensor) -> None:
+        """Install the standardisation and the k-means centroids (in standardised units)."""
+        if centroids.shape != (self.cfg.num_units, self.cfg.n_mels):
+            raise ValueError(f"centroids must be [{self.cfg.num_units}, {self.cfg.n_mels}], got {tuple(centroids.shape)}")
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+        self.quantizer.centroids.copy_(centroids)
+
+    def frame_features(self, padded: Tensor, n_frames: int) -> Tensor:
+        """Log-mel of frames 0..n_frames-1 of `padded` ([S] samples, its sample 0 = frame 0's window start): [F, n_mels]."""
+        c = self.cfg
+        frames = padded.unfold(0, c.win, c.hop)[:n_frames] * self.window
+        return torch.log(torch.clamp(torch.fft.rfft(frames).abs() @ self.fb.T, min=1e-5))
+
+    def features(self, wave: Tensor) -> Tensor:
+        """wave [T] -> log-mel features [T // hop, n_mels]."""
+        c = self.cfg
+        n = c.num_frames(len(wave))
+        padded = torch.nn.functional.pad(wave.float(), (c.pad, max(0, n * c.hop + c.pad - len(wave))))
+        return self.frame_features(padded, n)
+
+    def quantize(self, feats: Tensor) -> Tensor:
+        return self.quantizer((feats - self.mean) / self.std)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        """wave [T] -> one unit per frame [T // hop] (long)."""
+        return self.quantize(self.features(wave))
+
+    def encode(self, wave: Tensor) -> tuple[Tensor, Tensor]:
+        """wave [T] -> (de-duplicated units, frames per unit)."""
+        return dedup(self(wave))
+
+
+class LogMelUnitStream:
+    """Units as audio arrives, equal to `LogMelUnits.encode` of the whole input. Same interface as the
+    pipeline's `UnitStream`: push(samples) and flush() return (new de-duplicated units, their start frames)."""
+
+    def __init__(self, encoder: LogMelUnits):
+        self.encoder = encoder
+        c = encoder.cfg
+        self.hop, self.pad, self.win = c.hop, c.pad, c.win
+        self.buf = torch.zeros(c.pad)  # padded input from padded index b0 (the left zero padding first)
+        self.b0 = 0
+        self.n_samples = 0
+        self.n_done = 0
+        self.last_unit: int | None = None
+
+    @torch.no_grad()
+    def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
+        self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
+        self.n_samples += samples.numel()
+        return self._encode(max(0, (self.n_samples - self.pad) // self.hop))  # frame i needs (i+1)*hop + pad samples
+
+    @torch.no_grad()
+    def flush(self) -> tuple[Tensor, Tensor]:
+        end = self.n_samples // self.hop
+        need = end * self.hop + self.pad + self.pad  # padded length that frame end-1's window reaches
+        self.buf = torch.nn.functional.pad(self.buf, (0, max(0, need - self.b0 - len(self.buf))))
+        return self._encode(end)
+
+    def _encode(self, end: int) -> tuple[Tensor, Tensor]:
+        a = self.n_done
+        if end <= a:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        window = self.buf[a * self.hop - self.b0 : (end - 1) * self.hop + self.win - self.b0]
+        frame_units = self.encoder.quantize(self.encoder.frame_features(window, end - a))
+        self.n_done = end
+        keep = end * self.hop  # padded index where the next frame's window starts
+        self.buf, self.b0 = self.buf[keep - self.b0 :], keep
+        starts = torch.ones(len(frame_units), dtype=torch.bool)
+        starts[1:] = frame_units[1:] != frame_units[:-1]
+        if self.last_unit is not None and int(frame_units[0]) == self.last_unit:
+            starts[0] = False
+        self.last_unit = int(frame_units[-1])
+        idx = torch.nonzero(starts)[:, 0]
+        return frame_units[idx], idx + a
