@@ -481,10 +481,13 @@ class MqttSource:
         try:
             while self.max_sessions is None or self.completed < self.max_sessions:
                 deadline = min((s.deadline for s in self.sessions.values()), default=None)
-                try:
-                    got = await asyncio.wait_for(self.link.incoming.get(), None if deadline is None else max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    got = ()
+                try:  # what already arrived first: a backlog is not idleness
+                    got = self.link.incoming.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        got = await asyncio.wait_for(self.link.incoming.get(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        got = ()
                 if got is None:
                     raise self.link.failure
                 topic, data, now = got or (None, None, time.monotonic())
