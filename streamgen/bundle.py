@@ -31,12 +31,16 @@ from .audio import check_wave
 from .models.generation import Sampling, generate
 from .models.hubert import HubertConfig, HubertEncoder
 from .models.kmeans import KMeansQuantizer, dedup
+from .models.logmel_units import LogMelUnits, LogMelUnitsConfig
 from .models.prompt import DeepPrompt, PromptConfig
 from .models.unit_mbart import UnitMBart, UnitMBartConfig
+from .models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
 from .models.vocoder import CodeHiFiGAN, DurationConfig, VocoderConfig
 
 FORMAT, VERSION = "streamgen-bundle", 1
-PARTS = ("hubert", "kmeans", "mbart", "vocoder")
+PARTS = ("hubert", "kmeans", "mbart", "vocoder", "logmel_units", "source_filter")
+# logmel_units (log-mel k-means) takes the place of hubert + kmeans, source_filter that of vocoder
+CODEBOOKS = ("kmeans", "logmel_units")  # stay fp32 whatever the bundle's dtype
 MAX_ENCODE_SECONDS = 60.0  # one attention pass over the whole input; longer audio goes through the pipeline
 
 
@@ -51,10 +55,13 @@ class Bundle:
     quantizer: KMeansQuantizer | None = None
     mbart: UnitMBart | None = None
     vocoder: CodeHiFiGAN | None = None
+    logmel_units: LogMelUnits | None = None
+    source_filter: SourceFilterVocoder | None = None
     prompts: dict[str, DeepPrompt] = field(default_factory=dict)
 
     def modules(self) -> dict[str, nn.Module]:
-        parts = {"hubert": self.hubert, "kmeans": self.quantizer, "mbart": self.mbart, "vocoder": self.vocoder}
+        parts = {"hubert": self.hubert, "kmeans": self.quantizer, "mbart": self.mbart, "vocoder": self.vocoder,
+                 "logmel_units": self.logmel_units, "source_filter": self.source_filter}
         return {k: m for k, m in parts.items() if m is not None}
 
     def need(self, part: str) -> nn.Module:
@@ -73,7 +80,7 @@ class Bundle:
     def to(self, device=None, dtype: torch.dtype | None = None) -> Bundle:
         """Move every part (k-means centroids stay fp32 whatever the dtype)."""
         for name, m in self.modules().items():
-            m.to(device=device, dtype=None if name == "kmeans" else dtype)
+            m.to(device=device, dtype=None if name in CODEBOOKS else dtype)
         for p in self.prompts.values():
             p.to(device=device)
         return self
@@ -87,6 +94,8 @@ class Bundle:
     @torch.no_grad()
     def encode_batch(self, waves: list[Tensor | np.ndarray]) -> list[tuple[Tensor, Tensor]]:
         """Several utterances in one padded pass; each gives exactly what `encode` gives it alone."""
+        if self.logmel_units is not None:
+            return [self.logmel_units.encode(check_wave(w, self.sample_rate, min_samples=self.logmel_units.cfg.hop)) for w in waves]
         hubert, quantizer = self.need("hubert"), self.need("kmeans")
         waves = [check_wave(w, self.sample_rate, min_samples=hubert.cfg.receptive_field) for w in waves]
         for w in waves:
@@ -141,7 +150,7 @@ class Bundle:
     @torch.no_grad()
     def vocode(self, units: Tensor) -> Tensor:
         """De-duplicated units [N] -> waveform [S] float32 at `sample_rate`."""
-        vocoder = self.need("vocoder")
+        vocoder = self.source_filter if self.source_filter is not None else self.need("vocoder")
         units = torch.as_tensor(units)
         if units.numel() == 0:
             return torch.zeros(0)
@@ -154,7 +163,7 @@ class Bundle:
         path = Path(path)
         (path / "prompts").mkdir(parents=True, exist_ok=True)
         for name, m in self.modules().items():
-            cast = None if name == "kmeans" else dtype
+            cast = None if name in CODEBOOKS else dtype
             save_file({k: _cast(v, cast) for k, v in m.state_dict().items()}, path / f"{name}.safetensors")
         for name, p in self.prompts.items():
             save_file({k: v.detach().float().contiguous().cpu() for k, v in p.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
@@ -357,6 +366,10 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
             b.mbart.requires_grad_(False)
         if "vocoder" in parts:
             b.vocoder = _load_part(path, "vocoder", lambda: CodeHiFiGAN(VocoderConfig.from_dict(parts["vocoder"])))
+        if "logmel_units" in parts:
+            b.logmel_units = _load_part(path, "logmel_units", lambda: LogMelUnits(LogMelUnitsConfig.from_dict(parts["logmel_units"])))
+        if "source_filter" in parts:
+            b.source_filter = _load_part(path, "source_filter", lambda: SourceFilterVocoder(SourceFilterConfig.from_dict(parts["source_filter"])))
         for name, pc in meta.get("prompts", {}).items():
             if b.mbart is None:
                 raise BundleError(f"{meta_file}: prompt {name!r} needs an mbart part")

@@ -111,3 +111,21 @@ def test_training_steps_lower_the_spectral_loss():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0]  # gradients reach the network through the synthesis
+
+
+def test_bundle_holds_the_new_parts(tmp_path, vocoder):
+    from streamgen.bundle import Bundle, load_bundle
+    from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
+
+    enc = LogMelUnits(LogMelUnitsConfig(num_units=TINY.num_units, n_mels=24))
+    g = torch.Generator().manual_seed(0)
+    enc.set_codebook(torch.full((24,), -3.0), torch.full((24,), 2.0), torch.randn(TINY.num_units, 24, generator=g))
+    b = Bundle(logmel_units=enc.eval(), source_filter=vocoder)
+    b.save(tmp_path / "b", dtype=torch.float16)
+    loaded = load_bundle(tmp_path / "b")
+    wave = torch.sin(torch.arange(8000) * 0.05) * 0.3
+    units, durations = loaded.encode(wave)
+    assert torch.equal(units, b.encode(wave)[0]) and int(durations.sum()) == 8000 // 320
+    assert loaded.logmel_units.quantizer.centroids.dtype == torch.float32  # the codebook is never cast
+    out = loaded.vocode(units)
+    assert out.dtype == torch.float32 and len(out) == int(loaded.source_filter.durations(units).sum()) * TINY.hop

@@ -111,8 +111,7 @@ class SourceFilterVocoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.sub * cfg.n_params)
         sr, h = cfg.sample_rate, cfg.h
-        mel = lambda f: 2595.0 * torch.log10(1.0 + f / 700.0)
-        self.mel_top = float(mel(torch.tensor(sr / 2.0)))
+        self.mel_top = 2595.0 * math.log10(1.0 + sr / 2 / 700.0)
         self.register_buffer("bins_pos", self.grid_position(torch.linspace(0, sr / 2, h + 1)), persistent=False)
         self.register_buffer("ramp", torch.arange(h, dtype=torch.float64) / h, persistent=False)
         self.register_buffer("window", torch.hann_window(2 * h, periodic=True), persistent=False)
