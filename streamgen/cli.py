@@ -199,6 +199,10 @@ def _describe(name: str, m) -> str:
         return f"K={m.num_units}, D={m.dim}"
     if name == "mbart":
         return f"{c.encoder_layers}+{c.decoder_layers} layers, d={c.dim}, heads {c.heads}, vocab {c.vocab_size} ({c.num_units} units)"
+    if name == "logmel_units":
+        return f"K={c.num_units} on {c.n_mels} log-mel bands, hop {c.hop}, window {c.win}"
+    if name == "source_filter":
+        return f"hop {c.hop}, {c.layers} conv layers d={c.dim}, {c.harmonics} harmonics + noise, {c.bands} envelope bands"
     return f"hop {c.hop}, upsample {list(c.upsample_rates)}, duration predictor {'yes' if c.dur_predictor_params else 'no'}"
 
 
@@ -262,7 +266,7 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
     except (BundleError, ValueError) as e:
         fail(str(e))
     if b.mbart is None and new_model is not None:
-        b.mbart = new_model(b.need("kmeans").num_units)
+        b.mbart = new_model(b.logmel_units.num_units if b.logmel_units is not None else b.need("kmeans").num_units)
         typer.echo(f"new Unit mBART: {count_parameters(b.mbart):,} parameters (vocabulary {b.mbart.cfg.vocab_size})")
     model = b.need("mbart")
     prompt = None

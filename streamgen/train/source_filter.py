@@ -3,6 +3,7 @@
     python -m streamgen.train.source_filter units   --manifest A.tsv [B.tsv ...] --out RUN/logmel_units --units 500
     python -m streamgen.train.source_filter prepare --manifest nat_train.tsv --encoder RUN/logmel_units --out RUN/voc_data.pt
     python -m streamgen.train.source_filter train   --data RUN/voc_data.pt --out RUN/vocoder --steps 6000   (resumable: rerun it)
+    python -m streamgen.train.source_filter bundle  --encoder RUN/logmel_units --vocoder RUN/vocoder --out BUNDLE
 
 Vocoder loss (per random window of `segment` unit frames):
 
@@ -257,6 +258,19 @@ def load_vocoder(path: str | Path) -> SourceFilterVocoder:
     return m.eval()
 
 
+def into_bundle(encoder: str | Path, vocoder: str | Path, out: str | Path) -> Path:
+    """Put the unit encoder and the vocoder into a bundle directory (created, or their parts replaced)."""
+    from ..bundle import Bundle, save_part
+
+    enc, voc, out = load_logmel_units(encoder), load_vocoder(vocoder), Path(out)
+    if (out / "bundle.json").is_file():
+        save_part(out, "logmel_units", enc)
+        save_part(out, "source_filter", voc)
+    else:
+        Bundle(logmel_units=enc, source_filter=voc).save(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -268,6 +282,10 @@ def main() -> None:
     p.add_argument("--manifest", nargs="+", required=True)
     p.add_argument("--encoder", required=True)
     p.add_argument("--out", required=True)
+    b = sub.add_parser("bundle", help="put the encoder and the vocoder into a bundle directory")
+    b.add_argument("--encoder", required=True)
+    b.add_argument("--vocoder", required=True)
+    b.add_argument("--out", required=True)
     t = sub.add_parser("train")
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True)
@@ -286,6 +304,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "units":
         fit_logmel_units(args.manifest, args.out, args.units)
+    elif args.cmd == "bundle":
+        print(into_bundle(args.encoder, args.vocoder, args.out))
     elif args.cmd == "prepare":
         prepare(args.manifest, load_logmel_units(args.encoder), args.out)
     else:
