@@ -103,8 +103,9 @@ class _Running:
 class Decoder:
     """Continuous batching of decode requests over a pool of K/V slots (see the module doc)."""
 
-    def __init__(self, model: UnitMBart, slots: int = 8):
+    def __init__(self, model: UnitMBart, slots: int = 8, max_batch: int = 0):
         self.model = model
+        self.max_batch = max_batch  # 0: every request in one call; n: calls of at most n rows (1: one at a time)
         self.device = model.embed_tokens.weight.device
         self.allowed = allowed_tokens_mask(model, self.device)
         self.pool: DecoderState | None = None
@@ -187,25 +188,31 @@ class Decoder:
                       self.seed[slots], self.produced[slots])
 
     def _advance(self) -> list[tuple[object, list[int], bool]]:
-        hi = max(self.running) + 1  # rows past the highest running slot are not computed
-        active = torch.zeros(self.pool.batch_size, dtype=torch.bool, device=self.device)
-        slots = torch.tensor(sorted(self.running), device=self.device)
-        active[slots] = True
+        running = sorted(self.running)
         longest = max(len(run.request.prefix) + run.produced for run in self.running.values())
         self.pool.grow(longest + 1)
-        view = self.pool if hi == self.pool.batch_size else None
-        if view is None:  # step the first `hi` rows only: a view, no copy
-            view = DecoderState(self.pool.k, self.pool.v, self.pool.lengths, self.pool.cross, self.pool.src_mask, self.pool.prompts)
-            view.k, view.v = [t[:hi] for t in self.pool.k], [t[:hi] for t in self.pool.v]
-            view.cross = [(k[:hi], v[:hi]) for k, v in self.pool.cross]
-            view.lengths, view.src_mask, view.prompts = self.pool.lengths[:hi], self.pool.src_mask[:hi], self.pool.prompts[:hi]
-        logits = self.model.step(view, self.tokens[:hi], active=active[:hi], grow=False)
-        self.pool.lengths[:hi] = view.lengths
-        nxt = self._choose(logits[slots], slots)
-        return self._emit(slots.tolist(), nxt)
+        n = self.max_batch or len(running)
+        out = []
+        for i in range(0, len(running), n):
+            group = running[i : i + n]
+            out += self._advance_rows(group[0], group[-1] + 1, group)
+        return out
+
+    def _advance_rows(self, lo: int, hi: int, slots: list[int]) -> list[tuple[object, list[int], bool]]:
+        """One step of the pool's rows [lo, hi) (views, no copy), advancing `slots` among them."""
+        pool = self.pool
+        view = DecoderState([t[lo:hi] for t in pool.k], [t[lo:hi] for t in pool.v], pool.lengths[lo:hi],
+                            [(k[lo:hi], v[lo:hi]) for k, v in pool.cross], pool.src_mask[lo:hi], pool.prompts[lo:hi])
+        idx = torch.tensor(slots, device=self.device)
+        active = torch.zeros(hi - lo, dtype=torch.bool, device=self.device)
+        active[idx - lo] = True
+        logits = self.model.step(view, self.tokens[lo:hi], active=active, grow=False)
+        pool.lengths[lo:hi] = view.lengths
+        return self._emit(slots, self._choose(logits[idx - lo], idx))
 
     def _admit(self) -> list[tuple[object, list[int], bool]]:
-        batch, self.waiting = self.waiting, []
+        n = self.max_batch or len(self.waiting)
+        batch, self.waiting = self.waiting[:n], self.waiting[n:]
         out: list[tuple[object, list[int], bool]] = []
         todo = []
         for key, r in batch:

@@ -18,9 +18,9 @@ session waits behind another session's whole decode. Each row of a batched call 
 session computed alone (masks and lengths everywhere; greedy units are identical, audio equal to
 float rounding): tests/test_engine.py proves it.
 
-Admission: a new session is refused with a "busy" error when `max_sessions` are live, or when
-the engine is already behind real time (the oldest chunk waiting for the encoder is older than
-`admit_lag_s`), rather than letting every session fall behind.
+Admission: a new session is refused with a "busy" error when `max_sessions` are live, or (for live
+services, `admit_lag_s`) when the engine is already behind real time: a live session has more than
+`admit_lag_s` of input waiting for the encoder. Refusing is better than letting everyone fall behind.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class EngineConfig:
     queue_size: int = 16  # input items held per session
     overflow: str = "block"  # or "drop-oldest": a full inbox drops that session's oldest chunk
     max_sessions: int = 256
-    admit_lag_s: float = 1.0
+    admit_lag_s: float | None = None  # refuse new sessions while a live one has this much input waiting (live services)
     max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
 
     def __post_init__(self):
@@ -101,8 +101,9 @@ class Session:
         return not (self.inbox or self.chunks or self.events or self.decoding)
 
     @property
-    def oldest_wait(self) -> float | None:
-        return self.chunks[0][2] if self.chunks else None
+    def backlog(self) -> int:
+        """Input samples received and not yet encoded."""
+        return len(self.buf) + sum(len(c[0]) for c in self.chunks) + sum(i.samples.numel() for i in self.inbox if isinstance(i, AudioChunk))
 
 
 class Engine:
@@ -114,7 +115,7 @@ class Engine:
         self.hubert, self.quantizer = bundle.need("hubert"), bundle.need("kmeans")
         self.vocoder = bundle.need("vocoder")
         self.mbart = bundle.mbart
-        self.decoder = Decoder(self.mbart) if self.mbart is not None else None
+        self.decoder = Decoder(self.mbart, max_batch=cfg.max_batch) if self.mbart is not None else None
         self.vad = Vad(bundle.sample_rate) if cfg.vad else None
         self.plugins: dict[str, TaskPlugin] = {}  # entry points are read once per task, not per session
         self.prompts: dict[str, object] = {}  # one shared prompt K/V per task
@@ -268,11 +269,11 @@ class Engine:
     def _admission(self) -> str | None:
         if len(self.sessions) >= self.cfg.max_sessions:
             return f"busy: the server holds its maximum of {self.cfg.max_sessions} live sessions; try again later or another server"
-        now = time.monotonic()
-        waits = [w for w in (s.oldest_wait for s in self.sessions.values()) if w is not None]
-        if waits and now - min(waits) > self.cfg.admit_lag_s:
-            return (f"busy: the server is {now - min(waits):.1f} s behind real time with {len(self.sessions)} live sessions; "
-                    "try again later or another server")
+        if self.cfg.admit_lag_s is not None and self.sessions:
+            behind = max(s.backlog for s in self.sessions.values()) / self.bundle.sample_rate
+            if behind > self.cfg.admit_lag_s:
+                return (f"busy: the server is {behind:.1f} s behind real time with {len(self.sessions)} live sessions; "
+                        "try again later or another server")
         return None
 
     def _refuse(self, name: str, why: str) -> None:

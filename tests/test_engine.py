@@ -1,0 +1,161 @@
+"""The engine: every session in a batch gets exactly what it gets alone (ragged lengths, mixed
+tasks, joining and leaving mid-decode), the one-at-a-time baseline agrees, and sessions of any
+length run with bounded state."""
+
+import asyncio
+
+import pytest
+import torch
+from speech import espeak
+
+from streamgen.io.memory import MemorySink, MemorySource, chunks_of
+from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix, generate
+from streamgen.models.prompt import DeepPrompt, PromptConfig
+from streamgen.models.unit_mbart import units_to_source
+from streamgen.pipeline.items import Control
+from streamgen.pipeline.runner import Pipeline, build_engine
+from streamgen.pipeline.stats import Stats
+
+SESSIONS = {  # name: (task, options, sentence)
+    "a": ("translation", {"policy": "wait-k", "k": 3, "chunk_ms": 320}, "The weather is nice today."),
+    "b": ("resynthesis", {}, "Please call Stella and ask her to bring these things."),
+    "c": ("continuation", {"max_units": 40, "min_units": 20}, "One two three four."),
+    "d": ("translation", {"policy": "local-agreement", "chunk_ms": 320}, "Where is the train station, please?"),
+    "e": ("inpainting", {"mask_start": 0.4, "mask_end": 0.9}, "I would like a cup of coffee."),
+}
+
+
+def run(bundle, items, **kw):
+    engine = build_engine(bundle, "resynthesis", chunk_ms=100, **kw)
+    units: dict[str, list[int]] = {}
+    engine.on_commit = lambda s, u: units.setdefault(s, []).extend(u.tolist())
+    sink = MemorySink()
+    asyncio.run(Pipeline(MemorySource(items), engine, sink, Stats(bundle.sample_rate)).run())
+    return sink, units, engine
+
+
+def session_items(name):
+    task, options, text = SESSIONS[name]
+    return [Control(name, "start", task, options)] + chunks_of(name, espeak(text), 1600)
+
+
+def interleave(streams, offsets):
+    """Round-robin the sessions' items, session i starting after offsets[i] rounds (joins mid-decode)."""
+    out, rounds = [], max(len(s) + o for s, o in zip(streams, offsets))
+    for r in range(rounds):
+        for s, o in zip(streams, offsets):
+            if 0 <= r - o < len(s):
+                out.append(s[r - o])
+    return out
+
+
+def test_sessions_batched_together_equal_each_alone(test_bundle):
+    alone = {n: run(test_bundle, session_items(n)) for n in SESSIONS}
+    together, units, engine = run(test_bundle, interleave([session_items(n) for n in SESSIONS], [0, 3, 5, 6, 9]))
+    for n in SESSIONS:
+        sink, solo_units, _ = alone[n]
+        assert n not in together.errors and n not in sink.errors, (together.errors, sink.errors)
+        assert units[n] == solo_units[n], n  # identical units (greedy, and sampled: counter-based noise)
+        a, b = together.wave(n), sink.wave(n)
+        assert len(a) == len(b) > 0 and (a - b).abs().max() <= 1e-5, n
+    assert not engine.sessions and not engine.decoder.running  # everyone left; their slots are free
+
+
+def test_one_at_a_time_baseline_gives_the_same_output(test_bundle):
+    items = interleave([session_items(n) for n in "abc"], [0, 2, 4])
+    batched, u1, _ = run(test_bundle, items)
+    single, u2, _ = run(test_bundle, items, max_batch=1)
+    assert u1 == u2
+    for n in "abc":
+        assert (batched.wave(n) - single.wave(n)).abs().max() <= 1e-5
+
+
+def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bundle):
+    m = test_bundle.mbart
+    g = torch.Generator().manual_seed(0)
+    prompts = []
+    for length in (4, 3):
+        p = DeepPrompt(m.cfg, PromptConfig(length))
+        for t in p.parameters():
+            t.data.normal_(generator=g)
+        prompts.append(p.shared_kv(m))
+    srcs = [torch.randint(0, 100, (n,), generator=g) for n in (5, 17, 9, 30)]
+    which = [prompts[0], None, prompts[1], prompts[0]]
+    sampling = [Sampling(), Sampling(greedy=False, temperature=0.9, top_k=10), Sampling(), Sampling(greedy=False)]
+    alone = [generate(m, [s], prompt=p, max_units=25, min_units=10, sampling=sp, seed=i)[0].tolist()
+             for i, (s, p, sp) in enumerate(zip(srcs, which, sampling))]
+    dec, out = Decoder(m, slots=2), {i: [] for i in range(4)}
+    joins = {0: [0], 3: [1], 5: [2, 3]}  # step -> requests that join then (the pool grows past 2 slots)
+    for step in range(200):
+        for i in joins.get(step, []):
+            dec.submit(i, Request(units_to_source(srcs[i]), decoder_prefix(), 25, 10, sampling[i], which[i], seed=i))
+        for key, units, _ in dec.step():
+            out[key] += units
+        if step > 5 and not dec.busy:
+            break
+    assert [out[i] for i in range(4)] == alone
+    assert not dec.running and sorted(dec.free) == list(range(dec.pool.batch_size))
+
+
+def test_a_new_session_is_refused_when_the_engine_is_full(test_bundle):
+    items = interleave([session_items("b"), session_items("a")], [0, 1])
+    sink, _, _ = run(test_bundle, items, max_sessions=1)
+    assert "busy" in sink.errors["a"] and "maximum of 1 live sessions" in sink.errors["a"]
+    assert "b" not in sink.errors and len(sink.wave("b")) > 0
+
+
+def long_talk(minutes: float) -> torch.Tensor:
+    """Speech with pauses, repeated for `minutes`."""
+    parts = [espeak(t) for t in ("The weather is nice today.", "Where is the train station?", "I would like two tickets.")]
+    unit = torch.cat([torch.cat([p, torch.zeros(8000)]) for p in parts])
+    n = int(minutes * 60 * 16000)
+    return unit.repeat(n // len(unit) + 1)[:n]
+
+
+@pytest.mark.parametrize("task, options", [
+    ("translation", {"policy": "wait-k", "k": 3, "chunk_ms": 960}),  # local agreement shares the segmenter
+    ("continuation", {"max_units": 30, "min_units": 30}),
+    ("resynthesis", {}),
+])
+def test_ten_minute_sessions_run_with_bounded_state(test_bundle, task, options):
+    """A talker who goes on for ten minutes: no error, output all along (translation), state bounded
+    by the model's context, not the session's length."""
+    wave = long_talk(10)
+    engine = build_engine(test_bundle, task, options, chunk_ms=320)
+    peaks: list[tuple[float, int, int, int]] = []  # (input s, source units held, encoder buffer, decoder cache)
+
+    class Probe(MemorySink):
+        async def write(self, item):
+            s = engine.sessions.get(item.session)
+            if s is not None:
+                cache = engine.decoder.pool.capacity if engine.decoder.pool is not None else 0
+                peaks.append((s.pos / 16000, len(s.policy.source), len(s.units.buf), cache))
+            await super().write(item)
+
+    sink, stats = Probe(), Stats(16000)
+    asyncio.run(Pipeline(MemorySource(chunks_of("talk", wave, 5120)), engine, sink, stats).run())
+    assert "talk" not in sink.errors, sink.errors
+    summary = stats.sessions["talk"].summary()
+    assert summary["input_s"] == pytest.approx(600, abs=0.5)
+    if task != "continuation":  # spoke all along: output in every minute of the input
+        minutes = {int(d // 60000) for d, _, _ in stats.sessions["talk"].outputs}
+        assert minutes >= set(range(10)), sorted(minutes)
+    else:
+        assert summary["output_s"] > 0
+    # what a session holds is bounded by the model and the stream settings, not by its length:
+    # source units (a translation segment / the continuation's window), the encoder's audio buffer
+    # (2 s left context + a chunk + look-ahead), the decoder's K/V cache
+    limit = 400 if task == "translation" else test_bundle.mbart.cfg.max_positions - 1
+    assert max(p[1] for p in peaks) <= limit
+    assert max(p[2] for p in peaks) <= 16000 * 3
+    assert max(p[3] for p in peaks) <= 2 * test_bundle.mbart.cfg.max_positions
+    late = [p for p in peaks if p[0] >= 300]
+    assert late and max(p[2] for p in late) <= max(p[2] for p in peaks if p[0] < 300)  # no growth over time
+
+
+def test_inpainting_refuses_an_input_it_cannot_hold_as_soon_as_it_is_too_long(test_bundle):
+    wave = long_talk(2)
+    engine = build_engine(test_bundle, "inpainting", {"mask_start": 1.0, "mask_end": 2.0}, chunk_ms=320)
+    sink, stats = MemorySink(), Stats(16000)
+    asyncio.run(Pipeline(MemorySource(chunks_of("long", wave, 5120)), engine, sink, stats).run())
+    assert "inpainting holds at most" in sink.errors["long"]
