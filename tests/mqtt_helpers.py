@@ -40,6 +40,29 @@ async def serve(bundle, port, sessions, **kw):
     return p.source, p.stats
 
 
+async def until_subscribed(link: MqttLink, server: asyncio.Task) -> None:
+    """Wait until a server's link is subscribed (before it, a fresh broker session drops messages)."""
+    ready = asyncio.ensure_future(link.connected.wait())
+    await asyncio.wait({ready, server}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if server.done():
+        server.result()  # raises what stopped it
+    assert link.connected.is_set(), "the server did not connect within 60 s"
+
+
+async def started(bundle, port, sessions, **kw) -> asyncio.Task:
+    """`serve` as a task (its result: source, stats), returned once the server is subscribed."""
+    p = make_server(bundle, port, sessions, **kw)
+
+    async def run():
+        await p.run()
+        return p.source, p.stats
+
+    task = asyncio.create_task(run())
+    await until_subscribed(p.source.link, task)
+    return task
+
+
 async def connect(port, client_id, *subscriptions, **kw) -> MqttLink:
     link = MqttLink("127.0.0.1", port, client_id=client_id, **kw)
     link.subscriptions += subscriptions

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from mqtt_helpers import as_pcm, client, connect, pcm16, reference, serve, session_messages
+from mqtt_helpers import as_pcm, client, connect, pcm16, reference, session_messages, started
 from services import Mosquitto
 from speech import espeak
 
@@ -52,8 +52,7 @@ def test_a_session_streams_in_and_out(broker, test_bundle):
     expected = reference(test_bundle, wave)
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1))
-        await asyncio.sleep(0.3)
+        server = await started(test_bundle, broker.port, 1)
         reply = await client(broker.port, session_messages("alice", pcm16(wave)), "alice")
         source, stats = await server
         return reply, stats
@@ -76,8 +75,7 @@ def test_out_of_order_and_duplicate_chunks_are_reordered(broker, test_bundle):
         shuffled += window + ([window[0]] if i % 12 == 0 else [])
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1))
-        await asyncio.sleep(0.3)
+        server = await started(test_bundle, broker.port, 1)
         reply = await client(broker.port, shuffled, "bob")
         await server
         return reply
@@ -91,8 +89,7 @@ def test_broker_restart_mid_session_loses_no_accepted_chunk(broker, test_bundle)
     expected = reference(test_bundle, wave)
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1))
-        await asyncio.sleep(0.3)
+        server = await started(test_bundle, broker.port, 1)
 
         async def restart():
             await asyncio.to_thread(broker.restart)
@@ -121,8 +118,7 @@ def test_malformed_messages_get_errors_and_other_sessions_continue(broker, test_
     }
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1))  # exits after the one good session
-        await asyncio.sleep(0.3)
+        server = await started(test_bundle, broker.port, 1)  # exits after the one good session
         link = await connect(broker.port, "test-bad", "s/+/out", "s/_server/errors")
         for name, msgs in bad.items():
             for m in msgs:
@@ -160,7 +156,7 @@ def test_broker_kill_9_loses_nothing_silently(tmp_path, test_bundle):
     expected = reference(test_bundle, wave)
     try:
         async def main():
-            server = asyncio.create_task(serve(test_bundle, broker.port, 1, idle_timeout_s=5.0))
+            server = await started(test_bundle, broker.port, 1, idle_timeout_s=5.0)
             await asyncio.sleep(1.5)  # an autosave after the server subscribed: its session survives the kill
 
             async def kill_and_restart():

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from mqtt_helpers import as_pcm, connect, make_server, pcm16, receive, reference, session_messages
+from mqtt_helpers import as_pcm, connect, make_server, pcm16, receive, reference, session_messages, until_subscribed
 from services import Mosquitto
 from speech import espeak
 
@@ -96,6 +96,7 @@ def test_ten_thousand_hostile_messages_leave_good_sessions_exact(broker, test_bu
     async def main():
         pipeline = make_server(test_bundle, broker.port, None, idle_timeout_s=5.0)
         server = asyncio.create_task(pipeline.run())
+        await until_subscribed(pipeline.source.link, server)
         readers = [await connect(broker.port, f"good-reader{g}", f"s/good{g}/out") for g in range(GOOD_SESSIONS)]
         replies = [asyncio.create_task(receive(r, timeout=120)) for r in readers]
         sender = await connect(broker.port, "fuzzer")

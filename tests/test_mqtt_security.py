@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from mqtt_helpers import as_pcm, client, connect, pcm16, receive, reference, serve, session_messages
+from mqtt_helpers import as_pcm, client, connect, pcm16, receive, reference, session_messages, started, until_subscribed
 from services import Mosquitto
 from speech import espeak
 
@@ -66,7 +66,7 @@ def test_the_issues_hostile_messages_end_only_their_sender(case, broker, test_bu
     expected = reference(test_bundle, wave)
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1))
+        server = await started(test_bundle, broker.port, 1)
         mallory = await connect(broker.port, "mallory", "s/mallory/out")
         for m in HOSTILE[case](wave):
             await mallory.publish("s/mallory/in", m)
@@ -101,7 +101,7 @@ def test_control_fields_are_checked_one_by_one():
 
 def test_an_unknown_task_or_option_is_an_error_for_its_session(broker, test_bundle, wave):
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1))
+        server = await started(test_bundle, broker.port, 1)
         bad = [await client(broker.port, [encode_control(name, 0, body), encode_audio(name, 1, wave[:320].numpy(), 16000),
                                           encode_control(name, 2, {"type": "stop"})], name)
                for name, body in (("bob", {"type": "start", "task": "nope"}),
@@ -120,7 +120,7 @@ def test_a_gap_is_reported_with_the_missing_numbers(broker, test_bundle, wave):
     holed = msgs[:10] + msgs[13:]  # 10, 11, 12 never sent
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, None, idle_timeout_s=1.0))
+        server = await started(test_bundle, broker.port, None, idle_timeout_s=1.0)
         reply = await client(broker.port, holed, "dave")
         server.cancel()
         return reply
@@ -135,7 +135,7 @@ def test_sessions_expire_on_their_own_clock_while_others_talk(broker, test_bundl
     chatty = session_messages("chatty", wave)
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1, idle_timeout_s=1.0))
+        server = await started(test_bundle, broker.port, 1, idle_timeout_s=1.0)
         quiet = await connect(broker.port, "quiet", "s/quiet/out")
         for m in session_messages("quiet", wave)[:5]:
             await quiet.publish("s/quiet/in", m)
@@ -163,7 +163,7 @@ def test_sessions_expire_on_their_own_clock_while_others_talk(broker, test_bundl
 
 def test_too_many_sessions_are_refused_as_busy(broker, test_bundle, wave):
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 1, max_live=2))
+        server = await started(test_bundle, broker.port, 1, max_live=2)
         link = await connect(broker.port, "many", "s/+/out")
         for name in ("s1", "s2", "s3"):
             await link.publish(f"s/{name}/in", encode_audio(name, 0, wave[:320].numpy(), 16000))
@@ -187,7 +187,7 @@ def test_the_reorder_buffer_is_bounded_in_bytes(broker, test_bundle, wave):
     msgs = session_messages("eve", wave)[1:40]  # message 0 never comes; 39 x 662 bytes wait
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, None, max_buffer_bytes=16 * 1024))
+        server = await started(test_bundle, broker.port, None, max_buffer_bytes=16 * 1024)
         reply = await client(broker.port, msgs, "eve")
         server.cancel()
         return reply
@@ -200,7 +200,7 @@ def test_ids_are_reusable_and_cannot_be_burned_in_advance(broker, test_bundle, w
     expected = reference(test_bundle, wave)
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, broker.port, 2))
+        server = await started(test_bundle, broker.port, 2)
         stray = await client(broker.port, [encode_control("fay", 0, {"type": "stop"})], "fay")  # burns nothing
         await asyncio.sleep(0.05)  # the next session's messages are sent later (sender timestamps)
         first = await client(broker.port, session_messages("fay", wave), "fay")
@@ -222,7 +222,7 @@ def test_output_sequence_numbers_differ_across_server_runs(broker, test_bundle, 
         streams = []
         for _ in range(2):
             link = await connect(broker.port, "watch", "s/gus/out")
-            server = asyncio.create_task(serve(test_bundle, broker.port, 1))
+            server = await started(test_bundle, broker.port, 1)
             await client(broker.port, session_messages("gus", wave), "gus")
             await asyncio.wait_for(server, 60)
             seqs = []
@@ -284,7 +284,7 @@ def test_a_client_cannot_inject_into_stop_or_read_another_session(acl_broker, te
     alice_msgs = session_messages("alice", wave)
 
     async def main():
-        server = asyncio.create_task(serve(test_bundle, acl_broker.port, 1, **as_user("srv")))
+        server = await started(test_bundle, acl_broker.port, 1, **as_user("srv"))
         mallory = await connect(acl_broker.port, "mallory", "s/mallory/out", "s/alice/out", **as_user("mallory"))
         alice = await connect(acl_broker.port, "alice", "s/alice/out", **as_user("alice"))
         noise = encode_audio("alice", 5, -wave[:320].numpy(), 16000)
@@ -325,6 +325,7 @@ def test_tls_with_a_self_signed_ca(tmp_path, test_bundle, wave):
             source, sink = open_endpoints(url + "/+/in", url + "/{session}/out", 16000,
                                           mqtt=MqttOptions(ca=str(broker.ca_file), client_id="tls-server", max_sessions=1))
             server = asyncio.create_task(Pipeline(source, build_stages(test_bundle, "resynthesis", {}), sink, Stats(16000)).run())
+            await until_subscribed(source.link, server)
             from streamgen.io.mqtt import tls_context
             reply = await client(broker.tls_port, session_messages("tina", wave), "tina", tls_context=tls_context(str(broker.ca_file)))
             await asyncio.wait_for(server, 60)
