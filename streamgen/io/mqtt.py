@@ -680,8 +680,7 @@ class MqttSink:
 
     def __init__(self, link: MqttLink, topic: str, sample_rate: int):
         self.link, self.topic, self.rate = link, topic, sample_rate
-        self.replies = ReplyPublisher(link, topic, sample_rate)
-        self.errors: dict[str, str] = {}
+        self.replies = ReplyPublisher(link, topic, sample_rate)  # keeps nothing per session once it ended
 
     async def write(self, item: Item) -> None:
         if isinstance(item, AudioOut):
@@ -690,7 +689,6 @@ class MqttSink:
             await self.replies.send(item.session, {"type": "end"})
             self.replies.finish(item.session)
         elif isinstance(item, SessionError):
-            self.errors[item.session] = item.message
             await self.replies.send(item.session, {"type": "error", "message": item.message})
 
     async def close(self) -> None:
