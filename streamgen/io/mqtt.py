@@ -663,8 +663,8 @@ class MqttSource:
         return [SessionError(s.name, why), End(s.name, s.pos, time.monotonic())]
 
     def _expire_idle(self, now: float) -> list[Item]:
-        for name in [n for n, e in self.ended.items() if e.until < now]:
-            del self.ended[name]
+        while self.ended and next(iter(self.ended.values())).until < now:  # oldest first: `until` grows with insertion
+            self.ended.popitem(last=False)
         out: list[Item] = []
         for s in [s for s in self.sessions.values() if s.deadline <= now]:
             missing = f"; never arrived: {self._missing(s)}" if s.waiting else ""
