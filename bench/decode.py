@@ -4,6 +4,9 @@
    (`decode`), after 50 / 150 / 300 generated units; tiny and full (mbart_large) sizes; batch 1.
 2. One step for many sessions with a shared 200-vector deep prompt vs no prompt (aim <= 1.1x), and
    the naive alternative that expands the prefix and concatenates it to every session's cache.
+3. The serving engine's decode loop (`models.generation.Decoder`: K/V slots, masked steps, per-row
+   sampling, reading the tick's tokens back) for N running sessions, against the bare model step
+   of section 2 (the plain-PyTorch ceiling, with --cuda-graphs its graph-captured form).
 
     python bench/decode.py                        # CPU, both sizes
     python bench/decode.py --device cuda --cuda-graphs
@@ -19,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from streamgen.testing import TINY_MBART
+from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix
 from streamgen.models.prompt import DeepPrompt, PromptConfig
-from streamgen.models.unit_mbart import UNIT_OFFSET, DecoderState, UnitMBart, UnitMBartConfig
+from streamgen.models.unit_mbart import UNIT_OFFSET, DecoderState, UnitMBart, UnitMBartConfig, units_to_source
 
 FULL = UnitMBartConfig()  # 12 + 12 layers, d=1024, 16 heads, FFN 4096
 
@@ -55,7 +59,7 @@ def state_at(model: UnitMBart, sessions: int, src_len: int, generated: int, prom
         lengths=torch.full((sessions,), generated, dtype=torch.long, device=dev),
         cross=[(rand(src_len), rand(src_len)) for _ in range(n)],
         src_mask=torch.ones(sessions, src_len, dtype=torch.bool, device=dev),
-        prompt=prompt,
+        prompts=[prompt] * sessions,
     )
 
 
@@ -65,7 +69,7 @@ def step_fn(model, st, cuda_graphs: bool):
     n0 = st.lengths.clone()
 
     def run():
-        model.step(st, tokens)
+        model.step(st, tokens, grow=False)
         st.lengths.copy_(n0)  # keep the cache length fixed across repeats
 
     if not cuda_graphs:
@@ -141,12 +145,40 @@ def bench_prompt(cfg, name, device, dtype, repeats, sessions, cuda_graphs, gener
     return name, sessions, t_plain * 1e3, t_prompt * 1e3, t_naive * 1e3
 
 
+def bench_engine(cfg, name, device, dtype, sessions, cuda_graphs, repeats=20, generated=150, src_len=150):
+    """ms per Decoder.step with `sessions` running requests (each holding `generated` cached units)
+    vs the bare model step over the same batch."""
+    torch.manual_seed(0)
+    model = UnitMBart(cfg).to(device, dtype).eval().requires_grad_(False)
+    dec = Decoder(model, slots=sessions)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in range(sessions):
+            src = units_to_source(torch.randint(0, cfg.num_units, (src_len,), generator=g))
+            prefix = decoder_prefix(committed=torch.randint(0, cfg.num_units, (generated,), generator=g))
+            dec.submit(i, Request(src, prefix, max_new=10_000, min_new=10_000, sampling=Sampling()))
+        dec.step()  # admit everyone (batched encode + prefill)
+        dec.step()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            dec.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        bare = timeit(step_fn(model, state_at(model, sessions, src_len, generated, None), cuda_graphs), device, repeats)
+    return name, sessions, statistics.median(times) * 1e3, bare * 1e3
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--sizes", default="tiny,full")
     ap.add_argument("--sessions", type=int, default=256)
+    ap.add_argument("--engine-sessions", default="1,16,256", help="session counts for the engine's decode loop (section 3)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--cuda-graphs", action="store_true", help="capture the prompt/no-prompt steps in CUDA graphs")
     args = ap.parse_args()
@@ -165,6 +197,12 @@ def main():
     for name, cfg in chosen:
         n, s, plain, shared, naive = bench_prompt(cfg, name, device, dtype, args.repeats, args.sessions, args.cuda_graphs)
         print(f"| {n} | {s} | {plain:.2f} | {shared:.2f} | {shared / plain:.3f}x | {naive:.2f} | {naive / plain:.2f}x |")
+    print(f"\n## The engine's decode loop vs the bare model step ({'CUDA graph' if args.cuda_graphs else 'eager'}), 150 cached units, 150-unit source")
+    print("| size | sessions | Decoder.step (ms) | bare step (ms) | engine / bare |\n|---|---|---|---|---|")
+    for name, cfg in chosen:
+        for n in (int(x) for x in args.engine_sessions.split(",")):
+            _, s, eng, bare = bench_engine(cfg, name, device, dtype, n, args.cuda_graphs)
+            print(f"| {name} | {s} | {eng:.2f} | {bare:.2f} | {eng / bare:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

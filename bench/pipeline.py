@@ -19,14 +19,10 @@ from pathlib import Path
 
 import torch
 
-from streamgen.bundle import Bundle
 from streamgen.io.files import read_audio
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
-from streamgen.models.hubert import HubertConfig, HubertEncoder
-from streamgen.models.kmeans import KMeansQuantizer
-from streamgen.models.unit_mbart import UnitMBart, UnitMBartConfig
-from streamgen.models.vocoder import CodeHiFiGAN, VocoderConfig
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
+from streamgen.testing import public_size_bundle
 from streamgen.pipeline.stats import Stats
 
 TEXT = ("Good morning everyone. Today we are going to talk about the weather, the trains that run late, "
@@ -42,20 +38,11 @@ def speech(seconds: float) -> torch.Tensor:
     return torch.cat([x] * reps)[: int(seconds * 16000)]
 
 
-def full_size_bundle(device) -> Bundle:
-    torch.manual_seed(0)
-    b = Bundle(hubert=HubertEncoder(HubertConfig(layers=11, output_layer=11)), quantizer=KMeansQuantizer(torch.randn(1000, 768)),
-               mbart=UnitMBart(UnitMBartConfig(dropout=0.0)), vocoder=CodeHiFiGAN(VocoderConfig()))
-    for m in b.modules().values():
-        m.eval()
-    return b.to(device)
-
-
 def run(bundle, wave, task, options, chunk_ms) -> dict:
     stats, sink = Stats(16000), MemorySink()
-    stages = build_stages(bundle, task, options, chunk_ms=chunk_ms)
+    engine = build_engine(bundle, task, options, chunk_ms=chunk_ms)
     t = time.perf_counter()
-    asyncio.run(Pipeline(MemorySource(chunks_of("s", wave, 16000 * chunk_ms // 1000)), stages, sink, stats).run())
+    asyncio.run(Pipeline(MemorySource(chunks_of("s", wave, 16000 * chunk_ms // 1000)), engine, sink, stats).run())
     wall = time.perf_counter() - t
     st = stats.sessions["s"]
     secs = len(wave) / 16000
@@ -71,7 +58,7 @@ def main():
     device = torch.device(args.device)
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# pipeline benchmark: {what}, fp32, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    bundle, wave = full_size_bundle(device), speech(args.seconds)
+    bundle, wave = public_size_bundle().to(device), speech(args.seconds)
     print(f"{args.seconds:.0f} s of input; compute per stage in ms per second of input (stage / input = load)")
     print("| task | chunk (ms) | chunker | encoder | generator | vocoder | RTF | output (s) |\n|---|---|---|---|---|---|---|---|")
     cases = [("resynthesis", {}, 320), ("resynthesis", {}, 640),

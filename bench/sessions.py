@@ -12,7 +12,7 @@ The baseline runs in the same invocation: the same engine with --max-batch 1, i.
 serves one session at a time (what the one-worker-per-stage pipeline did before the engine).
 
     python bench/sessions.py                               # default bundle, CPU, all three tasks
-    python bench/sessions.py --device cuda --levels 64,256,1024 --bundle DIR --tasks resynthesis
+    python bench/sessions.py --device cuda --dtype bfloat16 --public-random --levels 64,256,1024
     python bench/sessions.py --json out.json
 """
 
@@ -94,6 +94,7 @@ def held(rows: list[dict], max_lag: float) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=None, help="bundle directory (default: the shipped one)")
+    ap.add_argument("--public-random", action="store_true", help="random weights at the public model sizes instead of a bundle")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--tasks", default="resynthesis,translation,continuation")
@@ -106,7 +107,12 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
-    bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.public_random:
+        from streamgen.testing import public_size_bundle
+
+        bundle = public_size_bundle().to(args.device, getattr(torch, args.dtype))
+    else:
+        bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
     from importlib import resources
 
     sample = read_audio(str(resources.files("streamgen") / "assets" / "sample.wav"), bundle.sample_rate)
@@ -125,8 +131,9 @@ def main() -> None:
             for lv in levels:
                 r = level(bundle, task, lv, wave, args.chunk_ms, max_batch)
                 rows.append(r)
-                print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {r['lag_p50_ms']:8.1f} ms  "
-                      f"p99 {r['lag_p99_ms']:8.1f} ms  first audio {r['first_audio_ms']:8.1f} ms  busy {r['engine_busy']:.2f}", flush=True)
+                ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
+                print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
+                      f"p99 {ms('lag_p99_ms')} ms  first audio {ms('first_audio_ms')} ms  busy {r['engine_busy']:.2f}", flush=True)
                 misses = misses + 1 if (r["lag_p99_ms"] or 1e9) > args.max_lag_ms else 0
                 if misses >= 2:  # two levels in a row behind: larger ones only take longer
                     break

@@ -8,7 +8,7 @@ import torch
 from .bundle import Bundle
 from .models.hubert import HubertConfig, HubertEncoder
 from .models.kmeans import KMeansQuantizer
-from .models.unit_mbart import UnitMBart, UnitMBartConfig
+from .models.unit_mbart import EOS, UnitMBart, UnitMBartConfig
 from .models.vocoder import CodeHiFiGAN, DurationConfig, VocoderConfig
 
 TINY_HUBERT = HubertConfig(
@@ -40,4 +40,18 @@ def random_bundle(seed: int = 0) -> Bundle:
     for m in b.modules().values():
         m.eval()
     b.mbart.requires_grad_(False)
+    return b
+
+
+def public_size_bundle(seed: int = 0) -> Bundle:
+    """Random weights at the public model sizes (mHuBERT base to layer 11 + 1000 k-means units,
+    Unit mBART large, CodeHiFiGAN V1): what speed benchmarks run at when no checkpoint is at hand."""
+    torch.manual_seed(seed)
+    b = Bundle(hubert=HubertEncoder(HubertConfig(layers=11, output_layer=11)), quantizer=KMeansQuantizer(torch.randn(1000, 768)),
+               mbart=UnitMBart(UnitMBartConfig(dropout=0.0)), vocoder=CodeHiFiGAN(VocoderConfig()))
+    for m in b.modules().values():
+        m.eval()
+    b.mbart.requires_grad_(False)
+    with torch.no_grad():  # an untrained decoder ends at once; a zero </s> embedding keeps it talking
+        b.mbart.embed_tokens.weight[EOS].zero_()
     return b

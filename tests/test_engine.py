@@ -159,3 +159,16 @@ def test_inpainting_refuses_an_input_it_cannot_hold_as_soon_as_it_is_too_long(te
     sink, stats = MemorySink(), Stats(16000)
     asyncio.run(Pipeline(MemorySource(chunks_of("long", wave, 5120)), engine, sink, stats).run())
     assert "inpainting holds at most" in sink.errors["long"]
+
+
+def test_silence_is_not_answered_with_invented_speech(test_bundle):
+    """No speech in a session: the task is never consulted and the client is told; a session whose
+    speech starts late loses nothing of its onset."""
+    quiet = [Control("q", "start", "continuation", {"max_units": 30, "min_units": 30})] + chunks_of("q", torch.zeros(16000 * 5), 1600)
+    speech = espeak("One two three four.")
+    late = torch.cat([torch.zeros(16000 * 3), speech])
+    sink, units, _ = run(test_bundle, quiet + chunks_of("late", late, 1600))
+    assert "no speech heard" in sink.errors["q"] and "q" not in units and len(sink.wave("q")) == 0
+    gated = units["late"]
+    _, ungated, _ = run(test_bundle, chunks_of("late", late, 1600), speech_gate=False)
+    assert gated == ungated["late"]  # everything, the silence before the speech included, reached the task

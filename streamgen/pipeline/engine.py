@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..audio import SpeechGate
 from ..bundle import Bundle
 from ..models.generation import Decoder, Sampling
 from ..models.prompt import DeepPrompt, load_prompt
@@ -63,6 +64,7 @@ class EngineConfig:
     max_sessions: int = 256
     admit_lag_s: float | None = None  # refuse new sessions while a live one has this much input waiting (live services)
     max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
+    speech_gate: bool = True  # a session's units reach its task only once speech has been heard in it
 
     def __post_init__(self):
         if self.overflow not in ("block", "drop-oldest"):
@@ -76,8 +78,12 @@ class EngineConfig:
 class Session:
     """One live session's state inside the engine."""
 
-    def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, units: UnitStream, vocoder: VocoderStream):
+    def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, units: UnitStream, vocoder: VocoderStream,
+                 gate: SpeechGate | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
+        self.gate = gate
+        self.heard = gate is None  # speech has been heard (or nobody listens for it)
+        self.held: deque = deque(maxlen=100)  # units from before the first speech (the latest 100 chunks)
         self.units, self.vocoder = units, vocoder
         self.inbox: deque[Item] = deque()
         self.waiters: list[asyncio.Future] = []
@@ -175,7 +181,8 @@ class Engine:
         plugin, policy = self.new_policy(task, options or {})
         s = Session(name, plugin, policy,
                     UnitStream(self.hubert, self.quantizer, self.cfg.left_frames, self.cfg.lookahead_frames),
-                    VocoderStream(self.vocoder, self.cfg.vocoder_lookahead))
+                    VocoderStream(self.vocoder, self.cfg.vocoder_lookahead),
+                    SpeechGate(self.bundle.sample_rate) if self.cfg.speech_gate else None)
         self.sessions[name] = s
         return s
 
@@ -385,6 +392,8 @@ class Engine:
         s.pos += len(samples)
         s.seq += 1
         s.chunks.append((samples, s.pos, captured_at))
+        if not s.heard:
+            s.heard = s.gate.push(samples.numpy())
         if self.vad is not None and self.vad.ended(s.name, samples):
             s.input_ended = True
 
@@ -415,12 +424,19 @@ class Engine:
                     continue
                 u, frames = s.units.finish(w, fu)
                 if len(u):
-                    s.events.append((u, frames, end, captured))
+                    (s.events if s.heard else s.held).append((u, frames, end, captured))
 
     # policies and the LM -------------------------------------------------------------------------------
 
     def _decide(self) -> None:
         for s in list(self.sessions.values()):
+            if s.heard and s.held:  # speech began: what was held (its onset) goes to the task first
+                s.events.extendleft(reversed(s.held))
+                s.held.clear()
+            if s.encoder_done and not s.heard:
+                self._fail(s, f"no speech heard in its {s.pos / self.bundle.sample_rate:.1f} s of input, so the task "
+                              "had nothing to answer and nothing was said")
+                continue
             try:
                 while not s.decoding and s.events:
                     u, frames, end, captured = s.events.popleft()

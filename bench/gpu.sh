@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything the serving work measures on a GPU, in one run of a few minutes (figures go to $OUT or
+# ./gpu-results): the decode step at the public Unit mBART size against the plain-PyTorch ceiling,
+# the shared prompt at 256 sessions, the engine's decode loop, and live sessions held per GPU.
+#   bash bench/gpu.sh            (on a machine with CUDA and PyTorch; wheels in .whl/ if given)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . ./plugins/* 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/device.txt"
+timeout 200 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 256 --cuda-graphs \
+  --engine-sessions 1,256,1024 --repeats 20 2>&1 | tee "$OUT/decode.md"
+timeout 60 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 1024 --cuda-graphs \
+  --engine-sessions 1 --repeats 10 2>&1 | grep -A3 "Shared" | tee -a "$OUT/decode.md"
+timeout 300 python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --tasks resynthesis,translation \
+  --levels 16,64,256,1024 --seconds 6 --json "$OUT/sessions.json" 2>&1 | tee "$OUT/sessions.txt"
