@@ -667,7 +667,8 @@ def run(
             fail(f"{input}: no speech in its {input_file.seconds:.1f} s of audio, so task {task!r} has nothing to work on; "
                  "nothing written (--allow-silence runs it anyway)", code=1)
     try:
-        stages = build_stages(b, task, options, **settings.stage_args(), vad=vad, seed=seed, queue_size=queue_size, overflow=overflow)
+        stages = build_stages(b, task, options, **settings.stage_args(), vad=vad, seed=seed, queue_size=queue_size, overflow=overflow,
+                              speech_gate=not allow_silence)
         dev = lambda d: int(d) if d is not None and d.isdigit() else d
         source, sink = open_endpoints(
             input, output, sr, realtime=realtime, input_device=dev(input_device), output_device=dev(output_device),
