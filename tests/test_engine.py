@@ -172,3 +172,15 @@ def test_silence_is_not_answered_with_invented_speech(test_bundle):
     gated = units["late"]
     _, ungated, _ = run(test_bundle, chunks_of("late", late, 1600), speech_gate=False)
     assert gated == ungated["late"]  # everything, the silence before the speech included, reached the task
+
+
+def test_a_long_running_service_keeps_bounded_records(test_bundle):
+    """Per-session records are pruned when sessions end (a recent window is kept for --stats)."""
+    items = []
+    for i in range(6):
+        items += chunks_of(f"s{i}", espeak("Yes."), 1600)
+    stats = Stats(16000, keep_closed=2)
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    asyncio.run(Pipeline(MemorySource(items), engine, MemorySink(), stats).run())
+    assert list(stats.sessions) == ["s4", "s5"]
+    assert not engine.sessions and len(engine.closed) == 0 and len(engine.plugins) == 1  # entry points read once

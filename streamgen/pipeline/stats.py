@@ -119,8 +119,10 @@ class Stats:
     """Collects figures for every session; optionally writes JSON lines (one per event) for tools and
     hands each session's figures to `on_session` as it ends."""
 
-    def __init__(self, sample_rate: int, json_log: IO[str] | None = None, on_session: Callable[[SessionStats], None] | None = None):
+    def __init__(self, sample_rate: int, json_log: IO[str] | None = None, on_session: Callable[[SessionStats], None] | None = None,
+                 keep_closed: int = 1000):
         self.sample_rate = sample_rate
+        self.keep_closed = keep_closed  # ended sessions kept for the final report (the most recent ones): a service runs for ever
         self.sessions: dict[str, SessionStats] = {}
         self.json_log = json_log
         self.on_session = on_session
@@ -146,6 +148,9 @@ class Stats:
             self.event(event="session", **summary)
             if self.on_session is not None:
                 self.on_session(st)
+            closed = [n for n, s in self.sessions.items() if s.closed]
+            for old in closed[: max(0, len(closed) - self.keep_closed)]:
+                del self.sessions[old]
         return summary
 
     def report(self, name: str) -> str:
