@@ -59,7 +59,7 @@ def test_work_and_memory_stay_bounded(vocoder):
     original = vocoder.generate
     vocoder.generate = lambda f: (seen.append(len(f)), original(f))[1]
     u = units(600, seed=2)
-    out, s = stream(vocoder, u, 10)
+    out, s = stream(vocoder, u, 10, lookahead=vocoder.frame_context())  # the windowed path
     total = int(vocoder.durations(u).sum())
     ctx = vocoder.frame_context()
     # each window is its new frames plus at most ctx on each side: linear in the input, not quadratic
@@ -67,3 +67,48 @@ def test_work_and_memory_stay_bounded(vocoder):
     assert max(seen) <= 10 * 2 * 60 + 2 * ctx  # no window grows with the utterance (durations <= ~60 frames)
     assert len(s.units) <= 2 * s.unit_radius + 10 and len(s.frames) <= ctx + s.lookahead + 1
     assert out.numel() == total * vocoder.hop
+
+
+def test_streaming_convolutions_read_each_frame_once_and_hold_bounded_state(vocoder):
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    graph = StreamingGenerator(vocoder)
+    fed = []
+    step = graph.step
+    graph.step = lambda streams, frames, ended: (fed.append(sum(len(f) for f in frames)), step(streams, frames, ended))[1]
+    u = units(600, seed=2)
+    out, s = stream(vocoder, u, 10, graph=graph)
+    total = int(vocoder.durations(u).sum())
+    assert sum(fed) == total and len(out) == total * vocoder.hop  # every frame through the generator once
+    reach = max(op.k for op in graph.ops)
+    assert all(t.shape[1] < reach for t in s.gen.tails)  # each layer keeps less than its kernel's reach
+    assert all(q.shape[1] <= 4 * reach for q in s.gen.queues)
+    with torch.no_grad():
+        assert (out - vocoder(u)).abs().max() <= 1e-5
+
+
+def test_streams_of_any_lengths_batched_together_equal_each_whole(vocoder):
+    """Ragged batches: several streams, random piece sizes, joining and ending at different steps."""
+    import random
+
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    graph = StreamingGenerator(vocoder)
+    frames = [units(n, seed=n) for n in (37, 80, 5, 1)]
+    streams, outs, pos = [graph.new_stream() for _ in frames], [[] for _ in frames], [0] * len(frames)
+    rng = random.Random(0)
+    while not all(s.ended for s in streams):
+        idx = [i for i, s in enumerate(streams) if not s.ended and rng.random() < 0.8]
+        pieces, ends = [], []
+        for i in idx:
+            k = rng.randint(0, 12)
+            pieces.append(frames[i][pos[i] : pos[i] + k])
+            pos[i] += len(pieces[-1])
+            ends.append(pos[i] >= len(frames[i]))
+        if idx:
+            for i, r in zip(idx, graph.step([streams[i] for i in idx], pieces, ends)):
+                outs[i].append(r)
+    with torch.no_grad():
+        for f, o in zip(frames, outs):
+            whole = vocoder.generate(f)
+            assert len(torch.cat(o)) == len(whole) and (torch.cat(o) - whole).abs().max() <= 1e-5

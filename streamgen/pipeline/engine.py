@@ -38,11 +38,12 @@ from torch import Tensor
 from ..audio import SpeechGate
 from ..bundle import Bundle
 from ..models.generation import Decoder, Sampling
+from ..models.streaming_conv import StreamingGenerator
 from ..models.prompt import DeepPrompt, load_prompt
 from .items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from .policies import Decision, Policy, UnitDecoder
 from .stats import Stats
-from .streams import UnitStream, VocoderStream, encode_windows, synthesise_windows, time_windows
+from .streams import UnitStream, VocoderStream, encode_windows, synthesise, time_windows
 from .tasks import TaskPlugin, load_task
 from .vad import Vad
 
@@ -120,6 +121,7 @@ class Engine:
         self.stats = stats or Stats(bundle.sample_rate)
         self.hubert, self.quantizer = bundle.need("hubert"), bundle.need("kmeans")
         self.vocoder = bundle.need("vocoder")
+        self.graph = StreamingGenerator(self.vocoder) if cfg.vocoder_lookahead is None else None  # shared by all sessions
         self.mbart = bundle.mbart
         self.decoder = Decoder(self.mbart, max_batch=cfg.max_batch) if self.mbart is not None else None
         self.vad = Vad(bundle.sample_rate) if cfg.vad else None
@@ -181,7 +183,7 @@ class Engine:
         plugin, policy = self.new_policy(task, options or {})
         s = Session(name, plugin, policy,
                     UnitStream(self.hubert, self.quantizer, self.cfg.left_frames, self.cfg.lookahead_frames),
-                    VocoderStream(self.vocoder, self.cfg.vocoder_lookahead),
+                    VocoderStream(self.vocoder, self.cfg.vocoder_lookahead, self.graph),
                     SpeechGate(self.bundle.sample_rate) if self.cfg.speech_gate else None)
         self.sessions[name] = s
         return s
@@ -401,7 +403,7 @@ class Engine:
 
     def _encode(self) -> None:
         jobs = []
-        for s in self.sessions.values():
+        for s in list(self.sessions.values()):
             if s.chunks:
                 samples, end, captured = s.chunks.popleft()
                 s.units.add(samples)
@@ -488,7 +490,7 @@ class Engine:
 
     def _vocode(self) -> None:
         ready = []
-        for s in self.sessions.values():
+        for s in list(self.sessions.values()):
             if s.policy_ended and not s.decoding and not s.vocoder.ended:
                 s.vocoder.end()
             w = s.vocoder.plan_durations()
@@ -499,9 +501,9 @@ class Engine:
             for (s, w), d in zip(batch, durs):
                 if d is not None:
                     s.vocoder.finish_durations(w, d)
-        jobs = [(s, w) for s in self.sessions.values() if s.name in self.sessions and (w := s.vocoder.plan_audio()) is not None]
+        jobs = [(s, w) for s in list(self.sessions.values()) if s.name in self.sessions and (w := s.vocoder.plan_audio()) is not None]
         for batch in self._batches(jobs):
-            waves = self._run_batch("vocoder", batch, lambda b: synthesise_windows(self.vocoder, [w for _, w in b]))
+            waves = self._run_batch("vocoder", batch, lambda b: synthesise([s.vocoder for s, _ in b], [w for _, w in b]))
             for (s, w), wave in zip(batch, waves):
                 if wave is None:
                     continue

@@ -14,10 +14,13 @@ GroupNorm see the whole window, so units agree with offline extraction only as f
 allows; with unbounded context (`left_frames=None`, `lookahead_frames=None`) everything is encoded
 at the end in one pass and agreement is exact.
 
-VocoderStream: a unit's duration is final once `dur_predictor.radius` later units are known; a
-frame's audio once `lookahead` later frames are known. With `lookahead` = `frame_context()`
-(default) the concatenated chunks equal `CodeHiFiGAN.forward(all units)`; a smaller look-ahead
-trades exactness at chunk edges for latency. Memory stays bounded: only the context windows are kept.
+VocoderStream: a unit's duration is final once `dur_predictor.radius` later units are known. By
+default its frames then go through the generator as streaming convolutions
+(`models.streaming_conv`): every sample of every layer is computed once, and the audio equals
+`CodeHiFiGAN.forward(all units)` exactly. With a `lookahead` of L frames instead, each chunk is
+synthesised from a window of its frames with `frame_context()` frames before and L after, and
+trimmed: a small L trades exactness at chunk edges for latency (and recomputes the context).
+Memory stays bounded either way: only the context is kept.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from ..models.hubert import HubertEncoder
 from ..models.kmeans import KMeansQuantizer
+from ..models.streaming_conv import StreamingGenerator
 from ..models.vocoder import CodeHiFiGAN, check_units
 
 
@@ -136,15 +140,19 @@ class AudioWindow:
     frames: Tensor  # [n] unit id per frame the generator reads
     first: int  # frames to trim at the left
     count: int  # frames of audio to keep
+    ended: bool = False  # (streaming) these are the last frames
 
 
 class VocoderStream:
     """Synthesise units as they arrive, in chunks that concatenate to `CodeHiFiGAN.forward(all units)`."""
 
-    def __init__(self, model: CodeHiFiGAN, lookahead: int | None = None):
+    def __init__(self, model: CodeHiFiGAN, lookahead: int | None = None, graph: StreamingGenerator | None = None):
         self.model = model
         self.context = model.frame_context()
         self.lookahead = self.context if lookahead is None else lookahead
+        # exact by default: the generator's convolutions run on the stream (one graph per model, shared)
+        self.graph = (graph or StreamingGenerator(model)) if lookahead is None else None
+        self.gen = self.graph.new_stream() if self.graph is not None else None
         self.unit_radius = model.dur_predictor.radius if model.dur_predictor is not None else 0
         self.units = torch.empty(0, dtype=torch.long)  # units from absolute index u0
         self.u0 = 0
@@ -184,7 +192,12 @@ class VocoderStream:
         self.units, self.u0 = self.units[keep - self.u0 :], keep
 
     def plan_audio(self) -> AudioWindow | None:
-        end = self.n_frames if self.ended and self.n_timed == self.n_units else self.n_frames - self.lookahead
+        final = self.ended and self.n_timed == self.n_units
+        if self.gen is not None:  # streaming: every frame that has its duration, once
+            if self.gen.ended or (self.emitted == self.n_frames and not final):
+                return None
+            return AudioWindow(self.frames[self.emitted - self.f0 :], 0, self.n_frames - self.emitted, final)
+        end = self.n_frames if final else self.n_frames - self.lookahead
         a = self.emitted
         if end <= a:
             return None
@@ -193,16 +206,20 @@ class VocoderStream:
 
     def finish_audio(self, window: AudioWindow, wave: Tensor) -> Tensor:
         """wave: the window's synthesis (at least its first (first + count) * hop samples) -> the new audio."""
+        self.emitted += window.count
+        if self.gen is not None:  # the streaming generator returns just the new audio
+            self.frames, self.f0 = self.frames[self.emitted - self.f0 :], self.emitted
+            return wave
         hop = self.model.hop
         out = wave[window.first * hop : (window.first + window.count) * hop]
-        self.emitted += window.count
         keep = max(0, self.emitted - self.context)
         self.frames, self.f0 = self.frames[keep - self.f0 :], keep
         return out
 
     @property
     def done(self) -> bool:
-        return self.ended and self.n_timed == self.n_units and self.emitted == self.n_frames
+        finished = self.ended and self.n_timed == self.n_units and self.emitted == self.n_frames
+        return finished and (self.gen is None or self.gen.ended)
 
     @torch.no_grad()
     def push(self, units: Tensor) -> Tensor:
@@ -224,7 +241,7 @@ class VocoderStream:
         w = self.plan_audio()
         if w is None:
             return torch.empty(0)
-        (wave,) = synthesise_windows(self.model, [w])
+        (wave,) = synthesise([self], [w])
         return self.finish_audio(w, wave)
 
 
@@ -242,6 +259,13 @@ def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow]) -> list[Tens
     units, lengths = _pad([w.units for w in windows], dev)
     dur = model.durations(units, lengths) if len(windows) > 1 else model.durations(units)
     return [dur[i, w.first : w.first + w.count].cpu() for i, w in enumerate(windows)]
+
+
+def synthesise(streams: list[VocoderStream], windows: list[AudioWindow]) -> list[Tensor]:
+    """Audio of every stream's window in one batched call (streaming convolutions, or windows)."""
+    if streams[0].gen is not None:
+        return streams[0].graph.step([s.gen for s in streams], [w.frames for w in windows], [w.ended for w in windows])
+    return synthesise_windows(streams[0].model, windows)
 
 
 def synthesise_windows(model: CodeHiFiGAN, windows: list[AudioWindow]) -> list[Tensor]:
