@@ -61,15 +61,19 @@ class Queue:
 
 def stack(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
     """[C, n_b] tensors -> ragged [B, C, max n], n."""
-    n = torch.tensor([p.shape[1] for p in parts], device=parts[0].device)
-    out = parts[0].new_zeros(len(parts), parts[0].shape[0], int(n.max()) if len(parts) else 0)
+    widths = [p.shape[1] for p in parts]
+    n = torch.tensor(widths, device=parts[0].device)
+    if min(widths) == max(widths):
+        return torch.stack(parts), n
+    out = parts[0].new_zeros(len(parts), parts[0].shape[0], max(widths))
     for i, p in enumerate(parts):
         out[i, :, : p.shape[1]] = p
     return out, n
 
 
 def unstack(x: Tensor, n: Tensor) -> list[Tensor]:
-    return [x[i, :, :k].clone() for i, k in enumerate(n.tolist())]
+    """Row views (no copy): each row's valid part."""
+    return [x[i, :, :k] for i, k in enumerate(n.tolist())]
 
 
 class ConvOp:
@@ -100,12 +104,18 @@ class ConvOp:
             B, C, T = x.shape
             x = torch.stack([x] + [torch.zeros_like(x)] * (self.stuff - 1), dim=3).reshape(B, C, T * self.stuff)
             n = n * self.stuff
-        if self.b:
+        keep = self.k - 1
+        if self.b and bool(ended.any()):
             zeros = x.new_zeros(x.shape[0], x.shape[1], self.b)
             x, n = join(x, n, zeros, ended.long() * self.b)
         t, tn = stack(tails)
+        if t.shape[2] == keep and bool((tn == keep).all()):  # steady state: every row's tail is full
+            cat, total = torch.cat([t, x], dim=2), tn + n
+            out_n = n
+            y = F.conv1d(cat, self.weight, self.bias, dilation=self.dilation) if cat.shape[2] >= self.k else cat.new_zeros(cat.shape[0], self.weight.shape[0], 0)
+            new_tails = unstack(take(cat, n, torch.full_like(n, keep), keep), torch.full_like(n, keep))
+            return new_tails, y, out_n
         cat, total = join(t, tn, x, n)
-        keep = self.k - 1
         out_n = (total - keep).clamp_min(0)
         if cat.shape[2] >= self.k:
             y = F.conv1d(cat, self.weight, self.bias, dilation=self.dilation)
