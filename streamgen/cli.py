@@ -16,6 +16,7 @@ import typer
 from .bundle import Bundle, BundleError, load_bundle
 from .models.checkpoints import CheckpointError
 from .models.prompt import count_parameters
+from .options import fail, open_bundle
 from .pipeline.stats import figures_help
 
 DEBUG = os.environ.get("STREAMGEN_DEBUG", "") not in ("", "0")
@@ -63,12 +64,6 @@ def main(debug: bool = typer.Option(DEBUG, "--debug", help="Show tracebacks and 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def fail(msg: str, code: int = 2) -> None:
-    """One line on standard error and the exit code: 2 for a mistake in the command, 1 for a failure while running."""
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _setup_logging() -> None:
     """Warnings and errors as one line each; debug logs and tracebacks only under --debug."""
     import logging
@@ -89,14 +84,6 @@ def _setup_logging() -> None:
     fmt = "%(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt) if DEBUG else OneLine(fmt))
     logging.basicConfig(level=logging.DEBUG if DEBUG else logging.WARNING, handlers=[handler], force=True)
-
-
-def open_bundle(path: Path | None, device: str) -> Bundle:
-    """The given bundle, else the one shipped with streamgen."""
-    try:
-        return load_bundle(path, device=device)
-    except BundleError as e:
-        fail(str(e))
 
 
 @app.command()

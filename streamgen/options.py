@@ -9,6 +9,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import typer
+
 # output files the sinks write (PCM16); anything else is converted afterwards
 WRITABLE = {".wav": "WAV", ".flac": "FLAC"}
 MAX_CHUNK_MS = 10_000  # the pipeline refuses input chunks over 10 s
@@ -198,3 +200,19 @@ def check_task(task: str, options: dict[str, str], input_s: float | None = None,
         return plugin.resolve_options(options, input_s, bundle)
     except ValueError as e:  # UnknownTask too
         raise UsageError(str(e)) from None
+
+
+def fail(msg: str, code: int = 2) -> None:
+    """One line on standard error and the exit code: 2 for a mistake in the command, 1 for a failure while running."""
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def open_bundle(path: Path | None, device: str):
+    """The given bundle, else the one shipped with streamgen."""
+    from .bundle import BundleError, load_bundle
+
+    try:
+        return load_bundle(path, device=device)
+    except BundleError as e:
+        fail(str(e))

@@ -14,7 +14,7 @@ TOKEN_CHARS = re.compile(r"^[A-Za-z0-9._~+-]{16,512}$")
 
 def read_token(token_file: Path | None) -> str | None:
     """The bearer token: --token-file, else $STREAMGEN_TOKEN, else None (no authentication)."""
-    from ..cli import fail
+    from ..options import fail
 
     if token_file is not None:
         try:
@@ -32,7 +32,7 @@ def read_token(token_file: Path | None) -> str | None:
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    from ..cli import fail
+    from ..options import fail
 
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -72,7 +72,7 @@ def serve(
     """Serve live sessions: a web page, a WebSocket endpoint, /metrics, and MQTT cluster workers."""
     import logging
 
-    from ..cli import fail, open_bundle
+    from ..options import fail, open_bundle
     from ..pipeline.engine import build_engine
     from ..pipeline.tasks import UnknownTask
     from .app import HttpOptions
