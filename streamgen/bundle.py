@@ -35,7 +35,7 @@ from .models.logmel_units import LogMelUnits, LogMelUnitsConfig
 from .models.prompt import DeepPrompt, PromptConfig
 from .models.unit_mbart import UnitMBart, UnitMBartConfig
 from .models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
-from .models.vocoder import CodeHiFiGAN, DurationConfig, VocoderConfig
+from .models.vocoder import CodeHiFiGAN, VocoderConfig
 
 FORMAT, VERSION = "streamgen-bundle", 1
 PARTS = ("hubert", "kmeans", "mbart", "vocoder", "logmel_units", "source_filter")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from streamgen.cli import app
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
-from streamgen.pipeline.items import AudioChunk, End
+from streamgen.pipeline.items import End
 from streamgen.pipeline.runner import Pipeline, build_stages
 from streamgen.pipeline.stats import Stats
 from streamgen.pipeline.tasks import UnknownTask, available_tasks, load_task
