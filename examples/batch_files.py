@@ -9,7 +9,7 @@ from pathlib import Path
 
 import streamgen
 from streamgen.io.files import FileSink, FileSource
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 
 ap = argparse.ArgumentParser()
@@ -24,5 +24,5 @@ stats = Stats(bundle.sample_rate)
 for path in sorted(p for p in args.inputs.iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg")):
     source = FileSource(path, bundle.sample_rate, session=path.stem)
     sink = FileSink(args.outputs / f"{path.stem}.wav", bundle.sample_rate)
-    asyncio.run(Pipeline(source, build_stages(bundle, args.task), sink, stats).run())
+    asyncio.run(Pipeline(source, build_engine(bundle, args.task), sink, stats).run())
 print(stats.table())

@@ -10,7 +10,7 @@ import asyncio
 
 import streamgen
 from streamgen.io.device import AudioDevice, MicSource, SpeakerSink
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 
 ap = argparse.ArgumentParser()
@@ -21,6 +21,6 @@ args = ap.parse_args()
 bundle = streamgen.load_bundle(args.bundle)  # None: the bundled default model
 device = AudioDevice(bundle.sample_rate)
 source, sink = MicSource(device, duration_s=args.seconds), SpeakerSink(device)
-stages = build_stages(bundle, "continuation", {"max_units": 200}, vad=True)  # a pause ends your turn
+stages = build_engine(bundle, "continuation", {"max_units": 200}, vad=True)  # a pause ends your turn
 stats = asyncio.run(Pipeline(source, stages, sink, Stats(bundle.sample_rate)).run())
 print(stats.table())

@@ -595,7 +595,7 @@ def run(
     duration: Optional[float] = typer.Option(None, help="Stop listening to the mic after this many seconds."),
     vad: bool = typer.Option(False, help="End the input after trailing silence (silero-vad)."),
     overflow: str = typer.Option("block", help="When the pipeline falls behind: block, or drop-oldest input."),
-    queue_size: int = typer.Option(16, help="Items per queue between stages."),
+    queue_size: int = typer.Option(16, help="Input chunks each session may have waiting in the engine."),
     rate: int = typer.Option(16000, help="Sample rate of raw PCM on stdin (resampled to the bundle's)."),
     input_device: Optional[str] = typer.Option(None, help="PortAudio input device (index or name)."),
     output_device: Optional[str] = typer.Option(None, help="PortAudio output device (index or name)."),
@@ -619,7 +619,7 @@ def run(
     from .io import MqttOptions, open_endpoints
     from .options import RATES, StreamSettings, UsageError, check_device, check_input_spec, check_output_spec, check_task, \
         check_writable, in_range, parse_kv
-    from .pipeline.runner import Pipeline, build_stages
+    from .pipeline.runner import Pipeline, build_engine
     from .pipeline.stats import Stats
     from .pipeline.tasks import UnknownTask
 
@@ -654,7 +654,7 @@ def run(
             fail(f"{input}: no speech in its {input_file.seconds:.1f} s of audio, so task {task!r} has nothing to work on; "
                  "nothing written (--allow-silence runs it anyway)", code=1)
     try:
-        stages = build_stages(b, task, options, **settings.stage_args(), vad=vad, seed=seed, queue_size=queue_size, overflow=overflow,
+        engine = build_engine(b, task, options, **settings.engine_args(), vad=vad, seed=seed, queue_size=queue_size, overflow=overflow,
                               speech_gate=not allow_silence)
         dev = lambda d: int(d) if d is not None and d.isdigit() else d
         source, sink = open_endpoints(
@@ -669,7 +669,7 @@ def run(
     st = Stats(sr, log_file)
     if stats:  # each session's table as it ends
         st.on_session = lambda s: typer.echo(st.report(s.session), err=output == "-")
-    pipeline = Pipeline(source, stages, sink, st)
+    pipeline = Pipeline(source, engine, sink, st)
 
     async def until_signalled():  # SIGTERM / SIGINT: stop accepting, tell live sessions, drain, print stats, exit 0
         loop = asyncio.get_running_loop()

@@ -183,8 +183,8 @@ class StreamSettings:
         one_of("--overflow", self.overflow, ("block", "drop-oldest"))
         return self
 
-    def stage_args(self) -> dict:
-        """Keyword arguments of `build_stages` (None where unbounded)."""
+    def engine_args(self) -> dict:
+        """Keyword arguments of `build_engine` (None where unbounded)."""
         opt = lambda x: None if x < 0 else x
         return dict(chunk_ms=self.chunk_ms, left_context_ms=opt(self.left_context_ms), lookahead_ms=opt(self.lookahead_ms),
                     vocoder_lookahead=opt(self.vocoder_lookahead))

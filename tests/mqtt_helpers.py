@@ -7,7 +7,7 @@ import torch
 
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.io.mqtt import MqttLink, MqttSink, MqttSource, Reply, decode, encode_audio, encode_control, pcm16_decode, pcm16_encode
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 
 TASK, OPTIONS = "resynthesis", {}  # the whole chain, without the generator's decoding
@@ -22,7 +22,7 @@ def pcm16(wave: torch.Tensor) -> torch.Tensor:
 def reference(bundle, wave, task=TASK, options=OPTIONS) -> np.ndarray:
     """The same session through the pipeline without MQTT, as PCM16 as the MQTT sink sends it."""
     sink = MemorySink()
-    asyncio.run(Pipeline(MemorySource(chunks_of("ref", pcm16(wave), BLOCK)), build_stages(bundle, task, options),
+    asyncio.run(Pipeline(MemorySource(chunks_of("ref", pcm16(wave), BLOCK)), build_engine(bundle, task, options),
                          sink, Stats(16000)).run())
     return pcm16_encode(sink.wave("ref").numpy())
 
@@ -31,7 +31,7 @@ def make_server(bundle, port, sessions, in_topic="s/+/in", out_topic="s/{session
                 options=OPTIONS, client_id="streamgen-test-server", username=None, password=None, **source_options):
     link = MqttLink("127.0.0.1", port, client_id=client_id, username=username, password=password)
     source = MqttSource(link, in_topic, 16000, max_sessions=sessions, reply_topic=out_topic, **source_options)
-    return Pipeline(source, build_stages(bundle, task, options), MqttSink(link, out_topic, 16000), Stats(16000))
+    return Pipeline(source, build_engine(bundle, task, options), MqttSink(link, out_topic, 16000), Stats(16000))
 
 
 async def serve(bundle, port, sessions, **kw):

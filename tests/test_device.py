@@ -14,7 +14,7 @@ from speech import espeak
 
 from streamgen.io.device import AudioDevice, DeviceError, MicSource, SpeakerSink
 from streamgen.pipeline.items import AudioChunk
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 
 
@@ -69,7 +69,7 @@ def test_mic_to_pipeline_to_speaker_through_jack(jack, test_bundle, tmp_path):
         device = AudioDevice(16000)
         source, sink = MicSource(device, duration_s=listen_s), SpeakerSink(device)
         tap = Tap(source)
-        engine = build_stages(test_bundle, "continuation", {"max_units": 40, "min_units": 40})
+        engine = build_engine(test_bundle, "continuation", {"max_units": 40, "min_units": 40})
         run = asyncio.create_task(Pipeline(tap, engine, sink, Stats(16000)).run())
         for _ in range(100):  # wait for our stream's ports to appear
             ours = set(Jack.ports()) - peer_ports - before

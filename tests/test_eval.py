@@ -145,7 +145,7 @@ def test_simuleval_agent_drives_the_same_stages(test_bundle):
 
     from streamgen.eval.simuleval_agent import StreamgenAgent
     from streamgen.io.memory import MemorySink, MemorySource, chunks_of
-    from streamgen.pipeline.runner import Pipeline, build_stages
+    from streamgen.pipeline.runner import Pipeline, build_engine
     from streamgen.pipeline.stats import Stats
 
     wave = espeak("Good morning, how are you today?")
@@ -161,7 +161,7 @@ def test_simuleval_agent_drives_the_same_stages(test_bundle):
     early = sum(len(p) for p in pieces[:-1])  # audio written before the source ended
 
     sink = MemorySink()
-    asyncio.run(Pipeline(MemorySource(chunks_of("s", wave, 1600)), build_stages(test_bundle, "translation", options, chunk_ms=320),
+    asyncio.run(Pipeline(MemorySource(chunks_of("s", wave, 1600)), build_engine(test_bundle, "translation", options, chunk_ms=320),
                          sink, Stats(16000)).run())
     assert len(got) > 0 and torch.allclose(got, sink.wave("s"), atol=1e-6)
     assert early > 0  # SimulEval saw simultaneous output, not everything at the end

@@ -313,7 +313,7 @@ def test_a_client_cannot_inject_into_stop_or_read_another_session(acl_broker, te
 
 def test_tls_with_a_self_signed_ca(tmp_path, test_bundle, wave):
     from streamgen.io import MqttOptions, open_endpoints
-    from streamgen.pipeline.runner import Pipeline, build_stages
+    from streamgen.pipeline.runner import Pipeline, build_engine
     from streamgen.pipeline.stats import Stats
 
     broker = Mosquitto(tmp_path, tls=True)
@@ -324,7 +324,7 @@ def test_tls_with_a_self_signed_ca(tmp_path, test_bundle, wave):
             url = f"mqtts://127.0.0.1:{broker.tls_port}/s"
             source, sink = open_endpoints(url + "/+/in", url + "/{session}/out", 16000,
                                           mqtt=MqttOptions(ca=str(broker.ca_file), client_id="tls-server", max_sessions=1))
-            server = asyncio.create_task(Pipeline(source, build_stages(test_bundle, "resynthesis", {}), sink, Stats(16000)).run())
+            server = asyncio.create_task(Pipeline(source, build_engine(test_bundle, "resynthesis", {}), sink, Stats(16000)).run())
             await until_subscribed(source.link, server)
             from streamgen.io.mqtt import tls_context
             reply = await client(broker.tls_port, session_messages("tina", wave), "tina", tls_context=tls_context(str(broker.ca_file)))

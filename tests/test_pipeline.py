@@ -12,7 +12,7 @@ from speech import espeak
 from streamgen.io.files import FileSink, FileSource
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.pipeline.items import AudioChunk, Control, End
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.policies import Policy
 from streamgen.pipeline.stats import Stats
 from streamgen.pipeline.streams import UnitStream
@@ -22,7 +22,7 @@ SENTENCE = "The weather is nice today, and we are going to the park."
 
 def run(bundle, source, sink, task="continuation", options=None, **kw):
     """Run the pipeline; also returns the units each session committed to speak, and the engine."""
-    engine = build_stages(bundle, task, options, **kw)
+    engine = build_engine(bundle, task, options, **kw)
     units: dict[str, list[torch.Tensor]] = {}
     engine.on_commit = lambda s, u: units.setdefault(s, []).append(u)
     stats = Stats(bundle.sample_rate)
@@ -141,7 +141,7 @@ def test_a_sink_that_never_reads_keeps_memory_bounded(test_bundle, overflow):
             i += 1
 
     async def scenario():
-        engine = build_stages(test_bundle, "translation", {"policy": "wait-k", "k": 2, "chunk_ms": 100}, chunk_ms=100,
+        engine = build_engine(test_bundle, "translation", {"policy": "wait-k", "k": 2, "chunk_ms": 100}, chunk_ms=100,
                               queue_size=4, overflow=overflow)
         p = Pipeline(MemorySource(endless(), interval=0.001), engine, StuckSink(), Stats(16000))
         task = asyncio.create_task(p.run())

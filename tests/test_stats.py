@@ -9,7 +9,7 @@ import json
 from speech import espeak
 
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import FIGURES, SessionStats, Stats, figures_help
 
 
@@ -65,7 +65,7 @@ def test_the_json_session_line_agrees_with_the_final_figures(test_bundle):
     """Written after every stage has flushed the session: the vocoder's last output and compute are in it."""
     log, seen = io.StringIO(), []
     st = Stats(16000, log, on_session=lambda s: seen.append(s.session))
-    stages = build_stages(test_bundle, "continuation", {"max_units": "20", "min_units": "20"})
+    stages = build_engine(test_bundle, "continuation", {"max_units": "20", "min_units": "20"})
     asyncio.run(Pipeline(MemorySource(chunks_of("a", espeak("Say it once."), 1600)), stages, MemorySink(), st).run())
     line = [json.loads(l) for l in log.getvalue().splitlines() if '"event": "session"' in l]
     assert len(line) == 1 and seen == ["a"]

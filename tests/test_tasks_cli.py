@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from streamgen.cli import app
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.pipeline.items import End
-from streamgen.pipeline.runner import Pipeline, build_stages
+from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 from streamgen.pipeline.tasks import UnknownTask, available_tasks, load_task
 
@@ -63,7 +63,7 @@ def test_a_plugin_registered_through_entry_points_is_found_and_runs(echo_plugin,
     assert "echo" in r.output and "Repeat the input units" in r.output
     wave = espeak("Echo this.")
     sink = MemorySink()
-    stages = build_stages(test_bundle, "echo", {"repeat": "2"}, left_context_ms=None, lookahead_ms=None)  # units as offline
+    stages = build_engine(test_bundle, "echo", {"repeat": "2"}, left_context_ms=None, lookahead_ms=None)  # units as offline
     asyncio.run(Pipeline(MemorySource(chunks_of("a", wave, 1600)), stages, sink, Stats(16000)).run())
     units, _ = test_bundle.encode(wave)
     expected = test_bundle.vocode(units.repeat_interleave(2))
@@ -81,7 +81,7 @@ def test_vad_ends_the_input_after_trailing_silence(test_bundle):
             await super().write(item)
 
     sink = EndSink()
-    engine = build_stages(test_bundle, "resynthesis", chunk_ms=100, vad=True)
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100, vad=True)
     asyncio.run(Pipeline(MemorySource(chunks_of("mic", stream, 1600)), engine, sink, Stats(16000)).run())
     assert sink.ended == ["mic"]
     speech_end = (8000 + len(speech)) / 16000

@@ -19,7 +19,7 @@ import numpy as np
 from ..io.files import FileSource, read_audio
 from ..io.memory import MemorySink
 from ..pipeline.items import Control
-from ..pipeline.runner import Pipeline, build_stages
+from ..pipeline.runner import Pipeline, build_engine
 from ..pipeline.stats import SessionStats, Stats
 from ..train.synth import read_manifest
 from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, span_words, wer
@@ -80,7 +80,7 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
             if task == "inpainting":
                 opts["mask_start"], opts["mask_end"] = inpainting_span(int(row["n_frames"]), bundle.sample_rate, rng)
             spoken: list[int] = []  # the units the task committed (for diversity)
-            engine = build_stages(bundle, task, opts, chunk_ms=ms, seed=seed)
+            engine = build_engine(bundle, task, opts, chunk_ms=ms, seed=seed)
             engine.on_commit = lambda _, units: spoken.extend(units.tolist())
             stats, sink = Stats(bundle.sample_rate), MemorySink()
             source = _WithControl(FileSource(path, bundle.sample_rate, session=row["id"], realtime=realtime), task, opts)

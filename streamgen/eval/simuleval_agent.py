@@ -31,7 +31,7 @@ import torch
 
 from streamgen.options import check_task, parse_kv
 from streamgen.pipeline.items import AudioChunk, AudioOut, End, SessionError
-from streamgen.pipeline.runner import build_stages
+from streamgen.pipeline.runner import build_engine
 
 try:
     from simuleval.agents import SpeechToSpeechAgent
@@ -69,7 +69,7 @@ class StreamgenAgent(SpeechToSpeechAgent):
         super().reset()
         if not hasattr(self, "bundle"):  # the base constructor resets before the bundle is loaded
             return
-        self.engine = build_stages(self.bundle, self.task, self.options, chunk_ms=self.chunk_ms)
+        self.engine = build_engine(self.bundle, self.task, self.options, chunk_ms=self.chunk_ms)
         self.outputs: list = []
         self.engine.emit = self.outputs.append
         self.engine.open(SESSION)

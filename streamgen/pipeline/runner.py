@@ -162,4 +162,4 @@ class Pipeline:
                 self.stats.close_session(item.session)
 
 
-build_stages = build_engine  # the name callers used before the engine
+__all__ = ["Pipeline", "Sink", "Source", "build_engine", "check_chunk"]
