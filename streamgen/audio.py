@@ -115,3 +115,12 @@ def has_speech(wave, sample_rate: int, silero: bool = False) -> bool:
     if isinstance(wave, Tensor):
         wave = wave.detach().cpu().float().numpy()
     return SpeechGate(sample_rate, silero=silero).push(wave)
+
+
+def pcm16_encode(x: np.ndarray) -> np.ndarray:
+    """Float samples -> int16, the exact inverse of `pcm16_decode` (x * 32768, rounded, clipped)."""
+    return np.clip(np.rint(np.asarray(x, np.float32) * 32768.0), -32768, 32767).astype("<i2")
+
+
+def pcm16_decode(p: np.ndarray) -> np.ndarray:
+    return np.asarray(p).astype(np.float32) / 32768.0

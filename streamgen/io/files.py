@@ -19,7 +19,7 @@ import soxr
 import torch
 from torch import Tensor
 
-from ..audio import SpeechGate
+from ..audio import SpeechGate, pcm16_decode, pcm16_encode
 from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 
 
@@ -151,7 +151,7 @@ class StdinSource:
             data = carry + (data or b"")
             n = len(data) // 2 * 2
             data, carry = data[:n], data[n:]
-            x = rs.resample_chunk(np.frombuffer(data, "<i2").astype(np.float32) / 32768.0, last=not n)
+            x = rs.resample_chunk(pcm16_decode(np.frombuffer(data, "<i2")), last=not n)
             if len(x):
                 yield AudioChunk(self.session, seq, torch.from_numpy(x.copy()), pos, time.monotonic())
                 seq, pos = seq + 1, pos + len(x)
@@ -169,7 +169,7 @@ class StdoutSink:
 
     async def write(self, item: Item) -> None:
         if isinstance(item, AudioOut):
-            pcm = (np.clip(item.samples.numpy(), -1.0, 1.0) * 32767).astype("<i2").tobytes()
+            pcm = pcm16_encode(item.samples.numpy()).tobytes()
             self.stream.write(pcm)
             self.stream.flush()
         elif isinstance(item, SessionError):

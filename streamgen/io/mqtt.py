@@ -59,6 +59,7 @@ import numpy as np
 import soxr
 import torch
 
+from ..audio import pcm16_decode, pcm16_encode
 from ..pipeline.items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from ..pipeline.tasks import load_task
 
@@ -114,15 +115,6 @@ def encode_audio(session: str, seq: int, samples: np.ndarray, sample_rate: int, 
 
 def encode_control(session: str, seq: int, body, timestamp: float | None = None) -> bytes:
     return _pack(session, seq, CONTROL, 0, 0, timestamp, json.dumps(body).encode())
-
-
-def pcm16_encode(x: np.ndarray) -> np.ndarray:
-    """Float samples -> int16, the exact inverse of `pcm16_decode` (x * 32768, rounded, clipped)."""
-    return np.clip(np.rint(np.asarray(x, np.float32) * 32768.0), -32768, 32767).astype("<i2")
-
-
-def pcm16_decode(p: np.ndarray) -> np.ndarray:
-    return np.asarray(p).astype(np.float32) / 32768.0
 
 
 def _pack(session, seq, kind, encoding, rate, timestamp, payload) -> bytes:

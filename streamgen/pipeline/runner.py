@@ -93,6 +93,7 @@ class Pipeline:
         every session still live."""
         it = self.source.__aiter__()
         stop = asyncio.ensure_future(self._stop.wait())
+        nxt = None
         try:
             while True:
                 nxt = asyncio.ensure_future(it.__anext__())
@@ -107,6 +108,9 @@ class Pipeline:
                     break
         finally:
             stop.cancel()
+            if nxt is not None and not nxt.done():  # cancelled from outside while the source was working
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
             if hasattr(it, "aclose"):
                 await it.aclose()
         if self._stop.is_set():

@@ -35,7 +35,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..io.mqtt import MAX_RATE, MIN_RATE, pcm16_decode, pcm16_encode
+from ..audio import pcm16_decode, pcm16_encode
+from ..io.mqtt import MAX_RATE, MIN_RATE
 from ..pipeline.items import AudioChunk, Control, End
 from ..pipeline.tasks import available_tasks, load_task
 from .hub import Hub
