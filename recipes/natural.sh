@@ -6,7 +6,7 @@
 #   R=/work/runs/natural bash recipes/natural.sh          # CPU, one thread per job (about 1.5 h)
 #   DEVICE=cuda ...                                       # the vocoder on a GPU (6 minutes on an H200 gave the figures in QUALITY.md)
 #
-# Run directories stay outside the work tree. bench/QUALITY.md ("Natural sentences") holds what each step measured.
+# Needs Debian flite (apt-get install flite) and espeak-ng for the voices. Run directories stay outside the work tree. bench/QUALITY.md ("Natural sentences") holds what each step measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${R:-/work/runs/natural}
