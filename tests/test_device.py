@@ -31,6 +31,19 @@ class Tap:
             yield item
 
 
+class RecordingSpeaker(SpeakerSink):
+    """The speaker, also keeping what it handed to the device."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.played = []
+
+    async def write(self, item):
+        await super().write(item)
+        if hasattr(item, "samples") and type(item).__name__ == "AudioOut":
+            self.played.append(np.clip(item.samples.numpy(), -1.0, 1.0))
+
+
 def best_correlation(long: np.ndarray, short: np.ndarray) -> float:
     """Max over offsets of <long[i:i+n], short> / (|long[i:i+n]| |short|): 1 where `short` occurs exactly."""
     n = len(short)
@@ -67,7 +80,7 @@ def test_mic_to_pipeline_to_speaker_through_jack(jack, test_bundle, tmp_path):
 
     async def main():
         device = AudioDevice(16000)
-        source, sink = MicSource(device, duration_s=listen_s), SpeakerSink(device)
+        source, sink = MicSource(device, duration_s=listen_s), RecordingSpeaker(device)
         tap = Tap(source)
         engine = build_engine(test_bundle, "continuation", {"max_units": 40, "min_units": 40})
         run = asyncio.create_task(Pipeline(tap, engine, sink, Stats(16000)).run())

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import torch
 
-from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
+from ..pipeline.items import AudioChunk, AudioOut, End, Item
 
 
 class DeviceError(RuntimeError):
@@ -161,8 +161,6 @@ class SpeakerSink:
     def __init__(self, device: AudioDevice):
         self.device = device
         device.want_output = True
-        self.errors: dict[str, str] = {}
-        self.played: list[np.ndarray] = []  # what was handed to the device, for inspection and tests
 
     async def write(self, item: Item) -> None:
         if isinstance(item, AudioOut):
@@ -170,9 +168,6 @@ class SpeakerSink:
             x = np.clip(item.samples.numpy(), -1.0, 1.0)
             while not self.device.enqueue(x):
                 await asyncio.sleep(0.02)
-            self.played.append(x)
-        elif isinstance(item, SessionError):
-            self.errors[item.session] = item.message
 
     async def drain(self) -> None:
         """Wait until everything queued has been played."""

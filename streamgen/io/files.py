@@ -106,26 +106,20 @@ class FileSink:
     def __init__(self, path: str | Path, sample_rate: int):
         self.path, self.rate = str(path), sample_rate
         self.files: dict[str, sf.SoundFile] = {}
-        self.written: dict[str, int] = {}
-        self.errors: dict[str, str] = {}
 
     def _file(self, session: str) -> sf.SoundFile:
         if session not in self.files:
             path = Path(self.path.replace("{session}", session))
             self.files[session] = sf.SoundFile(str(path), "w", self.rate, 1, subtype="PCM_16")
-            self.written[session] = 0
         return self.files[session]
 
     async def write(self, item: Item) -> None:
         if isinstance(item, AudioOut):
             self._file(item.session).write(np.clip(item.samples.numpy(), -1.0, 1.0))
-            self.written[item.session] += item.samples.numel()
         elif isinstance(item, End):
             f = self.files.get(item.session)
             if f is not None:
                 f.close()
-        elif isinstance(item, SessionError):
-            self.errors[item.session] = item.message
 
     async def close(self) -> None:
         for f in self.files.values():
@@ -165,7 +159,6 @@ class StdoutSink:
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout.buffer
-        self.errors: dict[str, str] = {}
 
     async def write(self, item: Item) -> None:
         if isinstance(item, AudioOut):
@@ -173,7 +166,6 @@ class StdoutSink:
             self.stream.write(pcm)
             self.stream.flush()
         elif isinstance(item, SessionError):
-            self.errors[item.session] = item.message
             print(f"streamgen: session {item.session}: {item.message}", file=sys.stderr)
 
     async def close(self) -> None:
