@@ -105,7 +105,8 @@ def serve(
         engine = build_engine(b, task, options, chunk_ms=chunk_ms, left_context_ms=None if left_context_ms < 0 else left_context_ms,
                               lookahead_ms=None if lookahead_ms < 0 else lookahead_ms,
                               vocoder_lookahead=None if vocoder_lookahead < 0 else vocoder_lookahead, vad=vad, seed=seed,
-                              queue_size=queue_size, overflow=overflow, max_sessions=max_sessions)
+                              queue_size=queue_size, overflow=overflow, max_sessions=max_sessions,
+                              admit_lag_s=1.0)  # a live service refuses newcomers ("busy") rather than fall behind
     except (UnknownTask, ValueError, RuntimeError) as e:
         fail(str(e))
     http_opts = HttpOptions(task, options, token, tuple(allow_origin), max_frame_bytes, max_sessions_per_connection,
