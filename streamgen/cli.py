@@ -655,7 +655,7 @@ def run(
                  "nothing written (--allow-silence runs it anyway)", code=1)
     try:
         engine = build_engine(b, task, options, **settings.engine_args(), vad=vad, seed=seed, queue_size=queue_size, overflow=overflow,
-                              speech_gate=not allow_silence, admit_lag_s=1.0 if input.startswith(("mqtt://", "mqtts://")) else None)
+                              speech_gate=not allow_silence)
         dev = lambda d: int(d) if d is not None and d.isdigit() else d
         source, sink = open_endpoints(
             input, output, sr, realtime=realtime, input_device=dev(input_device), output_device=dev(output_device),

@@ -183,3 +183,13 @@ def test_a_long_running_service_keeps_bounded_records(test_bundle):
     asyncio.run(Pipeline(MemorySource(items), engine, MemorySink(), stats).run())
     assert list(stats.sessions) == ["s4", "s5"]
     assert not engine.sessions and len(engine.closed) == 0 and len(engine.plugins) == 1  # entry points read once
+
+
+def test_a_live_service_refuses_newcomers_while_it_is_behind(test_bundle):
+    """With admission by backlog, a session that has seconds of input waiting makes the engine
+    refuse the next one as busy instead of letting both fall behind."""
+    talk = chunks_of("first", espeak("The weather is nice today, and we are going to the park."), 16000 * 3, end=False)
+    items = talk + session_items("b")
+    sink, _, _ = run(test_bundle, items, admit_lag_s=0.5, queue_size=64)
+    assert "busy" in sink.errors["b"] and "behind real time" in sink.errors["b"]
+    assert "first" not in sink.errors

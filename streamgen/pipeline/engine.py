@@ -235,9 +235,13 @@ class Engine:
             await waiter
 
     def close(self) -> None:
-        """No more input: finish every session, then stop."""
+        """No more input: every session's input has ended (whether or not its End came); finish
+        them, then stop."""
         with self.lock:
             self.closing = True
+            for s in self.sessions.values():
+                if not any(isinstance(i, End) for i in s.inbox) and not s.source_ended:
+                    s.inbox.append(End(s.name, s.pos, time.monotonic()))
             self.wake.notify()
 
     def abort(self) -> None:

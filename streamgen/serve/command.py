@@ -67,6 +67,8 @@ def serve(
     mqtt_key: Optional[str] = typer.Option(None),
     queue_size: int = typer.Option(16, help="Items per queue between stages."),
     overflow: str = typer.Option("block", help="When the engine falls behind: block, or drop-oldest input."),
+    busy_lag_ms: int = typer.Option(0, help="Refuse new sessions (\"busy\") while a live one has more than this much input "
+                                           "waiting for the engine (0: never; clients must then send in real time)."),
     seed: int = typer.Option(0),
 ):
     """Serve live sessions: a web page, a WebSocket endpoint, /metrics, and MQTT cluster workers."""
@@ -106,7 +108,7 @@ def serve(
                               lookahead_ms=None if lookahead_ms < 0 else lookahead_ms,
                               vocoder_lookahead=None if vocoder_lookahead < 0 else vocoder_lookahead, vad=vad, seed=seed,
                               queue_size=queue_size, overflow=overflow, max_sessions=max_sessions,
-                              admit_lag_s=1.0)  # a live service refuses newcomers ("busy") rather than fall behind
+                              admit_lag_s=busy_lag_ms / 1000 if busy_lag_ms > 0 else None)
     except (UnknownTask, ValueError, RuntimeError) as e:
         fail(str(e))
     http_opts = HttpOptions(task, options, token, tuple(allow_origin), max_frame_bytes, max_sessions_per_connection,
