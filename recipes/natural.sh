@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Issue 12's chain, as far as it has been run: natural-sentence corpora and test sets -> log-mel k-means
-# units (several voices) -> source-filter vocoder -> resynthesis measured beside the originals -> a bundle
-# -> units for the Unit mBART -> denoising pretraining. Every long step is resumable by rerunning it.
+# units -> source-filter vocoder -> resynthesis measured beside the originals -> a bundle -> units for the
+# Unit mBART -> denoising pretraining. Every long step is skipped when done or resumable by rerunning it.
 #
-#   R=/work/runs/natural bash recipes/natural.sh          # CPU, one thread per job (about 1.5 h)
-#   DEVICE=cuda ...                                       # the vocoder on a GPU (6 minutes on an H200 gave the figures in QUALITY.md)
+#   bash recipes/natural.sh                     # CPU, one thread per job (about 1.5 h on 2 cores)
+#   COMPARE=1 bash recipes/natural.sh           # also the comparison runs of bench/QUALITY.md (units on four
+#                                               # voices, a vocoder on four voices, an H200 run if DEVICE=cuda)
 #
-# Needs Debian flite (apt-get install flite) and espeak-ng for the voices. Run directories stay outside the work tree. bench/QUALITY.md ("Natural sentences") holds what each step measured.
+# Needs Debian flite (apt-get install flite) and espeak-ng for the voices. Run directories stay outside
+# the work tree. bench/QUALITY.md ("Natural sentences") holds what each step measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${R:-/work/runs/natural}
@@ -14,34 +16,42 @@ C=$R/corpus
 DEVICE=${DEVICE:-cpu}
 export OMP_NUM_THREADS=1
 PY=.venv/bin/python
+SF="$PY -m streamgen.train.source_filter"
+T="$C/nat_test_joe.tsv $C/nat_test_rms.tsv $C/nat_test_espeak.tsv"
 
-# 1. corpora: 800 piper-joe training sentences, 450 in flite awb/kal16/slt (units only), 40 test sentences in
-#    piper joe, flite rms and espeak-ng en-us (rms and espeak are in no training set)
+# 1. corpora: 800 piper-joe training sentences, 450 in flite awb/kal16/slt, 40 test sentences in piper joe,
+#    flite rms and espeak-ng en-us (rms and espeak are in no training set)
 [ -f "$C/nat_test_espeak.tsv" ] || $PY -m streamgen.train.natural --out "$C"
-# 2. log-mel k-means units, K = 500, fitted on every training voice (and, for comparison, on piper joe alone)
-[ -f "$R/units_multi/config.json" ] || $PY -m streamgen.train.source_filter units --manifest "$C/nat_train.tsv" "$C/nat_voices.tsv" --out "$R/units_multi"
-[ -f "$R/units_joe/config.json" ] || $PY -m streamgen.train.source_filter units --manifest "$C/nat_train.tsv" --out "$R/units_joe"
-# 3. the source-filter vocoder on piper joe: frame units, analysed F0 and voicing, audio; then training
-[ -f "$R/voc_data_multi.pt" ] || $PY -m streamgen.train.source_filter prepare --manifest "$C/nat_train.tsv" --encoder "$R/units_multi" --out "$R/voc_data_multi.pt"
-if [ "$DEVICE" = cpu ]; then
-  $PY -m streamgen.train.source_filter train --data "$R/voc_data_multi.pt" --out "$R/sf_cpu" --steps 4000 --batch-size 8 --segment 32
-  VOC=$R/sf_cpu
-else
-  $PY -m streamgen.train.source_filter train --data "$R/voc_data_multi.pt" --out "$R/sf_gpu" --device "$DEVICE" --batch-size 32 --segment 64 \
-    --steps 100000 --minutes 6.3 --lr 1.5e-3 --keep-every 3000
-  VOC=$R/sf_gpu
+# 2. log-mel k-means units, K = 500, on piper joe (the shipped choice: best in the training voice)
+[ -f "$R/units_joe/config.json" ] || $SF units --manifest "$C/nat_train.tsv" --out "$R/units_joe"
+# 3. the source-filter vocoder: frame units, analysed F0 and voicing, audio; 4,000 steps (25 min, one thread)
+[ -f "$R/voc_data_joe.pt" ] || $SF prepare --manifest "$C/nat_train.tsv" --encoder "$R/units_joe" --out "$R/voc_data_joe.pt"
+$SF train --data "$R/voc_data_joe.pt" --out "$R/sf_cpu_joeunits" --steps 4000 --batch-size 8 --segment 32
+# 4. resynthesis of the natural test sentences beside Whisper on the originals and today's default bundle
+$PY bench/natural_resynthesis.py --encoder "$R/units_joe" --vocoder "$R/sf_cpu_joeunits" --bundle streamgen/assets/default \
+  --test $T --json "$R/eval_cpu_joeunits.json" --save "$R/samples_joeunits"
+if [ -n "${COMPARE:-}" ]; then
+  [ -f "$R/units_multi/config.json" ] || $SF units --manifest "$C/nat_train.tsv" "$C/nat_voices.tsv" --out "$R/units_multi"
+  [ -f "$R/voc_data_multi.pt" ] || $SF prepare --manifest "$C/nat_train.tsv" --encoder "$R/units_multi" --out "$R/voc_data_multi.pt"
+  [ -f "$R/voc_data_voices.pt" ] || $SF prepare --manifest "$C/nat_voices.tsv" --encoder "$R/units_multi" --out "$R/voc_data_voices.pt"
+  $PY -c "import torch; torch.save(torch.load('$R/voc_data_multi.pt') + torch.load('$R/voc_data_voices.pt'), '$R/voc_data_all.pt')"
+  $SF train --data "$R/voc_data_multi.pt" --out "$R/sf_cpu" --steps 4000 --batch-size 8 --segment 32
+  $SF train --data "$R/voc_data_all.pt" --out "$R/sf_cpu_allvoices" --steps 4000 --batch-size 8 --segment 32
+  $PY bench/natural_resynthesis.py --encoder "$R/units_joe" --test $T --json "$R/eval_units_joe.json"
+  $PY bench/natural_resynthesis.py --encoder "$R/units_multi" --vocoder "$R/sf_cpu" --bundle streamgen/assets/default --test $T --json "$R/eval_cpu.json"
+  $PY bench/natural_resynthesis.py --encoder "$R/units_multi" --vocoder "$R/sf_cpu_allvoices" --no-gl --test $T --json "$R/eval_cpu_allvoices.json"
+  if [ "$DEVICE" != cpu ]; then
+    $SF train --data "$R/voc_data_multi.pt" --out "$R/sf_gpu" --device "$DEVICE" --batch-size 32 --segment 64 \
+      --steps 100000 --minutes 6.3 --lr 1.5e-3 --keep-every 3000
+    $PY bench/natural_resynthesis.py --encoder "$R/units_multi" --vocoder "$R/sf_gpu" --no-gl --test $T --json "$R/eval_gpu.json"
+  fi
 fi
-# 4. resynthesis of the natural test sentences, beside Whisper on the originals and today's default bundle
-$PY bench/natural_resynthesis.py --encoder "$R/units_multi" --vocoder "$VOC" --bundle streamgen/assets/default \
-  --test "$C/nat_test_joe.tsv" "$C/nat_test_rms.tsv" "$C/nat_test_espeak.tsv" --json "$R/eval.json" --save "$R/samples"
-$PY bench/natural_resynthesis.py --encoder "$R/units_joe" --test "$C/nat_test_joe.tsv" "$C/nat_test_rms.tsv" "$C/nat_test_espeak.tsv" \
-  --json "$R/eval_units_joe.json"
 # 5. a bundle of the two parts; units of the training speech; Unit mBART denoising pretraining on them
-$PY -m streamgen.train.source_filter bundle --encoder "$R/units_multi" --vocoder "$VOC" --out "$R/bundle"
-mkdir -p "$R/lm"
-.venv/bin/streamgen units --manifest "$C/nat_train.tsv" --out "$R/lm/nat_train.units.tsv" --bundle "$R/bundle"
-{ head -1 "$R/lm/nat_train.units.tsv"; sed -n 2,761p "$R/lm/nat_train.units.tsv"; } > "$R/lm/lm_train.units.tsv"
-{ head -1 "$R/lm/nat_train.units.tsv"; sed -n 762,801p "$R/lm/nat_train.units.tsv"; } > "$R/lm/lm_dev.units.tsv"
-RESUME=; [ -d "$R/lm/backbone" ] && RESUME=--resume
-.venv/bin/streamgen train-backbone --bundle "$R/bundle" --train "$R/lm/lm_train.units.tsv" --dev "$R/lm/lm_dev.units.tsv" \
-  --out "$R/lm/backbone" --device "$DEVICE" --into-bundle --dim 128 --layers 3 --heads 4 --ffn 512 --epochs 60 --batch-size 16 --patience 6 $RESUME
+$SF bundle --encoder "$R/units_joe" --vocoder "$R/sf_cpu_joeunits" --out "$R/bundle_joe"
+mkdir -p "$R/lm_joe"
+.venv/bin/streamgen units --manifest "$C/nat_train.tsv" --out "$C/nat_train.joeunits.tsv" --bundle "$R/bundle_joe"
+{ head -1 "$C/nat_train.joeunits.tsv"; sed -n 2,761p "$C/nat_train.joeunits.tsv"; } > "$R/lm_joe/lm_train.units.tsv"
+{ head -1 "$C/nat_train.joeunits.tsv"; sed -n 762,801p "$C/nat_train.joeunits.tsv"; } > "$R/lm_joe/lm_dev.units.tsv"
+RESUME=; [ -f "$R/lm_joe/backbone/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-backbone --bundle "$R/bundle_joe" --train "$R/lm_joe/lm_train.units.tsv" --dev "$R/lm_joe/lm_dev.units.tsv" \
+  --out "$R/lm_joe/backbone" --device "$DEVICE" --into-bundle --dim 128 --layers 3 --heads 4 --ffn 512 --epochs 60 --batch-size 16 --patience 6 $RESUME
