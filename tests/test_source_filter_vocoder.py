@@ -129,3 +129,14 @@ def test_bundle_holds_the_new_parts(tmp_path, vocoder):
     assert loaded.logmel_units.quantizer.centroids.dtype == torch.float32  # the codebook is never cast
     out = loaded.vocode(units)
     assert out.dtype == torch.float32 and len(out) == int(loaded.source_filter.durations(units).sum()) * TINY.hop
+
+
+def test_stream_memory_stays_bounded(vocoder):
+    # after each push the stream holds only the context windows: the units a duration still needs,
+    # the frames whose parameters wait for (or serve as) context, and one parameter frame
+    s = SourceFilterStream(vocoder)
+    for part in units(600, seed=3).split(5):
+        s.push(part)
+        assert len(s.units) <= 5 + 2 * s.unit_radius
+        assert len(s.frames) <= 2 * s.context
+        assert s.pending is None or s.pending.shape[1] == 1
