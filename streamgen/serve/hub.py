@@ -128,6 +128,8 @@ class Hub:
                     s.route.control(item.session, {"type": "stats", **self.live_figures(item.session, lag)})
         elif isinstance(item, SessionError):
             s.error = item.message
+            if item.message.startswith("busy:"):  # the engine refused it (full, or behind real time)
+                self.metrics.refused.labels(reason="busy").inc()
             if s.route is not None:
                 s.route.control(item.session, {"type": "error", "message": item.message})
         elif isinstance(item, End):

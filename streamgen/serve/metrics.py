@@ -2,7 +2,7 @@
 
     streamgen_live_sessions                     sessions open in the engine now
     streamgen_sessions_started_total{via}       ws | mqtt
-    streamgen_sessions_refused_total{reason}    capacity | draining | connection_limit
+    streamgen_sessions_refused_total{reason}    capacity | draining | connection_limit | busy (the engine)
     streamgen_sessions_ended_total{outcome}     ok | error
     streamgen_protocol_errors_total{via}        frames or messages that broke the protocol
     streamgen_connections                       open WebSocket connections

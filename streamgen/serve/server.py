@@ -174,7 +174,7 @@ class Server:
         lag = f"lag p50 {percentile(lags, 0.5):.2f} s p95 {percentile(lags, 0.95):.2f} s" if lags else "lag -"
         queues = " ".join(f"{k} {v}" for k, v in m.queue_depths().items())
         ok, err = self._count("streamgen_sessions_ended_total", outcome="ok"), self._count("streamgen_sessions_ended_total", outcome="error")
-        refused = sum(self._count("streamgen_sessions_refused_total", reason=r) for r in ("capacity", "draining", "connection_limit"))
+        refused = sum(self._count("streamgen_sessions_refused_total", reason=r) for r in ("capacity", "draining", "connection_limit", "busy"))
         return (f"{time.strftime('%H:%M:%S')} live {len(self.hub.sessions)}/{self.hub.max_sessions} | ended {ok + err} ({err} with errors) "
                 f"| refused {refused} | {lag} | queues {queues}")
 
@@ -198,7 +198,7 @@ class Server:
     def final(self) -> str:
         m = self.metrics
         ok, err = self._count("streamgen_sessions_ended_total", outcome="ok"), self._count("streamgen_sessions_ended_total", outcome="error")
-        refused = {r: self._count("streamgen_sessions_refused_total", reason=r) for r in ("capacity", "draining", "connection_limit")}
+        refused = {r: self._count("streamgen_sessions_refused_total", reason=r) for r in ("capacity", "draining", "connection_limit", "busy")}
         lags = list(m.recent_lags)
         out = [f"streamgen serve stopped after {time.monotonic() - self.started_at:.0f} s: {ok + err} sessions ended ({err} with errors), "
                f"refused {sum(refused.values())} ({', '.join(f'{k} {v}' for k, v in refused.items())}), "
