@@ -179,6 +179,15 @@ def test_mqtt_input_without_aiomqtt_says_what_to_install(files, tmp_path):
     assert r.stderr == "error: --in mqtt:// needs aiomqtt, which is not installed: pip install 'streamgen[mqtt]'\n"
 
 
+def test_serve_without_its_extra_says_what_to_install(files, tmp_path):
+    """It used to end in "ModuleNotFoundError: No module named 'starlette'". Made unimportable here."""
+    (tmp_path / "starlette.py").write_text("raise ImportError(\"No module named 'starlette'\")\n")
+    r = streamgen("serve", "--bundle", str(files / "tiny"),
+                  env={"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "error: streamgen serve needs starlette, which is not installed: pip install 'streamgen[serve]'\n"
+
+
 def test_mp3_output_is_one_line_in_the_real_command(files):
     """It used to end in a traceback, "Event loop is closed" and "coroutine was never awaited"."""
     r = streamgen("run", "--bundle", str(files / "tiny"), "--in", str(files / "talk.wav"), "--out", str(files / "x.mp3"))

@@ -74,9 +74,15 @@ def serve(
     """Serve live sessions: a web page, a WebSocket endpoint, /metrics, and MQTT cluster workers."""
     import logging
 
-    from ..options import fail, open_bundle
+    from ..options import UsageError, fail, need_module, open_bundle
     from ..pipeline.engine import build_engine
     from ..pipeline.tasks import UnknownTask
+
+    try:
+        for module in ("starlette", "uvicorn", "prometheus_client"):
+            need_module(module, "serve", "streamgen serve")
+    except UsageError as e:
+        fail(str(e))
     from .app import HttpOptions
     from .server import ServeOptions, run_server
 
