@@ -100,8 +100,6 @@ class Session:
         self.decoding = False
         self.source_samples = 0  # input read when the latest units were committed
         self.captured_at = 0.0
-        self.started = time.monotonic()
-        self.dropped = 0
 
     @property
     def idle(self) -> bool:
@@ -138,8 +136,7 @@ class Engine:
         self.emit = None  # callable(item), set by `start`
         self.on_commit = None  # optional callable(session, units): every unit a policy commits to speak
         self.compute: dict[str, float] = {}  # seconds per stage, all sessions
-        self.ticks = 0
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # time spent in ticks (the engine's load)
         hc = self.hubert.cfg
         enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / hc.sample_rate
         voc_frames = self.vocoder.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead
@@ -221,7 +218,6 @@ class Engine:
                     for i, queued in enumerate(s.inbox):
                         if isinstance(queued, AudioChunk):
                             del s.inbox[i]
-                            s.dropped += 1
                             self.stats.session(s.name).dropped_chunks += 1
                             self.stats.event(event="dropped", session=s.name, seq=queued.seq)
                             break
@@ -345,7 +341,6 @@ class Engine:
 
     def tick(self) -> None:
         """Advance every session by one step of each stage."""
-        self.ticks += 1
         with self.lock:
             self._intake()
         self._encode()
