@@ -196,3 +196,11 @@ def test_a_live_service_refuses_newcomers_while_it_is_behind(test_bundle):
     sink, _, _ = run(test_bundle, items, admit_lag_s=0.5, queue_size=64)
     assert "busy" in sink.errors["b"] and "behind real time" in sink.errors["b"]
     assert "first" not in sink.errors
+
+
+def test_a_second_start_ends_only_that_session(test_bundle):
+    items = interleave([session_items("a"), session_items("b")], [0, 1])
+    items.insert(4, Control("a", "start", "translation", {}))
+    sink, _, engine = run(test_bundle, items)
+    assert "already started" in sink.errors["a"] and "b" not in sink.errors and len(sink.wave("b")) > 0
+    assert not engine.decoder.running and not engine.decoder.waiting

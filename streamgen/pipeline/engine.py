@@ -251,8 +251,9 @@ class Engine:
         name = item.session
         s = self.sessions.get(name)
         if s is not None:
-            if isinstance(item, Control) and item.action == "start":
-                self._fail(s, f"session {name!r} already started")
+            if isinstance(item, Control) and item.action == "start":  # failed by the worker, which owns the decoder
+                s.inbox.append(SessionError(name, f"session {name!r} already started"))
+                self.wake.notify()
                 return None
             return s
         if name in self.closed:
