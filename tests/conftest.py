@@ -49,3 +49,14 @@ def test_bundle():
                 p.normal_(0, 0.5)
         b.mbart.embed_tokens.weight[EOS].zero_()
     return b
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real Mosquitto on a free port of 127.0.0.1, anonymous, for the test's duration."""
+    from services import Mosquitto
+
+    b = Mosquitto(tmp_path)
+    b.start()
+    yield b
+    b.stop()

@@ -13,14 +13,6 @@ from speech import espeak
 from streamgen.io.mqtt import WireError, decode, encode_audio, encode_control, pcm16_decode, pcm16_encode
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Mosquitto(tmp_path)
-    b.start()
-    yield b
-    b.stop()
-
-
 def test_wire_format_roundtrip_and_errors():
     x = np.linspace(-1, 1, 321, dtype=np.float32)
     m = decode(encode_audio("Alice-2.b_c", 7, x, 22050))  # 1.0 itself clips to 32767 / 32768

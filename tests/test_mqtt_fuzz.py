@@ -10,22 +10,12 @@ import struct
 import time
 
 import numpy as np
-import pytest
 from mqtt_helpers import as_pcm, connect, make_server, pcm16, receive, reference, session_messages, until_subscribed, same_audio
-from services import Mosquitto
 from speech import espeak
 
 from streamgen.io.mqtt import AUDIO, CONTROL, HEADER, MAGIC, VERSION
 
 SEED, HOSTILE_MESSAGES, GOOD_SESSIONS, FUZZ_IDS = 8, 10_000, 4, 12
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Mosquitto(tmp_path)
-    b.start()
-    yield b
-    b.stop()
 
 
 def hostile_control(rng: random.Random) -> bytes:

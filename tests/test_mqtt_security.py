@@ -15,14 +15,6 @@ from speech import espeak
 from streamgen.io.mqtt import HEADER, MqttFailure, MqttLink, Reply, decode, encode_audio, encode_control
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Mosquitto(tmp_path)
-    b.start()
-    yield b
-    b.stop()
-
-
 @pytest.fixture(scope="module")
 def wave():
     return pcm16(espeak("Good morning."))
