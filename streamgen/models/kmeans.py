@@ -40,3 +40,14 @@ def dedup(units: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"dedup takes a 1-D unit sequence, got shape {tuple(units.shape)}")
     out, counts = torch.unique_consecutive(units, return_counts=True)
     return out, counts
+
+
+def dedup_continuing(frame_units: Tensor, previous: int | None) -> tuple[Tensor, Tensor]:
+    """De-duplicate the next chunk of a stream's frame units: (units, index of each one's first
+    frame in the chunk). A run that continues the previous chunk's last unit is not repeated."""
+    starts = torch.ones(len(frame_units), dtype=torch.bool)
+    starts[1:] = frame_units[1:] != frame_units[:-1]
+    if previous is not None and len(frame_units) and int(frame_units[0]) == previous:
+        starts[0] = False
+    idx = torch.nonzero(starts)[:, 0]
+    return frame_units[idx], idx

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .kmeans import KMeansQuantizer, dedup
+from .kmeans import KMeansQuantizer, dedup, dedup_continuing
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,6 @@ class LogMelUnitStream:
         self.n_done = end
         keep = end * self.hop  # padded index where the next frame's window starts
         self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        starts = torch.ones(len(frame_units), dtype=torch.bool)
-        starts[1:] = frame_units[1:] != frame_units[:-1]
-        if self.last_unit is not None and int(frame_units[0]) == self.last_unit:
-            starts[0] = False
+        units, idx = dedup_continuing(frame_units, self.last_unit)
         self.last_unit = int(frame_units[-1])
-        idx = torch.nonzero(starts)[:, 0]
-        return frame_units[idx], idx + a
+        return units, idx + a

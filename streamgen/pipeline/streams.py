@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..models.hubert import HubertEncoder
-from ..models.kmeans import KMeansQuantizer
+from ..models.kmeans import KMeansQuantizer, dedup_continuing
 from ..models.streaming_conv import StreamingGenerator
 from ..models.vocoder import CodeHiFiGAN, check_units
 
@@ -90,13 +90,9 @@ class UnitStream:
         if self.left is not None:  # drop samples no later window needs
             keep = max(0, end - self.left) * self.hop
             self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        starts = torch.ones(len(frame_units), dtype=torch.bool)
-        starts[1:] = frame_units[1:] != frame_units[:-1]
-        if self.last_unit is not None and int(frame_units[0]) == self.last_unit:
-            starts[0] = False
+        units, idx = dedup_continuing(frame_units, self.last_unit)
         self.last_unit = int(frame_units[-1])
-        idx = torch.nonzero(starts)[:, 0]
-        return frame_units[idx], idx + a
+        return units, idx + a
 
     @torch.no_grad()
     def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
