@@ -198,7 +198,7 @@ class _Simultaneous(Policy):
         runs = self.frames[1:] - self.frames[:-1]  # frames each complete run lasted
         long = torch.nonzero(runs[self.min_segment - 1 :] >= self.pause_frames)
         if len(long):
-            return int(long[0]) + self.min_segment
+            return min(int(long[0]) + self.min_segment, self.max_segment)
         if len(self.source) >= self.max_segment:
             return self.max_segment
         return None
