@@ -297,6 +297,7 @@ def train_prompt(
     patience: int = typer.Option(3), seed: int = typer.Option(0),
     full: bool = typer.Option(False, help="Fine-tune the whole backbone instead (the baseline)."),
     resume: bool = typer.Option(False, help="Continue from OUT's last state."),
+    save_minutes: float = typer.Option(10.0, help="Also save the resumable state this often inside an epoch (0: epoch ends only)."),
     device: str = typer.Option("cpu"),
     into_bundle: bool = typer.Option(False, help="Add the best prompt to the bundle (prompt mode)."),
 ):
@@ -305,7 +306,7 @@ def train_prompt(
 
     cfg = TrainConfig(mode="full" if full else "prompt", prompt_length=prompt_length, prompt_stacks=tuple(stacks.split(",")),
                       lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup, clip=clip,
-                      patience=patience, seed=seed)
+                      patience=patience, seed=seed, save_every_s=60 * save_minutes)
     b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume)
     if into_bundle and rank == 0 and not full:
         from .bundle import save_prompt
@@ -323,6 +324,7 @@ def train_backbone(
     lr: float = typer.Option(5e-4), epochs: int = typer.Option(10), max_steps: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(16), warmup: int = typer.Option(100), mask_ratio: float = typer.Option(0.3),
     patience: int = typer.Option(3), seed: int = typer.Option(0), resume: bool = typer.Option(False),
+    save_minutes: float = typer.Option(10.0, help="Also save the resumable state this often inside an epoch (0: epoch ends only)."),
     device: str = typer.Option("cpu"),
     into_bundle: bool = typer.Option(False, help="Write the best weights into the bundle as its mbart part."),
     dim: int = typer.Option(256, help="New model only (the bundle has no mbart): width."),
@@ -340,7 +342,7 @@ def train_backbone(
                                          decoder_layers=layers, max_positions=1024, mask_token=4 + k + 2))
 
     cfg = TrainConfig(mode="denoise", lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup,
-                      mask_ratio=mask_ratio, patience=patience, seed=seed)
+                      mask_ratio=mask_ratio, patience=patience, seed=seed, save_every_s=60 * save_minutes)
     b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, new_model)
     if into_bundle and rank == 0:
         from safetensors.torch import load_file

@@ -84,6 +84,38 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(second.prompt.state_dict()[k], v, atol=1e-6, rtol=1e-5)
 
 
+def test_state_is_saved_inside_an_epoch_and_resumes_there_exactly(tmp_path):
+    """save_every_s: a run killed mid-epoch loses at most that much work, and its resume equals the straight run."""
+    data = toy_pairs(24)  # 3 batches per epoch
+
+    def trainer(out, every):
+        torch.manual_seed(0)
+        cfg = TrainConfig(prompt_length=4, lr=1e-2, warmup_steps=2, epochs=4, batch_size=8, patience=10, save_every_s=every)
+        return Trainer(UnitMBart(TINY), cfg, out, progress=False)
+
+    straight = trainer(tmp_path / "a", 0)
+    straight.fit(data, data)
+    first = trainer(tmp_path / "b", 1e-9)  # due after every step
+    original = first.train_step
+
+    def killed_in_step_5(*args):
+        if first.step == 4:  # steps 1-4 done: epoch 1, one batch in
+            raise KeyboardInterrupt
+        return original(*args)
+
+    first.train_step = killed_in_step_5
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(data, data)
+    state = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    assert (state["step"], state["epoch"]) == (4, 1)  # saved mid-epoch, not only at epoch 1's end (step 3)
+    assert not list((tmp_path / "b").glob("*.tmp"))
+    second = trainer(tmp_path / "b", 0)
+    second.fit(data, data, resume=True)
+    assert second.step == straight.step == 12 and second.epoch == straight.epoch
+    for k, v in straight.prompt.state_dict().items():
+        torch.testing.assert_close(second.prompt.state_dict()[k], v, atol=1e-6, rtol=1e-5)
+
+
 def test_full_finetuning_and_denoising_train_the_backbone(tmp_path):
     torch.manual_seed(0)
     model = UnitMBart(TINY)

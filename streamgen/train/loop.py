@@ -5,7 +5,9 @@
 - "denoise": mBART-style pretraining: each target is span-masked into its own source.
 
 AdamW (betas 0.9/0.98), linear warm-up then linear decay, gradient clipping, bf16 autocast on CUDA,
-dev loss every epoch with early stopping, a resumable state. Under torchrun (WORLD_SIZE > 1) it runs
+dev loss every epoch with early stopping, a resumable state written at every epoch's end and also
+every `save_every_s` seconds inside an epoch (long epochs on a CPU must survive being killed), each
+file written whole or not at all. Under torchrun (WORLD_SIZE > 1) it runs
 DistributedDataParallel (gloo on CPU, nccl on CUDA); every global batch is split across ranks and
 the loss is normalised by the global token count, so the update equals the single-process one.
 """
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     prefix_tokens: tuple[int, ...] = ()
     mask_ratio: float = 0.3  # denoise
+    save_every_s: float = 600.0  # resumable state also this often inside an epoch (0: at epoch ends only)
 
     def __post_init__(self):
         if self.mode not in ("prompt", "full", "denoise"):
@@ -114,6 +118,7 @@ class Trainer:
         self.best = math.inf
         self.bad_epochs = 0
         self.history: list[dict] = []
+        self.saved_at = time.monotonic()
 
     # --- data ---------------------------------------------------------------------------------
 
@@ -199,6 +204,9 @@ class Trainer:
                         break
                     losses.append(self.train_step(batch, total_steps))
                     bar.update(self.step, loss=losses[-1], epoch=self.epoch)
+                    mid_epoch = self.step < (self.epoch + 1) * per_epoch  # an epoch's end saves below anyway
+                    if mid_epoch and self.cfg.save_every_s and time.monotonic() - self.saved_at >= self.cfg.save_every_s:
+                        self.save_state()  # a resume continues from this step
                 if self.step == (self.epoch + 1) * per_epoch:
                     self.epoch += 1
                 if self.end_of_epoch(losses, dev):
@@ -236,16 +244,18 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         kind = "prompt" if self.prompt is not None else "mbart"
-        save_file(self.weights(), self.out / f"{name}_{kind}.safetensors")
+        _atomic(self.out / f"{name}_{kind}.safetensors", lambda f: save_file(self.weights(), f))
         meta = {"mode": self.cfg.mode, "step": self.step, "epoch": self.epoch, "dev_loss": self.best,
                 "trainable_parameters": self.trainable, "total_parameters": self.total, "config": asdict(self.cfg)}
-        (self.out / "task.json").write_text(json.dumps(meta, indent=2))
+        _atomic(self.out / "task.json", lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
 
     def save_state(self) -> None:
+        self.saved_at = time.monotonic()
         self.save_weights("last")
         if self.rank == 0:
-            torch.save({"step": self.step, "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
-                        "history": self.history, "optimizer": self.opt.state_dict()}, self.out / "state.pt")
+            state = {"step": self.step, "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
+                     "history": self.history, "optimizer": self.opt.state_dict()}
+            _atomic(self.out / "state.pt", lambda f: torch.save(state, f))
 
     def load_state(self) -> None:
         state_file = self.out / "state.pt"
@@ -261,3 +271,10 @@ class Trainer:
         self.opt.load_state_dict(st["optimizer"])
         self.step, self.epoch, self.best = st["step"], st["epoch"], st["best"]
         self.bad_epochs, self.history = st["bad_epochs"], st["history"]
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: a process killed mid-save leaves the previous file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
