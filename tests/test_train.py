@@ -116,6 +116,17 @@ def test_state_is_saved_inside_an_epoch_and_resumes_there_exactly(tmp_path):
         torch.testing.assert_close(second.prompt.state_dict()[k], v, atol=1e-6, rtol=1e-5)
 
 
+def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
+    data = toy_pairs(16)
+    cfg = TrainConfig(prompt_length=4, lr=0.0, warmup_steps=1, epochs=20, batch_size=8, patience=2)  # lr 0: no improvement
+    first = Trainer(UnitMBart(TINY), cfg, tmp_path, progress=False)
+    first.fit(data, data)
+    assert first.epoch == 3 and first.bad_epochs == 2  # epoch 1 sets the best, two more without improvement
+    again = Trainer(UnitMBart(TINY), cfg, tmp_path, progress=False)
+    result = again.fit(data, data, resume=True)
+    assert (result.steps, result.epochs) == (first.step, 3)
+
+
 def test_full_finetuning_and_denoising_train_the_backbone(tmp_path):
     torch.manual_seed(0)
     model = UnitMBart(TINY)

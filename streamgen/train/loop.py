@@ -195,6 +195,8 @@ class Trainer:
             self.load_state()
         per_epoch = len(self.batches(train, 0, shuffle=False))
         total_steps = self.cfg.max_steps or per_epoch * self.cfg.epochs
+        if self.bad_epochs >= self.cfg.patience:  # resuming a run that stopped early: it is finished
+            return TrainResult(self.step, self.epoch, self.best, self.history, self.trainable, self.total)
         with Progress("training", total_steps, self.step, enabled=self.progress, loss=float("nan"), epoch=self.epoch) as bar:
             while self.epoch < self.cfg.epochs and self.step < total_steps:
                 batches = self.batches(self.pairs_for(train, self.epoch), self.epoch, shuffle=True)
