@@ -6,7 +6,10 @@
    the naive alternative that expands the prefix and concatenates it to every session's cache.
 3. The serving engine's decode loop (`models.generation.Decoder`: K/V slots, masked steps, per-row
    sampling, reading the tick's tokens back) for N running sessions, against the bare model step
-   of section 2 (the plain-PyTorch ceiling, with --cuda-graphs its graph-captured form).
+   of section 2 (the plain-PyTorch ceiling, with --cuda-graphs its graph-captured form); with
+   --cuda-graphs the Decoder runs its own captured static steps too.
+4. With --cuda-graphs: the same decodes (greedy, 150-unit sources, requests joining over time) through
+   the Decoder with and without graphs; how many of the unit sequences are identical.
 
     python bench/decode.py                        # CPU, both sizes
     python bench/decode.py --device cuda --cuda-graphs
@@ -150,7 +153,7 @@ def bench_engine(cfg, name, device, dtype, sessions, cuda_graphs, repeats=20, ge
     vs the bare model step over the same batch."""
     torch.manual_seed(0)
     model = UnitMBart(cfg).to(device, dtype).eval().requires_grad_(False)
-    dec = Decoder(model, slots=sessions)
+    dec = Decoder(model, slots=sessions, graphs=cuda_graphs)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i in range(sessions):
@@ -159,6 +162,7 @@ def bench_engine(cfg, name, device, dtype, sessions, cuda_graphs, repeats=20, ge
             dec.submit(i, Request(src, prefix, max_new=10_000, min_new=10_000, sampling=Sampling()))
         dec.step()  # admit everyone (batched encode + prefill)
         dec.step()
+        dec.step()  # (captures the graph when there is one)
         times = []
         for _ in range(repeats):
             if device.type == "cuda":
@@ -170,6 +174,31 @@ def bench_engine(cfg, name, device, dtype, sessions, cuda_graphs, repeats=20, ge
             times.append(time.perf_counter() - t)
         bare = timeit(step_fn(model, state_at(model, sessions, src_len, generated, None), cuda_graphs), device, repeats)
     return name, sessions, statistics.median(times) * 1e3, bare * 1e3
+
+
+def graph_agreement(cfg, device, dtype, requests=24, max_new=60, src_len=150) -> tuple[int, int, float]:
+    """Greedy decodes through the Decoder with and without CUDA graphs (requests joining two per
+    step): (identical sequences, requests, fraction of identical units)."""
+    torch.manual_seed(0)
+    model = UnitMBart(cfg).to(device, dtype).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    srcs = [units_to_source(torch.randint(0, cfg.num_units, (src_len - i,), generator=g)) for i in range(requests)]
+    outs = []
+    with torch.no_grad():
+        for graphs in (False, True):
+            dec, out = Decoder(model, slots=requests, graphs=graphs), {i: [] for i in range(requests)}
+            step = 0
+            while step < 2 * requests or dec.busy:
+                for i in (2 * step, 2 * step + 1):
+                    if i < requests:
+                        dec.submit(i, Request(srcs[i], decoder_prefix(), max_new=max_new, min_new=max_new))
+                for key, units, _ in dec.step():
+                    out[key] += units
+                step += 1
+            outs.append(out)
+    same = sum(outs[0][i] == outs[1][i] for i in range(requests))
+    units = sum(sum(a == b for a, b in zip(outs[0][i], outs[1][i])) for i in range(requests))
+    return same, requests, units / (requests * max_new)
 
 
 def main():
@@ -203,6 +232,13 @@ def main():
         for n in (int(x) for x in args.engine_sessions.split(",")):
             _, s, eng, bare = bench_engine(cfg, name, device, dtype, n, args.cuda_graphs)
             print(f"| {name} | {s} | {eng:.2f} | {bare:.2f} | {eng / bare:.2f}x |", flush=True)
+    if args.cuda_graphs:
+        print("\n## Decoder with CUDA graphs vs eager: greedy units (24 requests joining two per step, 60 units each)")
+        print("| size | dtype | identical sequences | identical units |\n|---|---|---|---|")
+        for name, cfg in chosen:
+            for dt in dict.fromkeys([torch.float32, dtype]):
+                same, n, frac = graph_agreement(cfg, device, dt)
+                print(f"| {name} | {str(dt).split('.')[-1]} | {same}/{n} | {100 * frac:.1f} % |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything the serving work measures on a GPU, in one run of a few minutes (figures go to $OUT or
-# ./gpu-results): the decode step at the public Unit mBART size against the plain-PyTorch ceiling,
-# the shared prompt at 256 sessions, the engine's decode loop, and live sessions held per GPU.
+# Everything the serving work measures on a GPU, in one run of about eight minutes (figures go to $OUT
+# or ./gpu-results): the decode step at the public Unit mBART size against the plain-PyTorch ceiling,
+# the shared prompt at 256 and 1024 sessions, the engine's decode loop with CUDA graphs (and its
+# agreement with eager steps), and live sessions held per GPU, the one-at-a-time baseline beside them.
 #   bash bench/gpu.sh            (on a machine with CUDA and PyTorch; wheels in .whl/ if given)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +13,13 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . ./plugins/* 2>&1 | tail -2
   export PYTHONPATH=/tmp/site:$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/device.txt"
-timeout 200 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 256 --cuda-graphs \
-  --engine-sessions 1,256,1024 --repeats 20 2>&1 | tee "$OUT/decode.md"
-timeout 60 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 1024 --cuda-graphs \
+{ date -u +%Y-%m-%dT%H:%MZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/device.txt"
+timeout 170 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 256 --cuda-graphs \
+  --engine-sessions 1,64,256,1024 --repeats 20 2>&1 | tee "$OUT/decode.md"
+timeout 40 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 1024 \
   --engine-sessions 1 --repeats 10 2>&1 | grep -A3 "Shared" | tee -a "$OUT/decode.md"
-timeout 300 python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --tasks resynthesis,translation \
-  --levels 16,64,256,1024 --seconds 6 --json "$OUT/sessions.json" 2>&1 | tee "$OUT/sessions.txt"
+S="python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --seconds 6 --tasks resynthesis,translation"
+timeout 210 $S --levels 16,64,256,1024 --modes engine --json "$OUT/sessions.json" 2>&1 | tee "$OUT/sessions.txt"
+timeout 60 $S --levels 16,64 --modes one-at-a-time --json "$OUT/sessions_baseline.json" 2>&1 \
+  | tee "$OUT/sessions_baseline.txt"

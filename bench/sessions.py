@@ -66,10 +66,10 @@ class Talkers:
             yield End(f"s{i}", s, now) if piece is None else AudioChunk(f"s{i}", j, piece, s, now)
 
 
-def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batch: int) -> dict:
+def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batch: int, cuda_graphs: bool = True) -> dict:
     rate = bundle.sample_rate
     engine = build_engine(bundle, task, TASK_OPTIONS[task], chunk_ms=chunk_ms, max_batch=max_batch,
-                          max_sessions=max(256, n))
+                          max_sessions=max(256, n), cuda_graphs=cuda_graphs)
     stats, sink = Stats(rate), MemorySink()
     t = time.monotonic()
     asyncio.run(Pipeline(Talkers(n, wave, rate * chunk_ms // 1000, rate), engine, sink, stats).run())
@@ -83,7 +83,8 @@ def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batc
             "lag_p50_ms": round(float(np.percentile(lags, 50)), 1) if lags else None,
             "lag_p99_ms": round(float(np.percentile(lags, 99)), 1) if lags else None,
             "first_audio_ms": round(float(np.median(first)), 1) if first else None,
-            "engine_busy": round(engine.busy_s / max(1e-9, time.monotonic() - t), 2)}
+            "engine_busy": round(engine.busy_s / max(1e-9, time.monotonic() - t), 2), "ticks": engine.ticks,
+            "compute_s": {k: round(v, 2) for k, v in engine.compute.items()}}
 
 
 def held(rows: list[dict], max_lag: float) -> int:
@@ -102,7 +103,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="speech per talker (the bundled sample, repeated)")
     ap.add_argument("--chunk-ms", type=int, default=320)
     ap.add_argument("--max-lag-ms", type=float, default=250.0)
-    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--modes", default="engine,one-at-a-time", help="engine, one-at-a-time (the baseline), or both")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager decoder steps")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -123,17 +125,18 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  device {args.device} ({torch.get_num_threads()} threads), "
           f"load average {load:.1f}, {args.seconds:.0f} s per talker, {args.chunk_ms} ms chunks")
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "load_average": load, "levels": levels, "tasks": {}}
-    modes = [("engine", 0)] + ([] if args.no_baseline else [("one-at-a-time", 1)])
+    modes = [(m, {"engine": 0, "one-at-a-time": 1}[m]) for m in args.modes.split(",")]
     for task in args.tasks.split(","):
         report["tasks"][task] = {}
         for mode, max_batch in modes:
             rows, misses = [], 0
             for lv in levels:
-                r = level(bundle, task, lv, wave, args.chunk_ms, max_batch)
+                r = level(bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs)
                 rows.append(r)
                 ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
                 print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
-                      f"p99 {ms('lag_p99_ms')} ms  first audio {ms('first_audio_ms')} ms  busy {r['engine_busy']:.2f}", flush=True)
+                      f"p99 {ms('lag_p99_ms')} ms  first audio {ms('first_audio_ms')} ms  busy {r['engine_busy']:.2f}  "
+                      f"ticks {r['ticks']}  " + " ".join(f"{k} {v:.1f}s" for k, v in r["compute_s"].items()), flush=True)
                 misses = misses + 1 if (r["lag_p99_ms"] or 1e9) > args.max_lag_ms else 0
                 if misses >= 2:  # two levels in a row behind: larger ones only take longer
                     break

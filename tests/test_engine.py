@@ -70,7 +70,9 @@ def test_one_at_a_time_baseline_gives_the_same_output(test_bundle):
         assert (batched.wave(n) - single.wave(n)).abs().max() <= 1e-5
 
 
-def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bundle):
+@pytest.mark.parametrize("graphs, mixed", [(False, True), (True, True), (True, False)])
+def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bundle, graphs, mixed):
+    """graphs: the static bucketed steps of the GPU path (captured on CUDA, run eagerly here)."""
     m = test_bundle.mbart
     g = torch.Generator().manual_seed(0)
     prompts = []
@@ -80,11 +82,11 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
             t.data.normal_(generator=g)
         prompts.append(p.shared_kv(m))
     srcs = [torch.randint(0, 100, (n,), generator=g) for n in (5, 17, 9, 30)]
-    which = [prompts[0], None, prompts[1], prompts[0]]
+    which = [prompts[0], None, prompts[1], prompts[0]] if mixed else [prompts[0]] * 4
     sampling = [Sampling(), Sampling(greedy=False, temperature=0.9, top_k=10), Sampling(), Sampling(greedy=False)]
     alone = [generate(m, [s], prompt=p, max_units=25, min_units=10, sampling=sp, seed=i)[0].tolist()
              for i, (s, p, sp) in enumerate(zip(srcs, which, sampling))]
-    dec, out = Decoder(m, slots=2), {i: [] for i in range(4)}
+    dec, out = Decoder(m, slots=2, graphs=graphs), {i: [] for i in range(4)}
     joins = {0: [0], 3: [1], 5: [2, 3]}  # step -> requests that join then (the pool grows past 2 slots)
     for step in range(200):
         for i in joins.get(step, []):
@@ -94,6 +96,8 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
         if step > 5 and not dec.busy:
             break
     assert [out[i] for i in range(4)] == alone
+    if graphs and not mixed:
+        assert dec.captured  # the static steps ran
     assert not dec.running and sorted(dec.free) == list(range(dec.pool.batch_size))
 
 

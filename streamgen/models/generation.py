@@ -12,16 +12,24 @@ units already committed), how many new units at most / at least, and its samplin
 Sampling settings live in per-slot tensors; the randomness of a sampled token is a hash of
 (request seed, token index, vocabulary entry), so a request draws the same tokens whatever else
 shares its batch (batched = alone, greedy or sampled).
+
+Static steps (`graphs=True`, the GPU path): the running rows are stepped as one block of the pool,
+rows [0, b) with b the next power of two (unused rows masked out), so a step has one of a few
+shapes; on CUDA each (b, cache size, prompt) is captured once as a CUDA graph and replayed (as in
+gpt-fast). Batches that mix prompts take the eager step.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, PromptKV, UnitMBart, pad_sequences, units_to_source
+
+log = logging.getLogger("streamgen")
 
 
 @dataclass(frozen=True)
@@ -103,9 +111,11 @@ class _Running:
 class Decoder:
     """Continuous batching of decode requests over a pool of K/V slots (see the module doc)."""
 
-    def __init__(self, model: UnitMBart, slots: int = 8, max_batch: int = 0):
+    def __init__(self, model: UnitMBart, slots: int = 8, max_batch: int = 0, graphs: bool = False):
         self.model = model
         self.max_batch = max_batch  # 0: every request in one call; n: calls of at most n rows (1: one at a time)
+        self.graphs = graphs and not max_batch  # static bucketed steps, CUDA graphs on CUDA
+        self.captured: dict[tuple, _Captured] = {}
         self.device = model.embed_tokens.weight.device
         self.allowed = allowed_tokens_mask(model, self.device)
         self.pool: DecoderState | None = None
@@ -121,6 +131,7 @@ class Decoder:
         self.seed = torch.zeros(n, dtype=torch.long, device=self.device)
         self.produced = torch.zeros(n, dtype=torch.long, device=self.device)
         self.min_new = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.active = torch.zeros(n, dtype=torch.bool, device=self.device)  # rows a static step advances
 
     @property
     def max_positions(self) -> int:
@@ -173,7 +184,7 @@ class Decoder:
             if self.pool is not None:
                 self.pool.add_slots(more)
             self.free += range(size, size + more)
-            for name in ("tokens", "greedy", "temperature", "top_k", "seed", "produced", "min_new"):
+            for name in ("tokens", "greedy", "temperature", "top_k", "seed", "produced", "min_new", "active"):
                 t = getattr(self, name)
                 if t.shape[0] < size + more:
                     setattr(self, name, torch.cat([t, t.new_zeros(size + more - t.shape[0])]))
@@ -191,6 +202,8 @@ class Decoder:
         running = sorted(self.running)
         longest = max(len(run.request.prefix) + run.produced for run in self.running.values())
         self.pool.grow(longest + 1)
+        if self.graphs and len({id(self.pool.prompts[s]) for s in running}) == 1:
+            return self._advance_static(running)
         n = self.max_batch or len(running)
         out = []
         for i in range(0, len(running), n):
@@ -209,6 +222,24 @@ class Decoder:
         logits = self.model.step(view, self.tokens[lo:hi], active=active, grow=False)
         pool.lengths[lo:hi] = view.lengths
         return self._emit(slots, self._choose(logits[idx - lo], idx))
+
+    def _advance_static(self, slots: list[int]) -> list[tuple[object, list[int], bool]]:
+        """One step of the pool's first b rows (b a power of two), captured once per shape."""
+        pool = self.pool
+        rows = min(pool.batch_size, 1 << (slots[-1]).bit_length())
+        prompt = pool.prompts[slots[0]]
+        where = (pool.capacity, pool.source_capacity,
+                 *(t.data_ptr() for t in (pool.k[0], pool.cross[0][0], pool.lengths, pool.src_mask, self.tokens, self.active)))
+        if any(key[2:] != where for key in self.captured):  # the pool was reallocated (it grew)
+            self.captured.clear()
+        key = (rows, id(prompt), *where)
+        if key not in self.captured:
+            self.captured[key] = _Captured(self.model, pool, rows, prompt, self.tokens, self.active)
+        idx = torch.tensor(slots, device=self.device)
+        self.active.zero_()
+        self.active[idx] = True
+        logits = self.captured[key].replay()
+        return self._emit(slots, self._choose(logits[idx], idx))
 
     def _admit(self) -> list[tuple[object, list[int], bool]]:
         n = self.max_batch or len(self.waiting)
@@ -264,6 +295,54 @@ class Decoder:
         self.running.pop(slot)
         self.pool.release([slot])
         self.free.append(slot)
+
+
+class _Captured:
+    """A static decoder step over pool rows [0, rows): fixed views of the pool's tensors, every
+    row attending to `prompt` (unused rows are masked out by `active`). On CUDA it is captured as a
+    CUDA graph once and replayed; elsewhere the same function runs eagerly."""
+
+    def __init__(self, model: UnitMBart, pool: DecoderState, rows: int, prompt: PromptKV | None, tokens: Tensor, active: Tensor):
+        self.prompt = prompt  # held, so the prefix tensors the graph reads stay alive
+        lengths = pool.lengths[:rows]
+        view = DecoderState([t[:rows] for t in pool.k], [t[:rows] for t in pool.v], lengths,
+                            [(k[:rows], v[:rows]) for k, v in pool.cross], pool.src_mask[:rows], [prompt] * rows)
+
+        def run() -> Tensor:
+            view.lengths = lengths
+            logits = model.step(view, tokens[:rows], active=active[:rows], grow=False)
+            lengths.copy_(view.lengths)
+            return logits
+
+        self.run, self.graph, self.logits = run, None, None
+        if lengths.device.type != "cuda":
+            return
+        # warm up on a side stream (allocator, kernels, the prompt grouping), then capture. A step
+        # writes the K/V of the tokens already in `tokens` at each row's length and advances it;
+        # the lengths are put back, so the first replay repeats exactly that write.
+        saved = lengths.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+                lengths.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = run()
+        except RuntimeError as e:  # the eager static step still serves; say why once per shape
+            log.warning("decoder step not captured as a CUDA graph (%d rows), running it eagerly: %s", rows, e)
+        else:
+            self.graph, self.logits = graph, logits
+        lengths.copy_(saved)
+
+    def replay(self) -> Tensor:
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.logits
 
 
 def decoder_prefix(prefix_tokens: tuple[int, ...] = (), committed: Tensor | None = None) -> Tensor:

@@ -8,13 +8,14 @@ that has work ready:
     encoder     every ready chunk's window (left context + new audio + look-ahead): one padded
                 HuBERT call with lengths, one k-means call
     policies    each session's task policy turns new units into decisions (speak / decode)
-    LM          one decoder step for every running decode, then the new decodes are admitted
-                (batched encode + ragged prefill) into free K/V slots (`models.generation.Decoder`)
+    LM          decoder steps, each advancing every running decode by one token and admitting the
+                new decodes (batched encode + ragged prefill) into free K/V slots
+                (`models.generation.Decoder`), until the tick's decode budget is spent
     vocoder     every session's duration window in one padded call, then every audio window in
                 one padded generator call, trimmed per row
 
-A session's decode advances one token per tick, interleaved with everyone else's chunks, so no
-session waits behind another session's whole decode. Each row of a batched call equals that
+A session's decode advances by the tokens that fit in a tick's decode budget (`decode_budget_ms`),
+interleaved with everyone else's chunks, so no session waits behind another session's whole decode. Each row of a batched call equals that
 session computed alone (masks and lengths everywhere; greedy units are identical, audio equal to
 float rounding): tests/test_engine.py proves it.
 
@@ -65,6 +66,8 @@ class EngineConfig:
     max_sessions: int = 256
     admit_lag_s: float | None = None  # refuse new sessions while a live one has this much input waiting (live services)
     max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
+    decode_budget_ms: float = 30.0  # decoder steps per tick: as many as fit in this (at least one)
+    cuda_graphs: bool = True  # on CUDA, decoder steps are captured as CUDA graphs at bucketed batch sizes
     speech_gate: bool = True  # a session's units reach its task only once speech has been heard in it
 
     def __post_init__(self):
@@ -121,7 +124,8 @@ class Engine:
         self.vocoder = bundle.need("vocoder")
         self.graph = StreamingGenerator(self.vocoder) if cfg.vocoder_lookahead is None else None  # shared by all sessions
         self.mbart = bundle.mbart
-        self.decoder = Decoder(self.mbart, max_batch=cfg.max_batch) if self.mbart is not None else None
+        graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
+        self.decoder = Decoder(self.mbart, max_batch=cfg.max_batch, graphs=graphs) if self.mbart is not None else None
         self.vad = Vad(bundle.sample_rate) if cfg.vad else None
         self.plugins: dict[str, TaskPlugin] = {}  # entry points are read once per task, not per session
         self.prompts: dict[str, object] = {}  # one shared prompt K/V per task
@@ -137,6 +141,7 @@ class Engine:
         self.on_commit = None  # optional callable(session, units): every unit a policy commits to speak
         self.compute: dict[str, float] = {}  # seconds per stage, all sessions
         self.busy_s = 0.0  # time spent in ticks (the engine's load)
+        self.ticks = 0
         hc = self.hubert.cfg
         enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / hc.sample_rate
         voc_frames = self.vocoder.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead
@@ -329,6 +334,7 @@ class Engine:
                 t = time.perf_counter()
                 self.tick()
                 self.busy_s += time.perf_counter() - t
+                self.ticks += 1
         except Exception:  # a bug in the engine itself: fail every session loudly, never hang
             log.exception("the engine failed")
             with self.lock:
@@ -463,8 +469,15 @@ class Engine:
             s.decoding = True
 
     def _decode(self) -> None:
-        if self.decoder is None or not self.decoder.busy:
-            return
+        """Decoder steps until the tick's decode budget is spent (at least one step while any decode
+        runs): units come at 50 per second of speech, far faster than chunks arrive."""
+        t0 = time.perf_counter()
+        while self.decoder is not None and self.decoder.busy:
+            self._decode_step()
+            if time.perf_counter() - t0 >= self.cfg.decode_budget_ms / 1000:
+                break
+
+    def _decode_step(self) -> None:
         t = time.perf_counter()
         try:
             results = self.decoder.step()
