@@ -668,7 +668,7 @@ def run(
     except (UnknownTask, ValueError, RuntimeError) as e:
         fail(str(e))
     log_file = open(stats_json, "w") if stats_json else None
-    st = Stats(sr, log_file)
+    st = Stats(sr, log_file, chunk_records=0)  # the tables need running figures only; a service runs for hours
     if stats:  # each session's table as it ends
         st.on_session = lambda s: typer.echo(st.report(s.session), err=output == "-")
     pipeline = Pipeline(source, engine, sink, st)

@@ -179,7 +179,8 @@ def test_stats_offsets_follow_simuleval_conventions():
     from streamgen.pipeline.stats import SessionStats
 
     s = SessionStats("x", 1000, started_at=10.0, input_samples=2000)  # 2 s of input
-    s.outputs = [(500.0, 10.7, 300), (1000.0, 10.9, 300), (2000.0, 12.5, 1000)]  # 0.3 s, 0.3 s, 1 s of output
+    for chunk in [(500.0, 10.7, 300), (1000.0, 10.9, 300), (2000.0, 12.5, 1000)]:
+        s.add_output(*chunk)  # 0.3 s, 0.3 s, 1 s of output
     out = s.summary()
     # ideal: start 500; playback ends 800, then max(1000, 800)+300=1300, then max(2000,1300)+1000=3000
     assert out["start_offset_ms"] == 500.0 and out["end_offset_ms"] == 1000.0

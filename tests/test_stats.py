@@ -15,7 +15,8 @@ from streamgen.pipeline.stats import FIGURES, SessionStats, Stats, figures_help
 
 def finished_session() -> SessionStats:
     s = SessionStats("x", 1000, started_at=10.0, input_samples=2000, input_end_at=10.5)  # 2 s read in 0.5 s
-    s.outputs = [(500.0, 10.7, 300), (1000.0, 10.9, 300), (2000.0, 12.5, 1000)]
+    for chunk in [(500.0, 10.7, 300), (1000.0, 10.9, 300), (2000.0, 12.5, 1000)]:
+        s.add_output(*chunk)
     s.compute = {"encoder": 0.2, "vocoder": 0.3}
     return s
 
@@ -28,6 +29,38 @@ def test_compute_aware_end_offset_counts_from_when_the_input_ended():
     assert out["start_offset_ca_ms"] == 700.0 and out["end_offset_ca_ms"] == 3000.0
     assert out["first_audio_after_input_ms"] == 200.0
     assert out["rtf"] == 0.25
+
+
+def test_a_long_session_keeps_running_figures_and_bounded_records():
+    """An hour of 320 ms chunks: the figures equal those over every chunk, the records stay capped."""
+    import random
+
+    rng = random.Random(0)
+    chunks, t, ideal = [], 10.0, 0.0
+    for _ in range(11_250):
+        ideal += 320.0
+        t += rng.uniform(0.25, 0.4)
+        chunks.append((ideal, t, rng.randint(4000, 6000)))
+    full = SessionStats("x", 16000, started_at=10.0, input_samples=int(3600 * 16000), records=len(chunks))
+    capped = SessionStats("x", 16000, started_at=10.0, input_samples=int(3600 * 16000), records=100)
+    service = SessionStats("x", 16000, started_at=10.0, input_samples=int(3600 * 16000), records=0)
+    for c in chunks:
+        for s in (full, capped, service):
+            s.add_output(*c)
+    start, end = full.offsets([d for d, _, _ in chunks])
+    aware_start, aware_end = full.offsets([1000 * (e - 10.0) for _, e, _ in chunks])
+    for s in (full, capped, service):
+        out = s.summary()
+        assert out["start_offset_ms"] == round(start, 1) and out["end_offset_ms"] == round(end, 1)
+        assert out["start_offset_ca_ms"] == round(aware_start, 1) and out["end_offset_ca_ms"] == round(aware_end, 1)
+        assert out["output_s"] == round(sum(n for *_, n in chunks) / 16000, 3)
+    assert len(capped.outputs) == 100 and capped.outputs == chunks[:100] and service.outputs == []
+
+
+def test_services_keep_no_per_chunk_records():
+    stats = Stats(16000, chunk_records=0)
+    stats.session("a").add_output(100.0, 1.0, 320)
+    assert stats.sessions["a"].outputs == [] and stats.sessions["a"].output_chunks == 1
 
 
 def test_one_table_per_session_in_rows_with_units():

@@ -157,7 +157,7 @@ class Pipeline:
             st = self.stats.session(item.session)
             if isinstance(item, AudioOut):
                 item.emitted_at = time.monotonic()
-                st.outputs.append((1000 * item.source_samples / self.stats.sample_rate, item.emitted_at, item.samples.numel()))
+                st.add_output(1000 * item.source_samples / self.stats.sample_rate, item.emitted_at, item.samples.numel())
             elif isinstance(item, SessionError):
                 st.error = item.message
                 self.stats.event(event="error", session=item.session, message=item.message)

@@ -55,21 +55,44 @@ def figures_help() -> str:
 
 @dataclass
 class SessionStats:
+    """One session's figures. They are running totals, so a session of any length holds the same few
+    numbers; the per-chunk records (`outputs`: ideal delay ms, emitted_at, samples) keep the first
+    `records` chunks, for tools that want them (AL, lag percentiles)."""
+
     session: str
     sample_rate: int
     started_at: float | None = None  # when the first input sample was captured
     input_samples: int = 0
     input_end_at: float | None = None
-    outputs: list[tuple[float, float, int]] = field(default_factory=list)  # (ideal delay ms, emitted_at, samples)
+    records: int = 10_000
+    outputs: list[tuple[float, float, int]] = field(default_factory=list)  # the first `records` chunks
+    output_chunks: int = 0
+    output_samples: int = 0
+    first_output: tuple[float, float] | None = None  # (ideal delay ms, emitted_at) of the first chunk
+    play_end_ms: float = 0.0  # where back-to-back playback of the chunks ends, ideal delays
+    play_end_ca_ms: float = 0.0  # the same, compute-aware delays
     compute: dict[str, float] = field(default_factory=dict)  # seconds per stage
     dropped_chunks: int = 0
     error: str | None = None
     closed: bool = False  # every stage has flushed it; its JSON line is written
 
+    def add_output(self, ideal_ms: float, emitted_at: float, samples: int) -> None:
+        """An output chunk left the pipeline: play it at max(its delay, end of the previous one)."""
+        dur = 1000 * samples / self.sample_rate
+        aware = 1000 * (emitted_at - (self.started_at if self.started_at is not None else emitted_at))
+        if self.first_output is None:
+            self.first_output = (ideal_ms, emitted_at)
+        self.play_end_ms = max(ideal_ms, self.play_end_ms) + dur
+        self.play_end_ca_ms = max(aware, self.play_end_ca_ms) + dur
+        self.output_chunks += 1
+        self.output_samples += samples
+        if len(self.outputs) < self.records:
+            self.outputs.append((ideal_ms, emitted_at, samples))
+
     def offsets(self, delays_ms: list[float], input_ended_ms: float | None = None) -> tuple[float, float]:
-        """StartOffset and EndOffset for these per-chunk delays: play each chunk at max(its delay,
-        end of the previous one); EndOffset is where the last ends minus when the input ended (by
-        default: its duration)."""
+        """StartOffset and EndOffset for these per-chunk delays of the recorded chunks: play each at
+        max(its delay, end of the previous one); EndOffset is where the last ends minus when the
+        input ended (by default: its duration)."""
         end = 0.0
         for d, (_, _, n) in zip(delays_ms, self.outputs):
             end = max(d, end) + 1000 * n / self.sample_rate
@@ -82,22 +105,22 @@ class SessionStats:
         out = {
             "session": self.session,
             "input_s": round(input_ms / 1000, 3),
-            "output_s": round(sum(n for *_, n in self.outputs) / self.sample_rate, 3),
+            "output_s": round(self.output_samples / self.sample_rate, 3),
             "compute_ms": {k: round(1000 * v, 1) for k, v in self.compute.items()},
             "rtf": round(sum(self.compute.values()) / max(input_ms / 1000, 1e-9), 4),
             "dropped_chunks": self.dropped_chunks,
         }
         if self.error:
             out["error"] = self.error
-        if self.outputs and self.started_at is not None:
-            ideal = [d for d, _, _ in self.outputs]
-            aware = [1000 * (t - self.started_at) for _, t, _ in self.outputs]
-            input_ended_ms = None if self.input_end_at is None else 1000 * (self.input_end_at - self.started_at)
-            out["start_offset_ms"], out["end_offset_ms"] = (round(x, 1) for x in self.offsets(ideal))
-            out["start_offset_ca_ms"], out["end_offset_ca_ms"] = (round(x, 1) for x in self.offsets(aware, input_ended_ms))
+        if self.first_output is not None and self.started_at is not None:
+            ideal, emitted = self.first_output
+            first_ca = 1000 * (emitted - self.started_at)
+            input_ended_ms = input_ms if self.input_end_at is None else 1000 * (self.input_end_at - self.started_at)
+            out["start_offset_ms"], out["end_offset_ms"] = round(ideal, 1), round(self.play_end_ms - input_ms, 1)
+            out["start_offset_ca_ms"], out["end_offset_ca_ms"] = round(first_ca, 1), round(self.play_end_ca_ms - input_ended_ms, 1)
             out["first_audio_ms"] = out["start_offset_ca_ms"]
             if self.input_end_at is not None:
-                out["first_audio_after_input_ms"] = round(1000 * (self.outputs[0][1] - self.input_end_at), 1)
+                out["first_audio_after_input_ms"] = round(1000 * (emitted - self.input_end_at), 1)
         return out
 
 
@@ -120,9 +143,10 @@ class Stats:
     hands each session's figures to `on_session` as it ends."""
 
     def __init__(self, sample_rate: int, json_log: IO[str] | None = None, on_session: Callable[[SessionStats], None] | None = None,
-                 keep_closed: int = 1000):
+                 keep_closed: int = 1000, chunk_records: int = 10_000):
         self.sample_rate = sample_rate
         self.keep_closed = keep_closed  # ended sessions kept for the final report (the most recent ones): a service runs for ever
+        self.chunk_records = chunk_records  # per-chunk records kept per session (0 for services: the figures need none)
         self.sessions: dict[str, SessionStats] = {}
         self.json_log = json_log
         self.on_session = on_session
@@ -130,7 +154,7 @@ class Stats:
 
     def session(self, name: str) -> SessionStats:
         if name not in self.sessions:
-            self.sessions[name] = SessionStats(name, self.sample_rate)
+            self.sessions[name] = SessionStats(name, self.sample_rate, records=self.chunk_records)
         return self.sessions[name]
 
     def event(self, **fields) -> None:

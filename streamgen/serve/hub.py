@@ -118,7 +118,7 @@ class Hub:
             if st is not None and st.started_at is not None:
                 lag = (item.emitted_at - st.started_at) - item.source_samples / self.stats.sample_rate
                 self.metrics.chunk_lag(lag)
-                if len(st.outputs) == 1:
+                if st.output_chunks == 1:
                     self.metrics.first_audio.observe(item.emitted_at - st.started_at)
             self.metrics.audio_out.inc(item.samples.numel() / self.stats.sample_rate)
             if s.route is not None:
@@ -159,10 +159,10 @@ class Hub:
         if st is None:
             return {}
         out = {"input_s": round(st.input_samples / st.sample_rate, 3),
-               "output_s": round(sum(n for *_, n in st.outputs) / st.sample_rate, 3),
+               "output_s": round(st.output_samples / st.sample_rate, 3),
                "rtf": round(sum(st.compute.values()) / max(st.input_samples / st.sample_rate, 1e-9), 4)}
-        if st.outputs and st.started_at is not None:
-            out["first_audio_ms"] = round(1000 * (st.outputs[0][1] - st.started_at), 1)
+        if st.first_output is not None and st.started_at is not None:
+            out["first_audio_ms"] = round(1000 * (st.first_output[1] - st.started_at), 1)
         if lag is not None:
             out["lag_ms"] = round(1000 * lag, 1)
         return out

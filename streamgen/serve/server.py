@@ -73,7 +73,7 @@ class Server:
                  echo: Callable[[str], None] | None = None):
         self.opts, self.describe = opts, describe
         self.echo = echo or (lambda line: print(line, flush=True))
-        self.stats = Stats(engine.bundle.sample_rate)
+        self.stats = Stats(engine.bundle.sample_rate, chunk_records=0)  # a service keeps running figures only
         self.metrics = ServeMetrics()
         self.hub = Hub(self.stats, self.metrics, opts.max_sessions, idle_timeout_s=opts.idle_timeout_s)
         self.pipeline = Pipeline(self.hub, engine, self.hub, self.stats)
