@@ -15,8 +15,7 @@ import torch
 
 from streamgen.bundle import load_bundle
 from streamgen.io.files import read_audio
-from streamgen.models.logmel_units import LogMelUnitStream
-from streamgen.models.source_filter_vocoder import SourceFilterStream
+from streamgen.pipeline.streams import LogMelUnitStream, SourceFilterStream
 from streamgen.train.synth import read_manifest
 
 

@@ -61,6 +61,37 @@ def test_sessions_batched_together_equal_each_alone(test_bundle):
     assert not engine.sessions and not engine.decoder.running  # everyone left; their slots are free
 
 
+def logmel_source_filter_bundle():
+    """A small random bundle of the other kind of parts: log-mel units and the source-filter vocoder."""
+    from streamgen.bundle import Bundle
+    from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
+    from streamgen.models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
+    from streamgen.models.vocoder import DurationConfig
+
+    torch.manual_seed(0)
+    enc = LogMelUnits(LogMelUnitsConfig(num_units=50, n_mels=24))
+    enc.set_codebook(torch.full((24,), -3.0), torch.full((24,), 2.0), torch.randn(50, 24))
+    voc = SourceFilterVocoder(SourceFilterConfig(num_units=50, dim=32, layers=2, harmonics=24, bands=16,
+                                                 dur_predictor_params=DurationConfig(32, 32)))
+    return Bundle(logmel_units=enc.eval(), source_filter=voc.eval())
+
+
+def test_logmel_units_and_source_filter_vocoder_batched_equal_whole_utterance():
+    b = logmel_source_filter_bundle()
+    texts = {"x": "The weather is nice today.", "y": "Where is the train station, please?", "z": "One two three."}
+    waves = {n: espeak(t) for n, t in texts.items()}
+    items = interleave([[Control(n, "start", "resynthesis", {})] + chunks_of(n, w, 1600) for n, w in waves.items()], [0, 2, 3])
+    together, units, engine = run(b, items)
+    for n, w in waves.items():
+        whole_units, _ = b.encode(w)
+        with torch.no_grad():
+            whole = b.source_filter(whole_units)
+        assert units[n] == whole_units.tolist(), n  # streamed units = whole-utterance units
+        out = together.wave(n)
+        assert len(out) == len(whole) > 0 and (out - whole).abs().max() <= 1e-5, n
+    assert engine.largest_batch["vocoder"] > 1 and engine.largest_batch["encoder"] > 1  # sessions shared calls
+
+
 def test_one_at_a_time_baseline_gives_the_same_output(test_bundle):
     items = interleave([session_items(n) for n in "abc"], [0, 2, 4])
     batched, u1, _ = run(test_bundle, items)

@@ -4,7 +4,8 @@ window of samples; k-means fitted on real features gives a codebook that separat
 import pytest
 import torch
 
-from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig, LogMelUnitStream
+from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
+from streamgen.pipeline.streams import LogMelUnitStream
 from streamgen.models.kmeans import dedup
 from streamgen.train.units import kmeans
 

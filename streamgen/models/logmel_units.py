@@ -8,7 +8,7 @@ Hann window of `win` samples centred on that span, zero samples outside the audi
     unit_i = argmin_k |(f_i - mean) / std - c_k|^2                 (k-means on standardised features)
 
 A wave of T samples has T // hop frames. Frame i needs samples up to (i+1)*hop + (win-hop)/2, so
-`LogMelUnitStream` gives every unit as soon as that much audio is in, and at the end pads with zeros
+`pipeline.streams.LogMelUnitStream` gives every unit as soon as that much audio is in, and at the end pads with zeros
 exactly as whole-utterance encoding does: streamed units equal `LogMelUnits.forward`.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .kmeans import KMeansQuantizer, dedup, dedup_continuing
+from .kmeans import KMeansQuantizer, dedup
 
 
 @dataclass(frozen=True)
@@ -106,44 +106,3 @@ class LogMelUnits(nn.Module):
     def encode(self, wave: Tensor) -> tuple[Tensor, Tensor]:
         """wave [T] -> (de-duplicated units, frames per unit)."""
         return dedup(self(wave))
-
-
-class LogMelUnitStream:
-    """Units as audio arrives, equal to `LogMelUnits.encode` of the whole input. Same interface as the
-    pipeline's `UnitStream`: push(samples) and flush() return (new de-duplicated units, their start frames)."""
-
-    def __init__(self, encoder: LogMelUnits):
-        self.encoder = encoder
-        c = encoder.cfg
-        self.hop, self.pad, self.win = c.hop, c.pad, c.win
-        self.buf = torch.zeros(c.pad)  # padded input from padded index b0 (the left zero padding first)
-        self.b0 = 0
-        self.n_samples = 0
-        self.n_done = 0
-        self.last_unit: int | None = None
-
-    @torch.no_grad()
-    def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
-        self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
-        self.n_samples += samples.numel()
-        return self._encode(max(0, (self.n_samples - self.pad) // self.hop))  # frame i needs (i+1)*hop + pad samples
-
-    @torch.no_grad()
-    def flush(self) -> tuple[Tensor, Tensor]:
-        end = self.n_samples // self.hop
-        need = end * self.hop + self.pad + self.pad  # padded length that frame end-1's window reaches
-        self.buf = torch.nn.functional.pad(self.buf, (0, max(0, need - self.b0 - len(self.buf))))
-        return self._encode(end)
-
-    def _encode(self, end: int) -> tuple[Tensor, Tensor]:
-        a = self.n_done
-        if end <= a:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        window = self.buf[a * self.hop - self.b0 : (end - 1) * self.hop + self.win - self.b0]
-        frame_units = self.encoder.quantize(self.encoder.frame_features(window, end - a))
-        self.n_done = end
-        keep = end * self.hop  # padded index where the next frame's window starts
-        self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        units, idx = dedup_continuing(frame_units, self.last_unit)
-        self.last_unit = int(frame_units[-1])
-        return units, idx + a

@@ -22,7 +22,7 @@ s (h samples) lies between P'_s and P'_{s+1}, whose values it interpolates linea
 
 E is relative to unit-variance white noise: a harmonic of amplitude A carries the power that E gives
 a band f0 wide. Segment phases are accumulated as 32-bit fixed-point turns (exact integer sums in any
-order) and the noise is a hash of the absolute sample index, so `SourceFilterStream` (chunks carry
+order) and the noise is a hash of the absolute sample index, so `pipeline.streams.SourceFilterStream` (chunks carry
 the phase) equals whole-utterance synthesis.
 """
 
@@ -97,8 +97,17 @@ class Block(nn.Module):
         self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2)
         self.mix = nn.Conv1d(dim, dim, 1)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C, F]
-        return x + self.mix(F.gelu(self.conv(self.norm(x.transpose(1, 2)).transpose(1, 2))))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # [B, C, F], mask [B, 1, F]
+        """In x's dtype (float64 at inference, see `SourceFilterVocoder.params`)."""
+        h = layer_norm(self.norm, x.transpose(1, 2)).transpose(1, 2)
+        c, m = self.conv, self.mix
+        h = F.conv1d(h if mask is None else h * mask, c.weight.to(x.dtype), c.bias.to(x.dtype), padding=c.padding)
+        return x + F.conv1d(F.gelu(h), m.weight.to(x.dtype), m.bias.to(x.dtype))
+
+
+def layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """`norm` applied in x's dtype."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
 
 
 class SourceFilterVocoder(nn.Module):
@@ -131,19 +140,35 @@ class SourceFilterVocoder(nn.Module):
 
     # --- the network --------------------------------------------------------------------------
 
-    def durations(self, units: Tensor) -> Tensor:
+    def durations(self, units: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """units [N] -> frames per unit [N]; a right-padded batch [B, N] with lengths [B] gives each
+        row's own durations."""
         if self.dur_predictor is None:
             return torch.ones_like(units)
-        log_dur = self.dur_predictor(self.dict(units)[None])[0]
-        return torch.clamp(torch.round(torch.exp(log_dur) - 1).long(), min=1)
+        x = self.dict(units.view(-1, units.shape[-1]))
+        mask = None if lengths is None else (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[..., None].to(x.dtype)
+        dur = torch.clamp(torch.round(torch.exp(self.dur_predictor(x, mask)) - 1).long(), min=1)
+        return dur[0] if units.dim() == 1 else dur
 
-    def params(self, frames: Tensor) -> Tensor:
+    def params(self, frames: Tensor, lengths: Tensor | None = None, exact: bool = False) -> Tensor:
         """Unit id per frame [B, F] -> raw parameters [B, F * sub, 2 + 2 * bands]:
-        (log f0 offset, voicing logit, log envelope [bands], aperiodicity logit [bands])."""
+        (log f0 offset, voicing logit, log envelope [bands], aperiodicity logit [bands]).
+        With lengths [B], each row's frames past its length count as the zeros its convolutions pad
+        with, so a row equals that row alone.
+
+        exact (synthesis): the network runs in float64 and the result is rounded to float32, so the
+        parameters are the same float32 numbers whatever the batch or chunking. It matters for f0,
+        whose phase the oscillator integrates over the whole utterance: a float32 rounding
+        difference of 1e-7 grows into a visible phase drift within seconds."""
         x = self.dict(frames).transpose(1, 2)
+        if exact:
+            x = x.double()
+        mask = None if lengths is None else (torch.arange(x.shape[2], device=x.device)[None] < lengths[:, None])[:, None].to(x.dtype)
         for b in self.blocks:
-            x = b(x)
-        y = self.head(self.norm(x.transpose(1, 2)))
+            x = b(x, mask)
+        y = F.linear(layer_norm(self.norm, x.transpose(1, 2)), self.head.weight.to(x.dtype), self.head.bias.to(x.dtype))
+        if exact:
+            y = y.to(self.head.weight.dtype)
         B, n = frames.shape
         return y.view(B, n * self.cfg.sub, self.cfg.n_params)
 
@@ -156,24 +181,28 @@ class SourceFilterVocoder(nn.Module):
         w = pos - lo
         return torch.gather(grid, -1, lo) * (1 - w) + torch.gather(grid, -1, lo + 1) * w
 
-    def render(self, p: Tensor, f0: Tensor, voiced: Tensor, s0: int = 0, turns0: int = 0) -> tuple[Tensor, int]:
+    def render(self, p: Tensor, f0: Tensor, voiced: Tensor, s0: int | Tensor = 0, turns0: int | Tensor = 0,
+               segments: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Synthesise the segments between consecutive frames of a padded parameter sequence.
 
         p [B, M+1, n_params] raw parameters (only the envelope and aperiodicity are read), f0 [B, M+1]
         in Hz, voiced [B, M+1] in [0, 1]; s0 = absolute index of the first segment (noise position),
-        turns0 = fixed-point phase at its start. Returns (samples [B, M * h], phase after the last
-        segment, fixed point, for batch row 0)."""
+        turns0 = fixed-point phase at its start, each one number or one per row; segments [B]: rows
+        with fewer than M segments (the rest is padding). Returns (samples [B, M * h], the phase
+        after each row's last segment [B], fixed point)."""
         cfg, h = self.cfg, self.cfg.h
         sr = cfg.sample_rate
         env, ap = p[..., 2 : 2 + cfg.bands], torch.sigmoid(p[..., 2 + cfg.bands :])
         B, M1 = f0.shape
         M = M1 - 1
+        s0 = torch.as_tensor(s0, device=p.device).long().expand(B)
+        turns0 = torch.as_tensor(turns0, device=p.device).long().expand(B)
         # noise: one 2h-long filtered frame per parameter frame, centred on its segment boundary
         pos = self.bins_pos.expand(B, M1, -1)
         periodic_bins = voiced[..., None] * (1 - self.at(ap, pos))
         gain = torch.exp(self.at(env, pos)) * torch.sqrt((1 - periodic_bins).clamp(min=1e-6))
-        idx = (torch.arange(M1, device=p.device)[:, None] + s0) * h - h + torch.arange(2 * h, device=p.device)
-        z = hash_noise(idx)[None].expand(B, -1, -1)
+        idx = (torch.arange(M1, device=p.device)[None, :, None] + s0[:, None, None]) * h - h + torch.arange(2 * h, device=p.device)
+        z = hash_noise(idx)
         frames = torch.fft.irfft(torch.fft.rfft(z) * gain, n=2 * h) * self.window
         noise = (frames[:, :-1, h:] + frames[:, 1:, :h]).reshape(B, M * h)
         # harmonics: amplitudes per frame, interpolated across each segment with f0
@@ -185,13 +214,15 @@ class SourceFilterVocoder(nn.Module):
         omega = 2 * math.pi * f0_n / sr
         within = torch.cumsum(omega, -1) - omega  # phase from the segment's start
         total = torch.round((within[..., -1] + omega[..., -1]) / (2 * math.pi) * TURN).long()  # [B, M]
-        starts = (turns0 + torch.cumsum(total, -1) - total) % TURN
+        if segments is not None:  # padding segments add no phase
+            total = total * (torch.arange(M, device=p.device)[None] < segments[:, None])
+        starts = (turns0[:, None] + torch.cumsum(total, -1) - total) % TURN
         phi = (starts.double() / TURN * 2 * math.pi)[..., None] + within
         waves = torch.sin(phi.float()[..., None] * self.k)  # [B, M, h, K]
         t = self.ramp.float()
-        harm = ((1 - t) * (waves @ amp[:, :-1, :, None])[..., 0] + t * (waves @ amp[:, 1:, :, None])[..., 0]).reshape(B, M * h)
-        end_turns = int((turns0 + total[0].sum()) % TURN) if M else turns0
-        return harm + noise, end_turns
+        ends = waves @ torch.stack([amp[:, :-1], amp[:, 1:]], -1)  # [B, M, h, 2]: with the amplitudes at both ends
+        harm = ((1 - t) * ends[..., 0] + t * ends[..., 1]).reshape(B, M * h)
+        return harm + noise, (turns0 + total.sum(-1)) % TURN
 
     def source(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """Predicted (f0 Hz, voicing probability) from raw parameters [..., n_params]."""
@@ -210,92 +241,9 @@ class SourceFilterVocoder(nn.Module):
 
     def generate(self, frames: Tensor) -> Tensor:
         """Unit id per frame [F] -> waveform [F * hop]."""
-        return self.synthesize(self.params(frames[None]))[0]
+        return self.synthesize(self.params(frames[None], exact=True))[0]
 
     def forward(self, units: Tensor) -> Tensor:
         """Whole-utterance synthesis: de-duplicated units [N] -> waveform [sum(durations) * hop]."""
         check_units(units, self.cfg.num_units)
         return self.generate(torch.repeat_interleave(units, self.durations(units)))
-
-
-class SourceFilterStream:
-    """Synthesise units as they arrive; the concatenated chunks equal `SourceFilterVocoder.forward`.
-    Same interface as `VocoderStream`: push(units) returns the audio that is now final, flush() the rest.
-
-    A duration is final once `dur_predictor.radius` later units are known, a frame's parameters once
-    `frame_context()` later frames are, and a segment's samples once the parameter frame after it is.
-    """
-
-    def __init__(self, model: SourceFilterVocoder):
-        self.model = model
-        self.context = model.frame_context()
-        self.unit_radius = model.dur_predictor.radius if model.dur_predictor is not None else 0
-        dev = model.dict.weight.device
-        self.units = torch.empty(0, dtype=torch.long, device=dev)
-        self.u0 = self.n_units = self.n_timed = 0
-        self.frames = torch.empty(0, dtype=torch.long, device=dev)  # unit id per frame from absolute frame f0
-        self.f0 = self.n_frames = self.n_param_frames = 0  # frames whose parameters are computed
-        self.pending: Tensor | None = None  # padded parameter frames not yet past their last segment [1, m, n_params]
-        self.segment = 0  # absolute index of pending's first segment
-        self.turns = 0
-        self.started = False
-
-    @torch.no_grad()
-    def push(self, units: Tensor) -> Tensor:
-        check_units(units, self.model.cfg.num_units)
-        self.units = torch.cat([self.units, units.to(self.units.device).long()])
-        self.n_units += units.numel()
-        self._time(self.n_units - self.unit_radius)
-        self._params(self.n_frames - self.context)
-        return self._render(final=False)
-
-    @torch.no_grad()
-    def flush(self) -> Tensor:
-        self._time(self.n_units)
-        self._params(self.n_frames)
-        return self._render(final=True)
-
-    def _time(self, end: int) -> None:
-        a, r = self.n_timed, self.unit_radius
-        if end <= a:
-            return
-        lo, hi = max(0, a - r), min(self.n_units, end + r)
-        window = self.units[lo - self.u0 : hi - self.u0]
-        new = torch.repeat_interleave(window[a - lo : end - lo], self.model.durations(window)[a - lo : end - lo])
-        self.frames = torch.cat([self.frames, new])
-        self.n_frames += new.numel()
-        self.n_timed = end
-        keep = max(0, end - r)
-        self.units, self.u0 = self.units[keep - self.u0 :], keep
-
-    def _params(self, end: int) -> None:
-        a, c = self.n_param_frames, self.context
-        if end <= a:
-            return
-        lo, hi = max(0, a - c), min(self.n_frames, end + c)
-        p = self.model.params(self.frames[lo - self.f0 : hi - self.f0][None])[:, (a - lo) * self.model.cfg.sub : (end - lo) * self.model.cfg.sub]
-        if self.pending is None:
-            p = torch.cat([p[:, :1], p], 1)  # P'_0 = P_0
-        self.pending = p if self.pending is None else torch.cat([self.pending, p], 1)
-        self.n_param_frames = end
-        keep = max(0, end - c)
-        self.frames, self.f0 = self.frames[keep - self.f0 :], keep
-
-    def _render(self, final: bool) -> Tensor:
-        empty = torch.zeros(0, device=self.frames.device)
-        if self.pending is None:
-            return empty
-        p = torch.cat([self.pending, self.pending[:, -1:]], 1) if final else self.pending  # P'_{P+1} = P_{P-1}
-        if p.shape[1] < 2:
-            return empty
-        f0, voiced = self.model.source(p)
-        wave, self.turns = self.model.render(p, f0, voiced, s0=self.segment, turns0=self.turns)
-        wave = wave[0]
-        h = self.model.cfg.h
-        if not self.started:
-            wave, self.started = wave[h // 2 :], True
-        if final:
-            wave = wave[: len(wave) - h // 2]
-        self.segment += p.shape[1] - 1
-        self.pending = p[:, -1:]
-        return wave

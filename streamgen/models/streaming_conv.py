@@ -1,5 +1,7 @@
-"""The CodeHiFiGAN generator on streams: every sample of every layer computed once, for a batch of
-streams of different lengths, exactly equal to the generator over the whole signal.
+"""Convolutional networks on streams: every sample of every layer computed once, for a batch of
+streams of different lengths, exactly equal to the network over the whole signal. Two graphs: the
+CodeHiFiGAN generator (`StreamingGenerator`) and the source-filter vocoder's parameter network
+(`StreamingParams`).
 
 Every convolution of the generator is a "valid" convolution over its input with `a` zeros before
 it and `b` after it: a "same" conv of kernel k and dilation d has a = b = d(k-1)/2, and a
@@ -17,10 +19,13 @@ sessions of any lengths share every call.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .source_filter_vocoder import layer_norm
 from .vocoder import LRELU_SLOPE, CodeHiFiGAN
 
 
@@ -227,3 +232,57 @@ class StreamingGenerator:
         for s, e in zip(streams, ended):
             s.ended = s.ended or e
         return [wave[i, :k].float().cpu() for i, k in enumerate(n.tolist())]
+
+
+class ParamsStream:
+    """One stream's state in every block of a source-filter vocoder's parameter network."""
+
+    def __init__(self, graph: StreamingParams):
+        ref = graph.model.dict.weight
+        self.tails = [op.init_tail(ref) for op in graph.ops]
+        self.res = [ref.new_zeros(ref.shape[1], 0) for _ in graph.ops]  # block inputs its output has not caught up with
+        self.ended = False
+
+
+class StreamingParams:
+    """`SourceFilterVocoder.params` on streams: each block x + mix(GELU(conv(LayerNorm(x)))) keeps its
+    conv's last kernel-1 normalised inputs and the inputs x its output still lags behind; LayerNorm,
+    GELU, the 1x1 mix and the head work frame by frame. Every frame of every block is computed once,
+    and the parameters equal the whole sequence's (the convs' zero padding at both ends included)."""
+
+    def __init__(self, model):
+        self.model = model
+        # in float64, rounded to float32 at the end, as `SourceFilterVocoder.params(exact=True)`
+        self.ops = [ConvOp.same(copy.deepcopy(b.conv).double()) for b in model.blocks]
+        self.mix = [(b.mix.weight.double(), b.mix.bias.double()) for b in model.blocks]
+        self.head = (model.head.weight.double(), model.head.bias.double())
+
+    def new_stream(self) -> ParamsStream:
+        return ParamsStream(self)
+
+    @torch.no_grad()
+    def step(self, streams: list[ParamsStream], frames: list[Tensor], ended: list[bool]) -> list[Tensor]:
+        """New unit ids per frame for each stream (and whether its frames end here) -> each stream's
+        parameter frames that are now final [k * sub, n_params]."""
+        m = self.model
+        dev = m.dict.weight.device
+        end = torch.tensor(ended, device=dev)
+        ids, n = stack([f.to(dev)[None] for f in frames])
+        x = m.dict(ids[:, 0].clamp_min(0)).transpose(1, 2).double()
+        for i, (block, op) in enumerate(zip(m.blocks, self.ops)):
+            h = layer_norm(block.norm, x.transpose(1, 2)).transpose(1, 2)
+            tails, y, out_n = op([s.tails[i] for s in streams], h, n, end)
+            for s, t in zip(streams, tails):
+                s.tails[i] = t
+            r, rn = join(*stack([s.res[i] for s in streams]), x, n)
+            mixed = F.conv1d(F.gelu(y), *self.mix[i]) if y.shape[2] else y
+            x = take(r, torch.zeros_like(out_n), out_n, y.shape[2]) + mixed
+            width = int((rn - out_n).max()) if len(rn) else 0
+            for s, rest in zip(streams, unstack(take(r, out_n, rn - out_n, width), rn - out_n)):
+                s.res[i] = rest
+            n = out_n
+        p = F.linear(layer_norm(m.norm, x.transpose(1, 2)), *self.head).to(m.head.weight.dtype)  # [B, T, sub * n_params]
+        for s, e in zip(streams, ended):
+            s.ended = s.ended or e
+        cfg = m.cfg
+        return [p[i, :k].reshape(k * cfg.sub, cfg.n_params) for i, k in enumerate(n.tolist())]

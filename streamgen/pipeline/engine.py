@@ -44,7 +44,8 @@ from ..models.prompt import DeepPrompt, load_prompt
 from .items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from .policies import Decision, Policy, UnitDecoder
 from .stats import Stats
-from .streams import UnitStream, VocoderStream, encode_windows, synthesise, time_windows
+from .streams import (LogMelUnitStream, SourceFilterStream, UnitStream, VocoderStream, encode_logmel_windows, encode_windows,
+                      synthesise, synthesise_source_filter, time_windows)
 from .tasks import TaskPlugin, load_task
 from .vad import Vad
 
@@ -82,7 +83,8 @@ class EngineConfig:
 class Session:
     """One live session's state inside the engine."""
 
-    def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, units: UnitStream, vocoder: VocoderStream,
+    def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, units: UnitStream | LogMelUnitStream,
+                 vocoder: VocoderStream | SourceFilterStream,
                  gate: SpeechGate | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
         self.gate = gate
@@ -120,9 +122,34 @@ class Engine:
     def __init__(self, bundle: Bundle, cfg: EngineConfig, stats: Stats | None = None):
         self.bundle, self.cfg = bundle, cfg
         self.stats = stats or Stats(bundle.sample_rate)
-        self.hubert, self.quantizer = bundle.need("hubert"), bundle.need("kmeans")
-        self.vocoder = bundle.need("vocoder")
-        self.graph = StreamingGenerator(self.vocoder) if cfg.vocoder_lookahead is None else None  # shared by all sessions
+        sr = bundle.sample_rate
+        if bundle.logmel_units is not None:  # log-mel units: frame-local, exact at any chunking
+            lm = bundle.logmel_units
+            self.new_unit_stream = lambda: LogMelUnitStream(lm)
+            self.encode_batch = lambda windows: encode_logmel_windows(lm, windows)
+            enc_wait = lm.cfg.pad / sr
+        else:
+            hubert, quantizer = bundle.need("hubert"), bundle.need("kmeans")
+            self.new_unit_stream = lambda: UnitStream(hubert, quantizer, cfg.left_frames, cfg.lookahead_frames)
+            self.encode_batch = lambda windows: encode_windows(hubert, quantizer, windows)
+            hc = hubert.cfg
+            enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / sr
+        if bundle.source_filter is not None:  # the source-filter vocoder: exact on the stream
+            if cfg.vocoder_lookahead is not None:
+                raise ValueError("--vocoder-lookahead applies to CodeHiFiGAN vocoders; this bundle's source-filter vocoder is always exact")
+            sf = bundle.source_filter
+            self.new_vocoder_stream = lambda: SourceFilterStream(sf)
+            self.time_batch = lambda windows: time_windows(sf, windows)
+            self.audio_batch = synthesise_source_filter
+            voc_wait = sf.frame_context() * sf.hop / sr
+        else:
+            voc = bundle.need("vocoder")
+            graph = StreamingGenerator(voc) if cfg.vocoder_lookahead is None else None  # shared by all sessions
+            self.new_vocoder_stream = lambda: VocoderStream(voc, cfg.vocoder_lookahead, graph)
+            self.time_batch = lambda windows: time_windows(voc, windows)
+            self.audio_batch = synthesise
+            voc_frames = voc.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead
+            voc_wait = voc_frames * voc.hop / sr
         self.mbart = bundle.mbart
         graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
         self.decoder = Decoder(self.mbart, max_batch=cfg.max_batch, graphs=graphs) if self.mbart is not None else None
@@ -140,13 +167,10 @@ class Engine:
         self.emit = None  # callable(item), set by `start`
         self.on_commit = None  # optional callable(session, units): every unit a policy commits to speak
         self.compute: dict[str, float] = {}  # seconds per stage, all sessions
+        self.largest_batch: dict[str, int] = {}  # sessions in the largest call per stage
         self.busy_s = 0.0  # time spent in ticks (the engine's load)
         self.ticks = 0
-        hc = self.hubert.cfg
-        enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / hc.sample_rate
-        voc_frames = self.vocoder.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead
-        self.algorithmic_s = {"chunker": cfg.chunk_samples / bundle.sample_rate, "encoder": enc_wait,
-                              "vocoder": voc_frames * self.vocoder.hop / bundle.sample_rate}
+        self.algorithmic_s = {"chunker": cfg.chunk_samples / sr, "encoder": enc_wait, "vocoder": voc_wait}
         self.plugin(cfg.task).resolve_options(cfg.options)  # unknown task or option: fail before any audio
 
     # --- tasks -----------------------------------------------------------------------------------
@@ -184,8 +208,7 @@ class Engine:
             task, options = self.cfg.task, {**self.cfg.options, **(options or {})}
         plugin, policy = self.new_policy(task, options or {})
         s = Session(name, plugin, policy,
-                    UnitStream(self.hubert, self.quantizer, self.cfg.left_frames, self.cfg.lookahead_frames),
-                    VocoderStream(self.vocoder, self.cfg.vocoder_lookahead, self.graph),
+                    self.new_unit_stream(), self.new_vocoder_stream(),
                     SpeechGate(self.bundle.sample_rate) if self.cfg.speech_gate else None)
         self.sessions[name] = s
         return s
@@ -426,7 +449,7 @@ class Engine:
             if w is not None:
                 jobs.append((s, w, end, captured))
         for batch in self._batches(jobs):
-            units = self._run_batch("encoder", batch, lambda b: encode_windows(self.hubert, self.quantizer, [w for _, w, _, _ in b]))
+            units = self._run_batch("encoder", batch, lambda b: self.encode_batch([w for _, w, _, _ in b]))
             for (s, w, end, captured), fu in zip(batch, units):
                 if fu is None:
                     continue
@@ -510,13 +533,13 @@ class Engine:
             if w is not None:
                 ready.append((s, w))
         for batch in self._batches(ready):
-            durs = self._run_batch("vocoder", batch, lambda b: time_windows(self.vocoder, [w for _, w in b]))
+            durs = self._run_batch("vocoder", batch, lambda b: self.time_batch([w for _, w in b]))
             for (s, w), d in zip(batch, durs):
                 if d is not None:
                     s.vocoder.finish_durations(w, d)
         jobs = [(s, w) for s in list(self.sessions.values()) if s.name in self.sessions and (w := s.vocoder.plan_audio()) is not None]
         for batch in self._batches(jobs):
-            waves = self._run_batch("vocoder", batch, lambda b: synthesise([s.vocoder for s, _ in b], [w for _, w in b]))
+            waves = self._run_batch("vocoder", batch, lambda b: self.audio_batch([s.vocoder for s, _ in b], [w for _, w in b]))
             for (s, w), wave in zip(batch, waves):
                 if wave is None:
                     continue
@@ -559,6 +582,7 @@ class Engine:
     def _account(self, stage: str, sessions: list[Session], seconds: float) -> None:
         """A batched call's time, shared equally by the sessions in it."""
         self.compute[stage] = self.compute.get(stage, 0.0) + seconds
+        self.largest_batch[stage] = max(self.largest_batch.get(stage, 0), len(sessions))
         if not sessions:
             return
         share = seconds / len(sessions)
@@ -582,7 +606,8 @@ def build_engine(bundle: Bundle, task: str = "continuation", options: dict | Non
     None for a context means unbounded (everything before / until the end of input)."""
     if chunk_ms <= 0:
         raise ValueError(f"--chunk-ms must be > 0, got {chunk_ms}")
-    sr, hop = bundle.sample_rate, bundle.need("hubert").cfg.hop
+    sr = bundle.sample_rate
+    hop = bundle.logmel_units.cfg.hop if bundle.logmel_units is not None else bundle.need("hubert").cfg.hop
     frames = lambda ms: None if ms is None else sr * ms // 1000 // hop
     cfg = EngineConfig(task, dict(options or {}), sr * chunk_ms // 1000, frames(left_context_ms), frames(lookahead_ms),
                        vocoder_lookahead, vad, seed, **kw)

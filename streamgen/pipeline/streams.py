@@ -21,6 +21,13 @@ default its frames then go through the generator as streaming convolutions
 synthesised from a window of its frames with `frame_context()` frames before and L after, and
 trimmed: a small L trades exactness at chunk edges for latency (and recomputes the context).
 Memory stays bounded either way: only the context is kept.
+
+LogMelUnitStream and SourceFilterStream do the same for the log-mel units and the source-filter
+vocoder (`models.logmel_units`, `models.source_filter_vocoder`): units frame by frame as soon as a
+frame's window is in; durations, then parameter frames once `frame_context()` later frames are
+known (the parameter network runs on the stream, `models.streaming_conv.StreamingParams`, so no
+frame is computed twice), then the samples between parameter frames. Both equal whole-utterance
+processing, alone or in a batch.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from torch import Tensor
 
 from ..models.hubert import HubertEncoder
 from ..models.kmeans import KMeansQuantizer, dedup_continuing
-from ..models.streaming_conv import StreamingGenerator
+from ..models.logmel_units import LogMelUnits
+from ..models.source_filter_vocoder import SourceFilterVocoder
+from ..models.streaming_conv import StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
 
 
@@ -271,3 +280,207 @@ def synthesise_windows(model: CodeHiFiGAN, windows: list[AudioWindow]) -> list[T
     wave = (model.generate(frames, lengths) if len(windows) > 1 else model.generate(frames)).float().cpu()
     hop = model.hop
     return [wave[i, : len(w.frames) * hop] for i, w in enumerate(windows)]
+
+
+class LogMelUnitStream:
+    """Log-mel units as audio arrives, equal to `LogMelUnits.encode` of the whole input (plan / finish
+    as `UnitStream`; frame i needs samples up to (i+1)*hop + pad)."""
+
+    def __init__(self, encoder: LogMelUnits):
+        self.encoder = encoder
+        c = encoder.cfg
+        self.hop, self.pad, self.win = c.hop, c.pad, c.win
+        self.buf = torch.zeros(c.pad)  # padded input from padded index b0 (the left zero padding first)
+        self.b0 = 0
+        self.n_samples = 0
+        self.n_done = 0
+        self.last_unit: int | None = None
+        self.padded = False
+
+    def add(self, samples: Tensor) -> None:
+        self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
+        self.n_samples += samples.numel()
+
+    def plan(self, final: bool = False) -> EncodeWindow | None:
+        if final:
+            end = self.n_samples // self.hop
+            if not self.padded:  # the zeros after the audio, as whole-utterance encoding pads
+                need = end * self.hop + 2 * self.pad
+                self.buf = torch.nn.functional.pad(self.buf, (0, max(0, need - self.b0 - len(self.buf))))
+                self.padded = True
+        else:
+            end = max(0, (self.n_samples - self.pad) // self.hop)
+        a = self.n_done
+        if end <= a:
+            return None
+        wave = self.buf[a * self.hop - self.b0 : (end - 1) * self.hop + self.win - self.b0]
+        return EncodeWindow(wave, 0, end - a, end)
+
+    def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
+        a, end = self.n_done, window.end
+        frame_units = frame_units.cpu()
+        self.n_done = end
+        keep = end * self.hop  # padded index where the next frame's window starts
+        self.buf, self.b0 = self.buf[keep - self.b0 :], keep
+        units, idx = dedup_continuing(frame_units, self.last_unit)
+        self.last_unit = int(frame_units[-1])
+        return units, idx + a
+
+    @torch.no_grad()
+    def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
+        self.add(samples)
+        return self._run(self.plan())
+
+    @torch.no_grad()
+    def flush(self) -> tuple[Tensor, Tensor]:
+        return self._run(self.plan(final=True))
+
+    def _run(self, window: EncodeWindow | None) -> tuple[Tensor, Tensor]:
+        if window is None:
+            return _empty()
+        (units,) = encode_logmel_windows(self.encoder, [window])
+        return self.finish(window, units)
+
+
+def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> list[Tensor]:
+    """Frame units of every window: all windows' frames in one log-mel and one k-means call."""
+    dev = encoder.fb.device
+    feats = torch.cat([encoder.frame_features(w.wave.to(dev), w.count) for w in windows])
+    return list(encoder.quantize(feats).cpu().split([w.count for w in windows]))
+
+
+class SourceFilterStream:
+    """Source-filter synthesis of units as they arrive; the chunks concatenate to
+    `SourceFilterVocoder.forward(all units)`. Same plan / finish interface as `VocoderStream`.
+
+    A duration is final once `dur_predictor.radius` later units are known, a frame's parameters once
+    `frame_context()` later frames are, and a segment's samples once the parameter frame after it is.
+    """
+
+    def __init__(self, model: SourceFilterVocoder, graph: StreamingParams | None = None):
+        self.model = model
+        self.context = model.frame_context()
+        self.unit_radius = model.dur_predictor.radius if model.dur_predictor is not None else 0
+        self.graph = graph or StreamingParams(model)  # one per model, shared by every stream
+        self.params = self.graph.new_stream()
+        self.units = torch.empty(0, dtype=torch.long)
+        self.u0 = self.n_units = self.n_timed = 0
+        self.frames = torch.empty(0, dtype=torch.long)  # unit id per frame from absolute frame f0
+        self.f0 = self.n_frames = self.n_fed = 0  # frames timed, frames fed to the parameter network
+        self.pending: Tensor | None = None  # parameter frames not yet past their last segment [m, n_params]
+        self.segment = 0  # absolute index of pending's first segment
+        self.turns = 0
+        self.started = False
+        self.ended = False  # no more units
+        self.finished = False  # the last samples are out
+
+    def add(self, units: Tensor) -> None:
+        check_units(units, self.model.cfg.num_units)
+        self.units = torch.cat([self.units, units.cpu().long()])
+        self.n_units += units.numel()
+
+    def end(self) -> None:
+        self.ended = True
+
+    def plan_durations(self) -> DurationWindow | None:
+        end = self.n_units if self.ended else self.n_units - self.unit_radius
+        a, r = self.n_timed, self.unit_radius
+        if end <= a:
+            return None
+        lo, hi = max(0, a - r), min(self.n_units, end + r)
+        return DurationWindow(self.units[lo - self.u0 : hi - self.u0], a - lo, end - a)
+
+    def finish_durations(self, window: DurationWindow, dur: Tensor) -> None:
+        new = torch.repeat_interleave(window.units[window.first : window.first + window.count], dur.cpu())
+        self.frames = torch.cat([self.frames, new])
+        self.n_frames += new.numel()
+        self.n_timed += window.count
+        keep = max(0, self.n_timed - self.unit_radius)
+        self.units, self.u0 = self.units[keep - self.u0 :], keep
+
+    def plan_audio(self) -> AudioWindow | None:
+        """The frames timed since the last call, for the parameter network (which keeps its own
+        context), and whether they are the last."""
+        final = self.ended and self.n_timed == self.n_units
+        if self.finished or (self.n_fed == self.n_frames and not final):
+            return None
+        return AudioWindow(self.frames[self.n_fed - self.f0 :], 0, self.n_frames - self.n_fed, final)
+
+    def finish_audio(self, window: AudioWindow, out: tuple[Tensor, Tensor | None, int]) -> Tensor:
+        """out: (the window's new samples, the parameter frames still pending, the phase after them)."""
+        wave, pending, turns = out
+        h = self.model.cfg.h
+        self.n_fed += window.count
+        self.frames, self.f0 = self.frames[self.n_fed - self.f0 :], self.n_fed
+        if pending is None:  # nothing to render yet
+            self.finished = window.ended
+            return wave
+        self.segment += len(wave) // h
+        self.pending, self.turns = pending, turns
+        if not self.started and len(wave):
+            wave, self.started = wave[h // 2 :], True
+        if window.ended:
+            wave, self.finished = wave[: len(wave) - h // 2], True
+        return wave
+
+    @property
+    def done(self) -> bool:
+        return self.finished
+
+    @torch.no_grad()
+    def push(self, units: Tensor) -> Tensor:
+        self.add(units)
+        return self._run()
+
+    @torch.no_grad()
+    def flush(self) -> Tensor:
+        self.end()
+        return self._run()
+
+    def _run(self) -> Tensor:
+        w = self.plan_durations()
+        if w is not None:
+            (dur,) = time_windows(self.model, [w])
+            self.finish_durations(w, dur)
+        w = self.plan_audio()
+        if w is None:
+            return torch.empty(0)
+        (out,) = synthesise_source_filter([self], [w])
+        return self.finish_audio(w, out)
+
+
+def synthesise_source_filter(streams: list[SourceFilterStream], windows: list[AudioWindow]) -> list[tuple[Tensor, Tensor | None, int]]:
+    """Every stream's new frames through the parameter network on streams in one batched step, then
+    every stream's new segments (its pending parameter frames and the new ones) in one padded render
+    call with per-row noise positions and phases. Per stream: (new samples, parameter frames left
+    pending, phase after them)."""
+    model = streams[0].model
+    dev, h = model.dict.weight.device, model.cfg.h
+    todo = [i for i, (s, w) in enumerate(zip(streams, windows)) if (w.count or w.ended) and not s.params.ended]
+    new: dict[int, Tensor] = {}
+    if todo:
+        got = streams[0].graph.step([streams[i].params for i in todo], [windows[i].frames for i in todo], [windows[i].ended for i in todo])
+        new = {i: p for i, p in zip(todo, got) if len(p)}
+    seqs: list[Tensor | None] = []
+    for i, (s, w) in enumerate(zip(streams, windows)):
+        q = s.pending
+        if i in new:
+            q = torch.cat([new[i][:1], new[i]]) if q is None else torch.cat([q, new[i]])  # P'_0 = P_0
+        if q is not None and w.ended:
+            q = torch.cat([q, q[-1:]])  # P'_{P+1} = P_{P-1}
+        seqs.append(q)
+    rows = [i for i, q in enumerate(seqs) if q is not None and len(q) >= 2]
+    out: list[tuple[Tensor, Tensor | None, int]] = [(torch.zeros(0), q, s.turns) for q, s in zip(seqs, streams)]
+    if rows:
+        longest = max(len(seqs[i]) for i in rows)
+        p = torch.stack([torch.cat([seqs[i], seqs[i][-1:].expand(longest - len(seqs[i]), -1)]) for i in rows])
+        segments = torch.tensor([len(seqs[i]) - 1 for i in rows], device=dev)
+        f0, voiced = model.source(p)
+        s0 = torch.tensor([streams[i].segment for i in rows], device=dev)
+        turns0 = torch.tensor([streams[i].turns for i in rows], device=dev)
+        wave, turns = model.render(p, f0, voiced, s0=s0, turns0=turns0, segments=segments)
+        wave, turns = wave.float().cpu(), turns.tolist()
+        for row, i in enumerate(rows):
+            m = len(seqs[i]) - 1
+            out[i] = (wave[row, : m * h], seqs[i][-1:], turns[row])
+    return out
