@@ -66,10 +66,11 @@ class Talkers:
             yield End(f"s{i}", s, now) if piece is None else AudioChunk(f"s{i}", j, piece, s, now)
 
 
-def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batch: int, cuda_graphs: bool = True) -> dict:
+def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batch: int, cuda_graphs: bool = True,
+          vocoder_lookahead: int | None = None) -> dict:
     rate = bundle.sample_rate
     engine = build_engine(bundle, task, TASK_OPTIONS[task], chunk_ms=chunk_ms, max_batch=max_batch,
-                          max_sessions=max(256, n), cuda_graphs=cuda_graphs)
+                          max_sessions=max(256, n), cuda_graphs=cuda_graphs, vocoder_lookahead=vocoder_lookahead)
     stats, sink = Stats(rate), MemorySink()
     t = time.monotonic()
     asyncio.run(Pipeline(Talkers(n, wave, rate * chunk_ms // 1000, rate), engine, sink, stats).run())
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--max-lag-ms", type=float, default=250.0)
     ap.add_argument("--modes", default="engine,one-at-a-time", help="engine, one-at-a-time (the baseline), or both")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager decoder steps")
+    ap.add_argument("--vocoder-windows", action="store_true",
+                    help="CodeHiFiGAN in exact windows (context recomputed, few large calls) instead of streaming convolutions")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -121,6 +124,7 @@ def main() -> None:
     n = int(args.seconds * bundle.sample_rate)
     wave = sample.repeat(n // len(sample) + 1)[:n]
     levels = [int(x) for x in args.levels.split(",")]
+    lookahead = bundle.vocoder.frame_context() if args.vocoder_windows else None  # that much look-ahead: exact
     load = os.getloadavg()[0]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  device {args.device} ({torch.get_num_threads()} threads), "
           f"load average {load:.1f}, {args.seconds:.0f} s per talker, {args.chunk_ms} ms chunks")
@@ -131,7 +135,7 @@ def main() -> None:
         for mode, max_batch in modes:
             rows, misses = [], 0
             for lv in levels:
-                r = level(bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs)
+                r = level(bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
                 rows.append(r)
                 ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
                 print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
