@@ -23,3 +23,9 @@ S="python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --se
 timeout 210 $S --levels 16,64,256,1024 --modes engine --json "$OUT/sessions.json" 2>&1 | tee "$OUT/sessions.txt"
 timeout 60 $S --levels 16,64 --modes one-at-a-time --json "$OUT/sessions_baseline.json" 2>&1 \
   | tee "$OUT/sessions_baseline.txt"
+# where a tick's time goes (per-stage compute in each row), the CodeHiFiGAN in exact windows vs streaming
+# convolutions, continuation, and the decoder's CUDA graphs against eager steps
+timeout 100 $S --tasks resynthesis --levels 16,64,256 --modes engine --vocoder-windows --json "$OUT/sessions_windows.json" 2>&1 \
+  | tee "$OUT/sessions_windows.txt"
+timeout 100 $S --tasks continuation --levels 16,64 --modes engine --json "$OUT/sessions_continuation.json" 2>&1 | tee "$OUT/sessions_continuation.txt"
+timeout 60 $S --tasks translation --levels 64 --modes engine --no-cuda-graphs 2>&1 | tee "$OUT/sessions_eager.txt"

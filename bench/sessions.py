@@ -106,12 +106,14 @@ def main() -> None:
     ap.add_argument("--max-lag-ms", type=float, default=250.0)
     ap.add_argument("--modes", default="engine,one-at-a-time", help="engine, one-at-a-time (the baseline), or both")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager decoder steps")
+    ap.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (PyTorch's own kernels)")
     ap.add_argument("--vocoder-windows", action="store_true",
                     help="CodeHiFiGAN in exact windows (context recomputed, few large calls) instead of streaming convolutions")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
+    torch.backends.cudnn.enabled = not args.no_cudnn
     if args.public_random:
         from streamgen.testing import public_size_bundle
 

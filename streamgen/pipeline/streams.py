@@ -125,10 +125,12 @@ def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: l
     """Frame units of every window's kept frames: one padded HuBERT call with lengths, one k-means call."""
     p = next(hubert.parameters())
     lengths = torch.tensor([len(w.wave) for w in windows])
-    wave = torch.zeros(len(windows), int(lengths.max()))
+    width = bucket(int(lengths.max()), 16 * hubert.cfg.hop, p.device)
+    wave = torch.zeros(len(windows), width)
     for i, w in enumerate(windows):
         wave[i, : len(w.wave)] = w.wave
-    feats = hubert(wave.to(p.device, p.dtype), lengths=lengths.to(p.device) if len(windows) > 1 else None)
+    padded = len(windows) > 1 or width > len(windows[0].wave)
+    feats = hubert(wave.to(p.device, p.dtype), lengths=lengths.to(p.device) if padded else None)
     kept = torch.cat([feats[i, w.first : w.first + w.count] for i, w in enumerate(windows)])
     return list(quantizer(kept).cpu().split([w.count for w in windows]))
 
@@ -250,9 +252,16 @@ class VocoderStream:
         return self.finish_audio(w, wave)
 
 
+def bucket(n: int, step: int, device: torch.device) -> int:
+    """On CUDA, n rounded up to a multiple of `step`: calls repeat a few shapes (cuDNN plans a
+    convolution per shape, and ragged lengths would make every call a new one). Rows keep their
+    lengths, so the padding changes no result. Elsewhere n."""
+    return -(-n // step) * step if device.type == "cuda" else n
+
+
 def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
     lengths = torch.tensor([len(s) for s in seqs], device=device)
-    out = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=device)
+    out = torch.zeros(len(seqs), bucket(int(lengths.max()), 16, torch.device(device)), dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s.to(device)
     return out, lengths
@@ -262,7 +271,8 @@ def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow]) -> list[Tens
     """Durations of every window's kept units: one padded duration-predictor call."""
     dev = model.dict.weight.device
     units, lengths = _pad([w.units for w in windows], dev)
-    dur = model.durations(units, lengths) if len(windows) > 1 else model.durations(units)
+    padded = len(windows) > 1 or units.shape[1] > len(windows[0].units)
+    dur = model.durations(units, lengths) if padded else model.durations(units)
     return [dur[i, w.first : w.first + w.count].cpu() for i, w in enumerate(windows)]
 
 
@@ -277,7 +287,8 @@ def synthesise_windows(model: CodeHiFiGAN, windows: list[AudioWindow]) -> list[T
     """Audio of every window: one padded generator call with lengths, trimmed per row."""
     dev = model.dict.weight.device
     frames, lengths = _pad([w.frames for w in windows], dev)
-    wave = (model.generate(frames, lengths) if len(windows) > 1 else model.generate(frames)).float().cpu()
+    padded = len(windows) > 1 or frames.shape[1] > len(windows[0].frames)
+    wave = (model.generate(frames, lengths) if padded else model.generate(frames)).float().cpu()
     hop = model.hop
     return [wave[i, : len(w.frames) * hop] for i, w in enumerate(windows)]
 
