@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..audio import SpeechGate
 from ..bundle import Bundle
+from ..memory import release_freed_memory
 from ..models.generation import Decoder, Sampling
 from ..models.streaming_conv import StreamingGenerator
 from ..models.prompt import DeepPrompt, load_prompt
@@ -68,6 +69,7 @@ class EngineConfig:
     admit_lag_s: float | None = None  # refuse new sessions while a live one has this much input waiting (live services)
     max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
     decode_budget_ms: float = 30.0  # decoder steps per tick: as many as fit in this (at least one)
+    trim_every_s: float = 10.0  # freed memory goes back to the system this often while sessions run
     cuda_graphs: bool = True  # on CUDA, decoder steps are captured as CUDA graphs at bucketed batch sizes
     speech_gate: bool = True  # a session's units reach its task only once speech has been heard in it
 
@@ -170,6 +172,7 @@ class Engine:
         self.largest_batch: dict[str, int] = {}  # sessions in the largest call per stage
         self.busy_s = 0.0  # time spent in ticks (the engine's load)
         self.ticks = 0
+        self.trims, self.trimmed_at, self.trimmed_tick = 0, time.perf_counter(), 0
         self.algorithmic_s = {"chunker": cfg.chunk_samples / sr, "encoder": enc_wait, "vocoder": voc_wait}
         self.plugin(cfg.task).resolve_options(cfg.options)  # unknown task or option: fail before any audio
 
@@ -351,20 +354,35 @@ class Engine:
                 with self.lock:
                     if self.aborted or (self.closing and not self.sessions):
                         break
-                    if not self._has_work():
-                        self.wake.wait(timeout=0.05)
-                        continue
+                    idle = not self._has_work()
+                if idle:
+                    if self.ticks != self.trimmed_tick:  # work was done since the last trim
+                        self._trim()
+                    with self.lock:
+                        if not self._has_work():
+                            self.wake.wait(timeout=0.05)
+                    continue
                 t = time.perf_counter()
                 self.tick()
                 self.busy_s += time.perf_counter() - t
                 self.ticks += 1
+                if t - self.trimmed_at >= self.cfg.trim_every_s:
+                    self._trim()
         except Exception:  # a bug in the engine itself: fail every session loudly, never hang
             log.exception("the engine failed")
             with self.lock:
                 for s in list(self.sessions.values()):
                     self._fail(s, "internal error in the engine (see the server log)")
         finally:
+            if self.ticks != self.trimmed_tick:
+                self._trim()
             self.emit(None)
+
+    def _trim(self) -> None:
+        """Hand what the ticks freed back to the system (see `streamgen.memory`): while sessions run,
+        every `trim_every_s`, and whenever the engine falls idle."""
+        release_freed_memory()
+        self.trimmed_at, self.trimmed_tick, self.trims = time.perf_counter(), self.ticks, self.trims + 1
 
     def _has_work(self) -> bool:
         return any(not s.idle or s.input_ended for s in self.sessions.values())
