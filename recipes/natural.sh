@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12's chain, as far as it has been run: natural-sentence corpora and test sets -> log-mel k-means
 # units -> source-filter vocoder -> resynthesis measured beside the originals -> a bundle -> units for the
-# Unit mBART -> denoising pretraining. Every long step is skipped when done or resumable by rerunning it.
+# Unit mBART -> denoising pretraining -> Spanish -> English travel-domain pairs -> a translation prompt ->
+# ASR-BLEU. Every long step is skipped when done or resumable by rerunning it.
 #
 #   bash recipes/natural.sh                     # CPU, one thread per job (about 1.5 h on 2 cores)
 #   COMPARE=1 bash recipes/natural.sh           # also the comparison runs of bench/QUALITY.md (units on four
@@ -55,3 +56,23 @@ mkdir -p "$R/lm_joe"
 RESUME=; [ -f "$R/lm_joe/backbone/state.pt" ] && RESUME=--resume
 .venv/bin/streamgen train-backbone --bundle "$R/bundle_joe" --train "$R/lm_joe/lm_train.units.tsv" --dev "$R/lm_joe/lm_dev.units.tsv" \
   --out "$R/lm_joe/backbone" --device "$DEVICE" --into-bundle --dim 128 --layers 3 --heads 4 --ffn 512 --epochs 60 --batch-size 16 --patience 6 $RESUME
+# 6. Spanish -> English travel-domain pairs (streamgen/train/travel.py): 3,000 training, 150 dev and 200 test pairs
+#    whose test holds frame/value combinations training never had; Spanish by espeak-ng, English by piper joe
+#    (resumable: audio already written is kept)
+TV=$R/travel
+[ -f "$TV/es2en_test_tgt.tsv" ] || $PY -m streamgen.train.travel --out "$TV" --train 3000 --dev 150 --test 200
+# 7. their units (joe-only log-mel units, the bundle's encoder; resumable) and translation pairs
+for s in train dev test; do
+  for side in src tgt; do
+    .venv/bin/streamgen units --manifest "$TV/es2en_${s}_${side}.tsv" --out "$TV/es2en_${s}_${side}.units.tsv" --bundle "$R/bundle_joe"
+  done
+  .venv/bin/streamgen data pairs --task translation --manifest "$TV/es2en_${s}_src.units.tsv" \
+    --target "$TV/es2en_${s}_tgt.units.tsv" --out "$TV/tr_${s}.tsv"
+done
+# 8. the translation prompt on the frozen backbone (resumable; the best prompt goes into bundle_joe as "translation")
+RESUME=; [ -f "$R/travel_prompt/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-prompt --bundle "$R/bundle_joe" --task translation --train "$TV/tr_train.tsv" --dev "$TV/tr_dev.tsv" \
+  --out "$R/travel_prompt" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
+# 9. ASR-BLEU on the test pairs, offline (whole utterances), beside Whisper on the original English audio
+$PY bench/travel_translation.py --bundle "$R/bundle_joe" --prompt "$R/travel_prompt/best_prompt.safetensors" \
+  --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 100 --no-prompt-row --json "$R/eval_travel_prompt.json"
