@@ -110,7 +110,7 @@ async def soak(args, port: int, server: subprocess.Popen, wave: np.ndarray) -> d
             samples.append({"minute": round(t / 60, 2), "rss_mib": round(rss_mib(server.pid), 1), **tally})
             s = samples[-1]
             print(f"{s['minute']:7.2f} min  RSS {s['rss_mib']:7.1f} MiB  sessions {s['sessions']:4d}  "
-                  f"errors {s['errors']}  lost replies {s['lost_replies']}", flush=True)
+                  f"errors {s['errors']}  lost replies {s['lost_replies']}  without an end {s['no_end']}", flush=True)
             await asyncio.sleep(args.sample_s)
 
     sampling = asyncio.create_task(sampler())

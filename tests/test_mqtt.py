@@ -170,6 +170,30 @@ def test_broker_kill_9_loses_nothing_silently(tmp_path, test_bundle):
         assert "never arrived" in reply.error and reply.control[-1] == {"type": "end"}
 
 
+def test_an_overloaded_reader_holds_a_bounded_backlog(broker):
+    """A server that reads slower than messages arrive keeps at most incoming_size + max_backlog of
+    them (the rest are discarded, and their sessions see the gap): its memory stays bounded."""
+
+    async def main():
+        reader = await connect(broker.port, "slow-reader", "flood/in", incoming_size=4, max_backlog=8)
+        sender = await connect(broker.port, "flooder")
+        for i in range(200):
+            await sender.publish("flood/in", encode_audio("x", i, np.zeros(320, np.float32), 16000))
+        await asyncio.sleep(1.0)  # everything has arrived; nobody has read
+        got = []
+        while True:
+            try:
+                got.append(await asyncio.wait_for(reader.incoming.get(), 0.5))
+            except TimeoutError:
+                break
+        await sender.close()
+        await reader.close()
+        return got
+
+    got = asyncio.run(main())
+    assert 4 <= len(got) <= 4 + 8 + 1  # + the one the link was handing over when its queue filled
+
+
 def test_a_client_can_tell_which_replies_it_lost():
     """Reply follows one stream from its start (random first number, wrapping at 2^32), drops
     repeats and other streams' messages, and lists lost positions."""

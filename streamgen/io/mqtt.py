@@ -291,12 +291,18 @@ class MqttLink:
     """One client connection with reconnect and backoff, shared by a source and a sink; `incoming`
     holds (topic, payload, monotonic arrival time) of what the subscriptions receive. A refusal
     that retrying cannot cure (credentials, authorisation, TLS) ends it: `failure` is set, the
-    source raises it and publishing raises it."""
+    source raises it and publishing raises it.
+
+    What arrives faster than the pipeline reads it waits in `incoming` (`incoming_size` messages)
+    and then in the client library's queue, at most `max_backlog` messages: beyond that an overloaded
+    server discards messages instead of growing without bound, and each session that lost some gets
+    an error listing the gap (the broker has already acknowledged them)."""
 
     def __init__(self, host: str, port: int, *, username=None, password=None, tls_context: ssl.SSLContext | None = None,
                  client_id: str | None = None, qos: int = 1, max_backoff: float = 5.0, incoming_size: int = 256,
-                 clean_session: bool = False):
+                 clean_session: bool = False, max_backlog: int = 8192):
         self.host, self.port, self.username, self.password = host, port, username, password
+        self.max_backlog = max_backlog
         self.tls_context, self.qos, self.max_backoff, self.clean_session = tls_context, qos, max_backoff, clean_session
         self.client_id = client_id or f"streamgen-{uuid.uuid4().hex[:12]}"
         self.subscriptions: list[str] = []
@@ -320,7 +326,8 @@ class MqttLink:
             try:
                 async with aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
                                           identifier=self.client_id, clean_session=self.clean_session,
-                                          tls_context=self.tls_context, timeout=5) as client:
+                                          tls_context=self.tls_context, timeout=5,
+                                          max_queued_incoming_messages=self.max_backlog) as client:
                     self.client = client
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=self.qos)
