@@ -141,13 +141,18 @@ def main() -> None:
         url = f"mqtt://127.0.0.1:{broker.port}/soak"
         cmd = [sys.executable, "-m", "streamgen.cli", "run", "--task", args.task, "--client-id", "soak-server",
                "--in", url + "/+/in", "--out", url + "/{session}/out"] + (["--bundle", str(args.bundle)] if args.bundle else [])
-        server = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            result = asyncio.run(soak(args, broker.port, server, wave))
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-            broker.stop()
+        # the server's log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks the server
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                result = asyncio.run(soak(args, broker.port, server, wave))
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+                broker.stop()
+        lines = log_path.read_text().splitlines()
+        print(f"server log: {len(lines)} lines; the last ones:", *lines[-5:], sep="\n  ")
     rss = [s["rss_mib"] for s in result["samples"]]
     minutes = [s["minute"] for s in result["samples"]]
     slope = float(np.polyfit(minutes, rss, 1)[0]) * 10 if len(rss) > 2 else float("nan")
