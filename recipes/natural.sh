@@ -75,4 +75,4 @@ RESUME=; [ -f "$R/travel_prompt/state.pt" ] && RESUME=--resume
   --out "$R/travel_prompt" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
 # 9. ASR-BLEU on the test pairs, offline (whole utterances), beside Whisper on the original English audio
 $PY bench/travel_translation.py --bundle "$R/bundle_joe" --prompt "$R/travel_prompt/best_prompt.safetensors" \
-  --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 100 --no-prompt-row --json "$R/eval_travel_prompt.json"
+  --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --no-prompt-row --json "$R/eval_travel_prompt.json"
