@@ -76,3 +76,9 @@ RESUME=; [ -f "$R/travel_prompt/state.pt" ] && RESUME=--resume
 # 9. ASR-BLEU on the test pairs, offline (whole utterances), beside Whisper on the original English audio
 $PY bench/travel_translation.py --bundle "$R/bundle_joe" --prompt "$R/travel_prompt/best_prompt.safetensors" \
   --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --no-prompt-row --json "$R/eval_travel_prompt.json"
+# 10. the full fine-tuning baseline on the same pairs (the three-way comparison's third column; resumable), scored alike
+RESUME=; [ -f "$R/travel_full/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-prompt --full --bundle "$R/bundle_joe" --task translation --train "$TV/tr_train.tsv" --dev "$TV/tr_dev.tsv" \
+  --out "$R/travel_full" --device "$DEVICE" --lr 5e-4 --epochs 16 --batch-size 16 --patience 4 $RESUME
+$PY bench/travel_translation.py --bundle "$R/bundle_joe" --mbart "$R/travel_full/best_mbart.safetensors" \
+  --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --json "$R/eval_travel_full.json"
