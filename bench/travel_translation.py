@@ -1,9 +1,9 @@
 """Spanish -> English translation on the travel-domain test set (`streamgen/train/travel.py`), offline,
 ASR-BLEU beside the recogniser on the original English audio.
 
-Whole utterances, not the streaming pipeline (whose encoder and vocoder stages do not take the log-mel
-units and the source-filter vocoder yet, bench/QUALITY.md "Plugging the new parts into the live
-path"). Rows, each scored by Whisper tiny.en against the English reference text:
+Whole utterances, not the streaming pipeline (`streamgen eval` did not yet run a bundle whose vocoder is
+the source-filter one when this was written). Rows, each scored by Whisper tiny.en against the English
+reference text:
 
     original            the piper English audio of the reference (what the recogniser gets right at best)
     target units        its units -> the bundle's vocoder (the ceiling any translation on these units has)
