@@ -401,7 +401,7 @@ class Engine:
     def _intake(self) -> None:
         for s in list(self.sessions.values()):
             took = False
-            while s.inbox and len(s.chunks) < 2:
+            while s.inbox and len(s.chunks) < 16:
                 item = s.inbox.popleft()
                 took = True
                 try:
@@ -449,23 +449,25 @@ class Engine:
     # encoder ---------------------------------------------------------------------------------------
 
     def _encode(self) -> None:
+        """Every chunk waiting in every session, each as its own window (what it would have been
+        one tick at a time, so the units do not depend on timing), in one batched call: a session
+        that fell behind catches up in one tick instead of one chunk per tick."""
         jobs = []
         for s in list(self.sessions.values()):
-            if s.chunks:
-                samples, end, captured = s.chunks.popleft()
-                s.units.add(samples)
-                final = s.input_ended and not s.chunks
-            elif s.input_ended and not s.encoder_done:
-                end, captured, final = s.pos, time.monotonic(), True
-            else:
-                continue
-            if final:
-                s.encoder_done = True
-                if self.vad is not None:
-                    self.vad.close(s.name)
-            w = s.units.plan(final)
-            if w is not None:
-                jobs.append((s, w, end, captured))
+            while s.chunks or (s.input_ended and not s.encoder_done):
+                if s.chunks:
+                    samples, end, captured = s.chunks.popleft()
+                    s.units.add(samples)
+                    final = s.input_ended and not s.chunks
+                else:
+                    end, captured, final = s.pos, time.monotonic(), True
+                if final:
+                    s.encoder_done = True
+                    if self.vad is not None:
+                        self.vad.close(s.name)
+                w = s.units.plan(final)
+                if w is not None:
+                    jobs.append((s, w, end, captured))
         for batch in self._batches(jobs):
             units = self._run_batch("encoder", batch, lambda b: self.encode_batch([w for _, w, _, _ in b]))
             for (s, w, end, captured), fu in zip(batch, units):

@@ -65,6 +65,7 @@ class UnitStream:
         self.buf = torch.zeros(0)  # input samples from absolute index b0
         self.b0 = 0
         self.n_samples = 0
+        self.n_planned = 0  # frames in windows already planned (the engine may plan several before finishing them)
         self.n_done = 0  # frames already turned into units
         self.last_unit: int | None = None  # for de-duplication across chunk edges
 
@@ -83,20 +84,22 @@ class UnitStream:
             return None
         else:
             end = self.frames_available(self.n_samples) - self.lookahead
-        a = self.n_done
+        a = self.n_planned
         if end <= a:
             return None
         w0 = 0 if self.left is None else max(0, a - self.left)
         w1 = self.frames_available(self.n_samples)  # every frame the audio allows: the look-ahead
         wave = self.buf[w0 * self.hop - self.b0 : (w1 - 1) * self.hop + self.rf - self.b0]
+        self.n_planned = end
         return EncodeWindow(wave, a - w0, end - a, end)
 
     def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
-        """frame_units [count]: the window's kept frames quantised -> (new de-duplicated units, their start frames)."""
+        """frame_units [count]: the window's kept frames quantised -> (new de-duplicated units, their
+        start frames). Windows finish in the order they were planned."""
         a, end = self.n_done, window.end
         frame_units = frame_units.cpu()
         self.n_done = end
-        if self.left is not None:  # drop samples no later window needs
+        if self.left is not None:  # drop samples no later window needs (planned ones hold their own views)
             keep = max(0, end - self.left) * self.hop
             self.buf, self.b0 = self.buf[keep - self.b0 :], keep
         units, idx = dedup_continuing(frame_units, self.last_unit)
@@ -304,6 +307,7 @@ class LogMelUnitStream:
         self.buf = torch.zeros(c.pad)  # padded input from padded index b0 (the left zero padding first)
         self.b0 = 0
         self.n_samples = 0
+        self.n_planned = 0
         self.n_done = 0
         self.last_unit: int | None = None
         self.padded = False
@@ -321,17 +325,18 @@ class LogMelUnitStream:
                 self.padded = True
         else:
             end = max(0, (self.n_samples - self.pad) // self.hop)
-        a = self.n_done
+        a = self.n_planned
         if end <= a:
             return None
         wave = self.buf[a * self.hop - self.b0 : (end - 1) * self.hop + self.win - self.b0]
+        self.n_planned = end
         return EncodeWindow(wave, 0, end - a, end)
 
     def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
         a, end = self.n_done, window.end
         frame_units = frame_units.cpu()
         self.n_done = end
-        keep = end * self.hop  # padded index where the next frame's window starts
+        keep = self.n_planned * self.hop  # padded index where the next window to plan starts
         self.buf, self.b0 = self.buf[keep - self.b0 :], keep
         units, idx = dedup_continuing(frame_units, self.last_unit)
         self.last_unit = int(frame_units[-1])
