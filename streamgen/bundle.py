@@ -147,10 +147,15 @@ class Bundle:
             sampling=Sampling(greedy, temperature, top_k), seed=seed,
         )[0]
 
+    @property
+    def unit_vocoder(self) -> nn.Module:
+        """The part that turns units into audio: the source-filter vocoder, or the CodeHiFiGAN."""
+        return self.source_filter if self.source_filter is not None else self.need("vocoder")
+
     @torch.no_grad()
     def vocode(self, units: Tensor) -> Tensor:
         """De-duplicated units [N] -> waveform [S] float32 at `sample_rate`."""
-        vocoder = self.source_filter if self.source_filter is not None else self.need("vocoder")
+        vocoder = self.unit_vocoder
         units = torch.as_tensor(units)
         if units.numel() == 0:
             return torch.zeros(0)

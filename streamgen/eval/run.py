@@ -69,7 +69,7 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
         from .asr import WhisperASR
 
         asr = WhisperASR()
-    hop = bundle.need("vocoder").hop
+    hop = bundle.unit_vocoder.hop
     results = {"task": task, "manifest": str(manifest), "realtime": realtime, "chunks": []}
     for ms in chunk_ms:
         utts = []
