@@ -32,6 +32,7 @@ processing, alone or in a batch.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -153,16 +154,15 @@ class AudioWindow:
     ended: bool = False  # (streaming) these are the last frames
 
 
-class VocoderStream:
-    """Synthesise units as they arrive, in chunks that concatenate to `CodeHiFiGAN.forward(all units)`."""
+class TimedUnitStream(ABC):
+    """Units as they arrive, timed into frames (one unit id per hop) by the vocoder's duration
+    predictor: a duration is final once `dur_predictor.radius` later units are known. Subclasses
+    turn the frames into audio (`plan_audio` / `finish_audio`, `synthesise_one`); the engine batches
+    both stages across sessions through `plan_*` / `finish_*`, and `push` / `flush` run them for one."""
 
-    def __init__(self, model: CodeHiFiGAN, lookahead: int | None = None, graph: StreamingGenerator | None = None):
+    def __init__(self, model, num_units: int):
         self.model = model
-        self.context = model.frame_context()
-        self.lookahead = self.context if lookahead is None else lookahead
-        # exact by default: the generator's convolutions run on the stream (one graph per model, shared)
-        self.graph = (graph or StreamingGenerator(model)) if lookahead is None else None
-        self.gen = self.graph.new_stream() if self.graph is not None else None
+        self.num_units = num_units
         self.unit_radius = model.dur_predictor.radius if model.dur_predictor is not None else 0
         self.units = torch.empty(0, dtype=torch.long)  # units from absolute index u0
         self.u0 = 0
@@ -171,11 +171,10 @@ class VocoderStream:
         self.frames = torch.empty(0, dtype=torch.long)  # frame unit ids from absolute frame f0
         self.f0 = 0
         self.n_frames = 0
-        self.emitted = 0  # frames whose audio has been returned
-        self.ended = False
+        self.ended = False  # no more units
 
     def add(self, units: Tensor) -> None:
-        check_units(units, self.model.cfg.num_embeddings)
+        check_units(units, self.num_units)
         self.units = torch.cat([self.units, units.cpu().long()])
         self.n_units += units.numel()
 
@@ -185,10 +184,9 @@ class VocoderStream:
 
     def plan_durations(self) -> DurationWindow | None:
         end = self.n_units if self.ended else self.n_units - self.unit_radius
-        a = self.n_timed
+        a, r = self.n_timed, self.unit_radius
         if end <= a:
             return None
-        r = self.unit_radius
         lo, hi = max(0, a - r), min(self.n_units, end + r)
         return DurationWindow(self.units[lo - self.u0 : hi - self.u0], a - lo, end - a)
 
@@ -200,6 +198,54 @@ class VocoderStream:
         self.n_timed += window.count
         keep = max(0, self.n_timed - self.unit_radius)  # left context the next window needs
         self.units, self.u0 = self.units[keep - self.u0 :], keep
+
+    @abstractmethod
+    def plan_audio(self) -> AudioWindow | None:
+        """The frames whose audio can be made now (None: nothing to do)."""
+
+    @abstractmethod
+    def finish_audio(self, window: AudioWindow, out) -> Tensor:
+        """What the synthesis returned for the window -> the new audio."""
+
+    @abstractmethod
+    def synthesise_one(self, window: AudioWindow):
+        """This stream's window through its batched synthesis function, as a batch of one."""
+
+    @torch.no_grad()
+    def push(self, units: Tensor) -> Tensor:
+        """Add units [n]; return the audio that is now final (possibly empty)."""
+        self.add(units)
+        return self._run()
+
+    @torch.no_grad()
+    def flush(self) -> Tensor:
+        """End of stream: return all remaining audio."""
+        self.end()
+        return self._run()
+
+    def _run(self) -> Tensor:
+        w = self.plan_durations()
+        if w is not None:
+            (dur,) = time_windows(self.model, [w])
+            self.finish_durations(w, dur)
+        w = self.plan_audio()
+        if w is None:
+            return torch.empty(0)
+        return self.finish_audio(w, self.synthesise_one(w))
+
+
+class VocoderStream(TimedUnitStream):
+    """CodeHiFiGAN synthesis of units as they arrive, in chunks that concatenate to
+    `CodeHiFiGAN.forward(all units)`."""
+
+    def __init__(self, model: CodeHiFiGAN, lookahead: int | None = None, graph: StreamingGenerator | None = None):
+        super().__init__(model, model.cfg.num_embeddings)
+        self.context = model.frame_context()
+        self.lookahead = self.context if lookahead is None else lookahead
+        # exact by default: the generator's convolutions run on the stream (one graph per model, shared)
+        self.graph = (graph or StreamingGenerator(model)) if lookahead is None else None
+        self.gen = self.graph.new_stream() if self.graph is not None else None
+        self.emitted = 0  # frames whose audio has been returned
 
     def plan_audio(self) -> AudioWindow | None:
         final = self.ended and self.n_timed == self.n_units
@@ -226,33 +272,13 @@ class VocoderStream:
         self.frames, self.f0 = self.frames[keep - self.f0 :], keep
         return out
 
+    def synthesise_one(self, window: AudioWindow) -> Tensor:
+        return synthesise([self], [window])[0]
+
     @property
     def done(self) -> bool:
         finished = self.ended and self.n_timed == self.n_units and self.emitted == self.n_frames
         return finished and (self.gen is None or self.gen.ended)
-
-    @torch.no_grad()
-    def push(self, units: Tensor) -> Tensor:
-        """Add units [n]; return the audio that is now final (possibly empty)."""
-        self.add(units)
-        return self._run()
-
-    @torch.no_grad()
-    def flush(self) -> Tensor:
-        """End of stream: return all remaining audio."""
-        self.end()
-        return self._run()
-
-    def _run(self) -> Tensor:
-        w = self.plan_durations()
-        if w is not None:
-            (dur,) = time_windows(self.model, [w])
-            self.finish_durations(w, dur)
-        w = self.plan_audio()
-        if w is None:
-            return torch.empty(0)
-        (wave,) = synthesise([self], [w])
-        return self.finish_audio(w, wave)
 
 
 def bucket(n: int, step: int, device: torch.device) -> int:
@@ -365,54 +391,23 @@ def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> 
     return list(encoder.quantize(feats).cpu().split([w.count for w in windows]))
 
 
-class SourceFilterStream:
+class SourceFilterStream(TimedUnitStream):
     """Source-filter synthesis of units as they arrive; the chunks concatenate to
-    `SourceFilterVocoder.forward(all units)`. Same plan / finish interface as `VocoderStream`.
-
-    A duration is final once `dur_predictor.radius` later units are known, a frame's parameters once
-    `frame_context()` later frames are, and a segment's samples once the parameter frame after it is.
+    `SourceFilterVocoder.forward(all units)`. A frame's parameters are final once `frame_context()`
+    later frames are known, and a segment's samples once the parameter frame after it is.
     """
 
     def __init__(self, model: SourceFilterVocoder, graph: StreamingParams | None = None):
-        self.model = model
+        super().__init__(model, model.cfg.num_units)
         self.context = model.frame_context()
-        self.unit_radius = model.dur_predictor.radius if model.dur_predictor is not None else 0
         self.graph = graph or StreamingParams(model)  # one per model, shared by every stream
         self.params = self.graph.new_stream()
-        self.units = torch.empty(0, dtype=torch.long)
-        self.u0 = self.n_units = self.n_timed = 0
-        self.frames = torch.empty(0, dtype=torch.long)  # unit id per frame from absolute frame f0
-        self.f0 = self.n_frames = self.n_fed = 0  # frames timed, frames fed to the parameter network
+        self.n_fed = 0  # frames fed to the parameter network
         self.pending: Tensor | None = None  # parameter frames not yet past their last segment [m, n_params]
         self.segment = 0  # absolute index of pending's first segment
         self.turns = 0
         self.started = False
-        self.ended = False  # no more units
         self.finished = False  # the last samples are out
-
-    def add(self, units: Tensor) -> None:
-        check_units(units, self.model.cfg.num_units)
-        self.units = torch.cat([self.units, units.cpu().long()])
-        self.n_units += units.numel()
-
-    def end(self) -> None:
-        self.ended = True
-
-    def plan_durations(self) -> DurationWindow | None:
-        end = self.n_units if self.ended else self.n_units - self.unit_radius
-        a, r = self.n_timed, self.unit_radius
-        if end <= a:
-            return None
-        lo, hi = max(0, a - r), min(self.n_units, end + r)
-        return DurationWindow(self.units[lo - self.u0 : hi - self.u0], a - lo, end - a)
-
-    def finish_durations(self, window: DurationWindow, dur: Tensor) -> None:
-        new = torch.repeat_interleave(window.units[window.first : window.first + window.count], dur.cpu())
-        self.frames = torch.cat([self.frames, new])
-        self.n_frames += new.numel()
-        self.n_timed += window.count
-        keep = max(0, self.n_timed - self.unit_radius)
-        self.units, self.u0 = self.units[keep - self.u0 :], keep
 
     def plan_audio(self) -> AudioWindow | None:
         """The frames timed since the last call, for the parameter network (which keeps its own
@@ -439,30 +434,12 @@ class SourceFilterStream:
             wave, self.finished = wave[: len(wave) - h // 2], True
         return wave
 
+    def synthesise_one(self, window: AudioWindow) -> tuple[Tensor, Tensor | None, int]:
+        return synthesise_source_filter([self], [window])[0]
+
     @property
     def done(self) -> bool:
         return self.finished
-
-    @torch.no_grad()
-    def push(self, units: Tensor) -> Tensor:
-        self.add(units)
-        return self._run()
-
-    @torch.no_grad()
-    def flush(self) -> Tensor:
-        self.end()
-        return self._run()
-
-    def _run(self) -> Tensor:
-        w = self.plan_durations()
-        if w is not None:
-            (dur,) = time_windows(self.model, [w])
-            self.finish_durations(w, dur)
-        w = self.plan_audio()
-        if w is None:
-            return torch.empty(0)
-        (out,) = synthesise_source_filter([self], [w])
-        return self.finish_audio(w, out)
 
 
 def synthesise_source_filter(streams: list[SourceFilterStream], windows: list[AudioWindow]) -> list[tuple[Tensor, Tensor | None, int]]:
