@@ -90,6 +90,7 @@ def test_logmel_units_and_source_filter_vocoder_batched_equal_whole_utterance():
         out = together.wave(n)
         assert len(out) == len(whole) > 0 and (out - whole).abs().max() <= 1e-5, n
     assert engine.largest_batch["vocoder"] > 1 and engine.largest_batch["encoder"] > 1  # sessions shared calls
+    assert engine.new_vocoder_stream().graph is engine.new_vocoder_stream().graph  # one copy of the float64 weights
 
 
 @pytest.mark.parametrize("windows", [False, True])

@@ -40,7 +40,7 @@ from ..audio import SpeechGate
 from ..bundle import Bundle
 from ..memory import release_freed_memory
 from ..models.generation import Decoder, Sampling
-from ..models.streaming_conv import StreamingGenerator
+from ..models.streaming_conv import StreamingGenerator, StreamingParams
 from ..models.prompt import DeepPrompt, load_prompt
 from .items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from .policies import Decision, Policy, UnitDecoder
@@ -140,7 +140,8 @@ class Engine:
             if cfg.vocoder_lookahead is not None:
                 raise ValueError("--vocoder-lookahead applies to CodeHiFiGAN vocoders; this bundle's source-filter vocoder is always exact")
             sf = bundle.source_filter
-            self.new_vocoder_stream = lambda: SourceFilterStream(sf)
+            sf_graph = StreamingParams(sf)  # the float64 weights, once for every session
+            self.new_vocoder_stream = lambda: SourceFilterStream(sf, sf_graph)
             self.time_batch = lambda windows: time_windows(sf, windows)
             self.audio_batch = synthesise_source_filter
             voc_wait = sf.frame_context() * sf.hop / sr
