@@ -58,7 +58,46 @@ class EncodeWindow:
     end: int  # absolute frame index after the last kept one
 
 
-class UnitStream:
+class EncoderStream(ABC):
+    """Units of audio as it arrives. The engine batches sessions through `plan` (the window to
+    encode now) and `finish` (its frames' units -> the new de-duplicated units); `push` / `flush`
+    run them for one stream."""
+
+    @abstractmethod
+    def add(self, samples: Tensor) -> None:
+        """More input samples."""
+
+    @abstractmethod
+    def plan(self, final: bool = False) -> EncodeWindow | None:
+        """The window to encode now (None: nothing is final yet). `final`: the input has ended."""
+
+    @abstractmethod
+    def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
+        """frame_units [count]: the window's kept frames quantised -> (new de-duplicated units, their
+        start frames). Windows finish in the order they were planned."""
+
+    @abstractmethod
+    def encode_one(self, window: EncodeWindow) -> Tensor:
+        """This stream's window through its batched encoding function, as a batch of one."""
+
+    @torch.no_grad()
+    def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
+        """Add input samples; return (new de-duplicated units, their start frames)."""
+        self.add(samples)
+        return self._run(self.plan())
+
+    @torch.no_grad()
+    def flush(self) -> tuple[Tensor, Tensor]:
+        """End of input: the remaining frames, with whatever look-ahead there is."""
+        return self._run(self.plan(final=True))
+
+    def _run(self, window: EncodeWindow | None) -> tuple[Tensor, Tensor]:
+        if window is None:
+            return _empty()
+        return self.finish(window, self.encode_one(window))
+
+
+class UnitStream(EncoderStream):
     def __init__(self, hubert: HubertEncoder, quantizer: KMeansQuantizer, left_frames: int | None = 100, lookahead_frames: int | None = 5):
         self.hubert, self.quantizer = hubert, quantizer
         self.hop, self.rf = hubert.cfg.hop, hubert.cfg.receptive_field
@@ -107,22 +146,8 @@ class UnitStream:
         self.last_unit = int(frame_units[-1])
         return units, idx + a
 
-    @torch.no_grad()
-    def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
-        """Add input samples; return (new de-duplicated units, their start frames)."""
-        self.add(samples)
-        return self._run(self.plan())
-
-    @torch.no_grad()
-    def flush(self) -> tuple[Tensor, Tensor]:
-        """End of input: the remaining frames, with whatever look-ahead there is."""
-        return self._run(self.plan(final=True))
-
-    def _run(self, window: EncodeWindow | None) -> tuple[Tensor, Tensor]:
-        if window is None:
-            return _empty()
-        (units,) = encode_windows(self.hubert, self.quantizer, [window])
-        return self.finish(window, units)
+    def encode_one(self, window: EncodeWindow) -> Tensor:
+        return encode_windows(self.hubert, self.quantizer, [window])[0]
 
 
 def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: list[EncodeWindow]) -> list[Tensor]:
@@ -322,7 +347,7 @@ def synthesise_windows(model: CodeHiFiGAN, windows: list[AudioWindow]) -> list[T
     return [wave[i, : len(w.frames) * hop] for i, w in enumerate(windows)]
 
 
-class LogMelUnitStream:
+class LogMelUnitStream(EncoderStream):
     """Log-mel units as audio arrives, equal to `LogMelUnits.encode` of the whole input (plan / finish
     as `UnitStream`; frame i needs samples up to (i+1)*hop + pad)."""
 
@@ -368,20 +393,8 @@ class LogMelUnitStream:
         self.last_unit = int(frame_units[-1])
         return units, idx + a
 
-    @torch.no_grad()
-    def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
-        self.add(samples)
-        return self._run(self.plan())
-
-    @torch.no_grad()
-    def flush(self) -> tuple[Tensor, Tensor]:
-        return self._run(self.plan(final=True))
-
-    def _run(self, window: EncodeWindow | None) -> tuple[Tensor, Tensor]:
-        if window is None:
-            return _empty()
-        (units,) = encode_logmel_windows(self.encoder, [window])
-        return self.finish(window, units)
+    def encode_one(self, window: EncodeWindow) -> Tensor:
+        return encode_logmel_windows(self.encoder, [window])[0]
 
 
 def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> list[Tensor]:
