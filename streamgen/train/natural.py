@@ -28,7 +28,7 @@ import soundfile as sf
 
 from ..io.files import resample
 from ..progress import Progress
-from .synth import RATE, Espeak, Piper, write_manifest
+from .synth import RATE, Espeak, Piper, write_manifests
 from .text import _num, unique
 
 # Written for the test set only: no template below produces any of these.
@@ -195,11 +195,7 @@ def natural_corpus(out: str | Path, n_train: int = 800, n_templated_test: int = 
             sf.write(out / rel, audio, RATE, subtype="PCM_16")
             manifests.setdefault(name, []).append({"id": uid, "audio": str(rel), "n_frames": len(audio), "text": text, "voice": voice})
             bar.update(advance=1)
-    written = {}
-    for name, rows in manifests.items():
-        written[name] = out / f"{name}.tsv"
-        write_manifest(written[name], rows)
-    return written
+    return write_manifests(out, manifests)
 
 
 def main() -> None:

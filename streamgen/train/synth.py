@@ -75,6 +75,15 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def write_manifests(out: Path, manifests: dict[str, list[dict]]) -> dict[str, Path]:
+    """One `<name>.tsv` in `out` per manifest; returns their paths by name."""
+    written = {}
+    for name, rows in manifests.items():
+        written[name] = out / f"{name}.tsv"
+        write_manifest(written[name], rows)
+    return written
+
+
 def read_manifest(path: str | Path) -> list[dict]:
     rows = read_tsv(path)
     if rows and not {"id", "audio"} <= set(rows[0]):
@@ -117,11 +126,7 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
             sf.write(out / rel, audio, RATE, subtype="PCM_16")
             manifests.setdefault(name, []).append({"id": uid, "audio": str(rel), "n_frames": len(audio), "text": text})
             bar.update(advance=1)
-    written = {}
-    for name, rows in manifests.items():
-        written[name] = out / f"{name}.tsv"
-        write_manifest(written[name], rows)
-    return written
+    return write_manifests(out, manifests)
 
 
 def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool = True, batch_seconds: float = 60.0) -> Path:

@@ -35,7 +35,7 @@ from pathlib import Path
 import soundfile as sf
 
 from ..progress import Progress
-from .synth import RATE, Espeak, Piper, write_manifest
+from .synth import RATE, Espeak, Piper, write_manifests
 from .text import _num
 
 SPLITS = ("train", "dev", "test")
@@ -330,11 +330,7 @@ def travel_corpus(out: str | Path, n_train: int = 4000, n_dev: int = 200, n_test
             manifests.setdefault(f"es2en_{split}_{side}", []).append(
                 {"id": uid, "audio": str(rel), "n_frames": n, "text": text, "frame": p.frame, "held": held_label(p, held)})
             bar.update(advance=1)
-    written = {}
-    for name, rows in manifests.items():
-        written[name] = out / f"{name}.tsv"
-        write_manifest(written[name], rows)
-    return written
+    return write_manifests(out, manifests)
 
 
 def main() -> None:
