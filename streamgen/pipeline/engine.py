@@ -608,12 +608,14 @@ class Engine:
             return
         share = seconds / len(sessions)
         now = time.monotonic()
+        log_events = self.stats.json_log is not None
         for s in sessions:
             st = self.stats.session(s.name)
             st.compute[stage] = st.compute.get(stage, 0.0) + share
-            self.stats.event(event="stage", stage=stage, session=s.name, batch=len(sessions),
-                             compute_ms=round(1000 * share, 3), algorithmic_ms=round(1000 * self.algorithmic_s.get(stage, 0.0), 1),
-                             since_capture_ms=round(1000 * (now - s.captured_at), 3) if s.captured_at else None)
+            if log_events:
+                self.stats.event(event="stage", stage=stage, session=s.name, batch=len(sessions),
+                                 compute_ms=round(1000 * share, 3), algorithmic_ms=round(1000 * self.algorithmic_s.get(stage, 0.0), 1),
+                                 since_capture_ms=round(1000 * (now - s.captured_at), 3) if s.captured_at else None)
 
     @property
     def live_sessions(self) -> int:
