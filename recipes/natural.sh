@@ -2,9 +2,11 @@
 # Issue 12's chain, as far as it has been run: natural-sentence corpora and test sets -> log-mel k-means
 # units -> source-filter vocoder -> resynthesis measured beside the originals -> a bundle -> units for the
 # Unit mBART -> denoising pretraining -> Spanish -> English travel-domain pairs -> a translation prompt ->
-# ASR-BLEU. Every long step is skipped when done or resumable by rerunning it.
+# ASR-BLEU -> continuation and inpainting prompts -> the default bundle (with SHIP=1). Every long step is
+# skipped when done or resumable by rerunning it.
 #
-#   bash recipes/natural.sh                     # CPU, one thread per job (about 1.5 h on 2 cores)
+#   bash recipes/natural.sh                     # CPU, one thread per job (about 3 h on 2 cores; 3.7 h with step 10)
+#   SHIP=1 bash recipes/natural.sh              # also pack the result into streamgen/assets/default
 #   COMPARE=1 bash recipes/natural.sh           # also the comparison runs of bench/QUALITY.md (units on four
 #                                               # voices, a vocoder on four voices, an H200 run if DEVICE=cuda)
 #
@@ -82,3 +84,23 @@ RESUME=; [ -f "$R/travel_full/state.pt" ] && RESUME=--resume
   --out "$R/travel_full" --device "$DEVICE" --lr 5e-4 --epochs 16 --batch-size 16 --patience 4 $RESUME
 $PY bench/travel_translation.py --bundle "$R/bundle_joe" --mbart "$R/travel_full/best_mbart.safetensors" \
   --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --json "$R/eval_travel_full.json"
+# 11. what ships: bundle_joe plus continuation and inpainting prompts on the same units (pairs cut from the
+#     backbone's own training / dev sentences; 32 prompt vectors, 16 epochs, about 5 minutes each)
+P=$R/ship_pairs
+mkdir -p "$P"
+[ -d "$R/bundle_ship" ] || cp -r "$R/bundle_joe" "$R/bundle_ship"
+for split in train dev; do
+  for task in continuation inpainting; do
+    [ -f "$P/${task}_$split.tsv" ] || .venv/bin/streamgen data pairs --task $task --manifest "$R/lm_joe/lm_$split.units.tsv" --out "$P/${task}_$split.tsv"
+  done
+done
+for task in continuation inpainting; do
+  RESUME=; [ -f "$R/prompt_$task/state.pt" ] && RESUME=--resume
+  .venv/bin/streamgen train-prompt --bundle "$R/bundle_ship" --task $task --train "$P/${task}_train.tsv" --dev "$P/${task}_dev.tsv" \
+    --out "$R/prompt_$task" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
+done
+# 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
+if [ -n "${SHIP:-}" ]; then
+  rm -rf streamgen/assets/default
+  .venv/bin/streamgen pack "$R/bundle_ship" streamgen/assets/default --dtype float16
+fi

@@ -168,11 +168,11 @@ def info(path: Optional[Path] = typer.Argument(None, help="A bundle directory (d
         with safe_open(str(path / f"{name}.safetensors"), "pt") as f:
             raw[name] = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
     typer.echo(f"bundle {path}{'  (the default bundle shipped with streamgen)' if shipped else ''}  (sample rate {b.sample_rate} Hz)")
-    typer.echo(f"{'part':<9} {'parameters':>12} {'dtype':>10} {'size':>10}  details")
+    typer.echo(f"{'part':<13} {'parameters':>12} {'dtype':>10} {'size':>10}  details")
     for name, m in b.modules().items():
         size = (path / f"{name}.safetensors").stat().st_size
         n = count_parameters(m) + sum(x.numel() for x in m.buffers())
-        typer.echo(f"{name:<9} {n:>12,} {','.join(sorted(raw[name])):>10} {size / 1e6:>8.2f}MB  {_describe(name, m)}")
+        typer.echo(f"{name:<13} {n:>12,} {','.join(sorted(raw[name])):>10} {size / 1e6:>8.2f}MB  {_describe(name, m)}")
     for name, p in b.prompts.items():
         size = (path / "prompts" / f"{name}.safetensors").stat().st_size
         typer.echo(f"prompt {name}: length {p.cfg.length} on {'+'.join(p.cfg.stacks)}, {count_parameters(p):,} parameters, {size / 1e6:.2f}MB")

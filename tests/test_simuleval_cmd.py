@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import streamgen
 from streamgen.io.files import read_audio
@@ -50,6 +51,12 @@ def spoken(row: dict) -> np.ndarray:
     return np.concatenate([wave[at(start) : at(start) + round(dur * rate / 1000)] for start, dur in row["intervals"]])
 
 
+def log_spectrogram(x: np.ndarray) -> np.ndarray:
+    """Log power, 32 ms windows every 10 ms at 16 kHz, flattened."""
+    spec = torch.stft(torch.from_numpy(x), 512, 160, window=torch.hann_window(512), return_complex=True)
+    return torch.log(spec.abs() ** 2 + 1e-6).flatten().numpy()
+
+
 def test_the_simuleval_command_reads_22khz_sources_like_16khz(corpus):
     cmd = [str(BIN / "simuleval"), "--agent", str(AGENT)]
     args = ["--no-scoring", "--task", "resynthesis"]
@@ -63,7 +70,10 @@ def test_the_simuleval_command_reads_22khz_sources_like_16khz(corpus):
         assert len(a["delays"]) > 1  # spoken while the source was still being read
         x, y = spoken(a), spoken(b)
         n = min(len(x), len(y))
-        assert abs(len(x) - len(y)) <= 320 and np.corrcoef(x[:n], y[:n])[0, 1] > 0.8  # measured 0.96-0.97
+        # the same speech: log spectrograms agree (measured 0.94-1.00 with the shipped bundle; the same
+        # speech pitched down by 16000/22050 scores 0.38-0.51). The waveforms themselves may not: a unit
+        # that flips where the resampled chunks differ in the last bit shifts the oscillator's phase.
+        assert abs(len(x) - len(y)) <= 320 and np.corrcoef(log_spectrogram(x[:n]), log_spectrogram(y[:n]))[0, 1] > 0.85
 
 
 def test_asr_bleu_of_the_output_speech_with_streamgens_recogniser(corpus):
@@ -75,7 +85,8 @@ def test_asr_bleu_of_the_output_speech_with_streamgens_recogniser(corpus):
     scores = (corpus / "scored" / "scores.tsv").read_text().split("\n")
     header, values = scores[0].split(), [float(v) for v in scores[1].split()]
     score = dict(zip(header, values))
-    # the shipped bundle babbles (measured 20.4, and 3.0 after a change that only moved float rounding),
-    # so no floor is asserted on the score itself: that the command computes it from Whisper's transcripts
+    # espeak-ng's voice is not one the shipped bundle was trained on (its resynthesis of unseen voices is
+    # at WER 0.8-0.9, bench/QUALITY.md), so no floor is asserted on the score itself: that the command
+    # computes it from Whisper's transcripts
     assert 0 <= score["STREAMGEN_ASR_BLEU"] <= 100
     assert score["StartOffset"] > 0
