@@ -53,6 +53,12 @@ def test_whisper_transcribes_real_speech():
     text = asr.transcribe(piper("Good morning everyone, the weather is lovely today.").numpy())
     assert wer(["good morning everyone the weather is lovely today"], [text]) <= 0.3, text
     assert asr.transcribe(espeak("").numpy()[:100]) == ""
+    from streamgen.eval.metrics import sounds_like_speech
+
+    speech = piper("Could you tell me where the nearest bus stop is?").numpy()
+    assert sounds_like_speech(*asr.hear(speech))
+    noise = np.random.default_rng(0).standard_normal(len(speech)).astype(np.float32) * 0.1
+    assert not sounds_like_speech(*asr.hear(noise)) and asr.hear(np.zeros(800, np.float32)) == ("", 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +91,9 @@ def test_eval_reports_quality_latency_and_a_plot(small_corpus, tmp_path, task, t
         assert c["al_ca_ms"] is None
     if task == "continuation":
         assert 0 < c["distinct_2"] <= 1 and "intelligible" in c
+        # a random tiny bundle babbles: its outputs and the babble baseline are judged alike
+        assert all(isinstance(u["speech_like"], bool) and isinstance(u["babble_speech_like"], bool) for u in c["utterances"])
+        assert c["speech_like"] == sum(u["speech_like"] for u in c["utterances"]) / 2
     if task == "inpainting":
         assert "baseline_wer" in c and all(0 < u["mask"][0] < u["mask"][1] for u in c["utterances"])
         # the span's words come from the original speech; copying the context leaves the gap silent

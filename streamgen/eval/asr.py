@@ -25,6 +25,13 @@ class WhisperASR:
     def transcribe(self, wave_16k: np.ndarray, language: str = "en") -> str:
         return " ".join(s.text.strip() for s in self._segments(wave_16k, language, False)).strip()
 
+    def hear(self, wave_16k: np.ndarray, language: str = "en") -> tuple[str, float]:
+        """(transcript, Whisper's probability that its first segment holds no speech; 1.0 when it
+        hears nothing)."""
+        segments = self._segments(wave_16k, language, False)
+        text = " ".join(s.text.strip() for s in segments).strip()
+        return text, segments[0].no_speech_prob if segments else 1.0
+
     def transcribe_words(self, wave_16k: np.ndarray, language: str = "en") -> list[tuple[str, float, float]]:
         """(word, start s, end s) for each word heard."""
         return [(w.word.strip(), w.start, w.end) for s in self._segments(wave_16k, language, True) for w in (s.words or [])]

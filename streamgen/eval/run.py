@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..io.files import FileSource, read_audio
 from ..io.memory import MemorySink
@@ -22,7 +23,7 @@ from ..pipeline.items import Control
 from ..pipeline.runner import Pipeline, build_engine
 from ..pipeline.stats import SessionStats, Stats
 from ..train.synth import read_manifest
-from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, span_words, wer
+from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, sounds_like_speech, span_words, wer
 
 
 class _WithControl:
@@ -97,6 +98,12 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
                    "al_ms": al, "al_ca_ms": al_ca, **{k: summary.get(k) for k in ("start_offset_ms", "end_offset_ms", "start_offset_ca_ms", "end_offset_ca_ms", "rtf", "error")}}
             if task == "continuation":
                 utt["distinct_2"] = distinct_ngrams(spoken, 2)
+                text, utt["no_speech"] = asr.hear(wave)
+                utt["speech_like"] = sounds_like_speech(text, utt["no_speech"])
+                # the baseline: as many random units through the same vocoder (babble of the same length)
+                g = torch.Generator().manual_seed(seed * 100_003 + i)
+                babble = bundle.vocode(torch.randint(0, bundle.need("mbart").cfg.num_units, (max(len(spoken), 1),), generator=g))
+                utt["babble_speech_like"] = sounds_like_speech(*asr.hear(babble.float().numpy()))
             if task == "inpainting":
                 utt["mask"] = [opts["mask_start"], opts["mask_end"]]
                 src = read_audio(path, bundle.sample_rate).numpy().copy()
@@ -133,6 +140,8 @@ def _aggregate(ms: int, utts: list[dict], task: str) -> dict:
     if task == "continuation":
         agg["distinct_2"] = _mean(u["distinct_2"] for u in utts)
         agg["intelligible"] = sum(1 for u in utts if u["hypothesis"].strip()) / len(utts)
+        agg["speech_like"] = sum(u["speech_like"] for u in utts) / len(utts)
+        agg["babble_speech_like"] = sum(u["babble_speech_like"] for u in utts) / len(utts)
     if task == "inpainting":
         agg["baseline_wer"] = wer(refs, [u["baseline_hypothesis"] for u in utts])
         spans = [u for u in utts if u["span_reference"]]  # a span with no word in it says nothing
@@ -148,7 +157,7 @@ def _aggregate(ms: int, utts: list[dict], task: str) -> dict:
 def markdown(results: dict) -> str:
     cols = ["chunk_ms", "n", "asr_bleu", "wer", "cer", "start_offset_ms", "end_offset_ms", "al_ms", "start_offset_ca_ms",
             "end_offset_ca_ms", "al_ca_ms", "rtf"]
-    extra = [c for c in ("distinct_2", "intelligible", "baseline_wer", "span_words", "span_wer", "span_cer", "baseline_span_wer",
+    extra = [c for c in ("distinct_2", "intelligible", "speech_like", "babble_speech_like", "baseline_wer", "span_words", "span_wer", "span_cer", "baseline_span_wer",
                          "baseline_span_cer") if c in results["chunks"][0]]
     head = cols + extra
     lines = [f"task `{results['task']}` on `{results['manifest']}` ({'real-time' if results['realtime'] else 'unpaced'} input)", "",
