@@ -88,6 +88,26 @@ def hash_noise(index: Tensor) -> Tensor:
     return (x.double() / TURN * 2.0 - 1.0).float() * math.sqrt(3.0)
 
 
+def harmonic_sums(phi: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_k a_k sin(k phi) and sum_k b_k sin(k phi), k = 1..K, for phases phi [B, M, h] and amplitudes
+    a, b [B, M, K] (one set per segment). sin(k phi) by the recurrence
+    sin((k+1) phi) = 2 cos(phi) sin(k phi) - sin((k-1) phi): two transcendental calls per sample
+    instead of K (3.5x faster on CPU; within 2e-4 of float64 at 80 harmonics, as the direct
+    float32 sines of phases up to K * phi)."""
+    s_prev, s = torch.zeros_like(phi), torch.sin(phi)
+    two_cos = 2 * torch.cos(phi)
+    sum_a, sum_b = torch.zeros_like(phi), torch.zeros_like(phi)
+    grad = torch.is_grad_enabled() and (phi.requires_grad or a.requires_grad or b.requires_grad)
+    for k in range(a.shape[-1]):
+        if grad:  # training: out of place, for autograd
+            sum_a, sum_b = sum_a + s * a[..., k, None], sum_b + s * b[..., k, None]
+        else:
+            sum_a.addcmul_(s, a[..., k, None])
+            sum_b.addcmul_(s, b[..., k, None])
+        s_prev, s = s, torch.addcmul(-s_prev, two_cos, s)
+    return sum_a, sum_b
+
+
 class Block(nn.Module):
     """x + conv1x1(GELU(conv_k(LayerNorm(x)))): each layer sees (kernel - 1) / 2 frames each side."""
 
@@ -218,10 +238,9 @@ class SourceFilterVocoder(nn.Module):
             total = total * (torch.arange(M, device=p.device)[None] < segments[:, None])
         starts = (turns0[:, None] + torch.cumsum(total, -1) - total) % TURN
         phi = (starts.double() / TURN * 2 * math.pi)[..., None] + within
-        waves = torch.sin(phi.float()[..., None] * self.k)  # [B, M, h, K]
         t = self.ramp.float()
-        ends = waves @ torch.stack([amp[:, :-1], amp[:, 1:]], -1)  # [B, M, h, 2]: with the amplitudes at both ends
-        harm = ((1 - t) * ends[..., 0] + t * ends[..., 1]).reshape(B, M * h)
+        at_start, at_end = harmonic_sums(phi.float(), amp[:, :-1], amp[:, 1:])  # with the amplitudes at both ends
+        harm = ((1 - t) * at_start + t * at_end).reshape(B, M * h)
         return harm + noise, (turns0 + total.sum(-1)) % TURN
 
     def source(self, p: Tensor) -> tuple[Tensor, Tensor]:
