@@ -23,7 +23,7 @@ class WhisperASR:
         return list(segments)
 
     def transcribe(self, wave_16k: np.ndarray, language: str = "en") -> str:
-        return " ".join(s.text.strip() for s in self._segments(wave_16k, language, False)).strip()
+        return self.hear(wave_16k, language)[0]
 
     def hear(self, wave_16k: np.ndarray, language: str = "en") -> tuple[str, float]:
         """(transcript, Whisper's probability that its first segment holds no speech; 1.0 when it

@@ -94,12 +94,13 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
                 al_ca = None
                 for k in ("start_offset_ca_ms", "end_offset_ca_ms"):
                     summary.pop(k, None)
-            utt = {"id": row["id"], "reference": refs[row["id"]], "hypothesis": asr.transcribe(wave), "output_s": len(wave) / bundle.sample_rate,
+            heard, no_speech = asr.hear(wave)
+            utt = {"id": row["id"], "reference": refs[row["id"]], "hypothesis": heard, "output_s": len(wave) / bundle.sample_rate,
                    "al_ms": al, "al_ca_ms": al_ca, **{k: summary.get(k) for k in ("start_offset_ms", "end_offset_ms", "start_offset_ca_ms", "end_offset_ca_ms", "rtf", "error")}}
             if task == "continuation":
                 utt["distinct_2"] = distinct_ngrams(spoken, 2)
-                text, utt["no_speech"] = asr.hear(wave)
-                utt["speech_like"] = sounds_like_speech(text, utt["no_speech"])
+                utt["no_speech"] = no_speech
+                utt["speech_like"] = sounds_like_speech(heard, no_speech)
                 # the baseline: as many random units through the same vocoder (babble of the same length)
                 g = torch.Generator().manual_seed(seed * 100_003 + i)
                 babble = bundle.vocode(torch.randint(0, bundle.need("mbart").cfg.num_units, (max(len(spoken), 1),), generator=g))
