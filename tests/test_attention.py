@@ -1,6 +1,6 @@
 import torch
 
-from streamgen.models.attention import attend, attend_prefix, merge
+from streamgen.models.attention import attend, attend_fused, attend_prefix, merge
 
 
 def softmax_attention(q, k, v, mask):
@@ -29,3 +29,29 @@ def test_fully_masked_rows_give_zero_weight_not_nan():
     q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
     out, lse = attend(q, k, v, torch.zeros(1, 1, 3, 5, dtype=torch.bool))
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+def test_fused_full_pass_equals_the_merged_prefix_path():
+    """Full passes (encoder, prefill) attend with the prefix's keys beside each row's in one fused
+    call; decoder steps merge by log-sum-exp. Both are softmax over the union, per row and per task
+    group (rows of another task see its own prefix, rows of no task none)."""
+    torch.manual_seed(0)
+    B, H, T, S, D = 4, 2, 5, 7, 8
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    mask = torch.rand(B, 1, T, S) > 0.4
+    mask[0, 0, 0] = False  # sees only the prefix
+    a = (torch.randn(H, 6, D), torch.randn(H, 6, D))
+    b = (torch.randn(H, 3, D), torch.randn(H, 3, D))
+    shared = attend_fused(q, k, v, mask, a)
+    torch.testing.assert_close(shared, merge(*attend(q, k, v, mask), *attend_prefix(q, a)), atol=1e-6, rtol=1e-5)
+    groups = [(a, torch.tensor([0, 2])), (b, torch.tensor([1]))]
+    out = attend_fused(q, k, v, mask, groups)
+    for rows, prefix in (([0, 2], a), ([1], b)):
+        ref = merge(*attend(q[rows], k[rows], v[rows], mask[rows]), *attend_prefix(q[rows], prefix))
+        torch.testing.assert_close(out[rows], ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[3], attend(q[3:], k[3:], v[3:], mask[3:])[0][0], atol=1e-6, rtol=1e-5)
+    # a key-padding mask [B,1,1,S] (the encoder's) and none at all
+    kmask = torch.rand(B, 1, 1, S) > 0.3
+    kmask[..., 0] = True
+    torch.testing.assert_close(attend_fused(q, k, v, kmask, a), merge(*attend(q, k, v, kmask), *attend_prefix(q, a)), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attend_fused(q, k, v, None, None), softmax_attention(q, k, v, torch.ones(1, 1, 1, S, dtype=torch.bool)), atol=1e-6, rtol=1e-5)
