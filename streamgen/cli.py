@@ -203,7 +203,7 @@ def demo(
 ):
     """Continue a sample utterance offline and write the result with timing figures."""
     from .io.files import read_audio, write_audio
-    from .pipeline.streams import SourceFilterStream, VocoderStream
+    from .pipeline.streams import vocoder_streams
 
     from .options import UsageError, check_audio_file, check_output_file, in_range
 
@@ -223,7 +223,7 @@ def demo(
         prompt = "continuation" if "continuation" in b.prompts else None
         gen = b.generate(units, prompt=prompt, max_units=max_units, min_units=max_units // 2, greedy=False, top_k=20, seed=seed)
         t2 = time.perf_counter()
-        stream = SourceFilterStream(b.source_filter) if b.source_filter is not None else VocoderStream(b.need("vocoder"))
+        stream = vocoder_streams(b.unit_vocoder)()
         chunks = [stream.push(gen[i : i + 16]) for i in range(0, len(gen), 16)] + [stream.flush()]
         audio = torch.cat(chunks).float().cpu()
         t3 = time.perf_counter()

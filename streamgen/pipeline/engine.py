@@ -40,13 +40,13 @@ from ..audio import SpeechGate
 from ..bundle import Bundle
 from ..memory import release_freed_memory
 from ..models.generation import Decoder, Sampling
-from ..models.streaming_conv import StreamingGenerator, StreamingParams
+from ..models.source_filter_vocoder import SourceFilterVocoder
 from ..models.prompt import DeepPrompt, load_prompt
 from .items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from .policies import Decision, Policy, UnitDecoder
 from .stats import Stats
-from .streams import (LogMelUnitStream, SourceFilterStream, UnitStream, VocoderStream, encode_logmel_windows, encode_windows,
-                      synthesise, synthesise_source_filter, time_windows)
+from .streams import (LogMelUnitStream, TimedUnitStream, UnitStream, encode_logmel_windows, encode_windows,
+                      synthesise, synthesise_source_filter, time_windows, vocoder_streams)
 from .tasks import TaskPlugin, load_task
 from .vad import Vad
 
@@ -86,7 +86,7 @@ class Session:
     """One live session's state inside the engine."""
 
     def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, units: UnitStream | LogMelUnitStream,
-                 vocoder: VocoderStream | SourceFilterStream,
+                 vocoder: TimedUnitStream,
                  gate: SpeechGate | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
         self.gate = gate
@@ -136,23 +136,11 @@ class Engine:
             self.encode_batch = lambda windows: encode_windows(hubert, quantizer, windows)
             hc = hubert.cfg
             enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / sr
-        if bundle.source_filter is not None:  # the source-filter vocoder: exact on the stream
-            if cfg.vocoder_lookahead is not None:
-                raise ValueError("--vocoder-lookahead applies to CodeHiFiGAN vocoders; this bundle's source-filter vocoder is always exact")
-            sf = bundle.source_filter
-            sf_graph = StreamingParams(sf)  # the float64 weights, once for every session
-            self.new_vocoder_stream = lambda: SourceFilterStream(sf, sf_graph)
-            self.time_batch = lambda windows: time_windows(sf, windows)
-            self.audio_batch = synthesise_source_filter
-            voc_wait = sf.frame_context() * sf.hop / sr
-        else:
-            voc = bundle.need("vocoder")
-            graph = StreamingGenerator(voc) if cfg.vocoder_lookahead is None else None  # shared by all sessions
-            self.new_vocoder_stream = lambda: VocoderStream(voc, cfg.vocoder_lookahead, graph)
-            self.time_batch = lambda windows: time_windows(voc, windows)
-            self.audio_batch = synthesise
-            voc_frames = voc.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead
-            voc_wait = voc_frames * voc.hop / sr
+        voc = bundle.unit_vocoder
+        self.new_vocoder_stream = vocoder_streams(voc, cfg.vocoder_lookahead)
+        self.time_batch = lambda windows: time_windows(voc, windows)
+        self.audio_batch = synthesise_source_filter if isinstance(voc, SourceFilterVocoder) else synthesise
+        voc_wait = (voc.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead) * voc.hop / sr
         self.mbart = bundle.mbart
         graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
         self.decoder = Decoder(self.mbart, max_batch=cfg.max_batch, graphs=graphs) if self.mbart is not None else None

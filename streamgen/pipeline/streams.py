@@ -33,6 +33,7 @@ processing, alone or in a batch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -453,6 +454,19 @@ class SourceFilterStream(TimedUnitStream):
     @property
     def done(self) -> bool:
         return self.finished
+
+
+def vocoder_streams(vocoder: SourceFilterVocoder | CodeHiFiGAN, lookahead: int | None = None) -> Callable[[], TimedUnitStream]:
+    """A maker of streams for a bundle's unit vocoder (`Bundle.unit_vocoder`), every stream sharing
+    one copy of its streaming weights: `SourceFilterStream` for the source-filter vocoder (always
+    exact), `VocoderStream` for a CodeHiFiGAN (exact, or windowed with `lookahead` frames)."""
+    if isinstance(vocoder, SourceFilterVocoder):
+        if lookahead is not None:
+            raise ValueError("--vocoder-lookahead applies to CodeHiFiGAN vocoders; this bundle's source-filter vocoder is always exact")
+        params = StreamingParams(vocoder)
+        return lambda: SourceFilterStream(vocoder, params)
+    graph = StreamingGenerator(vocoder) if lookahead is None else None
+    return lambda: VocoderStream(vocoder, lookahead, graph)
 
 
 def synthesise_source_filter(streams: list[SourceFilterStream], windows: list[AudioWindow]) -> list[tuple[Tensor, Tensor | None, int]]:
