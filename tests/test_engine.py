@@ -12,7 +12,7 @@ from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix, generate
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import units_to_source
-from streamgen.pipeline.items import Control
+from streamgen.pipeline.items import Control, SessionError
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 
@@ -243,10 +243,18 @@ def test_a_live_service_refuses_newcomers_while_it_is_behind(test_bundle):
     """With admission by backlog, a session that has seconds of input waiting makes the engine
     refuse the next one as busy instead of letting both fall behind."""
     talk = chunks_of("first", espeak("The weather is nice today, and we are going to the park."), 16000 * 3, end=False)
-    items = talk + session_items("b")
-    sink, _, _ = run(test_bundle, items, admit_lag_s=0.5, queue_size=64)
-    assert "busy" in sink.errors["b"] and "behind real time" in sink.errors["b"]
-    assert "first" not in sink.errors
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100, admit_lag_s=0.5, queue_size=64)
+    said = []
+    engine.emit = said.append  # the worker is not started, so the first talker's input stays waiting
+
+    async def arrive(items):
+        for item in items:
+            await engine.put(item)
+
+    asyncio.run(arrive(talk + session_items("b")))
+    errors = {i.session: i.message for i in said if isinstance(i, SessionError)}
+    assert "busy" in errors["b"] and "behind real time" in errors["b"]
+    assert "first" not in errors and "first" in engine.sessions and "b" not in engine.sessions
 
 
 def test_a_second_start_ends_only_that_session(test_bundle):
