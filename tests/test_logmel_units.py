@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
-from streamgen.pipeline.streams import LogMelUnitStream
+from streamgen.pipeline.streams import LogMelUnitStream, encode_logmel_windows
 from streamgen.models.kmeans import dedup
 from streamgen.train.units import kmeans
 
@@ -28,6 +28,21 @@ def encoder():
     return enc
 
 
+def mean_normalised_encoder(prior_frames=10):
+    enc = LogMelUnits(LogMelUnitsConfig(num_units=32, n_mels=24, cmn_prior_frames=prior_frames))
+    raw = [enc.features(chirp(seed=s)) for s in range(3)]
+    enc.prior.copy_(torch.cat(raw).mean(0))
+    feats = torch.cat([enc.remove_running_mean(f, enc.start_mean())[0] for f in raw])
+    mean, std = feats.mean(0), feats.std(0)
+    enc.set_codebook(mean, std, kmeans((feats - mean) / std, 32, iters=10), prior=enc.prior.clone())
+    return enc
+
+
+@pytest.fixture(params=["plain", "running mean"])
+def any_encoder(request, encoder):
+    return encoder if request.param == "plain" else mean_normalised_encoder()
+
+
 def test_features_are_log_mel_per_hop(encoder):
     wave = chirp(12345)
     feats = encoder.features(wave)
@@ -40,7 +55,8 @@ def test_features_are_log_mel_per_hop(encoder):
 
 
 @pytest.mark.parametrize("chunk", [1, 77, 320, 1000, 20000])
-def test_streamed_units_equal_whole(encoder, chunk):
+def test_streamed_units_equal_whole(any_encoder, chunk):
+    encoder = any_encoder
     wave = chirp(16000 + 123, seed=5)
     whole_units, whole_durations = encoder.encode(wave)
     s = LogMelUnitStream(encoder)
@@ -77,3 +93,70 @@ def test_codebook_separates_sounds(encoder):
 def test_codebook_shape_is_checked(encoder):
     with pytest.raises(ValueError, match="centroids must be"):
         encoder.set_codebook(encoder.mean, encoder.std, torch.zeros(3, 3))
+
+
+def test_running_mean_follows_its_equation():
+    """A louder copy of the input shifts every log-mel band by log(gain); less the running mean, what
+    is left of that shift is log(gain) * n0 / (n0 + i + 1) at frame i: the prior's share."""
+    enc = mean_normalised_encoder(prior_frames=10)
+    wave = chirp(16000, seed=1)
+    base, _ = enc.remove_running_mean(enc.features(wave), enc.start_mean())
+    loud, _ = enc.remove_running_mean(enc.features(2 * wave), enc.start_mean())
+    i = torch.arange(len(base), dtype=torch.float64)[:, None]
+    want = (torch.log(torch.tensor(2.0, dtype=torch.float64)) * 10 / (10 + i + 1)).float().expand_as(base)
+    torch.testing.assert_close(loud - base, want, atol=2e-4, rtol=0)
+    # and frames pushed in two parts carry the state: the same numbers as in one
+    feats = enc.features(wave)
+    first, state = enc.remove_running_mean(feats[:17], enc.start_mean())
+    rest, _ = enc.remove_running_mean(feats[17:], state)
+    assert torch.equal(torch.cat([first, rest]), base)
+
+
+def test_sessions_encoded_in_one_call_equal_each_alone():
+    """The engine plans every session's window and quantises them together; with a running mean each
+    stream makes its own window's features in order, so batching changes nothing."""
+    enc = mean_normalised_encoder()
+    waves = [chirp(12000 + 500 * k, seed=10 + k) for k in range(3)]
+    streams = [LogMelUnitStream(enc) for _ in waves]
+    got = [[] for _ in waves]
+    for start in range(0, 16000, 1600):
+        for s, w in zip(streams, waves):
+            s.add(w[start : start + 1600])
+        final = start + 1600 >= 16000
+        plans = [(k, s, s.plan(final)) for k, (s, w) in enumerate(zip(streams, waves))]
+        plans = [p for p in plans if p[2] is not None]
+        for (k, s, w), fu in zip(plans, encode_logmel_windows(enc, [w for _, _, w in plans])):
+            got[k].append(s.finish(w, fu)[0])
+    for k, w in enumerate(waves):
+        assert torch.equal(torch.cat(got[k]), enc.encode(w)[0])
+
+
+def test_a_bundle_keeps_the_running_mean(tmp_path):
+    from streamgen.bundle import Bundle, load_bundle
+
+    enc = mean_normalised_encoder(prior_frames=25)
+    Bundle(logmel_units=enc).save(tmp_path / "b", dtype=torch.float16)
+    loaded = load_bundle(tmp_path / "b").logmel_units
+    assert loaded.cfg.cmn_prior_frames == 25 and torch.equal(loaded.prior, enc.prior)  # codebook parts are never cast
+    wave = chirp(9000, seed=4)
+    assert torch.equal(loaded(wave), enc(wave))
+
+
+def test_fitting_with_a_running_mean_writes_an_encoder_that_uses_it(tmp_path):
+    from streamgen.io.files import write_audio
+    from streamgen.train.source_filter import fit_logmel_units, load_logmel_units
+    from streamgen.train.synth import write_manifests
+
+    rows = []
+    for k in range(3):
+        write_audio(tmp_path / f"u{k}.wav", chirp(8000 + 1000 * k, seed=20 + k), 16000)
+        rows.append({"id": f"u{k}", "audio": f"u{k}.wav", "text": ""})
+    (manifest,) = write_manifests(tmp_path, {"m": rows}).values()
+    enc = fit_logmel_units([str(manifest)], tmp_path / "enc", num_units=8, iters=5, progress=False, cmn_prior_frames=20)
+    loaded = load_logmel_units(tmp_path / "enc")
+    raw = [enc.features(chirp(8000 + 1000 * k, seed=20 + k)) for k in range(3)]
+    torch.testing.assert_close(loaded.prior, torch.cat(raw).double().mean(0).float(), atol=1e-3, rtol=0)  # read back from 16-bit audio
+    wave = chirp(7000, seed=30)
+    assert loaded.cfg.cmn_prior_frames == 20 and torch.equal(loaded(wave), enc(wave))
+    normalised, _ = enc.remove_running_mean(enc.features(wave), enc.start_mean())
+    assert torch.equal(enc(wave), enc.quantize(normalised))

@@ -7,6 +7,15 @@ Hann window of `win` samples centred on that span, zero samples outside the audi
     f_i    = log(max(mel @ |rfft(x_i)|, 1e-5))                      (n_mels log-mel energies)
     unit_i = argmin_k |(f_i - mean) / std - c_k|^2                 (k-means on standardised features)
 
+With `cmn_prior_frames` = n0 > 0, each frame's log-mel first loses a running mean of its utterance
+(cepstral mean normalisation, causal so that it streams), which takes speaker and channel out of the
+units (bench/QUALITY.md, "Speaker-normalised units"):
+
+    f'_i   = f_i - (n0 * prior + sum_{j <= i} f_j) / (n0 + i + 1)      (prior: the training mean log-mel)
+
+The sum is kept in fixed point (f * 2^16 rounded, int64), exact in any order, so a stream that
+carries it from chunk to chunk gets the same numbers as the whole utterance.
+
 A wave of T samples has T // hop frames. Frame i needs samples up to (i+1)*hop + (win-hop)/2, so
 `pipeline.streams.LogMelUnitStream` gives every unit as soon as that much audio is in, and at the end pads with zeros
 exactly as whole-utterance encoding does: streamed units equal `LogMelUnits.forward`.
@@ -23,6 +32,9 @@ from torch import Tensor, nn
 from .kmeans import KMeansQuantizer, dedup
 
 
+CMN_SCALE = 2**16  # fixed point of the running mean's sum
+
+
 @dataclass(frozen=True)
 class LogMelUnitsConfig:
     num_units: int = 500
@@ -30,8 +42,11 @@ class LogMelUnitsConfig:
     hop: int = 320
     win: int = 640
     sample_rate: int = 16000
+    cmn_prior_frames: int = 0  # > 0: remove a running mean with this many frames of prior (0: none)
 
     def __post_init__(self):
+        if self.cmn_prior_frames < 0:
+            raise ValueError(f"cmn_prior_frames must be at least 0, got {self.cmn_prior_frames}")
         if self.win < self.hop or (self.win - self.hop) % 2:
             raise ValueError(f"win {self.win} must be at least hop {self.hop} and differ from it by an even number")
 
@@ -67,6 +82,8 @@ class LogMelUnits(nn.Module):
         self.cfg = cfg
         self.register_buffer("mean", torch.zeros(cfg.n_mels))
         self.register_buffer("std", torch.ones(cfg.n_mels))
+        if cfg.cmn_prior_frames:
+            self.register_buffer("prior", torch.zeros(cfg.n_mels))  # the training mean log-mel
         self.quantizer = KMeansQuantizer(torch.zeros(cfg.num_units, cfg.n_mels))
         self.register_buffer("fb", mel_filterbank(cfg.win, cfg.n_mels, cfg.sample_rate), persistent=False)
         self.register_buffer("window", torch.hann_window(cfg.win, periodic=True), persistent=False)
@@ -75,10 +92,15 @@ class LogMelUnits(nn.Module):
     def num_units(self) -> int:
         return self.cfg.num_units
 
-    def set_codebook(self, mean: Tensor, std: Tensor, centroids: Tensor) -> None:
-        """Install the standardisation and the k-means centroids (in standardised units)."""
+    def set_codebook(self, mean: Tensor, std: Tensor, centroids: Tensor, prior: Tensor | None = None) -> None:
+        """Install the standardisation and the k-means centroids (in standardised units), and with
+        mean normalisation the prior mean log-mel."""
         if centroids.shape != (self.cfg.num_units, self.cfg.n_mels):
             raise ValueError(f"centroids must be [{self.cfg.num_units}, {self.cfg.n_mels}], got {tuple(centroids.shape)}")
+        if (prior is not None) != bool(self.cfg.cmn_prior_frames):
+            raise ValueError("a prior mean log-mel goes with cmn_prior_frames > 0, and only then")
+        if prior is not None:
+            self.prior.copy_(prior)
         self.mean.copy_(mean)
         self.std.copy_(std)
         self.quantizer.centroids.copy_(centroids)
@@ -99,9 +121,25 @@ class LogMelUnits(nn.Module):
     def quantize(self, feats: Tensor) -> Tensor:
         return self.quantizer((feats - self.mean) / self.std)
 
+    def start_mean(self) -> tuple[int, Tensor]:
+        """The running mean's state before an utterance's first frame: (frames, fixed-point sum)."""
+        return 0, torch.zeros(self.cfg.n_mels, dtype=torch.long, device=self.mean.device)
+
+    def remove_running_mean(self, feats: Tensor, state: tuple[int, Tensor]) -> tuple[Tensor, tuple[int, Tensor]]:
+        """Log-mel frames [F, n_mels] following `state` -> (the frames less the running mean, the state after them)."""
+        count, total = state
+        sums = total + torch.cumsum(torch.round(feats.double() * CMN_SCALE).long(), 0)
+        n = count + torch.arange(1, len(feats) + 1, dtype=torch.float64, device=feats.device)[:, None]
+        n0 = self.cfg.cmn_prior_frames
+        mean = (n0 * self.prior.double() + sums.double() / CMN_SCALE) / (n0 + n)
+        return (feats.double() - mean).float(), (count + len(feats), sums[-1] if len(feats) else total)
+
     def forward(self, wave: Tensor) -> Tensor:
         """wave [T] -> one unit per frame [T // hop] (long)."""
-        return self.quantize(self.features(wave))
+        feats = self.features(wave)
+        if self.cfg.cmn_prior_frames:
+            feats, _ = self.remove_running_mean(feats, self.start_mean())
+        return self.quantize(feats)
 
     def encode(self, wave: Tensor) -> tuple[Tensor, Tensor]:
         """wave [T] -> (de-duplicated units, frames per unit)."""

@@ -57,6 +57,7 @@ class EncodeWindow:
     first: int  # index in the window's frames of the first frame to keep
     count: int  # frames to keep
     end: int  # absolute frame index after the last kept one
+    feats: Tensor | None = None  # the kept frames' features, where the stream had to make them (running mean)
 
 
 class EncoderStream(ABC):
@@ -363,6 +364,7 @@ class LogMelUnitStream(EncoderStream):
         self.n_done = 0
         self.last_unit: int | None = None
         self.padded = False
+        self.mean_state = encoder.start_mean() if c.cmn_prior_frames else None
 
     def add(self, samples: Tensor) -> None:
         self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
@@ -382,7 +384,11 @@ class LogMelUnitStream(EncoderStream):
             return None
         wave = self.buf[a * self.hop - self.b0 : (end - 1) * self.hop + self.win - self.b0]
         self.n_planned = end
-        return EncodeWindow(wave, 0, end - a, end)
+        window = EncodeWindow(wave, 0, end - a, end)
+        if self.mean_state is not None:  # the running mean follows the frames in order: made here, at plan time
+            feats = self.encoder.frame_features(wave.to(self.encoder.fb.device), end - a)
+            window.feats, self.mean_state = self.encoder.remove_running_mean(feats, self.mean_state)
+        return window
 
     def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
         a, end = self.n_done, window.end
@@ -401,7 +407,7 @@ class LogMelUnitStream(EncoderStream):
 def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> list[Tensor]:
     """Frame units of every window: all windows' frames in one log-mel and one k-means call."""
     dev = encoder.fb.device
-    feats = torch.cat([encoder.frame_features(w.wave.to(dev), w.count) for w in windows])
+    feats = torch.cat([w.feats if w.feats is not None else encoder.frame_features(w.wave.to(dev), w.count) for w in windows])
     return list(encoder.quantize(feats).cpu().split([w.count for w in windows]))
 
 

@@ -89,22 +89,29 @@ def f0_track(wave: np.ndarray, h: int = 160, rate: int = RATE, fmin: float = 60.
 # --- the unit encoder ---------------------------------------------------------------------------
 
 def fit_logmel_units(manifests: list[str], out: str | Path, num_units: int = 500, iters: int = 30, max_frames: int = 200_000,
-                     seed: int = 0, progress: bool = True) -> LogMelUnits:
+                     seed: int = 0, progress: bool = True, cmn_prior_frames: int = 0) -> LogMelUnits:
+    """k-means on the log-mel of every utterance of the manifests; with `cmn_prior_frames`, on the
+    log-mel less its running mean (the prior: these utterances' mean log-mel)."""
     from ..io.files import read_audio
     from .synth import read_manifest
     from .units import kmeans
 
-    enc = LogMelUnits(LogMelUnitsConfig(num_units=num_units))
+    enc = LogMelUnits(LogMelUnitsConfig(num_units=num_units, cmn_prior_frames=cmn_prior_frames))
     feats = []
     rows = [(Path(m).parent, r) for m in manifests for r in read_manifest(m)]
     with Progress("log-mel features", len(rows), enabled=progress) as bar, torch.no_grad():
         for root, r in rows:
             feats.append(enc.features(read_audio(root / r["audio"], RATE)))
             bar.update(advance=1)
+    prior = None
+    if cmn_prior_frames:
+        prior = torch.cat(feats).double().mean(0).float()
+        enc.prior.copy_(prior)
+        feats = [enc.remove_running_mean(f, enc.start_mean())[0] for f in feats]
     x = torch.cat(feats)
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_frames]]
     mean, std = x.mean(0), x.std(0).clamp(min=1e-3)
-    enc.set_codebook(mean, std, kmeans((x - mean) / std, num_units, iters=iters, seed=seed))
+    enc.set_codebook(mean, std, kmeans((x - mean) / std, num_units, iters=iters, seed=seed), prior)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, out / "logmel_units.safetensors")
@@ -278,6 +285,8 @@ def main() -> None:
     u.add_argument("--manifest", nargs="+", required=True)
     u.add_argument("--out", required=True)
     u.add_argument("--units", type=int, default=500)
+    u.add_argument("--cmn-prior-frames", type=int, default=0,
+                   help="remove each utterance's running mean log-mel, with this many frames of prior (0: none)")
     p = sub.add_parser("prepare")
     p.add_argument("--manifest", nargs="+", required=True)
     p.add_argument("--encoder", required=True)
@@ -303,7 +312,7 @@ def main() -> None:
     t.add_argument("--keep-every", type=int, default=0)
     args = ap.parse_args()
     if args.cmd == "units":
-        fit_logmel_units(args.manifest, args.out, args.units)
+        fit_logmel_units(args.manifest, args.out, args.units, cmn_prior_frames=args.cmn_prior_frames)
     elif args.cmd == "bundle":
         print(into_bundle(args.encoder, args.vocoder, args.out))
     elif args.cmd == "prepare":
