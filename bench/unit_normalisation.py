@@ -1,0 +1,121 @@
+"""Speaker-normalised log-mel units: does taking each utterance's mean log-mel out before k-means make
+the units keep the phonetics of a voice the codebook never heard? (issue 12, item 2)
+
+For each variant, k-means (K = 500) is fitted on the normalised log-mel of the training voice (piper
+joe, `nat_train`; `+voices` adds flite awb, kal16 and slt from `nat_voices`), and every test sentence
+is encoded and inverted the same way: each unit -> the mean *raw* log-mel of the joe training frames
+that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -> Whisper tiny.en.
+
+    raw            log-mel as the shipped encoder uses it
+    cmn            minus the utterance's mean log-mel (needs the whole utterance: not streamable)
+    cmvn           the same, also divided by the utterance's standard deviation per band
+    cmn_causalN    minus a running mean from the utterance's start, with a prior of N frames at the
+                   training mean (streamable: frame i needs frames 0..i only)
+
+    python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
+        --variants raw cmn cmn+voices cmn_causal50 --json out.json
+    # the vocoder check: relabel the joe vocoder data with a variant's units, train, score it
+    python bench/unit_normalisation.py ... --variants cmn_causal50 --vocoder-data RUN/voc_data.pt (the joe data) --out DIR
+    python -m streamgen.train.source_filter train --data DIR/voc_data.pt --out DIR/sf --steps 4000 --batch-size 8 --segment 32
+    python bench/unit_normalisation.py ... --variants cmn_causal50 --out DIR --vocoder DIR/sf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from natural_resynthesis import griffin_lim
+from streamgen.eval.asr import WhisperASR
+from streamgen.eval.metrics import normalize, wer
+from streamgen.io.files import read_audio
+from streamgen.models.kmeans import dedup
+from streamgen.train.source_filter import load_logmel_units, load_vocoder
+from streamgen.train.synth import read_manifest
+from streamgen.train.units import kmeans
+
+VOICES = ("joe", "rms", "espeak")
+
+
+def normalise(m: torch.Tensor, variant: str, prior: torch.Tensor) -> torch.Tensor:
+    """Log-mel frames [F, n_mels] of one utterance -> the variant's features."""
+    if variant == "raw":
+        return m
+    if variant == "cmn":
+        return m - m.mean(0)
+    if variant == "cmvn":
+        return (m - m.mean(0)) / m.std(0).clamp_min(1e-3)
+    if variant.startswith("cmn_causal"):
+        n0 = int(variant[len("cmn_causal"):])
+        n = torch.arange(1, len(m) + 1, dtype=torch.float64)[:, None]
+        return (m.double() - (n0 * prior + torch.cumsum(m.double(), 0)) / (n0 + n)).float()
+    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn or cmn_causalN (N frames of prior)")
+
+
+def log_mels(enc, manifest: Path) -> list[tuple[str, torch.Tensor]]:
+    return [(normalize(r["text"]), enc.features(read_audio(manifest.parent / r["audio"], 16000))) for r in read_manifest(manifest)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", required=True, help="the natural corpus (nat_train.tsv, nat_voices.tsv, nat_test_*.tsv)")
+    ap.add_argument("--encoder", required=True, help="a log-mel unit encoder directory (its front-end is used)")
+    ap.add_argument("--variants", nargs="+", default=["raw", "cmn", "cmn+voices", "cmn_causal50"])
+    ap.add_argument("--vocoder-data", help="vocoder training data (streamgen.train.source_filter prepare) to relabel")
+    ap.add_argument("--vocoder", help="score this vocoder, trained on the relabelled data, instead of Griffin-Lim")
+    ap.add_argument("--out", help="where the codebook and relabelled data go (one variant)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    corpus, enc = Path(args.corpus), load_logmel_units(args.encoder)
+    train = log_mels(enc, corpus / "nat_train.tsv")
+    prior = torch.cat([m for _, m in train]).double().mean(0)
+    need_voices = any(v.endswith("+voices") for v in args.variants)
+    voices = log_mels(enc, corpus / "nat_voices.tsv") if need_voices else []
+    tests = {v: log_mels(enc, corpus / f"nat_test_{v}.tsv") for v in VOICES}
+    asr = WhisperASR()
+    results = {}
+    for name in args.variants:
+        variant = name.removesuffix("+voices")
+        feats = [normalise(m, variant, prior) for _, m in train + (voices if name.endswith("+voices") else [])]
+        x = torch.cat(feats)
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:150_000]]
+        mean, std = x.mean(0), x.std(0)
+        centroids = kmeans((x - mean) / std, 500, iters=25, seed=0)
+        units = lambda m: torch.cdist((normalise(m, variant, prior) - mean) / std, centroids).argmin(1)
+        raw = torch.cat([m for _, m in train])
+        u = torch.cat([units(m) for _, m in train])
+        table = torch.zeros(500, raw.shape[1]).index_add_(0, u, raw) / torch.bincount(u, minlength=500).clamp_min(1)[:, None]
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"variant": variant, "prior": prior, "mean": mean, "std": std, "centroids": centroids}, out / "codebook.pt")
+        if args.vocoder_data:  # relabel the vocoder data (its audio is int16) with this variant's units
+            data = torch.load(args.vocoder_data)
+            for d in data:
+                d["frames"] = units(enc.features(d["audio"].float() / 32767)).short()
+            torch.save(data, Path(args.out) / "voc_data.pt")
+            print(f"{name}: relabelled {len(data)} utterances -> {Path(args.out) / 'voc_data.pt'}", flush=True)
+            continue
+        voc = load_vocoder(args.vocoder) if args.vocoder else None
+        results[name] = {}
+        for v, rows in tests.items():
+            refs = [t for t, _ in rows]
+            if voc is None:
+                hyps = [normalize(asr.transcribe(griffin_lim(table[units(m)], enc).numpy())) for _, m in rows]
+                results[name][v] = round(wer(refs, hyps), 4)
+                continue
+            with torch.no_grad():
+                true = [normalize(asr.transcribe(voc.generate(units(m)).numpy())) for _, m in rows]
+                own = [normalize(asr.transcribe(voc(dedup(units(m))[0]).numpy())) for _, m in rows]
+            results[name][v] = {"true durations": round(wer(refs, true), 4), "own durations": round(wer(refs, own), 4)}
+        print(name, json.dumps(results[name]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
