@@ -113,17 +113,19 @@ def test_running_mean_follows_its_equation():
 
 
 def test_sessions_encoded_in_one_call_equal_each_alone():
-    """The engine plans every session's window and quantises them together; with a running mean each
-    stream makes its own window's features in order, so batching changes nothing."""
+    """The engine plans every session's windows (one per chunk that came in, several per session in a
+    tick) and quantises them together; with a running mean each stream makes its own windows'
+    features in order, so batching changes nothing."""
     enc = mean_normalised_encoder()
     waves = [chirp(12000 + 500 * k, seed=10 + k) for k in range(3)]
     streams = [LogMelUnitStream(enc) for _ in waves]
     got = [[] for _ in waves]
     for start in range(0, 16000, 1600):
-        for s, w in zip(streams, waves):
-            s.add(w[start : start + 1600])
-        final = start + 1600 >= 16000
-        plans = [(k, s, s.plan(final)) for k, (s, w) in enumerate(zip(streams, waves))]
+        plans = []
+        for half in (0, 800):  # two chunks per session before the tick's one encoding call
+            for k, (s, w) in enumerate(zip(streams, waves)):
+                s.add(w[start + half : start + half + 800])
+                plans.append((k, s, s.plan(start + half + 800 >= 16000)))
         plans = [p for p in plans if p[2] is not None]
         for (k, s, w), fu in zip(plans, encode_logmel_windows(enc, [w for _, _, w in plans])):
             got[k].append(s.finish(w, fu)[0])
