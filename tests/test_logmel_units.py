@@ -162,3 +162,19 @@ def test_fitting_with_a_running_mean_writes_an_encoder_that_uses_it(tmp_path):
     assert loaded.cfg.cmn_prior_frames == 20 and torch.equal(loaded(wave), enc(wave))
     normalised, _ = enc.remove_running_mean(enc.features(wave), enc.start_mean())
     assert torch.equal(enc(wave), enc.quantize(normalised))
+
+
+def test_quiet_units_are_what_a_noise_floor_maps_to():
+    """Pauses over a noise floor are several units; the encoder names the units whose energy is at or
+    below white noise at -50 dBFS, so a policy can hear a pause in them."""
+    enc = LogMelUnits(CFG)
+    g = torch.Generator().manual_seed(3)
+    noise = [torch.randn(16000, generator=g) * 10 ** (db / 20) for db in (-80, -70, -60, -55)]
+    feats = torch.cat([enc.features(w) for w in [chirp(seed=s) for s in range(3)] + noise])
+    mean, std = feats.mean(0), feats.std(0)
+    enc.set_codebook(mean, std, kmeans((feats - mean) / std, CFG.num_units, iters=10))
+    quiet = enc.quiet_units()
+    hiss = torch.randn(16000, generator=g) * 10 ** (-62 / 20)
+    assert quiet[enc(hiss)].all()
+    assert not quiet[enc(chirp(seed=9))[2:-2]].any()
+    assert mean_normalised_encoder().quiet_units() is None  # its centroids have lost the level

@@ -232,3 +232,24 @@ def test_local_agreement_commits_what_two_hypotheses_share(test_bundle):
     wk = WaitK(UnitDecoder(mbart.cfg), k=4, chunk_ms=320)
     got = decide(mbart, wk, wk.on_source(src[:10], torch.arange(10), 5120))
     assert len(got) == 10 - 4  # wait-k: ratio * (source - k) units committed
+
+@pytest.mark.parametrize("knows_quiet", [False, True])
+def test_a_segment_closes_at_a_pause_made_of_several_quiet_units(test_bundle, knows_quiet):
+    """Silence over a noise floor maps to a few log-mel units in short runs, not one unit held: with
+    the encoder's quiet units the segment closes there; without, only one unit held 400 ms would do."""
+    from streamgen.pipeline.policies import UnitDecoder, WaitK
+
+    quiet = torch.zeros(test_bundle.mbart.cfg.num_units, dtype=torch.bool)
+    quiet[[7, 8, 9]] = True
+    speech = torch.arange(20, 50)  # 30 units, 2 frames each
+    pause = torch.tensor([7, 8, 9, 8, 7, 9, 8, 7, 9, 7])  # 10 quiet units, 3 frames each: 600 ms
+    more = torch.arange(60, 70)
+    units = torch.cat([speech, pause, more])
+    runs = torch.cat([torch.full((30,), 2), torch.full((10,), 3), torch.full((10,), 2)])
+    frames = torch.cumsum(runs, 0) - runs
+    wk = WaitK(UnitDecoder(test_bundle.mbart.cfg, quiet=quiet if knows_quiet else None), k=4, chunk_ms=320)
+    wk.on_source(units, frames, 16000 * 2)
+    if knows_quiet:  # cut after the unit where the quiet stretch reached 400 ms (the 7th: 21 frames)
+        assert wk.closing and len(wk.source) == 37 and torch.equal(wk.carry[0], units[37:])
+    else:
+        assert not wk.closing and len(wk.source) == 50

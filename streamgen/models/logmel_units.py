@@ -121,6 +121,17 @@ class LogMelUnits(nn.Module):
     def quantize(self, feats: Tensor) -> Tensor:
         return self.quantizer((feats - self.mean) / self.std)
 
+    def quiet_units(self, below_dbfs: float = -50.0) -> Tensor | None:
+        """Which units [num_units] (bool) carry no more energy than white noise of RMS `below_dbfs`
+        (re full scale 1.0): what pauses are made of, whatever the noise floor (silence maps to
+        several such units, not one). None with mean normalisation: its centroids have lost the level."""
+        if self.cfg.cmn_prior_frames:
+            return None
+        noise = torch.randn(self.cfg.sample_rate, generator=torch.Generator().manual_seed(0)) * 10 ** (below_dbfs / 20)
+        level = torch.logsumexp(self.features(noise.to(self.fb.device)), dim=1).mean()
+        centroids = self.quantizer.centroids * self.std + self.mean
+        return (torch.logsumexp(centroids, dim=1) <= level).cpu()
+
     def start_mean(self) -> tuple[int, Tensor]:
         """The running mean's state before an utterance's first frame: (frames, fixed-point sum)."""
         return 0, torch.zeros(self.cfg.n_mels, dtype=torch.long, device=self.mean.device)

@@ -130,7 +130,9 @@ class Engine:
             self.new_unit_stream = lambda: LogMelUnitStream(lm)
             self.encode_batch = lambda windows: encode_logmel_windows(lm, windows)
             enc_wait = lm.cfg.pad / sr
+            self.quiet_units = lm.quiet_units()  # pauses over a noise floor, for the segmenting policies
         else:
+            self.quiet_units = None  # HuBERT units: silence is one unit held
             hubert, quantizer = bundle.need("hubert"), bundle.need("kmeans")
             self.new_unit_stream = lambda: UnitStream(hubert, quantizer, cfg.left_frames, cfg.lookahead_frames)
             self.encode_batch = lambda windows: encode_windows(hubert, quantizer, windows)
@@ -190,7 +192,7 @@ class Engine:
             raise ValueError(f"task {task!r} needs a speech LM and this bundle has none")
         cfg = self.mbart.cfg if self.mbart is not None else None
         prompt = self.prompt_for(plugin) if plugin.uses_lm else None
-        decoder = UnitDecoder(cfg, prompt, Sampling(**plugin.sampling), plugin.prefix_tokens, self.cfg.seed)
+        decoder = UnitDecoder(cfg, prompt, Sampling(**plugin.sampling), plugin.prefix_tokens, self.cfg.seed, self.quiet_units)
         return plugin, plugin.make_policy(decoder, opts)
 
     def open(self, name: str, task: str | None = None, options: dict | None = None) -> Session:

@@ -16,7 +16,8 @@ Building blocks for task plugins:
 - `LocalAgreement`: simultaneous; every `chunk_ms`, decode a full hypothesis and commit the prefix it
   shares with the previous hypothesis (LA-2).
   Both simultaneous policies translate a long input segment by segment: a segment closes at a pause
-  (a unit held for `pause_ms`, i.e. silence) once it has `min_segment` units, or at `max_segment`
+  (a unit held for `pause_ms`, or the encoder's quiet units in a row as long: silence over a noise
+  floor maps to several units) once it has `min_segment` units, or at `max_segment`
   units; its translation is finished, then the next segment starts from the units after the cut.
 - `Inpainting`: at the end, replace the units of a masked time span by one <mask> and regenerate;
   an input longer than the model's context is refused as soon as it exceeds it.
@@ -44,8 +45,9 @@ class UnitDecoder:
     sampling settings and forced tokens; it turns a policy's wish into a decode `Request`."""
 
     def __init__(self, cfg: UnitMBartConfig, prompt: PromptKV | None = None, sampling: Sampling = Sampling(),
-                 prefix_tokens: tuple[int, ...] = (), seed: int = 0):
+                 prefix_tokens: tuple[int, ...] = (), seed: int = 0, quiet: Tensor | None = None):
         self.cfg, self.prompt, self.sampling = cfg, prompt, sampling
+        self.quiet = quiet  # [num_units] bool: units the encoder gives to silence and noise (None: unknown)
         self.prefix_tokens = tuple(prefix_tokens)
         self.seed = seed
         self.requests = 0
@@ -191,12 +193,19 @@ class _Simultaneous(Policy):
         self.segments = 1
 
     def _cut(self) -> int | None:
-        """Where the current segment ends (units kept), or None: after a unit held for a pause, or at
-        the maximum length."""
+        """Where the current segment ends (units kept), or None: after a pause (one unit held for
+        `pause_ms`, or quiet units in a row lasting that long, when the encoder says which units are
+        quiet), or at the maximum length."""
         if len(self.source) < self.min_segment:
             return None
         runs = self.frames[1:] - self.frames[:-1]  # frames each complete run lasted
-        long = torch.nonzero(runs[self.min_segment - 1 :] >= self.pause_frames)
+        pause = runs >= self.pause_frames
+        if self.decoder.quiet is not None:
+            stretch, quiet = 0, self.decoder.quiet[self.source[:-1]].tolist()
+            for i, (r, q) in enumerate(zip(runs.tolist(), quiet)):
+                stretch = stretch + r if q else 0  # frames of quiet units in a row, up to unit i
+                pause[i] |= stretch >= self.pause_frames
+        long = torch.nonzero(pause[self.min_segment - 1 :])
         if len(long):
             return min(int(long[0]) + self.min_segment, self.max_segment)
         if len(self.source) >= self.max_segment:
