@@ -14,6 +14,7 @@ serves one session at a time (what the one-worker-per-stage pipeline did before 
     python bench/sessions.py                               # default bundle, CPU, all three tasks
     python bench/sessions.py --device cuda --dtype bfloat16 --public-random --levels 64,256,1024
     python bench/sessions.py --json out.json
+    python bench/sessions.py --tasks translation --pause-s 0.6  # talkers who pause between sentences
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4,8,16,32,64")
     ap.add_argument("--seconds", type=float, default=8.0, help="speech per talker (the bundled sample, repeated)")
     ap.add_argument("--chunk-ms", type=int, default=320)
+    ap.add_argument("--pause-s", type=float, default=0.0,
+                    help="each repetition of the sample followed by this much -60 dBFS noise (talkers who pause)")
     ap.add_argument("--max-lag-ms", type=float, default=250.0)
     ap.add_argument("--modes", default="engine,one-at-a-time", help="engine, one-at-a-time (the baseline), or both")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager decoder steps")
@@ -123,13 +126,17 @@ def main() -> None:
     from importlib import resources
 
     sample = read_audio(str(resources.files("streamgen") / "assets" / "sample.wav"), bundle.sample_rate)
+    if args.pause_s > 0:  # a talker who pauses between sentences, over a microphone-like noise floor (-60 dBFS)
+        hiss = torch.randn(int(args.pause_s * bundle.sample_rate), generator=torch.Generator().manual_seed(0)) * 1e-3
+        sample = torch.cat([sample, hiss])
     n = int(args.seconds * bundle.sample_rate)
     wave = sample.repeat(n // len(sample) + 1)[:n]
     levels = [int(x) for x in args.levels.split(",")]
     lookahead = bundle.vocoder.frame_context() if args.vocoder_windows else None  # that much look-ahead: exact
     load = os.getloadavg()[0]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  device {args.device} ({torch.get_num_threads()} threads), "
-          f"load average {load:.1f}, {args.seconds:.0f} s per talker, {args.chunk_ms} ms chunks")
+          f"load average {load:.1f}, {args.seconds:.0f} s per talker, {args.chunk_ms} ms chunks"
+          + (f", {args.pause_s:g} s pauses" if args.pause_s else ""))
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "load_average": load, "levels": levels, "tasks": {}}
     modes = [(m, {"engine": 0, "one-at-a-time": 1}[m]) for m in args.modes.split(",")]
     for task in args.tasks.split(","):
