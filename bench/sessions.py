@@ -15,6 +15,7 @@ serves one session at a time (what the one-worker-per-stage pipeline did before 
     python bench/sessions.py --device cuda --dtype bfloat16 --public-random --levels 64,256,1024
     python bench/sessions.py --json out.json
     python bench/sessions.py --tasks translation --pause-s 0.6  # talkers who pause between sentences
+    python bench/sessions.py --tasks translation --processes 2  # one engine process per core
 """
 
 from __future__ import annotations
@@ -81,12 +82,40 @@ def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batc
             done += 1
             lags += [1000 * (emitted - st.started_at) - ideal for ideal, emitted, _ in st.outputs]
             first.append(1000 * (st.outputs[0][1] - st.started_at))
-    return {"sessions": n, "completed": done, "wall_s": round(time.monotonic() - t, 1),
+    return summary([{"sessions": n, "completed": done, "wall_s": time.monotonic() - t, "lags": lags, "first": first,
+                     "busy": engine.busy_s / max(1e-9, time.monotonic() - t), "ticks": engine.ticks, "compute_s": dict(engine.compute)}])
+
+
+def summary(parts: list[dict]) -> dict:
+    """One level's figures from the raw figures of its engine processes (one, or one per core)."""
+    lags = [x for p in parts for x in p["lags"]]
+    first = [x for p in parts for x in p["first"]]
+    compute: dict[str, float] = {}
+    for p in parts:
+        for k, v in p["compute_s"].items():
+            compute[k] = compute.get(k, 0.0) + v
+    return {"sessions": sum(p["sessions"] for p in parts), "completed": sum(p["completed"] for p in parts),
+            "wall_s": round(max(p["wall_s"] for p in parts), 1),
             "lag_p50_ms": round(float(np.percentile(lags, 50)), 1) if lags else None,
             "lag_p99_ms": round(float(np.percentile(lags, 99)), 1) if lags else None,
             "first_audio_ms": round(float(np.median(first)), 1) if first else None,
-            "engine_busy": round(engine.busy_s / max(1e-9, time.monotonic() - t), 2), "ticks": engine.ticks,
-            "compute_s": {k: round(v, 2) for k, v in engine.compute.items()}}
+            "engine_busy": round(float(np.mean([p["busy"] for p in parts])), 2), "ticks": sum(p["ticks"] for p in parts),
+            "compute_s": {k: round(v, 2) for k, v in compute.items()}, "processes": len(parts),
+            "lags": lags, "first": first, "busy": float(np.mean([p["busy"] for p in parts]))}
+
+
+def level_in_processes(processes: int, bundle, task: str, n: int, *args) -> dict:
+    """The level with its talkers split over `processes` engine processes, one per core, each with
+    its own engine and talkers (as a cluster of `serve --mqtt` workers shares sessions, without the
+    broker in between)."""
+    if processes == 1:
+        return level(bundle, task, n, *args)
+    import multiprocessing
+
+    shares = [n // processes + (i < n % processes) for i in range(processes)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.starmap(level, [(bundle, task, k, *args) for k in shares if k])
+    return summary(parts)
 
 
 def held(rows: list[dict], max_lag: float) -> int:
@@ -112,6 +141,8 @@ def main() -> None:
     ap.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (PyTorch's own kernels)")
     ap.add_argument("--vocoder-windows", action="store_true",
                     help="CodeHiFiGAN in exact windows (context recomputed, few large calls) instead of streaming convolutions")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="CPU: split each level's talkers over this many engine processes (one per core, 1 thread each)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -136,7 +167,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  device {args.device} ({torch.get_num_threads()} threads), "
           f"load average {load:.1f}, {args.seconds:.0f} s per talker, {args.chunk_ms} ms chunks"
-          + (f", {args.pause_s:g} s pauses" if args.pause_s else ""))
+          + (f", {args.pause_s:g} s pauses" if args.pause_s else "") + (f", {args.processes} engine processes" if args.processes > 1 else ""))
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "load_average": load, "levels": levels, "tasks": {}}
     modes = [(m, {"engine": 0, "one-at-a-time": 1}[m]) for m in args.modes.split(",")]
     for task in args.tasks.split(","):
@@ -144,7 +175,8 @@ def main() -> None:
         for mode, max_batch in modes:
             rows, misses = [], 0
             for lv in levels:
-                r = level(bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
+                r = level_in_processes(args.processes, bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
+                r.pop("lags"), r.pop("first"), r.pop("busy")
                 rows.append(r)
                 ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
                 print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
