@@ -11,6 +11,8 @@ that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -
     cmvn           the same, also divided by the utterance's standard deviation per band
     cmn_causalN    minus a running mean from the utterance's start, with a prior of N frames at the
                    training mean (streamable: frame i needs frames 0..i only)
+    cmvn_causalN   the same, also divided by a running standard deviation (prior: the training
+                   log-mel's second moment)
 
     python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
         --variants raw cmn cmn+voices cmn_causal50 --json out.json
@@ -40,8 +42,9 @@ from streamgen.train.units import kmeans
 VOICES = ("joe", "rms", "espeak")
 
 
-def normalise(m: torch.Tensor, variant: str, prior: torch.Tensor) -> torch.Tensor:
-    """Log-mel frames [F, n_mels] of one utterance -> the variant's features."""
+def normalise(m: torch.Tensor, variant: str, prior: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Log-mel frames [F, n_mels] of one utterance -> the variant's features (prior: the training
+    log-mel's mean and second moment)."""
     if variant == "raw":
         return m
     if variant == "cmn":
@@ -51,8 +54,15 @@ def normalise(m: torch.Tensor, variant: str, prior: torch.Tensor) -> torch.Tenso
     if variant.startswith("cmn_causal"):
         n0 = int(variant[len("cmn_causal"):])
         n = torch.arange(1, len(m) + 1, dtype=torch.float64)[:, None]
-        return (m.double() - (n0 * prior + torch.cumsum(m.double(), 0)) / (n0 + n)).float()
-    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn or cmn_causalN (N frames of prior)")
+        return (m.double() - (n0 * prior[0] + torch.cumsum(m.double(), 0)) / (n0 + n)).float()
+    if variant.startswith("cmvn_causal"):  # running mean and running second moment, both with the prior
+        n0 = int(variant[len("cmvn_causal"):])
+        n = torch.arange(1, len(m) + 1, dtype=torch.float64)[:, None]
+        x = m.double()
+        mean = (n0 * prior[0] + torch.cumsum(x, 0)) / (n0 + n)
+        second = (n0 * prior[1] + torch.cumsum(x * x, 0)) / (n0 + n)
+        return ((x - mean) / (second - mean * mean).clamp_min(1e-6).sqrt()).float()
+    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN or cmvn_causalN (N frames of prior)")
 
 
 def log_mels(enc, manifest: Path) -> list[tuple[str, torch.Tensor]]:
@@ -72,7 +82,8 @@ def main() -> None:
     torch.set_num_threads(1)
     corpus, enc = Path(args.corpus), load_logmel_units(args.encoder)
     train = log_mels(enc, corpus / "nat_train.tsv")
-    prior = torch.cat([m for _, m in train]).double().mean(0)
+    every = torch.cat([m for _, m in train]).double()
+    prior = (every.mean(0), (every * every).mean(0))  # the training log-mel's mean and second moment
     need_voices = any(v.endswith("+voices") for v in args.variants)
     voices = log_mels(enc, corpus / "nat_voices.tsv") if need_voices else []
     tests = {v: log_mels(enc, corpus / f"nat_test_{v}.tsv") for v in VOICES}
@@ -92,7 +103,7 @@ def main() -> None:
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({"variant": variant, "prior": prior, "mean": mean, "std": std, "centroids": centroids}, out / "codebook.pt")
+            torch.save({"variant": variant, "prior": prior[0], "mean": mean, "std": std, "centroids": centroids}, out / "codebook.pt")
         if args.vocoder_data:  # relabel the vocoder data (its audio is int16) with this variant's units
             data = torch.load(args.vocoder_data)
             for d in data:
