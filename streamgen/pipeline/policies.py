@@ -201,10 +201,10 @@ class _Simultaneous(Policy):
         runs = self.frames[1:] - self.frames[:-1]  # frames each complete run lasted
         pause = runs >= self.pause_frames
         if self.decoder.quiet is not None:
-            stretch, quiet = 0, self.decoder.quiet[self.source[:-1]].tolist()
-            for i, (r, q) in enumerate(zip(runs.tolist(), quiet)):
-                stretch = stretch + r if q else 0  # frames of quiet units in a row, up to unit i
-                pause[i] |= stretch >= self.pause_frames
+            quiet = self.decoder.quiet[self.source[:-1]]
+            total = torch.cumsum(runs * quiet, 0)  # quiet frames up to unit i
+            before = torch.cummax(torch.where(quiet, 0, total), 0).values  # ... up to the last unit that was not quiet
+            pause |= quiet & (total - before >= self.pause_frames)  # frames of quiet units in a row, up to unit i
         long = torch.nonzero(pause[self.min_segment - 1 :])
         if len(long):
             return min(int(long[0]) + self.min_segment, self.max_segment)
