@@ -70,6 +70,7 @@ class Talkers:
 
 def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batch: int, cuda_graphs: bool = True,
           vocoder_lookahead: int | None = None) -> dict:
+    """n talkers through one engine: the raw figures (every output chunk's lag), for `summary`."""
     rate = bundle.sample_rate
     engine = build_engine(bundle, task, TASK_OPTIONS[task], chunk_ms=chunk_ms, max_batch=max_batch,
                           max_sessions=max(256, n), cuda_graphs=cuda_graphs, vocoder_lookahead=vocoder_lookahead)
@@ -82,12 +83,12 @@ def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batc
             done += 1
             lags += [1000 * (emitted - st.started_at) - ideal for ideal, emitted, _ in st.outputs]
             first.append(1000 * (st.outputs[0][1] - st.started_at))
-    return summary([{"sessions": n, "completed": done, "wall_s": time.monotonic() - t, "lags": lags, "first": first,
-                     "busy": engine.busy_s / max(1e-9, time.monotonic() - t), "ticks": engine.ticks, "compute_s": dict(engine.compute)}])
+    return {"sessions": n, "completed": done, "wall_s": time.monotonic() - t, "lags": lags, "first": first,
+            "busy": engine.busy_s / max(1e-9, time.monotonic() - t), "ticks": engine.ticks, "compute_s": dict(engine.compute)}
 
 
 def summary(parts: list[dict]) -> dict:
-    """One level's figures from the raw figures of its engine processes (one, or one per core)."""
+    """One level's figures from the raw figures `level` gives for each of its engine processes (one, or one per core)."""
     lags = [x for p in parts for x in p["lags"]]
     first = [x for p in parts for x in p["first"]]
     compute: dict[str, float] = {}
@@ -100,8 +101,7 @@ def summary(parts: list[dict]) -> dict:
             "lag_p99_ms": round(float(np.percentile(lags, 99)), 1) if lags else None,
             "first_audio_ms": round(float(np.median(first)), 1) if first else None,
             "engine_busy": round(float(np.mean([p["busy"] for p in parts])), 2), "ticks": sum(p["ticks"] for p in parts),
-            "compute_s": {k: round(v, 2) for k, v in compute.items()}, "processes": len(parts),
-            "lags": lags, "first": first, "busy": float(np.mean([p["busy"] for p in parts]))}
+            "compute_s": {k: round(v, 2) for k, v in compute.items()}, "processes": len(parts)}
 
 
 def level_in_processes(processes: int, bundle, task: str, n: int, *args) -> dict:
@@ -109,7 +109,7 @@ def level_in_processes(processes: int, bundle, task: str, n: int, *args) -> dict
     its own engine and talkers (as a cluster of `serve --mqtt` workers shares sessions, without the
     broker in between)."""
     if processes == 1:
-        return level(bundle, task, n, *args)
+        return summary([level(bundle, task, n, *args)])
     import multiprocessing
 
     shares = [n // processes + (i < n % processes) for i in range(processes)]
@@ -176,7 +176,6 @@ def main() -> None:
             rows, misses = [], 0
             for lv in levels:
                 r = level_in_processes(args.processes, bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
-                r.pop("lags"), r.pop("first"), r.pop("busy")
                 rows.append(r)
                 ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
                 print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
