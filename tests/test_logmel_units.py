@@ -28,19 +28,24 @@ def encoder():
     return enc
 
 
-def mean_normalised_encoder(prior_frames=10):
-    enc = LogMelUnits(LogMelUnitsConfig(num_units=32, n_mels=24, cmn_prior_frames=prior_frames))
-    raw = [enc.features(chirp(seed=s)) for s in range(3)]
-    enc.prior.copy_(torch.cat(raw).mean(0))
-    feats = torch.cat([enc.remove_running_mean(f, enc.start_mean())[0] for f in raw])
+def mean_normalised_encoder(prior_frames=10, cvn=False):
+    enc = LogMelUnits(LogMelUnitsConfig(num_units=32, n_mels=24, cmn_prior_frames=prior_frames, cvn=cvn))
+    raw = torch.cat([enc.features(chirp(seed=s)) for s in range(3)])
+    prior, prior_sq = raw.mean(0), (raw * raw).mean(0) if cvn else None
+    enc.prior.copy_(prior)
+    if cvn:
+        enc.prior_sq.copy_(prior_sq)
+    feats = torch.cat([enc.normalise(enc.features(chirp(seed=s)), enc.start_norm())[0] for s in range(3)])
     mean, std = feats.mean(0), feats.std(0)
-    enc.set_codebook(mean, std, kmeans((feats - mean) / std, 32, iters=10), prior=enc.prior.clone())
+    enc.set_codebook(mean, std, kmeans((feats - mean) / std, 32, iters=10), prior=prior, prior_sq=prior_sq)
     return enc
 
 
-@pytest.fixture(params=["plain", "running mean"])
+@pytest.fixture(params=["plain", "running mean", "running mean and variance"])
 def any_encoder(request, encoder):
-    return encoder if request.param == "plain" else mean_normalised_encoder()
+    if request.param == "plain":
+        return encoder
+    return mean_normalised_encoder(cvn=request.param == "running mean and variance")
 
 
 def test_features_are_log_mel_per_hop(encoder):
@@ -100,16 +105,42 @@ def test_running_mean_follows_its_equation():
     is left of that shift is log(gain) * n0 / (n0 + i + 1) at frame i: the prior's share."""
     enc = mean_normalised_encoder(prior_frames=10)
     wave = chirp(16000, seed=1)
-    base, _ = enc.remove_running_mean(enc.features(wave), enc.start_mean())
-    loud, _ = enc.remove_running_mean(enc.features(2 * wave), enc.start_mean())
+    base, _ = enc.normalise(enc.features(wave), enc.start_norm())
+    loud, _ = enc.normalise(enc.features(2 * wave), enc.start_norm())
     i = torch.arange(len(base), dtype=torch.float64)[:, None]
     want = (torch.log(torch.tensor(2.0, dtype=torch.float64)) * 10 / (10 + i + 1)).float().expand_as(base)
     torch.testing.assert_close(loud - base, want, atol=2e-4, rtol=0)
     # and frames pushed in two parts carry the state: the same numbers as in one
     feats = enc.features(wave)
-    first, state = enc.remove_running_mean(feats[:17], enc.start_mean())
-    rest, _ = enc.remove_running_mean(feats[17:], state)
+    first, state = enc.normalise(feats[:17], enc.start_norm())
+    rest, _ = enc.normalise(feats[17:], state)
     assert torch.equal(torch.cat([first, rest]), base)
+
+
+def test_running_mean_and_variance_follow_their_equations():
+    """With `cvn` each band also loses a running standard deviation whose prior is the training
+    log-mel's mean square: checked against the equations in float64, and frames pushed in parts (one
+    empty) carry the state exactly."""
+    enc = mean_normalised_encoder(prior_frames=10, cvn=True)
+    feats = enc.features(chirp(16000, seed=1))
+    got, _ = enc.normalise(feats, enc.start_norm())
+    x = feats.double()
+    n = 10 + torch.arange(1, len(x) + 1, dtype=torch.float64)[:, None]
+    mean = (10 * enc.prior.double() + torch.cumsum(x, 0)) / n
+    second = (10 * enc.prior_sq.double() + torch.cumsum(x * x, 0)) / n
+    want = (x - mean) / (second - mean**2).sqrt()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+    assert float(want[-20:].std(0).mean()) > 0.3  # the deviation is not a clamp floor
+    parts, state = [], enc.start_norm()
+    for a, b in [(0, 5), (5, 5), (5, 31), (31, len(feats))]:
+        out, state = enc.normalise(feats[a:b], state)
+        parts.append(out)
+    assert torch.equal(torch.cat(parts), got) and state.count == len(feats)
+
+
+def test_variance_normalisation_needs_the_running_mean():
+    with pytest.raises(ValueError, match="cvn .*needs cmn_prior_frames"):
+        LogMelUnitsConfig(cvn=True)
 
 
 def test_sessions_encoded_in_one_call_equal_each_alone():
@@ -142,6 +173,10 @@ def test_a_bundle_keeps_the_running_mean(tmp_path):
     assert loaded.cfg.cmn_prior_frames == 25 and torch.equal(loaded.prior, enc.prior)  # codebook parts are never cast
     wave = chirp(9000, seed=4)
     assert torch.equal(loaded(wave), enc(wave))
+    enc = mean_normalised_encoder(prior_frames=25, cvn=True)
+    Bundle(logmel_units=enc).save(tmp_path / "v", dtype=torch.float16)
+    loaded = load_bundle(tmp_path / "v").logmel_units
+    assert loaded.cfg.cvn and torch.equal(loaded.prior_sq, enc.prior_sq) and torch.equal(loaded(wave), enc(wave))
 
 
 def test_fitting_with_a_running_mean_writes_an_encoder_that_uses_it(tmp_path):
@@ -160,8 +195,13 @@ def test_fitting_with_a_running_mean_writes_an_encoder_that_uses_it(tmp_path):
     torch.testing.assert_close(loaded.prior, torch.cat(raw).double().mean(0).float(), atol=1e-3, rtol=0)  # read back from 16-bit audio
     wave = chirp(7000, seed=30)
     assert loaded.cfg.cmn_prior_frames == 20 and torch.equal(loaded(wave), enc(wave))
-    normalised, _ = enc.remove_running_mean(enc.features(wave), enc.start_mean())
+    normalised, _ = enc.normalise(enc.features(wave), enc.start_norm())
     assert torch.equal(enc(wave), enc.quantize(normalised))
+    enc = fit_logmel_units([str(manifest)], tmp_path / "cvn", num_units=8, iters=5, progress=False, cmn_prior_frames=20, cvn=True)
+    every = torch.cat(raw).double()
+    torch.testing.assert_close(enc.prior_sq, (every * every).mean(0).float(), atol=2e-2, rtol=1e-3)
+    loaded = load_logmel_units(tmp_path / "cvn")
+    assert loaded.cfg.cvn and torch.equal(loaded(wave), enc(wave))
 
 
 def test_quiet_units_are_what_a_noise_floor_maps_to():

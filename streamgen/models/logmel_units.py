@@ -11,10 +11,17 @@ With `cmn_prior_frames` = n0 > 0, each frame's log-mel first loses a running mea
 (cepstral mean normalisation, causal so that it streams), which takes speaker and channel out of the
 units (bench/QUALITY.md, "Speaker-normalised units"):
 
-    f'_i   = f_i - (n0 * prior + sum_{j <= i} f_j) / (n0 + i + 1)      (prior: the training mean log-mel)
+    m_i    = (n0 * prior + sum_{j <= i} f_j) / (n0 + i + 1)           (prior: the training mean log-mel)
+    f'_i   = f_i - m_i
 
-The sum is kept in fixed point (f * 2^16 rounded, int64), exact in any order, so a stream that
-carries it from chunk to chunk gets the same numbers as the whole utterance.
+and with `cvn` also a running standard deviation per band (mean and variance normalisation), its
+prior the training log-mel's second moment:
+
+    s_i    = (n0 * prior_sq + sum_{j <= i} f_j^2) / (n0 + i + 1)
+    f'_i   = (f_i - m_i) / sqrt(max(s_i - m_i^2, 1e-6))
+
+The sums are kept in fixed point (q = f * 2^16 rounded; sum q and sum q^2 in int64, exact in any
+order), so a stream that carries them from chunk to chunk gets the same numbers as the whole utterance.
 
 A wave of T samples has T // hop frames. Frame i needs samples up to (i+1)*hop + (win-hop)/2, so
 `pipeline.streams.LogMelUnitStream` gives every unit as soon as that much audio is in, and at the end pads with zeros
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +40,14 @@ from torch import Tensor, nn
 from .kmeans import KMeansQuantizer, dedup
 
 
-CMN_SCALE = 2**16  # fixed point of the running mean's sum
+CMN_SCALE = 2**16  # fixed point of the running sums
+
+
+class NormState(NamedTuple):
+    """Running statistics of an utterance's log-mel so far: frames, sum and sum of squares (fixed point)."""
+    count: int
+    total: Tensor  # [n_mels] int64, sum of round(f * CMN_SCALE)
+    total_sq: Tensor  # [n_mels] int64, sum of its squares (kept with cvn only)
 
 
 @dataclass(frozen=True)
@@ -43,10 +58,13 @@ class LogMelUnitsConfig:
     win: int = 640
     sample_rate: int = 16000
     cmn_prior_frames: int = 0  # > 0: remove a running mean with this many frames of prior (0: none)
+    cvn: bool = False  # with cmn_prior_frames: also divide by a running standard deviation
 
     def __post_init__(self):
         if self.cmn_prior_frames < 0:
             raise ValueError(f"cmn_prior_frames must be at least 0, got {self.cmn_prior_frames}")
+        if self.cvn and not self.cmn_prior_frames:
+            raise ValueError("cvn (running variance normalisation) needs cmn_prior_frames > 0: its prior frames")
         if self.win < self.hop or (self.win - self.hop) % 2:
             raise ValueError(f"win {self.win} must be at least hop {self.hop} and differ from it by an even number")
 
@@ -84,6 +102,8 @@ class LogMelUnits(nn.Module):
         self.register_buffer("std", torch.ones(cfg.n_mels))
         if cfg.cmn_prior_frames:
             self.register_buffer("prior", torch.zeros(cfg.n_mels))  # the training mean log-mel
+        if cfg.cvn:
+            self.register_buffer("prior_sq", torch.ones(cfg.n_mels))  # its mean square
         self.quantizer = KMeansQuantizer(torch.zeros(cfg.num_units, cfg.n_mels))
         self.register_buffer("fb", mel_filterbank(cfg.win, cfg.n_mels, cfg.sample_rate), persistent=False)
         self.register_buffer("window", torch.hann_window(cfg.win, periodic=True), persistent=False)
@@ -92,15 +112,20 @@ class LogMelUnits(nn.Module):
     def num_units(self) -> int:
         return self.cfg.num_units
 
-    def set_codebook(self, mean: Tensor, std: Tensor, centroids: Tensor, prior: Tensor | None = None) -> None:
+    def set_codebook(self, mean: Tensor, std: Tensor, centroids: Tensor, prior: Tensor | None = None,
+                     prior_sq: Tensor | None = None) -> None:
         """Install the standardisation and the k-means centroids (in standardised units), and with
-        mean normalisation the prior mean log-mel."""
+        running normalisation the prior mean log-mel (and with `cvn` its prior mean square)."""
         if centroids.shape != (self.cfg.num_units, self.cfg.n_mels):
             raise ValueError(f"centroids must be [{self.cfg.num_units}, {self.cfg.n_mels}], got {tuple(centroids.shape)}")
         if (prior is not None) != bool(self.cfg.cmn_prior_frames):
             raise ValueError("a prior mean log-mel goes with cmn_prior_frames > 0, and only then")
+        if (prior_sq is not None) != self.cfg.cvn:
+            raise ValueError("a prior mean square log-mel goes with cvn, and only then")
         if prior is not None:
             self.prior.copy_(prior)
+        if prior_sq is not None:
+            self.prior_sq.copy_(prior_sq)
         self.mean.copy_(mean)
         self.std.copy_(std)
         self.quantizer.centroids.copy_(centroids)
@@ -124,32 +149,47 @@ class LogMelUnits(nn.Module):
     def quiet_units(self, below_dbfs: float = -50.0) -> Tensor | None:
         """Which units [num_units] (bool) carry no more energy than white noise of RMS `below_dbfs`
         (re full scale 1.0): what pauses are made of, whatever the noise floor (silence maps to
-        several such units, not one). None with mean normalisation: its centroids have lost the level."""
-        if self.cfg.cmn_prior_frames:
+        several such units, not one). None with running normalisation: its centroids have lost the level."""
+        if self.normalises:
             return None
         noise = torch.randn(self.cfg.sample_rate, generator=torch.Generator().manual_seed(0)) * 10 ** (below_dbfs / 20)
         level = torch.logsumexp(self.features(noise.to(self.fb.device)), dim=1).mean()
         centroids = self.quantizer.centroids * self.std + self.mean
         return (torch.logsumexp(centroids, dim=1) <= level).cpu()
 
-    def start_mean(self) -> tuple[int, Tensor]:
-        """The running mean's state before an utterance's first frame: (frames, fixed-point sum)."""
-        return 0, torch.zeros(self.cfg.n_mels, dtype=torch.long, device=self.mean.device)
+    @property
+    def normalises(self) -> bool:
+        """Whether frames lose running statistics of their utterance before quantisation."""
+        return bool(self.cfg.cmn_prior_frames)
 
-    def remove_running_mean(self, feats: Tensor, state: tuple[int, Tensor]) -> tuple[Tensor, tuple[int, Tensor]]:
-        """Log-mel frames [F, n_mels] following `state` -> (the frames less the running mean, the state after them)."""
-        count, total = state
-        sums = total + torch.cumsum(torch.round(feats.double() * CMN_SCALE).long(), 0)
-        n = count + torch.arange(1, len(feats) + 1, dtype=torch.float64, device=feats.device)[:, None]
+    def start_norm(self) -> NormState:
+        """The running statistics before an utterance's first frame."""
+        zeros = torch.zeros(self.cfg.n_mels, dtype=torch.long, device=self.mean.device)
+        return NormState(0, zeros, zeros)
+
+    def normalise(self, feats: Tensor, state: NormState) -> tuple[Tensor, NormState]:
+        """Log-mel frames [F, n_mels] following `state` -> (the frames less the running mean, and with
+        `cvn` over the running standard deviation; the state after them)."""
+        q = torch.round(feats.double() * CMN_SCALE).long()
+        sums = state.total + torch.cumsum(q, 0)
         n0 = self.cfg.cmn_prior_frames
-        mean = (n0 * self.prior.double() + sums.double() / CMN_SCALE) / (n0 + n)
-        return (feats.double() - mean).float(), (count + len(feats), sums[-1] if len(feats) else total)
+        n = n0 + state.count + torch.arange(1, len(feats) + 1, dtype=torch.float64, device=feats.device)[:, None]
+        mean = (n0 * self.prior.double() + sums.double() / CMN_SCALE) / n
+        out = feats.double() - mean
+        sums_sq = state.total_sq
+        if self.cfg.cvn:
+            sums_sq = state.total_sq + torch.cumsum(q * q, 0)
+            second = (n0 * self.prior_sq.double() + sums_sq.double() / CMN_SCALE**2) / n
+            out = out / (second - mean * mean).clamp_min(1e-6).sqrt()
+        if not len(feats):
+            return out.float(), state
+        return out.float(), NormState(state.count + len(feats), sums[-1], sums_sq[-1] if self.cfg.cvn else state.total_sq)
 
     def forward(self, wave: Tensor) -> Tensor:
         """wave [T] -> one unit per frame [T // hop] (long)."""
         feats = self.features(wave)
-        if self.cfg.cmn_prior_frames:
-            feats, _ = self.remove_running_mean(feats, self.start_mean())
+        if self.normalises:
+            feats, _ = self.normalise(feats, self.start_norm())
         return self.quantize(feats)
 
     def encode(self, wave: Tensor) -> tuple[Tensor, Tensor]:

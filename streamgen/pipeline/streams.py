@@ -364,7 +364,7 @@ class LogMelUnitStream(EncoderStream):
         self.n_done = 0
         self.last_unit: int | None = None
         self.padded = False
-        self.mean_state = encoder.start_mean() if c.cmn_prior_frames else None
+        self.norm_state = encoder.start_norm() if encoder.normalises else None
 
     def add(self, samples: Tensor) -> None:
         self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
@@ -385,9 +385,9 @@ class LogMelUnitStream(EncoderStream):
         wave = self.buf[a * self.hop - self.b0 : (end - 1) * self.hop + self.win - self.b0]
         self.n_planned = end
         window = EncodeWindow(wave, 0, end - a, end)
-        if self.mean_state is not None:  # the running mean follows the frames in order: made here, at plan time
+        if self.norm_state is not None:  # running statistics follow the frames in order: made here, at plan time
             feats = self.encoder.frame_features(wave.to(self.encoder.fb.device), end - a)
-            window.feats, self.mean_state = self.encoder.remove_running_mean(feats, self.mean_state)
+            window.feats, self.norm_state = self.encoder.normalise(feats, self.norm_state)
         return window
 
     def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:

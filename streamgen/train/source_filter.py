@@ -89,29 +89,34 @@ def f0_track(wave: np.ndarray, h: int = 160, rate: int = RATE, fmin: float = 60.
 # --- the unit encoder ---------------------------------------------------------------------------
 
 def fit_logmel_units(manifests: list[str], out: str | Path, num_units: int = 500, iters: int = 30, max_frames: int = 200_000,
-                     seed: int = 0, progress: bool = True, cmn_prior_frames: int = 0) -> LogMelUnits:
+                     seed: int = 0, progress: bool = True, cmn_prior_frames: int = 0, cvn: bool = False) -> LogMelUnits:
     """k-means on the log-mel of every utterance of the manifests; with `cmn_prior_frames`, on the
-    log-mel less its running mean (the prior: these utterances' mean log-mel)."""
+    log-mel less its running mean (the prior: these utterances' mean log-mel), with `cvn` also over
+    its running standard deviation (the prior: their mean square log-mel)."""
     from ..io.files import read_audio
     from .synth import read_manifest
     from .units import kmeans
 
-    enc = LogMelUnits(LogMelUnitsConfig(num_units=num_units, cmn_prior_frames=cmn_prior_frames))
+    enc = LogMelUnits(LogMelUnitsConfig(num_units=num_units, cmn_prior_frames=cmn_prior_frames, cvn=cvn))
     feats = []
     rows = [(Path(m).parent, r) for m in manifests for r in read_manifest(m)]
     with Progress("log-mel features", len(rows), enabled=progress) as bar, torch.no_grad():
         for root, r in rows:
             feats.append(enc.features(read_audio(root / r["audio"], RATE)))
             bar.update(advance=1)
-    prior = None
+    prior = prior_sq = None
     if cmn_prior_frames:
-        prior = torch.cat(feats).double().mean(0).float()
+        every = torch.cat(feats).double()
+        prior = every.mean(0).float()
         enc.prior.copy_(prior)
-        feats = [enc.remove_running_mean(f, enc.start_mean())[0] for f in feats]
+        if cvn:
+            prior_sq = (every * every).mean(0).float()
+            enc.prior_sq.copy_(prior_sq)
+        feats = [enc.normalise(f, enc.start_norm())[0] for f in feats]
     x = torch.cat(feats)
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_frames]]
     mean, std = x.mean(0), x.std(0).clamp(min=1e-3)
-    enc.set_codebook(mean, std, kmeans((x - mean) / std, num_units, iters=iters, seed=seed), prior)
+    enc.set_codebook(mean, std, kmeans((x - mean) / std, num_units, iters=iters, seed=seed), prior, prior_sq)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, out / "logmel_units.safetensors")
@@ -287,6 +292,7 @@ def main() -> None:
     u.add_argument("--units", type=int, default=500)
     u.add_argument("--cmn-prior-frames", type=int, default=0,
                    help="remove each utterance's running mean log-mel, with this many frames of prior (0: none)")
+    u.add_argument("--cvn", action="store_true", help="with --cmn-prior-frames: also divide by the running standard deviation")
     p = sub.add_parser("prepare")
     p.add_argument("--manifest", nargs="+", required=True)
     p.add_argument("--encoder", required=True)
@@ -312,7 +318,9 @@ def main() -> None:
     t.add_argument("--keep-every", type=int, default=0)
     args = ap.parse_args()
     if args.cmd == "units":
-        fit_logmel_units(args.manifest, args.out, args.units, cmn_prior_frames=args.cmn_prior_frames)
+        if args.cvn and not args.cmn_prior_frames:
+            ap.error("--cvn needs --cmn-prior-frames N (N > 0): the running deviation starts from N frames of prior")
+        fit_logmel_units(args.manifest, args.out, args.units, cmn_prior_frames=args.cmn_prior_frames, cvn=args.cvn)
     elif args.cmd == "bundle":
         print(into_bundle(args.encoder, args.vocoder, args.out))
     elif args.cmd == "prepare":
