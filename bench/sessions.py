@@ -44,6 +44,19 @@ TASK_OPTIONS = {
 }
 
 
+def talker_wave(rate: int, seconds: float, pause_s: float = 0.0) -> torch.Tensor:
+    """What each talker says: the bundled sample repeated to `seconds`, each repetition followed by
+    `pause_s` of microphone-like noise (-60 dBFS) when > 0 (a talker who pauses between sentences)."""
+    from importlib import resources
+
+    sample = read_audio(str(resources.files("streamgen") / "assets" / "sample.wav"), rate)
+    if pause_s > 0:
+        hiss = torch.randn(int(pause_s * rate), generator=torch.Generator().manual_seed(0)) * 1e-3
+        sample = torch.cat([sample, hiss])
+    n = int(seconds * rate)
+    return sample.repeat(n // len(sample) + 1)[:n]
+
+
 class Talkers:
     """N sessions, each sending `wave` in chunks at the pace it was spoken."""
 
@@ -154,14 +167,7 @@ def main() -> None:
         bundle = public_size_bundle().to(args.device, getattr(torch, args.dtype))
     else:
         bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
-    from importlib import resources
-
-    sample = read_audio(str(resources.files("streamgen") / "assets" / "sample.wav"), bundle.sample_rate)
-    if args.pause_s > 0:  # a talker who pauses between sentences, over a microphone-like noise floor (-60 dBFS)
-        hiss = torch.randn(int(args.pause_s * bundle.sample_rate), generator=torch.Generator().manual_seed(0)) * 1e-3
-        sample = torch.cat([sample, hiss])
-    n = int(args.seconds * bundle.sample_rate)
-    wave = sample.repeat(n // len(sample) + 1)[:n]
+    wave = talker_wave(bundle.sample_rate, args.seconds, args.pause_s)
     levels = [int(x) for x in args.levels.split(",")]
     lookahead = bundle.vocoder.frame_context() if args.vocoder_windows else None  # that much look-ahead: exact
     load = os.getloadavg()[0]

@@ -374,10 +374,13 @@ class ClusterReply:
 async def cluster_session(host: str, port: int, prefix: str, session: str, wave: np.ndarray, sample_rate: int,
                           task: str | None = None, options: dict | None = None, block: int = 320, realtime: bool = False,
                           claim_timeout: float = 5.0, on_claimed: Callable[[str], Awaitable[None]] | None = None,
+                          on_audio: Callable[[int, np.ndarray], None] | None = None,
                           username: str | None = None, password: str | None = None,
                           tls_context: ssl.SSLContext | None = None) -> ClusterReply:
     """Run one session through a cluster: start, wait for the claim, stream `wave` (float32), stop,
-    collect the reply until its end, or until the claiming worker goes offline (then an error)."""
+    collect the reply until its end, or until the claiming worker goes offline (then an error).
+    With `realtime`, each block is sent when its last sample would have been captured (a live
+    talker); `on_audio(seq, samples)` sees each audio message as it arrives (to play it, or time it)."""
     import aiomqtt
 
     o = ClusterOptions("", 0, prefix, "client")
@@ -415,9 +418,10 @@ async def cluster_session(host: str, port: int, prefix: str, session: str, wave:
             seq = 1
             t0 = time.monotonic()
             for i in range(0, len(wave), block):
+                piece = wave[i : i + block]
                 if realtime:
-                    await asyncio.sleep(max(0.0, t0 + i / sample_rate - time.monotonic()))
-                await client.publish(o.topic("in", session), encode_audio(session, seq, wave[i : i + block], sample_rate), qos=1)
+                    await asyncio.sleep(max(0.0, t0 + (i + len(piece)) / sample_rate - time.monotonic()))
+                await client.publish(o.topic("in", session), encode_audio(session, seq, piece, sample_rate), qos=1)
                 seq += 1
             await client.publish(o.topic("in", session), encode_control(session, seq, {"type": "stop"}), qos=1)
 
@@ -434,6 +438,8 @@ async def cluster_session(host: str, port: int, prefix: str, session: str, wave:
                 msg = decode(data)
                 if msg.kind == AUDIO:
                     audio[msg.seq] = msg.samples
+                    if on_audio is not None:
+                        on_audio(msg.seq, msg.samples)
                 elif msg.control["type"] != "claimed":
                     controls.append(msg.control)
                     if msg.control["type"] == "end":
