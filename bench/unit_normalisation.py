@@ -10,13 +10,15 @@ that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -
     cmn            minus the utterance's mean log-mel (needs the whole utterance: not streamable)
     cmvn           the same, also divided by the utterance's standard deviation per band
     cmn_causalN    minus a running mean from the utterance's start, with a prior of N frames at the
-                   training mean (streamable: frame i needs frames 0..i only)
+                   training mean (streamable: frame i needs frames 0..i only; `LogMelUnits` with
+                   cmn_prior_frames=N computes it)
     cmvn_causalN   the same, also divided by a running standard deviation (prior: the training
-                   log-mel's second moment)
+                   log-mel's second moment; `LogMelUnits` with cvn)
 
     python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
         --variants raw cmn cmn+voices cmn_causal50 --json out.json
-    # the vocoder check: relabel the joe vocoder data with a variant's units, train, score it
+    # the vocoder check: relabel the joe vocoder data with a variant's units, train, score it (with the
+    # codebook saved in DIR at relabelling)
     python bench/unit_normalisation.py ... --variants cmn_causal50 --vocoder-data RUN/voc_data.pt (the joe data) --out DIR
     python -m streamgen.train.source_filter train --data DIR/voc_data.pt --out DIR/sf --steps 4000 --batch-size 8 --segment 32
     python bench/unit_normalisation.py ... --variants cmn_causal50 --out DIR --vocoder DIR/sf
@@ -35,6 +37,7 @@ from streamgen.eval.asr import WhisperASR
 from streamgen.eval.metrics import normalize, wer
 from streamgen.io.files import read_audio
 from streamgen.models.kmeans import dedup
+from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
 from streamgen.train.source_filter import load_logmel_units, load_vocoder
 from streamgen.train.synth import read_manifest
 from streamgen.train.units import kmeans
@@ -42,26 +45,22 @@ from streamgen.train.units import kmeans
 VOICES = ("joe", "rms", "espeak")
 
 
-def normalise(m: torch.Tensor, variant: str, prior: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Log-mel frames [F, n_mels] of one utterance -> the variant's features (prior: the training
+def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor]):
+    """The variant's features from one utterance's log-mel frames [F, n_mels] (prior: the training
     log-mel's mean and second moment)."""
     if variant == "raw":
-        return m
+        return lambda m: m
     if variant == "cmn":
-        return m - m.mean(0)
+        return lambda m: m - m.mean(0)
     if variant == "cmvn":
-        return (m - m.mean(0)) / m.std(0).clamp_min(1e-3)
-    if variant.startswith("cmn_causal"):
-        n0 = int(variant[len("cmn_causal"):])
-        n = torch.arange(1, len(m) + 1, dtype=torch.float64)[:, None]
-        return (m.double() - (n0 * prior[0] + torch.cumsum(m.double(), 0)) / (n0 + n)).float()
-    if variant.startswith("cmvn_causal"):  # running mean and running second moment, both with the prior
-        n0 = int(variant[len("cmvn_causal"):])
-        n = torch.arange(1, len(m) + 1, dtype=torch.float64)[:, None]
-        x = m.double()
-        mean = (n0 * prior[0] + torch.cumsum(x, 0)) / (n0 + n)
-        second = (n0 * prior[1] + torch.cumsum(x * x, 0)) / (n0 + n)
-        return ((x - mean) / (second - mean * mean).clamp_min(1e-6).sqrt()).float()
+        return lambda m: (m - m.mean(0)) / m.std(0).clamp_min(1e-3)
+    for name, cvn in (("cmn_causal", False), ("cmvn_causal", True)):  # the encoder's own running statistics
+        if variant.startswith(name):
+            enc = LogMelUnits(LogMelUnitsConfig(n_mels=len(prior[0]), cmn_prior_frames=int(variant[len(name):]), cvn=cvn))
+            enc.prior.copy_(prior[0])
+            if cvn:
+                enc.prior_sq.copy_(prior[1])
+            return lambda m: enc.normalise(m, enc.start_norm())[0]
     raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN or cmvn_causalN (N frames of prior)")
 
 
@@ -91,19 +90,27 @@ def main() -> None:
     results = {}
     for name in args.variants:
         variant = name.removesuffix("+voices")
-        feats = [normalise(m, variant, prior) for _, m in train + (voices if name.endswith("+voices") else [])]
-        x = torch.cat(feats)
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:150_000]]
-        mean, std = x.mean(0), x.std(0)
-        centroids = kmeans((x - mean) / std, 500, iters=25, seed=0)
-        units = lambda m: torch.cdist((normalise(m, variant, prior) - mean) / std, centroids).argmin(1)
+        norm = normaliser(variant, prior)
+        feats = [norm(m) for _, m in train + (voices if name.endswith("+voices") else [])]
+        saved = Path(args.out or "-") / "codebook.pt"
+        if args.vocoder and saved.exists():  # score the vocoder with the very units it was trained on
+            book = torch.load(saved)
+            mean, std, centroids = book["mean"], book["std"], book["centroids"]
+        else:
+            x = torch.cat(feats)
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:150_000]]
+            mean, std = x.mean(0), x.std(0)
+            centroids = kmeans((x - mean) / std, 500, iters=25, seed=0)
+        units = lambda m: torch.cdist((norm(m) - mean) / std, centroids).argmin(1)
         raw = torch.cat([m for _, m in train])
         u = torch.cat([units(m) for _, m in train])
         table = torch.zeros(500, raw.shape[1]).index_add_(0, u, raw) / torch.bincount(u, minlength=500).clamp_min(1)[:, None]
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({"variant": variant, "prior": prior[0], "mean": mean, "std": std, "centroids": centroids}, out / "codebook.pt")
+            if not (args.vocoder and saved.exists()):
+                torch.save({"variant": variant, "prior": prior[0], "prior_sq": prior[1], "mean": mean, "std": std,
+                            "centroids": centroids}, out / "codebook.pt")
         if args.vocoder_data:  # relabel the vocoder data (its audio is int16) with this variant's units
             data = torch.load(args.vocoder_data)
             for d in data:
