@@ -9,6 +9,10 @@
 #   SHIP=1 bash recipes/natural.sh              # also pack the result into streamgen/assets/default
 #   COMPARE=1 bash recipes/natural.sh           # also the comparison runs of bench/QUALITY.md (units on four
 #                                               # voices, a vocoder on four voices, an H200 run if DEVICE=cuda)
+#   UNITS=cvn100 UNITS_OPTS="--cmn-prior-frames 100 --cvn" bash recipes/natural.sh
+#                                               # the chain on other units (here speaker-normalised, bench/QUALITY.md
+#                                               # "Speaker-normalised units"): every run directory from step 2 on is
+#                                               # named after UNITS, so it never touches the joe-units runs
 #
 # Needs Debian flite (apt-get install flite) and espeak-ng for the voices. Run directories stay outside
 # the work tree. bench/QUALITY.md ("Natural sentences") holds what each step measured.
@@ -21,18 +25,21 @@ export OMP_NUM_THREADS=1
 PY=.venv/bin/python
 SF="$PY -m streamgen.train.source_filter"
 T="$C/nat_test_joe.tsv $C/nat_test_rms.tsv $C/nat_test_espeak.tsv"
+U=${UNITS:-joe}  # names the units and everything trained on them
+UNITS_OPTS=${UNITS_OPTS:-}
+if [ "$U" = joe ]; then SFV=sf_cpu_joeunits; TU=$R/travel; X=; else SFV=sf_cpu_$U; TU=$R/travel_$U; X=_$U; fi
 
 # 1. corpora: 800 piper-joe training sentences, 450 in flite awb/kal16/slt, 40 test sentences in piper joe,
 #    flite rms and espeak-ng en-us (rms and espeak are in no training set)
 [ -f "$C/nat_test_espeak.tsv" ] || $PY -m streamgen.train.natural --out "$C"
 # 2. log-mel k-means units, K = 500, on piper joe (the shipped choice: best in the training voice)
-[ -f "$R/units_joe/config.json" ] || $SF units --manifest "$C/nat_train.tsv" --out "$R/units_joe"
+[ -f "$R/units_$U/config.json" ] || $SF units --manifest "$C/nat_train.tsv" --out "$R/units_$U" $UNITS_OPTS
 # 3. the source-filter vocoder: frame units, analysed F0 and voicing, audio; 4,000 steps (25 min, one thread)
-[ -f "$R/voc_data_joe.pt" ] || $SF prepare --manifest "$C/nat_train.tsv" --encoder "$R/units_joe" --out "$R/voc_data_joe.pt"
-$SF train --data "$R/voc_data_joe.pt" --out "$R/sf_cpu_joeunits" --steps 4000 --batch-size 8 --segment 32
+[ -f "$R/voc_data_$U.pt" ] || $SF prepare --manifest "$C/nat_train.tsv" --encoder "$R/units_$U" --out "$R/voc_data_$U.pt"
+$SF train --data "$R/voc_data_$U.pt" --out "$R/$SFV" --steps 4000 --batch-size 8 --segment 32
 # 4. resynthesis of the natural test sentences beside Whisper on the originals and today's default bundle
-$PY bench/natural_resynthesis.py --encoder "$R/units_joe" --vocoder "$R/sf_cpu_joeunits" --bundle streamgen/assets/default \
-  --test $T --json "$R/eval_cpu_joeunits.json" --save "$R/samples_joeunits"
+$PY bench/natural_resynthesis.py --encoder "$R/units_$U" --vocoder "$R/$SFV" --bundle streamgen/assets/default \
+  --test $T --json "$R/eval_cpu_${U}units.json" --save "$R/samples_${U}units"
 if [ -n "${COMPARE:-}" ]; then
   [ -f "$R/units_multi/config.json" ] || $SF units --manifest "$C/nat_train.tsv" "$C/nat_voices.tsv" --out "$R/units_multi"
   [ -f "$R/voc_data_multi.pt" ] || $SF prepare --manifest "$C/nat_train.tsv" --encoder "$R/units_multi" --out "$R/voc_data_multi.pt"
@@ -50,57 +57,59 @@ if [ -n "${COMPARE:-}" ]; then
   fi
 fi
 # 5. a bundle of the two parts; units of the training speech; Unit mBART denoising pretraining on them
-$SF bundle --encoder "$R/units_joe" --vocoder "$R/sf_cpu_joeunits" --out "$R/bundle_joe"
-mkdir -p "$R/lm_joe"
-.venv/bin/streamgen units --manifest "$C/nat_train.tsv" --out "$C/nat_train.joeunits.tsv" --bundle "$R/bundle_joe"
-{ head -1 "$C/nat_train.joeunits.tsv"; sed -n 2,761p "$C/nat_train.joeunits.tsv"; } > "$R/lm_joe/lm_train.units.tsv"
-{ head -1 "$C/nat_train.joeunits.tsv"; sed -n 762,801p "$C/nat_train.joeunits.tsv"; } > "$R/lm_joe/lm_dev.units.tsv"
-RESUME=; [ -f "$R/lm_joe/backbone/state.pt" ] && RESUME=--resume
-.venv/bin/streamgen train-backbone --bundle "$R/bundle_joe" --train "$R/lm_joe/lm_train.units.tsv" --dev "$R/lm_joe/lm_dev.units.tsv" \
-  --out "$R/lm_joe/backbone" --device "$DEVICE" --into-bundle --dim 128 --layers 3 --heads 4 --ffn 512 --epochs 60 --batch-size 16 --patience 6 $RESUME
+[ -f "$R/bundle_$U/bundle.json" ] || $SF bundle --encoder "$R/units_$U" --vocoder "$R/$SFV" --out "$R/bundle_$U"
+mkdir -p "$R/lm_$U"
+.venv/bin/streamgen units --manifest "$C/nat_train.tsv" --out "$C/nat_train.${U}units.tsv" --bundle "$R/bundle_$U"
+{ head -1 "$C/nat_train.${U}units.tsv"; sed -n 2,761p "$C/nat_train.${U}units.tsv"; } > "$R/lm_$U/lm_train.units.tsv"
+{ head -1 "$C/nat_train.${U}units.tsv"; sed -n 762,801p "$C/nat_train.${U}units.tsv"; } > "$R/lm_$U/lm_dev.units.tsv"
+RESUME=; [ -f "$R/lm_$U/backbone/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-backbone --bundle "$R/bundle_$U" --train "$R/lm_$U/lm_train.units.tsv" --dev "$R/lm_$U/lm_dev.units.tsv" \
+  --out "$R/lm_$U/backbone" --device "$DEVICE" --into-bundle --dim 128 --layers 3 --heads 4 --ffn 512 --epochs 60 --batch-size 16 --patience 6 $RESUME
 # 6. Spanish -> English travel-domain pairs (streamgen/train/travel.py): 3,000 training, 150 dev and 200 test pairs
 #    whose test holds frame/value combinations training never had; Spanish by espeak-ng, English by piper joe
 #    (resumable: audio already written is kept)
 TV=$R/travel
 [ -f "$TV/es2en_test_tgt.tsv" ] || $PY -m streamgen.train.travel --out "$TV" --train 3000 --dev 150 --test 200
-# 7. their units (joe-only log-mel units, the bundle's encoder; resumable) and translation pairs
+# 7. their units (the bundle's encoder; resumable) and translation pairs, in $TU (the travel corpus's own
+#    directory for the joe units)
+mkdir -p "$TU"
 for s in train dev test; do
   for side in src tgt; do
-    .venv/bin/streamgen units --manifest "$TV/es2en_${s}_${side}.tsv" --out "$TV/es2en_${s}_${side}.units.tsv" --bundle "$R/bundle_joe"
+    .venv/bin/streamgen units --manifest "$TV/es2en_${s}_${side}.tsv" --out "$TU/es2en_${s}_${side}.units.tsv" --bundle "$R/bundle_$U"
   done
-  .venv/bin/streamgen data pairs --task translation --manifest "$TV/es2en_${s}_src.units.tsv" \
-    --target "$TV/es2en_${s}_tgt.units.tsv" --out "$TV/tr_${s}.tsv"
+  .venv/bin/streamgen data pairs --task translation --manifest "$TU/es2en_${s}_src.units.tsv" \
+    --target "$TU/es2en_${s}_tgt.units.tsv" --out "$TU/tr_${s}.tsv"
 done
-# 8. the translation prompt on the frozen backbone (resumable; the best prompt goes into bundle_joe as "translation")
-RESUME=; [ -f "$R/travel_prompt/state.pt" ] && RESUME=--resume
-.venv/bin/streamgen train-prompt --bundle "$R/bundle_joe" --task translation --train "$TV/tr_train.tsv" --dev "$TV/tr_dev.tsv" \
-  --out "$R/travel_prompt" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
+# 8. the translation prompt on the frozen backbone (resumable; the best prompt goes into bundle_$U as "translation")
+RESUME=; [ -f "$R/travel_prompt$X/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-prompt --bundle "$R/bundle_$U" --task translation --train "$TU/tr_train.tsv" --dev "$TU/tr_dev.tsv" \
+  --out "$R/travel_prompt$X" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
 # 9. ASR-BLEU on the test pairs, offline (whole utterances), beside Whisper on the original English audio
-$PY bench/travel_translation.py --bundle "$R/bundle_joe" --prompt "$R/travel_prompt/best_prompt.safetensors" \
-  --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --no-prompt-row --json "$R/eval_travel_prompt.json"
+$PY bench/travel_translation.py --bundle "$R/bundle_$U" --prompt "$R/travel_prompt$X/best_prompt.safetensors" \
+  --pairs "$TU/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --no-prompt-row --json "$R/eval_travel_prompt$X.json"
 # 10. the full fine-tuning baseline on the same pairs (the three-way comparison's third column; resumable), scored alike
-RESUME=; [ -f "$R/travel_full/state.pt" ] && RESUME=--resume
-.venv/bin/streamgen train-prompt --full --bundle "$R/bundle_joe" --task translation --train "$TV/tr_train.tsv" --dev "$TV/tr_dev.tsv" \
-  --out "$R/travel_full" --device "$DEVICE" --lr 5e-4 --epochs 16 --batch-size 16 --patience 4 $RESUME
-$PY bench/travel_translation.py --bundle "$R/bundle_joe" --mbart "$R/travel_full/best_mbart.safetensors" \
-  --pairs "$TV/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --json "$R/eval_travel_full.json"
-# 11. what ships: bundle_joe plus continuation and inpainting prompts on the same units (pairs cut from the
+RESUME=; [ -f "$R/travel_full$X/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-prompt --full --bundle "$R/bundle_$U" --task translation --train "$TU/tr_train.tsv" --dev "$TU/tr_dev.tsv" \
+  --out "$R/travel_full$X" --device "$DEVICE" --lr 5e-4 --epochs 16 --batch-size 16 --patience 4 $RESUME
+$PY bench/travel_translation.py --bundle "$R/bundle_$U" --mbart "$R/travel_full$X/best_mbart.safetensors" \
+  --pairs "$TU/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60 --json "$R/eval_travel_full$X.json"
+# 11. what ships: bundle_$U plus continuation and inpainting prompts on the same units (pairs cut from the
 #     backbone's own training / dev sentences; 32 prompt vectors, 16 epochs, about 5 minutes each)
-P=$R/ship_pairs
+P=$R/ship_pairs$X
 mkdir -p "$P"
-[ -d "$R/bundle_ship" ] || cp -r "$R/bundle_joe" "$R/bundle_ship"
+[ -d "$R/bundle_ship$X" ] || cp -r "$R/bundle_$U" "$R/bundle_ship$X"
 for split in train dev; do
   for task in continuation inpainting; do
-    [ -f "$P/${task}_$split.tsv" ] || .venv/bin/streamgen data pairs --task $task --manifest "$R/lm_joe/lm_$split.units.tsv" --out "$P/${task}_$split.tsv"
+    [ -f "$P/${task}_$split.tsv" ] || .venv/bin/streamgen data pairs --task $task --manifest "$R/lm_$U/lm_$split.units.tsv" --out "$P/${task}_$split.tsv"
   done
 done
 for task in continuation inpainting; do
-  RESUME=; [ -f "$R/prompt_$task/state.pt" ] && RESUME=--resume
-  .venv/bin/streamgen train-prompt --bundle "$R/bundle_ship" --task $task --train "$P/${task}_train.tsv" --dev "$P/${task}_dev.tsv" \
-    --out "$R/prompt_$task" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
+  RESUME=; [ -f "$R/prompt_$task$X/state.pt" ] && RESUME=--resume
+  .venv/bin/streamgen train-prompt --bundle "$R/bundle_ship$X" --task $task --train "$P/${task}_train.tsv" --dev "$P/${task}_dev.tsv" \
+    --out "$R/prompt_$task$X" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
 done
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
 if [ -n "${SHIP:-}" ]; then
   rm -rf streamgen/assets/default
-  .venv/bin/streamgen pack "$R/bundle_ship" streamgen/assets/default --dtype float16
+  .venv/bin/streamgen pack "$R/bundle_ship$X" streamgen/assets/default --dtype float16
 fi
