@@ -156,9 +156,6 @@ def main() -> None:
                     help="CodeHiFiGAN in exact windows (context recomputed, few large calls) instead of streaming convolutions")
     ap.add_argument("--processes", type=int, default=1,
                     help="CPU: split each level's talkers over this many engine processes (one per core, 1 thread each)")
-    ap.add_argument("--speak-every", default=None,
-                    help="comma-separated: wait-k / a closing decode speaks this many units at a time while decoding "
-                         "(0: all when the decode is done); each value runs every level, in this invocation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -179,26 +176,15 @@ def main() -> None:
           + (f", {args.pause_s:g} s pauses" if args.pause_s else "") + (f", {args.processes} engine processes" if args.processes > 1 else ""))
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "load_average": load, "levels": levels, "tasks": {}}
     modes = [(m, {"engine": 0, "one-at-a-time": 1}[m]) for m in args.modes.split(",")]
-    if args.speak_every is not None:  # the same levels with each setting, one after another
-        from streamgen.pipeline.policies import _Simultaneous
-
-        def speaking(n):
-            def set_it():
-                _Simultaneous.speak_every = n
-            return set_it
-        modes = [(f"{m} speak {n}", (b, speaking(int(n)))) for m, b in modes for n in args.speak_every.split(",")]
-    else:
-        modes = [(m, (b, lambda: None)) for m, b in modes]
     for task in args.tasks.split(","):
         report["tasks"][task] = {}
-        for mode, (max_batch, setup) in modes:
-            setup()
+        for mode, max_batch in modes:
             rows, misses = [], 0
             for lv in levels:
                 r = level_in_processes(args.processes, bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
                 rows.append(r)
                 ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
-                print(f"{task:13s} {mode:16s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
+                print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
                       f"p99 {ms('lag_p99_ms')} ms  first audio {ms('first_audio_ms')} ms  busy {r['engine_busy']:.2f}  "
                       f"ticks {r['ticks']}  " + " ".join(f"{k} {v:.1f}s" for k, v in r["compute_s"].items()), flush=True)
                 misses = misses + 1 if (r["lag_p99_ms"] or 1e9) > args.max_lag_ms else 0
@@ -206,7 +192,7 @@ def main() -> None:
                     break
             report["tasks"][task][mode] = {"rows": rows, "held": held(rows, args.max_lag_ms)}
         h = {m: report["tasks"][task][m]["held"] for m, _ in modes}
-        ratio = f", {h['engine'] / h['one-at-a-time']:.1f}x the baseline" if h.get("one-at-a-time") and "engine" in h else ""
+        ratio = f", {h['engine'] / h['one-at-a-time']:.1f}x the baseline" if len(h) == 2 and h["one-at-a-time"] else ""
         print(f"{task}: sessions held at p99 lag <= {args.max_lag_ms:.0f} ms: " + ", ".join(f"{m} {v}" for m, v in h.items()) + ratio)
     if args.json:
         with open(args.json, "w") as f:
