@@ -233,47 +233,6 @@ def test_local_agreement_commits_what_two_hypotheses_share(test_bundle):
     got = decide(mbart, wk, wk.on_source(src[:10], torch.arange(10), 5120))
     assert len(got) == 10 - 4  # wait-k: ratio * (source - k) units committed
 
-def decide_stepwise(mbart, policy, decision):
-    """As `decide`, but the units go back one decoder step at a time, as the engine hands them on.
-    Returns the pieces committed, each with whether its decode was still running."""
-    from streamgen.models.generation import Decoder
-
-    pieces, dec = [], None
-    while decision is not None or (dec is not None and dec.busy):
-        if decision is not None:
-            if decision.commit is not None:
-                pieces.append((decision.commit.tolist(), dec is not None and dec.busy))
-            if decision.decode is not None:
-                dec = Decoder(mbart)
-                dec.submit(0, decision.decode)
-        decision = None
-        if dec is not None and dec.busy:
-            for _, u, done in dec.step():
-                decision = policy.on_decoded(u, done)
-    return pieces
-
-
-def test_final_units_are_spoken_as_they_are_decoded(test_bundle):
-    """Wait-k commits all it decodes and a closing decode finishes its segment: their units go to
-    the vocoder 10 at a time while decoding goes on (the same units as at the end, sooner);
-    local agreement's hypotheses mid-segment wait for their decode to end."""
-    from streamgen.pipeline.policies import LocalAgreement, UnitDecoder, WaitK
-
-    mbart = test_bundle.mbart
-    src = torch.randint(0, 100, (60,), generator=torch.Generator().manual_seed(3))
-    for policy_type, kw in ((WaitK, {"k": 4}), (LocalAgreement, {})):
-        whole = policy_type(UnitDecoder(mbart.cfg), chunk_ms=320, **kw)
-        stepped = policy_type(UnitDecoder(mbart.cfg), chunk_ms=320, **kw)
-        mid = decide(mbart, whole, whole.on_source(src[:40], torch.arange(40), 5120))
-        pieces = decide_stepwise(mbart, stepped, stepped.on_source(src[:40], torch.arange(40), 5120))
-        assert sum((p for p, _ in pieces), []) == mid
-        assert any(running for _, running in pieces) == (policy_type is WaitK)
-        end = decide(mbart, whole, whole.on_end())
-        pieces = decide_stepwise(mbart, stepped, stepped.on_end())
-        assert sum((p for p, _ in pieces), []) == end and len(end) > 10
-        assert all(len(p) == 10 for p, running in pieces if running) and any(running for _, running in pieces)
-
-
 @pytest.mark.parametrize("knows_quiet", [False, True])
 def test_a_segment_closes_at_a_pause_made_of_several_quiet_units(test_bundle, knows_quiet):
     """Silence over a noise floor maps to a few log-mel units in short runs, not one unit held: with

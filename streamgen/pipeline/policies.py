@@ -12,15 +12,13 @@ Building blocks for task plugins:
 - `Resynthesis`: speak the source units back as they arrive (no language model).
 - `Continuation`: listen until the input ends, then speak; streams every `emit_every` units. Only
   the most recent `context` units of a long input are kept (the model's window).
-- `WaitK`: simultaneous; every `chunk_ms` of source, may commit up to ratio * (source units - k),
-  spoken 10 units at a time as they are decoded.
+- `WaitK`: simultaneous; every `chunk_ms` of source, may commit up to ratio * (source units - k).
 - `LocalAgreement`: simultaneous; every `chunk_ms`, decode a full hypothesis and commit the prefix it
   shares with the previous hypothesis (LA-2).
   Both simultaneous policies translate a long input segment by segment: a segment closes at a pause
   (a unit held for `pause_ms`, or the encoder's quiet units in a row as long: silence over a noise
   floor maps to several units) once it has `min_segment` units, or at `max_segment`
-  units; its translation is finished (spoken as it is decoded), then the next segment starts from the
-  units after the cut.
+  units; its translation is finished, then the next segment starts from the units after the cut.
 - `Inpainting`: at the end, replace the units of a masked time span by one <mask> and regenerate;
   an input longer than the model's context is refused as soon as it exceeds it.
 
@@ -175,19 +173,7 @@ class Continuation(Policy):
 
 
 class _Simultaneous(Policy):
-    """Acts once per `chunk_ms` of source (`decide`); translates a long input segment by segment.
-    Units no later decision can change (a segment's closing decode; with wait-k, every decode) are
-    spoken `speak_every` at a time as they are decoded, not when the decode is done."""
-
-    speak_every = 10  # 200 ms of speech at 50 units per second
-
-    def final_decode(self) -> bool:
-        """Whether the decode in flight commits every unit it makes."""
-        return self.closing
-
-    @property
-    def emit_every(self) -> int:
-        return self.speak_every if self.final_decode() else 0
+    """Acts once per `chunk_ms` of source (`decide`); translates a long input segment by segment."""
 
     def __init__(self, decoder: UnitDecoder, chunk_ms: int = 320, ratio: float = 1.0, sample_rate: int = 16000,
                  max_segment: int = 400, min_segment: int = 25, pause_ms: int = 400, frame_ms: int = 20):
@@ -291,9 +277,6 @@ class WaitK(_Simultaneous):
     def decide(self) -> Decision | None:
         budget = int(self.ratio * (len(self.source) - self.k)) - len(self.committed)
         return self.decode(budget) if budget > 0 else None
-
-    def final_decode(self) -> bool:
-        return True  # wait-k commits all it decodes
 
 
 class LocalAgreement(_Simultaneous):
