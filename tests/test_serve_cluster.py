@@ -74,9 +74,14 @@ async def test_sessions_spread_a_killed_worker_fails_only_its_own(bundle_dir, br
     try:
         assert all(f"as worker w{i}" in "\n".join(w.lines) for i, w in enumerate(ws))
         waves = [np.tile(espeak(t).numpy(), 2) for t in ("the quick brown fox jumps", "seven boats in the harbour")]
-        refs = [await session(broker, f"ref-{i}", w) for i, w in enumerate(waves)]
-        for r in refs:
+        heard: list[list] = [[], []]
+        refs = [await session(broker, f"ref-{i}", w, on_audio=lambda seq, x, i=i: heard[i].append((seq, x)))
+                for i, w in enumerate(waves)]
+        for r, pieces in zip(refs, heard):
             assert r.error is None and r.messages[-1]["type"] == "end" and len(r.audio) > 1600
+            # each audio message was handed on as it came, in order: together, the whole reply
+            assert [seq for seq, _ in pieces] == sorted(seq for seq, _ in pieces) and len(pieces) > 1
+            assert same((np.concatenate([x for _, x in pieces]) * 32768).round().astype(np.int16), r.audio)
 
         claims: dict[str, str] = {}
         all_claimed = asyncio.Event()
