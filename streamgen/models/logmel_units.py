@@ -47,7 +47,7 @@ class NormState(NamedTuple):
     """Running statistics of an utterance's log-mel so far: frames, sum and sum of squares (fixed point)."""
     count: int
     total: Tensor  # [n_mels] int64, sum of round(f * CMN_SCALE)
-    total_sq: Tensor  # [n_mels] int64, sum of its squares (kept with cvn only)
+    total_sq: Tensor  # [n_mels] int64, sum of its squares (kept with cvn only; room for 80 hours of frames)
 
 
 @dataclass(frozen=True)
