@@ -148,18 +148,28 @@ class Bundle:
         )[0]
 
     @property
+    def unit_hop(self) -> int:
+        """Input samples per unit-encoder frame (320: 50 Hz at 16 kHz)."""
+        return self.logmel_units.cfg.hop if self.logmel_units is not None else self.need("hubert").cfg.hop
+
+    @property
     def unit_vocoder(self) -> nn.Module:
         """The part that turns units into audio: the source-filter vocoder, or the CodeHiFiGAN."""
         return self.source_filter if self.source_filter is not None else self.need("vocoder")
 
     @torch.no_grad()
-    def vocode(self, units: Tensor) -> Tensor:
-        """De-duplicated units [N] -> waveform [S] float32 at `sample_rate`."""
+    def vocode(self, units: Tensor, durations: Tensor | None = None) -> Tensor:
+        """De-duplicated units [N] -> waveform [S] float32 at `sample_rate`, timed by the vocoder's
+        duration predictor, or held for `durations` [N] frames each (e.g. `encode`'s own)."""
         vocoder = self.unit_vocoder
         units = torch.as_tensor(units)
         if units.numel() == 0:
             return torch.zeros(0)
-        return vocoder(units.to(vocoder.dict.weight.device)).float()
+        units = units.to(vocoder.dict.weight.device)
+        if durations is None:
+            return vocoder(units).float()
+        frames = torch.repeat_interleave(units, torch.as_tensor(durations, device=units.device))
+        return vocoder.generate(frames).float().reshape(-1)
 
     # --- files --------------------------------------------------------------------------------
 

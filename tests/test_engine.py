@@ -76,16 +76,17 @@ def logmel_source_filter_bundle():
     return Bundle(logmel_units=enc.eval(), source_filter=voc.eval())
 
 
-def test_logmel_units_and_source_filter_vocoder_batched_equal_whole_utterance():
+@pytest.mark.parametrize("durations", ["source", "predicted"])
+def test_logmel_units_and_source_filter_vocoder_batched_equal_whole_utterance(durations):
     b = logmel_source_filter_bundle()
     texts = {"x": "The weather is nice today.", "y": "Where is the train station, please?", "z": "One two three."}
     waves = {n: espeak(t) for n, t in texts.items()}
-    items = interleave([[Control(n, "start", "resynthesis", {})] + chunks_of(n, w, 1600) for n, w in waves.items()], [0, 2, 3])
+    items = interleave([[Control(n, "start", "resynthesis", {"durations": durations})] + chunks_of(n, w, 1600)
+                        for n, w in waves.items()], [0, 2, 3])
     together, units, engine = run(b, items)
     for n, w in waves.items():
-        whole_units, _ = b.encode(w)
-        with torch.no_grad():
-            whole = b.source_filter(whole_units)
+        whole_units, whole_durations = b.encode(w)
+        whole = b.vocode(whole_units, whole_durations if durations == "source" else None)
         assert units[n] == whole_units.tolist(), n  # streamed units = whole-utterance units
         out = together.wave(n)
         assert len(out) == len(whole) > 0 and (out - whole).abs().max() <= 1e-5, n

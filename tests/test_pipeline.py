@@ -87,6 +87,40 @@ def test_streaming_units_agree_with_offline(test_bundle):
     assert short < agreement  # less context, less agreement: the measure is sensitive
 
 
+@pytest.mark.parametrize("chunk", [320, 1600, 5120, 16000])
+def test_resynthesis_in_the_talkers_timing_equals_the_whole_utterance(test_bundle, chunk):
+    """durations=source: each unit held for the frames the encoder gave it, streamed chunk by chunk,
+    is the vocoder over the whole utterance's frames (unbounded encoder context: the same units)."""
+    wave = espeak(SENTENCE)
+    sink = MemorySink()
+    _, rec, _ = run(test_bundle, MemorySource(chunks_of("a", wave, chunk)), sink, "resynthesis", {},
+                    left_context_ms=None, lookahead_ms=None)
+    units, durations = test_bundle.encode(wave)
+    assert torch.equal(torch.cat(rec["a"]), units)
+    whole = test_bundle.vocode(units, durations)
+    out = sink.wave("a")
+    assert len(out) == int(durations.sum()) * test_bundle.vocoder.hop == len(whole)
+    assert (out - whole).abs().max() <= 1e-5
+    predicted = MemorySink()
+    run(test_bundle, MemorySource(chunks_of("a", wave, chunk)), predicted, "resynthesis", {"durations": "predicted"},
+        left_context_ms=None, lookahead_ms=None)
+    assert len(predicted.wave("a")) == expected_samples(test_bundle, [units])  # the vocoder's own timing
+
+
+def test_resynthesis_in_the_talkers_timing_needs_one_frame_rate(test_bundle):
+    from dataclasses import replace
+
+    from streamgen.bundle import Bundle
+    from streamgen.models.hubert import HubertEncoder
+    from streamgen.testing import TINY_HUBERT
+
+    cfg = replace(TINY_HUBERT, conv_layers=TINY_HUBERT.conv_layers[:-1])  # 10 ms frames, a 20 ms vocoder
+    b = Bundle(hubert=HubertEncoder(cfg), quantizer=test_bundle.quantizer, mbart=test_bundle.mbart, vocoder=test_bundle.vocoder)
+    with pytest.raises(ValueError, match="durations=source needs the unit encoder's frame .160 samples. to equal the vocoder's .320.; use durations=predicted"):
+        build_engine(b, "resynthesis")
+    build_engine(b, "resynthesis", {"durations": "predicted"})
+
+
 def test_sessions_are_isolated_and_cleaned_up(test_bundle):
     good, bad = espeak(SENTENCE), espeak("Hello there.").clone()
     bad_items = chunks_of("bad", bad, 1600)

@@ -99,7 +99,8 @@ class Session:
         self.pos = 0  # input samples cut into chunks
         self.seq = 0
         self.chunks: deque[tuple[Tensor, int, float]] = deque()  # (samples, end sample, captured_at)
-        self.events: deque[tuple[Tensor, Tensor, int, float]] = deque()  # units for the policy
+        # units for the policy: (units, their start frames, frames encoded, end sample, captured_at)
+        self.events: deque[tuple[Tensor, Tensor, int, int, float]] = deque()
         self.input_ended = False  # no more input audio (End or the VAD)
         self.source_ended = False  # the source's End has arrived
         self.encoder_done = False
@@ -165,7 +166,7 @@ class Engine:
         self.ticks = 0
         self.trims, self.trimmed_at, self.trimmed_tick = 0, time.perf_counter(), 0
         self.algorithmic_s = {"chunker": cfg.chunk_samples / sr, "encoder": enc_wait, "vocoder": voc_wait}
-        self.plugin(cfg.task).resolve_options(cfg.options)  # unknown task or option: fail before any audio
+        self.plugin(cfg.task).resolve_options(cfg.options, bundle=bundle)  # unknown task or option: fail before any audio
 
     # --- tasks -----------------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ class Engine:
 
     def new_policy(self, task: str, options: dict) -> tuple[TaskPlugin, Policy]:
         plugin = self.plugin(task)
-        opts = plugin.resolve_options(options)
+        opts = plugin.resolve_options(options, bundle=self.bundle)
         if plugin.uses_lm and self.mbart is None:
             raise ValueError(f"task {task!r} needs a speech LM and this bundle has none")
         cfg = self.mbart.cfg if self.mbart is not None else None
@@ -465,8 +466,8 @@ class Engine:
                 if fu is None:
                     continue
                 u, frames = s.units.finish(w, fu)
-                if len(u):
-                    (s.events if s.heard else s.held).append((u, frames, end, captured))
+                if len(u) or s.policy.every_chunk:
+                    (s.events if s.heard else s.held).append((u, frames, s.units.n_done, end, captured))
 
     # policies and the LM -------------------------------------------------------------------------------
 
@@ -481,12 +482,12 @@ class Engine:
                 continue
             try:
                 while not s.decoding and s.events:
-                    u, frames, end, captured = s.events.popleft()
+                    u, frames, s.policy.source_frames, end, captured = s.events.popleft()
                     s.source_samples, s.captured_at = end, captured
                     self._apply(s, s.policy.on_source(u, frames, end))
                 if not s.decoding and not s.events and s.encoder_done and not s.policy_ended:
                     s.policy_ended = True
-                    s.source_samples = s.pos
+                    s.source_samples, s.policy.source_frames = s.pos, s.units.n_done
                     self._apply(s, s.policy.on_end())
             except ValueError as e:
                 self._fail(s, str(e))
@@ -494,10 +495,12 @@ class Engine:
     def _apply(self, s: Session, d: Decision | None) -> None:
         if d is None:
             return
-        if d.commit is not None and len(d.commit):
+        if d.frames is not None:  # timed by the policy (the source's own durations)
+            s.vocoder.add_frames(d.frames)
+        elif d.commit is not None and len(d.commit):
             s.vocoder.add(d.commit)
-            if self.on_commit is not None:
-                self.on_commit(s.name, d.commit)
+        if d.commit is not None and len(d.commit) and self.on_commit is not None:
+            self.on_commit(s.name, d.commit)
         if d.decode is not None:
             self.decoder.submit(s.name, d.decode)
             s.decoding = True
@@ -620,8 +623,7 @@ def build_engine(bundle: Bundle, task: str = "continuation", options: dict | Non
     if chunk_ms <= 0:
         raise ValueError(f"--chunk-ms must be > 0, got {chunk_ms}")
     sr = bundle.sample_rate
-    hop = bundle.logmel_units.cfg.hop if bundle.logmel_units is not None else bundle.need("hubert").cfg.hop
-    frames = lambda ms: None if ms is None else sr * ms // 1000 // hop
+    frames = lambda ms: None if ms is None else sr * ms // 1000 // bundle.unit_hop
     cfg = EngineConfig(task, dict(options or {}), sr * chunk_ms // 1000, frames(left_context_ms), frames(lookahead_ms),
                        vocoder_lookahead, vad, seed, **kw)
     return Engine(bundle, cfg, stats)

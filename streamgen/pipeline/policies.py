@@ -9,7 +9,8 @@ per session is in flight at a time; the session's next source units wait for it.
 
 Building blocks for task plugins:
 
-- `Resynthesis`: speak the source units back as they arrive (no language model).
+- `Resynthesis`: speak the source units back as they arrive (no language model), in the talker's
+  own timing (each unit held for the frames the encoder gave it) or with the vocoder's durations.
 - `Continuation`: listen until the input ends, then speak; streams every `emit_every` units. Only
   the most recent `context` units of a long input are kept (the model's window).
 - `WaitK`: simultaneous; every `chunk_ms` of source, may commit up to ratio * (source units - k).
@@ -77,6 +78,10 @@ class UnitDecoder:
 class Decision:
     commit: Tensor | None = None  # units to speak now
     decode: Request | None = None  # then run this decode; its units come to `on_decoded`
+    # the commit's timing when the policy knows it (the source's own): one unit id per vocoder frame,
+    # continuing the frames given before (it may lengthen the previous unit's run); None: the
+    # vocoder predicts the committed units' durations
+    frames: Tensor | None = None
 
 
 def _units(xs) -> Tensor:
@@ -87,6 +92,12 @@ class Policy:
     """Base: collects the source; subclasses decide when to speak."""
 
     emit_every = 0  # 0: a decode's units are spoken when it is done; n: n at a time while decoding
+    # frames the encoder had turned into units when the current hook's units were final (the
+    # engine sets it before each `on_source` and `on_end`)
+    source_frames = 0
+    # True: `on_source` is called for every encoded chunk, also one that only lengthens the last
+    # unit's run (no new units); False: only when there are new units
+    every_chunk = False
 
     def __init__(self, decoder: UnitDecoder):
         self.decoder = decoder
@@ -142,14 +153,49 @@ class Policy:
 
 
 class Resynthesis(Policy):
-    """Speak the source units back as they arrive: audio -> units -> audio, the ceiling of every task."""
+    """Speak the source units back as they arrive: audio -> units -> audio, no language model.
+
+    durations="source" holds each unit for the frames the encoder gave it (the talker's timing: what
+    resynthesis can know exactly, one vocoder frame per encoder frame); "predicted" de-duplicates
+    and lets the vocoder's duration predictor time them, as every task whose units come from the
+    language model must (the ceiling of those tasks)."""
+
+    def __init__(self, decoder: UnitDecoder, durations: str = "source"):
+        super().__init__(decoder)
+        if durations not in ("source", "predicted"):
+            raise ValueError(f"resynthesis durations must be 'source' or 'predicted', got {durations!r}")
+        self.durations = durations
+        self.every_chunk = durations == "source"  # a run held through a chunk is spoken as it is heard
+        self.timed = 0  # frames given to the vocoder
+        self.last: int | None = None  # the unit of the run they end in
 
     def on_source(self, units, frames, source_samples) -> Decision | None:
-        return self.speak(units)
+        if self.durations == "predicted":  # nothing is kept: no length limit
+            new = _units(units)
+            return Decision(commit=new) if len(new) else None
+        return self.speak_timed(_units(units), _units(frames))
 
-    def speak(self, units) -> Decision | None:  # nothing is kept: no length limit
-        new = _units(units)
-        return Decision(commit=new) if len(new) else None
+    def on_end(self) -> Decision | None:
+        return self.speak_timed(_units([]), _units([])) if self.durations == "source" else None
+
+    def speak_timed(self, units: Tensor, starts: Tensor) -> Decision | None:
+        """New units starting at absolute frames `starts`: the frames since the last call, the
+        previous run continuing up to the first new start, the last run up to `source_frames`."""
+        if self.last is None:  # the first unit (silence before speech may have been dropped unheard)
+            if not len(units):
+                return None
+            ids, first = units, starts
+            self.timed = int(starts[0])
+        else:
+            ids, first = torch.cat([torch.tensor([self.last]), units]), torch.cat([torch.tensor([self.timed]), starts])
+        lengths = torch.diff(torch.cat([first, torch.tensor([self.source_frames])]))
+        if bool((lengths < 0).any()):
+            raise ValueError(f"resynthesis: unit starts {starts.tolist()} do not follow frame {self.timed} "
+                             f"within {self.source_frames} encoded frames")
+        if int(lengths.sum()) == 0:
+            return None
+        self.timed, self.last = self.source_frames, int(ids[-1])
+        return Decision(commit=units if len(units) else None, frames=torch.repeat_interleave(ids, lengths))
 
 
 class Continuation(Policy):

@@ -205,6 +205,15 @@ class TimedUnitStream(ABC):
         self.units = torch.cat([self.units, units.cpu().long()])
         self.n_units += units.numel()
 
+    def add_frames(self, frames: Tensor) -> None:
+        """Units already timed (one id per frame, e.g. the source's own durations): they follow the
+        frames made so far without going through the duration predictor."""
+        if self.n_timed != self.n_units:
+            raise ValueError("timed frames cannot follow units still waiting for their durations")
+        check_units(frames, self.num_units)
+        self.frames = torch.cat([self.frames, frames.cpu().long()])
+        self.n_frames += frames.numel()
+
     def end(self) -> None:
         """No more units: the last durations and frames become final."""
         self.ended = True

@@ -86,9 +86,19 @@ def load_task(name: str) -> TaskPlugin:
     return plugin
 
 
+def _same_frame_rate(options: dict, input_s: float | None, bundle) -> None:
+    if options["durations"] == "source" and bundle is not None and bundle.unit_hop != bundle.unit_vocoder.hop:
+        raise ValueError(f"task 'resynthesis': durations=source needs the unit encoder's frame ({bundle.unit_hop} samples) "
+                         f"to equal the vocoder's ({bundle.unit_vocoder.hop}); use durations=predicted")
+
+
 resynthesis = TaskPlugin(
     name="resynthesis",
-    description="Speak the input back through units and the vocoder, as it arrives (the quality ceiling of every task).",
+    description="Speak the input back through units and the vocoder, as it arrives: in the talker's own timing "
+                "(durations=source) or timed by the vocoder (durations=predicted, the ceiling of the language-model tasks).",
     policy=Resynthesis,
+    options={"durations": "source"},
+    choices={"durations": ("source", "predicted")},
+    validate=_same_frame_rate,
     uses_lm=False,
 )

@@ -14,7 +14,7 @@ def validate(options: dict, input_s, bundle) -> None:
         raise ValueError(f"task 'inpainting': the mask {start}..{end} s ends after the input ({input_s:.2f} s)")
     if input_s is not None and bundle is not None:
         # the whole utterance is regenerated at once: at most one unit per encoder frame must fit the context
-        rate = bundle.sample_rate / bundle.need("hubert").cfg.hop
+        rate = bundle.sample_rate / bundle.unit_hop
         longest = (bundle.need("mbart").cfg.max_positions - 2) / rate
         if input_s > longest:
             raise ValueError(f"task 'inpainting' regenerates the whole input within the model's context: at most "
