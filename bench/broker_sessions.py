@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,40 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from sessions import TASK_OPTIONS, talker_wave
-from streamgen.bundle import load_bundle
-from streamgen.serve.cluster import cluster_session
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from services import Mosquitto  # noqa: E402  the tests' broker on loopback
+
+from streamgen.bundle import load_bundle  # noqa: E402
+from streamgen.serve.cluster import cluster_session  # noqa: E402
 
 PREFIX = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Broker:
-    """Mosquitto on a free loopback port, anonymous, nothing persisted."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        f"log_dest file {workdir}/mosquitto.log\n")
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto did not start (see {workdir}/mosquitto.log)")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Worker:
@@ -196,7 +169,8 @@ def main() -> None:
           + (f", {args.pause_s:g} s pauses" if args.pause_s else ""), flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "workers": args.workers, "load_average": load, "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        broker = Broker(Path(tmp))
+        broker = Mosquitto(Path(tmp))
+        broker.start()
         names = [f"w{i}" for i in range(args.workers)]
         workers = [Worker(name, broker.port, args.bundle, args.max_sessions) for name in names]
         try:

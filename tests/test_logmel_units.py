@@ -30,12 +30,13 @@ def encoder():
 
 def mean_normalised_encoder(prior_frames=10, cvn=False):
     enc = LogMelUnits(LogMelUnitsConfig(num_units=32, n_mels=24, cmn_prior_frames=prior_frames, cvn=cvn))
-    raw = torch.cat([enc.features(chirp(seed=s)) for s in range(3)])
+    per_utterance = [enc.features(chirp(seed=s)) for s in range(3)]
+    raw = torch.cat(per_utterance)
     prior, prior_sq = raw.mean(0), (raw * raw).mean(0) if cvn else None
     enc.prior.copy_(prior)
     if cvn:
         enc.prior_sq.copy_(prior_sq)
-    feats = torch.cat([enc.normalise(enc.features(chirp(seed=s)), enc.start_norm())[0] for s in range(3)])
+    feats = torch.cat([enc.normalise(f, enc.start_norm())[0] for f in per_utterance])
     mean, std = feats.mean(0), feats.std(0)
     enc.set_codebook(mean, std, kmeans((feats - mean) / std, 32, iters=10), prior=prior, prior_sq=prior_sq)
     return enc
