@@ -287,3 +287,33 @@ def test_a_segment_closes_at_a_pause_made_of_several_quiet_units(test_bundle, kn
         assert wk.closing and len(wk.source) == 37 and torch.equal(wk.carry[0], units[37:])
     else:
         assert not wk.closing and len(wk.source) == 50
+
+
+def test_inpainting_keeps_the_context_and_fills_only_the_gap(test_bundle):
+    """context=keep: the units before the span are spoken as soon as they are final and forced as the
+    decoder's prefix; the decoder fills as many units as the span held; the units after it follow.
+    context=regenerate: one decode of the whole utterance from the masked source."""
+    from streamgen.models.unit_mbart import UNIT_OFFSET
+    from streamgen.pipeline.policies import Inpainting, UnitDecoder
+
+    mbart = test_bundle.mbart
+    units = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(3))
+    units[1:] += (units[1:] == units[:-1]).long()  # de-duplicated: no unit repeats its neighbour
+    units %= 100
+    frames = torch.arange(40) * 5  # 100 ms per unit: the span 1.0-2.0 s holds units 10-19
+    inp = Inpainting(UnitDecoder(mbart.cfg), mask_start=1.0, mask_end=2.0)
+    early = inp.on_source(units[:12], frames[:12], 0)
+    assert early.decode is None and early.commit.tolist() == units[:10].tolist()  # final context, said at once
+    assert inp.on_source(units[12:], frames[12:], 0) is None
+    end = inp.on_end()
+    assert end.commit is None and end.decode.max_new == end.decode.min_new == 10
+    assert end.decode.prefix[1:].tolist() == (units[:10] + UNIT_OFFSET).tolist()  # the context, forced
+    assert (end.decode.source == mbart.cfg.mask_token).sum() == 1
+    spoken = early.commit.tolist() + decide(mbart, inp, end)
+    assert len(spoken) == 40 and spoken[:10] == units[:10].tolist() and spoken[20:] == units[20:].tolist()
+
+    whole = Inpainting(UnitDecoder(mbart.cfg), mask_start=1.0, mask_end=2.0, context="regenerate")
+    assert whole.on_source(units, frames, 0) is None
+    again = whole.on_end()
+    assert again.commit is None and again.decode.prefix.tolist() == end.decode.prefix[:1].tolist()
+    assert torch.equal(again.decode.source, end.decode.source)  # the same masked input either way

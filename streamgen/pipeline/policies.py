@@ -345,19 +345,30 @@ class LocalAgreement(_Simultaneous):
 
 
 class Inpainting(Policy):
-    """Regenerate the utterance with the units of [mask_start, mask_end) seconds replaced by <mask>."""
+    """Fill the time span [mask_start, mask_end) seconds of the input given the audio around it.
 
-    def __init__(self, decoder: UnitDecoder, mask_start: float = 0.0, mask_end: float = 0.0, emit_every: int = 25, frame_rate: float = 50.0):
+    The encoder reads the input with the span's units replaced by one <mask>. With context="keep"
+    (the default) what lies outside the span is the input's own units: those before it are spoken as
+    soon as they are final and forced as the decoder's prefix, the decoder then generates as many
+    units as the span held, and the units after it follow; only the gap is new. context="regenerate"
+    lets the model say the whole utterance again (the denoising objective as trained), context included."""
+
+    def __init__(self, decoder: UnitDecoder, mask_start: float = 0.0, mask_end: float = 0.0, emit_every: int = 25,
+                 frame_rate: float = 50.0, context: str = "keep"):
         super().__init__(decoder)
         if not 0 <= mask_start < mask_end:
             raise ValueError(f"inpainting needs 0 <= mask_start < mask_end (seconds), got {mask_start}..{mask_end}: "
                              "give --opt mask_start=S --opt mask_end=E")
         if emit_every < 1:
             raise ValueError(f"emit_every must be >= 1, got {emit_every}")
+        if context not in ("keep", "regenerate"):
+            raise ValueError(f"inpainting context must be 'keep' or 'regenerate', got {context!r}")
         self.span = (int(mask_start * frame_rate), int(mask_end * frame_rate))
         self.mask_end_s = mask_end
         self.frame_rate = frame_rate
         self.emit_every = emit_every
+        self.keep = context == "keep"
+        self.right: Tensor | None = None  # the units after the span, spoken after the generated ones
         mask = decoder.cfg.mask_token
         if mask is None:
             raise ValueError("this bundle's Unit mBART has no <mask> token (give `streamgen convert` --mask-token)")
@@ -368,6 +379,14 @@ class Inpainting(Policy):
         if len(self.source) > self.decoder.max_units - 1:
             raise ValueError(f"inpainting holds at most {self.decoder.max_units - 1} units of input (the model's context); "
                              f"this input is longer: send a shorter excerpt around the gap")
+
+    def on_source(self, units: Tensor, frames: Tensor, source_samples: int) -> Decision | None:
+        self.add_source(units, frames)
+        if not self.keep:
+            return None
+        a = self.span[0]  # a unit whose run ends by the span's start is final context: say it now
+        final_left = int((self.frames[1:] <= a).sum())
+        return self.speak(self.source[len(self.committed) : final_left])
 
     def on_end(self) -> Decision | None:
         if len(self.source) == 0:
@@ -381,5 +400,21 @@ class Inpainting(Policy):
         keep_left = self.source[ends <= a]
         keep_right = self.source[self.frames >= b]
         tokens = torch.cat([keep_left + UNIT_OFFSET, torch.tensor([self.mask]), keep_right + UNIT_OFFSET, torch.tensor([EOS])])
-        budget = int(1.5 * len(self.source)) + 10
-        return self.decode(budget, min_new=min(len(keep_left) + len(keep_right), budget), tokens=tokens)
+        if not self.keep:
+            budget = int(1.5 * len(self.source)) + 10
+            return self.decode(budget, min_new=min(len(keep_left) + len(keep_right), budget), tokens=tokens)
+        left = self.speak(keep_left[len(self.committed) :])  # the last context unit, final only now
+        self.right = keep_right
+        gap = len(self.source) - len(keep_left) - len(keep_right)  # as many units as the span held
+        decision = self.decode(gap, min_new=gap, tokens=tokens) if gap else None
+        if decision is None:  # nothing to fill (or no room left in the decoder): the context alone
+            decision = self.decoded([])
+        if left is not None and decision is not None:
+            decision.commit = left.commit if decision.commit is None else torch.cat([left.commit, decision.commit])
+        return decision or left
+
+    def decoded(self, units: list[int]) -> Decision | None:
+        if not self.keep:
+            return self.speak(units)
+        right, self.right = self.right, None
+        return self.speak(torch.cat([_units(units), right if right is not None else _units([])]))

@@ -24,9 +24,10 @@ def validate(options: dict, input_s, bundle) -> None:
 plugin = TaskPlugin(
     name="inpainting",
     description="Fill a masked span given the audio before and after it; options: mask_start, mask_end "
-    "(seconds into the input), emit_every.",
+    "(seconds into the input), emit_every, context (keep: only the gap is new; regenerate: the model says it all again).",
     policy=Inpainting,
-    options={"mask_start": 0.0, "mask_end": 0.0, "emit_every": 25},
+    options={"mask_start": 0.0, "mask_end": 0.0, "emit_every": 25, "context": "keep"},
+    choices={"context": ("keep", "regenerate")},
     ranges={"mask_start": (0.0, None), "mask_end": (0.0, None), "emit_every": (1, None)},
     validate=validate,
 )
