@@ -14,6 +14,7 @@ that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -
                    cmn_prior_frames=N computes it)
     cmvn_causalN   the same, also divided by a running standard deviation (prior: the training
                    log-mel's second moment; `LogMelUnits` with cvn)
+    X_lifterN      any of these, then only its first N cepstral coefficients (pitch harmonics out)
 
     python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
         --variants raw cmn cmn+voices cmn_causal50 --json out.json
@@ -47,7 +48,15 @@ VOICES = ("joe", "rms", "espeak")
 
 def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor]):
     """The variant's features from one utterance's log-mel frames [F, n_mels] (prior: the training
-    log-mel's mean and second moment)."""
+    log-mel's mean and second moment). A `_lifterN` suffix keeps the first N cepstral coefficients
+    (the DCT of the normalised log-mel): the spectral envelope without the pitch harmonics."""
+    if "_lifter" in variant:
+        base, n = variant.rsplit("_lifter", 1)
+        norm, n = normaliser(base, prior), int(n)
+        bands = len(prior[0])
+        k = torch.arange(bands, dtype=torch.float64)
+        dct = torch.cos(torch.pi / bands * (k[None, :] + 0.5) * k[:n, None]).float()  # DCT-II rows [n, bands]
+        return lambda m: norm(m) @ dct.T
     if variant == "raw":
         return lambda m: m
     if variant == "cmn":
