@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sessions import TASK_OPTIONS, talker_wave
+from sessions import task_options, talker_wave
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from services import Mosquitto  # noqa: E402  the tests' broker on loopback
@@ -99,7 +99,8 @@ async def talk(port: int, name: str, wave: np.ndarray, rate: int, block: int, st
         got[0] += len(samples)
         arrivals.append((time.monotonic(), got[0]))
 
-    reply = await cluster_session("127.0.0.1", port, PREFIX, name, wave, rate, task=task, options=TASK_OPTIONS[task],
+    task, options = task_options(task)
+    reply = await cluster_session("127.0.0.1", port, PREFIX, name, wave, rate, task=task, options=options,
                                   block=block, realtime=True, claim_timeout=10, on_claimed=claimed, on_audio=audio)
     end = time.monotonic()
     t0 = t.get("claimed", end)

@@ -16,6 +16,7 @@ serves one session at a time (what the one-worker-per-stage pipeline did before 
     python bench/sessions.py --json out.json
     python bench/sessions.py --tasks translation --pause-s 0.6  # talkers who pause between sentences
     python bench/sessions.py --tasks translation --processes 2  # one engine process per core
+    python bench/sessions.py --tasks resynthesis,resynthesis:durations=predicted  # task options after colons
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ TASK_OPTIONS = {
     "translation": {"policy": "wait-k", "k": 10, "chunk_ms": 320},
     "continuation": {"max_units": 100, "min_units": 50},
 }
+
+
+def task_options(spec: str) -> tuple[str, dict]:
+    """A `--tasks` entry, a task name with optional KEY=VALUE overrides after colons
+    (`resynthesis:durations=predicted`) -> (task, its options)."""
+    name, *pairs = spec.split(":")
+    if name not in TASK_OPTIONS:
+        raise SystemExit(f"--tasks: unknown task {name!r} (choose from {', '.join(TASK_OPTIONS)})")
+    extra = dict(p.split("=", 1) for p in pairs if "=" in p)
+    if len(extra) != len(pairs):
+        raise SystemExit(f"--tasks {spec!r}: options go as task:KEY=VALUE[:KEY=VALUE]")
+    return name, {**TASK_OPTIONS[name], **extra}
 
 
 def talker_wave(rate: int, seconds: float, pause_s: float = 0.0) -> torch.Tensor:
@@ -85,7 +98,7 @@ def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batc
           vocoder_lookahead: int | None = None) -> dict:
     """n talkers through one engine: the raw figures (every output chunk's lag), for `summary`."""
     rate = bundle.sample_rate
-    engine = build_engine(bundle, task, TASK_OPTIONS[task], chunk_ms=chunk_ms, max_batch=max_batch,
+    engine = build_engine(bundle, *task_options(task), chunk_ms=chunk_ms, max_batch=max_batch,
                           max_sessions=max(256, n), cuda_graphs=cuda_graphs, vocoder_lookahead=vocoder_lookahead)
     stats, sink = Stats(rate), MemorySink()
     t = time.monotonic()
@@ -142,7 +155,8 @@ def main() -> None:
     ap.add_argument("--public-random", action="store_true", help="random weights at the public model sizes instead of a bundle")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--tasks", default="resynthesis,translation,continuation")
+    ap.add_argument("--tasks", default="resynthesis,translation,continuation",
+                    help="comma-separated; each a task name with optional :KEY=VALUE option overrides")
     ap.add_argument("--levels", default="1,2,4,8,16,32,64")
     ap.add_argument("--seconds", type=float, default=8.0, help="speech per talker (the bundled sample, repeated)")
     ap.add_argument("--chunk-ms", type=int, default=320)
