@@ -15,6 +15,7 @@ that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -
     cmvn_causalN   the same, also divided by a running standard deviation (prior: the training
                    log-mel's second moment; `LogMelUnits` with cvn)
     X_lifterN      any of these, then only its first N cepstral coefficients (pitch harmonics out)
+    X_stackN       any of these, each frame beside its N - 1 neighbours (N odd; (N - 1) / 2 frames of look-ahead)
 
     python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
         --variants raw cmn cmn+voices cmn_causal50 --json out.json
@@ -50,6 +51,15 @@ def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor]):
     """The variant's features from one utterance's log-mel frames [F, n_mels] (prior: the training
     log-mel's mean and second moment). A `_lifterN` suffix keeps the first N cepstral coefficients
     (the DCT of the normalised log-mel): the spectral envelope without the pitch harmonics."""
+    if "_stack" in variant:  # each frame with its neighbours: frames t - n//2 .. t + n//2 side by side
+        base, n = variant.rsplit("_stack", 1)
+        norm, r = normaliser(base, prior), int(n) // 2
+
+        def stacked(m):
+            x = norm(m)
+            padded = torch.cat([x[:1].expand(r, -1), x, x[-1:].expand(r, -1)])
+            return torch.cat([padded[i : i + len(x)] for i in range(2 * r + 1)], dim=1)
+        return stacked
     if "_lifter" in variant:
         base, n = variant.rsplit("_lifter", 1)
         norm, n = normaliser(base, prior), int(n)
