@@ -94,6 +94,31 @@ def test_logmel_units_and_source_filter_vocoder_batched_equal_whole_utterance(du
     assert engine.new_vocoder_stream().graph is engine.new_vocoder_stream().graph  # one copy of the float64 weights
 
 
+@pytest.mark.parametrize("kind", ["source-filter", "CodeHiFiGAN"])
+def test_timed_frames_after_predicted_units_equal_the_whole(test_bundle, kind):
+    """A vocoder stream given units (timed by its predictor), then frames (timed already), then
+    frames again: the units are timed as a sequence that ends where the frames begin, and the audio,
+    streamed in pieces, is the vocoder over all those frames at once. Units cannot follow frames
+    that still wait for them."""
+    from streamgen.pipeline.streams import vocoder_streams
+
+    voc = logmel_source_filter_bundle().source_filter if kind == "source-filter" else test_bundle.vocoder
+    g = torch.Generator().manual_seed(1)
+    units, timed, more = (torch.randint(0, 50, (n,), generator=g) for n in (30, 40, 12))
+    stream = vocoder_streams(voc)()
+    out = [stream.push(units[:17]), stream.push(units[17:])]
+    stream.add_frames(timed)
+    with pytest.raises(ValueError, match="cannot follow timed frames"):
+        stream.add(units[:1])
+    out += [stream.push(torch.zeros(0, dtype=torch.long))]
+    stream.add_frames(more)
+    out.append(stream.flush())
+    with torch.no_grad():
+        whole = voc.generate(torch.cat([units.repeat_interleave(voc.durations(units)), timed, more])).reshape(-1)
+    got = torch.cat([o.reshape(-1) for o in out])
+    assert len(got) == len(whole) and (got - whole).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("windows", [False, True])
 def test_shape_buckets_of_the_gpu_path_change_no_result(test_bundle, monkeypatch, windows):
     """On CUDA, padded calls are rounded up to a few shapes; the rows' lengths make that exact."""

@@ -39,7 +39,7 @@ def expected_samples(bundle, units: list[torch.Tensor]) -> int:
     ("continuation", {"max_units": 60, "min_units": 30}),
     ("translation", {"policy": "wait-k", "k": 5, "chunk_ms": 320}),
     ("translation", {"policy": "local-agreement", "chunk_ms": 320}),
-    ("inpainting", {"mask_start": 0.8, "mask_end": 1.6}),
+    ("inpainting", {"mask_start": 0.8, "mask_end": 1.6, "durations": "predicted"}),  # the talker's timing: below
 ])
 def test_file_to_file_every_task(test_bundle, tmp_path, task, options):
     wav = tmp_path / "in.wav"
@@ -290,9 +290,10 @@ def test_a_segment_closes_at_a_pause_made_of_several_quiet_units(test_bundle, kn
 
 
 def test_inpainting_keeps_the_context_and_fills_only_the_gap(test_bundle):
-    """context=keep: the units before the span are spoken as soon as they are final and forced as the
-    decoder's prefix; the decoder fills as many units as the span held; the units after it follow.
-    context=regenerate: one decode of the whole utterance from the masked source."""
+    """context=keep: the units before the span are spoken as soon as they are final (in the talker's
+    timing) and forced as the decoder's prefix; the decoder fills as many units as the span held; the
+    units after it follow. context=regenerate: one decode of the whole utterance from the masked source."""
+    from streamgen.models.generation import Decoder
     from streamgen.models.unit_mbart import UNIT_OFFSET
     from streamgen.pipeline.policies import Inpainting, UnitDecoder
 
@@ -304,16 +305,47 @@ def test_inpainting_keeps_the_context_and_fills_only_the_gap(test_bundle):
     inp = Inpainting(UnitDecoder(mbart.cfg), mask_start=1.0, mask_end=2.0)
     early = inp.on_source(units[:12], frames[:12], 0)
     assert early.decode is None and early.commit.tolist() == units[:10].tolist()  # final context, said at once
+    assert torch.equal(early.frames, units[:10].repeat_interleave(5))  # ... as long as it was said
     assert inp.on_source(units[12:], frames[12:], 0) is None
+    inp.source_frames = 200  # what the engine sets before on_end: the encoder's frames
     end = inp.on_end()
     assert end.commit is None and end.decode.max_new == end.decode.min_new == 10
     assert end.decode.prefix[1:].tolist() == (units[:10] + UNIT_OFFSET).tolist()  # the context, forced
     assert (end.decode.source == mbart.cfg.mask_token).sum() == 1
-    spoken = early.commit.tolist() + decide(mbart, inp, end)
-    assert len(spoken) == 40 and spoken[:10] == units[:10].tolist() and spoken[20:] == units[20:].tolist()
+    dec, gap = Decoder(mbart), []
+    dec.submit(0, end.decode)
+    while dec.busy:
+        gap += [u for _, us, _ in dec.step() for u in us]
+    final = inp.on_decoded(gap, True)
+    assert len(gap) == 10 and final.commit.tolist() == gap + units[20:].tolist()
+    assert final.timed_from == 10 and torch.equal(final.frames, units[20:].repeat_interleave(5))  # the gap: predicted
 
+    predicted = Inpainting(UnitDecoder(mbart.cfg), mask_start=1.0, mask_end=2.0, durations="predicted")
+    assert predicted.on_source(units[:12], frames[:12], 0).frames is None  # the vocoder times the context
     whole = Inpainting(UnitDecoder(mbart.cfg), mask_start=1.0, mask_end=2.0, context="regenerate")
     assert whole.on_source(units, frames, 0) is None
     again = whole.on_end()
     assert again.commit is None and again.decode.prefix.tolist() == end.decode.prefix[:1].tolist()
     assert torch.equal(again.decode.source, end.decode.source)  # the same masked input either way
+
+
+def test_inpainting_in_the_talkers_timing_equals_the_whole_utterance(test_bundle):
+    """Through the engine: the context's frames as the encoder gave them, the gap timed by the
+    vocoder's predictor as a sequence of its own, streamed = the vocoder over those frames at once."""
+    wave = espeak(SENTENCE)
+    sink = MemorySink()
+    _, rec, _ = run(test_bundle, MemorySource(chunks_of("a", wave, 1600)), sink, "inpainting",
+                    {"mask_start": 0.8, "mask_end": 1.6}, left_context_ms=None, lookahead_ms=None)
+    units, durations = test_bundle.encode(wave)
+    starts = torch.cumsum(durations, 0) - durations
+    left, right = int((starts + durations <= 40).sum()), int((starts >= 80).sum())
+    spoken = torch.cat(rec["a"])
+    gap = spoken[left : len(spoken) - right]
+    assert torch.equal(spoken[:left], units[:left]) and torch.equal(spoken[len(spoken) - right :], units[len(units) - right :])
+    voc = test_bundle.vocoder
+    frames = torch.cat([units[:left].repeat_interleave(durations[:left]), gap.repeat_interleave(voc.durations(gap)),
+                        units[len(units) - right :].repeat_interleave(durations[len(units) - right :])])
+    with torch.no_grad():
+        whole = voc.generate(frames)
+    out = sink.wave("a")
+    assert len(gap) > 0 and len(out) == len(whole) and (out - whole).abs().max() <= 1e-5

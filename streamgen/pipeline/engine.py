@@ -495,7 +495,9 @@ class Engine:
     def _apply(self, s: Session, d: Decision | None) -> None:
         if d is None:
             return
-        if d.frames is not None:  # timed by the policy (the source's own durations)
+        if d.frames is not None:  # timed by the policy (the source's own durations), after any it leaves untimed
+            if d.timed_from:
+                s.vocoder.add(d.commit[: d.timed_from])
             s.vocoder.add_frames(d.frames)
         elif d.commit is not None and len(d.commit):
             s.vocoder.add(d.commit)

@@ -82,6 +82,7 @@ class Decision:
     # continuing the frames given before (it may lengthen the previous unit's run); None: the
     # vocoder predicts the committed units' durations
     frames: Tensor | None = None
+    timed_from: int = 0  # with `frames`: the commit's units before this index are timed by the vocoder
 
 
 def _units(xs) -> Tensor:
@@ -350,25 +351,29 @@ class Inpainting(Policy):
     The encoder reads the input with the span's units replaced by one <mask>. With context="keep"
     (the default) what lies outside the span is the input's own units: those before it are spoken as
     soon as they are final and forced as the decoder's prefix, the decoder then generates as many
-    units as the span held, and the units after it follow; only the gap is new. context="regenerate"
-    lets the model say the whole utterance again (the denoising objective as trained), context included."""
+    units as the span held, and the units after it follow; only the gap is new. The kept context is
+    spoken in the talker's timing (durations="source") or timed by the vocoder ("predicted"), the gap
+    always by the vocoder. context="regenerate" lets the model say the whole utterance again (the
+    denoising objective as trained), context included."""
 
     def __init__(self, decoder: UnitDecoder, mask_start: float = 0.0, mask_end: float = 0.0, emit_every: int = 25,
-                 frame_rate: float = 50.0, context: str = "keep"):
+                 frame_rate: float = 50.0, context: str = "keep", durations: str = "source"):
         super().__init__(decoder)
         if not 0 <= mask_start < mask_end:
             raise ValueError(f"inpainting needs 0 <= mask_start < mask_end (seconds), got {mask_start}..{mask_end}: "
                              "give --opt mask_start=S --opt mask_end=E")
         if emit_every < 1:
             raise ValueError(f"emit_every must be >= 1, got {emit_every}")
-        if context not in ("keep", "regenerate"):
-            raise ValueError(f"inpainting context must be 'keep' or 'regenerate', got {context!r}")
+        if context not in ("keep", "regenerate") or durations not in ("source", "predicted"):
+            raise ValueError(f"inpainting takes context=keep|regenerate and durations=source|predicted, "
+                             f"got context={context!r}, durations={durations!r}")
         self.span = (int(mask_start * frame_rate), int(mask_end * frame_rate))
         self.mask_end_s = mask_end
         self.frame_rate = frame_rate
         self.emit_every = emit_every
         self.keep = context == "keep"
-        self.right: Tensor | None = None  # the units after the span, spoken after the generated ones
+        self.timed = self.keep and durations == "source"
+        self.right: Decision | None = None  # the units after the span, spoken after the generated ones
         mask = decoder.cfg.mask_token
         if mask is None:
             raise ValueError("this bundle's Unit mBART has no <mask> token (give `streamgen convert` --mask-token)")
@@ -380,13 +385,28 @@ class Inpainting(Policy):
             raise ValueError(f"inpainting holds at most {self.decoder.max_units - 1} units of input (the model's context); "
                              f"this input is longer: send a shorter excerpt around the gap")
 
+    def context(self, lo: int, hi: int) -> Decision | None:
+        """The input's units [lo, hi) as they were said: units, and in the talker's timing their frames."""
+        units = self.source[lo:hi]
+        if not len(units):
+            return None
+        if not self.timed:
+            return Decision(commit=units)
+        ends = torch.cat([self.frames[1:], torch.tensor([max(self.source_frames, int(self.frames[-1]) + 1)])])
+        return Decision(commit=units, frames=torch.repeat_interleave(units, ends[lo:hi] - self.frames[lo:hi]))
+
+    def say(self, d: Decision | None) -> Decision | None:
+        """Speak a context decision: its units join the committed ones (the decoder's prefix)."""
+        if d is not None:
+            self.committed = torch.cat([self.committed, d.commit])
+        return d
+
     def on_source(self, units: Tensor, frames: Tensor, source_samples: int) -> Decision | None:
         self.add_source(units, frames)
         if not self.keep:
             return None
-        a = self.span[0]  # a unit whose run ends by the span's start is final context: say it now
-        final_left = int((self.frames[1:] <= a).sum())
-        return self.speak(self.source[len(self.committed) : final_left])
+        final_left = int((self.frames[1:] <= self.span[0]).sum())  # runs that end by the span's start
+        return self.say(self.context(len(self.committed), final_left))
 
     def on_end(self) -> Decision | None:
         if len(self.source) == 0:
@@ -397,24 +417,33 @@ class Inpainting(Policy):
             raise ValueError(f"the mask starts at {a / self.frame_rate:.2f} s, after the input's end "
                              f"(about {end / self.frame_rate:.2f} s): give a mask_start inside the input")
         ends = torch.cat([self.frames[1:], self.frames[-1:] + 1])  # a run ends where the next starts
-        keep_left = self.source[ends <= a]
-        keep_right = self.source[self.frames >= b]
+        n_left, n_right = int((ends <= a).sum()), int((self.frames >= b).sum())
+        keep_left, keep_right = self.source[:n_left], self.source[len(self.source) - n_right :]
         tokens = torch.cat([keep_left + UNIT_OFFSET, torch.tensor([self.mask]), keep_right + UNIT_OFFSET, torch.tensor([EOS])])
         if not self.keep:
             budget = int(1.5 * len(self.source)) + 10
-            return self.decode(budget, min_new=min(len(keep_left) + len(keep_right), budget), tokens=tokens)
-        left = self.speak(keep_left[len(self.committed) :])  # the last context unit, final only now
-        self.right = keep_right
-        gap = len(self.source) - len(keep_left) - len(keep_right)  # as many units as the span held
-        decision = self.decode(gap, min_new=gap, tokens=tokens) if gap else None
-        if decision is None:  # nothing to fill (or no room left in the decoder): the context alone
-            decision = self.decoded([])
-        if left is not None and decision is not None:
-            decision.commit = left.commit if decision.commit is None else torch.cat([left.commit, decision.commit])
-        return decision or left
+            return self.decode(budget, min_new=min(n_left + n_right, budget), tokens=tokens)
+        left = self.say(self.context(len(self.committed), n_left))  # the last context unit, final only now
+        self.right = self.context(len(self.source) - n_right, len(self.source))
+        gap = len(self.source) - n_left - n_right  # as many units as the span held
+        fill = self.decode(gap, min_new=gap, tokens=tokens) if gap else None
+        if fill is None:  # nothing to fill (or no room left in the decoder): the context alone
+            fill = self.decoded([])
+        if left is None or fill is None:
+            return left or fill
+        frames = None if left.frames is None else torch.cat([left.frames, fill.frames if fill.frames is not None else left.frames[:0]])
+        commit = left.commit if fill.commit is None else torch.cat([left.commit, fill.commit])
+        return Decision(commit=commit, decode=fill.decode, frames=frames)
 
     def decoded(self, units: list[int]) -> Decision | None:
         if not self.keep:
             return self.speak(units)
         right, self.right = self.right, None
-        return self.speak(torch.cat([_units(units), right if right is not None else _units([])]))
+        gap = self.speak(units)
+        if right is None:
+            return gap
+        self.say(right)
+        if gap is None:
+            return right
+        return Decision(commit=torch.cat([gap.commit, right.commit]), frames=right.frames,
+                        timed_from=len(gap.commit) if right.frames is not None else 0)

@@ -199,27 +199,34 @@ class TimedUnitStream(ABC):
         self.f0 = 0
         self.n_frames = 0
         self.ended = False  # no more units
+        self.waiting: list[Tensor] = []  # timed frames after units not yet timed (those end where they begin)
 
     def add(self, units: Tensor) -> None:
+        if self.waiting and units.numel():
+            raise ValueError("units cannot follow timed frames that wait for earlier units' durations")
         check_units(units, self.num_units)
         self.units = torch.cat([self.units, units.cpu().long()])
         self.n_units += units.numel()
 
     def add_frames(self, frames: Tensor) -> None:
         """Units already timed (one id per frame, e.g. the source's own durations): they follow the
-        frames made so far without going through the duration predictor."""
-        if self.n_timed != self.n_units:
-            raise ValueError("timed frames cannot follow units still waiting for their durations")
+        frames made so far without going through the duration predictor. Units still waiting for
+        their durations are timed first, as a sequence that ends there (as `durations` would time
+        them alone), and the frames wait for them."""
         check_units(frames, self.num_units)
-        self.frames = torch.cat([self.frames, frames.cpu().long()])
-        self.n_frames += frames.numel()
+        frames = frames.cpu().long()
+        if self.n_timed == self.n_units and not self.waiting:
+            self.frames = torch.cat([self.frames, frames])
+            self.n_frames += frames.numel()
+        else:
+            self.waiting.append(frames)
 
     def end(self) -> None:
         """No more units: the last durations and frames become final."""
         self.ended = True
 
     def plan_durations(self) -> DurationWindow | None:
-        end = self.n_units if self.ended else self.n_units - self.unit_radius
+        end = self.n_units if self.ended or self.waiting else self.n_units - self.unit_radius
         a, r = self.n_timed, self.unit_radius
         if end <= a:
             return None
@@ -234,6 +241,10 @@ class TimedUnitStream(ABC):
         self.n_timed += window.count
         keep = max(0, self.n_timed - self.unit_radius)  # left context the next window needs
         self.units, self.u0 = self.units[keep - self.u0 :], keep
+        if self.waiting and self.n_timed == self.n_units:  # the frames that waited for these units
+            waiting, self.waiting = torch.cat(self.waiting), []
+            self.frames = torch.cat([self.frames, waiting])
+            self.n_frames += waiting.numel()
 
     @abstractmethod
     def plan_audio(self) -> AudioWindow | None:

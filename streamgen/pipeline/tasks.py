@@ -86,10 +86,16 @@ def load_task(name: str) -> TaskPlugin:
     return plugin
 
 
-def _same_frame_rate(options: dict, input_s: float | None, bundle) -> None:
-    if options["durations"] == "source" and bundle is not None and bundle.unit_hop != bundle.unit_vocoder.hop:
-        raise ValueError(f"task 'resynthesis': durations=source needs the unit encoder's frame ({bundle.unit_hop} samples) "
+def check_source_timing(task: str, bundle) -> None:
+    """Speaking units in the talker's timing gives the vocoder one frame per encoder frame."""
+    if bundle is not None and bundle.unit_hop != bundle.unit_vocoder.hop:
+        raise ValueError(f"task {task!r}: durations=source needs the unit encoder's frame ({bundle.unit_hop} samples) "
                          f"to equal the vocoder's ({bundle.unit_vocoder.hop}); use durations=predicted")
+
+
+def _same_frame_rate(options: dict, input_s: float | None, bundle) -> None:
+    if options["durations"] == "source":
+        check_source_timing("resynthesis", bundle)
 
 
 resynthesis = TaskPlugin(

@@ -1,7 +1,7 @@
 """Speech inpainting: regenerate an utterance with a masked time span filled in."""
 
 from streamgen.pipeline.policies import Inpainting
-from streamgen.pipeline.tasks import TaskPlugin
+from streamgen.pipeline.tasks import TaskPlugin, check_source_timing
 
 
 def validate(options: dict, input_s, bundle) -> None:
@@ -10,6 +10,8 @@ def validate(options: dict, input_s, bundle) -> None:
     if end <= start:
         raise ValueError("task 'inpainting' needs the span to fill: --opt mask_start=S --opt mask_end=E "
                          f"(seconds into the input, S < E), got {start}..{end}")
+    if options["context"] == "keep" and options["durations"] == "source":
+        check_source_timing("inpainting", bundle)
     if input_s is not None and end > input_s:
         raise ValueError(f"task 'inpainting': the mask {start}..{end} s ends after the input ({input_s:.2f} s)")
     if input_s is not None and bundle is not None:
@@ -24,10 +26,11 @@ def validate(options: dict, input_s, bundle) -> None:
 plugin = TaskPlugin(
     name="inpainting",
     description="Fill a masked span given the audio before and after it; options: mask_start, mask_end "
-    "(seconds into the input), emit_every, context (keep: only the gap is new; regenerate: the model says it all again).",
+    "(seconds into the input), emit_every, context (keep: only the gap is new; regenerate: the model says it all again), "
+    "durations (source: the kept context in the talker's timing; predicted: timed by the vocoder).",
     policy=Inpainting,
-    options={"mask_start": 0.0, "mask_end": 0.0, "emit_every": 25, "context": "keep"},
-    choices={"context": ("keep", "regenerate")},
+    options={"mask_start": 0.0, "mask_end": 0.0, "emit_every": 25, "context": "keep", "durations": "source"},
+    choices={"context": ("keep", "regenerate"), "durations": ("source", "predicted")},
     ranges={"mask_start": (0.0, None), "mask_end": (0.0, None), "emit_every": (1, None)},
     validate=validate,
 )
