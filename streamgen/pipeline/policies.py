@@ -20,7 +20,9 @@ Building blocks for task plugins:
   (a unit held for `pause_ms`, or the encoder's quiet units in a row as long: silence over a noise
   floor maps to several units) once it has `min_segment` units, or at `max_segment`
   units; its translation is finished, then the next segment starts from the units after the cut.
-- `Inpainting`: at the end, replace the units of a masked time span by one <mask> and regenerate;
+- `Inpainting`: the encoder reads the input with a masked time span's units replaced by one <mask>;
+  the context before the span is spoken as it becomes final, the model fills the gap continuing it,
+  and the context after the span follows (or, context="regenerate", the model says it all again);
   an input longer than the model's context is refused as soon as it exceeds it.
 
 An encoder-decoder re-encodes a grown source, which changes every cross-attention input, so each
