@@ -119,6 +119,11 @@ def test_resynthesis_in_the_talkers_timing_needs_one_frame_rate(test_bundle):
     with pytest.raises(ValueError, match="durations=source needs the unit encoder's frame .160 samples. to equal the vocoder's .320.; use durations=predicted"):
         build_engine(b, "resynthesis")
     build_engine(b, "resynthesis", {"durations": "predicted"})
+    gap = {"mask_start": 0.5, "mask_end": 1.0}
+    with pytest.raises(ValueError, match="task 'inpainting': durations=source needs"):
+        build_engine(b, "inpainting", gap)
+    build_engine(b, "inpainting", {**gap, "durations": "predicted"})
+    build_engine(b, "inpainting", {**gap, "context": "regenerate"})  # nothing of the input is spoken as it was
 
 
 def test_sessions_are_isolated_and_cleaned_up(test_bundle):
