@@ -34,6 +34,7 @@ import torch
 from streamgen.bundle import load_bundle
 from streamgen.io.files import read_audio
 from streamgen.io.memory import MemorySink
+from streamgen.options import UsageError, parse_kv
 from streamgen.pipeline.items import AudioChunk, End
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
@@ -51,9 +52,10 @@ def task_options(spec: str) -> tuple[str, dict]:
     name, *pairs = spec.split(":")
     if name not in TASK_OPTIONS:
         raise SystemExit(f"--tasks: unknown task {name!r} (choose from {', '.join(TASK_OPTIONS)})")
-    extra = dict(p.split("=", 1) for p in pairs if "=" in p)
-    if len(extra) != len(pairs):
-        raise SystemExit(f"--tasks {spec!r}: options go as task:KEY=VALUE[:KEY=VALUE]")
+    try:
+        extra = parse_kv(pairs, flag=f"--tasks {name}:")
+    except UsageError as e:
+        raise SystemExit(str(e)) from None
     return name, {**TASK_OPTIONS[name], **extra}
 
 
