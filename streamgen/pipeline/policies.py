@@ -91,6 +91,33 @@ def _units(xs) -> Tensor:
     return torch.as_tensor(xs, dtype=torch.long).reshape(-1)
 
 
+def then(a: Decision | None, b: Decision | None) -> Decision | None:
+    """One decision that speaks a's units, then b's, and then runs b's decode (a has none). Timed
+    units may follow untimed ones (`timed_from`), not the other way round."""
+    if a is None or b is None:
+        return a or b
+    if a.decode is not None:
+        raise ValueError("then(a, b): a's decode would run before b's units are spoken")
+    empty = torch.zeros(0, dtype=torch.long)
+    ca, cb = (a.commit if a.commit is not None else empty), (b.commit if b.commit is not None else empty)
+    commit = torch.cat([ca, cb]) if len(ca) + len(cb) else None
+    if a.frames is None and b.frames is None:
+        return Decision(commit=commit, decode=b.decode)
+    if a.frames is None:  # untimed units, then b's (untimed ones first, then timed)
+        return Decision(commit=commit, decode=b.decode, frames=b.frames, timed_from=len(ca) + b.timed_from)
+    if a.timed_from or (b.frames is None and len(cb)) or b.timed_from:
+        raise ValueError("then(a, b): untimed units cannot follow timed ones in one decision")
+    return Decision(commit=commit, decode=b.decode, frames=a.frames if b.frames is None else torch.cat([a.frames, b.frames]))
+
+
+def run_frames(units: Tensor, starts: Tensor, end: int) -> Tensor:
+    """Runs of `units` starting at frames `starts`, the last ending at frame `end`: one unit id per frame."""
+    lengths = torch.diff(torch.cat([starts, torch.tensor([end])]))
+    if bool((lengths < 0).any()):
+        raise ValueError(f"unit runs starting at frames {starts.tolist()} are out of order or end after frame {end}")
+    return torch.repeat_interleave(units, lengths)
+
+
 class Policy:
     """Base: collects the source; subclasses decide when to speak."""
 
@@ -191,14 +218,11 @@ class Resynthesis(Policy):
             self.timed = int(starts[0])
         else:
             ids, first = torch.cat([torch.tensor([self.last]), units]), torch.cat([torch.tensor([self.timed]), starts])
-        lengths = torch.diff(torch.cat([first, torch.tensor([self.source_frames])]))
-        if bool((lengths < 0).any()):
-            raise ValueError(f"resynthesis: unit starts {starts.tolist()} do not follow frame {self.timed} "
-                             f"within {self.source_frames} encoded frames")
-        if int(lengths.sum()) == 0:
+        frames = run_frames(ids, first, self.source_frames)
+        if not len(frames):
             return None
         self.timed, self.last = self.source_frames, int(ids[-1])
-        return Decision(commit=units if len(units) else None, frames=torch.repeat_interleave(ids, lengths))
+        return Decision(commit=units if len(units) else None, frames=frames)
 
 
 class Continuation(Policy):
@@ -394,8 +418,8 @@ class Inpainting(Policy):
             return None
         if not self.timed:
             return Decision(commit=units)
-        ends = torch.cat([self.frames[1:], torch.tensor([max(self.source_frames, int(self.frames[-1]) + 1)])])
-        return Decision(commit=units, frames=torch.repeat_interleave(units, ends[lo:hi] - self.frames[lo:hi]))
+        end = int(self.frames[hi]) if hi < len(self.frames) else max(self.source_frames, int(self.frames[-1]) + 1)
+        return Decision(commit=units, frames=run_frames(units, self.frames[lo:hi], end))
 
     def say(self, d: Decision | None) -> Decision | None:
         """Speak a context decision: its units join the committed ones (the decoder's prefix)."""
@@ -431,11 +455,7 @@ class Inpainting(Policy):
         fill = self.decode(gap, min_new=gap, tokens=tokens) if gap else None
         if fill is None:  # nothing to fill (or no room left in the decoder): the context alone
             fill = self.decoded([])
-        if left is None or fill is None:
-            return left or fill
-        frames = None if left.frames is None else torch.cat([left.frames, fill.frames if fill.frames is not None else left.frames[:0]])
-        commit = left.commit if fill.commit is None else torch.cat([left.commit, fill.commit])
-        return Decision(commit=commit, decode=fill.decode, frames=frames)
+        return then(left, fill)
 
     def decoded(self, units: list[int]) -> Decision | None:
         if not self.keep:
@@ -445,7 +465,4 @@ class Inpainting(Policy):
         if right is None:
             return gap
         self.say(right)
-        if gap is None:
-            return right
-        return Decision(commit=torch.cat([gap.commit, right.commit]), frames=right.frames,
-                        timed_from=len(gap.commit) if right.frames is not None else 0)
+        return then(gap, right)
