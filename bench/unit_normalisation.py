@@ -16,6 +16,9 @@ that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -
                    log-mel's second moment; `LogMelUnits` with cvn)
     X_lifterN      any of these, then only its first N cepstral coefficients (pitch harmonics out)
     X_stackN       any of these, each frame beside its N - 1 neighbours (N odd; (N - 1) / 2 frames of look-ahead)
+    phones         the hidden layer of a frame phone classifier trained on the TTS engines' own alignments
+                   in four training voices (`streamgen.train.phones`; --phone-net DIR), on cmvn_causal100
+    phones_post    that classifier's log phone posteriors
 
     python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
         --variants raw cmn cmn+voices cmn_causal50 --json out.json
@@ -40,6 +43,7 @@ from streamgen.eval.metrics import normalize, wer
 from streamgen.io.files import read_audio
 from streamgen.models.kmeans import dedup
 from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
+from streamgen.train.phones import PhoneFeatures
 from streamgen.train.source_filter import load_logmel_units, load_vocoder
 from streamgen.train.synth import read_manifest
 from streamgen.train.units import kmeans
@@ -47,7 +51,7 @@ from streamgen.train.units import kmeans
 VOICES = ("joe", "rms", "espeak")
 
 
-def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor]):
+def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor], phone_net: str | None = None):
     """The variant's features from one utterance's log-mel frames [F, n_mels] (prior: the training
     log-mel's mean and second moment). A `_lifterN` suffix keeps the first N cepstral coefficients
     (the DCT of the normalised log-mel): the spectral envelope without the pitch harmonics."""
@@ -69,6 +73,11 @@ def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor]):
         return lambda m: norm(m) @ dct.T
     if variant == "raw":
         return lambda m: m
+    if variant in ("phones", "phones_post"):
+        if not phone_net:
+            raise SystemExit(f"{variant} needs --phone-net DIR (python -m streamgen.train.phones train)")
+        net = PhoneFeatures(phone_net)
+        return lambda m: net(m, posteriors=variant == "phones_post")
     if variant == "cmn":
         return lambda m: m - m.mean(0)
     if variant == "cmvn":
@@ -80,7 +89,7 @@ def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor]):
             if cvn:
                 enc.prior_sq.copy_(prior[1])
             return lambda m: enc.normalise(m, enc.start_norm())[0]
-    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN or cmvn_causalN (N frames of prior)")
+    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN, cmvn_causalN (N frames of prior), phones or phones_post")
 
 
 def log_mels(enc, manifest: Path) -> list[tuple[str, torch.Tensor]]:
@@ -95,6 +104,7 @@ def main() -> None:
     ap.add_argument("--vocoder-data", help="vocoder training data (streamgen.train.source_filter prepare) to relabel")
     ap.add_argument("--vocoder", help="score this vocoder, trained on the relabelled data, instead of Griffin-Lim")
     ap.add_argument("--out", help="where the codebook and relabelled data go (one variant)")
+    ap.add_argument("--phone-net", help="a trained phone classifier (the phones variants)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -109,7 +119,7 @@ def main() -> None:
     results = {}
     for name in args.variants:
         variant = name.removesuffix("+voices")
-        norm = normaliser(variant, prior)
+        norm = normaliser(variant, prior, args.phone_net)
         feats = [norm(m) for _, m in train + (voices if name.endswith("+voices") else [])]
         saved = Path(args.out or "-") / "codebook.pt"
         if args.vocoder and saved.exists():  # score the vocoder with the very units it was trained on

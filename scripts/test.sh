@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: the MQTT broker, the JACK audio server and PortAudio, offline TTS,
 # headless Chromium and its driver (the serve page test), ffmpeg (pydub, which the simuleval command imports).
-APT_PACKAGES=(mosquitto openssl jackd2 libportaudio2 espeak-ng chromium chromium-driver ffmpeg)
+APT_PACKAGES=(mosquitto openssl jackd2 libportaudio2 espeak-ng flite chromium chromium-driver ffmpeg)
 need=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if ((${#need[@]})); then
