@@ -81,3 +81,13 @@ def test_piper_and_flite_speak_with_their_frame_phones(tmp_path):
         spoken[name] = [PHONES[i] for k, i in enumerate(labels.tolist()) if k == 0 or i != labels[k - 1]]
         spoken[name] = [p for p in spoken[name] if p != "sil"]
     assert spoken["joe"] == spoken["slt"] == ["w", "i", "ɑ", "ɹ", "f", "l", "a", "ɪ", "ŋ", "h", "o", "ʊ", "m"]  # ɪ ɪ: one run
+
+
+def test_vocal_tract_warp_moves_formants_and_keeps_alpha_one_exact():
+    from streamgen.train.phones import warp_mels
+
+    m = torch.randn(5, 80)
+    assert torch.allclose(warp_mels(m, 1.0), m, atol=1e-5)
+    peak = torch.zeros(1, 80)
+    peak[0, 40] = 1.0
+    assert warp_mels(peak, 1.15).argmax() > 40 > warp_mels(peak, 0.85).argmax()  # alpha > 1 raises formants

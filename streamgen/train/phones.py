@@ -191,8 +191,24 @@ class PhoneFeatures:
         return (self.net(f).log_softmax(-1) if posteriors else self.net.features(f))[0]
 
 
+def warp_mels(m: Tensor, alpha: float, rate: int = RATE) -> Tensor:
+    """Vocal tract length perturbation on log-mel frames [T, n_mels] (HTK mel bands, 0 Hz to Nyquist):
+    the spectrum of a talker whose formants sit `alpha` times higher, S'(f) = S(f / alpha), read at
+    each band's centre by linear interpolation between bands."""
+    n = m.shape[1]
+    mel = lambda f: 2595 * torch.log10(1 + f / 700)
+    edges = torch.linspace(0.0, float(mel(torch.tensor(rate / 2))), n + 2, dtype=torch.float64)
+    centres = 700 * (10 ** (edges[1:-1] / 2595) - 1)
+    pos = ((mel(centres / alpha) - edges[1]) / (edges[2] - edges[1])).clamp(0, n - 1)
+    lo = pos.floor().long().clamp(max=n - 2)
+    w = (pos - lo).to(m.dtype)
+    return m[:, lo] * (1 - w) + m[:, lo + 1] * w
+
+
 def train(data_path: Path, encoder: str, out: Path, steps: int, batch_size: int = 16, frames: int = 150,
-          lr: float = 1e-3, seed: int = 0) -> None:
+          lr: float = 1e-3, seed: int = 0, warp: float = 0.0) -> None:
+    """warp > 0: each training excerpt's talker is made alpha ~ U(1 - warp, 1 + warp) times longer or
+    shorter in the vocal tract (`warp_mels` before the normalisation), for voices not in the data."""
     from .source_filter import load_logmel_units
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -233,6 +249,9 @@ def train(data_path: Path, encoder: str, out: Path, steps: int, batch_size: int 
             for i in rng.sample(tr, batch_size):
                 s = rng.randint(0, max(0, len(xs[i]) - frames))
                 x, y = xs[i][s : s + frames], ys[i][s : s + frames]
+                if warp:  # the running normalisation over the warped utterance up to the excerpt's end
+                    m = warp_mels(feats[i][: s + frames], rng.uniform(1 - warp, 1 + warp))
+                    x = norm.normalise(m, norm.start_norm())[0][s:]
                 xb.append(F.pad(x, (0, 0, 0, frames - len(x))))
                 yb.append(F.pad(y, (0, frames - len(y)), value=-100))
             loss = F.cross_entropy(net(torch.stack(xb)).flatten(0, 1), torch.stack(yb).flatten(), ignore_index=-100)
@@ -268,6 +287,7 @@ def main() -> None:
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--warp", type=float, default=0.0, help="vocal tract length perturbation: alpha in 1 +- WARP")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.cmd == "synth":
@@ -277,7 +297,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         synth(texts, args.voices, out)
     else:
-        train(Path(args.data), args.encoder, Path(args.out), args.steps, args.batch_size)
+        train(Path(args.data), args.encoder, Path(args.out), args.steps, args.batch_size, warp=args.warp)
 
 
 if __name__ == "__main__":
