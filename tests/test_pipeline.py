@@ -354,3 +354,26 @@ def test_inpainting_in_the_talkers_timing_equals_the_whole_utterance(test_bundle
         whole = voc.generate(frames)
     out = sink.wave("a")
     assert len(gap) > 0 and len(out) == len(whole) and (out - whole).abs().max() <= 1e-5
+
+
+def test_joining_decisions_keeps_each_units_timing():
+    from streamgen.pipeline.policies import Decision, Request, run_frames, then
+
+    t = lambda *xs: torch.tensor(xs, dtype=torch.long)
+    assert torch.equal(run_frames(t(7, 8), t(2, 5), 6), t(7, 7, 7, 8))  # 7 from frame 2 to 5, 8 from 5 to 6
+    with pytest.raises(ValueError, match="out of order"):
+        run_frames(t(7, 8), t(5, 2), 6)
+    timed = Decision(commit=t(1, 2), frames=t(1, 1, 2))
+    untimed = Decision(commit=t(3))
+    d = then(untimed, timed)  # untimed units, then timed ones: the frames start at the timed ones
+    assert torch.equal(d.commit, t(3, 1, 2)) and torch.equal(d.frames, t(1, 1, 2)) and d.timed_from == 1
+    d = then(timed, Decision(commit=t(4), frames=t(4, 4)))
+    assert torch.equal(d.commit, t(1, 2, 4)) and torch.equal(d.frames, t(1, 1, 2, 4, 4)) and d.timed_from == 0
+    request = Request(source=t(5, 2), prefix=t(2), max_new=3)
+    d = then(timed, Decision(decode=request))  # a decode after timed units: they stay timed, it runs after
+    assert d.decode is request and torch.equal(d.frames, t(1, 1, 2)) and torch.equal(d.commit, t(1, 2))
+    with pytest.raises(ValueError, match="decode would run before"):
+        then(Decision(decode=request), untimed)
+    with pytest.raises(ValueError, match="untimed units cannot follow timed ones"):
+        then(timed, untimed)
+    assert then(None, untimed) is untimed and then(timed, None) is timed
