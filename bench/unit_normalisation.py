@@ -19,6 +19,10 @@ that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -
     phones         the hidden layer of a frame phone classifier trained on the TTS engines' own alignments
                    in four training voices (`streamgen.train.phones`; --phone-net DIR), on cmvn_causal100
     phones_post    that classifier's log phone posteriors
+    phones_cat     cmvn_causal100 beside the log phone posteriors (each dimension standardised before k-means)
+    X_vtln         any of these with vocal tract length normalisation of each test utterance: its log-mel
+                   warped by the alpha in 0.80-1.20 (steps of 0.025) whose frames lie nearest the
+                   codebook (mean distance to the nearest centroid), the codebook fitted unwarped
 
     python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
         --variants raw cmn cmn+voices cmn_causal50 --json out.json
@@ -43,12 +47,13 @@ from streamgen.eval.metrics import normalize, wer
 from streamgen.io.files import read_audio
 from streamgen.models.kmeans import dedup
 from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
-from streamgen.train.phones import PhoneFeatures
+from streamgen.train.phones import PhoneFeatures, warp_mels
 from streamgen.train.source_filter import load_logmel_units, load_vocoder
 from streamgen.train.synth import read_manifest
 from streamgen.train.units import kmeans
 
 VOICES = ("joe", "rms", "espeak")
+ALPHAS = [0.8 + 0.025 * i for i in range(17)]
 
 
 def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor], phone_net: str | None = None):
@@ -73,10 +78,13 @@ def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor], phone_net
         return lambda m: norm(m) @ dct.T
     if variant == "raw":
         return lambda m: m
-    if variant in ("phones", "phones_post"):
+    if variant in ("phones", "phones_post", "phones_cat"):
         if not phone_net:
             raise SystemExit(f"{variant} needs --phone-net DIR (python -m streamgen.train.phones train)")
         net = PhoneFeatures(phone_net)
+        if variant == "phones_cat":
+            acoustic = normaliser("cmvn_causal100", prior)
+            return lambda m: torch.cat([acoustic(m), net(m, posteriors=True)], dim=1)
         return lambda m: net(m, posteriors=variant == "phones_post")
     if variant == "cmn":
         return lambda m: m - m.mean(0)
@@ -89,7 +97,7 @@ def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor], phone_net
             if cvn:
                 enc.prior_sq.copy_(prior[1])
             return lambda m: enc.normalise(m, enc.start_norm())[0]
-    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN, cmvn_causalN (N frames of prior), phones or phones_post")
+    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN, cmvn_causalN (N frames of prior), phones, phones_post or phones_cat")
 
 
 def log_mels(enc, manifest: Path) -> list[tuple[str, torch.Tensor]]:
@@ -118,7 +126,8 @@ def main() -> None:
     asr = WhisperASR()
     results = {}
     for name in args.variants:
-        variant = name.removesuffix("+voices")
+        vtln = "_vtln" in name
+        variant = name.removesuffix("+voices").replace("_vtln", "")
         norm = normaliser(variant, prior, args.phone_net)
         feats = [norm(m) for _, m in train + (voices if name.endswith("+voices") else [])]
         saved = Path(args.out or "-") / "codebook.pt"
@@ -131,8 +140,17 @@ def main() -> None:
             mean, std = x.mean(0), x.std(0)
             centroids = kmeans((x - mean) / std, 500, iters=25, seed=0)
         units = lambda m: torch.cdist((norm(m) - mean) / std, centroids).argmin(1)
+        if vtln:
+            plain = units
+
+            def units(m, train_frames=False):
+                if train_frames:  # the codebook's own frames are not warped
+                    return plain(m)
+                fits = [(torch.cdist((norm(warp_mels(m, a)) - mean) / std, centroids).min(1).values.mean().item(), a)
+                        for a in ALPHAS]
+                return plain(warp_mels(m, min(fits)[1]))
         raw = torch.cat([m for _, m in train])
-        u = torch.cat([units(m) for _, m in train])
+        u = torch.cat([units(m, train_frames=True) if vtln else units(m) for _, m in train])
         table = torch.zeros(500, raw.shape[1]).index_add_(0, u, raw) / torch.bincount(u, minlength=500).clamp_min(1)[:, None]
         if args.out:
             out = Path(args.out)
@@ -143,7 +161,8 @@ def main() -> None:
         if args.vocoder_data:  # relabel the vocoder data (its audio is int16) with this variant's units
             data = torch.load(args.vocoder_data)
             for d in data:
-                d["frames"] = units(enc.features(d["audio"].float() / 32767)).short()
+                f = enc.features(d["audio"].float() / 32767)
+                d["frames"] = (units(f, train_frames=True) if vtln else units(f)).short()
             torch.save(data, Path(args.out) / "voc_data.pt")
             print(f"{name}: relabelled {len(data)} utterances -> {Path(args.out) / 'voc_data.pt'}", flush=True)
             continue
