@@ -188,6 +188,14 @@ def test_serve_without_its_extra_says_what_to_install(files, tmp_path):
     assert r.stderr == "error: streamgen serve needs starlette, which is not installed: pip install 'streamgen[serve]'\n"
 
 
+def test_serve_names_a_malformed_task_option(files):
+    """serve reads --opt with the same parser as run and eval (an empty key used to pass unnoticed)."""
+    for bad in ("k", "=1"):
+        r = streamgen("serve", "--bundle", str(files / "tiny"), "--opt", bad, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == f"error: --opt {bad!r}: expected KEY=VALUE, e.g. --opt max_units=100\n"
+
+
 def test_mp3_output_is_one_line_in_the_real_command(files):
     """It used to end in a traceback, "Event loop is closed" and "coroutine was never awaited"."""
     r = streamgen("run", "--bundle", str(files / "tiny"), "--in", str(files / "talk.wav"), "--out", str(files / "x.mp3"))

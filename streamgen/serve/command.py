@@ -74,7 +74,7 @@ def serve(
     """Serve live sessions: a web page, a WebSocket endpoint, /metrics, and MQTT cluster workers."""
     import logging
 
-    from ..options import UsageError, fail, need_module, open_bundle
+    from ..options import UsageError, fail, need_module, open_bundle, parse_kv
     from ..pipeline.engine import build_engine
     from ..pipeline.tasks import UnknownTask
 
@@ -87,12 +87,10 @@ def serve(
     from .server import ServeOptions, run_server
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    options = {}
-    for kv in opt:
-        if "=" not in kv:
-            fail(f"--opt {kv!r}: expected KEY=VALUE")
-        k, v = kv.split("=", 1)
-        options[k] = v
+    try:
+        options = parse_kv(opt)
+    except UsageError as e:
+        fail(str(e))
     host, port = parse_hostport(http)
     token = read_token(token_file)
     for name, value in (("--max-sessions", max_sessions), ("--max-sessions-per-connection", max_sessions_per_connection),
