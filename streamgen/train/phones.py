@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,7 +138,6 @@ class FliteAligned:
     def __call__(self, text: str, speed: float) -> tuple[np.ndarray, list[tuple[str, float]]]:
         import soundfile as sf
         import soxr
-        import tempfile
         with tempfile.NamedTemporaryFile(suffix=".wav") as f:
             r = subprocess.run(["flite", "-voice", self.voice, "--setf", f"duration_stretch={1 / speed:.3f}", "-psdur",
                                 "-t", text, "-o", f.name], check=True, capture_output=True, text=True)
