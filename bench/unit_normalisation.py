@@ -140,17 +140,14 @@ def main() -> None:
             mean, std = x.mean(0), x.std(0)
             centroids = kmeans((x - mean) / std, 500, iters=25, seed=0)
         units = lambda m: torch.cdist((norm(m) - mean) / std, centroids).argmin(1)
-        if vtln:
-            plain = units
 
-            def units(m, train_frames=False):
-                if train_frames:  # the codebook's own frames are not warped
-                    return plain(m)
-                fits = [(torch.cdist((norm(warp_mels(m, a)) - mean) / std, centroids).min(1).values.mean().item(), a)
-                        for a in ALPHAS]
-                return plain(warp_mels(m, min(fits)[1]))
+        def warped(m):  # a test utterance warped by the vocal tract factor whose frames fit the codebook best
+            fits = [(torch.cdist((norm(warp_mels(m, a)) - mean) / std, centroids).min(1).values.mean().item(), a)
+                    for a in ALPHAS]
+            return units(warp_mels(m, min(fits)[1]))
+        heard = warped if vtln else units  # the codebook's own (training) frames are never warped
         raw = torch.cat([m for _, m in train])
-        u = torch.cat([units(m, train_frames=True) if vtln else units(m) for _, m in train])
+        u = torch.cat([units(m) for _, m in train])
         table = torch.zeros(500, raw.shape[1]).index_add_(0, u, raw) / torch.bincount(u, minlength=500).clamp_min(1)[:, None]
         if args.out:
             out = Path(args.out)
@@ -161,8 +158,7 @@ def main() -> None:
         if args.vocoder_data:  # relabel the vocoder data (its audio is int16) with this variant's units
             data = torch.load(args.vocoder_data)
             for d in data:
-                f = enc.features(d["audio"].float() / 32767)
-                d["frames"] = (units(f, train_frames=True) if vtln else units(f)).short()
+                d["frames"] = units(enc.features(d["audio"].float() / 32767)).short()
             torch.save(data, Path(args.out) / "voc_data.pt")
             print(f"{name}: relabelled {len(data)} utterances -> {Path(args.out) / 'voc_data.pt'}", flush=True)
             continue
@@ -171,12 +167,12 @@ def main() -> None:
         for v, rows in tests.items():
             refs = [t for t, _ in rows]
             if voc is None:
-                hyps = [normalize(asr.transcribe(griffin_lim(table[units(m)], enc).numpy())) for _, m in rows]
+                hyps = [normalize(asr.transcribe(griffin_lim(table[heard(m)], enc).numpy())) for _, m in rows]
                 results[name][v] = round(wer(refs, hyps), 4)
                 continue
             with torch.no_grad():
-                true = [normalize(asr.transcribe(voc.generate(units(m)).numpy())) for _, m in rows]
-                own = [normalize(asr.transcribe(voc(dedup(units(m))[0]).numpy())) for _, m in rows]
+                true = [normalize(asr.transcribe(voc.generate(heard(m)).numpy())) for _, m in rows]
+                own = [normalize(asr.transcribe(voc(dedup(heard(m))[0]).numpy())) for _, m in rows]
             results[name][v] = {"true durations": round(wer(refs, true), 4), "own durations": round(wer(refs, own), 4)}
         print(name, json.dumps(results[name]), flush=True)
     if args.json:
