@@ -360,24 +360,31 @@ def train_units(
     bundle: Path = typer.Option(..., help="Bundle directory to write the hubert and kmeans parts into (created if new)."),
     dim: int = typer.Option(256), layers: int = typer.Option(4), heads: int = typer.Option(4), ffn: int = typer.Option(1024),
     conv_dim: int = typer.Option(256, help="Channels of the conv feature extractor."),
-    mfcc_clusters: int = typer.Option(100), units: int = typer.Option(100), output_layer: int = typer.Option(4),
+    target_clusters: int = typer.Option(100, "--target-clusters", "--mfcc-clusters", help="k-means clusters of the targets."),
+    teacher: Optional[Path] = typer.Option(None, help="HuBERT's next iteration: targets from this bundle's unit encoder "
+                                           "(its output layer) instead of MFCC; the same conv layers as --conv-dim's."),
+    units: int = typer.Option(100), output_layer: int = typer.Option(4),
     steps: int = typer.Option(5000), batch_size: int = typer.Option(8), lr: float = typer.Option(5e-4),
+    state: Optional[Path] = typer.Option(None, help="Resumable: the training state is saved here every 10 minutes and "
+                                         "picked up from here when rerun."),
     seed: int = typer.Option(0), device: str = typer.Option("cpu"),
 ):
-    """Train a small unit encoder (HuBERT iteration 1 on MFCC k-means targets) and its k-means units."""
+    """Train a small unit encoder (HuBERT masked prediction: iteration 1 on MFCC k-means targets, later
+    iterations on a teacher's) and its k-means units."""
     from .models.hubert import HubertConfig
     from .train.units import UnitTrainConfig, UnitTrainer
 
     cfg = HubertConfig(conv_layers=[(conv_dim, 10, 5)] + [(conv_dim, 3, 2)] * 4 + [(conv_dim, 2, 2)] * 2, dim=dim, ffn_dim=ffn,
                        heads=heads, layers=layers, conv_pos=32, conv_pos_groups=8 if dim % 8 == 0 else 1, output_layer=output_layer)
-    trainer = UnitTrainer(cfg, UnitTrainConfig(mfcc_clusters, units, steps, batch_size, lr=lr, output_layer=output_layer, seed=seed), device)
+    trainer = UnitTrainer(cfg, UnitTrainConfig(target_clusters, units, steps, batch_size, lr=lr, output_layer=output_layer, seed=seed), device)
     try:
-        trainer.load(manifest)
+        trainer.load(manifest, open_bundle(teacher, device).need("hubert") if teacher is not None else None)
     except ValueError as e:
         fail(str(e))
+    source = f"the features of {teacher}'s unit encoder" if teacher is not None else "MFCC"
     typer.echo(f"unit encoder: {count_parameters(trainer.model):,} parameters, {len(trainer.waves)} utterances, "
-               f"MFCC k-means {mfcc_clusters} -> masked prediction -> k-means {units} on layer {output_layer}")
-    history = trainer.fit()
+               f"{source} k-means {target_clusters} -> masked prediction -> k-means {units} on layer {output_layer}")
+    history = trainer.fit(state)
     hubert, quantizer = trainer.units()
     if (bundle / "bundle.json").is_file():
         from .bundle import save_part

@@ -1,4 +1,4 @@
-"""The unit encoder recipe (HuBERT iteration 1 on MFCC targets, then k-means), and a new backbone."""
+"""The unit encoder recipe (HuBERT iteration 1 on MFCC targets, the next on a teacher's, then k-means), and a new backbone."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 import streamgen
 from streamgen.cli import app
 from streamgen.models.hubert import HubertConfig
+from streamgen.models.kmeans import KMeansQuantizer
 from streamgen.train.synth import synth
 from streamgen.train.units import UnitTrainConfig, UnitTrainer, kmeans, mfcc
 
@@ -30,18 +31,64 @@ def corpus(tmp_path_factory):
     return out
 
 
-def test_masked_prediction_learns_and_yields_units(corpus):
-    cfg = HubertConfig(conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2, dim=32, ffn_dim=64, heads=4,
-                       layers=2, conv_pos=16, conv_pos_groups=4, output_layer=2)
-    t = UnitTrainer(cfg, UnitTrainConfig(mfcc_clusters=20, units=16, steps=120, batch_size=4, segment_s=1.0, lr=3e-3, warmup=5, output_layer=2), progress=False)
+def tiny(conv: int = 32) -> HubertConfig:
+    return HubertConfig(conv_layers=[(conv, 10, 5)] + [(conv, 3, 2)] * 4 + [(conv, 2, 2)] * 2, dim=32, ffn_dim=64, heads=4,
+                        layers=2, conv_pos=16, conv_pos_groups=4, output_layer=2)
+
+
+def tiny_training(steps: int, **kw) -> UnitTrainConfig:
+    return UnitTrainConfig(**{"target_clusters": 20, "units": 16, "steps": steps, "batch_size": 4, "segment_s": 1.0, "lr": 3e-3,
+                              "warmup": 5, "output_layer": 2, **kw})
+
+
+mean = lambda h: sum(x["loss"] for x in h) / len(h)
+
+
+@pytest.fixture(scope="module")
+def first_iteration(corpus):
+    t = UnitTrainer(tiny(), tiny_training(120), progress=False)
     t.load(corpus / "en_train.tsv")
-    hist = t.fit()
-    mean = lambda h: sum(x["loss"] for x in h) / len(h)
+    return t, t.fit()
+
+
+def test_masked_prediction_learns_and_yields_units(first_iteration):
+    t, hist = first_iteration
     assert mean(hist[-20:]) < 0.88 * mean(hist[:10])  # measured 0.78 and 0.81 for seeds 0 and 1
     enc, km = t.units()
     assert len(enc.layers) == 2 and km.num_units == 16
     units = km(enc(piper("Hello there.")[None])[0])
     assert len(set(units.tolist())) >= 4  # speech maps to several units
+
+
+def test_next_iteration_learns_the_teachers_clusters(corpus, first_iteration):
+    teacher, _ = first_iteration[0].units()
+    t = UnitTrainer(tiny(conv=16), tiny_training(120, seed=1), progress=False)
+    t.load(corpus / "en_train.tsv", teacher=teacher)
+    with torch.no_grad():  # the targets are the teacher's clusters, frame for frame
+        f = teacher(t.waves[0][None])[0]
+    assert torch.equal(t.targets[0], KMeansQuantizer(t.target_centers)((f - t.mean) / t.std))
+    hist = t.fit()
+    assert mean(hist[-20:]) < 0.88 * mean(hist[:10]), (mean(hist[:10]), mean(hist[-20:]))
+    with pytest.raises(ValueError, match="the same conv layers"):
+        UnitTrainer(HubertConfig(conv_layers=[(16, 10, 5)] + [(16, 3, 2)] * 4, dim=32, ffn_dim=64, heads=4, layers=2,
+                                 conv_pos=16, conv_pos_groups=4, output_layer=2), tiny_training(1)).load(corpus / "en_train.tsv", teacher=teacher)
+
+
+def test_training_resumes_where_it_stopped(corpus, tmp_path):
+    whole = UnitTrainer(tiny(), tiny_training(12), progress=False)
+    whole.load(corpus / "en_train.tsv")
+    whole.fit()
+    state = tmp_path / "state.pt"
+    first = UnitTrainer(tiny(), tiny_training(5), progress=False)
+    first.load(corpus / "en_train.tsv")
+    first.fit(state)
+    rest = UnitTrainer(tiny(), tiny_training(12), progress=False)
+    rest.load(corpus / "en_train.tsv")
+    hist = rest.fit(state)
+    assert [h["step"] for h in hist] == list(range(1, 13))
+    assert [h["loss"] for h in hist] == [h["loss"] for h in whole.history]
+    for name, w in whole.model.state_dict().items():
+        assert torch.equal(w, rest.model.state_dict()[name]), name
 
 
 def test_cli_builds_a_bundle_from_scratch(corpus, tmp_path):

@@ -1,10 +1,13 @@
-"""Training a small unit encoder: HuBERT's first iteration, then k-means on a chosen layer.
+"""Training a small unit encoder: HuBERT's iterations, then k-means on a chosen layer.
 
-1. Targets: 39-d MFCC (13 cepstra + deltas + delta-deltas) on the HuBERT frame grid (25 ms windows,
-   20 ms hop), clustered by k-means.
+1. Targets, clustered by k-means (each dimension standardised first):
+   - iteration 1: 39-d MFCC (13 cepstra + deltas + delta-deltas) on the HuBERT frame grid (25 ms
+     windows, 20 ms hop);
+   - later iterations: the features of a trained encoder (the previous iteration, a bundle's hubert
+     part, its output layer) on the same frame grid.
 2. Masked prediction: the HubertEncoder (the same code the bundle runs) sees its frame embeddings
    with spans replaced by a learned mask vector (span starts with p = 0.08, length 10, as HuBERT)
-   and predicts the MFCC cluster of every masked frame (cross-entropy through a linear head).
+   and predicts the target cluster of every masked frame (cross-entropy through a linear head).
 3. Units: k-means on the trained model's features of `output_layer`; the encoder (cut at that layer)
    and the centroids become the bundle's hubert and kmeans parts.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +67,16 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> Tensor:
     return c
 
 
+KMEANS_FRAMES = 200_000  # k-means is fitted on at most this many frames (a random sample of them)
+
+
+def at_most(x: Tensor, n: int, seed: int) -> Tensor:
+    """x's rows, or a random n of them where it has more."""
+    if len(x) <= n:
+        return x
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
 def span_mask(n: int, generator: torch.Generator, p: float = 0.08, length: int = 10) -> Tensor:
     starts = torch.rand(n, generator=generator) < p
     mask = torch.zeros(n, dtype=torch.bool)
@@ -76,7 +90,7 @@ def span_mask(n: int, generator: torch.Generator, p: float = 0.08, length: int =
 
 @dataclass
 class UnitTrainConfig:
-    mfcc_clusters: int = 100
+    target_clusters: int = 100
     units: int = 100
     steps: int = 5000
     batch_size: int = 8
@@ -89,26 +103,40 @@ class UnitTrainConfig:
 
 class UnitTrainer:
     def __init__(self, cfg: HubertConfig, tcfg: UnitTrainConfig, device="cpu", progress: bool = True):
-        self.model = HubertEncoder(cfg).to(device)
+        with torch.random.fork_rng(devices=[]):  # the same seed, the same initial weights
+            torch.manual_seed(tcfg.seed)
+            self.model = HubertEncoder(cfg).to(device)
+            self.mask_emb = nn.Parameter(torch.randn(cfg.dim).to(device) * 0.1)
+            self.head = nn.Linear(cfg.dim, tcfg.target_clusters).to(device)
         self.tcfg, self.device, self.progress = tcfg, torch.device(device), progress
-        self.mask_emb = nn.Parameter(torch.randn(cfg.dim, device=device) * 0.1)
-        self.head = nn.Linear(cfg.dim, tcfg.mfcc_clusters).to(device)
         params = list(self.model.parameters()) + [self.mask_emb] + list(self.head.parameters())
         self.opt = torch.optim.AdamW(params, tcfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
         self.step = 0
         self.history: list[dict] = []
 
-    def load(self, manifest: str | Path) -> None:
+    def load(self, manifest: str | Path, teacher: HubertEncoder | None = None) -> None:
+        """The manifest's speech and its targets: MFCC clusters, or with `teacher` (HuBERT's next
+        iteration) clusters of the teacher's output features."""
         manifest = Path(manifest)
-        rate = self.model.cfg.sample_rate
-        self.waves = [read_audio(manifest.parent / r["audio"], rate) for r in read_manifest(manifest)]
-        feats = [mfcc(w, rate) for w in self.waves if len(w) >= self.model.cfg.receptive_field]
+        cfg = self.model.cfg
+        if teacher is not None and (teacher.cfg.hop, teacher.cfg.receptive_field) != (cfg.hop, cfg.receptive_field):
+            raise ValueError(f"the teacher's frames (hop {teacher.cfg.hop}, window {teacher.cfg.receptive_field}) differ from "
+                             f"the student's (hop {cfg.hop}, window {cfg.receptive_field}): give both the same conv layers")
+        self.waves = [w for r in read_manifest(manifest) if len(w := read_audio(manifest.parent / r["audio"], cfg.sample_rate)) >= cfg.receptive_field]
+        if not self.waves:
+            raise ValueError(f"{manifest} has no utterance as long as the encoder's {cfg.receptive_field}-sample window")
+        if teacher is None:
+            feats = [mfcc(w, cfg.sample_rate) for w in self.waves]
+        else:
+            with torch.no_grad():
+                teacher = teacher.to(self.device).eval()
+                feats = [teacher(w.to(self.device)[None])[0].cpu() for w in self.waves]
         allf = torch.cat(feats)
         self.mean, self.std = allf.mean(0), allf.std(0) + 1e-5
-        self.mfcc_centers = kmeans(((allf - self.mean) / self.std).to(self.device), self.tcfg.mfcc_clusters, seed=self.tcfg.seed)
-        q = KMeansQuantizer(self.mfcc_centers)
+        self.target_centers = kmeans(((at_most(allf, KMEANS_FRAMES, self.tcfg.seed) - self.mean) / self.std).to(self.device),
+                                     self.tcfg.target_clusters, seed=self.tcfg.seed)
+        q = KMeansQuantizer(self.target_centers)
         self.targets = [q(((f - self.mean) / self.std).to(self.device)).cpu() for f in feats]
-        self.waves = [w for w in self.waves if len(w) >= self.model.cfg.receptive_field]
 
     def batch(self, rng: random.Random) -> tuple[Tensor, Tensor]:
         cfg = self.model.cfg
@@ -146,15 +174,46 @@ class UnitTrainer:
         self.step += 1
         return float(loss.detach())
 
-    def fit(self) -> list[dict]:
-
+    def fit(self, state: Path | None = None, save_minutes: float = 10.0) -> list[dict]:
+        """Train to `tcfg.steps`. With `state`, resumable: saved there every `save_minutes` and at the
+        end, and picked up from there when it exists (the same steps as one uninterrupted run)."""
         rng, g = random.Random(self.tcfg.seed), torch.Generator().manual_seed(self.tcfg.seed)
+        if state is not None and Path(state).exists():
+            rng_state = self.resume(state, g)
+            rng.setstate(rng_state)
+        saved = time.monotonic()
         with Progress("unit encoder", self.tcfg.steps, self.step, enabled=self.progress, loss=float("nan")) as bar:
             while self.step < self.tcfg.steps:
                 loss = self.train_step(rng, g)
                 self.history.append({"step": self.step, "loss": loss})
                 bar.update(self.step, loss=loss)
+                if state is not None and time.monotonic() - saved >= 60 * save_minutes:
+                    self.save(state, rng, g)
+                    saved = time.monotonic()
+        if state is not None:
+            self.save(state, rng, g)
         return self.history
+
+    def save(self, path: Path, rng: random.Random, g: torch.Generator) -> None:
+        """Everything a resumed run needs but the targets (recomputed, deterministically, by `load`),
+        as tensors and plain values only (read back with weights_only)."""
+        tmp = Path(path).with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "mask_emb": self.mask_emb.detach(), "head": self.head.state_dict(),
+                    "opt": self.opt.state_dict(), "step": self.step, "history": self.history,
+                    "rng": list(rng.getstate()[1]), "rng_version": rng.getstate()[0], "rng_gauss": rng.getstate()[2],
+                    "g": g.get_state()}, tmp)
+        tmp.replace(path)
+
+    def resume(self, path: Path, g: torch.Generator) -> tuple:
+        st = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(st["model"])
+        with torch.no_grad():
+            self.mask_emb.copy_(st["mask_emb"])
+        self.head.load_state_dict(st["head"])
+        self.opt.load_state_dict(st["opt"])
+        self.step, self.history = st["step"], st["history"]
+        g.set_state(st["g"])
+        return st["rng_version"], tuple(st["rng"]), st["rng_gauss"]
 
     @torch.no_grad()
     def units(self) -> tuple[HubertEncoder, KMeansQuantizer]:
@@ -165,4 +224,5 @@ class UnitTrainer:
         enc.load_state_dict({k: v for k, v in self.model.state_dict().items() if not k.startswith("layers.") or int(k.split(".")[1]) < L})
         enc.eval()
         feats = torch.cat([enc(w.to(self.device)[None])[0] for w in self.waves])
+        feats = at_most(feats, KMEANS_FRAMES, self.tcfg.seed)
         return enc.cpu(), KMeansQuantizer(kmeans(feats, self.tcfg.units, seed=self.tcfg.seed).cpu())
