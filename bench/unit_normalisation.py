@@ -23,6 +23,10 @@ that took it (what a vocoder trained on joe would learn to say) -> Griffin-Lim -
     X_vtln         any of these with vocal tract length normalisation of each test utterance: its log-mel
                    warped by the alpha in 0.80-1.20 (steps of 0.025) whose frames lie nearest the
                    codebook (mean distance to the nearest centroid), the codebook fitted unwarped
+    hubertI_L      layer L of the I-th `--hubert` bundle's unit encoder (HuBERT iterations: `streamgen
+                   train-units`, with --teacher for the second), on the waveform; each HuBERT frame
+                   stands beside the log-mel frame of the same 20 ms (2.5 ms later), the last one repeated
+                   where the log-mel has one frame more
 
     python bench/unit_normalisation.py --corpus /work/runs/natural/corpus --encoder /work/runs/natural/units_joe \
         --variants raw cmn cmn+voices cmn_causal50 --json out.json
@@ -45,8 +49,9 @@ from natural_resynthesis import griffin_lim
 from streamgen.eval.asr import WhisperASR
 from streamgen.eval.metrics import normalize, wer
 from streamgen.io.files import read_audio
+from streamgen import load_bundle
 from streamgen.models.kmeans import dedup
-from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
+from streamgen.models.logmel_units import running_normaliser
 from streamgen.train.phones import PhoneFeatures, warp_mels
 from streamgen.train.source_filter import load_logmel_units, load_vocoder
 from streamgen.train.synth import read_manifest
@@ -92,16 +97,29 @@ def normaliser(variant: str, prior: tuple[torch.Tensor, torch.Tensor], phone_net
         return lambda m: (m - m.mean(0)) / m.std(0).clamp_min(1e-3)
     for name, cvn in (("cmn_causal", False), ("cmvn_causal", True)):  # the encoder's own running statistics
         if variant.startswith(name):
-            enc = LogMelUnits(LogMelUnitsConfig(n_mels=len(prior[0]), cmn_prior_frames=int(variant[len(name):]), cvn=cvn))
-            enc.prior.copy_(prior[0])
-            if cvn:
-                enc.prior_sq.copy_(prior[1])
-            return lambda m: enc.normalise(m, enc.start_norm())[0]
-    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN, cmvn_causalN (N frames of prior), phones, phones_post or phones_cat")
+            enc = running_normaliser(prior[0].float(), prior[1].float() if cvn else None, int(variant[len(name):]))
+            return enc.normalise_utterance
+    raise SystemExit(f"unknown variant {variant!r}: raw, cmn, cmvn, cmn_causalN, cmvn_causalN (N frames of prior), phones, phones_post, phones_cat or hubertI_L")
 
 
-def log_mels(enc, manifest: Path) -> list[tuple[str, torch.Tensor]]:
-    return [(normalize(r["text"]), enc.features(read_audio(manifest.parent / r["audio"], 16000))) for r in read_manifest(manifest)]
+def log_mels(enc, manifest: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(normalised text, log-mel [F, n_mels], wave) per utterance."""
+    rows = []
+    for r in read_manifest(manifest):
+        wave = read_audio(manifest.parent / r["audio"], 16000)
+        rows.append((normalize(r["text"]), enc.features(wave), wave))
+    return rows
+
+
+def hubert_features(bundle: str, layer: int):
+    """(log-mel [F, n_mels], wave) -> layer `layer` of the bundle's unit encoder on the wave, one row per log-mel frame."""
+    encoder = load_bundle(bundle).need("hubert").eval()
+
+    @torch.no_grad()
+    def features(m, wave):
+        x = encoder(wave[None], layer=layer)[0][: len(m)]
+        return torch.cat([x, x[-1:].expand(len(m) - len(x), -1)])
+    return features
 
 
 def main() -> None:
@@ -113,12 +131,13 @@ def main() -> None:
     ap.add_argument("--vocoder", help="score this vocoder, trained on the relabelled data, instead of Griffin-Lim")
     ap.add_argument("--out", help="where the codebook and relabelled data go (one variant)")
     ap.add_argument("--phone-net", help="a trained phone classifier (the phones variants)")
+    ap.add_argument("--hubert", nargs="+", default=[], help="bundles with a unit encoder (the hubertI_L variants)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     corpus, enc = Path(args.corpus), load_logmel_units(args.encoder)
     train = log_mels(enc, corpus / "nat_train.tsv")
-    every = torch.cat([m for _, m in train]).double()
+    every = torch.cat([m for _, m, _ in train]).double()
     prior = (every.mean(0), (every * every).mean(0))  # the training log-mel's mean and second moment
     need_voices = any(v.endswith("+voices") for v in args.variants)
     voices = log_mels(enc, corpus / "nat_voices.tsv") if need_voices else []
@@ -128,8 +147,15 @@ def main() -> None:
     for name in args.variants:
         vtln = "_vtln" in name
         variant = name.removesuffix("+voices").replace("_vtln", "")
-        norm = normaliser(variant, prior, args.phone_net)
-        feats = [norm(m) for _, m in train + (voices if name.endswith("+voices") else [])]
+        if variant.startswith("hubert"):
+            if vtln:
+                raise SystemExit(f"{name}: vocal tract warping acts on the log-mel, which the HuBERT variants do not read")
+            which, layer = variant.removeprefix("hubert").split("_")
+            feature = hubert_features(args.hubert[int(which) - 1], int(layer))
+        else:
+            norm = normaliser(variant, prior, args.phone_net)
+            feature = lambda m, wave: norm(m)
+        feats = [feature(m, w) for _, m, w in train + (voices if name.endswith("+voices") else [])]
         saved = Path(args.out or "-") / "codebook.pt"
         if args.vocoder and saved.exists():  # score the vocoder with the very units it was trained on
             book = torch.load(saved)
@@ -139,15 +165,15 @@ def main() -> None:
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:150_000]]
             mean, std = x.mean(0), x.std(0)
             centroids = kmeans((x - mean) / std, 500, iters=25, seed=0)
-        units = lambda m: torch.cdist((norm(m) - mean) / std, centroids).argmin(1)
+        units = lambda m, wave: torch.cdist((feature(m, wave) - mean) / std, centroids).argmin(1)
 
-        def warped(m):  # a test utterance warped by the vocal tract factor whose frames fit the codebook best
-            fits = [(torch.cdist((norm(warp_mels(m, a)) - mean) / std, centroids).min(1).values.mean().item(), a)
+        def warped(m, wave):  # a test utterance warped by the vocal tract factor whose frames fit the codebook best
+            fits = [(torch.cdist((feature(warp_mels(m, a), wave) - mean) / std, centroids).min(1).values.mean().item(), a)
                     for a in ALPHAS]
-            return units(warp_mels(m, min(fits)[1]))
+            return units(warp_mels(m, min(fits)[1]), wave)
         heard = warped if vtln else units  # the codebook's own (training) frames are never warped
-        raw = torch.cat([m for _, m in train])
-        u = torch.cat([units(m) for _, m in train])
+        raw = torch.cat([m for _, m, _ in train])
+        u = torch.cat([units(m, w) for _, m, w in train])
         table = torch.zeros(500, raw.shape[1]).index_add_(0, u, raw) / torch.bincount(u, minlength=500).clamp_min(1)[:, None]
         if args.out:
             out = Path(args.out)
@@ -158,21 +184,22 @@ def main() -> None:
         if args.vocoder_data:  # relabel the vocoder data (its audio is int16) with this variant's units
             data = torch.load(args.vocoder_data)
             for d in data:
-                d["frames"] = units(enc.features(d["audio"].float() / 32767)).short()
+                wave = d["audio"].float() / 32767
+                d["frames"] = units(enc.features(wave), wave).short()
             torch.save(data, Path(args.out) / "voc_data.pt")
             print(f"{name}: relabelled {len(data)} utterances -> {Path(args.out) / 'voc_data.pt'}", flush=True)
             continue
         voc = load_vocoder(args.vocoder) if args.vocoder else None
         results[name] = {}
         for v, rows in tests.items():
-            refs = [t for t, _ in rows]
+            refs = [t for t, _, _ in rows]
             if voc is None:
-                hyps = [normalize(asr.transcribe(griffin_lim(table[heard(m)], enc).numpy())) for _, m in rows]
+                hyps = [normalize(asr.transcribe(griffin_lim(table[heard(m, w)], enc).numpy())) for _, m, w in rows]
                 results[name][v] = round(wer(refs, hyps), 4)
                 continue
             with torch.no_grad():
-                true = [normalize(asr.transcribe(voc.generate(heard(m)).numpy())) for _, m in rows]
-                own = [normalize(asr.transcribe(voc(dedup(heard(m))[0]).numpy())) for _, m in rows]
+                true = [normalize(asr.transcribe(voc.generate(heard(m, w)).numpy())) for _, m, w in rows]
+                own = [normalize(asr.transcribe(voc(dedup(heard(m, w))[0]).numpy())) for _, m, w in rows]
             results[name][v] = {"true durations": round(wer(refs, true), 4), "own durations": round(wer(refs, own), 4)}
         print(name, json.dumps(results[name]), flush=True)
     if args.json:

@@ -185,13 +185,30 @@ class LogMelUnits(nn.Module):
             return out.float(), state
         return out.float(), NormState(state.count + len(feats), sums[-1], sums_sq[-1] if self.cfg.cvn else state.total_sq)
 
+    def normalise_utterance(self, feats: Tensor) -> Tensor:
+        """An utterance's log-mel frames [F, n_mels] from its start, normalised (`normalise` from
+        `start_norm`: what the stream computes chunk by chunk)."""
+        return self.normalise(feats, self.start_norm())[0]
+
     def forward(self, wave: Tensor) -> Tensor:
         """wave [T] -> one unit per frame [T // hop] (long)."""
         feats = self.features(wave)
         if self.normalises:
-            feats, _ = self.normalise(feats, self.start_norm())
+            feats = self.normalise_utterance(feats)
         return self.quantize(feats)
 
     def encode(self, wave: Tensor) -> tuple[Tensor, Tensor]:
         """wave [T] -> (de-duplicated units, frames per unit)."""
         return dedup(self(wave))
+
+
+def running_normaliser(prior: Tensor, prior_sq: Tensor | None = None, prior_frames: int = 100) -> LogMelUnits:
+    """A front-end whose `normalise` takes each frame less the running mean of its utterance (and,
+    given `prior_sq`, over the running standard deviation), starting from `prior_frames` frames at the
+    prior mean (and second moment): the normalisation a `LogMelUnits` with `cmn_prior_frames` and
+    `cvn` applies, without a codebook."""
+    enc = LogMelUnits(LogMelUnitsConfig(n_mels=len(prior), cmn_prior_frames=prior_frames, cvn=prior_sq is not None))
+    enc.prior.copy_(prior)
+    if prior_sq is not None:
+        enc.prior_sq.copy_(prior_sq)
+    return enc

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..models.logmel_units import LogMelUnits, LogMelUnitsConfig
+from ..models.logmel_units import running_normaliser
 from ..models.phone_net import PhoneNet, PhoneNetConfig
 from ..progress import Progress
 
@@ -166,13 +166,6 @@ def synth(texts: list[str], voices: list[str], out: Path, seed: int = 0) -> None
           + " ".join(f"{p}:{int(c)}" for p, c in zip(PHONES, counts)), flush=True)
 
 
-def normaliser(prior: Tensor, prior_sq: Tensor, n_mels: int, prior_frames: int = 100) -> LogMelUnits:
-    enc = LogMelUnits(LogMelUnitsConfig(n_mels=n_mels, cmn_prior_frames=prior_frames, cvn=True))
-    enc.prior.copy_(prior)
-    enc.prior_sq.copy_(prior_sq)
-    return enc
-
-
 class PhoneFeatures:
     """A trained phone net as a feature extractor: raw log-mel [T, n_mels] -> hidden features [T, dim]."""
 
@@ -181,13 +174,13 @@ class PhoneFeatures:
         cfg = json.loads((path / "config.json").read_text())
         w = load_file(path / "phone_net.safetensors")
         self.phones = cfg.pop("phones")
-        self.norm = normaliser(w.pop("prior"), w.pop("prior_sq"), cfg["n_mels"], cfg.pop("prior_frames"))
+        self.norm = running_normaliser(w.pop("prior"), w.pop("prior_sq"), cfg.pop("prior_frames"))
         self.net = PhoneNet(PhoneNetConfig(**cfg)).eval()
         self.net.load_state_dict(w)
 
     @torch.no_grad()
     def __call__(self, m: Tensor, posteriors: bool = False) -> Tensor:
-        f = self.norm.normalise(m, self.norm.start_norm())[0][None]
+        f = self.norm.normalise_utterance(m)[None]
         return (self.net(f).log_softmax(-1) if posteriors else self.net.features(f))[0]
 
 
@@ -217,8 +210,8 @@ def train(data_path: Path, encoder: str, out: Path, steps: int, batch_size: int 
     feats = [front.features(d["audio"].float() / 32767) for d in data]
     every = torch.cat(feats).double()
     prior, prior_sq = every.mean(0).float(), (every * every).mean(0).float()
-    norm = normaliser(prior, prior_sq, every.shape[1])
-    xs = [norm.normalise(m, norm.start_norm())[0] for m in feats]
+    norm = running_normaliser(prior, prior_sq)
+    xs = [norm.normalise_utterance(m) for m in feats]
     ys = [d["phones"].long()[: len(x)] for d, x in zip(data, xs)]
     order = list(range(len(data)))
     rng.shuffle(order)
@@ -251,7 +244,7 @@ def train(data_path: Path, encoder: str, out: Path, steps: int, batch_size: int 
                 x, y = xs[i][s : s + frames], ys[i][s : s + frames]
                 if warp:  # the running normalisation over the warped utterance up to the excerpt's end
                     m = warp_mels(feats[i][: s + frames], rng.uniform(1 - warp, 1 + warp))
-                    x = norm.normalise(m, norm.start_norm())[0][s:]
+                    x = norm.normalise_utterance(m)[s:]
                 xb.append(F.pad(x, (0, 0, 0, frames - len(x))))
                 yb.append(F.pad(y, (0, frames - len(y)), value=-100))
             loss = F.cross_entropy(net(torch.stack(xb)).flatten(0, 1), torch.stack(yb).flatten(), ignore_index=-100)

@@ -112,7 +112,7 @@ def fit_logmel_units(manifests: list[str], out: str | Path, num_units: int = 500
         if cvn:
             prior_sq = (every * every).mean(0).float()
             enc.prior_sq.copy_(prior_sq)
-        feats = [enc.normalise(f, enc.start_norm())[0] for f in feats]
+        feats = [enc.normalise_utterance(f) for f in feats]
     x = torch.cat(feats)
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_frames]]
     mean, std = x.mean(0), x.std(0).clamp(min=1e-3)
