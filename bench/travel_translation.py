@@ -8,7 +8,10 @@ reference text:
     original            the piper English audio of the reference (what the recogniser gets right at best)
     target units        its units -> the bundle's vocoder (the ceiling any translation on these units has)
     prompt              Spanish units -> the Unit mBART with the prompt (greedy) -> the bundle's vocoder
-    no prompt           the same without a prompt (the unprompted backbone; --no-prompt-row)
+    model               with --mbart and no --prompt: Spanish units -> those weights (a train-prompt --full run)
+    bundle              with neither: the bundle's own translation (its prompt, on the task's own backbone
+                        where it has one)
+    no prompt           the same without a prompt (the unprompted shared backbone; --no-prompt-row)
 
     python bench/travel_translation.py --bundle RUN/bundle_joe --prompt RUN/travel_prompt/best_prompt.safetensors \
         --pairs RUN/travel/tr_test.tsv --target RUN/travel/es2en_test_tgt.tsv --limit 100 --json out.json
@@ -66,6 +69,8 @@ def main() -> None:
                 "target units": b.vocode(tgt)}
         if prompt is not None or args.mbart:
             outs["prompt" if prompt is not None else "model"] = b.vocode(b.generate(src, prompt, max_units=max_units))
+        elif "translation" in b.prompts or "translation" in b.backbones:
+            outs["bundle"] = b.vocode(b.generate(src, "translation", max_units=max_units))
         if args.no_prompt_row:
             outs["no prompt"] = b.vocode(b.generate(src, None, max_units=max_units))
         heard = {name: asr.transcribe(w.float().numpy()) if len(w) else "" for name, w in outs.items()}

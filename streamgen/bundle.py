@@ -2,9 +2,15 @@
 
     DIR/bundle.json           {"format": "streamgen-bundle", "version": 1, "sample_rate": 16000,
                                "parts": {"hubert": {...}, "kmeans": {...}, "mbart": {...}, "vocoder": {...}},
-                               "prompts": {"<task>": {"length": L, "stacks": [...]}}}
+                               "prompts": {"<task>": {"length": L, "stacks": [...]}},
+                               "backbones": {"<task>": {<Unit mBART config>}}}
     DIR/<part>.safetensors    weights of each part present (any subset of the four)
     DIR/prompts/<task>.safetensors
+    DIR/backbones/<task>.safetensors
+
+A task's prompt conditions the shared backbone (`mbart`), frozen; a task may instead have a backbone of
+its own (the whole Unit mBART fine-tuned for it: `train-prompt --full --into-bundle`), which its
+sessions use in place of the shared one (and its prompt, if it has one, conditions that).
 
 Loading reads no pickle. `Bundle.encode` / `generate` / `vocode` are the whole-utterance API; the
 streaming pipeline uses the same models.
@@ -58,6 +64,16 @@ class Bundle:
     logmel_units: LogMelUnits | None = None
     source_filter: SourceFilterVocoder | None = None
     prompts: dict[str, DeepPrompt] = field(default_factory=dict)
+    backbones: dict[str, UnitMBart] = field(default_factory=dict)  # a task's own fine-tuned Unit mBART
+
+    def backbone(self, task: str | None = None) -> UnitMBart:
+        """The Unit mBART a task runs on: its own, or the shared one."""
+        if task in self.backbones:
+            return self.backbones[task]
+        return self.need("mbart")
+
+    def has_backbone(self, task: str | None = None) -> bool:
+        return task in self.backbones or self.mbart is not None
 
     def modules(self) -> dict[str, nn.Module]:
         parts = {"hubert": self.hubert, "kmeans": self.quantizer, "mbart": self.mbart, "vocoder": self.vocoder,
@@ -83,6 +99,8 @@ class Bundle:
             m.to(device=device, dtype=None if name in CODEBOOKS else dtype)
         for p in self.prompts.values():
             p.to(device=device)
+        for m in self.backbones.values():
+            m.to(device=device, dtype=dtype)
         return self
 
     # --- the whole-utterance API --------------------------------------------------------------
@@ -131,9 +149,12 @@ class Bundle:
         min_units: int = 0,
         seed: int = 0,
     ) -> Tensor:
-        """Units [N] -> generated units [M] (M <= max_units), conditioned on a task prompt or none;
-        sampled units are a pure function of `seed`."""
-        mbart = self.need("mbart")
+        """Units [N] -> generated units [M] (M <= max_units), conditioned on a task's prompt (by name:
+        on the task's own backbone where it has one) or none; sampled units are a pure function of `seed`."""
+        if isinstance(prompt, str) and prompt in self.backbones:
+            mbart, prompt = self.backbones[prompt], self.prompts.get(prompt)
+        else:
+            mbart = self.need("mbart")
         units = torch.as_tensor(units)
         if units.dim() != 1 or units.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"units must be a 1-D integer tensor, got {units.dtype} {tuple(units.shape)}")
@@ -182,12 +203,17 @@ class Bundle:
             save_file({k: _cast(v, cast) for k, v in m.state_dict().items()}, path / f"{name}.safetensors")
         for name, p in self.prompts.items():
             save_file({k: v.detach().float().contiguous().cpu() for k, v in p.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
+        if self.backbones:
+            (path / "backbones").mkdir(exist_ok=True)
+        for name, m in self.backbones.items():
+            save_file({k: _cast(v, dtype) for k, v in m.state_dict().items()}, path / "backbones" / f"{name}.safetensors")
         meta = {
             "format": FORMAT,
             "version": VERSION,
             "sample_rate": self.sample_rate,
             "parts": {name: part_config(name, m) for name, m in self.modules().items()},
             "prompts": {n: {"length": p.cfg.length, "stacks": list(p.cfg.stacks)} for n, p in self.prompts.items()},
+            "backbones": {n: part_config("mbart", m) for n, m in self.backbones.items()},
         }
         (path / "bundle.json").write_text(json.dumps(meta, indent=2))
         return path
@@ -230,6 +256,16 @@ def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
     _set_meta(path, "prompts", name, {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)})
 
 
+def save_backbone(path: str | Path, name: str, mbart: UnitMBart) -> None:
+    """Add (or replace) a task's own backbone in a bundle directory, leaving its other files as they are."""
+    if not NAME.fullmatch(name):
+        raise BundleError(f"task name {name!r} must be a plain name (letters, digits, _ . -; no path)")
+    path = Path(path)
+    (path / "backbones").mkdir(exist_ok=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in mbart.state_dict().items()}, path / "backbones" / f"{name}.safetensors")
+    _set_meta(path, "backbones", name, part_config("mbart", mbart))
+
+
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     t = t.detach().cpu()
     if dtype is not None and t.is_floating_point():
@@ -269,10 +305,14 @@ def _check_numbers(where: str, value, key: str = "") -> None:
 
 
 def _check_meta(meta_file: Path, meta: dict) -> None:
-    """bundle.json's parts and prompts, before anything is built from them."""
-    parts, prompts = meta.get("parts", {}), meta.get("prompts", {})
-    if not isinstance(parts, dict) or not isinstance(prompts, dict):
-        raise BundleError(f"{meta_file}: \"parts\" and \"prompts\" must be objects")
+    """bundle.json's parts, prompts and task backbones, before anything is built from them."""
+    parts, prompts, backbones = meta.get("parts", {}), meta.get("prompts", {}), meta.get("backbones", {})
+    if not isinstance(parts, dict) or not isinstance(prompts, dict) or not isinstance(backbones, dict):
+        raise BundleError(f"{meta_file}: \"parts\", \"prompts\" and \"backbones\" must be objects")
+    for name, cfg in backbones.items():
+        if not NAME.fullmatch(name):
+            raise BundleError(f"{meta_file}: backbone name {name[:80]!r} must be a plain name (letters, digits, _ . -; no path)")
+        _check_numbers(f"{meta_file}: backbone {name}", cfg)
     for name, cfg in parts.items():
         if name not in PARTS:
             raise BundleError(f"{meta_file}: unknown part {name!r} (parts are {', '.join(PARTS)})")
@@ -385,10 +425,14 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
             b.logmel_units = _load_part(path, "logmel_units", lambda: LogMelUnits(LogMelUnitsConfig.from_dict(parts["logmel_units"])))
         if "source_filter" in parts:
             b.source_filter = _load_part(path, "source_filter", lambda: SourceFilterVocoder(SourceFilterConfig.from_dict(parts["source_filter"])))
+        for name, bc in meta.get("backbones", {}).items():
+            b.backbones[name] = _load_part(path / "backbones", name, lambda: UnitMBart(UnitMBartConfig.from_dict(bc)))
+            b.backbones[name].requires_grad_(False)
         for name, pc in meta.get("prompts", {}).items():
-            if b.mbart is None:
+            if not b.has_backbone(name):
                 raise BundleError(f"{meta_file}: prompt {name!r} needs an mbart part")
-            b.prompts[name] = _load_part(path / "prompts", name, lambda: DeepPrompt(b.mbart.cfg, PromptConfig(pc["length"], tuple(pc["stacks"]))))
+            cfg = b.backbone(name).cfg
+            b.prompts[name] = _load_part(path / "prompts", name, lambda: DeepPrompt(cfg, PromptConfig(pc["length"], tuple(pc["stacks"]))))
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, BundleError):
             raise

@@ -176,6 +176,10 @@ def info(path: Optional[Path] = typer.Argument(None, help="A bundle directory (d
     for name, p in b.prompts.items():
         size = (path / "prompts" / f"{name}.safetensors").stat().st_size
         typer.echo(f"prompt {name}: length {p.cfg.length} on {'+'.join(p.cfg.stacks)}, {count_parameters(p):,} parameters, {size / 1e6:.2f}MB")
+    for name, m in b.backbones.items():
+        size = (path / "backbones" / f"{name}.safetensors").stat().st_size
+        typer.echo(f"backbone of task {name} (fine-tuned for it, in place of the shared mbart): {count_parameters(m):,} parameters, "
+                   f"{size / 1e6:.2f}MB, {_describe('mbart', m)}")
 
 
 def _describe(name: str, m) -> str:
@@ -238,8 +242,10 @@ def demo(
     typer.echo(f"wrote      {out}")
 
 
-def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, device: str, resume: bool, new_model=None):
-    """Shared by train-prompt and train-backbone: load, train (torchrun-aware), report."""
+def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, device: str, resume: bool, new_model=None,
+           task: str | None = None):
+    """Shared by train-prompt and train-backbone: load, train (torchrun-aware), report. A task's
+    training starts from the backbone the task runs on (its own, where the bundle has one)."""
     from .train.data import read_pairs
     from .train.loop import Trainer, setup_distributed, world
 
@@ -255,7 +261,7 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
     if b.mbart is None and new_model is not None:
         b.mbart = new_model(b.logmel_units.num_units if b.logmel_units is not None else b.need("kmeans").num_units)
         typer.echo(f"new Unit mBART: {count_parameters(b.mbart):,} parameters (vocabulary {b.mbart.cfg.vocab_size})")
-    model = b.need("mbart")
+    model = b.backbone(task)
     prompt = None
     if cfg.mode == "prompt":
         from .models.prompt import DeepPrompt, PromptConfig
@@ -299,20 +305,31 @@ def train_prompt(
     resume: bool = typer.Option(False, help="Continue from OUT's last state."),
     save_minutes: float = typer.Option(10.0, help="Also save the resumable state this often inside an epoch (0: epoch ends only)."),
     device: str = typer.Option("cpu"),
-    into_bundle: bool = typer.Option(False, help="Add the best prompt to the bundle (prompt mode)."),
+    into_bundle: bool = typer.Option(False, help="Add the best prompt to the bundle as the task's; with --full, the "
+                                     "fine-tuned Unit mBART as the task's own backbone (its sessions run on it)."),
 ):
-    """Prompt tuning: the backbone stays frozen; only the deep prompt learns. Run under torchrun for DDP."""
+    """Prompt tuning: the backbone stays frozen; only the deep prompt learns. Run under torchrun for DDP.
+    With --full, the whole backbone is fine-tuned for the task instead (the baseline)."""
     from .train.loop import TrainConfig
 
     cfg = TrainConfig(mode="full" if full else "prompt", prompt_length=prompt_length, prompt_stacks=tuple(stacks.split(",")),
                       lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup, clip=clip,
                       patience=patience, seed=seed, save_every_s=60 * save_minutes)
-    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume)
-    if into_bundle and rank == 0 and not full:
+    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, task=task)
+    if into_bundle and rank == 0 and full:
+        from safetensors.torch import load_file
+
+        from .bundle import save_backbone
+
+        model = b.backbone(task)
+        model.load_state_dict(load_file(str(out / "best_mbart.safetensors")))
+        save_backbone(bundle, task, model.cpu())
+        typer.echo(f"added the {task!r} task's own backbone to {bundle}")
+    elif into_bundle and rank == 0:
         from .bundle import save_prompt
         from .models.prompt import load_prompt
 
-        save_prompt(bundle, task, load_prompt(out / "best_prompt.safetensors", b.mbart.cfg))
+        save_prompt(bundle, task, load_prompt(out / "best_prompt.safetensors", b.backbone(task).cfg))
         typer.echo(f"added prompt {task!r} to {bundle}")
 
 
@@ -504,7 +521,7 @@ def evaluate_cmd(
     realtime: bool = typer.Option(True, help="Pace input in real time (compute-aware latencies are then wall-clock)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N utterances."),
     no_prompt: bool = typer.Option(False, "--no-prompt", help="The unprompted backbone (the no-prompt baseline)."),
-    mbart: Optional[Path] = typer.Option(None, help="Unit mBART weights (safetensors) replacing the bundle's, e.g. a `train-prompt --full` baseline."),
+    mbart: Optional[Path] = typer.Option(None, help="Unit mBART weights (safetensors) replacing those the task runs on (the shared backbone, or the task's own), e.g. a `train-prompt --full` run."),
     device: str = typer.Option("cpu"), seed: int = typer.Option(0),
 ):
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
@@ -531,7 +548,7 @@ def evaluate_cmd(
         from safetensors.torch import load_file
 
         try:
-            b.need("mbart").load_state_dict(load_file(str(mbart), device=str(b.device)))
+            b.backbone(task).load_state_dict(load_file(str(mbart), device=str(b.device)))
         except Exception as e:  # a missing/corrupt file or weights of another shape
             fail(f"{mbart}: cannot replace the bundle's Unit mBART: {e}")
     if no_prompt:
@@ -540,7 +557,7 @@ def evaluate_cmd(
         from .models.prompt import load_prompt
 
         try:
-            b.prompts[task] = load_prompt(prompt, b.need("mbart").cfg).to(b.device)
+            b.prompts[task] = load_prompt(prompt, b.backbone(task).cfg).to(b.device)
         except ValueError as e:
             fail(str(e))
     try:

@@ -115,3 +115,37 @@ def test_info_lists_parts_and_prompts(saved):
         assert word in r.output
     r = runner.invoke(app, ["info", str(path / "nope")])
     assert r.exit_code == 2 and "not a streamgen bundle" in r.output
+
+
+def test_a_tasks_own_backbone_round_trips_packs_and_generates(saved, tmp_path):
+    """A task fine-tuned in full ships as its own backbone: named by the task, used for it alone."""
+    from streamgen.bundle import save_backbone
+    from streamgen.models.unit_mbart import UnitMBart
+
+    b, path = saved
+    torch.manual_seed(5)
+    own = UnitMBart(b.mbart.cfg).eval()
+    save_backbone(path, "translation", own)
+    c = streamgen.load_bundle(path)
+    assert set(c.backbones) == {"translation"} and c.backbone("translation") is c.backbones["translation"]
+    assert c.backbone("continuation") is c.mbart and c.backbone() is c.mbart
+    units = torch.randint(0, 100, (20,))
+    alone = streamgen.Bundle(mbart=own)
+    assert torch.equal(c.generate(units, "translation", max_units=20, min_units=20), alone.generate(units, max_units=20, min_units=20))
+    assert torch.equal(c.generate(units, "continuation", max_units=20), b.generate(units, "continuation", max_units=20))
+    r = runner.invoke(app, ["info", str(path)])
+    assert r.exit_code == 0 and "backbone of task translation" in r.output, r.output
+    r = runner.invoke(app, ["pack", str(path), str(tmp_path / "half")])
+    assert r.exit_code == 0, r.output
+    h = streamgen.load_bundle(tmp_path / "half")
+    assert (tmp_path / "half" / "backbones" / "translation.safetensors").stat().st_size < 0.6 * (path / "backbones" / "translation.safetensors").stat().st_size
+    assert set(h.backbones) == {"translation"}
+    meta = json.loads((path / "bundle.json").read_text())
+    meta["backbones"] = {"../evil": meta["backbones"]["translation"]}
+    (path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="backbone name '../evil' must be a plain name"):
+        streamgen.load_bundle(path)
+    meta["backbones"] = {"translation": {**meta["backbones"]["../evil"], "dim": 96}}
+    (path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="translation.safetensors: weights do not match the config"):
+        streamgen.load_bundle(path)

@@ -58,7 +58,7 @@ def test_sessions_batched_together_equal_each_alone(test_bundle):
         assert units[n] == solo_units[n], n  # identical units (greedy, and sampled: counter-based noise)
         a, b = together.wave(n), sink.wave(n)
         assert len(a) == len(b) > 0 and (a - b).abs().max() <= 1e-5, n
-    assert not engine.sessions and not engine.decoder.running  # everyone left; their slots are free
+    assert not engine.sessions and all(not d.running for d in engine.decoders.values())  # everyone left; their slots are free
 
 
 def logmel_source_filter_bundle():
@@ -206,7 +206,7 @@ def test_ten_minute_sessions_run_with_bounded_state(test_bundle, task, options):
         tick()
         s = engine.sessions.get("talk")
         if s is not None:
-            cache = engine.decoder.pool.capacity if engine.decoder.pool is not None else 0
+            cache = s.decoder.pool.capacity if s.decoder is not None and s.decoder.pool is not None else 0
             peaks.append((s.pos / 16000, len(s.policy.source), len(s.units.buf), cache))
 
     engine.tick = probed_tick
@@ -289,4 +289,33 @@ def test_a_second_start_ends_only_that_session(test_bundle):
     items.insert(4, Control("a", "start", "translation", {}))
     sink, _, engine = run(test_bundle, items)
     assert "already started" in sink.errors["a"] and "b" not in sink.errors and len(sink.wave("b")) > 0
-    assert not engine.decoder.running and not engine.decoder.waiting
+    assert all(not d.running and not d.waiting for d in engine.decoders.values())
+
+
+def test_a_task_with_its_own_backbone_runs_on_it_beside_the_shared_one(test_bundle):
+    """Translation on its own (fine-tuned) backbone and continuation on the shared one, in one engine:
+    one decoder per backbone, and each session gets what it gets alone on a bundle of just its model."""
+    import copy
+
+    from streamgen.models.unit_mbart import EOS, UnitMBart
+
+    torch.manual_seed(3)
+    own = UnitMBart(test_bundle.mbart.cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in own.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+        own.embed_tokens.weight[EOS].zero_()
+    mixed = copy.copy(test_bundle)
+    mixed.backbones = {"translation": own}
+    only_own = copy.copy(test_bundle)
+    only_own.mbart = own
+    together, units, engine = run(mixed, interleave([session_items("a"), session_items("c")], [0, 2]))
+    assert set(engine.decoders) == {"", "translation"} and engine.decoders["translation"].model is own
+    for name, bundle in (("a", only_own), ("c", test_bundle)):
+        sink, solo, _ = run(bundle, session_items(name))
+        assert units[name] == solo[name] and len(units[name]) > 0, name
+        a, b = together.wave(name), sink.wave(name)
+        assert len(a) == len(b) > 0 and (a - b).abs().max() <= 1e-5, name
+    _, shared, _ = run(test_bundle, session_items("a"))
+    assert shared["a"] != units["a"]  # the shared backbone says something else: the task's own was used

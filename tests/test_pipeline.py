@@ -137,7 +137,7 @@ def test_sessions_are_isolated_and_cleaned_up(test_bundle):
     assert "NaN" in sink.errors["bad"] and "bad" not in sink.audio
     assert "good" not in sink.errors and len(sink.wave("good")) > 0 and "good" in sink.ended
     engine = stages  # every session's state is freed after its end
-    assert not engine.sessions and not engine.decoder.running and not engine.decoder.waiting
+    assert not engine.sessions and all(not d.running and not d.waiting for d in engine.decoders.values())
 
 
 @pytest.mark.parametrize("make, message", [

@@ -204,3 +204,27 @@ def test_train_prompt_into_bundle_is_used_by_generate(cli_setup):
     assert "toy" in b.prompts and b.prompts["toy"].cfg.length == 4
     units = torch.randint(0, 100, (10,))
     assert b.generate(units, "toy", max_units=5, min_units=5).shape == (5,)
+
+
+def test_full_finetuning_into_bundle_becomes_the_tasks_own_backbone(cli_setup):
+    d = cli_setup
+    before = streamgen.load_bundle(d / "bundle")
+    cli("train-prompt", "--full", "--bundle", d / "bundle", "--task", "toy", "--train", d / "train.tsv", "--lr", "1e-3",
+        "--epochs", "1", "--batch-size", "8", "--out", d / "f", "--into-bundle")
+    b = streamgen.load_bundle(d / "bundle")
+    best = load_file(d / "f" / "best_mbart.safetensors")
+    assert set(b.backbones) == {"toy"} and not b.prompts
+    assert all(torch.equal(v, best[k]) for k, v in b.backbones["toy"].state_dict().items())
+    assert all(torch.equal(v, before.mbart.state_dict()[k]) for k, v in b.mbart.state_dict().items())  # the shared one is untouched
+    units = torch.randint(0, 100, (10,))
+    assert torch.equal(b.generate(units, "toy", max_units=5, min_units=5),
+                       streamgen.Bundle(mbart=b.backbones["toy"]).generate(units, max_units=5, min_units=5))
+    # a prompt for the task is then trained on (and conditions) the task's own backbone
+    before.save(d / "shared_only")
+    for bundle, out in ((d / "bundle", d / "p"), (d / "shared_only", d / "p_shared")):
+        cli("train-prompt", "--bundle", bundle, "--task", "toy", "--train", d / "train.tsv", "--prompt-length", "4",
+            "--epochs", "1", "--batch-size", "8", "--out", out, "--into-bundle")
+    b = streamgen.load_bundle(d / "bundle")
+    assert b.prompts["toy"].cfg.length == 4 and b.generate(units, "toy", max_units=5, min_units=5).shape == (5,)
+    own, shared = load_file(d / "p" / "best_prompt.safetensors"), load_file(d / "p_shared" / "best_prompt.safetensors")
+    assert any(not torch.equal(own[k], shared[k]) for k in own)

@@ -10,7 +10,8 @@ that has work ready:
     policies    each session's task policy turns new units into decisions (speak / decode)
     LM          decoder steps, each advancing every running decode by one token and admitting the
                 new decodes (batched encode + ragged prefill) into free K/V slots
-                (`models.generation.Decoder`), until the tick's decode budget is spent
+                (`models.generation.Decoder`), until the tick's decode budget is spent; one decoder
+                per backbone (the shared one, and each task's own where the bundle has one)
     vocoder     every session's duration window in one padded call, then every audio window in
                 one padded generator call, trimmed per row
 
@@ -85,10 +86,10 @@ class EngineConfig:
 class Session:
     """One live session's state inside the engine."""
 
-    def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, units: UnitStream | LogMelUnitStream,
-                 vocoder: TimedUnitStream,
-                 gate: SpeechGate | None = None):
+    def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, decoder: Decoder | None,
+                 units: UnitStream | LogMelUnitStream, vocoder: TimedUnitStream, gate: SpeechGate | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
+        self.decoder = decoder  # the decoder of the task's backbone (None: the task needs no LM)
         self.gate = gate
         self.heard = gate is None  # speech has been heard (or nobody listens for it)
         self.held: deque = deque(maxlen=100)  # units from before the first speech (the latest 100 chunks)
@@ -144,9 +145,8 @@ class Engine:
         self.time_batch = lambda windows: time_windows(voc, windows)
         self.audio_batch = synthesise_source_filter if isinstance(voc, SourceFilterVocoder) else synthesise
         voc_wait = (voc.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead) * voc.hop / sr
-        self.mbart = bundle.mbart
-        graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
-        self.decoder = Decoder(self.mbart, max_batch=cfg.max_batch, graphs=graphs) if self.mbart is not None else None
+        self.graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
+        self.decoders: dict[str, Decoder] = {}  # by backbone: "" the shared one, else the task that has its own
         self.vad = Vad(bundle.sample_rate) if cfg.vad else None
         self.plugins: dict[str, TaskPlugin] = {}  # entry points are read once per task, not per session
         self.prompts: dict[str, object] = {}  # one shared prompt K/V per task
@@ -175,35 +175,43 @@ class Engine:
             self.plugins[task] = load_task(task)
         return self.plugins[task]
 
+    def decoder_for(self, task: str) -> Decoder:
+        """The decoder of the backbone a task runs on (made on first use): its sessions batch together."""
+        key = task if task in self.bundle.backbones else ""
+        if key not in self.decoders:
+            self.decoders[key] = Decoder(self.bundle.backbone(task), max_batch=self.cfg.max_batch, graphs=self.graphs)
+        return self.decoders[key]
+
     def prompt_for(self, plugin: TaskPlugin):
         if plugin.name not in self.prompts:
+            mbart = self.bundle.backbone(plugin.name)
             if plugin.prompt is not None:
-                prompt: DeepPrompt | None = load_prompt(plugin.prompt, self.mbart.cfg).to(self.bundle.device)
+                prompt: DeepPrompt | None = load_prompt(plugin.prompt, mbart.cfg).to(self.bundle.device)
             else:
                 prompt = self.bundle.prompts.get(plugin.name)
-            if prompt is None:
+            if prompt is None and plugin.name not in self.bundle.backbones:
                 log.warning("no trained prompt for task %r in this bundle: using the unprompted backbone", plugin.name)
-            self.prompts[plugin.name] = prompt.shared_kv(self.mbart) if prompt is not None else None
+            self.prompts[plugin.name] = prompt.shared_kv(mbart) if prompt is not None else None
         return self.prompts[plugin.name]
 
-    def new_policy(self, task: str, options: dict) -> tuple[TaskPlugin, Policy]:
+    def new_policy(self, task: str, options: dict) -> tuple[TaskPlugin, Policy, Decoder | None]:
         plugin = self.plugin(task)
         opts = plugin.resolve_options(options, bundle=self.bundle)
-        if plugin.uses_lm and self.mbart is None:
+        if plugin.uses_lm and not self.bundle.has_backbone(plugin.name):
             raise ValueError(f"task {task!r} needs a speech LM and this bundle has none")
-        cfg = self.mbart.cfg if self.mbart is not None else None
+        lm = self.decoder_for(plugin.name) if plugin.uses_lm else None
         prompt = self.prompt_for(plugin) if plugin.uses_lm else None
+        cfg = self.bundle.backbone(plugin.name).cfg if self.bundle.has_backbone(plugin.name) else None
         decoder = UnitDecoder(cfg, prompt, Sampling(**plugin.sampling), plugin.prefix_tokens, self.cfg.seed, self.quiet_units)
-        return plugin, plugin.make_policy(decoder, opts)
+        return plugin, plugin.make_policy(decoder, opts), lm
 
     def open(self, name: str, task: str | None = None, options: dict | None = None) -> Session:
         """A new session: the default task with the default options overridden by `options`, or
         another task with its own `options`."""
         if task is None or task == self.cfg.task:
             task, options = self.cfg.task, {**self.cfg.options, **(options or {})}
-        plugin, policy = self.new_policy(task, options or {})
-        s = Session(name, plugin, policy,
-                    self.new_unit_stream(), self.new_vocoder_stream(),
+        plugin, policy, lm = self.new_policy(task, options or {})
+        s = Session(name, plugin, policy, lm, self.new_unit_stream(), self.new_vocoder_stream(),
                     SpeechGate(self.bundle.sample_rate) if self.cfg.speech_gate else None)
         self.sessions[name] = s
         return s
@@ -324,8 +332,8 @@ class Engine:
         log.warning("session %s: %s", s.name, why)
         with self.lock:
             self.sessions.pop(s.name, None)
-            if self.decoder is not None:
-                self.decoder.cancel(s.name)
+            if s.decoder is not None:
+                s.decoder.cancel(s.name)
             if not s.source_ended:
                 self._close(s.name)
             self.emit(SessionError(s.name, why))
@@ -410,9 +418,9 @@ class Engine:
         if isinstance(item, Control):
             if item.action == "task":
                 if s.decoding:
-                    self.decoder.cancel(s.name)
+                    s.decoder.cancel(s.name)
                     s.decoding = False
-                s.plugin, s.policy = self.new_policy(item.task or self.cfg.task, item.options)
+                s.plugin, s.policy, s.decoder = self.new_policy(item.task or self.cfg.task, item.options)
             return
         if s.input_ended:
             return  # after the VAD ended the input
@@ -504,25 +512,26 @@ class Engine:
         if d.commit is not None and len(d.commit) and self.on_commit is not None:
             self.on_commit(s.name, d.commit)
         if d.decode is not None:
-            self.decoder.submit(s.name, d.decode)
+            s.decoder.submit(s.name, d.decode)
             s.decoding = True
 
     def _decode(self) -> None:
         """Decoder steps until the tick's decode budget is spent (at least one step while any decode
         runs): units come at 50 per second of speech, far faster than chunks arrive."""
         t0 = time.perf_counter()
-        while self.decoder is not None and self.decoder.busy:
-            self._decode_step()
+        while busy := [d for d in self.decoders.values() if d.busy]:
+            for decoder in busy:
+                self._decode_step(decoder)
             if time.perf_counter() - t0 >= self.cfg.decode_budget_ms / 1000:
                 break
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, decoder: Decoder) -> None:
         t = time.perf_counter()
         try:
-            results = self.decoder.step()
-        except Exception as e:  # cannot be pinned on one session: every decoding session fails
+            results = decoder.step()
+        except Exception as e:  # cannot be pinned on one session: every session on this decoder fails
             log.exception("decoder step failed")
-            for name in {run.key for run in self.decoder.running.values()} | {k for k, _ in self.decoder.waiting}:
+            for name in {run.key for run in decoder.running.values()} | {k for k, _ in decoder.waiting}:
                 if name in self.sessions:
                     self._fail(self.sessions[name], f"generator: {type(e).__name__}: {e}")
             return
