@@ -226,14 +226,17 @@ def part_config(name: str, module: nn.Module) -> dict:
     return vars(module.cfg).copy() if name == "mbart" else module.cfg.to_dict()
 
 
-def _set_meta(path: Path, section: str, name: str, entry: dict) -> None:
-    """bundle.json[section][name] = entry, read-modify-written under an exclusive lock and replaced
-    atomically: jobs that add parts to one bundle at the same time (the recipe trains the vocoder
-    beside the prompts) keep each other's entries, and a reader never sees a half-written file."""
+def _set_meta(path: Path, section: str, name: str, entry: dict | None) -> None:
+    """bundle.json[section][name] = entry (None: removed), read-modify-written under an exclusive lock
+    and replaced atomically: jobs that add parts to one bundle at the same time (the recipe trains the
+    vocoder beside the prompts) keep each other's entries, and a reader never sees a half-written file."""
     with open(path / ".bundle.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = json.loads((path / "bundle.json").read_text())
-        meta.setdefault(section, {})[name] = entry
+        if entry is None:
+            meta.get(section, {}).pop(name, None)
+        else:
+            meta.setdefault(section, {})[name] = entry
         tmp = path / f".bundle.json.{os.getpid()}"
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path / "bundle.json")
@@ -256,14 +259,20 @@ def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
     _set_meta(path, "prompts", name, {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)})
 
 
-def save_backbone(path: str | Path, name: str, mbart: UnitMBart) -> None:
-    """Add (or replace) a task's own backbone in a bundle directory, leaving its other files as they are."""
+def save_backbone(path: str | Path, name: str, mbart: UnitMBart) -> bool:
+    """Add (or replace) a task's own backbone in a bundle directory, leaving its other files as they
+    are, except the task's prompt, which conditioned another backbone: it is removed (True if it was)."""
     if not NAME.fullmatch(name):
         raise BundleError(f"task name {name!r} must be a plain name (letters, digits, _ . -; no path)")
     path = Path(path)
     (path / "backbones").mkdir(exist_ok=True)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in mbart.state_dict().items()}, path / "backbones" / f"{name}.safetensors")
+    had_prompt = name in json.loads((path / "bundle.json").read_text()).get("prompts", {})
+    if had_prompt:
+        _set_meta(path, "prompts", name, None)
+        (path / "prompts" / f"{name}.safetensors").unlink(missing_ok=True)
     _set_meta(path, "backbones", name, part_config("mbart", mbart))
+    return had_prompt
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:

@@ -323,8 +323,9 @@ def train_prompt(
 
         model = b.backbone(task)
         model.load_state_dict(load_file(str(out / "best_mbart.safetensors")))
-        save_backbone(bundle, task, model.cpu())
-        typer.echo(f"added the {task!r} task's own backbone to {bundle}")
+        dropped = save_backbone(bundle, task, model.cpu())
+        typer.echo(f"added the {task!r} task's own backbone to {bundle}"
+                   + (" (and removed its prompt, which conditioned the shared backbone)" if dropped else ""))
     elif into_bundle and rank == 0:
         from .bundle import save_prompt
         from .models.prompt import load_prompt

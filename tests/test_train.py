@@ -209,8 +209,11 @@ def test_train_prompt_into_bundle_is_used_by_generate(cli_setup):
 def test_full_finetuning_into_bundle_becomes_the_tasks_own_backbone(cli_setup):
     d = cli_setup
     before = streamgen.load_bundle(d / "bundle")
-    cli("train-prompt", "--full", "--bundle", d / "bundle", "--task", "toy", "--train", d / "train.tsv", "--lr", "1e-3",
-        "--epochs", "1", "--batch-size", "8", "--out", d / "f", "--into-bundle")
+    cli("train-prompt", "--bundle", d / "bundle", "--task", "toy", "--train", d / "train.tsv", "--prompt-length", "4",
+        "--epochs", "1", "--batch-size", "8", "--out", d / "p0", "--into-bundle")  # a prompt on the shared backbone first
+    out = cli("train-prompt", "--full", "--bundle", d / "bundle", "--task", "toy", "--train", d / "train.tsv", "--lr", "1e-3",
+              "--epochs", "1", "--batch-size", "8", "--out", d / "f", "--into-bundle")
+    assert "removed its prompt" in out and not (d / "bundle" / "prompts" / "toy.safetensors").exists()
     b = streamgen.load_bundle(d / "bundle")
     best = load_file(d / "f" / "best_mbart.safetensors")
     assert set(b.backbones) == {"toy"} and not b.prompts
