@@ -2,10 +2,11 @@
 # Issue 12's chain, as far as it has been run: natural-sentence corpora and test sets -> log-mel k-means
 # units -> source-filter vocoder -> resynthesis measured beside the originals -> a bundle -> units for the
 # Unit mBART -> denoising pretraining -> Spanish -> English travel-domain pairs -> a translation prompt ->
-# ASR-BLEU -> continuation and inpainting prompts -> the default bundle (with SHIP=1). Every long step is
-# skipped when done or resumable by rerunning it.
+# ASR-BLEU -> continuation and inpainting prompts -> a wider backbone fine-tuned for translation -> the
+# default bundle (with SHIP=1). Every long step is skipped when done or resumable by rerunning it.
 #
-#   bash recipes/natural.sh                     # CPU, one thread per job (about 3 h on 2 cores; 3.7 h with step 10)
+#   bash recipes/natural.sh                     # CPU, one thread per job (about 3 h on 2 cores; 3.7 h with step 10;
+#                                               # step 11b, translation's own backbone, about 8 h more)
 #   SHIP=1 bash recipes/natural.sh              # also pack the result into streamgen/assets/default
 #   COMPARE=1 bash recipes/natural.sh           # also the comparison runs of bench/QUALITY.md (units on four
 #                                               # voices, a vocoder on four voices, an H200 run if DEVICE=cuda)
@@ -108,6 +109,56 @@ for task in continuation inpainting; do
   .venv/bin/streamgen train-prompt --bundle "$R/bundle_ship$X" --task $task --train "$P/${task}_train.tsv" --dev "$P/${task}_dev.tsv" \
     --out "$R/prompt_$task$X" --device "$DEVICE" --prompt-length 32 --epochs 16 --batch-size 16 --patience 4 --into-bundle $RESUME
 done
+# 11b. translation's own backbone: a d 256, 4+4-layer Unit mBART (8.0 M parameters) pretrained from scratch by
+#      denoising on English and Spanish units (the backbone's sentences and both sides of the travel training
+#      pairs; dev: its dev sentences and 40 travel dev pairs), then fully fine-tuned on the travel pairs and put
+#      into bundle_ship as the translation task's own backbone (it replaces the translation prompt). The shipped
+#      one is the pretraining's epoch-14 checkpoint (2.5 CPU-hours, stopped there; rerunning continues the
+#      40-epoch schedule, about 7 CPU-hours in all, minutes with DEVICE=cuda), fine-tuned 9 epochs (early stop;
+#      the best, epoch 5, ships; 40 CPU-minutes).
+E=$R/lm_d256_es$X
+mkdir -p "$E/bundle"
+[ -f "$E/lm_dev.units.tsv" ] || $PY - "$E" "$R/lm_$U" "$TU" <<'PY'
+import csv, sys
+E, L, T = sys.argv[1:]
+for split, n in (("train", None), ("dev", 40)):
+    with open(f"{E}/lm_{split}.units.tsv", "w") as out:
+        out.write("id\tunits\n")
+        for path, suffix, limit in ((f"{L}/lm_{split}.units.tsv", "", None), (f"{T}/es2en_{split}_src.units.tsv", "", n),
+                                    (f"{T}/es2en_{split}_tgt.units.tsv", "_b", n)):
+            with open(path) as f:
+                for i, r in enumerate(csv.DictReader(f, delimiter="\t")):
+                    if limit is not None and i >= limit:
+                        break
+                    out.write(f"{r['id']}{suffix}\t{r['units']}\n")
+PY
+if [ ! -f "$E/bundle/bundle.json" ]; then  # the units and the vocoder; train-backbone makes a new Unit mBART
+  cp "$R/bundle_$U/logmel_units.safetensors" "$R/bundle_$U/source_filter.safetensors" "$E/bundle/"
+  $PY -c "
+import json; c = json.load(open('$R/bundle_$U/bundle.json')); c['parts'].pop('mbart'); c['prompts'] = {}
+json.dump(c, open('$E/bundle/bundle.json', 'w'), indent=2)"
+fi
+RESUME=; [ -f "$E/backbone/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-backbone --bundle "$E/bundle" --train "$E/lm_train.units.tsv" --dev "$E/lm_dev.units.tsv" \
+  --out "$E/backbone" --device "$DEVICE" --into-bundle --dim 256 --layers 4 --heads 4 --ffn 1024 \
+  --lr 5e-4 --epochs 40 --batch-size 16 --patience 6 --save-minutes 10 $RESUME
+RESUME=; [ -f "$E/travel_full/state.pt" ] && RESUME=--resume
+.venv/bin/streamgen train-prompt --full --bundle "$E/bundle" --task translation --train "$TU/tr_train.tsv" --dev "$TU/tr_dev.tsv" \
+  --out "$E/travel_full" --device "$DEVICE" --lr 5e-4 --epochs 16 --batch-size 16 --patience 4 $RESUME
+$PY - "$E" "$R/bundle_ship$X" <<'PY'
+import sys
+from safetensors.torch import load_file
+import streamgen
+from streamgen.bundle import save_backbone
+E, ship = sys.argv[1:]
+model = streamgen.load_bundle(f"{E}/bundle").mbart
+model.load_state_dict(load_file(f"{E}/travel_full/best_mbart.safetensors"))
+save_backbone(ship, "translation", model)
+PY
+# ASR-BLEU of the shipped translation offline and at the aim's condition (streamed, 320 ms chunks)
+$PY bench/travel_translation.py --bundle "$R/bundle_ship$X" --pairs "$TU/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60
+.venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
+  --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 60 --out "$R/eval_travel_streamed_ship$X"
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
 if [ -n "${SHIP:-}" ]; then
   rm -rf streamgen/assets/default
