@@ -165,7 +165,8 @@ def main() -> None:
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:150_000]]
             mean, std = x.mean(0), x.std(0)
             centroids = kmeans((x - mean) / std, 500, iters=25, seed=0)
-        units = lambda m, wave: torch.cdist((feature(m, wave) - mean) / std, centroids).argmin(1)
+        assign = lambda f: torch.cdist((f - mean) / std, centroids).argmin(1)
+        units = lambda m, wave: assign(feature(m, wave))
 
         def warped(m, wave):  # a test utterance warped by the vocal tract factor whose frames fit the codebook best
             fits = [(torch.cdist((feature(warp_mels(m, a), wave) - mean) / std, centroids).min(1).values.mean().item(), a)
@@ -173,7 +174,7 @@ def main() -> None:
             return units(warp_mels(m, min(fits)[1]), wave)
         heard = warped if vtln else units  # the codebook's own (training) frames are never warped
         raw = torch.cat([m for _, m, _ in train])
-        u = torch.cat([units(m, w) for _, m, w in train])
+        u = torch.cat([assign(f) for f in feats[: len(train)]])  # the training frames' features, computed above
         table = torch.zeros(500, raw.shape[1]).index_add_(0, u, raw) / torch.bincount(u, minlength=500).clamp_min(1)[:, None]
         if args.out:
             out = Path(args.out)

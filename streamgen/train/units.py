@@ -198,10 +198,10 @@ class UnitTrainer:
         """Everything a resumed run needs but the targets (recomputed, deterministically, by `load`),
         as tensors and plain values only (read back with weights_only)."""
         tmp = Path(path).with_suffix(".tmp")
+        version, internal, gauss = rng.getstate()
         torch.save({"model": self.model.state_dict(), "mask_emb": self.mask_emb.detach(), "head": self.head.state_dict(),
                     "opt": self.opt.state_dict(), "step": self.step, "history": self.history,
-                    "rng": list(rng.getstate()[1]), "rng_version": rng.getstate()[0], "rng_gauss": rng.getstate()[2],
-                    "g": g.get_state()}, tmp)
+                    "rng": list(internal), "rng_version": version, "rng_gauss": gauss, "g": g.get_state()}, tmp)
         tmp.replace(path)
 
     def resume(self, path: Path, g: torch.Generator) -> tuple:
