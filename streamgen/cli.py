@@ -243,9 +243,10 @@ def demo(
 
 
 def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, device: str, resume: bool, new_model=None,
-           task: str | None = None):
+           task: str | None = None, dropout: float | None = None):
     """Shared by train-prompt and train-backbone: load, train (torchrun-aware), report. A task's
-    training starts from the backbone the task runs on (its own, where the bundle has one)."""
+    training starts from the backbone the task runs on (its own, where the bundle has one); `dropout`
+    replaces the backbone's residual dropout for this run."""
     from .train.data import read_pairs
     from .train.loop import Trainer, setup_distributed, world
 
@@ -262,6 +263,11 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
         b.mbart = new_model(b.logmel_units.num_units if b.logmel_units is not None else b.need("kmeans").num_units)
         typer.echo(f"new Unit mBART: {count_parameters(b.mbart):,} parameters (vocabulary {b.mbart.cfg.vocab_size})")
     model = b.backbone(task)
+    if dropout is not None:
+        try:
+            model.set_dropout(dropout)
+        except ValueError as e:
+            fail(f"--dropout: {e}")
     prompt = None
     if cfg.mode == "prompt":
         from .models.prompt import DeepPrompt, PromptConfig
@@ -307,6 +313,8 @@ def train_prompt(
     device: str = typer.Option("cpu"),
     into_bundle: bool = typer.Option(False, help="Add the best prompt to the bundle as the task's; with --full, the "
                                      "fine-tuned Unit mBART as the task's own backbone (its sessions run on it)."),
+    dropout: Optional[float] = typer.Option(None, help="Residual dropout while training (default: the backbone's own); "
+                                            "with --full, a regulariser when the pairs are few."),
 ):
     """Prompt tuning: the backbone stays frozen; only the deep prompt learns. Run under torchrun for DDP.
     With --full, the whole backbone is fine-tuned for the task instead (the baseline)."""
@@ -315,7 +323,7 @@ def train_prompt(
     cfg = TrainConfig(mode="full" if full else "prompt", prompt_length=prompt_length, prompt_stacks=tuple(stacks.split(",")),
                       lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup, clip=clip,
                       patience=patience, seed=seed, save_every_s=60 * save_minutes)
-    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, task=task)
+    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, task=task, dropout=dropout)
     if into_bundle and rank == 0 and full:
         from safetensors.torch import load_file
 
@@ -348,6 +356,7 @@ def train_backbone(
     dim: int = typer.Option(256, help="New model only (the bundle has no mbart): width."),
     layers: int = typer.Option(3, help="New model only: encoder and decoder layers each."),
     heads: int = typer.Option(4, help="New model only."), ffn: int = typer.Option(1024, help="New model only."),
+    dropout: Optional[float] = typer.Option(None, help="Residual dropout while training (default: the model's own, 0.1 new)."),
 ):
     """mBART-style denoising pretraining of the Unit mBART on units (span infilling). Starts from the
     bundle's Unit mBART, or from a new one of the given size if it has none."""
@@ -361,7 +370,7 @@ def train_backbone(
 
     cfg = TrainConfig(mode="denoise", lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup,
                       mask_ratio=mask_ratio, patience=patience, seed=seed, save_every_s=60 * save_minutes)
-    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, new_model)
+    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, new_model, dropout=dropout)
     if into_bundle and rank == 0:
         from safetensors.torch import load_file
 

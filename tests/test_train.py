@@ -231,3 +231,23 @@ def test_full_finetuning_into_bundle_becomes_the_tasks_own_backbone(cli_setup):
     assert b.prompts["toy"].cfg.length == 4 and b.generate(units, "toy", max_units=5, min_units=5).shape == (5,)
     own, shared = load_file(d / "p" / "best_prompt.safetensors"), load_file(d / "p_shared" / "best_prompt.safetensors")
     assert any(not torch.equal(own[k], shared[k]) for k in own)
+
+
+def test_dropout_option_regularises_the_run_and_the_backbone_records_it(cli_setup):
+    d = cli_setup
+    model = streamgen.load_bundle(d / "bundle").mbart.train()  # random_bundle: dropout 0
+    src, prev = torch.randint(4, 100, (2, 9)), torch.randint(4, 100, (2, 6))
+    assert torch.equal(model(src, prev), model(src, prev))  # no dropout: training mode is deterministic
+    model.set_dropout(0.5)
+    assert model.cfg.dropout == 0.5 and not torch.equal(model(src, prev), model(src, prev))
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        model.set_dropout(1.5)
+    args = ["train-prompt", "--full", "--bundle", d / "bundle", "--task", "toy", "--train", d / "train.tsv", "--lr", "1e-3",
+            "--epochs", "1", "--batch-size", "8"]
+    plain, dropped = cli(*args, "--out", d / "plain"), cli(*args, "--out", d / "d", "--dropout", "0.3", "--into-bundle")
+    a, b = load_file(d / "plain" / "last_mbart.safetensors"), load_file(d / "d" / "last_mbart.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the same run without dropout ends elsewhere
+    assert streamgen.load_bundle(d / "bundle").backbones["toy"].cfg.dropout == 0.3
+    r = subprocess.run([sys.executable, "-m", "streamgen.cli", *map(str, args), "--out", d / "bad", "--dropout", "1.5"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and "--dropout: dropout must be in [0, 1), got 1.5" in r.stdout + r.stderr

@@ -17,7 +17,7 @@ A task's deep prompt enters both as a shared prefix (`PromptKV`), never copied p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -302,6 +302,15 @@ class UnitMBart(nn.Module):
         self.embed_scale = math.sqrt(cfg.dim) if cfg.scale_embedding else 1.0
         self.apply(_init_bert)
 
+    def set_dropout(self, p: float) -> None:
+        """Residual dropout for training (a regulariser for fine-tuning on few pairs); the config
+        records it, inference never uses it."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.cfg = replace(self.cfg, dropout=p)
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
 
     def token_embedding(self, tokens: Tensor) -> Tensor:
         return self.embed_tokens(tokens) * self.embed_scale
