@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--public-random", action="store_true", help="random weights at the public model sizes instead of a bundle")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--lm-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="the Unit mBART backbones only in this dtype (the units and the vocoder stay in --dtype): "
+                         "bfloat16 on a CPU with AMX")
     ap.add_argument("--tasks", default="resynthesis,translation,continuation",
                     help="comma-separated; each a task name with optional :KEY=VALUE option overrides")
     ap.add_argument("--levels", default="1,2,4,8,16,32,64")
@@ -183,13 +186,15 @@ def main() -> None:
         bundle = public_size_bundle().to(args.device, getattr(torch, args.dtype))
     else:
         bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.lm_dtype:
+        bundle.lm_to(getattr(torch, args.lm_dtype))
     wave = talker_wave(bundle.sample_rate, args.seconds, args.pause_s)
     levels = [int(x) for x in args.levels.split(",")]
     lookahead = bundle.vocoder.frame_context() if args.vocoder_windows else None  # that much look-ahead: exact
     load = os.getloadavg()[0]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  device {args.device} ({torch.get_num_threads()} threads), "
           f"load average {load:.1f}, {args.seconds:.0f} s per talker, {args.chunk_ms} ms chunks"
-          + (f", {args.pause_s:g} s pauses" if args.pause_s else "") + (f", {args.processes} engine processes" if args.processes > 1 else ""))
+          + (f", {args.pause_s:g} s pauses" if args.pause_s else "") + (f", LM in {args.lm_dtype}" if args.lm_dtype else "") + (f", {args.processes} engine processes" if args.processes > 1 else ""))
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "load_average": load, "levels": levels, "tasks": {}}
     modes = [(m, {"engine": 0, "one-at-a-time": 1}[m]) for m in args.modes.split(",")]
     for task in args.tasks.split(","):

@@ -103,6 +103,16 @@ class Bundle:
             m.to(device=device, dtype=dtype)
         return self
 
+    def lm_to(self, dtype: torch.dtype) -> Bundle:
+        """The Unit mBART backbones (the shared one and the tasks' own) in `dtype`; the unit encoder,
+        the vocoder and the prompts stay as they are. On a CPU with AMX, bfloat16 backbones run
+        translation's source encodes and decoder steps faster than float32 (bench/RESULTS.md), at the
+        cost of exactness between batched and lone sessions, which float32 keeps."""
+        for m in (self.mbart, *self.backbones.values()):
+            if m is not None:
+                m.to(dtype=dtype)
+        return self
+
     # --- the whole-utterance API --------------------------------------------------------------
 
     def encode(self, wave: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:

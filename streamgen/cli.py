@@ -533,10 +533,11 @@ def evaluate_cmd(
     no_prompt: bool = typer.Option(False, "--no-prompt", help="The unprompted backbone (the no-prompt baseline)."),
     mbart: Optional[Path] = typer.Option(None, help="Unit mBART weights (safetensors) replacing those the task runs on (the shared backbone, or the task's own), e.g. a `train-prompt --full` run."),
     device: str = typer.Option("cpu"), seed: int = typer.Option(0),
+    lm_dtype: Optional[str] = typer.Option(None, help="Unit mBART backbones in float32 (the default, exact) or bfloat16 (faster on CPUs with AMX and on GPUs)."),
 ):
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
     from .eval.run import evaluate
-    from .options import MAX_CHUNK_MS, UsageError, check_device, in_range, parse_kv
+    from .options import MAX_CHUNK_MS, UsageError, check_device, check_lm_dtype, in_range, parse_kv
 
     if no_prompt and prompt is not None:
         fail("--prompt and --no-prompt exclude each other")
@@ -551,6 +552,7 @@ def evaluate_cmd(
         if limit is not None:
             in_range("--limit", limit, 1)
         check_device(device)
+        lm = check_lm_dtype(lm_dtype)
     except UsageError as e:
         fail(str(e))
     b = open_bundle(bundle, device)
@@ -561,6 +563,8 @@ def evaluate_cmd(
             b.backbone(task).load_state_dict(load_file(str(mbart), device=str(b.device)))
         except Exception as e:  # a missing/corrupt file or weights of another shape
             fail(f"{mbart}: cannot replace the bundle's Unit mBART: {e}")
+    if lm is not None:
+        b.lm_to(lm)
     if no_prompt:
         b.prompts.pop(task, None)
     if prompt is not None:
@@ -623,6 +627,7 @@ def run(
     opt: list[str] = typer.Option([], "--opt", help="Task option KEY=VALUE (repeatable)."),
     bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the shipped one)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    lm_dtype: Optional[str] = typer.Option(None, help="Unit mBART backbones in float32 (the default, exact) or bfloat16 (faster on CPUs with AMX and on GPUs)."),
     chunk_ms: int = typer.Option(100, help="Pipeline chunk size in ms (each chunk runs the encoder once)."),
     left_context_ms: int = typer.Option(2000, help="Encoder left context in ms (-1: everything)."),
     lookahead_ms: int = typer.Option(100, help="Encoder look-ahead in ms (-1: until the end of input)."),
@@ -653,8 +658,8 @@ def run(
     import signal
 
     from .io import MqttOptions, open_endpoints
-    from .options import RATES, StreamSettings, UsageError, check_device, check_input_spec, check_output_spec, check_task, \
-        check_writable, in_range, parse_kv
+    from .options import RATES, StreamSettings, UsageError, check_device, check_input_spec, check_lm_dtype, check_output_spec, \
+        check_task, check_writable, in_range, parse_kv
     from .pipeline.runner import Pipeline, build_engine
     from .pipeline.stats import Stats
     from .pipeline.tasks import UnknownTask
@@ -671,13 +676,14 @@ def run(
         if sessions is not None:
             in_range("--sessions", sessions, 1, None)
         check_device(device)
+        lm = check_lm_dtype(lm_dtype)
         input_file = check_input_spec(input, vad=vad)
         check_output_spec(output)
         if stats_json is not None:
             check_writable(stats_json, "--stats-json")
     except UsageError as e:
         fail(str(e))
-    b = open_bundle(bundle, device)
+    b = open_bundle(bundle, device, lm)
     sr = b.sample_rate
     try:
         check_task(task, options, input_file.seconds if input_file else None, b)

@@ -208,11 +208,27 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def open_bundle(path: Path | None, device: str):
-    """The given bundle, else the one shipped with streamgen."""
+LM_DTYPES = ("float32", "bfloat16")
+
+
+def check_lm_dtype(name: str | None):
+    """--lm-dtype: None (the bundle's float32) or one of LM_DTYPES, as a torch dtype."""
+    import torch
+
+    if name is None:
+        return None
+    if name not in LM_DTYPES:
+        raise UsageError(f"--lm-dtype {name!r}: choose float32 (exact, the default) or bfloat16 (faster on CPUs with AMX and on GPUs)")
+    return getattr(torch, name)
+
+
+def open_bundle(path: Path | None, device: str, lm_dtype=None):
+    """The given bundle, else the one shipped with streamgen; its Unit mBART backbones in `lm_dtype`
+    where given (a torch dtype, see `check_lm_dtype`)."""
     from .bundle import BundleError, load_bundle
 
     try:
-        return load_bundle(path, device=device)
+        b = load_bundle(path, device=device)
     except BundleError as e:
         fail(str(e))
+    return b.lm_to(lm_dtype) if lm_dtype is not None else b

@@ -62,6 +62,7 @@ BAD = [
     (["--sessions", "0"], "talk.wav", "out.wav", "--sessions 0: must be at least 1"),
     (["--overflow", "explode"], "talk.wav", "out.wav", "--overflow 'explode': choose one of block, drop-oldest"),
     (["--device", "quantum"], "talk.wav", "out.wav", "--device 'quantum': not a torch device; use cpu or cuda"),
+    (["--lm-dtype", "int8"], "talk.wav", "out.wav", "--lm-dtype 'int8': choose float32 (exact, the default) or bfloat16"),
     (["--opt", "max_units"], "talk.wav", "out.wav", "--opt 'max_units': expected KEY=VALUE"),
     (["--opt", "max_units=-5"], "talk.wav", "out.wav", "task 'continuation': option max_units=-5: must be at least 1"),
     (["--opt", "max_units=lots"], "talk.wav", "out.wav", "option max_units='lots' is not a valid int"),
@@ -119,6 +120,13 @@ def test_an_input_without_speech_says_so_and_writes_nothing(files, inp):
     assert r.exit_code == 1, r.output
     assert f"{inp}: no speech in its 5.0 s of audio, so task 'continuation' has nothing to work on; nothing written (--allow-silence" in r.output
     assert not (files / "out.wav").exists()
+
+
+def test_bfloat16_backbones_run_a_task(files):
+    r = runner.invoke(cli.app, run_args(files, "--lm-dtype", "bfloat16", "--opt", "max_units=10", "--opt", "min_units=10", out="bf16.wav"))
+    assert r.exit_code == 0, r.output
+    assert sf.info(str(files / "bf16.wav")).frames > 0
+    (files / "bf16.wav").unlink()  # the bad-run tests expect no out.* files
 
 
 def test_allow_silence_runs_the_task_anyway(files):
@@ -194,6 +202,8 @@ def test_serve_names_a_malformed_task_option(files):
         r = streamgen("serve", "--bundle", str(files / "tiny"), "--opt", bad, timeout=60)
         assert r.returncode == 2, r.stderr
         assert r.stderr == f"error: --opt {bad!r}: expected KEY=VALUE, e.g. --opt max_units=100\n"
+    r = streamgen("serve", "--bundle", str(files / "tiny"), "--lm-dtype", "fp8", timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: --lm-dtype 'fp8': choose float32"), r.stderr
 
 
 def test_mp3_output_is_one_line_in_the_real_command(files):
@@ -257,6 +267,7 @@ def test_eval_names_its_mistakes_before_loading_anything(files):
         (["--chunk-ms", "0"], "--chunk-ms 0: must be from 10 to 10000 ms"),
         (["--opt", "k"], "--opt 'k': expected KEY=VALUE"),
         (["--limit", "0"], "--limit 0: must be at least 1"),
+        (["--lm-dtype", "float16"], "--lm-dtype 'float16': choose float32"),
     ]:
         r = runner.invoke(cli.app, base + extra)
         assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (extra, r.output)

@@ -120,7 +120,8 @@ TRAVEL = [("el metro sale del andén siete", "the metro leaves from platform sev
 FUNCTION_WORDS = {"the", "a", "an", "at", "on", "is", "of", "to", "from", "in", "for"}
 
 
-def test_live_translation_says_the_sentences_content_words(asr):
+@pytest.mark.parametrize("lm_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_live_translation_says_the_sentences_content_words(asr, lm_dtype):
     import asyncio
 
     from speech import espeak
@@ -131,6 +132,10 @@ def test_live_translation_says_the_sentences_content_words(asr):
     from streamgen.pipeline.stats import Stats
 
     b = streamgen.load_bundle(BUNDLE)
+    if lm_dtype is not None:  # --lm-dtype: the backbones only; the units and the vocoder stay float32
+        b.lm_to(lm_dtype)
+        assert {p.dtype for p in b.backbones["translation"].parameters()} == {p.dtype for p in b.mbart.parameters()} == {lm_dtype}
+        assert {p.dtype for p in b.unit_vocoder.parameters()} == {x.dtype for x in b.logmel_units.buffers()} == {torch.float32}
     said, heard_words = 0, []
     for spanish, english in TRAVEL:
         engine = build_engine(b, "translation", chunk_ms=320)

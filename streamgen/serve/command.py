@@ -47,6 +47,7 @@ def serve(
     opt: list[str] = typer.Option([], "--opt", help="Default task option KEY=VALUE (repeatable)."),
     bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the shipped one)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    lm_dtype: Optional[str] = typer.Option(None, help="Unit mBART backbones in float32 (the default, exact) or bfloat16 (faster on CPUs with AMX and on GPUs)."),
     chunk_ms: int = typer.Option(320, help="Pipeline chunk size in ms."),
     left_context_ms: int = typer.Option(2000, help="Encoder left context in ms (-1: everything)."),
     lookahead_ms: int = typer.Option(100, help="Encoder look-ahead in ms."),
@@ -74,7 +75,7 @@ def serve(
     """Serve live sessions: a web page, a WebSocket endpoint, /metrics, and MQTT cluster workers."""
     import logging
 
-    from ..options import UsageError, fail, need_module, open_bundle, parse_kv
+    from ..options import UsageError, check_lm_dtype, fail, need_module, open_bundle, parse_kv
     from ..pipeline.engine import build_engine
     from ..pipeline.tasks import UnknownTask
 
@@ -89,6 +90,7 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         options = parse_kv(opt)
+        lm = check_lm_dtype(lm_dtype)
     except UsageError as e:
         fail(str(e))
     host, port = parse_hostport(http)
@@ -106,7 +108,7 @@ def serve(
                                               password=os.environ.get("STREAMGEN_MQTT_PASSWORD"), ca=mqtt_ca, cert=mqtt_cert, key=mqtt_key)
         except ValueError as e:
             fail(str(e))
-    b = open_bundle(bundle, device)
+    b = open_bundle(bundle, device, lm)
     try:
         engine = build_engine(b, task, options, chunk_ms=chunk_ms, left_context_ms=None if left_context_ms < 0 else left_context_ms,
                               lookahead_ms=None if lookahead_ms < 0 else lookahead_ms,
