@@ -104,13 +104,15 @@ class Bundle:
         return self
 
     def lm_to(self, dtype: torch.dtype) -> Bundle:
-        """The Unit mBART backbones (the shared one and the tasks' own) in `dtype`; the unit encoder,
-        the vocoder and the prompts stay as they are. On a CPU with AMX, bfloat16 backbones run
-        translation's source encodes and decoder steps faster than float32 (bench/RESULTS.md), at the
-        cost of exactness between batched and lone sessions, which float32 keeps."""
+        """The Unit mBART backbones (the shared one and the tasks' own) in `dtype` where it pays: on
+        a GPU the whole backbone; on a CPU its encoder stack only, whose batched matmuls (translation
+        re-encodes the grown source at every decision) run ~3.4x faster in bfloat16 on a CPU with
+        AMX, while the decoder's one-token steps, small matmuls, run slower there and stay float32
+        (bench/RESULTS.md). The unit encoder, the vocoder and the prompts stay as they are. float32,
+        the default, keeps batched sessions exactly equal to lone ones; bfloat16 does not."""
         for m in (self.mbart, *self.backbones.values()):
             if m is not None:
-                m.to(dtype=dtype)
+                (m if m.embed_tokens.weight.is_cuda else m.encoder).to(dtype=dtype)
         return self
 
     # --- the whole-utterance API --------------------------------------------------------------

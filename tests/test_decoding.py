@@ -209,3 +209,22 @@ def test_prefill_equals_single_steps(mbart):
     b = mbart.start(src, kv, capacity=2)
     pre = torch.cat([mbart.step(b, toks[:, :12]), mbart.step(b, toks[:, 12:])], dim=1)
     assert (pre - singles).abs().max() <= 1e-5 and torch.equal(a.lengths, b.lengths)
+
+
+def test_an_encoder_stack_in_bfloat16_feeds_the_float32_decoder(mbart):
+    """--lm-dtype bfloat16 on a CPU: the encoder stack alone in bfloat16. The decoder, its cache and
+    the logits stay float32; incremental decoding still equals the full forward (both read the same
+    encoder output), and the prompt's encoder prefix follows the encoder's dtype."""
+    import copy
+
+    src, prev = units_to_source(random_units(30))[None], prev_tokens(40)[None]
+    prompt = make_prompt(mbart)
+    ref = [mbart(src, prev, kv) for kv in (None, prompt.shared_kv(mbart))]
+    half = copy.deepcopy(mbart)
+    half.encoder.to(torch.bfloat16)
+    for kv, want in zip((None, prompt.shared_kv(half)), ref):
+        full = half(src, prev, kv)
+        assert full.dtype == torch.float32 and half.start(src, kv).k[0].dtype == torch.float32
+        assert (full - incremental_logits(half, src, prev, kv)).abs().max() <= 1e-5
+        assert 0 < (full - want).abs().max() < 0.05 * want.abs().max()  # bfloat16's rounding, no more
+    assert prompt.shared_kv(half).encoder[0][0].dtype == torch.bfloat16 and prompt.shared_kv(mbart).encoder[0][0].dtype == torch.float32

@@ -132,9 +132,11 @@ def test_live_translation_says_the_sentences_content_words(asr, lm_dtype):
     from streamgen.pipeline.stats import Stats
 
     b = streamgen.load_bundle(BUNDLE)
-    if lm_dtype is not None:  # --lm-dtype: the backbones only; the units and the vocoder stay float32
+    if lm_dtype is not None:  # --lm-dtype on a CPU: the backbones' encoder stacks; the rest stays float32
         b.lm_to(lm_dtype)
-        assert {p.dtype for p in b.backbones["translation"].parameters()} == {p.dtype for p in b.mbart.parameters()} == {lm_dtype}
+        for m in (b.backbones["translation"], b.mbart):
+            assert {p.dtype for p in m.encoder.parameters()} == {lm_dtype}
+            assert {p.dtype for p in m.decoder.parameters()} == {m.embed_tokens.weight.dtype} == {torch.float32}
         assert {p.dtype for p in b.unit_vocoder.parameters()} == {x.dtype for x in b.logmel_units.buffers()} == {torch.float32}
     said, heard_words = 0, []
     for spanish, english in TRAVEL:

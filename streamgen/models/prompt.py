@@ -48,10 +48,9 @@ class DeepPrompt(nn.Module):
 
     def kv(self, model: UnitMBart) -> PromptKV:
         """The prefix K/V of every layer, differentiable w.r.t. the prompt (for training)."""
-        dtype = model.embed_tokens.weight.dtype
         out = {}
         for stack in STACKS:
-            layers = getattr(model, stack).layers
+            layers, dtype = getattr(model, stack).layers, getattr(model, stack).dtype
             if stack not in self.cfg.stacks:
                 out[stack] = (None,) * len(layers)
                 continue
@@ -65,7 +64,7 @@ class DeepPrompt(nn.Module):
         Recomputed only when the model, its device or dtype, or the prompt's values change
         (parameter version counters move on every in-place update, e.g. an optimizer step)."""
         w = model.embed_tokens.weight
-        key = (id(model), w.device, w.dtype, tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
+        key = (id(model), w.device, w.dtype, model.encoder.dtype, tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
         if self._shared is None or self._shared[0] != key:
             with torch.no_grad():
                 self._shared = (key, self.kv(model))

@@ -141,6 +141,10 @@ class Stack(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.dim) if cfg.normalize_before else None
         self.drop = nn.Dropout(cfg.dropout)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_positions.weight.dtype
+
     def embed(self, tokens_emb: Tensor, positions: Tensor) -> Tensor:
         x = tokens_emb + self.embed_positions(positions)
         if self.layernorm_embedding is not None:
@@ -325,13 +329,14 @@ class UnitMBart(nn.Module):
         """src_tokens [B, S] (right-padded with <pad>) -> encoder output [B, S, d]. `prompt`: one for
         every row, or one per row (a batch of several tasks)."""
         src_mask = src_tokens.ne(PAD)
-        x = self.encoder.embed(self.token_embedding(src_tokens), make_positions(src_tokens))
+        emb = self.token_embedding(src_tokens).to(self.encoder.dtype)  # the encoder stack may run in another dtype
+        x = self.encoder.embed(emb, make_positions(src_tokens))
         key_mask = src_mask[:, None, None, :]  # [B,1,1,S]
         prompts = prompt if isinstance(prompt, list) else [prompt] * src_tokens.shape[0]
         groups = group_prompts(prompts, src_tokens.device)
         for i, layer in enumerate(self.encoder.layers):
             x = layer(x, layer.self_attn.kv, key_mask, prefix=layer_prefix(groups, "encoder", i))
-        return self.encoder.finish(x)
+        return self.encoder.finish(x).to(self.embed_tokens.weight.dtype)
 
     # --- decoder, all positions at once --------------------------------------------------------
 
