@@ -34,7 +34,7 @@ import torch
 from streamgen.bundle import load_bundle
 from streamgen.io.files import read_audio
 from streamgen.io.memory import MemorySink
-from streamgen.options import UsageError, parse_kv
+from streamgen.options import LM_DTYPE_HELP, LM_DTYPES, UsageError, parse_kv
 from streamgen.pipeline.items import AudioChunk, End
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
@@ -157,9 +157,7 @@ def main() -> None:
     ap.add_argument("--public-random", action="store_true", help="random weights at the public model sizes instead of a bundle")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--lm-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="the Unit mBART backbones only in this dtype (the units and the vocoder stay in --dtype): "
-                         "bfloat16 on a CPU with AMX")
+    ap.add_argument("--lm-dtype", default=None, choices=LM_DTYPES, help=LM_DTYPE_HELP + " The rest stays in --dtype.")
     ap.add_argument("--tasks", default="resynthesis,translation,continuation",
                     help="comma-separated; each a task name with optional :KEY=VALUE option overrides")
     ap.add_argument("--levels", default="1,2,4,8,16,32,64")

@@ -16,7 +16,7 @@ import typer
 from .bundle import Bundle, BundleError, load_bundle
 from .models.checkpoints import CheckpointError
 from .models.prompt import count_parameters
-from .options import fail, open_bundle
+from .options import LM_DTYPE_HELP, fail, open_bundle
 from .pipeline.stats import figures_help
 
 DEBUG = os.environ.get("STREAMGEN_DEBUG", "") not in ("", "0")
@@ -533,7 +533,7 @@ def evaluate_cmd(
     no_prompt: bool = typer.Option(False, "--no-prompt", help="The unprompted backbone (the no-prompt baseline)."),
     mbart: Optional[Path] = typer.Option(None, help="Unit mBART weights (safetensors) replacing those the task runs on (the shared backbone, or the task's own), e.g. a `train-prompt --full` run."),
     device: str = typer.Option("cpu"), seed: int = typer.Option(0),
-    lm_dtype: Optional[str] = typer.Option(None, help="Unit mBART backbones in float32 (the default, exact) or bfloat16 (faster on CPUs with AMX and on GPUs)."),
+    lm_dtype: Optional[str] = typer.Option(None, help=LM_DTYPE_HELP),
 ):
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
     from .eval.run import evaluate
@@ -627,7 +627,7 @@ def run(
     opt: list[str] = typer.Option([], "--opt", help="Task option KEY=VALUE (repeatable)."),
     bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the shipped one)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    lm_dtype: Optional[str] = typer.Option(None, help="Unit mBART backbones in float32 (the default, exact) or bfloat16 (faster on CPUs with AMX and on GPUs)."),
+    lm_dtype: Optional[str] = typer.Option(None, help=LM_DTYPE_HELP),
     chunk_ms: int = typer.Option(100, help="Pipeline chunk size in ms (each chunk runs the encoder once)."),
     left_context_ms: int = typer.Option(2000, help="Encoder left context in ms (-1: everything)."),
     lookahead_ms: int = typer.Option(100, help="Encoder look-ahead in ms (-1: until the end of input)."),

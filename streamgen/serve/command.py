@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from ..options import LM_DTYPE_HELP
+
 TOKEN_CHARS = re.compile(r"^[A-Za-z0-9._~+-]{16,512}$")
 
 
@@ -47,7 +49,7 @@ def serve(
     opt: list[str] = typer.Option([], "--opt", help="Default task option KEY=VALUE (repeatable)."),
     bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the shipped one)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    lm_dtype: Optional[str] = typer.Option(None, help="Unit mBART backbones in float32 (the default, exact) or bfloat16 (faster on CPUs with AMX and on GPUs)."),
+    lm_dtype: Optional[str] = typer.Option(None, help=LM_DTYPE_HELP),
     chunk_ms: int = typer.Option(320, help="Pipeline chunk size in ms."),
     left_context_ms: int = typer.Option(2000, help="Encoder left context in ms (-1: everything)."),
     lookahead_ms: int = typer.Option(100, help="Encoder look-ahead in ms."),
