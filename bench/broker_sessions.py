@@ -39,6 +39,7 @@ from services import Mosquitto  # noqa: E402  the tests' broker on loopback
 
 from streamgen.bundle import load_bundle  # noqa: E402
 from streamgen.serve.cluster import cluster_session  # noqa: E402
+from streamgen.options import LM_DTYPE_HELP, LM_DTYPES  # noqa: E402
 
 PREFIX = "bench"
 
@@ -46,11 +47,13 @@ PREFIX = "bench"
 class Worker:
     """`streamgen serve --mqtt` as cluster worker `name`, one torch thread; its console kept in `lines`."""
 
-    def __init__(self, name: str, port: int, bundle: str | None, max_sessions: int):
+    def __init__(self, name: str, port: int, bundle: str | None, max_sessions: int, lm_dtype: str | None = None):
         cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--http", "127.0.0.1:0", "--status-every", "0",
                "--mqtt", f"mqtt://127.0.0.1:{port}/{PREFIX}", "--worker-id", name, "--max-sessions", str(max_sessions)]
         if bundle:
             cmd += ["--bundle", bundle]
+        if lm_dtype:
+            cmd += ["--lm-dtype", lm_dtype]
         self.name, self.lines = name, []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -155,6 +158,7 @@ def main() -> None:
     ap.add_argument("--pause-s", type=float, default=0.0, help="as bench/sessions.py: talkers who pause between sentences")
     ap.add_argument("--max-sessions", type=int, default=64, help="per worker (beyond it, its engine refuses what it cannot keep real-time)")
     ap.add_argument("--max-lag-ms", type=float, default=250.0)
+    ap.add_argument("--lm-dtype", default=None, choices=LM_DTYPES, help="each worker's `serve --lm-dtype`: " + LM_DTYPE_HELP)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -167,13 +171,13 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {args.workers} `serve --mqtt` workers (1 thread each) behind mosquitto on "
           f"loopback, load average {load:.1f}, {args.seconds:g} s per talker, {args.chunk_ms} ms blocks"
-          + (f", {args.pause_s:g} s pauses" if args.pause_s else ""), flush=True)
+          + (f", {args.pause_s:g} s pauses" if args.pause_s else "") + (f", LM in {args.lm_dtype}" if args.lm_dtype else ""), flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "workers": args.workers, "load_average": load, "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
         names = [f"w{i}" for i in range(args.workers)]
-        workers = [Worker(name, broker.port, args.bundle, args.max_sessions) for name in names]
+        workers = [Worker(name, broker.port, args.bundle, args.max_sessions, args.lm_dtype) for name in names]
         try:
             asyncio.run(wait_online(broker.port, names, workers))
             for task in args.tasks.split(","):
