@@ -113,10 +113,10 @@ done
 #      denoising on English and Spanish units (the backbone's sentences and both sides of the travel training
 #      pairs; dev: its dev sentences and 40 travel dev pairs), then fully fine-tuned on the travel pairs and put
 #      into bundle_ship as the translation task's own backbone (it replaces the translation prompt). What ships
-#      (2026-11-27, bench/QUALITY.md): this pretraining to epoch 18 on the CPU (dev 1.033, stopped there), then 7
-#      epochs more on an NVIDIA H200 at batch 32 from those weights with fresh Adam (3 at lr 3.9e-4, then 4 at
-#      3e-4: dev 0.927; the commands are in QUALITY.md), fine-tuned below with residual dropout 0.3 for 10
-#      epochs (dev 1.827; 4 minutes on the H200, about 50 CPU-minutes). The whole 40-epoch pretraining is about
+#      (2026-11-27, bench/QUALITY.md): this pretraining to epoch 18 on the CPU (dev 1.033, stopped there), then 3
+#      epochs more on an NVIDIA H200 at batch 32 from those weights with fresh Adam (lr 3.9e-4: dev 0.931; the
+#      commands are in QUALITY.md), fine-tuned below with residual dropout 0.3 for 10 epochs (dev 1.827; 4
+#      minutes on the H200, about 50 CPU-minutes). The whole 40-epoch pretraining is about
 #      7 CPU-hours; the training loop ran at only 3-9 steps a second on the H200, so there it is about an hour.
 E=$R/lm_d256_es$X
 mkdir -p "$E/bundle"
