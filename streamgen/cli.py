@@ -555,16 +555,14 @@ def evaluate_cmd(
         lm = check_lm_dtype(lm_dtype)
     except UsageError as e:
         fail(str(e))
-    b = open_bundle(bundle, device)
-    if mbart is not None:
+    b = open_bundle(bundle, device, lm)
+    if mbart is not None:  # loading casts the weights to the backbone's dtypes, as open_bundle left them
         from safetensors.torch import load_file
 
         try:
             b.backbone(task).load_state_dict(load_file(str(mbart), device=str(b.device)))
         except Exception as e:  # a missing/corrupt file or weights of another shape
             fail(f"{mbart}: cannot replace the bundle's Unit mBART: {e}")
-    if lm is not None:
-        b.lm_to(lm)
     if no_prompt:
         b.prompts.pop(task, None)
     if prompt is not None:

@@ -108,11 +108,13 @@ def test_info_without_a_path_describes_the_default_bundle():
 
 
 # Held-out travel-domain sentences (the test split of `streamgen.train.travel`), spoken by espeak-ng's
-# Spanish voice, translated live at 320 ms chunks. Measured 2026-11-27: Whisper hears 14 of their 21
-# content words (the metro leaves on thursday at twenty | the ice cream cost twenty two euros fifty |
-# my flight is on the twenty second of november five to one | the bus leaves at five passes); in the
-# bundle before (a prompt on the shared d 128 backbone) it heard 1 (the class f private | this he was to
-# one take two nine five pun five | then see you twenty | the pus after lease it).
+# Spanish voice, translated live at 320 ms chunks. Measured 2026-11-27: Whisper heard 14 of their 21
+# content words with the first fine-tuned d 256 backbone (the metro leaves on thursday at twenty | the ice
+# cream cost twenty two euros fifty | my flight is on the twenty second of november five to one | the bus
+# leaves at five passes) and 11 with the one shipped since (better over the 200 test pairs: ASR-BLEU 19.0
+# -> 21.3; four sentences swing either way); with a prompt on the shared d 128 backbone it heard 1 (the
+# class f private | this he was to one take two nine five pun five | then see you twenty | the pus after
+# lease it).
 TRAVEL = [("el metro sale del andén siete", "the metro leaves from platform seven"),
           ("el helado cuesta cincuenta y ocho euros con cincuenta", "the ice cream costs fifty eight euros fifty"),
           ("mi vuelo es el diecisiete de marzo a la una menos veinticinco", "my flight is on the seventeenth of march at twenty five to one"),

@@ -61,10 +61,10 @@ class DeepPrompt(nn.Module):
     def shared_kv(self, model: UnitMBart) -> PromptKV:
         """The prefix K/V computed once and returned by reference to every session.
 
-        Recomputed only when the model, its device or dtype, or the prompt's values change
+        Recomputed only when the model, its device or its stacks' dtypes, or the prompt's values change
         (parameter version counters move on every in-place update, e.g. an optimizer step)."""
         w = model.embed_tokens.weight
-        key = (id(model), w.device, w.dtype, model.encoder.dtype, tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
+        key = (id(model), w.device, *(getattr(model, stack).dtype for stack in STACKS), tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
         if self._shared is None or self._shared[0] != key:
             with torch.no_grad():
                 self._shared = (key, self.kv(model))
