@@ -209,8 +209,9 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 LM_DTYPES = ("float32", "bfloat16")
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 arithmetic
 LM_DTYPE_HELP = ("Unit mBART precision: float32 (the default, exact) or bfloat16 (on a CPU the backbones' encoder stacks, "
-                 "faster with AMX; on a GPU the whole backbones).")
+                 "faster with AMX or AVX-512 BF16, slower without; on a GPU the whole backbones).")
 
 
 def check_lm_dtype(name: str | None):
@@ -224,6 +225,28 @@ def check_lm_dtype(name: str | None):
     return getattr(torch, name)
 
 
+def cpu_has_bfloat16_arithmetic(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes in bfloat16 natively (AMX or AVX-512 BF16). Without it torch emulates
+    bfloat16 matmuls, and the encoder stack runs 5-8x slower than in float32 (bench/RESULTS.md)."""
+    try:
+        flags = cpuinfo.read_text().split()
+    except OSError:  # not Linux: ask oneDNN
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def lm_dtype_warning(device: str, lm_dtype) -> str | None:
+    """The one line to print where --lm-dtype bfloat16 would slow the run down instead of speeding it up."""
+    import torch
+
+    if lm_dtype != torch.bfloat16 or torch.device(device).type != "cpu" or cpu_has_bfloat16_arithmetic():
+        return None
+    return ("--lm-dtype bfloat16: this CPU has no bfloat16 arithmetic (neither AMX nor AVX-512 BF16), so the "
+            "backbones' encoders run several times slower than in float32; leave --lm-dtype out here")
+
+
 def open_bundle(path: Path | None, device: str, lm_dtype=None):
     """The given bundle, else the one shipped with streamgen; its Unit mBART backbones in `lm_dtype`
     where given (a torch dtype, see `check_lm_dtype`)."""
@@ -233,4 +256,6 @@ def open_bundle(path: Path | None, device: str, lm_dtype=None):
         b = load_bundle(path, device=device)
     except BundleError as e:
         fail(str(e))
+    if (note := lm_dtype_warning(device, lm_dtype)) is not None:
+        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
     return b.lm_to(lm_dtype) if lm_dtype is not None else b

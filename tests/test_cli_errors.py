@@ -18,6 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 import streamgen.cli as cli
+import streamgen.options as options
 from streamgen.io.files import FileSink
 from streamgen.pipeline.items import AudioOut, End, SessionError
 from streamgen.testing import random_bundle
@@ -122,11 +123,34 @@ def test_an_input_without_speech_says_so_and_writes_nothing(files, inp):
     assert not (files / "out.wav").exists()
 
 
-def test_bfloat16_backbones_run_a_task(files):
+@pytest.mark.parametrize("bf16_cpu", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_bfloat16_backbones_run_a_task(files, monkeypatch, bf16_cpu):
+    """bfloat16 runs either way; where the CPU has no bfloat16 arithmetic (measured 5-8x slower
+    encodes there) one warning line says so and how to avoid it."""
+    monkeypatch.setattr(options, "cpu_has_bfloat16_arithmetic", lambda: bf16_cpu)
     r = runner.invoke(cli.app, run_args(files, "--lm-dtype", "bfloat16", "--opt", "max_units=10", "--opt", "min_units=10", out="bf16.wav"))
     assert r.exit_code == 0, r.output
     assert sf.info(str(files / "bf16.wav")).frames > 0
     (files / "bf16.wav").unlink()  # the bad-run tests expect no out.* files
+    warned = [line for line in r.output.splitlines() if line.startswith("warning: --lm-dtype bfloat16")]
+    assert len(warned) == (0 if bf16_cpu else 1), r.output
+    if warned:
+        assert "no bfloat16 arithmetic" in warned[0] and "leave --lm-dtype out" in warned[0]
+
+
+def test_the_bfloat16_warning_is_for_cpus_without_it_only(monkeypatch, tmp_path):
+    probe = options.cpu_has_bfloat16_arithmetic
+    monkeypatch.setattr(options, "cpu_has_bfloat16_arithmetic", lambda: False)
+    assert options.lm_dtype_warning("cpu", None) is None
+    assert options.lm_dtype_warning("cpu", torch.float32) is None
+    assert options.lm_dtype_warning("cuda", torch.bfloat16) is None
+    assert options.lm_dtype_warning("cpu", torch.bfloat16) is not None
+    monkeypatch.setattr(options, "cpu_has_bfloat16_arithmetic", lambda: True)
+    assert options.lm_dtype_warning("cpu", torch.bfloat16) is None
+    info = tmp_path / "cpuinfo"
+    for flags, fast in (("fpu sse avx avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx512f amx_bf16 amx_tile", True)):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert probe(info) is fast
 
 
 def test_allow_silence_runs_the_task_anyway(files):
