@@ -221,7 +221,8 @@ def check_lm_dtype(name: str | None):
     if name is None:
         return None
     if name not in LM_DTYPES:
-        raise UsageError(f"--lm-dtype {name!r}: choose float32 (exact, the default) or bfloat16 (faster on CPUs with AMX and on GPUs)")
+        raise UsageError(f"--lm-dtype {name!r}: choose {LM_DTYPES[0]} (exact, the default) or {LM_DTYPES[1]} "
+                         "(faster on GPUs and on CPUs with AMX or AVX-512 BF16)")
     return getattr(torch, name)
 
 

@@ -197,11 +197,12 @@ class Engine:
     def new_policy(self, task: str, options: dict) -> tuple[TaskPlugin, Policy, Decoder | None]:
         plugin = self.plugin(task)
         opts = plugin.resolve_options(options, bundle=self.bundle)
-        if plugin.uses_lm and not self.bundle.has_backbone(plugin.name):
+        has_lm = self.bundle.has_backbone(plugin.name)
+        if plugin.uses_lm and not has_lm:
             raise ValueError(f"task {task!r} needs a speech LM and this bundle has none")
         lm = self.decoder_for(plugin.name) if plugin.uses_lm else None
         prompt = self.prompt_for(plugin) if plugin.uses_lm else None
-        cfg = self.bundle.backbone(plugin.name).cfg if self.bundle.has_backbone(plugin.name) else None
+        cfg = self.bundle.backbone(plugin.name).cfg if has_lm else None
         decoder = UnitDecoder(cfg, prompt, Sampling(**plugin.sampling), plugin.prefix_tokens, self.cfg.seed, self.quiet_units)
         return plugin, plugin.make_policy(decoder, opts), lm
 
