@@ -116,8 +116,7 @@ done
 #      (2026-11-27, bench/QUALITY.md): this pretraining to epoch 18 on the CPU (dev 1.033, stopped there), then 3
 #      epochs more on an NVIDIA H200 at batch 32 from those weights with fresh Adam (lr 3.9e-4: dev 0.931; the
 #      commands are in QUALITY.md), fine-tuned below with residual dropout 0.3 for 10 epochs (dev 1.827; 4
-#      minutes on the H200, about 50 CPU-minutes), then 6 epochs more at lr 2e-4 on the CPU (dev 1.813; 32
-#      CPU-minutes). The whole 40-epoch pretraining is about
+#      minutes on the H200, about 50 CPU-minutes). The whole 40-epoch pretraining is about
 #      7 CPU-hours; the training loop ran at only 3-9 steps a second on the H200, so there it is about an hour.
 E=$R/lm_d256_es$X
 mkdir -p "$E/bundle"
@@ -158,11 +157,6 @@ model = streamgen.load_bundle(f"{E}/bundle").mbart
 model.load_state_dict(load_file(f"{E}/travel_full/best_mbart.safetensors"))
 save_backbone(ship, "translation", model)
 PY
-# ... and its continuation from those weights, written back into bundle_ship as the translation backbone
-RESUME=; [ -f "$E/travel_full_more/state.pt" ] && RESUME=--resume
-.venv/bin/streamgen train-prompt --full --bundle "$R/bundle_ship$X" --task translation --train "$TU/tr_train.tsv" --dev "$TU/tr_dev.tsv" \
-  --out "$E/travel_full_more" --device "$DEVICE" --lr 2e-4 --warmup 50 --epochs 6 --batch-size 16 --patience 3 --dropout 0.3 \
-  --into-bundle $RESUME
 # ASR-BLEU of the shipped translation offline and at the aim's condition (streamed, 320 ms chunks)
 $PY bench/travel_translation.py --bundle "$R/bundle_ship$X" --pairs "$TU/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60
 .venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
