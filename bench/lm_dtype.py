@@ -36,10 +36,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.manual_seed(0)
-    b = load_bundle(args.bundle)
-    m32 = b.backbone("translation").float().eval()
-    m16 = copy.deepcopy(m32)
-    m16.encoder.to(torch.bfloat16)  # what Bundle.lm_to does on a CPU
+    m32 = load_bundle(args.bundle).backbone("translation").eval()
+    m16 = load_bundle(args.bundle).lm_to(torch.bfloat16).backbone("translation").eval()  # --lm-dtype bfloat16 on a CPU
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, bfloat16 arithmetic: {'yes' if cpu_has_bfloat16_arithmetic() else 'no'}")
     print("| call | float32 (ms) | bfloat16 (ms) | bfloat16 / float32 |\n|---|---|---|---|")

@@ -34,7 +34,7 @@ import torch
 from streamgen.bundle import load_bundle
 from streamgen.io.files import read_audio
 from streamgen.io.memory import MemorySink
-from streamgen.options import LM_DTYPE_HELP, LM_DTYPES, UsageError, lm_dtype_warning, parse_kv
+from streamgen.options import LM_DTYPE_HELP, LM_DTYPES, UsageError, cast_backbones, parse_kv
 from streamgen.pipeline.items import AudioChunk, End
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
@@ -184,10 +184,7 @@ def main() -> None:
         bundle = public_size_bundle().to(args.device, getattr(torch, args.dtype))
     else:
         bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
-    if args.lm_dtype:
-        if (note := lm_dtype_warning(args.device, getattr(torch, args.lm_dtype))) is not None:
-            print(f"warning: {note}", flush=True)
-        bundle.lm_to(getattr(torch, args.lm_dtype))
+    cast_backbones(bundle, args.device, getattr(torch, args.lm_dtype) if args.lm_dtype else None)
     wave = talker_wave(bundle.sample_rate, args.seconds, args.pause_s)
     levels = [int(x) for x in args.levels.split(",")]
     lookahead = bundle.vocoder.frame_context() if args.vocoder_windows else None  # that much look-ahead: exact

@@ -248,15 +248,21 @@ def lm_dtype_warning(device: str, lm_dtype) -> str | None:
             "backbones' encoders run several times slower than in float32; leave --lm-dtype out here")
 
 
+def cast_backbones(bundle, device: str, lm_dtype=None):
+    """The bundle's Unit mBART backbones in `lm_dtype` where given (`Bundle.lm_to`), after one warning
+    line on standard error where that dtype would slow this machine down (`lm_dtype_warning`)."""
+    if (note := lm_dtype_warning(device, lm_dtype)) is not None:
+        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+    return bundle.lm_to(lm_dtype) if lm_dtype is not None else bundle
+
+
 def open_bundle(path: Path | None, device: str, lm_dtype=None):
     """The given bundle, else the one shipped with streamgen; its Unit mBART backbones in `lm_dtype`
-    where given (a torch dtype, see `check_lm_dtype`)."""
+    where given (a torch dtype, see `check_lm_dtype` and `cast_backbones`)."""
     from .bundle import BundleError, load_bundle
 
     try:
         b = load_bundle(path, device=device)
     except BundleError as e:
         fail(str(e))
-    if (note := lm_dtype_warning(device, lm_dtype)) is not None:
-        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
-    return b.lm_to(lm_dtype) if lm_dtype is not None else b
+    return cast_backbones(b, device, lm_dtype)
