@@ -272,6 +272,53 @@ def test_local_agreement_commits_what_two_hypotheses_share(test_bundle):
     got = decide(mbart, wk, wk.on_source(src[:10], torch.arange(10), 5120))
     assert len(got) == 10 - 4  # wait-k: ratio * (source - k) units committed
 
+    # lookahead: each decision decodes at most 4 units past the committed ones (greedy units are the
+    # same as the whole hypothesis's first ones), so at most 4 are agreed and committed per decision;
+    # the end of input decodes the rest in full
+    la = LocalAgreement(UnitDecoder(mbart.cfg), chunk_ms=320, lookahead=4)
+    spoken = []
+    for i in range(4):
+        d = la.on_source(src[10 * i : 10 * i + 10], torch.arange(10 * i, 10 * i + 10), 5120 * (i + 1))
+        assert d.decode.max_new == 4
+        got = decide(mbart, la, d)
+        assert len(got) <= 4
+        spoken += got
+    rest = decide(mbart, la, la.on_end())
+    assert len(spoken) >= 4 and len(rest) > 4 and spoken + rest == reference[: len(spoken) + len(rest)]
+    with pytest.raises(ValueError, match="lookahead >= 0"):
+        LocalAgreement(UnitDecoder(mbart.cfg), lookahead=-1)
+
+def test_local_agreement_speaks_the_agreed_units_when_the_hypothesis_parts_not_when_it_ends(test_bundle):
+    """Units come to the policy one step at a time: the prefix shared with the previous hypothesis is
+    spoken at the first unit that differs (or once the previous one is covered); the rest of the
+    decode only becomes the hypothesis the next decision compares with. A segment's closing decode
+    and wait-k's decodes are spoken `emit_every` units at a time as they come."""
+    from streamgen.pipeline.policies import LocalAgreement, UnitDecoder, WaitK
+
+    cfg = test_bundle.mbart.cfg
+    la = LocalAgreement(UnitDecoder(cfg), chunk_ms=320)
+    la.on_source(torch.arange(10), torch.arange(10), 5120)
+    for u in [1, 2, 3, 4, 5]:
+        assert la.on_decoded([u], False) is None  # nothing to agree with yet
+    assert la.on_decoded([], True) is None and la.previous == [1, 2, 3, 4, 5]
+    la.on_source(torch.arange(10, 20), torch.arange(10, 20), 10240)
+    assert la.on_decoded([1], False) is None and la.on_decoded([2], False) is None  # agrees so far
+    d = la.on_decoded([9], False)  # parts: [1, 2] are final now
+    assert d.commit.tolist() == [1, 2] and la.committed.tolist() == [1, 2]
+    assert la.on_decoded([8], False) is None and la.on_decoded([7], True) is None
+    assert la.previous == [9, 8, 7]
+    la.on_source(torch.arange(20, 30), torch.arange(20, 30), 15360)
+    assert [la.on_decoded([u], False) for u in (9, 8)] == [None, None]
+    d = la.on_decoded([7], False)  # covers the previous hypothesis: all of it agrees
+    assert d.commit.tolist() == [9, 8, 7] and la.on_decoded([6], True) is None and la.previous == [6]
+
+    wk = WaitK(UnitDecoder(cfg), k=0, chunk_ms=320)
+    wk.on_source(torch.arange(30), torch.arange(30), 5120)
+    got = [wk.on_decoded([u], u == 24) for u in range(25)]
+    assert [d is not None for d in got] == [i in (9, 19, 24) for i in range(25)]
+    assert torch.cat([d.commit for d in got if d is not None]).tolist() == list(range(25))
+
+
 @pytest.mark.parametrize("knows_quiet", [False, True])
 def test_a_segment_closes_at_a_pause_made_of_several_quiet_units(test_bundle, knows_quiet):
     """Silence over a noise floor maps to a few log-mel units in short runs, not one unit held: with

@@ -4,7 +4,8 @@ A policy sees a session's source units as they become final (`on_source`) and th
 input (`on_end`), and answers with a `Decision` (or None): units to speak now, and/or a decode to
 run. The engine runs every session's decodes together (`models.generation.Decoder`) and hands the
 units back through `on_decoded` as they come; with `emit_every` > 0 they are spoken in chunks of
-that many while decoding goes on, else all at once when the decode is done (`decoded`). One decode
+that many while decoding goes on, else all at once when the decode is done (`decoded`); a policy
+may override `on_decoded` to speak them as soon as it knows they are final. One decode
 per session is in flight at a time; the session's next source units wait for it.
 
 Building blocks for task plugins:
@@ -14,8 +15,11 @@ Building blocks for task plugins:
 - `Continuation`: listen until the input ends, then speak; streams every `emit_every` units. Only
   the most recent `context` units of a long input are kept (the model's window).
 - `WaitK`: simultaneous; every `chunk_ms` of source, may commit up to ratio * (source units - k).
-- `LocalAgreement`: simultaneous; every `chunk_ms`, decode a full hypothesis and commit the prefix it
-  shares with the previous hypothesis (LA-2).
+- `LocalAgreement`: simultaneous; every `chunk_ms`, decode a full hypothesis (or at most `lookahead`
+  units of it) and commit the prefix it shares with the previous hypothesis (LA-2), spoken as soon
+  as the hypothesis parts from the previous one.
+  Both speak their decodes' units as they come (not when the decode is done), and all of a
+  segment's closing decode.
   Both simultaneous policies translate a long input segment by segment: a segment closes at a pause
   (a unit held for `pause_ms`, or the encoder's quiet units in a row as long: silence over a noise
   floor maps to several units) once it has `min_segment` units, or at `max_segment`
@@ -248,6 +252,8 @@ class Continuation(Policy):
 class _Simultaneous(Policy):
     """Acts once per `chunk_ms` of source (`decide`); translates a long input segment by segment."""
 
+    emit_every = 10
+
     def __init__(self, decoder: UnitDecoder, chunk_ms: int = 320, ratio: float = 1.0, sample_rate: int = 16000,
                  max_segment: int = 400, min_segment: int = 25, pause_ms: int = 400, frame_ms: int = 20):
         super().__init__(decoder)
@@ -309,14 +315,15 @@ class _Simultaneous(Policy):
             return self.next_segment(None)
         return d
 
-    def decoded(self, units: list[int]) -> Decision | None:
-        d = self.speak(units) if self.closing else self.agree(units)
-        if self.closing:
-            return self.next_segment(d)
-        return d
+    def on_decoded(self, units: list[int], done: bool) -> Decision | None:
+        """Units are spoken while the decode goes on, not when it is done: a segment's closing decode
+        `emit_every` at a time, a decision's as `take` says."""
+        d = super().on_decoded(units, done) if self.closing else self.take(units, done)
+        return self.next_segment(d) if self.closing and done else d
 
-    def agree(self, units: list[int]) -> Decision | None:
-        return self.speak(units)
+    def take(self, units: list[int], done: bool) -> Decision | None:
+        """A decision's decode, its units as they come: all spoken, `emit_every` at a time."""
+        return super().on_decoded(units, done)
 
     def next_segment(self, spoken: Decision | None) -> Decision | None:
         """A segment is done: start the next from the units after the cut."""
@@ -353,22 +360,40 @@ class WaitK(_Simultaneous):
 
 
 class LocalAgreement(_Simultaneous):
-    def __init__(self, decoder: UnitDecoder, **kw):
+    """Commits the prefix a decision's hypothesis shares with the previous one. The shared prefix is
+    known, and spoken, as soon as the hypothesis parts from the previous one or covers it: the rest of
+    the decode only makes the hypothesis the next decision compares with."""
+
+    def __init__(self, decoder: UnitDecoder, lookahead: int = 0, **kw):
         super().__init__(decoder, **kw)
+        if lookahead < 0:
+            raise ValueError(f"local agreement needs lookahead >= 0 (0: the whole hypothesis), got {lookahead}")
+        self.lookahead = lookahead
         self.previous: list[int] = []  # last hypothesis, beyond the committed units
+        self.hyp: list[int] = []  # the decode in flight's units
+        self.agreed: int | None = None  # how many of them agree, once known
 
     def decide(self) -> Decision | None:
-        return self.decode(int(self.ratio * len(self.source)) + 10 - len(self.committed))
+        limit = int(self.ratio * len(self.source)) + 10 - len(self.committed)
+        self.hyp, self.agreed = [], None
+        return self.decode(min(limit, self.lookahead) if self.lookahead else limit)
 
-    def agree(self, hyp: list[int]) -> Decision | None:
-        n = 0
-        while n < min(len(hyp), len(self.previous)) and hyp[n] == self.previous[n]:
-            n += 1
-        self.previous = hyp[n:]
-        return self.speak(hyp[:n])
+    def take(self, units: list[int], done: bool) -> Decision | None:
+        self.hyp += units
+        d = None
+        if self.agreed is None:
+            n, hyp, prev = 0, self.hyp, self.previous
+            while n < min(len(hyp), len(prev)) and hyp[n] == prev[n]:
+                n += 1
+            if n < len(hyp) or n == len(prev) or done:  # parted from the previous one, covered it, or ended
+                self.agreed = n
+                d = self.speak(hyp[:n])
+        if done:
+            self.previous = self.hyp[self.agreed :]
+        return d
 
     def restart(self) -> None:
-        self.previous = []
+        self.previous, self.hyp, self.agreed = [], [], None
 
 
 class Inpainting(Policy):
