@@ -108,17 +108,25 @@ def test_info_without_a_path_describes_the_default_bundle():
 
 
 # Held-out travel-domain sentences (the test split of `streamgen.train.travel`), spoken by espeak-ng's
-# Spanish voice, translated live at 320 ms chunks. Measured 2026-11-27: Whisper heard 14 of their 21
-# content words with the first fine-tuned d 256 backbone (the metro leaves on thursday at twenty | the ice
-# cream cost twenty two euros fifty | my flight is on the twenty second of november five to one | the bus
-# leaves at five passes) and 11 with the one shipped since (better over the 200 test pairs: ASR-BLEU 19.0
-# -> 21.3; four sentences swing either way); with a prompt on the shared d 128 backbone it heard 1 (the
-# class f private | this he was to one take two nine five pun five | then see you twenty | the pus after
-# lease it).
+# Spanish voice, translated live at 320 ms chunks. Measured 2026-11-27 on the first four: Whisper heard
+# 14 of their 21 content words with the first fine-tuned d 256 backbone (the metro leaves on thursday at
+# twenty | the ice cream cost twenty two euros fifty | my flight is on the twenty second of november five
+# to one | the bus leaves at five passes) and 11 with the one shipped since (better over the 200 test
+# pairs: ASR-BLEU 19.0 -> 21.3; four sentences swing either way); with a prompt on the shared d 128
+# backbone it heard 1 (the class f private | this he was to one take two nine five pun five | then see
+# you twenty | the pus after lease it). Since the default policy became wait-k 30 (sixth session of
+# 2026-11-27: a quarter of local agreement's decoder steps, ASR-BLEU 21.1 against 21.9 over the 200
+# pairs) all eight are asked: wait-k 30 says 12 of their 40 content words (9 + 3; in bfloat16 too),
+# local agreement 13-14 (11 + 2-3; the last four come out as *the name square opens at ten past eleven*,
+# *to get to the bus l frustrated hats on from the right*).
 TRAVEL = [("el metro sale del andén siete", "the metro leaves from platform seven"),
           ("el helado cuesta cincuenta y ocho euros con cincuenta", "the ice cream costs fifty eight euros fifty"),
           ("mi vuelo es el diecisiete de marzo a la una menos veinticinco", "my flight is on the seventeenth of march at twenty five to one"),
-          ("el autobús sale el martes a las cinco menos cinco", "the bus leaves on tuesday at five to five")]
+          ("el autobús sale el martes a las cinco menos cinco", "the bus leaves on tuesday at five to five"),
+          ("la plaza mayor está delante del castillo", "the main square is in front of the castle"),
+          ("quisiera una cerveza, por favor", "i would like a beer please"),
+          ("para ir a la catedral, tome la segunda calle a la derecha", "to get to the cathedral take the second street on the right"),
+          ("el hotel cierra a las nueve menos diez", "the hotel closes at ten to nine")]
 FUNCTION_WORDS = {"the", "a", "an", "at", "on", "is", "of", "to", "from", "in", "for"}
 
 
@@ -149,4 +157,4 @@ def test_live_translation_says_the_sentences_content_words(asr, lm_dtype):
         content = set(english.split()) - FUNCTION_WORDS
         said += len(content & heard)
         heard_words.append(sorted(heard))
-    assert said >= 9, (said, heard_words)  # of 21
+    assert said >= 10, (said, heard_words)  # of 40

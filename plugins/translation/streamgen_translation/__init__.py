@@ -6,18 +6,19 @@ from streamgen.pipeline.tasks import TaskPlugin
 POLICIES = ("local-agreement", "wait-k")
 
 
-def make_policy(decoder: UnitDecoder, policy: str, chunk_ms: int, k: int, ratio: float):
+def make_policy(decoder: UnitDecoder, policy: str, chunk_ms: int, k: int, ratio: float, lookahead: int):
     if policy == "wait-k":
         return WaitK(decoder, k=k, chunk_ms=chunk_ms, ratio=ratio)
-    return LocalAgreement(decoder, chunk_ms=chunk_ms, ratio=ratio)
+    return LocalAgreement(decoder, chunk_ms=chunk_ms, ratio=ratio, lookahead=lookahead)
 
 
 plugin = TaskPlugin(
     name="translation",
     description="Simultaneous speech-to-speech translation, speaking while the talker goes on; "
-    "options: policy (local-agreement | wait-k), chunk_ms, k (wait-k, in units), ratio.",
+    "options: policy (wait-k | local-agreement), chunk_ms, k (wait-k, in units), ratio, "
+    "lookahead (local agreement: most units decoded past the committed ones per decision; 0: all).",
     policy=make_policy,
-    options={"policy": "local-agreement", "chunk_ms": 320, "k": 10, "ratio": 1.0},
+    options={"policy": "wait-k", "chunk_ms": 320, "k": 30, "ratio": 1.0, "lookahead": 0},
     choices={"policy": POLICIES},
-    ranges={"chunk_ms": (10, 10_000), "k": (0, None), "ratio": (0.1, 10.0)},
+    ranges={"chunk_ms": (10, 10_000), "k": (0, None), "ratio": (0.1, 10.0), "lookahead": (0, None)},
 )
