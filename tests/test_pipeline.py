@@ -288,6 +288,7 @@ def test_local_agreement_commits_what_two_hypotheses_share(test_bundle):
     with pytest.raises(ValueError, match="lookahead >= 0"):
         LocalAgreement(UnitDecoder(mbart.cfg), lookahead=-1)
 
+
 def test_local_agreement_speaks_the_agreed_units_when_the_hypothesis_parts_not_when_it_ends(test_bundle):
     """Units come to the policy one step at a time: the prefix shared with the previous hypothesis is
     spoken at the first unit that differs (or once the previous one is covered); the rest of the
@@ -311,6 +312,10 @@ def test_local_agreement_speaks_the_agreed_units_when_the_hypothesis_parts_not_w
     assert [la.on_decoded([u], False) for u in (9, 8)] == [None, None]
     d = la.on_decoded([7], False)  # covers the previous hypothesis: all of it agrees
     assert d.commit.tolist() == [9, 8, 7] and la.on_decoded([6], True) is None and la.previous == [6]
+    assert la.on_end().decode is not None  # the closing decode: every unit is spoken, 10 at a time
+    got = [la.on_decoded([u], u == 111) for u in range(100, 112)]
+    assert [d is not None for d in got] == [u in (109, 111) for u in range(100, 112)]
+    assert la.committed.tolist() == [1, 2, 9, 8, 7, *range(100, 112)]
 
     wk = WaitK(UnitDecoder(cfg), k=0, chunk_ms=320)
     wk.on_source(torch.arange(30), torch.arange(30), 5120)
