@@ -71,6 +71,8 @@ BAD = [
     (["--task", "translation", "--opt", "policy=greedy"], "talk.wav", "out.wav",
      "task 'translation': option policy='greedy': choose one of local-agreement, wait-k"),
     (["--task", "translation", "--opt", "ratio=0"], "talk.wav", "out.wav", "option ratio=0.0: must be from 0.1 to 10.0"),
+    (["--task", "translation", "--opt", "lookahead=24"], "talk.wav", "out.wav",
+     "option lookahead=24 is for policy=local-agreement (policy=wait-k decodes only what it commits)"),
     (["--task", "inpainting"], "talk.wav", "out.wav", "task 'inpainting' needs the span to fill: --opt mask_start=S --opt mask_end=E"),
     (["--task", "inpainting", "--opt", "mask_start=1.5", "--opt", "mask_end=0.5"], "talk.wav", "out.wav", "needs the span to fill"),
     (["--task", "inpainting", "--opt", "mask_start=1", "--opt", "mask_end=9"], "talk.wav", "out.wav",

@@ -12,6 +12,12 @@ def make_policy(decoder: UnitDecoder, policy: str, chunk_ms: int, k: int, ratio:
     return LocalAgreement(decoder, chunk_ms=chunk_ms, ratio=ratio, lookahead=lookahead)
 
 
+def check_options(options: dict, input_s, bundle) -> None:
+    if options["lookahead"] and options["policy"] != "local-agreement":
+        raise ValueError(f"task 'translation': option lookahead={options['lookahead']} is for policy=local-agreement "
+                         f"(policy={options['policy']} decodes only what it commits): add --opt policy=local-agreement or drop it")
+
+
 plugin = TaskPlugin(
     name="translation",
     description="Simultaneous speech-to-speech translation, speaking while the talker goes on; "
@@ -21,4 +27,5 @@ plugin = TaskPlugin(
     options={"policy": "wait-k", "chunk_ms": 320, "k": 30, "ratio": 1.0, "lookahead": 0},
     choices={"policy": POLICIES},
     ranges={"chunk_ms": (10, 10_000), "k": (0, None), "ratio": (0.1, 10.0), "lookahead": (0, None)},
+    validate=check_options,
 )
