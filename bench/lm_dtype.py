@@ -36,8 +36,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.manual_seed(0)
-    m32 = load_bundle(args.bundle).backbone("translation").eval()
-    m16 = load_bundle(args.bundle).lm_to(torch.bfloat16).backbone("translation").eval()  # --lm-dtype bfloat16 on a CPU
+    b = load_bundle(args.bundle)
+    m32 = copy.deepcopy(b.backbone("translation")).eval()
+    m16 = b.lm_to(torch.bfloat16).backbone("translation").eval()  # --lm-dtype bfloat16 on a CPU
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, bfloat16 arithmetic: {'yes' if cpu_has_bfloat16_arithmetic() else 'no'}")
     print("| call | float32 (ms) | bfloat16 (ms) | bfloat16 / float32 |\n|---|---|---|---|")

@@ -381,8 +381,9 @@ class LocalAgreement(_Simultaneous):
     def take(self, units: list[int], done: bool) -> Decision | None:
         self.hyp += units
         d = None
-        if self.agreed is None:
-            n, hyp, prev = 0, self.hyp, self.previous
+        if self.agreed is None:  # so far the hypothesis is a prefix of the previous one: compare the new units
+            hyp, prev = self.hyp, self.previous
+            n = len(hyp) - len(units)
             while n < min(len(hyp), len(prev)) and hyp[n] == prev[n]:
                 n += 1
             if n < len(hyp) or n == len(prev) or done:  # parted from the previous one, covered it, or ended
