@@ -5,7 +5,8 @@ session at a time), counting the decodes the policy asks for, the decoder row-st
 unit, or the end, for one session), and the units it commits. Steps are what a live session's
 decisions wait on and what the engine's batched steps are made of, so a policy with fewer steps per
 committed unit holds more sessions (bench/sessions.py measures how many). Also timed, one session
-alone: a decision's source encode + prefill, and each decoder step after it.
+alone: a decision's source work (a fresh decode's source encode + prefill of the committed units, or
+on a streaming backbone a resumed decode's new source units alone), and each decoder step.
 
     OMP_NUM_THREADS=1 python bench/policy_steps.py --manifest es2en_test_src.tsv --limit 20 \
         --policies policy=local-agreement policy=local-agreement:lookahead=24 policy=wait-k:k=30
@@ -32,13 +33,13 @@ from streamgen.train.synth import read_manifest
 
 class Counts:
     def __init__(self):
-        self.decodes = self.steps = self.units = 0
-        self.admit_s = self.advance_s = 0.0  # the source encodes + prefills, and the steps after them
+        self.decodes = self.steps = self.units = self.advances = 0
+        self.admit_s = self.advance_s = 0.0  # the decisions' source work (see the module doc), and the steps
 
 
 def count_steps(counts: Counts):
     """Wrap the Decoder to count decodes and row-steps and time its two kinds of call (a bench: for good)."""
-    submit, step, admit, advance = Decoder.submit, Decoder.step, Decoder._admit, Decoder._advance
+    submit, step, admit, resume, advance = Decoder.submit, Decoder.step, Decoder._admit, Decoder._resume, Decoder._advance
 
     def counted_submit(self, key, request):
         counts.decodes += 1
@@ -54,11 +55,12 @@ def count_steps(counts: Counts):
             t = time.perf_counter()
             out = f(self)
             setattr(counts, field, getattr(counts, field) + time.perf_counter() - t)
+            counts.advances += field == "advance_s"
             return out
         return call
 
     Decoder.submit, Decoder.step = counted_submit, counted_step
-    Decoder._admit, Decoder._advance = timed(admit, "admit_s"), timed(advance, "advance_s")
+    Decoder._admit, Decoder._resume, Decoder._advance = timed(admit, "admit_s"), timed(resume, "admit_s"), timed(advance, "advance_s")
 
 
 def main() -> None:
@@ -77,7 +79,7 @@ def main() -> None:
     counts = Counts()
     count_steps(counts)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {len(rows)} utterances of {manifest.name}, {args.chunk_ms} ms chunks")
-    print("| options | decodes | decoder steps | steps per decode | units committed | steps per unit | ms per encode + prefill | ms per step |")
+    print("| options | decodes | decoder steps | steps per decode | units committed | steps per unit | ms of source work per decode | ms per step |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in args.policies:
         try:
@@ -94,7 +96,7 @@ def main() -> None:
         c = counts
         print(f"| {spec} | {c.decodes} | {c.steps} | {c.steps / max(c.decodes, 1):.1f} | {c.units} | "
               f"{c.steps / max(c.units, 1):.2f} | {1000 * c.admit_s / max(c.decodes, 1):.1f} | "
-              f"{1000 * c.advance_s / max(c.steps - c.decodes, 1):.2f} |", flush=True)
+              f"{1000 * c.advance_s / max(c.advances, 1):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

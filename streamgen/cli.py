@@ -243,10 +243,11 @@ def demo(
 
 
 def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, device: str, resume: bool, new_model=None,
-           task: str | None = None, dropout: float | None = None):
+           task: str | None = None, dropout: float | None = None, wait_k: int | None = None, wait_ratio: float = 1.0):
     """Shared by train-prompt and train-backbone: load, train (torchrun-aware), report. A task's
     training starts from the backbone the task runs on (its own, where the bundle has one); `dropout`
-    replaces the backbone's residual dropout for this run."""
+    replaces the backbone's residual dropout for this run; `wait_k` trains it to stream (a causal
+    encoder, decoder positions limited to the wait-k schedule; see UnitMBartConfig)."""
     from .train.data import read_pairs
     from .train.loop import Trainer, setup_distributed, world
 
@@ -268,6 +269,13 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
             model.set_dropout(dropout)
         except ValueError as e:
             fail(f"--dropout: {e}")
+    if wait_k is not None:
+        from dataclasses import replace
+
+        try:
+            model.cfg = replace(model.cfg, wait_k=wait_k, wait_ratio=wait_ratio)
+        except ValueError as e:
+            fail(f"--wait-k/--wait-ratio: {e}")
     prompt = None
     if cfg.mode == "prompt":
         from .models.prompt import DeepPrompt, PromptConfig
@@ -315,6 +323,11 @@ def train_prompt(
                                      "fine-tuned Unit mBART as the task's own backbone (its sessions run on it)."),
     dropout: Optional[float] = typer.Option(None, help="Residual dropout while training (default: the backbone's own); "
                                             "with --full, a regulariser when the pairs are few."),
+    wait_k: Optional[int] = typer.Option(None, help="With --full: train the backbone to stream under wait-k with this k "
+                                         "(source units before the first output unit): a causal encoder, and each output "
+                                         "unit sees only the source the schedule has read, so live decisions never re-encode "
+                                         "the source or re-run the decoder over committed units."),
+    wait_ratio: float = typer.Option(1.0, help="With --wait-k: output units per source unit of the schedule."),
 ):
     """Prompt tuning: the backbone stays frozen; only the deep prompt learns. Run under torchrun for DDP.
     With --full, the whole backbone is fine-tuned for the task instead (the baseline)."""
@@ -323,7 +336,10 @@ def train_prompt(
     cfg = TrainConfig(mode="full" if full else "prompt", prompt_length=prompt_length, prompt_stacks=tuple(stacks.split(",")),
                       lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup, clip=clip,
                       patience=patience, seed=seed, save_every_s=60 * save_minutes)
-    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, task=task, dropout=dropout)
+    if wait_k is not None and not full:
+        fail("--wait-k trains the backbone to stream: it needs --full (a prompt cannot change the attention masks)")
+    b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, task=task, dropout=dropout,
+                              wait_k=wait_k, wait_ratio=wait_ratio)
     if into_bundle and rank == 0 and full:
         from safetensors.torch import load_file
 

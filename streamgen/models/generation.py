@@ -13,6 +13,17 @@ Sampling settings live in per-slot tensors; the randomness of a sampled token is
 (request seed, token index, vocabulary entry), so a request draws the same tokens whatever else
 shares its batch (batched = alone, greedy or sampled).
 
+Streams (a Unit mBART trained to stream, `UnitMBartConfig.wait_k`): a finished decode's slot is
+kept (parked) under its key with everything in it: the encoder cache, the source's cross-attention
+K/V, the decoder cache. The key's next request, when its source extends the parked one and its
+prefix is the parked decode's tokens, resumes there: only the new source tokens are encoded
+(`UnitMBart.extend_source`, batched over the tick's resumed streams) and the decoder goes on from its
+last token, with no prefill. The model's schedule makes that exact (a unit never sees source beyond
+the schedule's, so nothing decoded depends on what came later): a stream decoded decision by
+decision gives the units one decode of the whole source gives. A partial source (`complete=False`,
+no </s>) is decoded only as far as the schedule has read; a decode that ends at </s> ends its
+stream (later requests under the key get no units until its source starts anew).
+
 Static steps (`graphs=True`, the GPU path): the running rows are stepped as one block of the pool,
 rows [0, b) with b the next power of two (unused rows masked out), so a step has one of a few
 shapes; on CUDA each (b, cache size, prompt) is captured once as a CUDA graph and replayed (as in
@@ -98,6 +109,7 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     prompt: PromptKV | None = None
     seed: int = 0
+    complete: bool = True  # the source is all there is (ends with </s>); False: it will grow (a stream)
 
 
 @dataclass
@@ -106,6 +118,19 @@ class _Running:
     request: Request
     slot: int
     produced: int = 0
+    last: int | None = None  # the latest token chosen (fed to the cache by the next step)
+    fed: list[int] = field(default_factory=list)  # tokens chosen and fed since the prefix
+
+
+@dataclass
+class _Parked:
+    """A stream's slot between its decodes: the source tokens encoded into it, the decoder tokens in
+    its cache, and the token chosen last (not yet fed; </s>: the stream has ended)."""
+
+    slot: int
+    source: Tensor
+    fed: Tensor
+    last: int
 
 
 class Decoder:
@@ -122,6 +147,9 @@ class Decoder:
         self.free: list[int] = []
         self.waiting: list[tuple[object, Request]] = []
         self.running: dict[int, _Running] = {}  # by slot
+        self.parked: dict[object, _Parked] = {}  # streams between decodes, by key
+        self.resuming: list[tuple[object, Request, _Parked]] = []
+        self.streams = model.cfg.streams
         self.initial_slots = slots
         n = slots
         self.tokens = torch.full((n,), EOS, dtype=torch.long, device=self.device)  # last token per slot
@@ -144,27 +172,40 @@ class Decoder:
             raise ValueError(f"source of {len(request.source) - 1} units exceeds the model's {self.max_positions - 1}-unit context")
         if len(request.prefix) < 1:
             raise ValueError("a decode request needs at least the start token in its prefix")
+        parked = self.parked.pop(key, None)
+        if parked is not None:
+            if self._continues(parked, request):
+                self.resuming.append((key, request, parked))
+                return
+            self._release(parked.slot)  # a new source (the next segment): start afresh
         self.waiting.append((key, request))
 
     def cancel(self, key) -> None:
-        """Forget a key's waiting or running request (its session ended or failed)."""
+        """Forget a key's waiting, running or parked request (its session ended or failed)."""
         self.waiting = [(k, r) for k, r in self.waiting if k != key]
+        for key_, _, parked in [x for x in self.resuming if x[0] == key]:
+            self._release(parked.slot)
+        self.resuming = [x for x in self.resuming if x[0] != key]
+        if key in self.parked:
+            self._release(self.parked.pop(key).slot)
         for slot in [s for s, run in self.running.items() if run.key == key]:
             self._finish(slot)
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.resuming)
 
     @property
     def live(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.waiting) + len(self.resuming)
 
     @torch.no_grad()
     def step(self) -> list[tuple[object, list[int], bool]]:
         """One token for every running request, then admit the waiting ones (their first token).
         Returns (key, new units, done) per request that moved."""
         out: list[tuple[object, list[int], bool]] = []
+        if self.resuming:
+            out += self._resume()
         if self.running:
             out += self._advance()
         if self.waiting:
@@ -174,7 +215,44 @@ class Decoder:
     # --- internals --------------------------------------------------------------------------
 
     def _budget(self, r: Request) -> int:
-        return max(0, min(r.max_new, self.max_positions - len(r.prefix)))
+        n = min(r.max_new, self.max_positions - len(r.prefix))
+        if self.streams and not r.complete:  # only as far as the schedule has read
+            n = min(n, self.model.cfg.decodable(len(r.source)) - (len(r.prefix) - 1))
+        return max(0, n)
+
+    @staticmethod
+    def _continues(parked: _Parked, r: Request) -> bool:
+        """Whether a request goes on from a parked stream: its source extends the one encoded (a
+        complete one may add </s>) and its prefix is the decoded tokens (and the one chosen last)."""
+        n = len(parked.source)
+        if len(r.source) < n or not torch.equal(r.source[:n], parked.source):
+            return False
+        head = parked.fed if parked.last == EOS else torch.cat([parked.fed, torch.tensor([parked.last])])
+        return torch.equal(r.prefix, head)
+
+    def _resume(self) -> list[tuple[object, list[int], bool]]:
+        """Resumed streams: their new source tokens encoded in one batched call, then they run."""
+        batch, self.resuming = self.resuming, []
+        out: list[tuple[object, list[int], bool]] = []
+        grown = [(r, p) for _, r, p in batch if len(r.source) > len(p.source)]
+        if grown:
+            rows = torch.tensor([p.slot for _, p in grown], device=self.device)
+            new = [r.source[len(p.source):].to(self.device) for r, p in grown]
+            counts = torch.tensor([len(t) for t in new], device=self.device)
+            self.model.extend_source(self.pool, rows, pad_sequences(new), counts)
+        for key, r, p in batch:
+            p.source = r.source
+            if p.last == EOS or self._budget(r) == 0:  # ended at </s>, or the schedule has not read enough yet
+                self.parked[key] = p
+                out.append((key, [], True))
+                continue
+            self.running[p.slot] = _Running(key, r, p.slot)  # its prefix ends with the token the next step feeds
+            idx = torch.tensor([p.slot], device=self.device)
+            self.tokens[idx] = p.last
+            self.seed[idx] = r.seed & _M32
+            self.min_new[idx] = r.min_new
+            self.produced[idx] = 0
+        return out
 
     def _slots(self, n: int) -> list[int]:
         """n free slots, lowest first (the pool grows by doubling when full)."""
@@ -284,15 +362,27 @@ class Decoder:
         for s, tok in zip(slots, nxt.tolist()):  # the tick's one read of results
             run = self.running[s]
             run.produced += 1
+            if run.last is not None:  # this step fed it
+                run.fed.append(run.last)
+            run.last = tok
             eos = tok == EOS
             done = eos or run.produced >= self._budget(run.request)
             out.append((run.key, [] if eos else [tok - UNIT_OFFSET], done))
             if done:
-                self._finish(s)
+                self._park(s) if self.streams else self._finish(s)
         return out
+
+    def _park(self, slot: int) -> None:
+        """A stream's decode is done: keep its slot for the key's next request."""
+        run = self.running.pop(slot)
+        fed = torch.cat([run.request.prefix, torch.tensor(run.fed, dtype=torch.long)])
+        self.parked[run.key] = _Parked(slot, run.request.source, fed, run.last)
 
     def _finish(self, slot: int) -> None:
         self.running.pop(slot)
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
         self.pool.release([slot])
         self.free.append(slot)
 

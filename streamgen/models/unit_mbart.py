@@ -44,6 +44,31 @@ class UnitMBartConfig:
     layernorm_embedding: bool = True
     dropout: float = 0.1  # residual dropout; active only in training mode
     mask_token: int | None = None  # mBART's <mask> (inpainting); its index depends on the dictionary
+    # A model trained to stream (simultaneous translation): the encoder is causal (a source token
+    # sees only those before it, so a grown source never changes what was encoded), and decoder
+    # position q attends to the first `visible_source(q)` source tokens, the wait-k schedule
+    # k + floor(q / ratio) + 1 (so what was decoded never changes either). None: bidirectional
+    # encoder, every position sees the whole source (fairseq's Unit mBART).
+    wait_k: int | None = None
+    wait_ratio: float = 1.0
+
+    def __post_init__(self):
+        if self.wait_k is not None and (self.wait_k < 0 or not self.wait_ratio > 0):
+            raise ValueError(f"a streaming Unit mBART needs wait_k >= 0 and wait_ratio > 0, got {self.wait_k}, {self.wait_ratio}")
+
+    @property
+    def streams(self) -> bool:
+        return self.wait_k is not None
+
+    def visible_source(self, q: Tensor) -> Tensor:
+        """Source tokens decoder positions q (a LongTensor) attend to under the wait-k schedule."""
+        return self.wait_k + torch.floor(q.double() / self.wait_ratio).long() + 1
+
+    def decodable(self, source_tokens: int) -> int:
+        """How many decoder positions the schedule lets run with this many source tokens read: the q
+        with visible_source(q) <= source_tokens (q < (S - k) * ratio)."""
+        q = torch.arange(self.max_positions)
+        return int((self.visible_source(q) <= source_tokens).sum())
 
     @classmethod
     def from_dict(cls, d: dict) -> UnitMBartConfig:
@@ -164,6 +189,8 @@ class DecoderState:
     cross:     per decoder layer, (k, v) of the row's encoder output [B, H, S, D]
     src_mask:  [B, S] True at real source positions
     prompts:   per row, its task's shared prefix (held by reference, never copied) or None
+    enc:       a streaming model's encoder cache: per encoder layer, (k, v) [B, H, S, D] of the
+               source read so far, so a grown source encodes only its new tokens (None otherwise)
 
     Used as a pool of slots by the serving engine: a row is a slot; sessions `insert` their state
     into free slots and `release` them, and a step advances only the `active` rows, so nobody's
@@ -176,6 +203,7 @@ class DecoderState:
     cross: list[tuple[Tensor, Tensor]]
     src_mask: Tensor
     prompts: list[PromptKV | None]
+    enc: list[tuple[Tensor, Tensor]] | None = None
 
     def __post_init__(self):
         self._groups = None
@@ -211,7 +239,10 @@ class DecoderState:
         if length <= self.source_capacity:
             return
         new = max(length, 2 * self.source_capacity)
-        self.cross = [(F.pad(k, (0, 0, 0, new - k.shape[2])), F.pad(v, (0, 0, 0, new - v.shape[2]))) for k, v in self.cross]
+        widen = lambda kv: [(F.pad(k, (0, 0, 0, new - k.shape[2])), F.pad(v, (0, 0, 0, new - v.shape[2]))) for k, v in kv]
+        self.cross = widen(self.cross)
+        if self.enc is not None:
+            self.enc = widen(self.enc)
         self.src_mask = F.pad(self.src_mask, (0, new - self.source_capacity))
 
     def add_slots(self, n: int) -> None:
@@ -220,6 +251,8 @@ class DecoderState:
             return torch.cat([t, t.new_zeros((n, *t.shape[1:]))])
         self.k, self.v = [more(t) for t in self.k], [more(t) for t in self.v]
         self.cross = [(more(k), more(v)) for k, v in self.cross]
+        if self.enc is not None:
+            self.enc = [(more(k), more(v)) for k, v in self.enc]
         self.lengths, self.src_mask = more(self.lengths), more(self.src_mask)
         self.prompts = self.prompts + [None] * n
         self._groups = None
@@ -235,6 +268,8 @@ class DecoderState:
             self.v[i][idx, :, :C] = other.v[i]
             self.cross[i][0][idx, :, :S] = other.cross[i][0]
             self.cross[i][1][idx, :, :S] = other.cross[i][1]
+        for (k, v), (ok, ov) in zip(self.enc or [], other.enc or []):
+            k[idx, :, :S], v[idx, :, :S] = ok, ov
         self.src_mask[idx] = False
         self.src_mask[idx, :S] = other.src_mask
         self.lengths[idx] = other.lengths
@@ -261,6 +296,7 @@ class DecoderState:
             cross=[(k[rows], v[rows]) for k, v in self.cross],
             src_mask=self.src_mask[rows],
             prompts=[self.prompts[r] for r in rows.tolist()],
+            enc=None if self.enc is None else [(k[rows], v[rows]) for k, v in self.enc],
         )
 
     @staticmethod
@@ -273,6 +309,8 @@ class DecoderState:
             return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, n - t.shape[dim]))
 
         n_layers = len(states[0].k)
+        padded = lambda kvs: (torch.cat([pad_to(k, S, 2) for k, _ in kvs]), torch.cat([pad_to(v, S, 2) for _, v in kvs]))
+        streams = all(s.enc is not None for s in states)
         return DecoderState(
             k=[torch.cat([pad_to(s.k[i], C, 2) for s in states]) for i in range(n_layers)],
             v=[torch.cat([pad_to(s.v[i], C, 2) for s in states]) for i in range(n_layers)],
@@ -283,6 +321,7 @@ class DecoderState:
             ],
             src_mask=torch.cat([pad_to(s.src_mask, S, 1) for s in states]),
             prompts=[p for s in states for p in s.prompts],
+            enc=[padded([s.enc[i] for s in states]) for i in range(len(states[0].enc))] if streams else None,
         )
 
 
@@ -325,18 +364,40 @@ class UnitMBart(nn.Module):
 
     # --- encoder -------------------------------------------------------------------------------
 
-    def encode(self, src_tokens: Tensor, prompt: PromptKV | list[PromptKV | None] | None = None) -> Tensor:
+    def encode(self, src_tokens: Tensor, prompt: PromptKV | list[PromptKV | None] | None = None,
+               kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """src_tokens [B, S] (right-padded with <pad>) -> encoder output [B, S, d]. `prompt`: one for
-        every row, or one per row (a batch of several tasks)."""
+        every row, or one per row (a batch of several tasks). `kv`: a list that receives each layer's
+        self-attention keys and values (a streaming encoder's cache)."""
         src_mask = src_tokens.ne(PAD)
         emb = self.token_embedding(src_tokens).to(self.encoder.dtype)  # the encoder stack may run in another dtype
         x = self.encoder.embed(emb, make_positions(src_tokens))
         key_mask = src_mask[:, None, None, :]  # [B,1,1,S]
+        if self.cfg.streams:  # causal: token i sees tokens 0..i
+            S = src_tokens.shape[1]
+            key_mask = key_mask & torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
         prompts = prompt if isinstance(prompt, list) else [prompt] * src_tokens.shape[0]
         groups = group_prompts(prompts, src_tokens.device)
         for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, layer.self_attn.kv, key_mask, prefix=layer_prefix(groups, "encoder", i))
+
+            def keys(h: Tensor, layer: Layer = layer) -> tuple[Tensor, Tensor]:
+                k, v = layer.self_attn.kv(h)
+                if kv is not None:
+                    kv.append((k, v))
+                return k, v
+
+            x = layer(x, keys, key_mask, prefix=layer_prefix(groups, "encoder", i))
         return self.encoder.finish(x).to(self.embed_tokens.weight.dtype)
+
+    def cross_mask(self, src_mask: Tensor, q: Tensor) -> Tensor:
+        """Which source tokens decoder positions q ([T] or [B, T]) attend to: [B, 1, T, S], the real
+        ones, and for a streaming model only the schedule's first `visible_source(q)`."""
+        mask = src_mask[:, None, None, :]
+        if not self.cfg.streams:
+            return mask
+        seen = self.cfg.visible_source(q)
+        seen = seen[None] if seen.dim() == 1 else seen
+        return mask & (torch.arange(src_mask.shape[1], device=src_mask.device) < seen[:, None, :, None])
 
     # --- decoder, all positions at once --------------------------------------------------------
 
@@ -346,7 +407,7 @@ class UnitMBart(nn.Module):
         x = self.decoder.embed(self.token_embedding(prev_tokens), make_positions(prev_tokens))
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         self_mask = causal[None, None] & prev_tokens.ne(PAD)[:, None, None, :]  # [B,1,T,T]
-        cross_mask = src_mask[:, None, None, :]
+        cross_mask = self.cross_mask(src_mask, torch.arange(T, device=x.device))
         for i, layer in enumerate(self.decoder.layers):
             x = layer(
                 x, layer.self_attn.kv, self_mask, prefix=prompt.decoder[i] if prompt else None,
@@ -364,7 +425,8 @@ class UnitMBart(nn.Module):
     def start(self, src_tokens: Tensor, prompt: PromptKV | list[PromptKV | None] | None = None, capacity: int = 64) -> DecoderState:
         """Encode sources [B, S] and return a state ready for the first `step` (no tokens yet);
         `prompt` for every row or per row."""
-        enc = self.encode(src_tokens, prompt)
+        kv: list[tuple[Tensor, Tensor]] = []
+        enc = self.encode(src_tokens, prompt, kv=kv)
         B, H = src_tokens.shape[0], self.cfg.heads
         D = self.cfg.dim // H
         empty = enc.new_zeros(B, H, capacity, D)
@@ -376,7 +438,39 @@ class UnitMBart(nn.Module):
             cross=[layer.encoder_attn.kv(enc) for layer in self.decoder.layers],
             src_mask=src_tokens.ne(PAD),
             prompts=list(prompt) if isinstance(prompt, list) else [prompt] * B,
+            enc=kv if self.cfg.streams else None,
         )
+
+    def extend_source(self, state: DecoderState, rows: Tensor, tokens: Tensor, counts: Tensor) -> None:
+        """A streaming model's sources grow: rows' next source tokens (tokens [R, T], row r takes its
+        first counts[r]) run through the causal encoder against those rows' encoder caches, and their
+        cross-attention keys and values join the rows'. Nothing encoded before changes (the encoder is
+        causal), so this equals encoding the whole grown source, and no decoder cache is recomputed."""
+        if state.enc is None:
+            raise ValueError("extend_source needs a streaming Unit mBART (wait_k set) and its encoder cache")
+        dev = tokens.device
+        held = state.src_mask[rows].sum(1)  # a stream's source is contiguous: tokens it holds so far
+        T = tokens.shape[1]
+        state.grow_source(int(held.max()) + T)
+        pos = held[:, None] + torch.arange(T, device=dev)  # [R, T] source positions
+        x = self.encoder.embed(self.token_embedding(tokens).to(self.encoder.dtype), pos + PAD + 1)
+        mask = (torch.arange(state.source_capacity, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [R,1,T,S]
+        groups = group_prompts([state.prompts[r] for r in rows.tolist()], dev)
+        at = rows[:, None]
+        for i, layer in enumerate(self.encoder.layers):
+
+            def append(h: Tensor, i: int = i, layer: Layer = layer) -> tuple[Tensor, Tensor]:
+                k, v = layer.self_attn.kv(h)
+                ek, ev = state.enc[i]
+                ek[at, :, pos], ev[at, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
+                return ek[rows], ev[rows]
+
+            x = layer(x, append, mask, prefix=layer_prefix(groups, "encoder", i))
+        enc = self.encoder.finish(x).to(self.embed_tokens.weight.dtype)
+        for (ck, cv), layer in zip(state.cross, self.decoder.layers):
+            k, v = layer.encoder_attn.kv(enc)
+            ck[at, :, pos], cv[at, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
+        state.src_mask[at, pos] = torch.arange(T, device=dev)[None] < counts[:, None]
 
     def step(self, state: DecoderState, tokens: Tensor, active: Tensor | None = None, counts: Tensor | None = None,
              grow: bool = True) -> Tensor:
@@ -398,7 +492,7 @@ class UnitMBart(nn.Module):
         x = self.decoder.embed(self.token_embedding(tokens), pos + PAD + 1)
         visible = torch.arange(state.capacity, device=tokens.device)[None, None, :] <= pos[:, :, None]
         self_mask = visible[:, None]  # [B,1,T,C]: causal within the new tokens, all earlier entries
-        cross_mask = state.src_mask[:, None, None, :]
+        cross_mask = self.cross_mask(state.src_mask, pos)
         for i, layer in enumerate(self.decoder.layers):
 
             def append(h: Tensor, i: int = i, layer: Layer = layer) -> tuple[Tensor, Tensor]:

@@ -418,9 +418,9 @@ class Engine:
             raise ValueError(item.message)
         if isinstance(item, Control):
             if item.action == "task":
-                if s.decoding:
+                if s.decoder is not None:  # its decode in flight, or a stream parked between decodes
                     s.decoder.cancel(s.name)
-                    s.decoding = False
+                s.decoding = False
                 s.plugin, s.policy, s.decoder = self.new_policy(item.task or self.cfg.task, item.options)
             return
         if s.input_ended:
@@ -576,6 +576,8 @@ class Engine:
             if s.vocoder.done and s.policy_ended and not s.decoding:
                 with self.lock:
                     self.sessions.pop(s.name)
+                    if s.decoder is not None:  # a stream's slot kept between its decodes
+                        s.decoder.cancel(s.name)
                     if not s.source_ended:
                         self._close(s.name)
                     self._release_waiters(s)

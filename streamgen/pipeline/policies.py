@@ -30,7 +30,9 @@ Building blocks for task plugins:
   an input longer than the model's context is refused as soon as it exceeds it.
 
 An encoder-decoder re-encodes a grown source, which changes every cross-attention input, so each
-decision re-encodes the source and re-runs the decoder over the committed units in one prefill pass.
+decision re-encodes the source and re-runs the decoder over the committed units in one prefill pass;
+a backbone trained to stream (a causal encoder, decoder positions limited to the wait-k schedule)
+needs neither: its decisions resume one decode (`models.generation`).
 
 A plugin's own policy subclasses `Policy` and returns `self.speak(units)`, `self.decode(...)` or
 None from its hooks.
@@ -69,15 +71,32 @@ class UnitDecoder:
         """The most units one decode can produce (decoder positions minus the forced prefix)."""
         return self.cfg.max_positions - 1 - len(self.prefix_tokens)
 
-    def request(self, source: Tensor, committed: Tensor, max_new: int, min_new: int = 0, tokens: Tensor | None = None) -> Request:
+    @property
+    def streams(self) -> bool:
+        """The backbone was trained to stream under wait-k (see `UnitMBartConfig.wait_k`)."""
+        return self.cfg.streams
+
+    def decodable(self, source_units: int) -> int:
+        """A streaming backbone: how many units its schedule lets follow this many source units."""
+        return self.cfg.decodable(source_units) - len(self.prefix_tokens)
+
+    def request(self, source: Tensor, committed: Tensor, max_new: int, min_new: int = 0, tokens: Tensor | None = None,
+                complete: bool = True) -> Request:
         """Decode up to `max_new` units continuing `committed`, given the source units (stops at
-        </s>, never before `min_new`). `tokens` overrides the encoder input (e.g. a source with a <mask>)."""
-        src = units_to_source(source.cpu()) if tokens is None else tokens.cpu()
+        </s>, never before `min_new`). `tokens` overrides the encoder input (e.g. a source with a <mask>).
+        complete=False: more source will follow; a streaming backbone reads it without </s> and
+        decodes only as far as its schedule has read (the engine then resumes the same decode)."""
+        if tokens is not None:
+            src = tokens.cpu()
+        elif self.streams and not complete:
+            src = source.cpu().long() + UNIT_OFFSET
+        else:
+            src = units_to_source(source.cpu())
         if len(src) > self.cfg.max_positions:
             raise ValueError(f"source of {len(src) - 1} units exceeds the model's {self.max_units}-unit context")
         self.requests += 1
         return Request(src, decoder_prefix(self.prefix_tokens, committed), max_new, min_new, self.sampling, self.prompt,
-                       seed=(self.seed * 1_000_003 + self.requests) & 0xFFFFFFFF)
+                       seed=(self.seed * 1_000_003 + self.requests) & 0xFFFFFFFF, complete=complete or tokens is not None)
 
 
 @dataclass
@@ -150,12 +169,13 @@ class Policy:
         self.committed = torch.cat([self.committed, new])
         return Decision(commit=new)
 
-    def decode(self, max_new: int, min_new: int = 0, tokens: Tensor | None = None) -> Decision | None:
-        """Decode up to `max_new` units after the committed ones, given the source."""
+    def decode(self, max_new: int, min_new: int = 0, tokens: Tensor | None = None, complete: bool = True) -> Decision | None:
+        """Decode up to `max_new` units after the committed ones, given the source (complete=False:
+        the source so far, more will follow)."""
         max_new = min(max_new, self.decoder.max_new - len(self.committed))
         if max_new <= 0:
             return None
-        return Decision(decode=self.decoder.request(self.source, self.committed, max_new, min_new, tokens))
+        return Decision(decode=self.decoder.request(self.source, self.committed, max_new, min_new, tokens, complete))
 
     # --- hooks -------------------------------------------------------------------------------------
 
@@ -348,13 +368,25 @@ class _Simultaneous(Policy):
 
 
 class WaitK(_Simultaneous):
+    """Wait k source units, then keep ratio units per source unit behind. On a backbone trained to
+    stream (its own k and ratio) each decision resumes the previous decode: the new source units are
+    encoded and decoding goes on, with nothing re-encoded or re-run, and the units equal one decode of
+    the whole source under the schedule."""
+
     def __init__(self, decoder: UnitDecoder, k: int = 10, **kw):
         super().__init__(decoder, **kw)
         if k < 0:
             raise ValueError(f"wait-k needs k >= 0, got {k}")
+        cfg = decoder.cfg
+        if decoder.streams and (k, self.ratio) != (cfg.wait_k, cfg.wait_ratio):
+            raise ValueError(f"this backbone streams under wait-k with k={cfg.wait_k}, ratio={cfg.wait_ratio} (as it was "
+                             f"trained), not k={k}, ratio={self.ratio}: drop the k and ratio options or give those values")
         self.k = k
 
     def decide(self) -> Decision | None:
+        if self.decoder.streams:
+            budget = self.decoder.decodable(len(self.source)) - len(self.committed)
+            return self.decode(budget, complete=False) if budget > 0 else None
         budget = int(self.ratio * (len(self.source) - self.k)) - len(self.committed)
         return self.decode(budget) if budget > 0 else None
 
@@ -368,6 +400,9 @@ class LocalAgreement(_Simultaneous):
         super().__init__(decoder, **kw)
         if lookahead < 0:
             raise ValueError(f"local agreement needs lookahead >= 0 (0: the whole hypothesis), got {lookahead}")
+        if decoder.streams:
+            raise ValueError(f"this backbone streams under wait-k (k={decoder.cfg.wait_k}): local agreement re-decodes "
+                             "hypotheses it may take back, which a streaming backbone does not; use policy=wait-k")
         self.lookahead = lookahead
         self.previous: list[int] = []  # last hypothesis, beyond the committed units
         self.hyp: list[int] = []  # the decode in flight's units
