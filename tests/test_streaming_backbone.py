@@ -238,7 +238,7 @@ def test_a_streaming_backbone_refuses_the_policies_it_was_not_trained_for(stream
     from streamgen.pipeline.items import Control
 
     audio = torch.zeros(3200)
-    for opts, why in (({"policy": "local-agreement"}, "local agreement re-decodes"),
+    for opts, why in (({"policy": "local-agreement"}, "local-agreement re-decodes"),
                       ({"policy": "wait-k", "k": K + 1}, f"streams under wait-k with k={K}, ratio=1.0")):
         sink, _, _ = run(streaming_bundle, [Control("a", "start", "translation", opts)] + chunks_of("a", audio, 1600))
         assert why in sink.errors["a"], sink.errors
@@ -257,3 +257,20 @@ def test_train_prompt_wait_k_trains_a_streaming_backbone(tmp_path):
     cli(*args, "--full", "--lr", "1e-3", "--out", d / "f", "--wait-k", "3", "--wait-ratio", "0.5", "--into-bundle")
     cfg = streamgen.load_bundle(d / "bundle").backbones["toy"].cfg
     assert (cfg.wait_k, cfg.wait_ratio, cfg.streams) == (3, 0.5, True)
+
+
+def test_the_cli_refuses_another_policy_on_a_streaming_backbone_before_any_audio(streaming_bundle, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    import streamgen.cli as cli
+
+    streaming_bundle.save(tmp_path / "b")
+    sf.write(tmp_path / "talk.wav", np.zeros(16000, np.float32), 16000)
+    for opt, why in (("policy=local-agreement", "local-agreement re-decodes hypotheses it may take back"),
+                     ("k=7", f"streams under wait-k with k={K}, ratio=1.0 (as it was trained), not k=7")):
+        r = CliRunner().invoke(cli.app, ["run", "--bundle", str(tmp_path / "b"), "--task", "translation", "--opt", opt,
+                                         "--in", str(tmp_path / "talk.wav"), "--out", str(tmp_path / "out.wav")])
+        assert r.exit_code == 2 and r.output.startswith("error: task 'translation': this backbone") and why in r.output, r.output
+        assert r.output.count("\n") == 1 and not (tmp_path / "out.wav").exists()

@@ -367,6 +367,20 @@ class _Simultaneous(Policy):
         return self.finish_segment()
 
 
+def streaming_refusal(cfg: UnitMBartConfig, policy: str, k: int, ratio: float) -> str | None:
+    """Why a simultaneous policy cannot run on a backbone trained to stream, or None: it streams under
+    wait-k with its own k and ratio only."""
+    if not cfg.streams:
+        return None
+    if policy != "wait-k":
+        return (f"this backbone streams under wait-k (k={cfg.wait_k}): {policy} re-decodes hypotheses it may take back, "
+                "which a streaming backbone does not; use policy=wait-k")
+    if (k, ratio) != (cfg.wait_k, cfg.wait_ratio):
+        return (f"this backbone streams under wait-k with k={cfg.wait_k}, ratio={cfg.wait_ratio} (as it was trained), "
+                f"not k={k}, ratio={ratio}: drop the k and ratio options or give those values")
+    return None
+
+
 class WaitK(_Simultaneous):
     """Wait k source units, then keep ratio units per source unit behind. On a backbone trained to
     stream (its own k and ratio) each decision resumes the previous decode: the new source units are
@@ -377,10 +391,8 @@ class WaitK(_Simultaneous):
         super().__init__(decoder, **kw)
         if k < 0:
             raise ValueError(f"wait-k needs k >= 0, got {k}")
-        cfg = decoder.cfg
-        if decoder.streams and (k, self.ratio) != (cfg.wait_k, cfg.wait_ratio):
-            raise ValueError(f"this backbone streams under wait-k with k={cfg.wait_k}, ratio={cfg.wait_ratio} (as it was "
-                             f"trained), not k={k}, ratio={self.ratio}: drop the k and ratio options or give those values")
+        if why := streaming_refusal(decoder.cfg, "wait-k", k, self.ratio):
+            raise ValueError(why)
         self.k = k
 
     def decide(self) -> Decision | None:
@@ -400,9 +412,8 @@ class LocalAgreement(_Simultaneous):
         super().__init__(decoder, **kw)
         if lookahead < 0:
             raise ValueError(f"local agreement needs lookahead >= 0 (0: the whole hypothesis), got {lookahead}")
-        if decoder.streams:
-            raise ValueError(f"this backbone streams under wait-k (k={decoder.cfg.wait_k}): local agreement re-decodes "
-                             "hypotheses it may take back, which a streaming backbone does not; use policy=wait-k")
+        if why := streaming_refusal(decoder.cfg, "local-agreement", 0, self.ratio):
+            raise ValueError(why)
         self.lookahead = lookahead
         self.previous: list[int] = []  # last hypothesis, beyond the committed units
         self.hyp: list[int] = []  # the decode in flight's units

@@ -1,6 +1,6 @@
 """Simultaneous speech-to-speech translation: wait-k or local agreement over units."""
 
-from streamgen.pipeline.policies import LocalAgreement, UnitDecoder, WaitK
+from streamgen.pipeline.policies import LocalAgreement, UnitDecoder, WaitK, streaming_refusal
 from streamgen.pipeline.tasks import TaskPlugin
 
 POLICIES = ("local-agreement", "wait-k")
@@ -16,6 +16,10 @@ def check_options(options: dict, input_s, bundle) -> None:
     if options["lookahead"] and options["policy"] != "local-agreement":
         raise ValueError(f"task 'translation': option lookahead={options['lookahead']} is for policy=local-agreement "
                          f"(policy={options['policy']} decodes only what it commits): add --opt policy=local-agreement or drop it")
+    if bundle is not None and bundle.has_backbone("translation"):  # a backbone trained to stream takes its own wait-k only
+        why = streaming_refusal(bundle.backbone("translation").cfg, options["policy"], options["k"], options["ratio"])
+        if why:
+            raise ValueError(f"task 'translation': {why}")
 
 
 plugin = TaskPlugin(
