@@ -290,10 +290,14 @@ class Decoder:
         return out
 
     def _advance_rows(self, lo: int, hi: int, slots: list[int]) -> list[tuple[object, list[int], bool]]:
-        """One step of the pool's rows [lo, hi) (views, no copy), advancing `slots` among them."""
+        """One step of the pool's rows [lo, hi) (views, no copy), advancing `slots` among them. The
+        views end at the rows' longest cache (+ the token this step writes) and source: a step reads
+        every key it is given, masked or not, and the pool's capacity doubles ahead of use."""
         pool = self.pool
-        view = DecoderState([t[lo:hi] for t in pool.k], [t[lo:hi] for t in pool.v], pool.lengths[lo:hi],
-                            [(k[lo:hi], v[lo:hi]) for k, v in pool.cross], pool.src_mask[lo:hi], pool.prompts[lo:hi])
+        C = int(pool.lengths[lo:hi].max()) + 1
+        S = int(pool.src_mask[lo:hi].any(0).nonzero()[-1]) + 1
+        view = DecoderState([t[lo:hi, :, :C] for t in pool.k], [t[lo:hi, :, :C] for t in pool.v], pool.lengths[lo:hi],
+                            [(k[lo:hi, :, :S], v[lo:hi, :, :S]) for k, v in pool.cross], pool.src_mask[lo:hi, :S], pool.prompts[lo:hi])
         idx = torch.tensor(slots, device=self.device)
         active = torch.zeros(hi - lo, dtype=torch.bool, device=self.device)
         active[idx - lo] = True
