@@ -161,6 +161,18 @@ PY
 $PY bench/travel_translation.py --bundle "$R/bundle_ship$X" --pairs "$TU/tr_test.tsv" --target "$TV/es2en_test_tgt.tsv" --limit 60
 .venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
   --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 60 --out "$R/eval_travel_streamed_ship$X"
+# 11c. the translation backbone trained to stream (what ships since 2026-11-27, late; bench/QUALITY.md): the
+#      fine-tune above continued 6 epochs (lr 2e-4, dev 1.813), then 8 epochs with a causal encoder and
+#      cross-attention limited to the wait-k 30 schedule (`--wait-k 30`), so live decisions resume one decode
+#      instead of re-encoding the source and re-running the committed units (about 55 + 60 CPU-minutes).
+for step in cont wk; do
+  RESUME=; [ -f "$E/travel_$step/state.pt" ] && RESUME=--resume
+  if [ $step = cont ]; then args=(--lr 2e-4 --epochs 6 --patience 3); else args=(--lr 3e-4 --epochs 8 --patience 3 --wait-k 30 --wait-ratio 1.0); fi
+  .venv/bin/streamgen train-prompt --full --bundle "$R/bundle_ship$X" --task translation --train "$TU/tr_train.tsv" --dev "$TU/tr_dev.tsv" \
+    --out "$E/travel_$step" --device "$DEVICE" --warmup 50 --batch-size 16 --dropout 0.3 --save-minutes 5 --into-bundle "${args[@]}" $RESUME
+done
+.venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
+  --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_travel_streamed_wk$X"
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
 if [ -n "${SHIP:-}" ]; then
   rm -rf streamgen/assets/default
