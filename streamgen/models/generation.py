@@ -183,7 +183,7 @@ class Decoder:
     def cancel(self, key) -> None:
         """Forget a key's waiting, running or parked request (its session ended or failed)."""
         self.waiting = [(k, r) for k, r in self.waiting if k != key]
-        for key_, _, parked in [x for x in self.resuming if x[0] == key]:
+        for _, _, parked in [x for x in self.resuming if x[0] == key]:
             self._release(parked.slot)
         self.resuming = [x for x in self.resuming if x[0] != key]
         if key in self.parked:
@@ -366,14 +366,16 @@ class Decoder:
         for s, tok in zip(slots, nxt.tolist()):  # the tick's one read of results
             run = self.running[s]
             run.produced += 1
-            if run.last is not None:  # this step fed it
+            if self.streams and run.last is not None:  # this step fed it (a stream keeps what its cache holds)
                 run.fed.append(run.last)
             run.last = tok
             eos = tok == EOS
             done = eos or run.produced >= self._budget(run.request)
             out.append((run.key, [] if eos else [tok - UNIT_OFFSET], done))
-            if done:
-                self._park(s) if self.streams else self._finish(s)
+            if done and self.streams:
+                self._park(s)
+            elif done:
+                self._finish(s)
         return out
 
     def _park(self, slot: int) -> None:

@@ -425,7 +425,7 @@ class UnitMBart(nn.Module):
     def start(self, src_tokens: Tensor, prompt: PromptKV | list[PromptKV | None] | None = None, capacity: int = 64) -> DecoderState:
         """Encode sources [B, S] and return a state ready for the first `step` (no tokens yet);
         `prompt` for every row or per row."""
-        kv: list[tuple[Tensor, Tensor]] = []
+        kv: list[tuple[Tensor, Tensor]] | None = [] if self.cfg.streams else None  # a stream keeps its encoder cache
         enc = self.encode(src_tokens, prompt, kv=kv)
         B, H = src_tokens.shape[0], self.cfg.heads
         D = self.cfg.dim // H
@@ -438,7 +438,7 @@ class UnitMBart(nn.Module):
             cross=[layer.encoder_attn.kv(enc) for layer in self.decoder.layers],
             src_mask=src_tokens.ne(PAD),
             prompts=list(prompt) if isinstance(prompt, list) else [prompt] * B,
-            enc=kv if self.cfg.streams else None,
+            enc=kv,
         )
 
     def extend_source(self, state: DecoderState, rows: Tensor, tokens: Tensor, counts: Tensor) -> None:
@@ -451,10 +451,11 @@ class UnitMBart(nn.Module):
         dev = tokens.device
         held = state.src_mask[rows].sum(1)  # a stream's source is contiguous: tokens it holds so far
         T = tokens.shape[1]
-        state.grow_source(int(held.max()) + T)
+        S = int(held.max()) + T  # the keys this pass reads (the caches' capacity may be larger)
+        state.grow_source(S)
         pos = held[:, None] + torch.arange(T, device=dev)  # [R, T] source positions
         x = self.encoder.embed(self.token_embedding(tokens).to(self.encoder.dtype), pos + PAD + 1)
-        mask = (torch.arange(state.source_capacity, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [R,1,T,S]
+        mask = (torch.arange(S, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [R,1,T,S]
         groups = group_prompts([state.prompts[r] for r in rows.tolist()], dev)
         at = rows[:, None]
         for i, layer in enumerate(self.encoder.layers):
@@ -463,7 +464,7 @@ class UnitMBart(nn.Module):
                 k, v = layer.self_attn.kv(h)
                 ek, ev = state.enc[i]
                 ek[at, :, pos], ev[at, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
-                return ek[rows], ev[rows]
+                return ek[rows, :, :S], ev[rows, :, :S]
 
             x = layer(x, append, mask, prefix=layer_prefix(groups, "encoder", i))
         enc = self.encoder.finish(x).to(self.embed_tokens.weight.dtype)
