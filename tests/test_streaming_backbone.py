@@ -269,7 +269,7 @@ def test_the_cli_refuses_another_policy_on_a_streaming_backbone_before_any_audio
     streaming_bundle.save(tmp_path / "b")
     sf.write(tmp_path / "talk.wav", np.zeros(16000, np.float32), 16000)
     for opt, why in (("policy=local-agreement", "local-agreement re-decodes hypotheses it may take back"),
-                     ("k=7", f"streams under wait-k with k={K}, ratio=1.0 (as it was trained), not k=7")):
+                     ("k=7", f"streams under wait-k with k={K}, ratio=1.0 (as it was trained), not k=7, ratio=1.0: give --opt k={K} --opt ratio=1.0")):
         r = CliRunner().invoke(cli.app, ["run", "--bundle", str(tmp_path / "b"), "--task", "translation", "--opt", opt,
                                          "--in", str(tmp_path / "talk.wav"), "--out", str(tmp_path / "out.wav")])
         assert r.exit_code == 2 and r.output.startswith("error: task 'translation': this backbone") and why in r.output, r.output

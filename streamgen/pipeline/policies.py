@@ -377,7 +377,7 @@ def streaming_refusal(cfg: UnitMBartConfig, policy: str, k: int, ratio: float) -
                 "which a streaming backbone does not; use policy=wait-k")
     if (k, ratio) != (cfg.wait_k, cfg.wait_ratio):
         return (f"this backbone streams under wait-k with k={cfg.wait_k}, ratio={cfg.wait_ratio} (as it was trained), "
-                f"not k={k}, ratio={ratio}: drop the k and ratio options or give those values")
+                f"not k={k}, ratio={ratio}: give --opt k={cfg.wait_k} --opt ratio={cfg.wait_ratio}")
     return None
 
 
