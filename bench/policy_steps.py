@@ -8,8 +8,12 @@ committed unit holds more sessions (bench/sessions.py measures how many). Also t
 alone: a decision's source work (a fresh decode's source encode + prefill of the committed units, or
 on a streaming backbone a resumed decode's new source units alone), and each decoder step.
 
-    OMP_NUM_THREADS=1 python bench/policy_steps.py --manifest es2en_test_src.tsv --limit 20 \
+    OMP_NUM_THREADS=1 python bench/policy_steps.py --manifest es2en_test_src.tsv --limit 20 --policies policy=wait-k
+    OMP_NUM_THREADS=1 python bench/policy_steps.py --bundle OLD ... \
         --policies policy=local-agreement policy=local-agreement:lookahead=24 policy=wait-k:k=30
+
+(local agreement and other k run on a backbone that does not stream, e.g. the bundle shipped before
+`856502e`; the shipped one streams under wait-k 30 and refuses them.)
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def main() -> None:
     ap.add_argument("--manifest", required=True, help="translation source manifest (id, audio, ...)")
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--chunk-ms", type=int, default=320)
-    ap.add_argument("--policies", nargs="+", default=["policy=local-agreement", "policy=wait-k"],
+    ap.add_argument("--policies", nargs="+", default=["policy=wait-k"],
                     help="translation options per run, KEY=VALUE pairs joined by colons")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -88,7 +92,10 @@ def main() -> None:
             raise SystemExit(str(e)) from None
         counts.__init__()
         for row in rows:
-            engine = build_engine(bundle, "translation", opts, chunk_ms=args.chunk_ms)
+            try:
+                engine = build_engine(bundle, "translation", opts, chunk_ms=args.chunk_ms)
+            except ValueError as e:  # e.g. local agreement on a backbone that streams
+                raise SystemExit(f"--policies {spec}: {e}") from None
             engine.on_commit = lambda _, units: setattr(counts, "units", counts.units + len(units))
             wave = read_audio(manifest.parent / row["audio"], bundle.sample_rate)
             source = MemorySource(chunks_of(row["id"], wave, bundle.sample_rate * args.chunk_ms // 1000))
