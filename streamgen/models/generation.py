@@ -117,9 +117,9 @@ class _Running:
     key: object
     request: Request
     slot: int
+    budget: int  # the most tokens it may produce (`Decoder._budget`, once per request)
     produced: int = 0
-    last: int | None = None  # the latest token chosen (fed to the cache by the next step)
-    fed: list[int] = field(default_factory=list)  # tokens chosen and fed since the prefix
+    chosen: list[int] = field(default_factory=list)  # a stream's tokens (all but the last are fed to its cache)
 
 
 @dataclass
@@ -240,19 +240,31 @@ class Decoder:
             new = [r.source[len(p.source):].to(self.device) for r, p in grown]
             counts = torch.tensor([len(t) for t in new], device=self.device)
             self.model.extend_source(self.pool, rows, pad_sequences(new), counts)
+        run = []
         for key, r, p in batch:
             p.source = r.source
-            if p.last == EOS or self._budget(r) == 0:  # ended at </s>, or the schedule has not read enough yet
+            budget = self._budget(r)
+            if p.last == EOS or budget == 0:  # ended at </s>, or the schedule has not read enough yet
                 self.parked[key] = p
                 out.append((key, [], True))
-                continue
-            self.running[p.slot] = _Running(key, r, p.slot)  # its prefix ends with the token the next step feeds
-            idx = torch.tensor([p.slot], device=self.device)
-            self.tokens[idx] = p.last
-            self.seed[idx] = r.seed & _M32
-            self.min_new[idx] = r.min_new
-            self.produced[idx] = 0
+            else:  # its prefix ends with the token chosen last, which the next step feeds
+                self.running[p.slot] = _Running(key, r, p.slot, budget)
+                run.append((r, p))
+        if run:
+            slots = [p.slot for _, p in run]
+            self.tokens[torch.tensor(slots, device=self.device)] = torch.tensor([p.last for _, p in run], device=self.device)
+            self._configure(slots, [r for r, _ in run])
         return out
+
+    def _configure(self, slots: list[int], requests: list[Request]) -> None:
+        """The per-slot sampling settings of requests starting in these slots."""
+        idx = torch.tensor(slots, device=self.device)
+        self.greedy[idx] = torch.tensor([r.sampling.greedy for r in requests], device=self.device)
+        self.temperature[idx] = torch.tensor([float(r.sampling.temperature) for r in requests], device=self.device)
+        self.top_k[idx] = torch.tensor([r.sampling.top_k for r in requests], device=self.device)
+        self.seed[idx] = torch.tensor([r.seed & _M32 for r in requests], device=self.device)
+        self.min_new[idx] = torch.tensor([r.min_new for r in requests], device=self.device)
+        self.produced[idx] = 0
 
     def _slots(self, n: int) -> list[int]:
         """n free slots, lowest first (the pool grows by doubling when full)."""
@@ -329,16 +341,17 @@ class Decoder:
         out: list[tuple[object, list[int], bool]] = []
         todo = []
         for key, r in batch:
-            if self._budget(r) == 0:
+            budget = self._budget(r)
+            if budget == 0:
                 out.append((key, [], True))
             else:
-                todo.append((key, r))
+                todo.append((key, r, budget))
         if not todo:
             return out
-        src = pad_sequences([r.source.to(self.device) for _, r in todo])
-        prefix = pad_sequences([r.prefix.to(self.device) for _, r in todo])
-        counts = torch.tensor([len(r.prefix) for _, r in todo], device=self.device)
-        fresh = self.model.start(src, [r.prompt for _, r in todo], capacity=prefix.shape[1] + 1)
+        src = pad_sequences([r.source.to(self.device) for _, r, _ in todo])
+        prefix = pad_sequences([r.prefix.to(self.device) for _, r, _ in todo])
+        counts = torch.tensor([len(r.prefix) for _, r, _ in todo], device=self.device)
+        fresh = self.model.start(src, [r.prompt for _, r, _ in todo], capacity=prefix.shape[1] + 1)
         logits = self.model.step(fresh, prefix, counts=counts)
         logits = logits[torch.arange(len(todo), device=self.device), counts - 1]
         slots = self._slots(len(todo))
@@ -348,16 +361,10 @@ class Decoder:
             self.pool.grow(fresh.capacity)
             self.pool.grow_source(fresh.source_capacity)
         self.pool.insert(slots, fresh)
-        idx = torch.tensor(slots, device=self.device)
-        for (key, r), s in zip(todo, slots):
-            self.running[s] = _Running(key, r, s)
-        self.greedy[idx] = torch.tensor([r.sampling.greedy for _, r in todo], device=self.device)
-        self.temperature[idx] = torch.tensor([float(r.sampling.temperature) for _, r in todo], device=self.device)
-        self.top_k[idx] = torch.tensor([r.sampling.top_k for _, r in todo], device=self.device)
-        self.seed[idx] = torch.tensor([r.seed & _M32 for _, r in todo], device=self.device)
-        self.min_new[idx] = torch.tensor([r.min_new for _, r in todo], device=self.device)
-        self.produced[idx] = 0
-        return out + self._emit(slots, self._choose(logits, idx))
+        for (key, r, budget), s in zip(todo, slots):
+            self.running[s] = _Running(key, r, s, budget)
+        self._configure(slots, [r for _, r, _ in todo])
+        return out + self._emit(slots, self._choose(logits, torch.tensor(slots, device=self.device)))
 
     def _emit(self, slots: list[int], nxt: Tensor) -> list[tuple[object, list[int], bool]]:
         self.tokens[torch.tensor(slots, device=self.device)] = nxt
@@ -366,11 +373,10 @@ class Decoder:
         for s, tok in zip(slots, nxt.tolist()):  # the tick's one read of results
             run = self.running[s]
             run.produced += 1
-            if self.streams and run.last is not None:  # this step fed it (a stream keeps what its cache holds)
-                run.fed.append(run.last)
-            run.last = tok
+            if self.streams:
+                run.chosen.append(tok)
             eos = tok == EOS
-            done = eos or run.produced >= self._budget(run.request)
+            done = eos or run.produced >= run.budget
             out.append((run.key, [] if eos else [tok - UNIT_OFFSET], done))
             if done and self.streams:
                 self._park(s)
@@ -381,8 +387,8 @@ class Decoder:
     def _park(self, slot: int) -> None:
         """A stream's decode is done: keep its slot for the key's next request."""
         run = self.running.pop(slot)
-        fed = torch.cat([run.request.prefix, torch.tensor(run.fed, dtype=torch.long)])
-        self.parked[run.key] = _Parked(slot, run.request.source, fed, run.last)
+        fed = torch.cat([run.request.prefix, torch.tensor(run.chosen[:-1], dtype=torch.long)])
+        self.parked[run.key] = _Parked(slot, run.request.source, fed, run.chosen[-1])
 
     def _finish(self, slot: int) -> None:
         self.running.pop(slot)
