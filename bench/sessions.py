@@ -59,12 +59,13 @@ def task_options(spec: str) -> tuple[str, dict]:
     return name, {**TASK_OPTIONS[name], **extra}
 
 
-def talker_wave(rate: int, seconds: float, pause_s: float = 0.0) -> torch.Tensor:
-    """What each talker says: the bundled sample repeated to `seconds`, each repetition followed by
-    `pause_s` of microphone-like noise (-60 dBFS) when > 0 (a talker who pauses between sentences)."""
+def talker_wave(rate: int, seconds: float, pause_s: float = 0.0, path: str | None = None) -> torch.Tensor:
+    """What each talker says: the audio file at `path` (default: the bundled English sample) repeated to
+    `seconds`, each repetition followed by `pause_s` of microphone-like noise (-60 dBFS) when > 0 (a
+    talker who pauses between sentences)."""
     from importlib import resources
 
-    sample = read_audio(str(resources.files("streamgen") / "assets" / "sample.wav"), rate)
+    sample = read_audio(path or str(resources.files("streamgen") / "assets" / "sample.wav"), rate)
     if pause_s > 0:
         hiss = torch.randn(int(pause_s * rate), generator=torch.Generator().manual_seed(0)) * 1e-3
         sample = torch.cat([sample, hiss])
@@ -161,7 +162,10 @@ def main() -> None:
     ap.add_argument("--tasks", default="resynthesis,translation,continuation",
                     help="comma-separated; each a task name with optional :KEY=VALUE option overrides")
     ap.add_argument("--levels", default="1,2,4,8,16,32,64")
-    ap.add_argument("--seconds", type=float, default=8.0, help="speech per talker (the bundled sample, repeated)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="speech per talker (the talker's audio, repeated)")
+    ap.add_argument("--talker", default=None,
+                    help="audio file each talker speaks (default: the bundled English sample); translation's own "
+                         "language is Spanish, e.g. a few of the travel test set's source sentences")
     ap.add_argument("--chunk-ms", type=int, default=320)
     ap.add_argument("--pause-s", type=float, default=0.0,
                     help="each repetition of the sample followed by this much -60 dBFS noise (talkers who pause)")
@@ -185,7 +189,7 @@ def main() -> None:
     else:
         bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
     cast_backbones(bundle, args.device, getattr(torch, args.lm_dtype) if args.lm_dtype else None)
-    wave = talker_wave(bundle.sample_rate, args.seconds, args.pause_s)
+    wave = talker_wave(bundle.sample_rate, args.seconds, args.pause_s, args.talker)
     levels = [int(x) for x in args.levels.split(",")]
     lookahead = bundle.vocoder.frame_context() if args.vocoder_windows else None  # that much look-ahead: exact
     load = os.getloadavg()[0]
