@@ -173,6 +173,28 @@ for step in cont wk; do
 done
 .venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
   --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_travel_streamed_wk$X"
+# 11d. four times the travel pairs: 12,000 training pairs (the 3,000 above, then 9,000 more drawn from the same
+#      frames; dev and test are the same pairs and audio), spoken and unit-coded (about 30 + 5 minutes on 2
+#      cores; the audio already spoken is linked, not redone), and the streaming backbone continued on them
+#      for 3 epochs (lr 2e-4, two threads, about 50 minutes). On a lent GPU: recipes/gpu_translation.sh.
+TV12=$R/travel12k TU12=$R/travel12k/units$X
+if [ ! -f "$TV12/es2en_train_tgt.tsv" ]; then
+  mkdir -p "$TV12"; [ -d "$TV12/audio" ] || cp -al "$TV/audio" "$TV12/audio"
+  $PY -m streamgen.train.travel --out "$TV12" --train 12000 --dev 150 --test 200
+fi
+mkdir -p "$TU12"
+for side in src tgt; do  # the first 3,000 rows are the units above (resumable by id)
+  [ -f "$TU12/es2en_train_${side}.units.tsv" ] || cp "$TU/es2en_train_${side}.units.tsv" "$TU12/"
+  .venv/bin/streamgen units --manifest "$TV12/es2en_train_${side}.tsv" --out "$TU12/es2en_train_${side}.units.tsv" --bundle "$R/bundle_$U"
+done
+.venv/bin/streamgen data pairs --task translation --manifest "$TU12/es2en_train_src.units.tsv" \
+  --target "$TU12/es2en_train_tgt.units.tsv" --out "$TU12/tr_train.tsv"
+RESUME=; [ -f "$E/travel_12k/state.pt" ] && RESUME=--resume
+OMP_NUM_THREADS=2 .venv/bin/streamgen train-prompt --full --bundle "$R/bundle_ship$X" --task translation --train "$TU12/tr_train.tsv" \
+  --dev "$TU/tr_dev.tsv" --out "$E/travel_12k" --device "$DEVICE" --lr 2e-4 --warmup 50 --epochs 3 --batch-size 16 --patience 3 \
+  --dropout 0.3 --save-minutes 5 --wait-k 30 --wait-ratio 1.0 --into-bundle $RESUME
+.venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
+  --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_travel_streamed_12k$X"
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
 if [ -n "${SHIP:-}" ]; then
   rm -rf streamgen/assets/default
