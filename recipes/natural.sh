@@ -176,7 +176,7 @@ done
 # 11d. four times the travel pairs: 12,000 training pairs (the 3,000 above, then 9,000 more drawn from the same
 #      frames; dev and test are the same pairs and audio), spoken and unit-coded (about 30 + 5 minutes on 2
 #      cores; the audio already spoken is linked, not redone), and the streaming backbone continued on them
-#      for 3 epochs (lr 2e-4, two threads, about 50 minutes). On a lent GPU: recipes/gpu_translation.sh.
+#      for 3 epochs (lr 2e-4, two threads, 56 minutes on 2026-11-28). On a lent GPU: recipes/gpu_translation.sh.
 TV12=$R/travel12k TU12=$R/travel12k/units$X
 if [ ! -f "$TV12/es2en_train_tgt.tsv" ]; then
   mkdir -p "$TV12"; [ -d "$TV12/audio" ] || cp -al "$TV/audio" "$TV12/audio"
