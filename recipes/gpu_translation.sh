@@ -4,7 +4,9 @@
 # beside a control on the 3,000 pairs it had; a short probe sets each run's steps so its schedule ends inside
 # the call (about 8 minutes of device time). The best weights come back in fp16 (evaluate them here with
 # `streamgen eval ... --mbart FILE`). Prepared in the 2026-11-28 session, whose device loan was paused before
-# the call; that session trained on the CPU instead (recipes/natural.sh step 11d).
+# the call; that session trained on the CPU instead (recipes/natural.sh steps 11d and 11e: live ASR-BLEU 33.7, the
+# aim of 30 met). Without BUNDLE it starts from the default bundle's backbone (since 2026-11-28, step 11e's), where
+# the 3,000-pair control no longer reads as one (that backbone has seen the 12,000).
 #
 #   BUNDLE=<the 2026-11-27 bundle> bash recipes/gpu_translation.sh prepare
 #                                   # here: .gpucarry/ (bundle, pairs) and .whl/ (wheels), kept out of git
