@@ -189,21 +189,20 @@ for side in src tgt; do  # the first 3,000 rows are the units above (resumable b
 done
 .venv/bin/streamgen data pairs --task translation --manifest "$TU12/es2en_train_src.units.tsv" \
   --target "$TU12/es2en_train_tgt.units.tsv" --out "$TU12/tr_train.tsv"
-RESUME=; [ -f "$E/travel_12k/state.pt" ] && RESUME=--resume
-OMP_NUM_THREADS=2 .venv/bin/streamgen train-prompt --full --bundle "$R/bundle_ship$X" --task translation --train "$TU12/tr_train.tsv" \
-  --dev "$TU/tr_dev.tsv" --out "$E/travel_12k" --device "$DEVICE" --lr 2e-4 --warmup 50 --epochs 3 --batch-size 16 --patience 3 \
-  --dropout 0.3 --save-minutes 5 --wait-k 30 --wait-ratio 1.0 --into-bundle $RESUME
-.venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
-  --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_travel_streamed_12k$X"
+# the streaming backbone continued on them (resumable): run NAME LR EPOCHS, then its live score over the 200 test pairs
+continue_12k() {
+  local RESUME=; [ -f "$E/$1/state.pt" ] && RESUME=--resume
+  OMP_NUM_THREADS=2 .venv/bin/streamgen train-prompt --full --bundle "$R/bundle_ship$X" --task translation --train "$TU12/tr_train.tsv" \
+    --dev "$TU/tr_dev.tsv" --out "$E/$1" --device "$DEVICE" --lr "$2" --warmup 50 --epochs "$3" --batch-size 16 --patience 3 \
+    --dropout 0.3 --save-minutes 5 --wait-k 30 --wait-ratio 1.0 --into-bundle $RESUME
+  .venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
+    --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_$1$X"
+}
+continue_12k travel_12k 2e-4 3
 # 11e. two more epochs on the 12,000 pairs from there at half the peak rate (lr 1e-4, linear decay to 0; the gain of
 #      11d came with its schedule's end): dev 1.7024 -> 1.7049 / 1.6970, live ASR-BLEU 29.9 -> 33.7 over the 200 test
 #      pairs (36 minutes, two threads, 2026-11-28)
-RESUME=; [ -f "$E/travel_12k_more/state.pt" ] && RESUME=--resume
-OMP_NUM_THREADS=2 .venv/bin/streamgen train-prompt --full --bundle "$R/bundle_ship$X" --task translation --train "$TU12/tr_train.tsv" \
-  --dev "$TU/tr_dev.tsv" --out "$E/travel_12k_more" --device "$DEVICE" --lr 1e-4 --warmup 50 --epochs 2 --batch-size 16 --patience 3 \
-  --dropout 0.3 --save-minutes 5 --wait-k 30 --wait-ratio 1.0 --into-bundle $RESUME
-.venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
-  --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_travel_streamed_12k_more$X"
+continue_12k travel_12k_more 1e-4 2
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
 if [ -n "${SHIP:-}" ]; then
   rm -rf streamgen/assets/default
