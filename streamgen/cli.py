@@ -16,7 +16,7 @@ import typer
 from .bundle import Bundle, BundleError, load_bundle
 from .models.checkpoints import CheckpointError
 from .models.prompt import count_parameters
-from .options import LM_DTYPE_HELP, fail, open_bundle
+from .options import LM_DTYPE_HELP, THREADS_HELP, fail, open_bundle
 from .pipeline.stats import figures_help
 
 DEBUG = os.environ.get("STREAMGEN_DEBUG", "") not in ("", "0")
@@ -642,6 +642,7 @@ def run(
     bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the shipped one)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     lm_dtype: Optional[str] = typer.Option(None, help=LM_DTYPE_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     chunk_ms: int = typer.Option(100, help="Pipeline chunk size in ms (each chunk runs the encoder once)."),
     left_context_ms: int = typer.Option(2000, help="Encoder left context in ms (-1: everything)."),
     lookahead_ms: int = typer.Option(100, help="Encoder look-ahead in ms (-1: until the end of input)."),
@@ -673,7 +674,7 @@ def run(
 
     from .io import MqttOptions, open_endpoints
     from .options import RATES, StreamSettings, UsageError, check_device, check_input_spec, check_lm_dtype, check_output_spec, \
-        check_task, check_writable, in_range, parse_kv
+        check_task, check_writable, in_range, parse_kv, set_engine_threads
     from .pipeline.runner import Pipeline, build_engine
     from .pipeline.stats import Stats
     from .pipeline.tasks import UnknownTask
@@ -690,6 +691,7 @@ def run(
         if sessions is not None:
             in_range("--sessions", sessions, 1, None)
         check_device(device)
+        set_engine_threads(threads, device)
         lm = check_lm_dtype(lm_dtype)
         input_file = check_input_spec(input, vad=vad)
         check_output_spec(output)

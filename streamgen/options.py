@@ -6,6 +6,7 @@ package to install). Shared by the `streamgen` command line and the SimulEval ag
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +255,36 @@ def cast_backbones(bundle, device: str, lm_dtype=None):
     if (note := lm_dtype_warning(device, lm_dtype)) is not None:
         typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
     return bundle.lm_to(lm_dtype) if lm_dtype is not None else bundle
+
+
+THREADS_HELP = ("Torch threads for the engine's CPU work (default: 1, or $OMP_NUM_THREADS where set). Its calls are small, "
+                "so a second thread adds latency instead of saving it (2-core CPU, translation: p99 lag 87 -> 173 ms for one "
+                "session, 272 -> 537 ms for four); to use more cores run more workers (serve --mqtt).")
+
+
+def engine_threads(threads: int | None, device: str, environ=os.environ) -> int | None:
+    """How many torch threads a live engine should run with: `threads` where the user gave it; else 1 for
+    a CPU engine unless OMP_NUM_THREADS is set (torch already follows it then); None: leave torch as is.
+
+    torch's default, one thread per core, splits every operator of a decoder step (a few hundred, each
+    a few microseconds to a hundred of work) across the cores and joins them again, and on this
+    project's 2-core machine that made every live figure worse (bench/RESULTS.md)."""
+    if threads is not None:
+        in_range("--threads", threads, 1, None)
+        return threads
+    import torch
+
+    if torch.device(device).type != "cpu" or environ.get("OMP_NUM_THREADS"):
+        return None
+    return 1
+
+
+def set_engine_threads(threads: int | None, device: str) -> None:
+    import torch
+
+    n = engine_threads(threads, device)
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def open_bundle(path: Path | None, device: str, lm_dtype=None):

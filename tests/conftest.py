@@ -14,6 +14,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """`streamgen run` and `serve` set torch's thread count for their process (`options.set_engine_threads`);
+    commands the tests invoke in-process must not change it for the tests after them."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def mbart() -> UnitMBart:
     return UnitMBart(TINY).eval().requires_grad_(False)

@@ -64,6 +64,7 @@ BAD = [
     (["--overflow", "explode"], "talk.wav", "out.wav", "--overflow 'explode': choose one of block, drop-oldest"),
     (["--device", "quantum"], "talk.wav", "out.wav", "--device 'quantum': not a torch device; use cpu or cuda"),
     (["--lm-dtype", "int8"], "talk.wav", "out.wav", "--lm-dtype 'int8': choose float32 (exact, the default) or bfloat16"),
+    (["--threads", "0"], "talk.wav", "out.wav", "--threads 0: must be at least 1"),
     (["--opt", "max_units"], "talk.wav", "out.wav", "--opt 'max_units': expected KEY=VALUE"),
     (["--opt", "max_units=-5"], "talk.wav", "out.wav", "task 'continuation': option max_units=-5: must be at least 1"),
     (["--opt", "max_units=lots"], "talk.wav", "out.wav", "option max_units='lots' is not a valid int"),
@@ -155,6 +156,24 @@ def test_the_bfloat16_warning_is_for_cpus_without_it_only(monkeypatch, tmp_path)
         assert probe(info) is fast
 
 
+def test_live_engines_run_on_one_thread_unless_told(files, monkeypatch):
+    """torch's default (a thread per core) split every small operator of an engine tick and cost latency
+    (bench/RESULTS.md): `run` and `serve` use 1, or --threads, or what OMP_NUM_THREADS says."""
+    assert options.engine_threads(None, "cpu", environ={}) == 1
+    assert options.engine_threads(3, "cpu", environ={}) == 3
+    assert options.engine_threads(None, "cpu", environ={"OMP_NUM_THREADS": "4"}) is None  # torch already follows it
+    assert options.engine_threads(None, "cuda", environ={}) is None
+    with pytest.raises(options.UsageError, match="--threads 0: must be at least 1"):
+        options.engine_threads(0, "cpu", environ={})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for extra, want in (((), 1), (("--threads", "2"), 2)):
+        torch.set_num_threads(3 - want)
+        r = runner.invoke(cli.app, run_args(files, *extra, "--opt", "max_units=10", "--opt", "min_units=10"))
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == want
+        (files / "out.wav").unlink()
+
+
 def test_allow_silence_runs_the_task_anyway(files):
     r = runner.invoke(cli.app, run_args(files, "--allow-silence", "--opt", "max_units=10", "--opt", "min_units=10", inp="silence.wav"))
     assert r.exit_code == 0, r.output
@@ -230,6 +249,8 @@ def test_serve_names_a_malformed_task_option(files):
         assert r.stderr == f"error: --opt {bad!r}: expected KEY=VALUE, e.g. --opt max_units=100\n"
     r = streamgen("serve", "--bundle", str(files / "tiny"), "--lm-dtype", "fp8", timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: --lm-dtype 'fp8': choose float32"), r.stderr
+    r = streamgen("serve", "--bundle", str(files / "tiny"), "--threads", "0", timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: --threads 0: must be at least 1\n", r.stderr
 
 
 def test_mp3_output_is_one_line_in_the_real_command(files):

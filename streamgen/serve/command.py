@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..options import LM_DTYPE_HELP
+from ..options import LM_DTYPE_HELP, THREADS_HELP
 
 TOKEN_CHARS = re.compile(r"^[A-Za-z0-9._~+-]{16,512}$")
 
@@ -50,6 +50,7 @@ def serve(
     bundle: Optional[Path] = typer.Option(None, help="Bundle directory (default: the shipped one)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     lm_dtype: Optional[str] = typer.Option(None, help=LM_DTYPE_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     chunk_ms: int = typer.Option(320, help="Pipeline chunk size in ms."),
     left_context_ms: int = typer.Option(2000, help="Encoder left context in ms (-1: everything)."),
     lookahead_ms: int = typer.Option(100, help="Encoder look-ahead in ms."),
@@ -77,7 +78,7 @@ def serve(
     """Serve live sessions: a web page, a WebSocket endpoint, /metrics, and MQTT cluster workers."""
     import logging
 
-    from ..options import UsageError, check_lm_dtype, fail, need_module, open_bundle, parse_kv
+    from ..options import UsageError, check_device, check_lm_dtype, fail, need_module, open_bundle, parse_kv, set_engine_threads
     from ..pipeline.engine import build_engine
     from ..pipeline.tasks import UnknownTask
 
@@ -93,6 +94,7 @@ def serve(
     try:
         options = parse_kv(opt)
         lm = check_lm_dtype(lm_dtype)
+        set_engine_threads(threads, check_device(device))
     except UsageError as e:
         fail(str(e))
     host, port = parse_hostport(http)
