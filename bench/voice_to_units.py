@@ -38,7 +38,7 @@ from streamgen.io.files import read_audio
 from streamgen.models.kmeans import dedup
 from streamgen.models.logmel_units import running_normaliser
 from streamgen.models.phone_net import PhoneNet, PhoneNetConfig
-from streamgen.train.phones import warp_mels
+from streamgen.train.phones import excerpts
 from streamgen.train.synth import read_manifest
 
 
@@ -125,15 +125,8 @@ def train(run: Path, num_units: int, steps: int, batch: int = 16, frames: int = 
 
     start = time.time()
     for k in range(1, steps + 1):
-        xb, yb = [], []
-        for i in rng.sample(tr, batch):
-            s = rng.randint(0, max(0, len(xs[i]) - frames))
-            x, y = xs[i][s : s + frames], ys[i][s : s + frames]
-            if warp:  # the running normalisation over the warped utterance up to the excerpt's end
-                x = norm.normalise_utterance(warp_mels(feats[i][: s + frames], rng.uniform(1 - warp, 1 + warp)))[s:]
-            xb.append(F.pad(x, (0, 0, 0, frames - len(x))))
-            yb.append(F.pad(y, (0, frames - len(y)), value=-100))
-        loss = F.cross_entropy(net(torch.stack(xb)).flatten(0, 1), torch.stack(yb).flatten(), ignore_index=-100, label_smoothing=0.1)
+        xb, yb = excerpts(rng, rng.sample(tr, batch), feats, xs, ys, norm, frames, warp)
+        loss = F.cross_entropy(net(xb).flatten(0, 1), yb.flatten(), ignore_index=-100, label_smoothing=0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -198,6 +198,24 @@ def warp_mels(m: Tensor, alpha: float, rate: int = RATE) -> Tensor:
     return m[:, lo] * (1 - w) + m[:, lo + 1] * w
 
 
+def excerpts(rng: random.Random, ids: list[int], feats: list[Tensor], xs: list[Tensor], ys: list[Tensor], norm, frames: int,
+             warp: float = 0.0) -> tuple[Tensor, Tensor]:
+    """A training batch of frame classification: a random excerpt of `frames` frames of each utterance
+    in `ids`, its normalised log-mel [B, frames, n_mels] (xs: `norm`'s normalisation of the raw log-mel
+    feats) and its targets [B, frames] (ys; -100 past an utterance's end). warp > 0: each excerpt's
+    talker is made alpha ~ U(1 - warp, 1 + warp) times longer or shorter in the vocal tract
+    (`warp_mels` before the running normalisation over the utterance up to the excerpt's end)."""
+    xb, yb = [], []
+    for i in ids:
+        s = rng.randint(0, max(0, len(xs[i]) - frames))
+        x, y = xs[i][s : s + frames], ys[i][s : s + frames]
+        if warp:
+            x = norm.normalise_utterance(warp_mels(feats[i][: s + frames], rng.uniform(1 - warp, 1 + warp)))[s:]
+        xb.append(F.pad(x, (0, 0, 0, frames - len(x))))
+        yb.append(F.pad(y, (0, frames - len(y)), value=-100))
+    return torch.stack(xb), torch.stack(yb)
+
+
 def train(data_path: Path, encoder: str, out: Path, steps: int, batch_size: int = 16, frames: int = 150,
           lr: float = 1e-3, seed: int = 0, warp: float = 0.0) -> None:
     """warp > 0: each training excerpt's talker is made alpha ~ U(1 - warp, 1 + warp) times longer or
@@ -238,16 +256,8 @@ def train(data_path: Path, encoder: str, out: Path, steps: int, batch_size: int 
     start = time.time()
     with Progress("phone net", steps) as bar:
         for step in range(1, steps + 1):
-            xb, yb = [], []
-            for i in rng.sample(tr, batch_size):
-                s = rng.randint(0, max(0, len(xs[i]) - frames))
-                x, y = xs[i][s : s + frames], ys[i][s : s + frames]
-                if warp:  # the running normalisation over the warped utterance up to the excerpt's end
-                    m = warp_mels(feats[i][: s + frames], rng.uniform(1 - warp, 1 + warp))
-                    x = norm.normalise_utterance(m)[s:]
-                xb.append(F.pad(x, (0, 0, 0, frames - len(x))))
-                yb.append(F.pad(y, (0, frames - len(y)), value=-100))
-            loss = F.cross_entropy(net(torch.stack(xb)).flatten(0, 1), torch.stack(yb).flatten(), ignore_index=-100)
+            xb, yb = excerpts(rng, rng.sample(tr, batch_size), feats, xs, ys, norm, frames, warp)
+            loss = F.cross_entropy(net(xb).flatten(0, 1), yb.flatten(), ignore_index=-100)
             opt.zero_grad()
             loss.backward()
             opt.step()
