@@ -74,10 +74,12 @@ def targets(run: Path, bundle) -> None:
     feats = [enc.features(d["audio"].float() / 32767) for d in data]
     every = torch.cat(feats).double()
     joe = {d["text"]: i for i, d in enumerate(data) if d["voice"] == "joe"}
+    norm = lambda m: enc.normalise_utterance(m) if enc.normalises else m
+    joe_units = {j: enc.quantize(norm(feats[j])) for j in joe.values()}  # what enc(wave) gives, each joe utterance once
     units, skipped = [], 0
     for i, d in enumerate(data):
         j = joe[d["text"]]
-        uj = enc(data[j]["audio"].float() / 32767)
+        uj = joe_units[j]
         if i == j:
             units.append(uj)
             continue
