@@ -1,0 +1,54 @@
+"""One incremental decoder step of a bundle's backbone at several batch sizes, for comparing bundles (e.g. a
+shallow decoder against the shipped one, bench/RESULTS.md). Each row's cache holds a 120-unit source and up to
+160 generated units in a 512-slot pool (no growth while timed); median of 5 runs of 20 steps, one thread.
+
+    python bench/decoder_step.py --bundle A --bundle B [--task translation] [--batches 1,8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from streamgen import load_bundle
+from streamgen.models.unit_mbart import units_to_source
+
+
+def step_ms(model, batch: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, model.cfg.num_units, (batch, 120), generator=g)
+    with torch.inference_mode():
+        state = model.start(torch.stack([units_to_source(s) for s in src]), capacity=512)
+        token = torch.full((batch,), 2)
+        for _ in range(20):  # warm-up
+            model.step(state, token)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(20):
+                model.step(state, token)
+            times.append((time.perf_counter() - t) / 20)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", action="append", required=True, help="a bundle directory (repeat to compare)")
+    ap.add_argument("--task", default="translation", help="whose backbone (the task's own, else the shared one)")
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--rounds", type=int, default=2, help="the bundles alternate this many times")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    models = {b: load_bundle(b).backbone(args.task).float().eval() for b in args.bundle}
+    batches = [int(x) for x in args.batches.split(",")]
+    for r in range(args.rounds):
+        for name, m in models.items():
+            cells = ", ".join(f"batch {n}: {step_ms(m, n):.2f} ms" for n in batches)
+            print(f"round {r + 1}  {name} ({len(m.decoder.layers)} decoder layers): {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
