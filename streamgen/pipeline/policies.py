@@ -24,6 +24,8 @@ Building blocks for task plugins:
   (a unit held for `pause_ms`, or the encoder's quiet units in a row as long: silence over a noise
   floor maps to several units) once it has `min_segment` units, or at `max_segment`
   units; its translation is finished, then the next segment starts from the units after the cut.
+  On a backbone trained to stream, wait-k also closes a segment where the model ends a sentence
+  (</s> before the schedule's end) while the talker goes on: sentences run together are all said.
 - `Inpainting`: the encoder reads the input with a masked time span's units replaced by one <mask>;
   the context before the span is spoken as it becomes final, the model fills the gap continuing it,
   and the context after the span follows (or, context="regenerate", the model says it all again);
@@ -286,6 +288,7 @@ class _Simultaneous(Policy):
         fit = int((decoder.max_new - 10) / ratio)
         self.max_segment = max(1, min(max_segment, decoder.max_units, fit))
         self.min_segment = min(min_segment, self.max_segment)
+        self.frame_ms = frame_ms
         self.pause_frames = max(1, pause_ms // frame_ms)
         self.carry: tuple[Tensor, Tensor] | None = None  # units after a cut, for the next segment
         self.closing = False
@@ -297,19 +300,25 @@ class _Simultaneous(Policy):
         quiet), or at the maximum length."""
         if len(self.source) < self.min_segment:
             return None
-        runs = self.frames[1:] - self.frames[:-1]  # frames each complete run lasted
-        pause = runs >= self.pause_frames
-        if self.decoder.quiet is not None:
-            quiet = self.decoder.quiet[self.source[:-1]]
-            total = torch.cumsum(runs * quiet, 0)  # quiet frames up to unit i
-            before = torch.cummax(torch.where(quiet, 0, total), 0).values  # ... up to the last unit that was not quiet
-            pause |= quiet & (total - before >= self.pause_frames)  # frames of quiet units in a row, up to unit i
+        pause = self._pauses() >= self.pause_frames
         long = torch.nonzero(pause[self.min_segment - 1 :])
         if len(long):
             return min(int(long[0]) + self.min_segment, self.max_segment)
         if len(self.source) >= self.max_segment:
             return self.max_segment
         return None
+
+    def _pauses(self) -> Tensor:
+        """[units - 1]: for each complete unit, the frames of pause ending with it: its own run (one
+        unit held), or, when the encoder says which units are quiet, the quiet units' frames in a row
+        up to it (silence over a noise floor maps to several units in short runs)."""
+        runs = self.frames[1:] - self.frames[:-1]  # frames each complete run lasted
+        if self.decoder.quiet is None:
+            return runs
+        quiet = self.decoder.quiet[self.source[:-1]]
+        total = torch.cumsum(runs * quiet, 0)  # quiet frames up to unit i
+        before = torch.cummax(torch.where(quiet, 0, total), 0).values  # ... up to the last unit that was not quiet
+        return torch.maximum(runs, torch.where(quiet, total - before, 0))
 
     def on_source(self, units, frames, source_samples) -> Decision | None:
         self.add_source(units, frames)
@@ -385,22 +394,64 @@ class WaitK(_Simultaneous):
     """Wait k source units, then keep ratio units per source unit behind. On a backbone trained to
     stream (its own k and ratio) each decision resumes the previous decode: the new source units are
     encoded and decoding goes on, with nothing re-encoded or re-run, and the units equal one decode of
-    the whole source under the schedule."""
+    the whole source under the schedule.
 
-    def __init__(self, decoder: UnitDecoder, k: int = 10, **kw):
+    Such a backbone reads the source without </s>, so when a decision's decode ends at </s> before its
+    schedule's end, the model says the sentence is over while the talker goes on (sentences run together
+    with pauses shorter than `pause_ms`). The segment then closes where the sentence ended: at the
+    longest pause (at least `min_pause_ms`) in the source from 2k units before the schedule's position of
+    the </s> to what has been read, or, with no such pause, at that position less the k units of look-ahead
+    (where the schedule aligns the sentence's last unit); the next segment starts from the units after
+    it, at once, so every sentence is translated, not only the first one of a segment."""
+
+    def __init__(self, decoder: UnitDecoder, k: int = 10, min_pause_ms: int = 100, **kw):
         super().__init__(decoder, **kw)
         if k < 0:
             raise ValueError(f"wait-k needs k >= 0, got {k}")
         if why := streaming_refusal(decoder.cfg, "wait-k", k, self.ratio):
             raise ValueError(why)
         self.k = k
+        if min_pause_ms < 0:
+            raise ValueError(f"min_pause_ms must be >= 0, got {min_pause_ms}")
+        self.min_pause_frames = max(1, min_pause_ms // self.frame_ms)
+        self.asked = self.got = 0  # the decision's decode: units asked for, units received
 
     def decide(self) -> Decision | None:
         if self.decoder.streams:
             budget = self.decoder.decodable(len(self.source)) - len(self.committed)
-            return self.decode(budget, complete=False) if budget > 0 else None
+            d = self.decode(budget, complete=False) if budget > 0 else None
+            if d is not None:
+                self.asked, self.got = d.decode.max_new, 0
+            return d
         budget = int(self.ratio * (len(self.source) - self.k)) - len(self.committed)
         return self.decode(budget) if budget > 0 else None
+
+    def take(self, units: list[int], done: bool) -> Decision | None:
+        d = super().take(units, done)
+        if not self.decoder.streams:  # a full re-decode of a source given with </s>: ending early is expected
+            return d
+        self.got += len(units)
+        if done and self.got < self.asked:  # </s> before the schedule's end: the sentence is over
+            return then(d, self.sentence_over())
+        return d
+
+    def sentence_over(self) -> Decision | None:
+        """Close the segment at the pause the sentence ended with; the next one starts after it, now."""
+        n = len(self.source)
+        q = len(self.decoder.prefix_tokens) + len(self.committed)  # the decoder position that chose </s>
+        stopped = min(n, int(self.decoder.cfg.visible_source(torch.tensor([q]))[0]))  # source it had read
+        cut = max(1, stopped - self.k - 1)  # ... less the look-ahead: where the schedule aligns the last unit
+        pauses = self._pauses()  # [n - 1]: unit i ends a pause of pauses[i] frames
+        lo = max(0, cut - self.k)
+        if len(pauses) > lo:
+            window = pauses[lo:]
+            i = lo + len(window) - 1 - int(torch.argmax(window.flip(0)))  # the longest pause, the latest of equal ones
+            if int(pauses[i]) >= self.min_pause_frames:
+                cut = i + 1
+        self.carry = (self.source[cut:], self.frames[cut:])
+        self.source, self.frames = self.source[:cut], self.frames[:cut]
+        self.next_segment(None)
+        return self.decide() if len(self.source) else None
 
 
 class LocalAgreement(_Simultaneous):
