@@ -176,6 +176,25 @@ def test_a_stream_that_says_eos_has_ended_until_its_source_starts_anew():
     assert len(fresh) == 5 and len(dec.parked) == 1
 
 
+def test_the_decoder_counts_apart_the_time_that_brings_decodes_in():
+    """`Decoder.admit_s` (what bench/sessions.py reports as "generator admitting"): it grows on the steps that
+    admit a decode or resume a stream (its new source encoded) and on no step that only advances."""
+    m = streaming()
+    src, dec, got = random_units(40, seed=3), Decoder(m), []
+    moved = []  # per step: (admitted or resumed, admit_s grew)
+    for read in (12, 20, 28):
+        n = m.cfg.decodable(read) - len(got)
+        dec.submit("s", Request(src[:read] + UNIT_OFFSET, decoder_prefix((), torch.tensor(got, dtype=torch.long)), n, complete=False))
+        while dec.busy:
+            bringing = bool(dec.waiting or dec.resuming)
+            before = dec.admit_s
+            got += [u for _, us, _ in dec.step() for u in us]
+            moved.append((bringing, dec.admit_s > before))
+    assert len(got) == m.cfg.decodable(28) and len(moved) > 6
+    assert all(bringing == grew for bringing, grew in moved)
+    assert sum(b for b, _ in moved) == 3  # one admission, two resumptions
+
+
 @pytest.fixture
 def streaming_bundle(test_bundle):
     """The test bundle with a streaming translation backbone of its own (wait-k K)."""

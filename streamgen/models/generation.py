@@ -33,6 +33,7 @@ gpt-fast). Batches that mix prompts take the eager step.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +151,7 @@ class Decoder:
         self.parked: dict[object, _Parked] = {}  # streams between decodes, by key
         self.resuming: list[tuple[object, Request, _Parked]] = []
         self.streams = model.cfg.streams
+        self.admit_s = 0.0  # seconds spent bringing decodes in (source encoding, prefill), of all `step` time
         self.initial_slots = slots
         n = slots
         self.tokens = torch.full((n,), EOS, dtype=torch.long, device=self.device)  # last token per slot
@@ -205,11 +207,15 @@ class Decoder:
         Returns (key, new units, done) per request that moved."""
         out: list[tuple[object, list[int], bool]] = []
         if self.resuming:
+            t = time.perf_counter()
             out += self._resume()
+            self.admit_s += time.perf_counter() - t
         if self.running:
             out += self._advance()
         if self.waiting:
+            t = time.perf_counter()
             out += self._admit()
+            self.admit_s += time.perf_counter() - t
         return out
 
     # --- internals --------------------------------------------------------------------------
