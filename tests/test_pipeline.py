@@ -349,19 +349,20 @@ def test_a_segment_closes_at_a_pause_made_of_several_quiet_units(test_bundle, kn
 @pytest.mark.parametrize("held", [10, 2])
 def test_wait_k_on_a_streaming_backbone_translates_the_next_sentence_when_the_model_ends_one(test_bundle, held):
     """A streaming backbone reads the source without </s>: a decode that ends at </s> before its schedule's
-    end says the sentence is over while the talker goes on (here the pause between the sentences, 200 ms,
-    is too short to close the segment). The segment closes at the longest pause around where the model
-    stopped, and the next sentence is decoded from the units after it at once, as a fresh stream; without
-    a pause of 100 ms it closes where the schedule aligns the sentence's last unit (where the model stopped
-    reading, less k). Before, the rest of the segment was never said."""
+    end says the sentence is over while the talker goes on (here the pauses between sentences, 200-240 ms,
+    are too short to close a segment). The segment closes at the first pause of 200 ms from 2k units
+    before the </s>'s schedule position on, and the next sentence is decoded from the units after it at
+    once, as a fresh stream; with no such pause yet (held=2: the model may have ended early, inside its
+    sentence) nothing is said until one comes. Before, the rest of the segment was never said."""
     from dataclasses import replace
 
     from streamgen.models.unit_mbart import UNIT_OFFSET
     from streamgen.pipeline.policies import UnitDecoder, WaitK
 
     cfg = replace(test_bundle.mbart.cfg, wait_k=4, wait_ratio=1.0)
-    units = torch.cat([torch.arange(20, 40), torch.tensor([5]), torch.arange(50, 65)])  # sentence, pause, sentence
-    runs = torch.tensor([2] * 20 + [held] + [2] * 15)
+    # sentence, pause (unit 5 held `held` frames), sentence, pause (unit 6 held 12 frames), sentence
+    units = torch.cat([torch.arange(20, 40), torch.tensor([5]), torch.arange(50, 65), torch.tensor([6]), torch.arange(70, 80)])
+    runs = torch.tensor([2] * 20 + [held] + [2] * 15 + [12] + [2] * 10)
     frames = torch.cumsum(runs, 0) - runs
     wk = WaitK(UnitDecoder(cfg), k=4, chunk_ms=320)
     d = wk.on_source(units[:30], frames[:30], 16000)
@@ -369,16 +370,21 @@ def test_wait_k_on_a_streaming_backbone_translates_the_next_sentence_when_the_mo
     spoken = [wk.on_decoded([u], False) for u in range(12)]  # 12 units, then </s>
     d = wk.on_decoded([], True)
     assert torch.cat([x.commit for x in [*spoken, d] if x is not None and x.commit is not None]).tolist() == list(range(12))
-    # the model chose </s> at decoder position 12, having read 4 + 12 + 1 = 17 units: the schedule aligns its
-    # last unit with source unit 12; the pause (unit 20) is the longest from 2k before that on
-    cut = 21 if held == 10 else 12
-    assert wk.segments == 2 and not wk.closing and len(wk.committed) == 0
-    assert torch.equal(wk.source, units[cut:30]) and torch.equal(wk.frames, frames[cut:30])
-    assert d.decode is not None and torch.equal(d.decode.source, units[cut:30] + UNIT_OFFSET)
-    assert d.decode.prefix.tolist() == [2] and d.decode.max_new == 30 - cut - 4  # a fresh stream from </s>
+    # the model chose </s> at decoder position 12, having read 4 + 12 + 1 = 17 units: pauses count from unit 8
+    if held == 2:
+        assert d.decode is None and wk.segments == 1 and wk.ended == 8  # no pause yet: wait for one
+        assert wk.on_source(units[30:34], frames[30:34], 20000) is None
+        d = wk.on_source(units[34:46], frames[34:46], 24000)  # the 240 ms pause (unit 36) has come
+        cut, end = 37, 46
+    else:
+        cut, end = 21, 30
+    assert wk.segments == 2 and not wk.closing and len(wk.committed) == 0 and wk.ended is None
+    assert torch.equal(wk.source, units[cut:end]) and torch.equal(wk.frames, frames[cut:end])
+    assert d.decode is not None and torch.equal(d.decode.source, units[cut:end] + UNIT_OFFSET)
+    assert d.decode.prefix.tolist() == [2] and d.decode.max_new == end - cut - 4  # a fresh stream from </s>
     # a decode that ends at its budget is not the end of a sentence
     wk.on_decoded(list(range(d.decode.max_new - 1)), False)
-    assert wk.on_decoded([99], True).decode is None and wk.segments == 2
+    assert wk.on_decoded([99], True).decode is None and wk.segments == 2 and wk.ended is None
 
 
 def test_inpainting_keeps_the_context_and_fills_only_the_gap(test_bundle):

@@ -24,8 +24,8 @@ Building blocks for task plugins:
   (a unit held for `pause_ms`, or the encoder's quiet units in a row as long: silence over a noise
   floor maps to several units) once it has `min_segment` units, or at `max_segment`
   units; its translation is finished, then the next segment starts from the units after the cut.
-  On a backbone trained to stream, wait-k also closes a segment where the model ends a sentence
-  (</s> before the schedule's end) while the talker goes on: sentences run together are all said.
+  On a backbone trained to stream, wait-k also closes a segment where the model has ended a sentence
+  (</s> before the schedule's end) and a pause follows: sentences run together are all said.
 - `Inpainting`: the encoder reads the input with a masked time span's units replaced by one <mask>;
   the context before the span is spoken as it becomes final, the model fills the gap continuing it,
   and the context after the span follows (or, context="regenerate", the model says it all again);
@@ -397,24 +397,25 @@ class WaitK(_Simultaneous):
     the whole source under the schedule.
 
     Such a backbone reads the source without </s>, so when a decision's decode ends at </s> before its
-    schedule's end, the model says the sentence is over while the talker goes on (sentences run together
-    with pauses shorter than `pause_ms`). The segment then closes where the sentence ended: at the
-    longest pause (at least `min_pause_ms`) in the source from 2k units before the schedule's position of
-    the </s> to what has been read, or, with no such pause, at that position less the k units of look-ahead
-    (where the schedule aligns the sentence's last unit); the next segment starts from the units after
-    it, at once, so every sentence is translated, not only the first one of a segment."""
+    schedule's end, the model says its sentence is over while the talker goes on (sentences run together
+    with pauses shorter than `pause_ms`). The next sentence starts after the first pause of at least
+    `sentence_pause_ms` from 2k units before the schedule's position of that </s> on (the longest, among
+    the units read when it is found): the segment closes there and the next one is decoded at once from
+    the units after it, so every sentence is translated, not only a segment's first. Until such a pause,
+    nothing is said (the model may have ended early, inside its sentence)."""
 
-    def __init__(self, decoder: UnitDecoder, k: int = 10, min_pause_ms: int = 100, **kw):
+    def __init__(self, decoder: UnitDecoder, k: int = 10, sentence_pause_ms: int = 200, **kw):
         super().__init__(decoder, **kw)
         if k < 0:
             raise ValueError(f"wait-k needs k >= 0, got {k}")
         if why := streaming_refusal(decoder.cfg, "wait-k", k, self.ratio):
             raise ValueError(why)
         self.k = k
-        if min_pause_ms < 0:
-            raise ValueError(f"min_pause_ms must be >= 0, got {min_pause_ms}")
-        self.min_pause_frames = max(1, min_pause_ms // self.frame_ms)
+        if sentence_pause_ms < 0:
+            raise ValueError(f"sentence_pause_ms must be >= 0, got {sentence_pause_ms}")
+        self.sentence_pause = max(1, sentence_pause_ms // self.frame_ms)
         self.asked = self.got = 0  # the decision's decode: units asked for, units received
+        self.ended: int | None = None  # the model ended the segment's sentence: look for the next from this unit
 
     def decide(self) -> Decision | None:
         if self.decoder.streams:
@@ -432,26 +433,39 @@ class WaitK(_Simultaneous):
             return d
         self.got += len(units)
         if done and self.got < self.asked:  # </s> before the schedule's end: the sentence is over
-            return then(d, self.sentence_over())
+            q = len(self.decoder.prefix_tokens) + len(self.committed)  # the decoder position that chose </s>
+            read = int(self.decoder.cfg.visible_source(torch.tensor([q]))[0])  # the source it had read
+            self.ended = max(0, min(len(self.source), read) - 2 * self.k - 1)
+            return then(d, self.next_sentence())
         return d
 
-    def sentence_over(self) -> Decision | None:
-        """Close the segment at the pause the sentence ended with; the next one starts after it, now."""
-        n = len(self.source)
-        q = len(self.decoder.prefix_tokens) + len(self.committed)  # the decoder position that chose </s>
-        stopped = min(n, int(self.decoder.cfg.visible_source(torch.tensor([q]))[0]))  # source it had read
-        cut = max(1, stopped - self.k - 1)  # ... less the look-ahead: where the schedule aligns the last unit
-        pauses = self._pauses()  # [n - 1]: unit i ends a pause of pauses[i] frames
-        lo = max(0, cut - self.k)
-        if len(pauses) > lo:
-            window = pauses[lo:]
-            i = lo + len(window) - 1 - int(torch.argmax(window.flip(0)))  # the longest pause, the latest of equal ones
-            if int(pauses[i]) >= self.min_pause_frames:
-                cut = i + 1
-        self.carry = (self.source[cut:], self.frames[cut:])
-        self.source, self.frames = self.source[:cut], self.frames[:cut]
+    def on_source(self, units, frames, source_samples) -> Decision | None:
+        if self.ended is None:
+            return super().on_source(units, frames, source_samples)
+        self.add_source(units, frames)  # the model has ended this segment's sentence: wait for the next
+        return self.next_sentence()
+
+    def next_sentence(self) -> Decision | None:
+        """After the model ended its sentence: once a pause shows where the next one begins, close the
+        segment there and decode the next from the units after it."""
+        pauses = self._pauses()  # [units - 1]: unit i ends a pause of pauses[i] frames
+        window = pauses[self.ended :]
+        if not len(window):
+            return None
+        i = self.ended + len(window) - 1 - int(torch.argmax(window.flip(0)))  # the longest pause, the latest of equal ones
+        if int(pauses[i]) < self.sentence_pause:
+            if len(self.source) < self.max_segment:
+                return None
+            i = len(self.source) - 1  # no pause in a whole segment's length: start afresh from here
+        self.ended = None
+        self.carry = (self.source[i + 1 :], self.frames[i + 1 :])
+        self.source, self.frames = self.source[: i + 1], self.frames[: i + 1]
         self.next_segment(None)
         return self.decide() if len(self.source) else None
+
+    def on_end(self) -> Decision | None:
+        self.ended = None  # the rest after the sentence the model ended has no pause: it was that sentence's
+        return super().on_end()
 
 
 class LocalAgreement(_Simultaneous):
