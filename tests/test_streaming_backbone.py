@@ -165,13 +165,21 @@ def test_a_stream_that_says_eos_has_ended_until_its_source_starts_anew():
     else:
         pytest.fail("no source ended early")
     dec, got, asked = Decoder(m), [], 0
-    for read in range(K + 1, 41):
-        n = m.cfg.decodable(read) - len(got)
-        if n > 0:
-            asked += 1
-            got += decode_all(dec, "s", Request(src[:read] + UNIT_OFFSET, decoder_prefix((), torch.tensor(got, dtype=torch.long)), n, complete=False))
-    got += decode_all(dec, "s", Request(units_to_source(src), decoder_prefix((), torch.tensor(got, dtype=torch.long)), 100 - len(got)))
+    ended, encoded_after_eos, extend = [False], [], m.extend_source  # per source encoding: had the stream said </s>?
+    m.extend_source = lambda state, rows, tokens, counts: (encoded_after_eos.append(ended[0]), extend(state, rows, tokens, counts))
+    try:
+        for read in range(K + 1, 41):
+            n = m.cfg.decodable(read) - len(got)
+            if n > 0:
+                asked += 1
+                ended[0] = "s" in dec.parked and dec.parked["s"].last == EOS  # between decisions the stream is parked
+                got += decode_all(dec, "s", Request(src[:read] + UNIT_OFFSET, decoder_prefix((), torch.tensor(got, dtype=torch.long)), n, complete=False))
+        ended[0] = dec.parked["s"].last == EOS
+        got += decode_all(dec, "s", Request(units_to_source(src), decoder_prefix((), torch.tensor(got, dtype=torch.long)), 100 - len(got)))
+    finally:
+        m.extend_source = extend
     assert got == whole and asked > len(whole)  # after </s> the stream's later decisions got nothing
+    assert encoded_after_eos and not any(encoded_after_eos)  # ... and cost nothing: no source encoded for them
     fresh = decode_all(dec, "s", Request(units_to_source(src[:10]), decoder_prefix(), 5, min_new=5))  # a new source: a fresh decode
     assert len(fresh) == 5 and len(dec.parked) == 1
 

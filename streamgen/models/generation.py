@@ -240,7 +240,8 @@ class Decoder:
         """Resumed streams: their new source tokens encoded in one batched call, then they run."""
         batch, self.resuming = self.resuming, []
         out: list[tuple[object, list[int], bool]] = []
-        grown = [(r, p) for _, r, p in batch if len(r.source) > len(p.source)]
+        # a stream that ended at </s> decodes nothing more: its new source is not worth encoding
+        grown = [(r, p) for _, r, p in batch if len(r.source) > len(p.source) and p.last != EOS]
         if grown:
             rows = torch.tensor([p.slot for _, p in grown], device=self.device)
             new = [r.source[len(p.source):].to(self.device) for r, p in grown]
