@@ -5,8 +5,10 @@ Pipeline and engine that `streamgen run` and `streamgen serve` use.
 Per output chunk, its lag is how long after its ideal time it left the engine: the ideal time is when
 the input it depended on had been captured (the session's first sample + the chunk's ideal delay,
 which already counts the look-ahead the stages wait for), so the lag is queueing and compute only.
-Reported per N: p50 / p99 lag over every output chunk, median first-audio latency, sessions
-completed; and per task the largest N whose p99 lag stays within --max-lag-ms (250).
+Reported per N: p50 / p99 lag over every output chunk (and the p99 of those said while the talkers
+talk, without the ones after their input ended), median first-audio latency, sessions completed, the
+compute per stage (the generator's "admitting" part: bringing decodes in, i.e. a stream's new source
+encoded and prefill); and per task the largest N whose p99 lag stays within --max-lag-ms (250).
 
 The baseline runs in the same invocation: the same engine with --max-batch 1, i.e. every model call
 serves one session at a time (what the one-worker-per-stage pipeline did before the engine).
