@@ -74,8 +74,7 @@ def targets(run: Path, bundle) -> None:
     feats = [enc.features(d["audio"].float() / 32767) for d in data]
     every = torch.cat(feats).double()
     joe = {d["text"]: i for i, d in enumerate(data) if d["voice"] == "joe"}
-    norm = lambda m: enc.normalise_utterance(m) if enc.normalises else m
-    joe_units = {j: enc.quantize(norm(feats[j])) for j in joe.values()}  # what enc(wave) gives, each joe utterance once
+    joe_units = {j: enc.units_of(feats[j]) for j in joe.values()}  # what enc(wave) gives, each joe utterance once
     units, skipped = [], 0
     for i, d in enumerate(data):
         j = joe[d["text"]]
@@ -158,9 +157,10 @@ def score(run: Path, corpus: Path, bundle, voices: list[str]) -> None:
             wave = read_audio(manifest.parent / r["audio"], bundle.sample_rate)
             refs.append(r["text"])
             original.append(hear(wave))
-            kmeans.append(hear(bundle.vocode(*enc.encode(wave))))
+            feats = enc.features(wave)  # once, for both routes to units
+            kmeans.append(hear(bundle.vocode(*dedup(enc.units_of(feats)))))  # = enc.encode(wave)
             with torch.no_grad():
-                frame_units = net(norm.normalise_utterance(enc.features(wave))[None])[0].argmax(-1)
+                frame_units = net(norm.normalise_utterance(feats)[None])[0].argmax(-1)
             classified.append(hear(bundle.vocode(*dedup(frame_units))))
         results[v] = {"original": round(wer(refs, original), 3), "k-means (the bundle's)": round(wer(refs, kmeans), 3),
                       "classifier": round(wer(refs, classified), 3)}

@@ -190,12 +190,15 @@ class LogMelUnits(nn.Module):
         `start_norm`: what the stream computes chunk by chunk)."""
         return self.normalise(feats, self.start_norm())[0]
 
-    def forward(self, wave: Tensor) -> Tensor:
-        """wave [T] -> one unit per frame [T // hop] (long)."""
-        feats = self.features(wave)
+    def units_of(self, feats: Tensor) -> Tensor:
+        """An utterance's log-mel frames [F, n_mels] (`features`) -> one unit per frame [F] (long)."""
         if self.normalises:
             feats = self.normalise_utterance(feats)
         return self.quantize(feats)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        """wave [T] -> one unit per frame [T // hop] (long)."""
+        return self.units_of(self.features(wave))
 
     def encode(self, wave: Tensor) -> tuple[Tensor, Tensor]:
         """wave [T] -> (de-duplicated units, frames per unit)."""
