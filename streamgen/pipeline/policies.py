@@ -414,7 +414,7 @@ class WaitK(_Simultaneous):
         if sentence_pause_ms < 0:
             raise ValueError(f"sentence_pause_ms must be >= 0, got {sentence_pause_ms}")
         self.sentence_pause = max(1, sentence_pause_ms // self.frame_ms)
-        self.asked = self.got = 0  # the decision's decode: units asked for, units received
+        self.until = 0  # the committed units the decision's decode reaches if it runs its whole budget
         self.ended: int | None = None  # the model ended the segment's sentence: look for the next from this unit
 
     def decide(self) -> Decision | None:
@@ -422,17 +422,16 @@ class WaitK(_Simultaneous):
             budget = self.decoder.decodable(len(self.source)) - len(self.committed)
             d = self.decode(budget, complete=False) if budget > 0 else None
             if d is not None:
-                self.asked, self.got = d.decode.max_new, 0
+                self.until = len(self.committed) + d.decode.max_new
             return d
         budget = int(self.ratio * (len(self.source) - self.k)) - len(self.committed)
         return self.decode(budget) if budget > 0 else None
 
     def take(self, units: list[int], done: bool) -> Decision | None:
-        d = super().take(units, done)
+        d = super().take(units, done)  # speaks them: once done, every unit of the decode is committed
         if not self.decoder.streams:  # a full re-decode of a source given with </s>: ending early is expected
             return d
-        self.got += len(units)
-        if done and self.got < self.asked:  # </s> before the schedule's end: the sentence is over
+        if done and len(self.committed) < self.until:  # </s> before the schedule's end: the sentence is over
             q = len(self.decoder.prefix_tokens) + len(self.committed)  # the decoder position that chose </s>
             read = int(self.decoder.cfg.visible_source(torch.tensor([q]))[0])  # the source it had read
             self.ended = max(0, min(len(self.source), read) - 2 * self.k - 1)
