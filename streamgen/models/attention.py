@@ -139,7 +139,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x [B,T,d] attends to k/v [B,H,S,D] and to a prefix: one shared by every row, or one per
         group of rows (a batch of several tasks) -> [B,T,d]."""
-        q = self.split(self.q_proj(x))
+        return self.attend(self.split(self.q_proj(x)), k, v, mask, prefix)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None = None) -> Tensor:
+        """The rest of `forward` from the queries q [B,H,T,D]: attention, then the output projection."""
         if q.shape[2] == 1 and prefix:  # a decoder step: the prefix is read in place, never copied
             out, lse = attend(q, k, v, mask)
             if isinstance(prefix, tuple):
@@ -149,5 +152,5 @@ class Attention(nn.Module):
         else:
             out = attend_fused(q, k, v, mask, prefix)
         B, H, T, D = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * D))
+        return F.linear(out.transpose(1, 2).reshape(B, T, H * D), self.out_proj.weight, self.out_proj.bias)
 

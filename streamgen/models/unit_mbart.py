@@ -154,6 +154,36 @@ class Layer(nn.Module):
             x = self.residual(x, self.encoder_attn_layer_norm, lambda h: self.encoder_attn(h, *cross_kv, cross_mask))
         return self.residual(x, self.final_layer_norm, self.ffn)
 
+    def step(self, x: Tensor, store, self_mask: Tensor, prefix, cross_kv: tuple[Tensor, Tensor] | None = None,
+             cross_mask: Tensor | None = None) -> Tensor:
+        """`forward` for new tokens of an incremental pass, in inference (a decoder step, a streaming
+        encoder's next source tokens): x [B,T,d]; store(k, v) puts their keys/values [B,H,T,D] into
+        the layer's cache and returns the keys/values they attend to. The same equations with the
+        projections applied as functions: a decoder step on a CPU costs more in per-call overhead
+        than in arithmetic."""
+        sa = self.self_attn
+
+        def sublayer(x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
+            if self.pre:
+                return x + f(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+            return F.layer_norm(x + f(x), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+        def self_attention(h: Tensor) -> Tensor:
+            q, k, v = (sa.split(F.linear(h, p.weight, p.bias)) for p in (sa.q_proj, sa.k_proj, sa.v_proj))
+            return sa.attend(q, *store(k, v), self_mask, prefix)
+
+        def cross_attention(h: Tensor) -> Tensor:
+            ca = self.encoder_attn
+            return ca.attend(ca.split(F.linear(h, ca.q_proj.weight, ca.q_proj.bias)), *cross_kv, cross_mask)
+
+        def ffn(h: Tensor) -> Tensor:
+            return F.linear(F.gelu(F.linear(h, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
+
+        x = sublayer(x, self.self_attn_layer_norm, self_attention)
+        if cross_kv is not None:
+            x = sublayer(x, self.encoder_attn_layer_norm, cross_attention)
+        return sublayer(x, self.final_layer_norm, ffn)
+
 
 class Stack(nn.Module):
     """Positions, embedding LayerNorm, layers and final LayerNorm of the encoder or the decoder."""
@@ -458,15 +488,13 @@ class UnitMBart(nn.Module):
         mask = (torch.arange(S, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [R,1,T,S]
         groups = group_prompts([state.prompts[r] for r in rows.tolist()], dev)
         at = rows[:, None]
-        for i, layer in enumerate(self.encoder.layers):
+        for i, (layer, (ek, ev)) in enumerate(zip(self.encoder.layers, state.enc)):
 
-            def append(h: Tensor, i: int = i, layer: Layer = layer) -> tuple[Tensor, Tensor]:
-                k, v = layer.self_attn.kv(h)
-                ek, ev = state.enc[i]
+            def store(k: Tensor, v: Tensor, ek: Tensor = ek, ev: Tensor = ev) -> tuple[Tensor, Tensor]:
                 ek[at, :, pos], ev[at, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
                 return ek[rows, :, :S], ev[rows, :, :S]
 
-            x = layer(x, append, mask, prefix=layer_prefix(groups, "encoder", i))
+            x = layer.step(x, store, mask, layer_prefix(groups, "encoder", i))
         enc = self.encoder.finish(x).to(self.embed_tokens.weight.dtype)
         for (ck, cv), layer in zip(state.cross, self.decoder.layers):
             k, v = layer.encoder_attn.kv(enc)
@@ -494,15 +522,14 @@ class UnitMBart(nn.Module):
         visible = torch.arange(state.capacity, device=tokens.device)[None, None, :] <= pos[:, :, None]
         self_mask = visible[:, None]  # [B,1,T,C]: causal within the new tokens, all earlier entries
         cross_mask = self.cross_mask(state.src_mask, pos)
-        for i, layer in enumerate(self.decoder.layers):
+        for i, (layer, k_cache, v_cache) in enumerate(zip(self.decoder.layers, state.k, state.v)):
 
-            def append(h: Tensor, i: int = i, layer: Layer = layer) -> tuple[Tensor, Tensor]:
-                k, v = layer.self_attn.kv(h)  # [B,H,T,D]
-                state.k[i][rows, :, pos] = k.transpose(1, 2)  # indexed [B,T] -> [B,T,H,D]
-                state.v[i][rows, :, pos] = v.transpose(1, 2)
-                return state.k[i], state.v[i]
+            def store(k: Tensor, v: Tensor, k_cache: Tensor = k_cache, v_cache: Tensor = v_cache) -> tuple[Tensor, Tensor]:
+                k_cache[rows, :, pos] = k.transpose(1, 2)  # indexed [B,T] -> [B,T,H,D]
+                v_cache[rows, :, pos] = v.transpose(1, 2)
+                return k_cache, v_cache
 
-            x = layer(x, append, self_mask, prefix=state.prefix(i), cross_kv=state.cross[i], cross_mask=cross_mask)
+            x = layer.step(x, store, self_mask, state.prefix(i), state.cross[i], cross_mask)
         n = T if counts is None else counts
         state.lengths = state.lengths + (n if active is None else n * active)
         logits = self.output(x)
