@@ -8,7 +8,8 @@ which already counts the look-ahead the stages wait for), so the lag is queueing
 Reported per N: p50 / p99 lag over every output chunk (and the p99 of those said while the talkers
 talk, without the ones after their input ended), median first-audio latency, sessions completed, the
 compute per stage (the generator's "admitting" part: bringing decodes in, i.e. a stream's new source
-encoded and prefill); and per task the largest N whose p99 lag stays within --max-lag-ms (250).
+encoded and prefill), the decoder steps and the rows each advanced on average (how much the sessions'
+decodes share steps); and per task the largest N whose p99 lag stays within --max-lag-ms (250).
 
 The baseline runs in the same invocation: the same engine with --max-batch 1, i.e. every model call
 serves one session at a time (what the one-worker-per-stage pipeline did before the engine).
@@ -121,8 +122,10 @@ def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batc
         compute[stage] = seconds
         if stage == "generator":  # the part that brings decodes in: source encoding (a stream's new units), prefill
             compute["generator admitting"] = sum(d.admit_s for d in engine.decoders.values())
+    steps = [sum(getattr(d, k) for d in engine.decoders.values()) for k in ("steps", "rows_stepped")]
     return {"sessions": n, "completed": done, "wall_s": time.monotonic() - t, "lags": lags, "ends": ends, "first": first,
-            "busy": engine.busy_s / max(1e-9, time.monotonic() - t), "ticks": engine.ticks, "compute_s": compute}
+            "busy": engine.busy_s / max(1e-9, time.monotonic() - t), "ticks": engine.ticks, "compute_s": compute,
+            "decoder_steps": steps}
 
 
 def summary(parts: list[dict]) -> dict:
@@ -143,6 +146,9 @@ def summary(parts: list[dict]) -> dict:
             "lag_p99_while_talking_ms": round(float(np.percentile(during, 99)), 1) if during else None,
             "first_audio_ms": round(float(np.median(first)), 1) if first else None,
             "engine_busy": round(float(np.mean([p["busy"] for p in parts])), 2), "ticks": sum(p["ticks"] for p in parts),
+            # decoder steps and the rows they advanced: sessions whose chunks arrive apart share few steps
+            "decoder_steps": sum(p["decoder_steps"][0] for p in parts),
+            "decoder_rows_per_step": round(sum(p["decoder_steps"][1] for p in parts) / max(1, sum(p["decoder_steps"][0] for p in parts)), 2),
             "compute_s": {k: round(v, 2) for k, v in compute.items()}, "processes": len(parts)}
 
 
@@ -221,7 +227,7 @@ def main() -> None:
                 ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
                 print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
                       f"p99 {ms('lag_p99_ms')} ms (while talking {ms('lag_p99_while_talking_ms').strip()})  first audio {ms('first_audio_ms')} ms  busy {r['engine_busy']:.2f}  "
-                      f"ticks {r['ticks']}  " + " ".join(f"{k} {v:.1f}s" for k, v in r["compute_s"].items()), flush=True)
+                      f"ticks {r['ticks']}  decoder steps {r['decoder_steps']} ({r['decoder_rows_per_step']:.2f} rows each)  " + " ".join(f"{k} {v:.1f}s" for k, v in r["compute_s"].items()), flush=True)
                 misses = misses + 1 if (r["lag_p99_ms"] or 1e9) > args.max_lag_ms else 0
                 if misses >= 2:  # two levels in a row behind: larger ones only take longer
                     break

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from conftest import TINY, random_units
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from streamgen.models.generation import allowed_tokens_mask, generate
+from streamgen.models.generation import Decoder, Request, allowed_tokens_mask, decoder_prefix, generate
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, pad_sequences, units_to_source
 
@@ -228,3 +228,18 @@ def test_an_encoder_stack_in_bfloat16_feeds_the_float32_decoder(mbart):
         assert (full - incremental_logits(half, src, prev, kv)).abs().max() <= 1e-5
         assert 0 < (full - want).abs().max() < 0.05 * want.abs().max()  # bfloat16's rounding, no more
     assert prompt.shared_kv(half).encoder[0][0].dtype == torch.bfloat16 and prompt.shared_kv(mbart).encoder[0][0].dtype == torch.float32
+
+
+def test_the_decoder_counts_its_steps_and_the_rows_they_advance(mbart):
+    """What bench/sessions.py reports as "decoder steps (rows each)": two decodes of 5 and 9 units
+    admitted together (their first units come from the prefill) share 4 steps, then the longer one
+    steps alone 4 more times."""
+    dec = Decoder(mbart)
+    for key, n in (("a", 5), ("b", 9)):
+        dec.submit(key, Request(units_to_source(random_units(12, seed=n)), decoder_prefix(), max_new=n, min_new=n))
+    got = {"a": [], "b": []}
+    while dec.busy:
+        for key, units, _ in dec.step():
+            got[key] += units
+    assert [len(got["a"]), len(got["b"])] == [5, 9]
+    assert (dec.steps, dec.rows_stepped) == (8, 4 * 2 + 4)

@@ -152,6 +152,8 @@ class Decoder:
         self.resuming: list[tuple[object, Request, _Parked]] = []
         self.streams = model.cfg.streams
         self.admit_s = 0.0  # seconds spent bringing decodes in (source encoding, prefill), of all `step` time
+        self.steps = 0  # batched decoder steps that advanced running decodes
+        self.rows_stepped = 0  # the rows they advanced (rows_stepped / steps: how well decodes share steps)
         self.initial_slots = slots
         n = slots
         self.tokens = torch.full((n,), EOS, dtype=torch.long, device=self.device)  # last token per slot
@@ -211,6 +213,7 @@ class Decoder:
             out += self._resume()
             self.admit_s += time.perf_counter() - t
         if self.running:
+            self.rows_stepped += len(self.running)
             out += self._advance()
         if self.waiting:
             t = time.perf_counter()
@@ -312,6 +315,7 @@ class Decoder:
         """One step of the pool's rows [lo, hi) (views, no copy), advancing `slots` among them. The
         views end at the rows' longest cache (+ the token this step writes) and source: a step reads
         every key it is given, masked or not, and the pool's capacity doubles ahead of use."""
+        self.steps += 1
         pool = self.pool
         C = int(pool.lengths[lo:hi].max()) + 1
         S = int(pool.src_mask[lo:hi].any(0).nonzero()[-1]) + 1
@@ -326,6 +330,7 @@ class Decoder:
 
     def _advance_static(self, slots: list[int]) -> list[tuple[object, list[int], bool]]:
         """One step of the pool's first b rows (b a power of two), captured once per shape."""
+        self.steps += 1
         pool = self.pool
         rows = min(pool.batch_size, 1 << (slots[-1]).bit_length())
         prompt = pool.prompts[slots[0]]
