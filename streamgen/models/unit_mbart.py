@@ -139,12 +139,16 @@ class Layer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def residual(self, x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
-        if self.pre:  # x + f(LN(x))
-            return x + self.drop(f(norm(x)))
-        return norm(x + self.drop(f(x)))  # LN(x + f(x))
+        """x + f(LN(x)) (pre-norm) or LN(x + f(x)), dropout on f's output in training; the norm applied
+        as a function (see `step`)."""
+        ln = lambda h: F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        drop = lambda h: F.dropout(h, self.drop.p, self.training)
+        if self.pre:
+            return x + drop(f(ln(x)))
+        return ln(x + drop(f(x)))
 
     def ffn(self, h: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(h)))
+        return F.linear(F.gelu(F.linear(h, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
     def forward(self, x, self_kv, self_mask, prefix=None, cross_kv=None, cross_mask=None) -> Tensor:
         """x [B,T,d]. self_kv(h) gives the keys/values self-attention sees for its input h:
@@ -159,14 +163,9 @@ class Layer(nn.Module):
         """`forward` for new tokens of an incremental pass, in inference (a decoder step, a streaming
         encoder's next source tokens): x [B,T,d]; store(k, v) puts their keys/values [B,H,T,D] into
         the layer's cache and returns the keys/values they attend to. The same equations with the
-        projections applied as functions: a decoder step on a CPU costs more in per-call overhead
-        than in arithmetic."""
+        attention projections applied as functions: a batch-1 decoder step on a CPU paid more in
+        module-call overhead than in arithmetic."""
         sa = self.self_attn
-
-        def sublayer(x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
-            if self.pre:
-                return x + f(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
-            return F.layer_norm(x + f(x), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
         def self_attention(h: Tensor) -> Tensor:
             q, k, v = (sa.split(F.linear(h, p.weight, p.bias)) for p in (sa.q_proj, sa.k_proj, sa.v_proj))
@@ -176,13 +175,10 @@ class Layer(nn.Module):
             ca = self.encoder_attn
             return ca.attend(ca.split(F.linear(h, ca.q_proj.weight, ca.q_proj.bias)), *cross_kv, cross_mask)
 
-        def ffn(h: Tensor) -> Tensor:
-            return F.linear(F.gelu(F.linear(h, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
-
-        x = sublayer(x, self.self_attn_layer_norm, self_attention)
+        x = self.residual(x, self.self_attn_layer_norm, self_attention)
         if cross_kv is not None:
-            x = sublayer(x, self.encoder_attn_layer_norm, cross_attention)
-        return sublayer(x, self.final_layer_norm, ffn)
+            x = self.residual(x, self.encoder_attn_layer_norm, cross_attention)
+        return self.residual(x, self.final_layer_norm, self.ffn)
 
 
 class Stack(nn.Module):
