@@ -5,8 +5,8 @@
 # the call (about 8 minutes of device time). The best weights come back in fp16 (evaluate them here with
 # `streamgen eval ... --mbart FILE`). Prepared in the 2026-11-28 session, whose device loan was paused before
 # the call; that session trained on the CPU instead (recipes/natural.sh steps 11d and 11e: live ASR-BLEU 33.7, the
-# aim of 30 met). Without BUNDLE it starts from the default bundle's backbone (since 2026-11-28, step 11e's), where
-# the 3,000-pair control no longer reads as one (that backbone has seen the 12,000).
+# aim of 30 met). Without BUNDLE it starts from the default bundle's backbone (since 2026-11-28, twelfth session,
+# step 11f's 2-layer decoder), where the 3,000-pair control no longer reads as one (that backbone has seen the 12,000).
 #
 #   BUNDLE=<the 2026-11-27 bundle> bash recipes/gpu_translation.sh prepare
 #                                   # here: .gpucarry/ (bundle, pairs) and .whl/ (wheels), kept out of git

@@ -190,21 +190,32 @@ done
 .venv/bin/streamgen data pairs --task translation --manifest "$TU12/es2en_train_src.units.tsv" \
   --target "$TU12/es2en_train_tgt.units.tsv" --out "$TU12/tr_train.tsv"
 # the streaming backbone continued on them (resumable): run NAME LR EPOCHS, then its live score over the 200 test pairs
+# (the backbone of bundle $BT, into which each run writes its result)
+BT=$R/bundle_ship$X
 continue_12k() {
   local RESUME=; [ -f "$E/$1/state.pt" ] && RESUME=--resume
-  OMP_NUM_THREADS=2 .venv/bin/streamgen train-prompt --full --bundle "$R/bundle_ship$X" --task translation --train "$TU12/tr_train.tsv" \
+  OMP_NUM_THREADS=2 .venv/bin/streamgen train-prompt --full --bundle "$BT" --task translation --train "$TU12/tr_train.tsv" \
     --dev "$TU/tr_dev.tsv" --out "$E/$1" --device "$DEVICE" --lr "$2" --warmup 50 --epochs "$3" --batch-size 16 --patience 3 \
     --dropout 0.3 --save-minutes 5 --wait-k 30 --wait-ratio 1.0 --into-bundle $RESUME
   .venv/bin/streamgen eval --task translation --manifest "$TV/es2en_test_src.tsv" --references "$TV/es2en_test_tgt.tsv" \
-    --bundle "$R/bundle_ship$X" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_$1$X"
+    --bundle "$BT" --chunk-ms 320 --no-realtime --limit 200 --out "$R/eval_$1$X"
 }
 continue_12k travel_12k 2e-4 3
 # 11e. two more epochs on the 12,000 pairs from there at half the peak rate (lr 1e-4, linear decay to 0; the gain of
 #      11d came with its schedule's end): dev 1.7024 -> 1.7049 / 1.6970, live ASR-BLEU 29.9 -> 33.7 over the 200 test
 #      pairs (36 minutes, two threads, 2026-11-28)
 continue_12k travel_12k_more 1e-4 2
+# 11f. a cheaper decoder step for live sessions: the decoder cut to 2 layers (0 and 3 kept; "deep encoder, shallow
+#      decoder", Kasai et al. 2021), fine-tuned 3 epochs at 2e-4, then rounds of 2 epochs at 1e-4 while they gain:
+#      live ASR-BLEU 23.0 -> 27.4 -> 29.2 -> 29.7 -> 32.9 (dev 1.909 -> 1.832; 2026-11-28, CPU, about 40 minutes a
+#      round), against 33.7 for the 4-layer backbone; it holds 2-8 live translation sessions where that held 0
+#      (bench/QUALITY.md, bench/RESULTS.md). This is the shipped translation backbone.
+[ -d "$R/bundle_ship_shallow$X" ] || $PY recipes/shallow_decoder.py "$R/bundle_ship$X" "$R/bundle_ship_shallow$X" 0,3
+BT=$R/bundle_ship_shallow$X
+continue_12k shallow_12k 2e-4 3
+for round in 1 2 3 4; do continue_12k "shallow_12k_more$round" 1e-4 2; done
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
 if [ -n "${SHIP:-}" ]; then
   rm -rf streamgen/assets/default
-  .venv/bin/streamgen pack "$R/bundle_ship$X" streamgen/assets/default --dtype float16
+  .venv/bin/streamgen pack "$BT" streamgen/assets/default --dtype float16
 fi
