@@ -320,12 +320,16 @@ class _Simultaneous(Policy):
         before = torch.cummax(torch.where(quiet, 0, total), 0).values  # ... up to the last unit that was not quiet
         return torch.maximum(runs, torch.where(quiet, total - before, 0))
 
+    def _split(self, cut: int) -> None:
+        """The segment keeps its first `cut` units; the rest wait for the next segment."""
+        self.carry = (self.source[cut:], self.frames[cut:])
+        self.source, self.frames = self.source[:cut], self.frames[:cut]
+
     def on_source(self, units, frames, source_samples) -> Decision | None:
         self.add_source(units, frames)
         cut = self._cut()
         if cut is not None:
-            self.carry = (self.source[cut:], self.frames[cut:])
-            self.source, self.frames = self.source[:cut], self.frames[:cut]
+            self._split(cut)
             self.closing = True
             return self.finish_segment()
         if source_samples >= self.next_act:
@@ -457,8 +461,7 @@ class WaitK(_Simultaneous):
                 return None
             i = len(self.source) - 1  # no pause in a whole segment's length: start afresh from here
         self.ended = None
-        self.carry = (self.source[i + 1 :], self.frames[i + 1 :])
-        self.source, self.frames = self.source[: i + 1], self.frames[: i + 1]
+        self._split(i + 1)
         self.next_segment(None)
         return self.decide() if len(self.source) else None
 
