@@ -36,6 +36,21 @@ def test_chunked_equals_whole(vocoder, chunk):
     assert (whole - chunked).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("length", [5, 6, 23])
+def test_conv_as_one_matrix_product_equals_conv1d(length):
+    """The parameter network's streaming convs run as one product over the unfolded taps."""
+    from streamgen.models.streaming_conv import ConvOp
+
+    torch.manual_seed(1)
+    conv = torch.nn.Conv1d(12, 7, 5, padding=2).double()
+    x = torch.randn(3, 12, length, dtype=torch.float64)
+    op = ConvOp.same(conv, matmul=True)
+    assert op.flat is not None
+    want = torch.nn.functional.conv1d(x, conv.weight, conv.bias)
+    assert torch.allclose(op.conv(x), want, rtol=0, atol=1e-12)
+    assert op.conv(x[..., :4]).shape == (3, 7, 0)
+
+
 def test_stream_gives_audio_before_the_end(vocoder):
     s = SourceFilterStream(vocoder)
     early = sum(len(s.push(u)) for u in units(60, seed=1).split(4))

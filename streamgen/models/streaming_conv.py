@@ -85,19 +85,34 @@ class ConvOp:
     """One conv of the graph: weight [Co, Ci, k], dilation, zeros before (a) and after (b), and for
     a transposed conv the zero-stuffing rate."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, dilation: int, a: int, b: int, stuff: int = 1):
+    def __init__(self, weight: Tensor, bias: Tensor | None, dilation: int, a: int, b: int, stuff: int = 1,
+                 matmul: bool = False):
         self.weight, self.bias, self.dilation, self.a, self.b, self.stuff = weight, bias, dilation, a, b, stuff
         self.k = self.dilation * (weight.shape[2] - 1) + 1  # reach of one output, in inputs
+        # matmul: the conv as one matrix product over the unfolded taps, y[t] = W [x[t]; ...; x[t+k-1]] + b
+        # (weight flattened to [Co, Ci * k]); for few frames of a narrow network in float64 (the
+        # source-filter parameters) it is 1.1-1.9x faster than conv1d on a CPU
+        self.flat = weight.reshape(weight.shape[0], -1) if matmul and dilation == 1 else None
 
     @classmethod
-    def same(cls, conv: torch.nn.Conv1d) -> ConvOp:
+    def same(cls, conv: torch.nn.Conv1d, matmul: bool = False) -> ConvOp:
         p = conv.padding[0]
-        return cls(conv.weight, conv.bias, conv.dilation[0], p, p)
+        return cls(conv.weight, conv.bias, conv.dilation[0], p, p, matmul=matmul)
 
     @classmethod
     def transposed(cls, up: torch.nn.ConvTranspose1d) -> ConvOp:
         k, u, P = up.kernel_size[0], up.stride[0], up.padding[0]
         return cls(up.weight.transpose(0, 1).flip(-1), up.bias, 1, k - 1 - P, P, stuff=u)
+
+    def conv(self, x: Tensor) -> Tensor:
+        """The valid convolution of x [B, Ci, L] -> [B, Co, L - k + 1] (empty when L < k)."""
+        B, C, L = x.shape
+        if L < self.k:
+            return x.new_zeros(B, self.weight.shape[0], 0)
+        if self.flat is None:
+            return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
+        taps = x.unfold(2, self.k, 1).permute(0, 2, 1, 3).reshape(B, L - self.k + 1, C * self.k)  # [B, L', (Ci, k)]
+        return F.linear(taps, self.flat, self.bias).transpose(1, 2)
 
     def init_tail(self, ref: Tensor) -> Tensor:
         return ref.new_zeros(self.weight.shape[1], self.a)  # the zeros before the signal
@@ -117,15 +132,12 @@ class ConvOp:
         if t.shape[2] == keep and bool((tn == keep).all()):  # steady state: every row's tail is full
             cat, total = torch.cat([t, x], dim=2), tn + n
             out_n = n
-            y = F.conv1d(cat, self.weight, self.bias, dilation=self.dilation) if cat.shape[2] >= self.k else cat.new_zeros(cat.shape[0], self.weight.shape[0], 0)
+            y = self.conv(cat)
             new_tails = unstack(take(cat, n, torch.full_like(n, keep), keep), torch.full_like(n, keep))
             return new_tails, y, out_n
         cat, total = join(t, tn, x, n)
         out_n = (total - keep).clamp_min(0)
-        if cat.shape[2] >= self.k:
-            y = F.conv1d(cat, self.weight, self.bias, dilation=self.dilation)
-        else:
-            y = cat.new_zeros(cat.shape[0], self.weight.shape[0], 0)
+        y = self.conv(cat)
         width = int(out_n.max()) if len(out_n) else 0
         y = take(y, torch.zeros_like(out_n), out_n, width)
         start = (total - keep).clamp_min(0)
@@ -253,8 +265,8 @@ class StreamingParams:
     def __init__(self, model):
         self.model = model
         # in float64, rounded to float32 at the end, as `SourceFilterVocoder.params(exact=True)`
-        self.ops = [ConvOp.same(copy.deepcopy(b.conv).double()) for b in model.blocks]
-        self.mix = [(b.mix.weight.double(), b.mix.bias.double()) for b in model.blocks]
+        self.ops = [ConvOp.same(copy.deepcopy(b.conv).double(), matmul=True) for b in model.blocks]
+        self.mix = [(b.mix.weight[:, :, 0].double(), b.mix.bias.double()) for b in model.blocks]  # 1x1 convs as matrices
         self.head = (model.head.weight.double(), model.head.bias.double())
 
     def new_stream(self) -> ParamsStream:
@@ -275,7 +287,7 @@ class StreamingParams:
             for s, t in zip(streams, tails):
                 s.tails[i] = t
             r, rn = join(*stack([s.res[i] for s in streams]), x, n)
-            mixed = F.conv1d(F.gelu(y), *self.mix[i]) if y.shape[2] else y
+            mixed = F.linear(F.gelu(y).transpose(1, 2), *self.mix[i]).transpose(1, 2) if y.shape[2] else y
             x = take(r, torch.zeros_like(out_n), out_n, y.shape[2]) + mixed
             width = int((rn - out_n).max()) if len(rn) else 0
             for s, rest in zip(streams, unstack(take(r, out_n, rn - out_n, width), rn - out_n)):
