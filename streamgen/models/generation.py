@@ -144,6 +144,8 @@ class Decoder:
         self.captured: dict[tuple, _Captured] = {}
         self.device = model.embed_tokens.weight.device
         self.allowed = allowed_tokens_mask(model, self.device)
+        self.disallowed = ~self.allowed
+        self.sampled: set[int] = set()  # slots whose request samples (the rest decode greedily)
         self.pool: DecoderState | None = None
         self.free: list[int] = []
         self.waiting: list[tuple[object, Request]] = []
@@ -275,6 +277,8 @@ class Decoder:
         self.seed[idx] = torch.tensor([r.seed & _M32 for r in requests], device=self.device)
         self.min_new[idx] = torch.tensor([r.min_new for r in requests], device=self.device)
         self.produced[idx] = 0
+        for slot, r in zip(slots, requests):
+            (self.sampled.discard if r.sampling.greedy else self.sampled.add)(slot)
 
     def _slots(self, n: int) -> list[int]:
         """n free slots, lowest first (the pool grows by doubling when full)."""
@@ -292,11 +296,17 @@ class Decoder:
         got, self.free = self.free[:n], self.free[n:]
         return got
 
-    def _choose(self, logits: Tensor, slots: Tensor) -> Tensor:
+    def _choose(self, logits: Tensor, slots: list[int], idx: Tensor) -> Tensor:
+        """The next token of each of `slots` (idx: the same as a tensor) from its logits [len(slots), V]."""
+        may_end = self.produced[idx] >= self.min_new[idx]
+        if self.sampled.isdisjoint(slots):  # all greedy, as `choose` decides them, without gathering settings
+            best = logits.float().masked_fill(self.disallowed, float("-inf"))
+            best[:, EOS].masked_fill_(~may_end, float("-inf"))
+            return best.argmax(-1)
         allowed = self.allowed[None].repeat(len(slots), 1)
-        allowed[:, EOS] &= self.produced[slots] >= self.min_new[slots]
-        return choose(logits, allowed, self.greedy[slots], self.temperature[slots], self.top_k[slots],
-                      self.seed[slots], self.produced[slots])
+        allowed[:, EOS] &= may_end
+        return choose(logits, allowed, self.greedy[idx], self.temperature[idx], self.top_k[idx],
+                      self.seed[idx], self.produced[idx])
 
     def _advance(self) -> list[tuple[object, list[int], bool]]:
         running = sorted(self.running)
@@ -326,7 +336,7 @@ class Decoder:
         active[idx - lo] = True
         logits = self.model.step(view, self.tokens[lo:hi], active=active, grow=False)
         pool.lengths[lo:hi] = view.lengths
-        return self._emit(slots, self._choose(logits[idx - lo], idx))
+        return self._emit(slots, idx, self._choose(logits[idx - lo], slots, idx))
 
     def _advance_static(self, slots: list[int]) -> list[tuple[object, list[int], bool]]:
         """One step of the pool's first b rows (b a power of two), captured once per shape."""
@@ -345,7 +355,7 @@ class Decoder:
         self.active.zero_()
         self.active[idx] = True
         logits = self.captured[key].replay()
-        return self._emit(slots, self._choose(logits[idx], idx))
+        return self._emit(slots, idx, self._choose(logits[idx], slots, idx))
 
     def _admit(self) -> list[tuple[object, list[int], bool]]:
         n = self.max_batch or len(self.waiting)
@@ -376,11 +386,12 @@ class Decoder:
         for (key, r, budget), s in zip(todo, slots):
             self.running[s] = _Running(key, r, s, budget)
         self._configure(slots, [r for _, r, _ in todo])
-        return out + self._emit(slots, self._choose(logits, torch.tensor(slots, device=self.device)))
+        idx = torch.tensor(slots, device=self.device)
+        return out + self._emit(slots, idx, self._choose(logits, slots, idx))
 
-    def _emit(self, slots: list[int], nxt: Tensor) -> list[tuple[object, list[int], bool]]:
-        self.tokens[torch.tensor(slots, device=self.device)] = nxt
-        self.produced[torch.tensor(slots, device=self.device)] += 1
+    def _emit(self, slots: list[int], idx: Tensor, nxt: Tensor) -> list[tuple[object, list[int], bool]]:
+        self.tokens[idx] = nxt
+        self.produced[idx] += 1
         out = []
         for s, tok in zip(slots, nxt.tolist()):  # the tick's one read of results
             run = self.running[s]
