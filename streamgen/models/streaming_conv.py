@@ -92,7 +92,7 @@ class ConvOp:
         # matmul: the conv as one matrix product over the unfolded taps, y[t] = W [x[t]; ...; x[t+k-1]] + b
         # (weight flattened to [Co, Ci * k]); for few frames of a narrow network in float64 (the
         # source-filter parameters) it is 1.1-1.9x faster than conv1d on a CPU
-        self.flat = weight.reshape(weight.shape[0], -1) if matmul and dilation == 1 else None
+        self.flat = weight.detach().reshape(weight.shape[0], -1) if matmul and dilation == 1 else None
 
     @classmethod
     def same(cls, conv: torch.nn.Conv1d, matmul: bool = False) -> ConvOp:
