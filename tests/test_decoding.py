@@ -237,9 +237,11 @@ def test_the_decoder_counts_its_steps_and_the_rows_they_advance(mbart):
     dec = Decoder(mbart)
     for key, n in (("a", 5), ("b", 9)):
         dec.submit(key, Request(units_to_source(random_units(12, seed=n)), decoder_prefix(), max_new=n, min_new=n))
-    got = {"a": [], "b": []}
+    got, left = {"a": [], "b": []}, [dec.left]
     while dec.busy:
         for key, units, _ in dec.step():
             got[key] += units
+        left.append(dec.left)
     assert [len(got["a"]), len(got["b"])] == [5, 9]
     assert (dec.steps, dec.rows_stepped) == (8, 4 * 2 + 4)
+    assert left == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]  # the most tokens a decode in flight may still produce

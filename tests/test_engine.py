@@ -13,6 +13,7 @@ from streamgen.models.generation import Decoder, Request, Sampling, decoder_pref
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import units_to_source
 from streamgen.pipeline.items import Control, SessionError
+from streamgen.pipeline.engine import finish_in_tick
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 
@@ -172,6 +173,16 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
     if graphs and not mixed:
         assert dec.captured  # the static steps ran
     assert not dec.running and sorted(dec.free) == list(range(dec.pool.batch_size))
+
+
+def test_a_tick_finishes_a_decode_past_its_budget_only_when_that_is_short_and_nothing_waits():
+    budget = 0.030  # 30 ms, 12 steps taken in it (2.5 ms each)
+    assert finish_in_tick(0.030, 12, 4, budget, waiting=False)  # 4 more steps end it within a second budget
+    assert finish_in_tick(0.030, 12, 12, budget, waiting=False)  # ... 12 as well, just
+    assert not finish_in_tick(0.030, 12, 13, budget, waiting=False)  # a longer decode speaks budget by budget
+    assert not finish_in_tick(0.030, 12, 60, budget, waiting=False)  # (a continuation)
+    assert not finish_in_tick(0.030, 12, 1, budget, waiting=True)  # another session's input waits: vocode and encode it
+    assert not finish_in_tick(0.061, 24, 0, budget, waiting=False)  # never past a second budget
 
 
 def test_a_new_session_is_refused_when_the_engine_is_full(test_bundle):

@@ -202,6 +202,12 @@ class Decoder:
         return bool(self.waiting or self.running or self.resuming)
 
     @property
+    def left(self) -> int:
+        """The most tokens a decode in flight may still produce (its budget; a waiting one's max_new)."""
+        return max([run.budget - run.produced for run in self.running.values()]
+                   + [r.max_new for _, r in self.waiting] + [r.max_new for _, r, _ in self.resuming], default=0)
+
+    @property
     def live(self) -> int:
         return len(self.running) + len(self.waiting) + len(self.resuming)
 

@@ -54,6 +54,13 @@ from .vad import Vad
 log = logging.getLogger("streamgen")
 
 
+def finish_in_tick(spent: float, steps: int, left: int, budget: float, waiting: bool) -> bool:
+    """Past its decode budget, whether a tick goes on stepping: only to finish the decodes in flight
+    (`left` tokens at most, at the tick's pace so far) within a second budget, and only while no
+    session has input waiting."""
+    return not waiting and spent + left * spent / steps <= 2 * budget
+
+
 @dataclass
 class EngineConfig:
     task: str = "continuation"
@@ -518,13 +525,24 @@ class Engine:
 
     def _decode(self) -> None:
         """Decoder steps until the tick's decode budget is spent (at least one step while any decode
-        runs): units come at 50 per second of speech, far faster than chunks arrive."""
-        t0 = time.perf_counter()
+        runs): units come at 50 per second of speech, far faster than chunks arrive. Past the budget
+        the steps go on only while no session has input waiting and every decode in flight will end
+        within a second budget at this tick's pace: its last units then reach the vocoder in this
+        tick, not a whole tick (every session's vocoder and encoder calls) later. A long decode (a
+        continuation) still speaks budget by budget."""
+        t0, budget, steps = time.perf_counter(), self.cfg.decode_budget_ms / 1000, 0
         while busy := [d for d in self.decoders.values() if d.busy]:
             for decoder in busy:
                 self._decode_step(decoder)
-            if time.perf_counter() - t0 >= self.cfg.decode_budget_ms / 1000:
+            steps += 1
+            spent = time.perf_counter() - t0
+            if spent >= budget and not finish_in_tick(spent, steps, max(d.left for d in self.decoders.values()), budget,
+                                                      self._input_waiting()):
                 break
+
+    def _input_waiting(self) -> bool:
+        """Some session has input the rest of a tick would take in (audio, units for its policy)."""
+        return any(s.inbox or s.chunks or s.events for s in list(self.sessions.values()))
 
     def _decode_step(self, decoder: Decoder) -> None:
         t = time.perf_counter()
