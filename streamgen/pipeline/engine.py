@@ -118,8 +118,13 @@ class Session:
         self.captured_at = 0.0
 
     @property
+    def has_input(self) -> bool:
+        """Input a tick would take in: items in the inbox, chunks for the encoder, units for the policy."""
+        return bool(self.inbox or self.chunks or self.events)
+
+    @property
     def idle(self) -> bool:
-        return not (self.inbox or self.chunks or self.events or self.decoding)
+        return not (self.has_input or self.decoding)
 
     @property
     def backlog(self) -> int:
@@ -542,7 +547,7 @@ class Engine:
 
     def _input_waiting(self) -> bool:
         """Some session has input the rest of a tick would take in (audio, units for its policy)."""
-        return any(s.inbox or s.chunks or s.events for s in list(self.sessions.values()))
+        return any(s.has_input for s in list(self.sessions.values()))
 
     def _decode_step(self, decoder: Decoder) -> None:
         t = time.perf_counter()
