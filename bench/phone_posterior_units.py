@@ -9,9 +9,8 @@ notion of a sound from five to eight synthetic voices, and none brought the unse
 Here each 20 ms frame's phone posteriors (the blank dropped and the rest renormalised, square-rooted so
 that Euclidean k-means compares them by the Hellinger distance) are clustered on the training voice's
 speech, a source-filter vocoder is trained on those units exactly as the shipped one was (recipes/natural.sh
-step 3), and resynthesis is scored
-as QUALITY.md's rows are: units in the talker's timing -> vocoder -> Whisper tiny.en, 40 natural test
-sentences per voice, beside the original audio and the shipped bundle's own units and vocoder. With
+step 3), and resynthesis is scored as QUALITY.md's rows are: units in the talker's timing -> vocoder ->
+Whisper tiny.en, 40 natural test sentences per voice, beside the original audio and the shipped bundle's own units and vocoder. With
 `--logmel-weight W`, the units are k-means of the posteriors and, beside them, the voice's per-utterance
 normalised log-mel scaled to W times their norm.
 
