@@ -17,8 +17,7 @@ normalised log-mel scaled to W times their norm.
     pip install hama==1.7.0          # its weight package (a dev dependency, as the port's oracle)
     python bench/phone_posterior_units.py features --manifest R/corpus/nat_train.tsv --out RUN/train.pt
     python bench/phone_posterior_units.py fit --features RUN/train.pt --units 500 --out RUN/units500.pt
-    python bench/phone_posterior_units.py prepare --manifest R/corpus/nat_train.tsv --features RUN/train.pt \
-        --codebook RUN/units500.pt --out RUN/voc_data500.pt
+    python bench/phone_posterior_units.py prepare --manifest R/corpus/nat_train.tsv --codebook RUN/units500.pt --out RUN/voc_data500.pt
     python -m streamgen.train.source_filter train --data RUN/voc_data500.pt --out RUN/sf500 --steps 4000 --batch-size 8 --segment 32 --units 500
     python bench/phone_posterior_units.py score --corpus R/corpus --codebook RUN/units500.pt --vocoder RUN/sf500 --json RUN/score500.json
 """
@@ -26,6 +25,7 @@ normalised log-mel scaled to W times their norm.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -54,10 +54,15 @@ def log_posteriors(model: PhoneRecogniser, wave: torch.Tensor) -> torch.Tensor:
         return model(wave)
 
 
+@functools.cache
+def logmel() -> LogMelUnits:
+    return LogMelUnits(LogMelUnitsConfig())
+
+
 def normalised_logmel(wave: torch.Tensor) -> torch.Tensor:
     """The log-mel of the bundle's unit encoder, less its per-utterance mean, over its standard deviation
     (what a voice's own timbre leaves after the speaker normalisation of QUALITY.md's comparison)."""
-    x = LogMelUnits(LogMelUnitsConfig()).features(wave)
+    x = logmel().features(wave)
     return (x - x.mean(0)) / x.std(0).clamp_min(1e-3)
 
 
@@ -105,24 +110,12 @@ def assign(log_probs: torch.Tensor, logmel: torch.Tensor, codebook: dict) -> tor
     return torch.cdist(x, codebook["centroids"]).argmin(1)
 
 
-def prepare(manifests: list[str], features_path: Path, codebook_path: Path, out: Path) -> None:
-    """The vocoder's training data as `streamgen.train.source_filter.prepare` writes it, with these units."""
-    from streamgen.io.files import read_audio
-    from streamgen.train.source_filter import f0_track
-    from streamgen.train.synth import read_manifest
+def prepare(manifests: list[str], codebook_path: Path, out: Path, weights: Path | None) -> None:
+    """The vocoder's training data, written by `streamgen.train.source_filter.prepare` with these units."""
+    from streamgen.train.source_filter import prepare as vocoder_data
 
-    f, codebook = torch.load(features_path), torch.load(codebook_path)
-    data = []
-    for m in manifests:
-        for r in read_manifest(m):
-            wave = read_audio(Path(m).parent / r["audio"], RATE)
-            frames = assign(f["log_probs"][r["id"]], f["logmel"][r["id"]], codebook)
-            n = min(len(frames), len(wave) // HOP)
-            f0, voiced = f0_track(wave[: n * HOP].numpy(), HOP // 2)
-            audio = (wave[: n * HOP].clamp(-1, 1) * 32767).round().short()
-            data.append({"id": r["id"], "frames": frames[:n].short(), "f0": torch.from_numpy(f0), "voiced": torch.from_numpy(voiced), "audio": audio})
-    torch.save(data, out)
-    print(f"{len(data)} utterances", flush=True)
+    model, codebook = recogniser(weights), torch.load(codebook_path)
+    vocoder_data(manifests, lambda wave: assign(log_posteriors(model, wave), normalised_logmel(wave), codebook), out, hop=HOP)
 
 
 def score(corpus: Path, codebook_path: Path, vocoder_path: Path, voices: list[str], json_path: Path | None, weights: Path | None) -> None:
@@ -138,10 +131,9 @@ def score(corpus: Path, codebook_path: Path, vocoder_path: Path, voices: list[st
     codebook, vocoder = torch.load(codebook_path), load_vocoder(vocoder_path)
     hear = lambda wave: asr.transcribe(wave.numpy())
 
-    def speak(units: torch.Tensor) -> torch.Tensor:
-        u, d = dedup(units)
+    def speak(units: torch.Tensor) -> torch.Tensor:  # one unit per frame: the talker's timing
         with torch.no_grad():
-            return vocoder.generate(torch.repeat_interleave(u, d)).float().reshape(-1)
+            return vocoder.generate(units).float().reshape(-1)
 
     results = {}
     for v in voices:
@@ -181,7 +173,7 @@ def main() -> None:
     elif args.stage == "fit":
         fit(args.features, args.units, args.out, args.logmel_weight)
     elif args.stage == "prepare":
-        prepare(args.manifest, args.features, args.codebook, args.out)
+        prepare(args.manifest, args.codebook, args.out, args.weights)
     else:
         score(args.corpus, args.codebook, args.vocoder, args.voices, args.json, args.weights)
 

@@ -27,6 +27,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -133,22 +134,25 @@ def load_logmel_units(path: str | Path) -> LogMelUnits:
 
 # --- vocoder data ---------------------------------------------------------------------------------
 
-def prepare(manifests: list[str], encoder: LogMelUnits, out: str | Path, progress: bool = True) -> Path:
-    """Per utterance: unit id per frame, analysed F0 and voicing per parameter frame (h = hop / 2), int16 audio."""
+def prepare(manifests: list[str], encoder: Callable[[Tensor], Tensor], out: str | Path, hop: int | None = None,
+            progress: bool = True) -> Path:
+    """Per utterance: unit id per frame, analysed F0 and voicing per parameter frame (h = hop / 2), int16 audio.
+    `encoder` maps a 16 kHz waveform to one unit per `hop` samples (a `LogMelUnits`, whose hop is the
+    default, or any other unit type's frame function); frames past the audio's end are dropped."""
     from ..io.files import read_audio
     from .synth import read_manifest
 
-    hop, h = encoder.cfg.hop, encoder.cfg.hop // 2
+    hop = hop or encoder.cfg.hop
     data = []
     rows = [(Path(m).parent, r) for m in manifests for r in read_manifest(m)]
     with Progress("vocoder data", len(rows), enabled=progress) as bar, torch.no_grad():
         for root, r in rows:
             wave = read_audio(root / r["audio"], RATE)
             frames = encoder(wave)
-            n = len(frames)
-            f0, voiced = f0_track(wave[: n * hop].numpy(), h)
+            n = min(len(frames), len(wave) // hop)
+            f0, voiced = f0_track(wave[: n * hop].numpy(), hop // 2)
             audio = (wave[: n * hop].clamp(-1, 1) * 32767).round().short()
-            data.append({"id": r["id"], "frames": frames.short(), "f0": torch.from_numpy(f0), "voiced": torch.from_numpy(voiced), "audio": audio})
+            data.append({"id": r["id"], "frames": frames[:n].short(), "f0": torch.from_numpy(f0), "voiced": torch.from_numpy(voiced), "audio": audio})
             bar.update(advance=1)
     torch.save(data, out)
     return Path(out)
