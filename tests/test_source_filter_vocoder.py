@@ -176,3 +176,27 @@ def test_stream_memory_stays_bounded(vocoder):
         assert len(s.units) <= 5 + 2 * s.unit_radius
         assert len(s.frames) <= 2 * s.context
         assert s.pending is None or len(s.pending) == 1
+
+
+def test_prepare_takes_any_frame_function_and_keeps_frames_inside_the_audio(tmp_path):
+    """Vocoder data from any unit type: a frame function that gives one frame more than the audio's whole
+    hops (as the phone recogniser does) is cut to them, and every record's frames, F0 and audio agree."""
+    import soundfile as sf
+
+    from streamgen.train.source_filter import prepare
+
+    t = np.arange(16000 + 100) / 16000
+    sf.write(tmp_path / "a.flac", 0.3 * np.sin(2 * np.pi * 150 * t), 16000, subtype="PCM_16")
+    (tmp_path / "m.tsv").write_text("id\taudio\tn_frames\ttext\nu0\ta.flac\t16100\thi\n")
+    seen = []
+
+    def frames(wave):
+        seen.append(len(wave))
+        return torch.arange(len(wave) // 320 + 1) % 7
+
+    data = torch.load(prepare([str(tmp_path / "m.tsv")], frames, tmp_path / "d.pt", hop=320, progress=False))
+    (r,) = data
+    assert seen == [16100] and len(r["frames"]) == 50 and r["frames"].tolist() == [i % 7 for i in range(50)]
+    assert len(r["audio"]) == 50 * 320 and len(r["f0"]) == len(r["voiced"]) == 100
+    voiced_f0 = r["f0"][r["voiced"].bool()]
+    assert len(voiced_f0) > 80 and (voiced_f0 - 150).abs().max() < 3
