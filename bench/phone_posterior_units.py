@@ -89,7 +89,10 @@ def logmel_frontend() -> LogMelUnits:
 def normalised_logmel(wave: torch.Tensor) -> torch.Tensor:
     """The log-mel of the bundle's unit encoder, less its per-utterance mean, over its standard deviation
     (what a voice's own timbre leaves after the speaker normalisation of QUALITY.md's comparison)."""
-    x = logmel_frontend().features(wave)
+    return normalised(logmel_frontend().features(wave))
+
+
+def normalised(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)) / x.std(0).clamp_min(1e-3)
 
 
@@ -223,7 +226,6 @@ def tune(manifest: str, parallel: list[str], out: Path, steps: int, batch: int =
     import copy
     import random
 
-
     from streamgen.io.files import read_audio
     from streamgen.train.synth import read_manifest
 
@@ -304,8 +306,8 @@ def classifier_inputs(model: PhoneRecogniser, wave: torch.Tensor, bundle) -> tup
     norm per frame (T' = the frames all three have)."""
     enc = bundle.logmel_units
     log_probs = log_posteriors(model, wave)
-    mel = enc.features(wave).float()
-    blocks = [posterior_features(log_probs, model.blank), normalised_logmel(wave).float(), (mel - enc.mean) / enc.std]
+    mel = enc.features(wave)  # the front-end normalised_logmel reads too
+    blocks = [posterior_features(log_probs, model.blank), normalised(mel).float(), (mel.float() - enc.mean) / enc.std]
     n = min(len(b) for b in blocks)
     return log_probs, torch.cat([blocks[0][:n]] + [b[:n] / b.shape[1] ** 0.5 for b in blocks[1:]], dim=1)
 
@@ -327,7 +329,7 @@ def targets(manifest: str, parallel: list[str], out: Path, weights: Path | None)
         for k, r in enumerate(read_manifest(m)):
             wave = read_audio(Path(m).parent / r["audio"], RATE)
             log_probs, x = classifier_inputs(model, wave, bundle)
-            post = posterior_features(log_probs, model.blank)[: len(x)]
+            post = x[:, : log_probs.shape[1] - 1]  # the inputs' first block: the posterior features
             if m == manifest:
                 y = bundle.logmel_units(wave)[: len(x)]
                 x, post = x[: len(y)], post[: len(y)]
@@ -400,6 +402,18 @@ def load_classifier(path: Path):
     return net.eval()
 
 
+def classified_units(net, model: PhoneRecogniser, wave: torch.Tensor, bundle) -> torch.Tensor:
+    """The bundle's units of `wave`, one per frame, as the classifier reads them."""
+    with torch.no_grad():
+        return net(classifier_inputs(model, wave, bundle)[1][None])[0].argmax(1)
+
+
+def speak(vocoder, units: torch.Tensor) -> torch.Tensor:
+    """Units one per frame (the talker's timing) -> waveform."""
+    with torch.no_grad():
+        return vocoder.generate(units).float().reshape(-1)
+
+
 def windows(corpus: Path, voices: list[str], weights: Path | None, classifier_path: Path, spans: list[tuple[int, int]],
             chunk: int = 16, utterances: int = 40) -> None:
     """What streaming would cost: the recogniser attends to the whole utterance, so a stream reads each
@@ -417,10 +431,7 @@ def windows(corpus: Path, voices: list[str], weights: Path | None, classifier_pa
 
     model, bundle, net, asr = recogniser(weights), load_bundle(None), load_classifier(classifier_path), WhisperASR()
 
-    def units(wave: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return net(classifier_inputs(model, wave, bundle)[1][None])[0].argmax(1)
-
+    units = lambda wave: classified_units(net, model, wave, bundle)
     for left, ahead in spans:
         same = total = 0
         seconds = spent = 0.0
@@ -439,9 +450,8 @@ def windows(corpus: Path, voices: list[str], weights: Path | None, classifier_pa
                 got = torch.cat(got)[: len(whole)]
                 same += int((got == whole[: len(got)]).sum())
                 total, seconds = total + len(got), seconds + len(wave) / RATE
-                with torch.no_grad():
-                    refs.append(r["text"])
-                    hyps.append(asr.transcribe(bundle.unit_vocoder.generate(got).float().reshape(-1).numpy()))
+                refs.append(r["text"])
+                hyps.append(asr.transcribe(speak(bundle.unit_vocoder, got).numpy()))
             wers[v] = round(wer(refs, hyps), 3)
         print(f"left {left} ahead {ahead} frames: units equal to whole-utterance {same / total:.3f}, "
               f"compute {spent / seconds:.3f} x real time, WER {wers}", flush=True)
@@ -463,22 +473,13 @@ def score(corpus: Path, voices: list[str], json_path: Path | None, weights: Path
     model, asr, bundle = recogniser(weights), WhisperASR(), load_bundle(None)
     hear = lambda wave: asr.transcribe(wave.numpy())
 
-    def speak(vocoder, units: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return vocoder.generate(units).float().reshape(-1)
-
     rows = {"original": lambda wave: wave, "shipped units and vocoder": lambda wave: speak(bundle.unit_vocoder, bundle.logmel_units(wave))}
     if codebook_path and vocoder_path:
         codebook, vocoder = torch.load(codebook_path), load_vocoder(vocoder_path)
         rows["phone-posterior units"] = lambda wave: speak(vocoder, assign(log_posteriors(model, wave), normalised_logmel(wave), codebook))
     if classifier_path:
         net = load_classifier(classifier_path)
-
-        def classified(wave: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return speak(bundle.unit_vocoder, net(classifier_inputs(model, wave, bundle)[1][None])[0].argmax(1))
-
-        rows["the bundle's units by the classifier"] = classified
+        rows["the bundle's units by the classifier"] = lambda wave: speak(bundle.unit_vocoder, classified_units(net, model, wave, bundle))
     results = {}
     for v in voices:
         manifest = corpus / f"nat_test_{v}.tsv"
