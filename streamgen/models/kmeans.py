@@ -33,6 +33,11 @@ class KMeansQuantizer(nn.Module):
         dist = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # [N, K]
         return dist.argmin(-1).reshape(feats.shape[:-1])
 
+    def distance(self, feats: Tensor) -> Tensor:
+        """feats [..., D] -> the Euclidean distance to the nearest centroid [...] (how well the codebook fits)."""
+        x = feats.float()
+        return torch.cdist(x.reshape(-1, self.dim), self.centroids).min(-1).values.reshape(feats.shape[:-1])
+
 
 def dedup(units: Tensor) -> tuple[Tensor, Tensor]:
     """Collapse runs of a repeated unit: [5,5,7,7,7,5] -> units [5,7,5], durations [2,3,1]."""

@@ -131,16 +131,17 @@ class LogMelUnits(nn.Module):
         self.quantizer.centroids.copy_(centroids)
 
     def frame_features(self, padded: Tensor, n_frames: int) -> Tensor:
-        """Log-mel of frames 0..n_frames-1 of `padded` ([S] samples, its sample 0 = frame 0's window start): [F, n_mels]."""
+        """Log-mel of frames 0..n_frames-1 of `padded` ([..., S] samples, its sample 0 = frame 0's window
+        start): [..., F, n_mels]."""
         c = self.cfg
-        frames = padded.unfold(0, c.win, c.hop)[:n_frames] * self.window
+        frames = padded.unfold(-1, c.win, c.hop)[..., :n_frames, :] * self.window
         return torch.log(torch.clamp(torch.fft.rfft(frames).abs() @ self.fb.T, min=1e-5))
 
     def features(self, wave: Tensor) -> Tensor:
-        """wave [T] -> log-mel features [T // hop, n_mels]."""
+        """wave [..., T] -> log-mel features [..., T // hop, n_mels]."""
         c = self.cfg
-        n = c.num_frames(len(wave))
-        padded = torch.nn.functional.pad(wave.float(), (c.pad, max(0, n * c.hop + c.pad - len(wave))))
+        n = c.num_frames(wave.shape[-1])
+        padded = torch.nn.functional.pad(wave.float(), (c.pad, max(0, n * c.hop + c.pad - wave.shape[-1])))
         return self.frame_features(padded, n)
 
     def quantize(self, feats: Tensor) -> Tensor:

@@ -123,7 +123,8 @@ class ConformerBlock(nn.Module):
 
 
 class PhoneRecogniser(nn.Module):
-    """Waveform [S] at 16 kHz -> phone log-probabilities [T, vocab], T = (S // 160 + 2) // 2."""
+    """Waveform [S] at 16 kHz -> phone log-probabilities [T, vocab], T = (S // 160 + 2) // 2 (rows of
+    equal length batch without padding)."""
 
     @property
     def blank(self) -> int:
@@ -141,16 +142,19 @@ class PhoneRecogniser(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.vocab)
 
     def log_mel(self, wave: Tensor) -> Tensor:
-        """[S] -> [80, S // hop + 1] (float32 holding float16 values)"""
-        x = F.pad(wave.float()[None, None], (self.cfg.n_fft // 2, self.cfg.n_fft // 2), mode="reflect")
+        """[B, S] -> [B, 80, S // hop + 1] (float32 holding float16 values)"""
+        x = F.pad(wave.float()[:, None], (self.cfg.n_fft // 2, self.cfg.n_fft // 2), mode="reflect")
         power = F.conv1d(x, self.stft_real, stride=self.cfg.hop) ** 2 + F.conv1d(x, self.stft_imag, stride=self.cfg.hop) ** 2
-        return torch.log((self.mel_fb.T @ power[0]).clamp_min(1e-10)).half().float()
+        return torch.log((self.mel_fb.T @ power).clamp_min(1e-10)).half().float()
 
     def forward(self, wave: Tensor) -> Tensor:
-        x = F.gelu(self.stem(self.log_mel(wave)[None])).transpose(1, 2)  # [1, T, d]
+        """[S] -> [T, vocab], or a batch of equal-length waves [B, S] -> [B, T, vocab]."""
+        batch = wave.dim() == 2
+        x = F.gelu(self.stem(self.log_mel(wave if batch else wave[None]))).transpose(1, 2)  # [B, T, d]
         for block in self.blocks:
             x = block(x)
-        return torch.log_softmax(self.proj(x)[0], dim=-1)
+        out = torch.log_softmax(self.proj(x), dim=-1)
+        return out if batch else out[0]
 
     @classmethod
     def from_hamapk(cls, path: str | Path) -> PhoneRecogniser:
@@ -190,9 +194,9 @@ class PhoneRecogniser(nn.Module):
 
 
 def posterior_features(log_probs: Tensor, blank: int) -> Tensor:
-    """[T, V] log-probabilities -> [T, V-1]: square roots of the non-blank posteriors, renormalised, so a
+    """[..., T, V] log-probabilities -> [..., T, V-1]: square roots of the non-blank posteriors, renormalised, so a
     frame between CTC spikes still says which phone it is in, and Euclidean distance between frames is
     the Hellinger distance of their phone distributions."""
-    keep = torch.ones(log_probs.shape[1], dtype=torch.bool, device=log_probs.device)
+    keep = torch.ones(log_probs.shape[-1], dtype=torch.bool, device=log_probs.device)
     keep[blank] = False
-    return torch.softmax(log_probs[:, keep].float(), dim=1).sqrt()
+    return torch.softmax(log_probs[..., keep].float(), dim=-1).sqrt()
