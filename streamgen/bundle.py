@@ -38,15 +38,18 @@ from .models.generation import Sampling, generate
 from .models.hubert import HubertConfig, HubertEncoder
 from .models.kmeans import KMeansQuantizer, dedup
 from .models.logmel_units import LogMelUnits, LogMelUnitsConfig
+from .models.phone_units import PhoneUnits, PhoneUnitsConfig
 from .models.prompt import DeepPrompt, PromptConfig
 from .models.unit_mbart import UnitMBart, UnitMBartConfig
 from .models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
 from .models.vocoder import CodeHiFiGAN, VocoderConfig
 
 FORMAT, VERSION = "streamgen-bundle", 1
-PARTS = ("hubert", "kmeans", "mbart", "vocoder", "logmel_units", "source_filter")
-# logmel_units (log-mel k-means) takes the place of hubert + kmeans, source_filter that of vocoder
-CODEBOOKS = ("kmeans", "logmel_units")  # stay fp32 whatever the bundle's dtype
+PARTS = ("hubert", "kmeans", "mbart", "vocoder", "logmel_units", "source_filter", "phone_units")
+# logmel_units (log-mel k-means) takes the place of hubert + kmeans, source_filter that of vocoder;
+# phone_units reads logmel_units' units through a phone recogniser (for every task but its kmeans_tasks)
+CODEBOOKS = ("kmeans", "logmel_units")  # stored and run in fp32 whatever the bundle's dtype
+FP32_PARTS = CODEBOOKS + ("phone_units",)  # run in fp32 whatever the bundle's dtype (phone_units is stored in it)
 MAX_ENCODE_SECONDS = 60.0  # one attention pass over the whole input; longer audio goes through the pipeline
 
 
@@ -63,6 +66,7 @@ class Bundle:
     vocoder: CodeHiFiGAN | None = None
     logmel_units: LogMelUnits | None = None
     source_filter: SourceFilterVocoder | None = None
+    phone_units: PhoneUnits | None = None
     prompts: dict[str, DeepPrompt] = field(default_factory=dict)
     backbones: dict[str, UnitMBart] = field(default_factory=dict)  # a task's own fine-tuned Unit mBART
 
@@ -77,7 +81,7 @@ class Bundle:
 
     def modules(self) -> dict[str, nn.Module]:
         parts = {"hubert": self.hubert, "kmeans": self.quantizer, "mbart": self.mbart, "vocoder": self.vocoder,
-                 "logmel_units": self.logmel_units, "source_filter": self.source_filter}
+                 "logmel_units": self.logmel_units, "source_filter": self.source_filter, "phone_units": self.phone_units}
         return {k: m for k, m in parts.items() if m is not None}
 
     def need(self, part: str) -> nn.Module:
@@ -94,9 +98,9 @@ class Bundle:
         raise BundleError("the bundle holds no parts")
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Bundle:
-        """Move every part (k-means centroids stay fp32 whatever the dtype)."""
+        """Move every part (k-means centroids and the phone-unit reader stay fp32 whatever the dtype)."""
         for name, m in self.modules().items():
-            m.to(device=device, dtype=None if name in CODEBOOKS else dtype)
+            m.to(device=device, dtype=None if name in FP32_PARTS else dtype)
         for p in self.prompts.values():
             p.to(device=device)
         for m in self.backbones.values():
@@ -117,15 +121,25 @@ class Bundle:
 
     # --- the whole-utterance API --------------------------------------------------------------
 
-    def encode(self, wave: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-        """wave [T] float at `sample_rate` -> (de-duplicated units [N] in 0..K-1, durations [N] in frames)."""
-        return self.encode_batch([wave])[0]
+    def encode(self, wave: Tensor | np.ndarray, task: str | None = None) -> tuple[Tensor, Tensor]:
+        """wave [T] float at `sample_rate` -> (de-duplicated units [N] in 0..K-1, durations [N] in frames),
+        as `task`'s sessions read their input (`reads_phone_units`)."""
+        return self.encode_batch([wave], task)[0]
+
+    def reads_phone_units(self, task: str | None = None) -> bool:
+        """Whether `task`'s input is read through the phone recogniser (the bundle has one and the task
+        is not among its `kmeans_tasks`, whose models learnt the k-means units of another language)."""
+        return self.phone_units is not None and task not in self.phone_units.cfg.kmeans_tasks
 
     @torch.no_grad()
-    def encode_batch(self, waves: list[Tensor | np.ndarray]) -> list[tuple[Tensor, Tensor]]:
+    def encode_batch(self, waves: list[Tensor | np.ndarray], task: str | None = None) -> list[tuple[Tensor, Tensor]]:
         """Several utterances in one padded pass; each gives exactly what `encode` gives it alone."""
         if self.logmel_units is not None:
-            return [self.logmel_units.encode(check_wave(w, self.sample_rate, min_samples=self.logmel_units.cfg.hop)) for w in waves]
+            lm = self.logmel_units
+            waves = [check_wave(w, self.sample_rate, min_samples=lm.cfg.hop) for w in waves]
+            if self.reads_phone_units(task):
+                return [dedup(self.phone_units.read(w.to(self.device), lm)) for w in waves]
+            return [lm.encode(w) for w in waves]
         hubert, quantizer = self.need("hubert"), self.need("kmeans")
         waves = [check_wave(w, self.sample_rate, min_samples=hubert.cfg.receptive_field) for w in waves]
         for w in waves:
@@ -446,6 +460,12 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
             b.logmel_units = _load_part(path, "logmel_units", lambda: LogMelUnits(LogMelUnitsConfig.from_dict(parts["logmel_units"])))
         if "source_filter" in parts:
             b.source_filter = _load_part(path, "source_filter", lambda: SourceFilterVocoder(SourceFilterConfig.from_dict(parts["source_filter"])))
+        if "phone_units" in parts:
+            if b.logmel_units is None:
+                raise BundleError(f"{meta_file}: phone_units reads the units of a logmel_units part, and there is none")
+            b.phone_units = _load_part(path, "phone_units", lambda: PhoneUnits(PhoneUnitsConfig.from_dict(parts["phone_units"])))
+            if b.phone_units.num_units != b.logmel_units.num_units:
+                raise BundleError(f"{meta_file}: phone_units gives {b.phone_units.num_units} units, logmel_units has {b.logmel_units.num_units}")
         for name, bc in meta.get("backbones", {}).items():
             b.backbones[name] = _load_part(path / "backbones", name, lambda: UnitMBart(UnitMBartConfig.from_dict(bc)))
             b.backbones[name].requires_grad_(False)

@@ -192,6 +192,11 @@ def _describe(name: str, m) -> str:
         return f"{c.encoder_layers}+{c.decoder_layers} layers, d={c.dim}, heads {c.heads}, vocab {c.vocab_size} ({c.num_units} units)"
     if name == "logmel_units":
         return f"K={c.num_units} on {c.n_mels} log-mel bands, hop {c.hop}, window {c.win}"
+    if name == "phone_units":
+        r, k = c.recogniser, c.classifier
+        kept = f"; k-means reading kept for {', '.join(c.kmeans_tasks)}" if c.kmeans_tasks else ""
+        return (f"phone recogniser ({r.layers} Conformer layers, d={r.dim}) + unit classifier (d={k.dim}) -> K={k.num_phones}, "
+                f"windows of {c.stride} frames with {c.left} before and {c.lookahead} after{kept}")
     if name == "source_filter":
         return f"hop {c.hop}, {c.layers} conv layers d={c.dim}, {c.harmonics} harmonics + noise, {c.bands} envelope bands"
     return f"hop {c.hop}, upsample {list(c.upsample_rates)}, duration predictor {'yes' if c.dur_predictor_params else 'no'}"
@@ -524,13 +529,15 @@ def units(
     out: Path = typer.Option(..., help="Manifest with a units column (appended to: resumable)."),
     bundle: Optional[Path] = typer.Option(None), device: str = typer.Option("cpu"),
     batch_seconds: float = typer.Option(60.0, help="Audio per padded batch (utterances of similar length go together)."),
+    task: Optional[str] = typer.Option(None, help="Read the audio as this task's sessions do (a bundle with a phone-unit "
+                                       "reader keeps the k-means reading for its k-means tasks, e.g. translation's Spanish)."),
 ):
     """Extract de-duplicated units for every utterance of a manifest in padded batches, with progress; resumable."""
     from .train.synth import extract_units
 
     b = open_bundle(bundle, device)
     try:
-        typer.echo(f"wrote {extract_units(b, manifest, out, batch_seconds=batch_seconds)}")
+        typer.echo(f"wrote {extract_units(b, manifest, out, batch_seconds=batch_seconds, task=task)}")
     except ValueError as e:
         fail(str(e))
 

@@ -6,7 +6,9 @@ that has work ready:
 
     intake      inbox -> fixed chunks (+ VAD end-of-input), per session
     encoder     every ready chunk's window (left context + new audio + look-ahead): one padded
-                HuBERT call with lengths, one k-means call
+                HuBERT call with lengths, one k-means call; or log-mel frames and one k-means call;
+                or, for tasks that read through the phone recogniser, one call per window length
+                (sessions in step share one)
     policies    each session's task policy turns new units into decisions (speak / decode)
     LM          decoder steps, each advancing every running decode by one token and admitting the
                 new decodes (batched encode + ragged prefill) into free K/V slots
@@ -46,8 +48,8 @@ from ..models.prompt import DeepPrompt, load_prompt
 from .items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from .policies import Decision, Policy, UnitDecoder
 from .stats import Stats
-from .streams import (LogMelUnitStream, TimedUnitStream, UnitStream, encode_logmel_windows, encode_windows,
-                      synthesise, synthesise_source_filter, time_windows, vocoder_streams)
+from .streams import (EncoderStream, LogMelUnitStream, PhoneUnitStream, TimedUnitStream, UnitStream, encode_logmel_windows,
+                      encode_phone_windows, encode_windows, synthesise, synthesise_source_filter, time_windows, vocoder_streams)
 from .tasks import TaskPlugin, load_task
 from .vad import Vad
 
@@ -94,7 +96,7 @@ class Session:
     """One live session's state inside the engine."""
 
     def __init__(self, name: str, plugin: TaskPlugin, policy: Policy, decoder: Decoder | None,
-                 units: UnitStream | LogMelUnitStream, vocoder: TimedUnitStream, gate: SpeechGate | None = None):
+                 units: EncoderStream, vocoder: TimedUnitStream, gate: SpeechGate | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
         self.decoder = decoder  # the decoder of the task's backbone (None: the task needs no LM)
         self.gate = gate
@@ -139,19 +141,25 @@ class Engine:
         self.bundle, self.cfg = bundle, cfg
         self.stats = stats or Stats(bundle.sample_rate)
         sr = bundle.sample_rate
+        # the unit encoder's stream class -> its batched call, and the stream each task reads with
+        self.encode_batch: dict[type, object] = {}
         if bundle.logmel_units is not None:  # log-mel units: frame-local, exact at any chunking
             lm = bundle.logmel_units
-            self.new_unit_stream = lambda: LogMelUnitStream(lm)
-            self.encode_batch = lambda windows: encode_logmel_windows(lm, windows)
+            self.new_kmeans_stream = lambda: LogMelUnitStream(lm)
+            self.encode_batch[LogMelUnitStream] = lambda windows: encode_logmel_windows(lm, windows)
             enc_wait = lm.cfg.pad / sr
             self.quiet_units = lm.quiet_units()  # pauses over a noise floor, for the segmenting policies
         else:
             self.quiet_units = None  # HuBERT units: silence is one unit held
             hubert, quantizer = bundle.need("hubert"), bundle.need("kmeans")
-            self.new_unit_stream = lambda: UnitStream(hubert, quantizer, cfg.left_frames, cfg.lookahead_frames)
-            self.encode_batch = lambda windows: encode_windows(hubert, quantizer, windows)
+            self.new_kmeans_stream = lambda: UnitStream(hubert, quantizer, cfg.left_frames, cfg.lookahead_frames)
+            self.encode_batch[UnitStream] = lambda windows: encode_windows(hubert, quantizer, windows)
             hc = hubert.cfg
             enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / sr
+        if bundle.phone_units is not None:  # read in windows of `stride` frames with `lookahead` after them
+            reader, pc = bundle.phone_units, bundle.phone_units.cfg
+            self.encode_batch[PhoneUnitStream] = lambda windows: encode_phone_windows(reader, lm, windows)
+            enc_wait = max(enc_wait, (pc.stride - 1 + pc.lookahead) * pc.hop / sr)
         voc = bundle.unit_vocoder
         self.new_vocoder_stream = vocoder_streams(voc, cfg.vocoder_lookahead)
         self.time_batch = lambda windows: time_windows(voc, windows)
@@ -224,7 +232,9 @@ class Engine:
         if task is None or task == self.cfg.task:
             task, options = self.cfg.task, {**self.cfg.options, **(options or {})}
         plugin, policy, lm = self.new_policy(task, options or {})
-        s = Session(name, plugin, policy, lm, self.new_unit_stream(), self.new_vocoder_stream(),
+        units = PhoneUnitStream(self.bundle.phone_units, self.bundle.logmel_units) if self.bundle.reads_phone_units(plugin.name) \
+            else self.new_kmeans_stream()
+        s = Session(name, plugin, policy, lm, units, self.new_vocoder_stream(),
                     SpeechGate(self.bundle.sample_rate) if self.cfg.speech_gate else None)
         self.sessions[name] = s
         return s
@@ -478,11 +488,17 @@ class Engine:
                     s.encoder_done = True
                     if self.vad is not None:
                         self.vad.close(s.name)
-                w = s.units.plan(final)
-                if w is not None:
+                while (w := s.units.plan(final)) is not None:
                     jobs.append((s, w, end, captured))
+        by_encoder: dict[type, list] = {}
+        for job in jobs:
+            by_encoder.setdefault(type(job[0].units), []).append(job)
+        for kind, kind_jobs in by_encoder.items():
+            self._finish_encoding(kind_jobs, self.encode_batch[kind])
+
+    def _finish_encoding(self, jobs: list, encode) -> None:
         for batch in self._batches(jobs):
-            units = self._run_batch("encoder", batch, lambda b: self.encode_batch([w for _, w, _, _ in b]))
+            units = self._run_batch("encoder", batch, lambda b: encode([w for _, w, _, _ in b]))
             for (s, w, end, captured), fu in zip(batch, units):
                 if fu is None:
                     continue

@@ -42,6 +42,7 @@ from torch import Tensor
 from ..models.hubert import HubertEncoder
 from ..models.kmeans import KMeansQuantizer, dedup_continuing
 from ..models.logmel_units import LogMelUnits
+from ..models.phone_units import PhoneUnits
 from ..models.source_filter_vocoder import SourceFilterVocoder
 from ..models.streaming_conv import StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
@@ -86,17 +87,21 @@ class EncoderStream(ABC):
     def push(self, samples: Tensor) -> tuple[Tensor, Tensor]:
         """Add input samples; return (new de-duplicated units, their start frames)."""
         self.add(samples)
-        return self._run(self.plan())
+        return self._run(final=False)
 
     @torch.no_grad()
     def flush(self) -> tuple[Tensor, Tensor]:
         """End of input: the remaining frames, with whatever look-ahead there is."""
-        return self._run(self.plan(final=True))
+        return self._run(final=True)
 
-    def _run(self, window: EncodeWindow | None) -> tuple[Tensor, Tensor]:
-        if window is None:
-            return _empty()
-        return self.finish(window, self.encode_one(window))
+    def _run(self, final: bool) -> tuple[Tensor, Tensor]:
+        """Every window there is to plan now (a stream may plan several, one after the other)."""
+        units, starts = [_empty()[0]], [_empty()[1]]
+        while (window := self.plan(final)) is not None:
+            u, i = self.finish(window, self.encode_one(window))
+            units.append(u)
+            starts.append(i)
+        return torch.cat(units), torch.cat(starts)
 
 
 class UnitStream(EncoderStream):
@@ -429,6 +434,58 @@ def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> 
     dev = encoder.fb.device
     feats = torch.cat([w.feats if w.feats is not None else encoder.frame_features(w.wave.to(dev), w.count) for w in windows])
     return list(encoder.quantize(feats).cpu().split([w.count for w in windows]))
+
+
+class PhoneUnitStream(EncoderStream):
+    """The bundle's units read through the phone recogniser as audio arrives (`models.phone_units`):
+    each window of `PhoneUnits.read`'s definition is planned as soon as its look-ahead is in, so the
+    units equal `PhoneUnits.read` of the whole input whatever the chunking, and a batch equals each
+    stream alone."""
+
+    def __init__(self, reader: PhoneUnits, logmel: LogMelUnits):
+        self.reader, self.logmel = reader, logmel
+        c = reader.cfg
+        self.hop, self.left, self.lookahead, self.stride = c.hop, c.left, c.lookahead, c.stride
+        self.buf = torch.zeros(0)  # input samples from absolute index b0
+        self.b0 = 0
+        self.n_samples = 0
+        self.n_planned = 0
+        self.n_done = 0
+        self.last_unit: int | None = None
+
+    def add(self, samples: Tensor) -> None:
+        self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
+        self.n_samples += samples.numel()
+
+    def plan(self, final: bool = False) -> EncodeWindow | None:
+        n, a = self.n_samples // self.hop, self.n_planned
+        if a + self.stride + self.lookahead <= n:
+            count, w1 = self.stride, a + self.stride + self.lookahead
+        elif final and a < n:
+            count, w1 = n - a, n
+        else:
+            return None
+        w0 = max(0, a - self.left)
+        self.n_planned = a + count
+        return EncodeWindow(self.buf[w0 * self.hop - self.b0 : w1 * self.hop - self.b0], a - w0, count, a + count)
+
+    def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
+        a, end = self.n_done, window.end
+        self.n_done = end
+        keep = max(0, self.n_planned - self.left) * self.hop  # where the next window to plan starts
+        self.buf, self.b0 = self.buf[keep - self.b0 :], keep
+        units, idx = dedup_continuing(frame_units, self.last_unit)
+        self.last_unit = int(frame_units[-1])
+        return units, idx + a
+
+    def encode_one(self, window: EncodeWindow) -> Tensor:
+        return encode_phone_windows(self.reader, self.logmel, [window])[0]
+
+
+def encode_phone_windows(reader: PhoneUnits, logmel: LogMelUnits, windows: list[EncodeWindow]) -> list[Tensor]:
+    """Frame units of every window's kept frames: windows of equal length in one batched call each."""
+    units = reader.frame_units([w.wave for w in windows], logmel)
+    return [u[w.first : w.first + w.count] for u, w in zip(units, windows)]
 
 
 class SourceFilterStream(TimedUnitStream):

@@ -129,8 +129,10 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
     return write_manifests(out, manifests)
 
 
-def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool = True, batch_seconds: float = 60.0) -> Path:
-    """Add `units` (de-duplicated) and `durations` (frames per unit) columns to a manifest. Resumable: rows already in `out`
+def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool = True, batch_seconds: float = 60.0,
+                  task: str | None = None) -> Path:
+    """Add `units` (de-duplicated) and `durations` (frames per unit) columns to a manifest, read as `task`'s
+    sessions read their input (`Bundle.reads_phone_units`). Resumable: rows already in `out`
     are kept and skipped. Utterances of similar length are encoded together in padded batches of up to
     `batch_seconds` of audio (`Bundle.encode_batch`: each gives exactly its units alone); rows are
     written in manifest order as soon as every earlier one is done."""
@@ -160,7 +162,7 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
         with Progress(f"units for {manifest.name}", len(rows), len(rows) - len(todo), enabled=progress) as bar:
             for batch in batches:
                 waves = [read_audio(manifest.parent / todo[i]["audio"], bundle.sample_rate) for i in batch]
-                for i, r in zip(batch, bundle.encode_batch(waves)):
+                for i, r in zip(batch, bundle.encode_batch(waves, task)):
                     results[i] = r
                 while written in results:  # flush the finished prefix: a crash loses only unwritten rows
                     units, durations = results.pop(written)
