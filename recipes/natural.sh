@@ -76,7 +76,7 @@ TV=$R/travel
 mkdir -p "$TU"
 for s in train dev test; do
   for side in src tgt; do
-    .venv/bin/streamgen units --manifest "$TV/es2en_${s}_${side}.tsv" --out "$TU/es2en_${s}_${side}.units.tsv" --bundle "$R/bundle_$U"
+    .venv/bin/streamgen units --manifest "$TV/es2en_${s}_${side}.tsv" --out "$TU/es2en_${s}_${side}.units.tsv" --bundle "$R/bundle_$U" --task translation
   done
   .venv/bin/streamgen data pairs --task translation --manifest "$TU/es2en_${s}_src.units.tsv" \
     --target "$TU/es2en_${s}_tgt.units.tsv" --out "$TU/tr_${s}.tsv"
@@ -185,7 +185,7 @@ fi
 mkdir -p "$TU12"
 for side in src tgt; do  # the first 3,000 rows are the units above (resumable by id)
   [ -f "$TU12/es2en_train_${side}.units.tsv" ] || cp "$TU/es2en_train_${side}.units.tsv" "$TU12/"
-  .venv/bin/streamgen units --manifest "$TV12/es2en_train_${side}.tsv" --out "$TU12/es2en_train_${side}.units.tsv" --bundle "$R/bundle_$U"
+  .venv/bin/streamgen units --manifest "$TV12/es2en_train_${side}.tsv" --out "$TU12/es2en_train_${side}.units.tsv" --bundle "$R/bundle_$U" --task translation
 done
 .venv/bin/streamgen data pairs --task translation --manifest "$TU12/es2en_train_src.units.tsv" \
   --target "$TU12/es2en_train_tgt.units.tsv" --out "$TU12/tr_train.tsv"
@@ -214,6 +214,22 @@ continue_12k travel_12k_more 1e-4 2
 BT=$R/bundle_ship_shallow$X
 continue_12k shallow_12k 2e-4 3
 for round in 1 2 3 4; do continue_12k "shallow_12k_more$round" 1e-4 2; done
+# 11g. the phone-unit reader (bench/QUALITY.md "The bundle's own units, read through the recogniser"): the 800
+#      training texts said by nine other training voices (hibari-tts heart: pip install hibari-tts), hama's
+#      recogniser fine-tuned to read them as it reads joe's saying (800 steps, about 8 minutes), and a classifier
+#      from its posteriors and the log-mel to the bundle's own 500 units (6,000 steps, 45 % joe windows, about 15
+#      minutes); both go into the shipped bundle as its phone_units part (every task but translation, whose
+#      backbone learnt the k-means units of Spanish, reads its input through them).
+P=$R/phone_units PAR=$R/phone_units/parallel
+[ -f "$PAR/par_heart.tsv" ] || $PY bench/phone_posterior_units.py voices --manifest "$C/nat_train.tsv" --out "$PAR" \
+  --tts awb kal16 slt kal heart es:en-gb es:en-gb-scotland+f3 es:en-029+m3 es:en-gb-x-rp+f2
+[ -f "$P/tune/model_800.pt" ] || $PY bench/phone_posterior_units.py tune --manifest "$C/nat_train.tsv" --parallel "$PAR"/par_*.tsv --out "$P/tune"
+[ -f "$P/targets.pt" ] || $PY bench/phone_posterior_units.py targets --manifest "$C/nat_train.tsv" --parallel "$PAR"/par_*.tsv \
+  --weights "$P/tune/model_800.pt" --out "$P/targets.pt"
+[ -f "$P/classifier.pt" ] || $PY bench/phone_posterior_units.py classify --targets "$P/targets.pt" --out "$P/classifier.pt" \
+  --steps 6000 --own-share 0.45 --dim CLASSIFIER_DIM
+$PY -m streamgen.train.phone_units --bundle "$BT" --recogniser "$P/tune/model_800.pt" --classifier "$P/classifier.pt" --kmeans-tasks translation \
+  --own "$C/nat_train.tsv" --others "$PAR"/par_*.tsv
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
 if [ -n "${SHIP:-}" ]; then
   rm -rf streamgen/assets/default
