@@ -39,6 +39,13 @@ measures what a stream would get from windows of left context and look-ahead.
     python bench/phone_posterior_units.py targets --manifest R/corpus/nat_train.tsv --parallel PAR/par_*.tsv \
         --weights RUN/tune/model_800.pt --out RUN/targets.pt
     python bench/phone_posterior_units.py classify --targets RUN/targets.pt --out RUN/classifier.pt
+    python bench/phone_posterior_units.py windowed --targets RUN/targets.pt --manifest R/corpus/nat_train.tsv \
+        --parallel PAR/par_*.tsv --weights RUN/tune/model_800.pt --out RUN/targets_w0.pt --part 0/2   # and 1/2
+    python bench/phone_posterior_units.py classify --targets RUN/targets_w0.pt RUN/targets_w1.pt --dim 192 \
+        --own-share 0.45 --steps 6000 --out RUN/classifier_w.pt          # what ships (recipes/natural.sh 11g)
+    python -m streamgen.train.phone_units --bundle B --recogniser RUN/tune/model_800.pt --classifier RUN/classifier_w.pt \
+        --own R/corpus/nat_train.tsv --others PAR/par_*.tsv
+    python bench/phone_posterior_units.py score --corpus R/corpus --bundle B
     python bench/phone_posterior_units.py score --corpus R/corpus --weights RUN/tune/model_800.pt --classifier RUN/classifier.pt
     python bench/phone_posterior_units.py windows --corpus R/corpus --weights RUN/tune/model_800.pt --classifier RUN/classifier.pt --spans 50:8
 """
@@ -304,12 +311,11 @@ def classifier_inputs(model: PhoneRecogniser, wave: torch.Tensor, bundle) -> tup
     """(log-posteriors [T, V], inputs [T', V - 1 + 160]): the posterior features, the per-utterance
     normalised log-mel and the log-mel standardised as the bundle's k-means sees it, each block about unit
     norm per frame (T' = the frames all three have)."""
-    enc = bundle.logmel_units
-    log_probs = log_posteriors(model, wave)
-    mel = enc.features(wave)  # the front-end normalised_logmel reads too
-    blocks = [posterior_features(log_probs, model.blank), normalised(mel).float(), (mel.float() - enc.mean) / enc.std]
-    n = min(len(b) for b in blocks)
-    return log_probs, torch.cat([blocks[0][:n]] + [b[:n] / b.shape[1] ** 0.5 for b in blocks[1:]], dim=1)
+    from streamgen.models.phone_units import classifier_inputs as inputs
+
+    log_probs, mel = log_posteriors(model, wave), bundle.logmel_units.features(wave)
+    n = min(len(log_probs), len(mel))
+    return log_probs, inputs(log_probs[:n], mel[:n], bundle.logmel_units, model.blank)
 
 
 def targets(manifest: str, parallel: list[str], out: Path, weights: Path | None) -> None:
@@ -349,8 +355,52 @@ def targets(manifest: str, parallel: list[str], out: Path, weights: Path | None)
     print(f"{len(data)} utterances, {skipped} without an alignment", flush=True)
 
 
-def classify(targets_path: Path, out: Path, steps: int, own_share: float = 0.3, dev: int = 40, batch: int = 8, frames: int = 150,
-             lr: float = 1e-3) -> None:
+def window_inputs(model: PhoneRecogniser, wave: torch.Tensor, bundle, left: int, ahead: int, stride: int) -> torch.Tensor:
+    """The classifier's inputs as a stream reads `wave`: each frame's from its reading window
+    (`streamgen.models.phone_units.windows`), windows of one length in one recogniser call."""
+    from streamgen.models.phone_units import classifier_inputs as inputs, windows as reading_windows
+
+    spans = reading_windows(len(wave) // HOP, left, ahead, stride)
+    groups: dict[int, list[int]] = {}
+    for i, (w0, _, _, w1) in enumerate(spans):
+        groups.setdefault(w1 - w0, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(spans)
+    with torch.no_grad():
+        for n, idx in groups.items():
+            batch = torch.stack([wave[spans[i][0] * HOP : spans[i][3] * HOP] for i in idx])
+            x = inputs(model(batch)[:, :n], bundle.logmel_units.features(batch)[:, :n], bundle.logmel_units, model.blank)
+            for row, i in enumerate(idx):
+                w0, a, k, _ = spans[i]
+                out[i] = x[row, a - w0 : a - w0 + k]
+    return torch.cat(out)
+
+
+def windowed(targets_path: Path, manifest: str, parallel: list[str], weights: Path | None, out: Path, spans: tuple[int, int, int],
+             part: tuple[int, int] = (0, 1)) -> None:
+    """`targets`' file with every utterance's inputs made as a stream makes them (`window_inputs`; LEFT, AHEAD,
+    STRIDE frames), so that the classifier learns from what it will be given; the targets stay. `part` (i, n):
+    only the i-th of n slices of the utterances (run n jobs, then `classify` the files together)."""
+    from streamgen import load_bundle
+    from streamgen.io.files import read_audio
+    from streamgen.train.synth import read_manifest
+
+    model, bundle = recogniser(weights), load_bundle(None)
+    audio = {}
+    for m in [manifest] + parallel:
+        for r in read_manifest(m):
+            audio["training voice" if m == manifest else r["voice"], r["id"]] = Path(m).parent / r["audio"]
+    data = torch.load(targets_path)
+    data = data[part[0] :: part[1]]
+    for k, d in enumerate(data):
+        x = window_inputs(model, read_audio(audio[d["voice"], d["id"]], RATE), bundle, *spans)
+        d["x"] = x[: len(d["y"])].half()
+        if k % 500 == 0:
+            print(f"windowed: {k} / {len(data)}", flush=True)
+    torch.save(data, out)
+
+
+def classify(targets_path: list[Path], out: Path, steps: int, own_share: float = 0.3, dim: int = 256, dev: int = 40, batch: int = 8,
+             frames: int = 150, lr: float = 1e-3) -> None:
     """A `PhoneNet` (three residual convolutions, 6 frames of look-ahead) from the inputs to the bundle's
     500 units: windows of `frames` frames, `own_share` of them from the training voice and the rest from
     any voice; AdamW, warm-up over 100 steps then cosine decay, label smoothing 0.1; the last `dev` texts
@@ -362,12 +412,12 @@ def classify(targets_path: Path, out: Path, steps: int, own_share: float = 0.3, 
 
     torch.manual_seed(0)
     rng = random.Random(0)
-    data = torch.load(targets_path)
+    data = [d for path in targets_path for d in torch.load(path)]
     ids = list(dict.fromkeys(d["id"] for d in data))
     held = set(ids[-dev:])
     train, dev_set = [d for d in data if d["id"] not in held], [d for d in data if d["id"] in held]
     own = [d for d in train if d["voice"] == "training voice"]
-    cfg = PhoneNetConfig(n_mels=data[0]["x"].shape[1], dim=256, kernel=5, dilations=[1, 1, 1], num_phones=500)
+    cfg = PhoneNetConfig(n_mels=data[0]["x"].shape[1], dim=dim, kernel=5, dilations=[1, 1, 1], num_phones=500)
     net = PhoneNet(cfg)
     opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=0.01)
     for step in range(1, steps + 1):
@@ -458,10 +508,11 @@ def windows(corpus: Path, voices: list[str], weights: Path | None, classifier_pa
 
 
 def score(corpus: Path, voices: list[str], json_path: Path | None, weights: Path | None, codebook_path: Path | None = None,
-          vocoder_path: Path | None = None, classifier_path: Path | None = None) -> None:
+          vocoder_path: Path | None = None, classifier_path: Path | None = None, bundle_path: Path | None = None) -> None:
     """Whisper's WER per test voice on the original audio, on the bundle's own units and vocoder, and on
-    the candidates given: posterior units through their vocoder (`codebook_path`, `vocoder_path`), and the
-    bundle's units as the classifier reads them through the bundle's vocoder (`classifier_path`); all in
+    the candidates given: posterior units through their vocoder (`codebook_path`, `vocoder_path`), the
+    bundle's units as the classifier reads them through the bundle's vocoder (`classifier_path`), and
+    another bundle's own reading and vocoder (`bundle_path`: with a phone_units part, its windows); all in
     the talker's timing (one unit per frame)."""
     from streamgen import load_bundle
     from streamgen.eval.asr import WhisperASR
@@ -480,6 +531,9 @@ def score(corpus: Path, voices: list[str], json_path: Path | None, weights: Path
     if classifier_path:
         net = load_classifier(classifier_path)
         rows["the bundle's units by the classifier"] = lambda wave: speak(bundle.unit_vocoder, classified_units(net, model, wave, bundle))
+    if bundle_path:
+        other = load_bundle(bundle_path)
+        rows[f"bundle {bundle_path.name}"] = lambda wave: speak(other.unit_vocoder, torch.repeat_interleave(*other.encode(wave)))
     results = {}
     for v in voices:
         manifest = corpus / f"nat_test_{v}.tsv"
@@ -497,7 +551,7 @@ def score(corpus: Path, voices: list[str], json_path: Path | None, weights: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["voices", "tune", "features", "fit", "prepare", "targets", "classify", "windows", "score"])
+    ap.add_argument("stage", choices=["voices", "tune", "features", "fit", "prepare", "targets", "windowed", "classify", "windows", "score"])
     ap.add_argument("--manifest", nargs="+", default=[])
     ap.add_argument("--features", type=Path)
     ap.add_argument("--units", type=int, default=500)
@@ -512,8 +566,12 @@ def main() -> None:
     ap.add_argument("--tts", nargs="+", default=["awb", "kal16", "slt", "kal", "heart"], help="voices: the training voices to say the texts")
     ap.add_argument("--parallel", nargs="+", default=[], help="tune: par_<voice>.tsv manifests written by voices")
     ap.add_argument("--steps", type=int, help="optimiser steps of 8 utterances (tune, default 800) or windows (classify, default 3000)")
-    ap.add_argument("--targets", type=Path, help="classify: the file targets wrote")
+    ap.add_argument("--targets", type=Path, nargs="+", help="classify, windowed: the file(s) targets (or windowed) wrote")
+    ap.add_argument("--window", default="100:16:16", help="windowed: LEFT:AHEAD:STRIDE frames of the reading windows")
+    ap.add_argument("--part", default="0/1", help="windowed: I/N, the I-th of N slices of the utterances")
     ap.add_argument("--own-share", type=float, default=0.3, help="classify: share of training windows from the training voice")
+    ap.add_argument("--bundle", type=Path, help="score: also this bundle's own reading (encode) and vocoder")
+    ap.add_argument("--dim", type=int, default=256, help="classify: the classifier's width")
     ap.add_argument("--classifier", type=Path, help="score, windows: the bundle's units read by this classifier (classify's output)")
     ap.add_argument("--spans", nargs="+", default=["50:8"], help="windows: LEFT:AHEAD frames of context around each 16-frame chunk")
     args = ap.parse_args()
@@ -530,13 +588,17 @@ def main() -> None:
         prepare(args.manifest, args.codebook, args.out, args.weights)
     elif args.stage == "targets":
         targets(args.manifest[0], args.parallel, args.out, args.weights)
+    elif args.stage == "windowed":
+        window = tuple(int(n) for n in args.window.split(":"))
+        part = tuple(int(n) for n in args.part.split("/"))
+        windowed(args.targets[0], args.manifest[0], args.parallel, args.weights, args.out, window, part)
     elif args.stage == "classify":
-        classify(args.targets, args.out, args.steps or 3000, args.own_share)
+        classify(args.targets, args.out, args.steps or 3000, args.own_share, args.dim)
     elif args.stage == "windows":
         spans = [tuple(int(n) for n in span.split(":")) for span in args.spans]
         windows(args.corpus, args.voices, args.weights, args.classifier, spans)
     else:
-        score(args.corpus, args.voices, args.json, args.weights, args.codebook, args.vocoder, args.classifier)
+        score(args.corpus, args.voices, args.json, args.weights, args.codebook, args.vocoder, args.classifier, args.bundle)
 
 
 if __name__ == "__main__":

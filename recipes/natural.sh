@@ -217,17 +217,22 @@ for round in 1 2 3 4; do continue_12k "shallow_12k_more$round" 1e-4 2; done
 # 11g. the phone-unit reader (bench/QUALITY.md "The bundle's own units, read through the recogniser"): the 800
 #      training texts said by nine other training voices (hibari-tts heart: pip install hibari-tts), hama's
 #      recogniser fine-tuned to read them as it reads joe's saying (800 steps, about 8 minutes), and a classifier
-#      from its posteriors and the log-mel to the bundle's own 500 units (6,000 steps, 45 % joe windows, about 15
-#      minutes); both go into the shipped bundle as its phone_units part (every task but translation, whose
-#      backbone learnt the k-means units of Spanish, reads its input through them).
+#      (d 192) from its posteriors and the log-mel, made in the reading windows, to the bundle's own 500 units
+#      (6,000 steps, 45 % joe windows, about 10 minutes); both go into the shipped bundle as its phone_units
+#      part (every task but translation, whose backbone learnt the k-means units of Spanish, reads its input
+#      through them; windows the k-means fits as well as joe's speech keep the k-means units).
 P=$R/phone_units PAR=$R/phone_units/parallel
 [ -f "$PAR/par_heart.tsv" ] || $PY bench/phone_posterior_units.py voices --manifest "$C/nat_train.tsv" --out "$PAR" \
   --tts awb kal16 slt kal heart es:en-gb es:en-gb-scotland+f3 es:en-029+m3 es:en-gb-x-rp+f2
 [ -f "$P/tune/model_800.pt" ] || $PY bench/phone_posterior_units.py tune --manifest "$C/nat_train.tsv" --parallel "$PAR"/par_*.tsv --out "$P/tune"
 [ -f "$P/targets.pt" ] || $PY bench/phone_posterior_units.py targets --manifest "$C/nat_train.tsv" --parallel "$PAR"/par_*.tsv \
   --weights "$P/tune/model_800.pt" --out "$P/targets.pt"
-[ -f "$P/classifier.pt" ] || $PY bench/phone_posterior_units.py classify --targets "$P/targets.pt" --out "$P/classifier.pt" \
-  --steps 6000 --own-share 0.45 --dim CLASSIFIER_DIM
+for i in 0 1; do  # the classifier's inputs as a stream reads them (2 s / 320 ms windows), two jobs of about 6 minutes
+  [ -f "$P/targets_w$i.pt" ] || $PY bench/phone_posterior_units.py windowed --targets "$P/targets.pt" --manifest "$C/nat_train.tsv" \
+    --parallel "$PAR"/par_*.tsv --weights "$P/tune/model_800.pt" --out "$P/targets_w$i.pt" --part $i/2 &
+done; wait
+[ -f "$P/classifier.pt" ] || $PY bench/phone_posterior_units.py classify --targets "$P/targets_w0.pt" "$P/targets_w1.pt" \
+  --out "$P/classifier.pt" --steps 6000 --own-share 0.45 --dim 192
 $PY -m streamgen.train.phone_units --bundle "$BT" --recogniser "$P/tune/model_800.pt" --classifier "$P/classifier.pt" --kmeans-tasks translation \
   --own "$C/nat_train.tsv" --others "$PAR"/par_*.tsv
 # 12. pack it in fp16 (the codebook stays fp32) as the package's default bundle
