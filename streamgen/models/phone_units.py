@@ -45,7 +45,7 @@ from .phone_recogniser import PhoneRecogniser, PhoneRecogniserConfig, posterior_
 @dataclass
 class PhoneUnitsConfig:
     recogniser: PhoneRecogniserConfig = field(default_factory=PhoneRecogniserConfig)
-    classifier: PhoneNetConfig = field(default_factory=lambda: PhoneNetConfig(n_mels=190 + 160, dim=256, kernel=5,
+    classifier: PhoneNetConfig = field(default_factory=lambda: PhoneNetConfig(n_mels=190 + 160, dim=192, kernel=5,
                                                                               dilations=[1, 1, 1], num_phones=500))
     left: int = 100  # frames of left context in each window (2 s)
     lookahead: int = 16  # frames of audio after the frames a window reads (320 ms)

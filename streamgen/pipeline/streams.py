@@ -94,6 +94,13 @@ class EncoderStream(ABC):
         """End of input: the remaining frames, with whatever look-ahead there is."""
         return self._run(final=True)
 
+    def new_units(self, frame_units: Tensor, first_frame: int) -> tuple[Tensor, Tensor]:
+        """The next frames' units de-duplicated (a run that continues the stream's last unit is not
+        repeated), with the absolute frame each one starts at."""
+        units, idx = dedup_continuing(frame_units, self.last_unit)
+        self.last_unit = int(frame_units[-1])
+        return units, idx + first_frame
+
     def _run(self, final: bool) -> tuple[Tensor, Tensor]:
         """Every window there is to plan now (a stream may plan several, one after the other)."""
         units, starts = [_empty()[0]], [_empty()[1]]
@@ -149,9 +156,7 @@ class UnitStream(EncoderStream):
         if self.left is not None:  # drop samples no later window needs (planned ones hold their own views)
             keep = max(0, end - self.left) * self.hop
             self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        units, idx = dedup_continuing(frame_units, self.last_unit)
-        self.last_unit = int(frame_units[-1])
-        return units, idx + a
+        return self.new_units(frame_units, a)
 
     def encode_one(self, window: EncodeWindow) -> Tensor:
         return encode_windows(self.hubert, self.quantizer, [window])[0]
@@ -421,9 +426,7 @@ class LogMelUnitStream(EncoderStream):
         self.n_done = end
         keep = self.n_planned * self.hop  # padded index where the next window to plan starts
         self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        units, idx = dedup_continuing(frame_units, self.last_unit)
-        self.last_unit = int(frame_units[-1])
-        return units, idx + a
+        return self.new_units(frame_units, a)
 
     def encode_one(self, window: EncodeWindow) -> Tensor:
         return encode_logmel_windows(self.encoder, [window])[0]
@@ -474,9 +477,7 @@ class PhoneUnitStream(EncoderStream):
         self.n_done = end
         keep = max(0, self.n_planned - self.left) * self.hop  # where the next window to plan starts
         self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        units, idx = dedup_continuing(frame_units, self.last_unit)
-        self.last_unit = int(frame_units[-1])
-        return units, idx + a
+        return self.new_units(frame_units, a)
 
     def encode_one(self, window: EncodeWindow) -> Tensor:
         return encode_phone_windows(self.reader, self.logmel, [window])[0]
