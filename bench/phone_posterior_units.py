@@ -399,8 +399,8 @@ def windowed(targets_path: Path, manifest: str, parallel: list[str], weights: Pa
     torch.save(data, out)
 
 
-def classify(targets_path: list[Path], out: Path, steps: int, own_share: float = 0.3, dim: int = 256, dev: int = 40, batch: int = 8,
-             frames: int = 150, lr: float = 1e-3) -> None:
+def classify(targets_path: list[Path], out: Path, steps: int, own_share: float = 0.3, dim: int = 256, kernel: int = 5, dev: int = 40,
+             batch: int = 8, frames: int = 150, lr: float = 1e-3) -> None:
     """A `PhoneNet` (three residual convolutions, 6 frames of look-ahead) from the inputs to the bundle's
     500 units: windows of `frames` frames, `own_share` of them from the training voice and the rest from
     any voice; AdamW, warm-up over 100 steps then cosine decay, label smoothing 0.1; the last `dev` texts
@@ -417,7 +417,7 @@ def classify(targets_path: list[Path], out: Path, steps: int, own_share: float =
     held = set(ids[-dev:])
     train, dev_set = [d for d in data if d["id"] not in held], [d for d in data if d["id"] in held]
     own = [d for d in train if d["voice"] == "training voice"]
-    cfg = PhoneNetConfig(n_mels=data[0]["x"].shape[1], dim=dim, kernel=5, dilations=[1, 1, 1], num_phones=500)
+    cfg = PhoneNetConfig(n_mels=data[0]["x"].shape[1], dim=dim, kernel=kernel, dilations=[1, 1, 1], num_phones=500)
     net = PhoneNet(cfg)
     opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=0.01)
     for step in range(1, steps + 1):
@@ -572,6 +572,7 @@ def main() -> None:
     ap.add_argument("--own-share", type=float, default=0.3, help="classify: share of training windows from the training voice")
     ap.add_argument("--bundle", type=Path, help="score: also this bundle's own reading (encode) and vocoder")
     ap.add_argument("--dim", type=int, default=256, help="classify: the classifier's width")
+    ap.add_argument("--kernel", type=int, default=5, help="classify: its convolutions' kernel (look-ahead 3 (kernel - 1) / 2 frames)")
     ap.add_argument("--classifier", type=Path, help="score, windows: the bundle's units read by this classifier (classify's output)")
     ap.add_argument("--spans", nargs="+", default=["50:8"], help="windows: LEFT:AHEAD frames of context around each 16-frame chunk")
     args = ap.parse_args()
@@ -593,7 +594,7 @@ def main() -> None:
         part = tuple(int(n) for n in args.part.split("/"))
         windowed(args.targets[0], args.manifest[0], args.parallel, args.weights, args.out, window, part)
     elif args.stage == "classify":
-        classify(args.targets, args.out, args.steps or 3000, args.own_share, args.dim)
+        classify(args.targets, args.out, args.steps or 3000, args.own_share, args.dim, args.kernel)
     elif args.stage == "windows":
         spans = [tuple(int(n) for n in span.split(":")) for span in args.spans]
         windows(args.corpus, args.voices, args.weights, args.classifier, spans)
