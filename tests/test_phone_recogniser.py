@@ -78,3 +78,18 @@ def test_port_equals_hamas_engine_on_speech():
         assert got.shape == ref[0].shape == ((len(wave) // 160 + 2) // 2, 191)
         assert (got.argmax(1) == ref[0].argmax(1)).all()
         assert np.abs(np.exp(got) - np.exp(ref[0])).max() < 1e-3
+
+
+def test_stored_stft_kernels_are_checked_and_dropped():
+    """The STFT kernels are computed, not stored; state dicts that hold them (older files, or float16
+    copies) load when they are that DFT and are refused when they are not."""
+    from streamgen.models.phone_recogniser import PhoneRecogniserConfig
+
+    cfg = PhoneRecogniserConfig(dim=16, layers=1, heads=2, kernel=3, vocab=5)
+    m = PhoneRecogniser(cfg)
+    assert "stft_real" not in m.state_dict()
+    sd = m.state_dict() | {"stft_real": m.stft_real.half(), "stft_imag": m.stft_imag}
+    PhoneRecogniser(cfg).load_state_dict(sd)
+    sd["stft_real"] = sd["stft_real"] + 0.01
+    with pytest.raises(RuntimeError, match="not the hann-windowed DFT"):
+        PhoneRecogniser(cfg).load_state_dict(sd)

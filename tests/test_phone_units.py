@@ -26,12 +26,7 @@ def tiny_reader(kmeans_tasks=(), seed=0) -> PhoneUnits:
                            classifier=PhoneNetConfig(n_mels=VOCAB - 1 + 2 * MELS, dim=32, kernel=5, dilations=[1, 1], num_phones=UNITS),
                            left=20, lookahead=4, stride=8, kmeans_tasks=list(kmeans_tasks))
     reader = PhoneUnits(cfg)
-    with torch.no_grad():  # a random recogniser with a front-end: hann-windowed DFT kernels and a positive filterbank
-        n = torch.arange(400)
-        angle = 2 * torch.pi * (torch.arange(201)[:, None] * n % 400) / 400
-        w = torch.hann_window(400)
-        reader.recogniser.stft_real.copy_((w * torch.cos(angle))[:, None])
-        reader.recogniser.stft_imag.copy_((-w * torch.sin(angle))[:, None])
+    with torch.no_grad():  # a random recogniser with a front-end: a positive filterbank after its DFT
         reader.recogniser.mel_fb.uniform_(0, 0.1)
     return reader.eval()
 

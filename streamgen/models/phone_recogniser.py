@@ -20,6 +20,7 @@ made from these posteriors (bench/QUALITY.md "Units from a phone recogniser trai
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,14 @@ class ConformerBlock(nn.Module):
         return self.norm(x)
 
 
+def stft_kernels(n_fft: int) -> tuple[Tensor, Tensor]:
+    """The STFT as two convolutions [n_fft // 2 + 1, 1, n_fft]: a periodic Hann window times cos and -sin of
+    2 pi k n / n_fft, in float32 (hama's kernels to within one float32 step)."""
+    angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float32)[:, None] * torch.arange(n_fft, dtype=torch.float32) / n_fft
+    window = torch.hann_window(n_fft, periodic=True)
+    return (window * torch.cos(angle))[:, None], (-window * torch.sin(angle))[:, None]
+
+
 class PhoneRecogniser(nn.Module):
     """Waveform [S] at 16 kHz -> phone log-probabilities [T, vocab], T = (S // 160 + 2) // 2 (rows of
     equal length batch without padding)."""
@@ -134,8 +143,9 @@ class PhoneRecogniser(nn.Module):
         super().__init__()
         self.cfg = cfg
         bins = cfg.n_fft // 2 + 1
-        self.register_buffer("stft_real", torch.zeros(bins, 1, cfg.n_fft))
-        self.register_buffer("stft_imag", torch.zeros(bins, 1, cfg.n_fft))
+        real, imag = stft_kernels(cfg.n_fft)  # computed, not stored: the package's own to float32 rounding
+        self.register_buffer("stft_real", real, persistent=False)
+        self.register_buffer("stft_imag", imag, persistent=False)
         self.register_buffer("mel_fb", torch.zeros(bins, 80))
         self.stem = nn.Conv1d(80, cfg.dim, 3, stride=2, padding=1)
         self.blocks = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.layers))
@@ -146,6 +156,17 @@ class PhoneRecogniser(nn.Module):
         x = F.pad(wave.float()[:, None], (self.cfg.n_fft // 2, self.cfg.n_fft // 2), mode="reflect")
         power = F.conv1d(x, self.stft_real, stride=self.cfg.hop) ** 2 + F.conv1d(x, self.stft_imag, stride=self.cfg.hop) ** 2
         return torch.log((self.mel_fb.T @ power).clamp_min(1e-10)).half().float()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; state dicts written before the STFT kernels were computed still hold them: they
+        must equal the computed ones (to 1e-6, or to float16 storage for files cast to it) and are dropped."""
+        state_dict = dict(state_dict)
+        for name in ("stft_real", "stft_imag"):
+            if name in state_dict:
+                stored = state_dict.pop(name).float()
+                if stored.shape != getattr(self, name).shape or not torch.allclose(stored, getattr(self, name).cpu(), rtol=0, atol=1e-3):
+                    raise RuntimeError(f"{name}: the stored STFT kernel is not the hann-windowed DFT this recogniser computes")
+        return super().load_state_dict(state_dict, strict, assign)
 
     def forward(self, wave: Tensor) -> Tensor:
         """[S] -> [T, vocab], or a batch of equal-length waves [B, S] -> [B, T, vocab]."""
@@ -174,7 +195,10 @@ class PhoneRecogniser(nn.Module):
             raise ValueError(f"{path}: expected {2 + 2 * layers} convolution and {6 * layers} matrix tensors, found {len(convs)} and {len(mats)}")
         kernel = t[convs[2]].shape[-1]
         model = cls(PhoneRecogniserConfig(dim=d, layers=layers, kernel=kernel, vocab=vocab, n_fft=t["stft_real_kernel"].shape[-1]))
-        sd = {"stft_real": t["stft_real_kernel"], "stft_imag": t["stft_imag_kernel"], "mel_fb": t["mel_fb"],
+        for name, kernel in (("stft_real", model.stft_real), ("stft_imag", model.stft_imag)):
+            if not torch.allclose(t[name + "_kernel"].float(), kernel, rtol=0, atol=1e-6):
+                raise ValueError(f"{path}: its {name} kernel is not the hann-windowed DFT this port computes")
+        sd = {"mel_fb": t["mel_fb"],
               "stem.weight": t[convs[0]], "stem.bias": t[convs[1]],
               "proj.weight": t["acoustic_model.model.proj.weight"][..., 0], "proj.bias": t["acoustic_model.model.proj.bias"]}
         for i in range(layers):

@@ -36,7 +36,7 @@ def recogniser_config(state: dict) -> PhoneRecogniserConfig:
         dim, vocab = state["stem.weight"].shape[0], state["proj.weight"].shape[0]
         layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
         return PhoneRecogniserConfig(dim=dim, layers=layers, kernel=state["blocks.0.conv.depthwise.weight"].shape[-1], vocab=vocab,
-                                     n_fft=state["stft_real"].shape[-1])
+                                     n_fft=2 * (state["mel_fb"].shape[0] - 1))
     except KeyError as e:
         raise ValueError(f"not a PhoneRecogniser state dict (no {e})") from None
 
