@@ -72,16 +72,23 @@ class PhoneUnitsConfig:
         return cls(**cfg)
 
 
+def next_window(a: int, n_frames: int, final: bool, left: int, lookahead: int, stride: int) -> tuple[int, int, int, int] | None:
+    """The reading window whose first frame is `a`, with `n_frames` frames of input in: (window start, first
+    frame read, frames read, window end), in frames. A whole stride once its look-ahead is in; at the end of
+    the input (`final`), the frames left over; else None (not yet)."""
+    if a + stride + lookahead <= n_frames:
+        return max(0, a - left), a, stride, a + stride + lookahead
+    if final and a < n_frames:
+        return max(0, a - left), a, n_frames - a, n_frames
+    return None
+
+
 def windows(n_frames: int, left: int, lookahead: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """The reading windows of an input of `n_frames` frames: (window start, first frame read, frames
-    read, window end), in frames. Whole strides while their look-ahead is in the input, then one window
-    for the frames left over."""
+    """The reading windows of a whole input of `n_frames` frames (`next_window` from frame 0 on)."""
     out, a = [], 0
-    while a + stride + lookahead <= n_frames:
-        out.append((max(0, a - left), a, stride, a + stride + lookahead))
-        a += stride
-    if a < n_frames:
-        out.append((max(0, a - left), a, n_frames - a, n_frames))
+    while (w := next_window(a, n_frames, True, left, lookahead, stride)) is not None:
+        out.append(w)
+        a += w[2]
     return out
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from ..models.hubert import HubertEncoder
 from ..models.kmeans import KMeansQuantizer, dedup_continuing
 from ..models.logmel_units import LogMelUnits
-from ..models.phone_units import PhoneUnits
+from ..models.phone_units import PhoneUnits, next_window
 from ..models.source_filter_vocoder import SourceFilterVocoder
 from ..models.streaming_conv import StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
@@ -461,14 +461,10 @@ class PhoneUnitStream(EncoderStream):
         self.n_samples += samples.numel()
 
     def plan(self, final: bool = False) -> EncodeWindow | None:
-        n, a = self.n_samples // self.hop, self.n_planned
-        if a + self.stride + self.lookahead <= n:
-            count, w1 = self.stride, a + self.stride + self.lookahead
-        elif final and a < n:
-            count, w1 = n - a, n
-        else:
+        span = next_window(self.n_planned, self.n_samples // self.hop, final, self.left, self.lookahead, self.stride)
+        if span is None:
             return None
-        w0 = max(0, a - self.left)
+        w0, a, count, w1 = span
         self.n_planned = a + count
         return EncodeWindow(self.buf[w0 * self.hop - self.b0 : w1 * self.hop - self.b0], a - w0, count, a + count)
 
