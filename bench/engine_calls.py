@@ -50,6 +50,7 @@ def main() -> None:
     calls, seconds = collections.Counter(), collections.Counter()
     # a decoder step: tokens [B] (a prefill is [B, T]); keyed by rows, 4 and more together
     timed(UnitMBart, "step", calls, seconds, key=lambda state, tokens, *a: ("prefill",) if tokens.dim() > 1 else (f"{min(len(tokens), 4)} rows",))
+    timed(UnitMBart, "step_rows", calls, seconds, key=lambda state, rows, *a: (f"{min(len(rows), 4)} rows",))
     timed(UnitMBart, "extend_source", calls, seconds, key=lambda state, rows, *a: (f"{min(len(rows), 4)} rows",))
     for name in ("durations", "render"):
         timed(SourceFilterVocoder, name, calls, seconds)

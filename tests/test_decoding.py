@@ -182,6 +182,47 @@ def test_decode_step_never_copies_the_prefix(mbart):
     assert "bmm" in uses.ops
 
 
+def test_stepping_some_rows_equals_stepping_every_row_and_reads_nothing_of_the_others(mbart):
+    """`step_rows` (the engine's step on CPU): the rows stepped get the logits and cache entries a
+    step of every row gives them, through each row's own prompt (two tasks and none in one pool),
+    while the other rows' caches, sources and lengths are neither read (NaN there changes nothing)
+    nor written; the shared prefix is only read."""
+    import copy
+
+    p1, p2 = make_prompt(mbart).shared_kv(mbart), make_prompt(mbart, length=3).shared_kv(mbart)
+    src = pad_sequences([units_to_source(random_units(n, seed=n)) for n in (9, 4, 13, 6)])
+    state = mbart.start(src, [p1, None, p2, p1], capacity=8)
+    for t in range(3):  # ragged caches: rows hold 3, 3, 4 and 6 tokens
+        mbart.step(state, torch.tensor([EOS, 5, 6, 7]))
+    mbart.step(state, torch.full((4,), 8), active=torch.tensor([False, False, True, True]))
+    mbart.step(state, torch.full((4,), 9), active=torch.tensor([False, False, False, True]))
+    mbart.step(state, torch.full((4,), 9), active=torch.tensor([False, False, False, True]))
+    full = copy.deepcopy(state)
+    want = mbart.step(full, torch.tensor([10, 11, 12, 13]))
+    rows, others = [3, 0, 2], [1]
+    poisoned = copy.deepcopy(state)
+    poisoned.grow(16)
+    for t in poisoned.k + poisoned.v:
+        t[others] = float("nan")
+        for r in rows:  # past each row's cache: never read either
+            t[r, :, int(poisoned.lengths[r]) :] = float("nan")
+    for t in [x for kv in poisoned.cross for x in kv]:
+        t[others] = float("nan")
+        for r in rows:  # past each row's source
+            t[r, :, int(src[r].ne(PAD).sum()) :] = float("nan")
+    watched = [t for p in (p1, p2) for pair in p.decoder for t in pair]
+    with TensorUses(watched) as uses:
+        got = mbart.step_rows(poisoned, rows, torch.tensor([13, 10, 12]))
+    assert uses.ops <= {"transpose", "bmm", "t", "view", "index"}, uses.ops
+    assert torch.isfinite(got).all() and (got - want[rows]).abs().max() <= 1e-5
+    assert poisoned.lengths.tolist() == [4, 3, 5, 7] and full.lengths.tolist() == [4, 4, 5, 7]
+    for a, w in zip(poisoned.k + poisoned.v, full.k + full.v):
+        assert a[others].isnan().all()  # not written
+        for r in rows:
+            n = int(full.lengths[r])
+            assert (a[r, :, :n] - w[r, :, :n]).abs().max() <= 1e-5
+
+
 def test_sampling_is_seeded_and_respects_top_k(lively_mbart):
     from streamgen.models.generation import Sampling, choose
 

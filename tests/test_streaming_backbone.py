@@ -3,6 +3,7 @@ what it encodes and decodes never depends on source it has not read, so a live s
 resume one decode (only new source tokens encoded, no committed unit re-run) and the units equal
 one decode of the whole source, alone or batched with other streams joining and leaving."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -45,6 +46,24 @@ def test_nothing_depends_on_source_beyond_the_schedule():
     ea, eb = m.encode(src), m.encode(later)  # the encoder is causal
     assert torch.equal(ea[0, :12], eb[0, :12]) and not torch.equal(ea[0, 12:], eb[0, 12:])
     assert m.cfg.decodable(K) == 0 and m.cfg.decodable(12) == int(((seen <= 12)).sum())
+
+
+def test_a_row_step_reads_no_source_beyond_the_schedule():
+    """`step_rows` attends to the first visible_source(q) source tokens of each row, the schedule's,
+    and reads none after them (NaN there changes nothing); the logits equal the masked step's."""
+    m = streaming(ratio=0.75)
+    src = torch.stack([units_to_source(random_units(30, seed=s)) for s in (1, 2)])
+    state = m.start(src, capacity=32)
+    prev = torch.cat([torch.full((2, 1), EOS), torch.stack([random_units(9, seed=s) for s in (3, 4)]) + UNIT_OFFSET], 1)
+    for t in range(prev.shape[1] - 1):
+        m.step(state, prev[:, t])
+    want = m.step(copy.deepcopy(state), prev[:, -1])
+    seen = m.cfg.visible_source(state.lengths)
+    for k, v in state.cross:
+        for r in range(2):
+            k[r, :, int(seen[r]) :], v[r, :, int(seen[r]) :] = float("nan"), float("nan")
+    got = m.step_rows(state, [1, 0], prev[[1, 0], -1])
+    assert torch.isfinite(got).all() and (got - want[[1, 0]]).abs().max() <= 1e-5
 
 
 def test_extending_the_source_equals_encoding_it_whole():

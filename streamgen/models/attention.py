@@ -70,6 +70,22 @@ def attend_prefix_groups(q: Tensor, groups: PrefixGroups) -> tuple[Tensor, Tenso
     return out, lse
 
 
+def attend_prefix_any(q: Tensor, prefix: Prefix | PrefixGroups) -> tuple[Tensor, Tensor]:
+    """`attend_prefix` for one prefix shared by every row, `attend_prefix_groups` for one per group."""
+    return attend_prefix(q, prefix) if isinstance(prefix, tuple) else attend_prefix_groups(q, prefix)
+
+
+def attend_rows(q: Tensor, kv: list[tuple[Tensor, Tensor]], prefix: Prefix | PrefixGroups | None) -> Tensor:
+    """Row r's queries q[r] [H,T,D] attend to its own keys/values kv[r] (each [1,H,S_r,D], every key
+    visible: views of a cache up to the row's length, so nothing of other rows and no padding is
+    read), and every row to the prefix (read once for all rows) -> [B,H,T,D]."""
+    if not prefix:
+        return torch.cat([F.scaled_dot_product_attention(q[r : r + 1], k, v) for r, (k, v) in enumerate(kv)])
+    parts = [attend(q[r : r + 1], k, v, None) for r, (k, v) in enumerate(kv)]
+    own = torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+    return merge(*own, *attend_prefix_any(q, prefix))
+
+
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
     """Combine two partial attentions over disjoint key sets into attention over their union."""
     lse = torch.logaddexp(lse_a, lse_b)
@@ -143,14 +159,17 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None = None) -> Tensor:
         """The rest of `forward` from the queries q [B,H,T,D]: attention, then the output projection."""
+        return self.project(self.attend_heads(q, k, v, mask, prefix))
+
+    @staticmethod
+    def attend_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None = None) -> Tensor:
+        """Attention of queries q [B,H,T,D] to k/v [B,H,S,D] and the prefix, per head -> [B,H,T,D]."""
         if q.shape[2] == 1 and prefix:  # a decoder step: the prefix is read in place, never copied
-            out, lse = attend(q, k, v, mask)
-            if isinstance(prefix, tuple):
-                out = merge(out, lse, *attend_prefix(q, prefix))
-            else:
-                out = merge(out, lse, *attend_prefix_groups(q, prefix))
-        else:
-            out = attend_fused(q, k, v, mask, prefix)
+            return merge(*attend(q, k, v, mask), *attend_prefix_any(q, prefix))
+        return attend_fused(q, k, v, mask, prefix)
+
+    def project(self, out: Tensor) -> Tensor:
+        """Heads [B,H,T,D] -> the output projection [B,T,d]."""
         B, H, T, D = out.shape
         return F.linear(out.transpose(1, 2).reshape(B, T, H * D), self.out_proj.weight, self.out_proj.bias)
 

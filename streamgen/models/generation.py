@@ -4,8 +4,9 @@ A `Request` is one decode: encoder tokens, the decoder tokens to prefill (</s>, 
 units already committed), how many new units at most / at least, and its sampling settings.
 `Decoder` holds a pool of slots (a `DecoderState` whose rows are slots). Each `step()`:
 
-1. advances every running request by one token with one batched decoder step (rows that have
-   nothing to do are masked out, nobody's cache moves);
+1. advances every running request by one token with one batched decoder step (nobody's cache
+   moves; on a CPU each row attends over its own keys only, elsewhere rows with nothing to do are
+   masked out);
 2. admits waiting requests: one padded encoder call and one ragged prefill for all of them, each
    copied into a free slot, and chooses their first token.
 
@@ -324,20 +325,24 @@ class Decoder:
         out = []
         for i in range(0, len(running), n):
             group = running[i : i + n]
-            out += self._advance_rows(group[0], group[-1] + 1, group)
+            out += self._advance_rows(group)
         return out
 
-    def _advance_rows(self, lo: int, hi: int, slots: list[int]) -> list[tuple[object, list[int], bool]]:
-        """One step of the pool's rows [lo, hi) (views, no copy), advancing `slots` among them. The
-        views end at the rows' longest cache (+ the token this step writes) and source: a step reads
-        every key it is given, masked or not, and the pool's capacity doubles ahead of use."""
+    def _advance_rows(self, slots: list[int]) -> list[tuple[object, list[int], bool]]:
+        """One step of the pool's `slots`. On a CPU `UnitMBart.step_rows`: the rows' projections
+        together, each row's attention over its own keys (nothing of the other slots read: a step there
+        is bound by reading memory). Elsewhere one masked step of the rows [lo, hi) that hold them
+        (views, no copy; one kernel per operation whatever the rows), the views ending at the rows'
+        longest cache (+ the token this step writes) and source."""
         self.steps += 1
-        pool = self.pool
+        idx = torch.tensor(slots, device=self.device)
+        if self.device.type == "cpu":
+            return self._emit(slots, idx, self._choose(self.model.step_rows(self.pool, slots, self.tokens[idx]), slots, idx))
+        pool, lo, hi = self.pool, slots[0], slots[-1] + 1
         C = int(pool.lengths[lo:hi].max()) + 1
         S = int(pool.src_mask[lo:hi].any(0).nonzero()[-1]) + 1
         view = DecoderState([t[lo:hi, :, :C] for t in pool.k], [t[lo:hi, :, :C] for t in pool.v], pool.lengths[lo:hi],
                             [(k[lo:hi, :, :S], v[lo:hi, :, :S]) for k, v in pool.cross], pool.src_mask[lo:hi, :S], pool.prompts[lo:hi])
-        idx = torch.tensor(slots, device=self.device)
         active = torch.zeros(hi - lo, dtype=torch.bool, device=self.device)
         active[idx - lo] = True
         logits = self.model.step(view, self.tokens[lo:hi], active=active, grow=False)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention, Prefix, PrefixGroups
+from .attention import Attention, Prefix, PrefixGroups, attend_rows
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 UNIT_OFFSET = 4
@@ -107,6 +107,13 @@ def units_to_source(units: Tensor) -> Tensor:
     return torch.cat([units.long() + UNIT_OFFSET, units.new_full((1,), EOS, dtype=torch.long)])
 
 
+def rows_of(t: Tensor, rows: list[int], n: int) -> Tensor:
+    """t[rows, :, :n]: a view when the rows are consecutive (nothing copied), else gathered."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0] : rows[0] + len(rows), :, :n]
+    return t[torch.tensor(rows, device=t.device), :, :n]
+
+
 def pad_sequences(seqs: list[Tensor], value: int = PAD) -> Tensor:
     """Right-pad 1-D token tensors to one [B, T] tensor."""
     out = seqs[0].new_full((len(seqs), max(len(s) for s in seqs)), value)
@@ -158,25 +165,25 @@ class Layer(nn.Module):
             x = self.residual(x, self.encoder_attn_layer_norm, lambda h: self.encoder_attn(h, *cross_kv, cross_mask))
         return self.residual(x, self.final_layer_norm, self.ffn)
 
-    def step(self, x: Tensor, store, self_mask: Tensor, prefix, cross_kv: tuple[Tensor, Tensor] | None = None,
-             cross_mask: Tensor | None = None) -> Tensor:
+    def step(self, x: Tensor, self_attend, cross_attend=None) -> Tensor:
         """`forward` for new tokens of an incremental pass, in inference (a decoder step, a streaming
-        encoder's next source tokens): x [B,T,d]; store(k, v) puts their keys/values [B,H,T,D] into
-        the layer's cache and returns the keys/values they attend to. The same equations with the
-        attention projections applied as functions: a batch-1 decoder step on a CPU paid more in
-        module-call overhead than in arithmetic."""
+        encoder's next source tokens): x [B,T,d]; self_attend(q, k, v) gets the new tokens' queries,
+        keys and values [B,H,T,D], puts the keys/values into the layer's cache and returns the
+        attention's heads [B,H,T,D]; cross_attend(q) the heads of the attention to the source. The
+        same equations with the projections applied as functions: a batch-1 decoder step on a CPU paid
+        more in module-call overhead than in arithmetic."""
         sa = self.self_attn
 
         def self_attention(h: Tensor) -> Tensor:
             q, k, v = (sa.split(F.linear(h, p.weight, p.bias)) for p in (sa.q_proj, sa.k_proj, sa.v_proj))
-            return sa.attend(q, *store(k, v), self_mask, prefix)
+            return sa.project(self_attend(q, k, v))
 
         def cross_attention(h: Tensor) -> Tensor:
             ca = self.encoder_attn
-            return ca.attend(ca.split(F.linear(h, ca.q_proj.weight, ca.q_proj.bias)), *cross_kv, cross_mask)
+            return ca.project(cross_attend(ca.split(F.linear(h, ca.q_proj.weight, ca.q_proj.bias))))
 
         x = self.residual(x, self.self_attn_layer_norm, self_attention)
-        if cross_kv is not None:
+        if cross_attend is not None:
             x = self.residual(x, self.encoder_attn_layer_norm, cross_attention)
         return self.residual(x, self.final_layer_norm, self.ffn)
 
@@ -482,15 +489,16 @@ class UnitMBart(nn.Module):
         pos = held[:, None] + torch.arange(T, device=dev)  # [R, T] source positions
         x = self.encoder.embed(self.token_embedding(tokens).to(self.encoder.dtype), pos + PAD + 1)
         mask = (torch.arange(S, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [R,1,T,S]
-        groups = group_prompts([state.prompts[r] for r in rows.tolist()], dev)
+        listed = rows.tolist()
+        groups = group_prompts([state.prompts[r] for r in listed], dev)
         at = rows[:, None]
         for i, (layer, (ek, ev)) in enumerate(zip(self.encoder.layers, state.enc)):
 
-            def store(k: Tensor, v: Tensor, ek: Tensor = ek, ev: Tensor = ev) -> tuple[Tensor, Tensor]:
+            def self_attend(q: Tensor, k: Tensor, v: Tensor, ek: Tensor = ek, ev: Tensor = ev, i: int = i) -> Tensor:
                 ek[at, :, pos], ev[at, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
-                return ek[rows, :, :S], ev[rows, :, :S]
+                return Attention.attend_heads(q, rows_of(ek, listed, S), rows_of(ev, listed, S), mask, layer_prefix(groups, "encoder", i))
 
-            x = layer.step(x, store, mask, layer_prefix(groups, "encoder", i))
+            x = layer.step(x, self_attend)
         enc = self.encoder.finish(x).to(self.embed_tokens.weight.dtype)
         for (ck, cv), layer in zip(state.cross, self.decoder.layers):
             k, v = layer.encoder_attn.kv(enc)
@@ -520,15 +528,42 @@ class UnitMBart(nn.Module):
         cross_mask = self.cross_mask(state.src_mask, pos)
         for i, (layer, k_cache, v_cache) in enumerate(zip(self.decoder.layers, state.k, state.v)):
 
-            def store(k: Tensor, v: Tensor, k_cache: Tensor = k_cache, v_cache: Tensor = v_cache) -> tuple[Tensor, Tensor]:
+            def self_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor = k_cache, v_cache: Tensor = v_cache, i: int = i) -> Tensor:
                 k_cache[rows, :, pos] = k.transpose(1, 2)  # indexed [B,T] -> [B,T,H,D]
                 v_cache[rows, :, pos] = v.transpose(1, 2)
-                return k_cache, v_cache
+                return Attention.attend_heads(q, k_cache, v_cache, self_mask, state.prefix(i))
 
-            x = layer.step(x, store, self_mask, state.prefix(i), state.cross[i], cross_mask)
+            x = layer.step(x, self_attend, lambda q, i=i: Attention.attend_heads(q, *state.cross[i], cross_mask))
         n = T if counts is None else counts
         state.lengths = state.lengths + (n if active is None else n * active)
         logits = self.output(x)
         if single:
             return logits[:, 0]
         return logits
+
+    def step_rows(self, state: DecoderState, rows: list[int], tokens: Tensor) -> Tensor:
+        """One token for each of `rows` of the state (slots of a pool), tokens [R] -> logits [R, V].
+        The projections and the feed-forward take the R rows together (one read of the weights); the
+        attention takes each row alone, over exactly its own cached tokens and the source its schedule
+        lets it see (views up to those lengths: no padding, no mask, nothing of the other rows read),
+        so a row's attention is the same computation in any batch. Equal to `step` on those rows; the
+        caches must have room for one more token (`DecoderState.grow`)."""
+        dev = tokens.device
+        idx = torch.tensor(rows, device=dev)
+        pos = state.lengths[idx]  # [R] where each row's token goes
+        seen = state.src_mask[idx].sum(1)  # a row's source is contiguous from its start
+        if self.cfg.streams:
+            seen = torch.minimum(seen, self.cfg.visible_source(pos))
+        n_self, n_src = (pos + 1).tolist(), seen.tolist()
+        x = self.decoder.embed(self.token_embedding(tokens[:, None]), (pos + PAD + 1)[:, None])
+        groups = group_prompts([state.prompts[r] for r in rows], dev)
+        own = lambda k, v, n: [(k[r : r + 1, :, :m], v[r : r + 1, :, :m]) for r, m in zip(rows, n)]
+        for i, (layer, k_cache, v_cache, (ck, cv)) in enumerate(zip(self.decoder.layers, state.k, state.v, state.cross)):
+
+            def self_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor = k_cache, v_cache: Tensor = v_cache, i: int = i) -> Tensor:
+                k_cache[idx, :, pos], v_cache[idx, :, pos] = k[:, :, 0], v[:, :, 0]  # [R,H,D] at each row's position
+                return attend_rows(q, own(k_cache, v_cache, n_self), layer_prefix(groups, "decoder", i))
+
+            x = layer.step(x, self_attend, lambda q, ck=ck, cv=cv: attend_rows(q, own(ck, cv, n_src), None))
+        state.lengths[idx] = pos + 1
+        return self.output(x)[:, 0]
