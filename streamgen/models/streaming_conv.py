@@ -32,6 +32,9 @@ from .vocoder import LRELU_SLOPE, CodeHiFiGAN
 def take(x: Tensor, start: Tensor, n: Tensor, width: int) -> Tensor:
     """Row b's x[b, :, start_b : start_b + n_b], left-aligned in [B, C, width], zeros after n_b."""
     B, C, T = x.shape
+    if B == 1:  # one stream: a slice (the same numbers, without the gather)
+        s, k = int(start[0]), int(n[0])
+        return F.pad(x[:, :, s : s + k], (0, width - k)) if k < width else x[:, :, s : s + width]
     j = torch.arange(width, device=x.device)[None]
     idx = (start[:, None] + j).clamp(0, max(T - 1, 0))
     out = x.gather(2, idx[:, None, :].expand(B, C, width)) if T else x.new_zeros(B, C, width)
@@ -41,6 +44,8 @@ def take(x: Tensor, start: Tensor, n: Tensor, width: int) -> Tensor:
 def join(a: Tensor, na: Tensor, b: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
     """Ragged concatenation along time: row b is a[b, :, :na_b] then b[b, :, :nb_b]."""
     n = na + nb
+    if a.shape[0] == 1:  # one stream
+        return torch.cat([a[:, :, : int(na[0])], b[:, :, : int(nb[0])]], dim=2), n
     width = int(n.max()) if len(n) else 0
     both = torch.cat([a, b], dim=2)
     j = torch.arange(width, device=a.device)[None]
