@@ -14,7 +14,8 @@ decodes share steps); and per task the largest N whose p99 lag stays within --ma
 With --runs R each level runs R times, the modes alternated run by run: on a shared machine one
 setting's p99 moves by 100-200 ms from run to run (bench/RESULTS.md), so a single run says little. A
 level is then held when its p99 stays within the bound in more than half of its runs, and each
-level's line says in how many it did.
+level's line says in how many it did. Before each run a probe times the machine itself (a one-row decoder
+step, a 64 MB read), printed at the end of the run's line: runs of different hours compare through it.
 
 The baseline runs in the same invocation: the same engine with --max-batch 1, i.e. every model call
 serves one session at a time (what the one-worker-per-stage pipeline did before the engine).
@@ -134,6 +135,32 @@ def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batc
             "decoder_steps": steps}
 
 
+def machine_probe(bundle, task: str) -> dict | None:
+    """How fast the machine is just before a run, so that runs of different hours read side by side (on a
+    shared machine one code's figures drift by half within an hour: bench/RESULTS.md): a one-row decoder
+    step of the task's backbone (a 120-unit source, 100 tokens cached; median of 40) and the rate of
+    reading 64 MB. CPU only (None elsewhere, or without a backbone)."""
+    if bundle.device.type != "cpu" or not bundle.has_backbone(task):
+        return None
+    model = bundle.backbone(task)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 4 + model.cfg.num_units, (1, 120), generator=g)
+    state = model.start(torch.cat([src, torch.full((1, 1), 2)], 1), capacity=128)
+    model.step(state, torch.randint(4, 4 + model.cfg.num_units, (1, 100), generator=g))
+    token, times = torch.full((1,), 7), []
+    for i in range(50):
+        t = time.perf_counter()
+        model.step_rows(state, [0], token)
+        times.append(time.perf_counter() - t)
+        state.lengths[0] -= 1
+    buf = torch.ones(16 * 1024 * 1024)
+    buf.sum()
+    t = time.perf_counter()
+    for _ in range(4):
+        buf.sum()
+    return {"step_ms": round(1000 * float(np.median(times[10:])), 2), "read_gb_s": round(4 * 64 / 1024 / (time.perf_counter() - t), 1)}
+
+
 def summary(parts: list[dict]) -> dict:
     """One level's figures from the raw figures `level` gives for each of its engine processes (one, or one per core)."""
     lags = [x for p in parts for x in p["lags"]]
@@ -246,15 +273,17 @@ def main() -> None:
                 for mode, max_batch in modes:
                     if misses[mode] >= 2:
                         continue
+                    probe = machine_probe(bundle, task_options(task)[0])
                     r = level_in_processes(args.processes, bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
-                    r["run"] = i + 1
+                    r["run"], r["probe"] = i + 1, probe
                     runs[mode].append(r)
                     report["tasks"][task][mode]["rows"].append(r)
                     ms = lambda k: "     n/a" if r[k] is None else f"{r[k]:8.1f}"
                     print(f"{task:13s} {mode:14s} N={lv:5d}  done {r['completed']:5d}  lag p50 {ms('lag_p50_ms')} ms  "
                           f"p99 {ms('lag_p99_ms')} ms (while talking {ms('lag_p99_while_talking_ms').strip()})  first audio {ms('first_audio_ms')} ms  busy {r['engine_busy']:.2f}  "
                           f"ticks {r['ticks']}  decoder steps {r['decoder_steps']} ({r['decoder_rows_per_step']:.2f} rows each)  " + " ".join(f"{k} {v:.1f}s" for k, v in r["compute_s"].items())
-                          + (f"  run {i + 1}/{args.runs}" if args.runs > 1 else ""), flush=True)
+                          + (f"  run {i + 1}/{args.runs}" if args.runs > 1 else "")
+                          + (f"  probe: step {probe['step_ms']:.2f} ms, read {probe['read_gb_s']:.0f} GB/s" if probe else ""), flush=True)
             for mode, _ in modes:
                 if not runs[mode]:
                     continue
