@@ -1,6 +1,7 @@
 """One incremental decoder step of a bundle's backbone at several batch sizes, for comparing bundles (e.g. a
-shallow decoder against the shipped one, bench/RESULTS.md). Each row's cache holds a 120-unit source and up to
-160 generated units in a 512-slot pool (no growth while timed); median of 5 runs of 20 steps, one thread.
+shallow decoder against the shipped one, bench/RESULTS.md), as the engine steps on a CPU (`UnitMBart.step_rows`).
+Each row's cache holds a 120-unit source and up to 120 generated units in a 512-slot pool (no growth while timed);
+median of 5 runs of 20 steps, one thread.
 
 A streaming backbone (wait-k) pays a second cost per live chunk besides its decoder steps: the chunk's new
 source units go through the causal encoder and into every decoder layer's cross-attention keys and values
@@ -27,14 +28,14 @@ def step_ms(model, batch: int) -> float:
     src = torch.randint(0, model.cfg.num_units, (batch, 120), generator=g)
     with torch.inference_mode():
         state = model.start(torch.stack([units_to_source(s) for s in src]), capacity=512)
-        token = torch.full((batch,), 2)
+        token, rows = torch.full((batch,), 2), list(range(batch))
         for _ in range(20):  # warm-up
-            model.step(state, token)
+            model.step_rows(state, rows, token)
         times = []
         for _ in range(5):
             t = time.perf_counter()
             for _ in range(20):
-                model.step(state, token)
+                model.step_rows(state, rows, token)
             times.append((time.perf_counter() - t) / 20)
     return 1000 * statistics.median(times)
 
