@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .audio import check_wave
 from .models.generation import Sampling, generate
@@ -386,13 +387,37 @@ def _weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class _Skeleton(TorchFunctionMode):
+    """Modules built for their shapes alone: parameters on the meta device (no memory) and not
+    initialised. (A random fill of a meta tensor runs a Python kernel whose first use imports
+    torch._dynamo, 1.5 s of every command's start; the weights replace the values anyway.)"""
+
+    FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_,
+             nn.init.kaiming_uniform_, nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_}
+
+    def __enter__(self):
+        self.device = torch.device("meta")
+        self.device.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.device.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _load_part(path: Path, name: str, build: Callable[[], nn.Module]) -> nn.Module:
     """Build a part and load its weights, after checking, on a module built on the meta device (no
     memory), that the config asks for exactly the shapes the weights file declares."""
     file = path / f"{name}.safetensors"
     have = _weight_shapes(file)
     try:
-        with torch.device("meta"):
+        with _Skeleton():
             skeleton = build()
     except (RuntimeError, NotImplementedError):  # a constructor that computes on tensors: its config limits were checked
         skeleton = None

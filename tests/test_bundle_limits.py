@@ -4,11 +4,14 @@ they are read, and prompt names are names, not paths."""
 
 import json
 import resource
+import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 
-from streamgen.bundle import BundleError, load_bundle, save_prompt
+from streamgen.bundle import BundleError, default_bundle_path, load_bundle, save_prompt
 from streamgen.models.checkpoints import CheckpointError, read_kmeans
 from streamgen.testing import random_bundle
 
@@ -42,6 +45,25 @@ def test_a_config_that_disagrees_with_its_weights_is_refused_without_building_it
     with pytest.raises(BundleError, match=r"mbart.safetensors: weights do not match the config in bundle.json \(\d+ tensors differ"):
         load_bundle(bundle_dir)
     assert rss_mib() - before < 1024
+
+
+@pytest.mark.parametrize("part, change", [("logmel_units", {"num_units": 499}), ("source_filter", {"dim": 96}),
+                                          ("phone_units", {"recogniser": {"dim": 128}})])
+def test_every_part_of_the_default_bundle_is_checked_against_its_weights_before_it_is_built(tmp_path, part, change):
+    """The parts whose constructors compute tables (filterbanks, STFT kernels) are built for their shapes on
+    the meta device too: a config that disagrees with the weights is named tensor by tensor."""
+    b = shutil.copytree(default_bundle_path(), tmp_path / "b")
+    edit_meta(b, lambda m: m["parts"][part].update(change))
+    with pytest.raises(BundleError, match=rf"{part}.safetensors: weights do not match the config in bundle.json \(\d+ tensors? differ"):
+        load_bundle(b)
+
+
+def test_loading_a_bundle_does_not_import_the_compiler():
+    """Shapes are checked on modules built on the meta device without initialising them (a random fill of
+    a meta tensor imports torch._dynamo: 1.5 s of every command's start)."""
+    code = "import sys; from streamgen import load_bundle; load_bundle(); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_prompt_names_are_names_not_paths(bundle_dir, tmp_path):

@@ -125,9 +125,11 @@ class ConformerBlock(nn.Module):
 
 def stft_kernels(n_fft: int) -> tuple[Tensor, Tensor]:
     """The STFT as two convolutions [n_fft // 2 + 1, 1, n_fft]: a periodic Hann window times cos and -sin of
-    2 pi k n / n_fft, in float32 (hama's kernels to within one float32 step)."""
-    angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float32)[:, None] * torch.arange(n_fft, dtype=torch.float32) / n_fft
-    window = torch.hann_window(n_fft, periodic=True)
+    2 pi k n / n_fft, in float32 (hama's kernels to within one float32 step); on the CPU, also under a meta
+    device context (a module built for its shapes)."""
+    cpu = torch.device("cpu")
+    angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float32, device=cpu)[:, None] * torch.arange(n_fft, dtype=torch.float32, device=cpu) / n_fft
+    window = torch.hann_window(n_fft, periodic=True, device=cpu)
     return (window * torch.cos(angle))[:, None], (-window * torch.sin(angle))[:, None]
 
 
