@@ -115,7 +115,7 @@ def attend_fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: P
             ones = lambda n: torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device)
             mask = ones(k.shape[2]) if mask is None else mask
             seen = ones(pk.shape[2]) if seen is None else seen
-            lead = torch.broadcast_shapes(mask.shape[:-1], seen.shape[:-1])
+            lead = [max(m, s) for m, s in zip(mask.shape[:-1], seen.shape[:-1])]  # both [B|1, H|1, T|1]
             mask = torch.cat([seen.expand(*lead, -1), mask.expand(*lead, -1)], dim=-1)
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
