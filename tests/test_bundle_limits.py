@@ -8,9 +8,13 @@ import shutil
 import struct
 
 import pytest
+import torch
 
 from streamgen.bundle import BundleError, default_bundle_path, load_bundle, save_prompt
 from streamgen.models.checkpoints import CheckpointError, read_kmeans
+from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
+from streamgen.models.phone_units import PhoneUnits, PhoneUnitsConfig
+from streamgen.models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
 from streamgen.testing import random_bundle
 
 
@@ -56,6 +60,17 @@ def test_every_part_of_the_default_bundle_is_checked_against_its_weights_before_
         load_bundle(b)
 
 
+
+
+def test_the_parts_fixed_tables_are_made_where_the_part_is_built():
+    """Filterbanks, STFT kernels and the vocoder's grids are computed on the CPU (no meta kernel runs) and
+    placed on the device the part is built under, as its parameters are."""
+    parts = json.loads((default_bundle_path() / "bundle.json").read_text())["parts"]
+    with torch.device("meta"):
+        built = [LogMelUnits(LogMelUnitsConfig.from_dict(parts["logmel_units"])), PhoneUnits(PhoneUnitsConfig.from_dict(parts["phone_units"])),
+                 SourceFilterVocoder(SourceFilterConfig.from_dict(parts["source_filter"]))]
+    for m in built:
+        assert {t.device.type for t in [*m.parameters(), *m.buffers()]} == {"meta"}, type(m).__name__
 
 
 def test_prompt_names_are_names_not_paths(bundle_dir, tmp_path):

@@ -125,12 +125,12 @@ class ConformerBlock(nn.Module):
 
 def stft_kernels(n_fft: int) -> tuple[Tensor, Tensor]:
     """The STFT as two convolutions [n_fft // 2 + 1, 1, n_fft]: a periodic Hann window times cos and -sin of
-    2 pi k n / n_fft, in float32 (hama's kernels to within one float32 step); on the CPU, also under a meta
-    device context (a module built for its shapes)."""
-    cpu = torch.device("cpu")
+    2 pi k n / n_fft, in float32 (hama's kernels to within one float32 step); computed on the CPU and placed on
+    the default device (see `SourceFilterVocoder`'s tables)."""
+    cpu, here = torch.device("cpu"), torch.get_default_device()
     angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float32, device=cpu)[:, None] * torch.arange(n_fft, dtype=torch.float32, device=cpu) / n_fft
     window = torch.hann_window(n_fft, periodic=True, device=cpu)
-    return (window * torch.cos(angle))[:, None], (-window * torch.sin(angle))[:, None]
+    return (window * torch.cos(angle))[:, None].to(here), (-window * torch.sin(angle))[:, None].to(here)
 
 
 class PhoneRecogniser(nn.Module):
