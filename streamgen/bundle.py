@@ -392,8 +392,8 @@ class _Skeleton(TorchFunctionMode):
     initialised. (A random fill of a meta tensor runs a Python kernel whose first use imports
     torch._dynamo, 1.5 s of every command's start; the weights replace the values anyway.)"""
 
-    FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_,
-             nn.init.kaiming_uniform_, nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_}
+    FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_, torch.Tensor.bernoulli_,
+             torch.Tensor.exponential_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.geometric_}
 
     def __enter__(self):
         self.device = torch.device("meta")
@@ -406,7 +406,7 @@ class _Skeleton(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.FILLS:
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":  # any initialiser
             return args[0] if args else kwargs["tensor"]
         return func(*args, **kwargs)
 

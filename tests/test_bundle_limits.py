@@ -6,6 +6,8 @@ import json
 import resource
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,17 +51,33 @@ def test_a_config_that_disagrees_with_its_weights_is_refused_without_building_it
     assert rss_mib() - before < 1024
 
 
-@pytest.mark.parametrize("part, change", [("logmel_units", {"num_units": 499}), ("source_filter", {"dim": 96}),
-                                          ("phone_units", {"recogniser": {"dim": 128}})])
-def test_every_part_of_the_default_bundle_is_checked_against_its_weights_before_it_is_built(tmp_path, part, change):
-    """The parts whose constructors compute tables (filterbanks, STFT kernels) are built for their shapes on
-    the meta device too: a config that disagrees with the weights is named tensor by tensor."""
+@pytest.mark.parametrize("part, key, value", [("logmel_units", "num_units", 499), ("source_filter", "dim", 96),
+                                              ("phone_units", "recogniser.dim", 128)])
+def test_every_part_of_the_default_bundle_is_checked_against_its_weights_before_it_is_built(tmp_path, part, key, value):
+    """Parts whose constructors compute tables (filterbanks, STFT kernels) are built for their shapes on the
+    meta device like the others: a config that disagrees with the weights is named tensor by tensor."""
     b = shutil.copytree(default_bundle_path(), tmp_path / "b")
-    edit_meta(b, lambda m: m["parts"][part].update(change))
+
+    def change(meta):
+        *path, last = key.split(".")
+        cfg = meta["parts"][part]
+        for name in path:
+            cfg = cfg[name]
+        cfg[last] = value
+
+    edit_meta(b, change)
     with pytest.raises(BundleError, match=rf"{part}.safetensors: weights do not match the config in bundle.json \(\d+ tensors? differ"):
         load_bundle(b)
 
 
+def test_loading_a_bundle_of_every_part_type_runs_no_python_meta_kernel(bundle_dir):
+    """The shape-check skeletons are not initialised and build their tables on the CPU: a Python meta kernel's
+    first use imports torch._dynamo (1.5 s of every command's start), some import sympy. The test bundle has
+    the HuBERT encoder, k-means, Unit mBART and CodeHiFiGAN; the default bundle's parts are the demo's test."""
+    code = ("import sys; from streamgen import load_bundle; load_bundle(sys.argv[1])\n"
+            "print([m for m in ('torch._dynamo', 'sympy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, str(bundle_dir)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_the_parts_fixed_tables_are_made_where_the_part_is_built():

@@ -97,7 +97,7 @@ def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
 def attend_fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None) -> Tensor:
     """Softmax attention over the prefix's keys and each row's, in one fused call (full passes).
 
-    q [B,H,T,D], k/v [B,H,S,D], mask broadcastable to [B,H,T,S] (True = visible); a query that sees
+    q [B,H,T,D], k/v [B,H,S,D], mask [B|1, H|1, T|1, S] (True = visible); a query that sees
     no key gets zeros, as in `attend`."""
     B, H, T, D = q.shape
     if prefix:

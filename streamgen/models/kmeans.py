@@ -11,7 +11,7 @@ class KMeansQuantizer(nn.Module):
         super().__init__()
         if centroids.dim() != 2 or centroids.shape[0] < 1:
             raise ValueError(f"centroids must be [K, D] with K >= 1, got {tuple(centroids.shape)}")
-        if not centroids.is_meta and not torch.isfinite(centroids).all():  # (a skeleton's have no values)
+        if not centroids.is_meta and not torch.isfinite(centroids).all():  # (a skeleton's centroids have no values)
             raise ValueError("centroids contain NaN or inf")
         self.register_buffer("centroids", centroids.float().clone())  # [K, D]
 
