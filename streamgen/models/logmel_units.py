@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .kmeans import KMeansQuantizer, dedup
+from .tables import table
 
 
 CMN_SCALE = 2**16  # fixed point of the running sums
@@ -85,15 +86,13 @@ class LogMelUnitsConfig:
 
 
 def mel_filterbank(n_fft: int, n_mels: int, rate: int) -> Tensor:
-    """Triangular filters on the HTK mel scale, 0 Hz to Nyquist: [n_mels, n_fft // 2 + 1]; computed on the CPU
-    and placed on the default device (see `SourceFilterVocoder`'s tables)."""
-    cpu = torch.device("cpu")
+    """Triangular filters on the HTK mel scale, 0 Hz to Nyquist: [n_mels, n_fft // 2 + 1]."""
     mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
     hz = lambda m: 700.0 * (10 ** (m / 2595.0) - 1.0)
-    points = torch.tensor([hz(m) for m in torch.linspace(0.0, mel(rate / 2), n_mels + 2, device=cpu).tolist()], device=cpu)
-    freqs = torch.linspace(0, rate / 2, n_fft // 2 + 1, device=cpu)
+    points = torch.tensor([hz(m) for m in torch.linspace(0.0, mel(rate / 2), n_mels + 2).tolist()])
+    freqs = torch.linspace(0, rate / 2, n_fft // 2 + 1)
     lo, mid, hi = points[:-2, None], points[1:-1, None], points[2:, None]
-    return torch.clamp(torch.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), min=0.0).to(torch.get_default_device())
+    return torch.clamp(torch.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), min=0.0)
 
 
 class LogMelUnits(nn.Module):
@@ -107,9 +106,8 @@ class LogMelUnits(nn.Module):
         if cfg.cvn:
             self.register_buffer("prior_sq", torch.ones(cfg.n_mels))  # its mean square
         self.quantizer = KMeansQuantizer(torch.zeros(cfg.num_units, cfg.n_mels))
-        self.register_buffer("fb", mel_filterbank(cfg.win, cfg.n_mels, cfg.sample_rate), persistent=False)
-        window = torch.hann_window(cfg.win, periodic=True, device=torch.device("cpu"))  # (a table: see `mel_filterbank`)
-        self.register_buffer("window", window.to(torch.get_default_device()), persistent=False)
+        self.register_buffer("fb", table(lambda: mel_filterbank(cfg.win, cfg.n_mels, cfg.sample_rate)), persistent=False)
+        self.register_buffer("window", table(lambda: torch.hann_window(cfg.win, periodic=True)), persistent=False)
 
     @property
     def num_units(self) -> int:

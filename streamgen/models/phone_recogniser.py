@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tables import table
+
 MAGIC = b"HAMAPK"
 _DTYPES = {0: np.float32, 1: np.float16}
 
@@ -125,12 +127,10 @@ class ConformerBlock(nn.Module):
 
 def stft_kernels(n_fft: int) -> tuple[Tensor, Tensor]:
     """The STFT as two convolutions [n_fft // 2 + 1, 1, n_fft]: a periodic Hann window times cos and -sin of
-    2 pi k n / n_fft, in float32 (hama's kernels to within one float32 step); computed on the CPU and placed on
-    the default device (see `SourceFilterVocoder`'s tables)."""
-    cpu, here = torch.device("cpu"), torch.get_default_device()
-    angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float32, device=cpu)[:, None] * torch.arange(n_fft, dtype=torch.float32, device=cpu) / n_fft
-    window = torch.hann_window(n_fft, periodic=True, device=cpu)
-    return (window * torch.cos(angle))[:, None].to(here), (-window * torch.sin(angle))[:, None].to(here)
+    2 pi k n / n_fft, in float32 (hama's kernels to within one float32 step)."""
+    angle = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float32)[:, None] * torch.arange(n_fft, dtype=torch.float32) / n_fft
+    window = torch.hann_window(n_fft, periodic=True)
+    return (window * torch.cos(angle))[:, None], (-window * torch.sin(angle))[:, None]
 
 
 class PhoneRecogniser(nn.Module):
@@ -145,7 +145,7 @@ class PhoneRecogniser(nn.Module):
         super().__init__()
         self.cfg = cfg
         bins = cfg.n_fft // 2 + 1
-        real, imag = stft_kernels(cfg.n_fft)  # computed, not stored: the package's own to float32 rounding
+        real, imag = table(lambda: stft_kernels(cfg.n_fft))  # computed, not stored: the package's own to float32 rounding
         self.register_buffer("stft_real", real, persistent=False)
         self.register_buffer("stft_imag", imag, persistent=False)
         self.register_buffer("mel_fb", torch.zeros(bins, 80))

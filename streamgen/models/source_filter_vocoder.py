@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tables import table
 from .vocoder import DurationConfig, DurationPredictor, check_units
 
 TURN = 2**32  # fixed-point phase: one turn
@@ -141,15 +142,10 @@ class SourceFilterVocoder(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.sub * cfg.n_params)
         sr, h = cfg.sample_rate, cfg.h
         self.mel_top = 2595.0 * math.log10(1.0 + sr / 2 / 700.0)
-        # fixed tables, computed on the CPU and placed on the default device (a module built on the meta device
-        # for its shapes then runs no Python meta kernel, whose first use imports torch._dynamo)
-        cpu, here = torch.device("cpu"), torch.get_default_device()
-        tables = {"bins_pos": self.grid_position(torch.linspace(0, sr / 2, h + 1, device=cpu)),
-                  "ramp": torch.arange(h, dtype=torch.float64, device=cpu) / h,
-                  "window": torch.hann_window(2 * h, periodic=True, device=cpu),
-                  "k": torch.arange(1, cfg.harmonics + 1, dtype=torch.float32, device=cpu)}
-        for name, table in tables.items():
-            self.register_buffer(name, table.to(here), persistent=False)
+        self.register_buffer("bins_pos", table(lambda: self.grid_position(torch.linspace(0, sr / 2, h + 1))), persistent=False)
+        self.register_buffer("ramp", table(lambda: torch.arange(h, dtype=torch.float64) / h), persistent=False)
+        self.register_buffer("window", table(lambda: torch.hann_window(2 * h, periodic=True)), persistent=False)
+        self.register_buffer("k", table(lambda: torch.arange(1, cfg.harmonics + 1, dtype=torch.float32)), persistent=False)
 
     @property
     def hop(self) -> int:
