@@ -160,7 +160,7 @@ def test_the_gate_keeps_the_kmeans_reading_where_a_window_fits_the_training_voic
     wave = torch.cat([espeak("Please call Stella and ask her to bring these things."), 0.3 * torch.randn(16000, generator=torch.Generator().manual_seed(1))])
     c = reader.cfg
     spans = windows(len(wave) // c.hop, c.left, c.lookahead, c.stride)
-    fits = torch.cat([reader.fit(lm.features(wave[w0 * c.hop : w1 * c.hop])[None], lm) for w0, _, _, w1 in spans])
+    fits = torch.cat([reader.fit(lm.standardise(lm.features(wave[w0 * c.hop : w1 * c.hop])[None]), lm) for w0, _, _, w1 in spans])
     classified = reader.read(wave, lm)
     reader.cfg.gate = fits.median().item()
     got = reader.read(wave, lm)

@@ -145,8 +145,13 @@ class LogMelUnits(nn.Module):
         padded = torch.nn.functional.pad(wave.float(), (c.pad, max(0, n * c.hop + c.pad - wave.shape[-1])))
         return self.frame_features(padded, n)
 
+    def standardise(self, feats: Tensor) -> Tensor:
+        """Log-mel frames [..., n_mels] -> the same in the training set's standard units (what the
+        k-means centroids live in)."""
+        return (feats - self.mean) / self.std
+
     def quantize(self, feats: Tensor) -> Tensor:
-        return self.quantizer((feats - self.mean) / self.std)
+        return self.quantizer(self.standardise(feats))
 
     def quiet_units(self, below_dbfs: float = -50.0) -> Tensor | None:
         """Which units [num_units] (bool) carry no more energy than white noise of RMS `below_dbfs`

@@ -92,13 +92,14 @@ def windows(n_frames: int, left: int, lookahead: int, stride: int) -> list[tuple
     return out
 
 
-def classifier_inputs(log_probs: Tensor, mel: Tensor, logmel: LogMelUnits, blank: int) -> Tensor:
+def classifier_inputs(log_probs: Tensor, mel: Tensor, logmel: LogMelUnits, blank: int, standard: Tensor | None = None) -> Tensor:
     """x_t of the module's equations from the recogniser's log-probabilities [..., T, V] and the log-mel
-    [..., T, n_mels] of the same window -> [..., T, V - 1 + 2 n_mels]."""
+    [..., T, n_mels] of the same window -> [..., T, V - 1 + 2 n_mels]; `standard`: the log-mel already
+    standardised (`LogMelUnits.standardise`), where the caller has it."""
     mel = mel.float()
     scale = mel.shape[-1] ** 0.5
     own = (mel - mel.mean(-2, keepdim=True)) / mel.std(-2, keepdim=True).nan_to_num(0.0).clamp_min(1e-3)  # one frame: 0
-    standard = (mel - logmel.mean) / logmel.std
+    standard = logmel.standardise(mel) if standard is None else standard
     return torch.cat([posterior_features(log_probs, blank), own / scale, standard / scale], dim=-1)
 
 
@@ -116,10 +117,11 @@ class PhoneUnits(nn.Module):
     def num_units(self) -> int:
         return self.cfg.classifier.num_phones
 
-    def fit(self, mel: Tensor, logmel: LogMelUnits) -> Tensor:
-        """Windows' log-mel [B, T, n_mels] -> how far each window is from the training voice: the mean
-        distance of its frames to their nearest k-means centroid (standardised log-mel) [B]."""
-        return logmel.quantizer.distance((mel - logmel.mean) / logmel.std).mean(-1)
+    @staticmethod
+    def fit(standard: Tensor, logmel: LogMelUnits) -> Tensor:
+        """Windows' standardised log-mel [B, T, n_mels] (`LogMelUnits.standardise`) -> how far each window
+        is from the training voice: the mean distance of its frames to their nearest k-means centroid [B]."""
+        return logmel.quantizer.distance(standard).mean(-1)
 
     @torch.no_grad()
     def frame_units(self, waves: list[Tensor], logmel: LogMelUnits) -> list[Tensor]:
@@ -137,11 +139,12 @@ class PhoneUnits(nn.Module):
             batch = torch.stack([waves[i] for i in idx]).to(dev, torch.float32)
             n = batch.shape[-1] // self.cfg.hop
             mel = logmel.features(batch)[:, :n].float()
-            units = logmel.quantize(mel)
-            read = torch.ones(len(idx), dtype=torch.bool, device=dev) if self.cfg.gate is None else self.fit(mel, logmel) > self.cfg.gate
+            standard = logmel.standardise(mel)
+            units = logmel.quantizer(standard)
+            read = torch.ones(len(idx), dtype=torch.bool, device=dev) if self.cfg.gate is None else self.fit(standard, logmel) > self.cfg.gate
             if read.any():
                 rows = read.nonzero()[:, 0]
-                x = classifier_inputs(self.recogniser(batch[rows])[:, :n], mel[rows], logmel, self.recogniser.blank)
+                x = classifier_inputs(self.recogniser(batch[rows])[:, :n], mel[rows], logmel, self.recogniser.blank, standard[rows])
                 units[rows] = self.classifier(x).argmax(-1)
             for row, i in enumerate(idx):
                 out[i] = units[row].cpu()

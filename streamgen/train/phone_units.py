@@ -48,7 +48,7 @@ def window_fits(reader: PhoneUnits, logmel, manifests: list[str], every: int = 5
         for r in read_manifest(m)[::every]:
             wave = read_audio(Path(m).parent / r["audio"], logmel.cfg.sample_rate)
             for w0, _, _, w1 in windows(len(wave) // c.hop, c.left, c.lookahead, c.stride):
-                fits.append(reader.fit(logmel.features(wave[w0 * c.hop : w1 * c.hop])[None], logmel))
+                fits.append(reader.fit(logmel.standardise(logmel.features(wave[w0 * c.hop : w1 * c.hop])[None]), logmel))
     return torch.cat(fits)
 
 
