@@ -64,20 +64,43 @@ class EncodeWindow:
 class EncoderStream(ABC):
     """Units of audio as it arrives. The engine batches sessions through `plan` (the window to
     encode now) and `finish` (its frames' units -> the new de-duplicated units); `push` / `flush`
-    run them for one stream."""
+    run them for one stream. The base keeps the input samples a later window may still read
+    (`buf`, from sample index `b0`) and where planning and finishing stand, in frames."""
 
-    @abstractmethod
+    def __init__(self, lead: Tensor | None = None):
+        self.buf = torch.zeros(0) if lead is None else lead  # input samples from index b0 (`lead`: samples before the first)
+        self.b0 = 0
+        self.n_samples = 0
+        self.n_planned = 0  # frames in windows already planned (the engine may plan several before finishing them)
+        self.n_done = 0  # frames already turned into units
+        self.last_unit: int | None = None  # for de-duplication across chunk edges
+
     def add(self, samples: Tensor) -> None:
         """More input samples."""
+        self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
+        self.n_samples += samples.numel()
+
+    def samples(self, start: int, end: int) -> Tensor:
+        """The kept samples [start, end) (indices in the stream's input, from `b0` on)."""
+        return self.buf[start - self.b0 : end - self.b0]
 
     @abstractmethod
     def plan(self, final: bool = False) -> EncodeWindow | None:
         """The window to encode now (None: nothing is final yet). `final`: the input has ended."""
 
     @abstractmethod
+    def needed_from(self) -> int | None:
+        """The first sample index a window still to plan may read, once the planned ones are finished
+        (None: every sample, as with unlimited left context)."""
+
     def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
         """frame_units [count]: the window's kept frames quantised -> (new de-duplicated units, their
         start frames). Windows finish in the order they were planned."""
+        a, self.n_done = self.n_done, window.end
+        keep = self.needed_from()
+        if keep is not None:  # drop samples no later window needs (planned ones hold their own views)
+            self.buf, self.b0 = self.buf[keep - self.b0 :], keep
+        return self.new_units(frame_units.cpu(), a)
 
     @abstractmethod
     def encode_one(self, window: EncodeWindow) -> Tensor:
@@ -113,22 +136,13 @@ class EncoderStream(ABC):
 
 class UnitStream(EncoderStream):
     def __init__(self, hubert: HubertEncoder, quantizer: KMeansQuantizer, left_frames: int | None = 100, lookahead_frames: int | None = 5):
+        super().__init__()
         self.hubert, self.quantizer = hubert, quantizer
         self.hop, self.rf = hubert.cfg.hop, hubert.cfg.receptive_field
         self.left, self.lookahead = left_frames, lookahead_frames
-        self.buf = torch.zeros(0)  # input samples from absolute index b0
-        self.b0 = 0
-        self.n_samples = 0
-        self.n_planned = 0  # frames in windows already planned (the engine may plan several before finishing them)
-        self.n_done = 0  # frames already turned into units
-        self.last_unit: int | None = None  # for de-duplication across chunk edges
 
     def frames_available(self, n_samples: int) -> int:
         return max(0, (n_samples - self.rf) // self.hop + 1)
-
-    def add(self, samples: Tensor) -> None:
-        self.buf = torch.cat([self.buf, samples.float().cpu()])
-        self.n_samples += samples.numel()
 
     def plan(self, final: bool = False) -> EncodeWindow | None:
         """The window to encode now (None: nothing is final yet). `final`: the input has ended."""
@@ -143,20 +157,12 @@ class UnitStream(EncoderStream):
             return None
         w0 = 0 if self.left is None else max(0, a - self.left)
         w1 = self.frames_available(self.n_samples)  # every frame the audio allows: the look-ahead
-        wave = self.buf[w0 * self.hop - self.b0 : (w1 - 1) * self.hop + self.rf - self.b0]
+        wave = self.samples(w0 * self.hop, (w1 - 1) * self.hop + self.rf)
         self.n_planned = end
         return EncodeWindow(wave, a - w0, end - a, end)
 
-    def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
-        """frame_units [count]: the window's kept frames quantised -> (new de-duplicated units, their
-        start frames). Windows finish in the order they were planned."""
-        a, end = self.n_done, window.end
-        frame_units = frame_units.cpu()
-        self.n_done = end
-        if self.left is not None:  # drop samples no later window needs (planned ones hold their own views)
-            keep = max(0, end - self.left) * self.hop
-            self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        return self.new_units(frame_units, a)
+    def needed_from(self) -> int | None:
+        return None if self.left is None else max(0, self.n_done - self.left) * self.hop
 
     def encode_one(self, window: EncodeWindow) -> Tensor:
         return encode_windows(self.hubert, self.quantizer, [window])[0]
@@ -384,21 +390,12 @@ class LogMelUnitStream(EncoderStream):
     as `UnitStream`; frame i needs samples up to (i+1)*hop + pad)."""
 
     def __init__(self, encoder: LogMelUnits):
-        self.encoder = encoder
         c = encoder.cfg
+        super().__init__(lead=torch.zeros(c.pad))  # indices are the padded input's: the left zero padding first
+        self.encoder = encoder
         self.hop, self.pad, self.win = c.hop, c.pad, c.win
-        self.buf = torch.zeros(c.pad)  # padded input from padded index b0 (the left zero padding first)
-        self.b0 = 0
-        self.n_samples = 0
-        self.n_planned = 0
-        self.n_done = 0
-        self.last_unit: int | None = None
         self.padded = False
         self.norm_state = encoder.start_norm() if encoder.normalises else None
-
-    def add(self, samples: Tensor) -> None:
-        self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
-        self.n_samples += samples.numel()
 
     def plan(self, final: bool = False) -> EncodeWindow | None:
         if final:
@@ -412,7 +409,7 @@ class LogMelUnitStream(EncoderStream):
         a = self.n_planned
         if end <= a:
             return None
-        wave = self.buf[a * self.hop - self.b0 : (end - 1) * self.hop + self.win - self.b0]
+        wave = self.samples(a * self.hop, (end - 1) * self.hop + self.win)
         self.n_planned = end
         window = EncodeWindow(wave, 0, end - a, end)
         if self.norm_state is not None:  # running statistics follow the frames in order: made here, at plan time
@@ -420,13 +417,8 @@ class LogMelUnitStream(EncoderStream):
             window.feats, self.norm_state = self.encoder.normalise(feats, self.norm_state)
         return window
 
-    def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
-        a, end = self.n_done, window.end
-        frame_units = frame_units.cpu()
-        self.n_done = end
-        keep = self.n_planned * self.hop  # padded index where the next window to plan starts
-        self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        return self.new_units(frame_units, a)
+    def needed_from(self) -> int | None:
+        return self.n_planned * self.hop  # padded index where the next window to plan starts
 
     def encode_one(self, window: EncodeWindow) -> Tensor:
         return encode_logmel_windows(self.encoder, [window])[0]
@@ -446,19 +438,10 @@ class PhoneUnitStream(EncoderStream):
     stream alone."""
 
     def __init__(self, reader: PhoneUnits, logmel: LogMelUnits):
+        super().__init__()
         self.reader, self.logmel = reader, logmel
         c = reader.cfg
         self.hop, self.left, self.lookahead, self.stride = c.hop, c.left, c.lookahead, c.stride
-        self.buf = torch.zeros(0)  # input samples from absolute index b0
-        self.b0 = 0
-        self.n_samples = 0
-        self.n_planned = 0
-        self.n_done = 0
-        self.last_unit: int | None = None
-
-    def add(self, samples: Tensor) -> None:
-        self.buf = torch.cat([self.buf, samples.float().cpu().reshape(-1)])
-        self.n_samples += samples.numel()
 
     def plan(self, final: bool = False) -> EncodeWindow | None:
         span = next_window(self.n_planned, self.n_samples // self.hop, final, self.left, self.lookahead, self.stride)
@@ -466,14 +449,10 @@ class PhoneUnitStream(EncoderStream):
             return None
         w0, a, count, w1 = span
         self.n_planned = a + count
-        return EncodeWindow(self.buf[w0 * self.hop - self.b0 : w1 * self.hop - self.b0], a - w0, count, a + count)
+        return EncodeWindow(self.samples(w0 * self.hop, w1 * self.hop), a - w0, count, a + count)
 
-    def finish(self, window: EncodeWindow, frame_units: Tensor) -> tuple[Tensor, Tensor]:
-        a, end = self.n_done, window.end
-        self.n_done = end
-        keep = max(0, self.n_planned - self.left) * self.hop  # where the next window to plan starts
-        self.buf, self.b0 = self.buf[keep - self.b0 :], keep
-        return self.new_units(frame_units, a)
+    def needed_from(self) -> int | None:
+        return max(0, self.n_planned - self.left) * self.hop  # where the next window to plan starts
 
     def encode_one(self, window: EncodeWindow) -> Tensor:
         return encode_phone_windows(self.reader, self.logmel, [window])[0]
