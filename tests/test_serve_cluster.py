@@ -144,3 +144,35 @@ async def test_a_full_worker_leaves_new_sessions_to_the_others(bundle_dir, broke
     finally:
         for w in ws:
             w.stop()
+
+
+async def test_input_that_skips_far_ahead_ends_its_session_with_the_gap_named_and_the_worker_serves_on(bundle_dir, broker):
+    """A client's own in topic with sequence numbers far ahead of the next one (a broken or hostile
+    client; the field is 32 bits): its session ends with an error naming the missing messages, nothing is
+    skipped over, and the worker goes on serving (it used to step over the gap one number at a time on
+    its event loop: hours for 2**32)."""
+    import aiomqtt
+
+    from streamgen.io.mqtt import encode_audio
+    from streamgen.serve.cluster import ClusterOptions
+
+    ws = workers(bundle_dir, broker, ["w"], max_sessions=4)
+    try:
+        wave = espeak("seven boats in the harbour").numpy()
+
+        async def hostile(worker):
+            async with aiomqtt.Client("127.0.0.1", broker.port, username="client", password=USERS["client"],
+                                      protocol=aiomqtt.ProtocolVersion.V5) as c:
+                for k in range(65):
+                    data = encode_audio("gap", 2**32 - 100 + k, np.zeros(16, np.float32), 16000)
+                    await c.publish(ClusterOptions("", 0, PREFIX, "client").topic("in", "gap"), data, qos=1)
+
+        r = await session(broker, "gap", wave, on_claimed=hostile)
+        assert r.error is not None and "is still missing: more than the reorder window of 64 messages apart" in r.error, r.messages
+        assert "never arrived: 1-" in r.error and r.messages[-1]["type"] == "end"
+        after = await session(broker, "after", wave)
+        assert after.worker == "w" and after.error is None and len(after.audio) > 1600
+        assert ws[0].metrics()[("streamgen_protocol_errors_total", (("via", "mqtt"),))] >= 1
+    finally:
+        for w in ws:
+            w.stop()

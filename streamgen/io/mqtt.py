@@ -52,7 +52,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -251,6 +251,55 @@ def _add_run(runs: list[tuple[int, int]], a: int, b: int) -> None:
         runs.append((a, b))
 
 
+class GapError(Exception):
+    """A session's input has a hole that waiting cannot fill (its text names the missing messages)."""
+
+
+class Reorder:
+    """One session's messages back in sequence order. A repeat (QoS 1 redelivers) is dropped; a message
+    ahead of a missing one waits for it, within `window` messages and `max_bytes`. Past either bound
+    the hole is an error (`GapError`), never skipped: audio that was sent is not lost silently, and a
+    sequence number far ahead costs nothing."""
+
+    def __init__(self, window: int, max_bytes: int, expected: int = 0):
+        self.window, self.max_bytes = window, max_bytes
+        self.expected = expected  # the next sequence number to deliver
+        self.waiting: dict[int, Message] = {}
+        self.buffered = 0  # bytes in `waiting`
+
+    def accept(self, msg: Message) -> list[Message]:
+        """The messages now deliverable, in order (none for a repeat or while a hole remains)."""
+        if msg.seq < self.expected or msg.seq in self.waiting:
+            return []
+        if msg.seq - self.expected >= self.window:
+            raise GapError(f"message {msg.seq} arrived while message {self.expected} is still missing: more than the "
+                           f"reorder window of {self.window} messages apart; never arrived: {self.missing(msg.seq)}")
+        if self.buffered + msg.size > self.max_bytes:
+            raise GapError(f"{(self.buffered + msg.size) / 2**20:.1f} MiB of messages are waiting for message {self.expected} "
+                           f"(the limit is {self.max_bytes / 2**20:.0f} MiB); never arrived: {self.missing()}")
+        self.waiting[msg.seq] = msg
+        self.buffered += msg.size
+        out = []
+        while self.expected in self.waiting:
+            m = self.waiting.pop(self.expected)
+            self.buffered -= m.size
+            self.expected += 1
+            out.append(m)
+        return out
+
+    def missing(self, upto: int | None = None) -> str:
+        """The sequence numbers from the expected one up to `upto` (else the newest waiting) that never came."""
+        upto = max(self.waiting, default=self.expected - 1) + 1 if upto is None else upto
+        near = min(upto, self.expected + self.window)  # nothing waits beyond the window
+        runs: list[tuple[int, int]] = []
+        for n in range(self.expected, near):
+            if n not in self.waiting:
+                _add_run(runs, n, n)
+        if upto > near:
+            _add_run(runs, near, upto - 1)
+        return ranges(runs)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str
@@ -431,9 +480,7 @@ class ReplyPublisher:
 @dataclass
 class _Session:
     name: str
-    expected: int = 0
-    waiting: dict[int, Message] = field(default_factory=dict)
-    buffered: int = 0  # bytes in `waiting`
+    order: Reorder
     rate: int | None = None
     resampler: object = None
     pos: int = 0
@@ -577,38 +624,19 @@ class MqttSource:
                 del self.ended[msg.session]  # a first message, sent after that session's last one: a new session
             if len(self.sessions) >= self.max_live:
                 return self._refuse(msg.session, f"the server is busy: {self.max_live} sessions are live, its limit; try again later")
-            s = self.sessions[msg.session] = _Session(msg.session)
+            s = self.sessions[msg.session] = _Session(msg.session, Reorder(self.window, self.max_buffer_bytes))
         s.deadline = arrived + self.idle_timeout
         s.newest = max(s.newest, msg.timestamp)
-        if msg.seq < s.expected or msg.seq in s.waiting:
-            return []  # a repeat (QoS 1 redelivers)
-        if msg.seq - s.expected >= self.window:
-            return self._fail(s, f"message {msg.seq} arrived while message {s.expected} is still missing: more than the "
-                                 f"reorder window of {self.window} messages apart; never arrived: {self._missing(s, msg.seq)}")
-        if s.buffered + msg.size > self.max_buffer_bytes:
-            return self._fail(s, f"{(s.buffered + msg.size) / 2**20:.1f} MiB of messages are waiting for message {s.expected} "
-                                 f"(the limit is {self.max_buffer_bytes / 2**20:.0f} MiB); never arrived: {self._missing(s)}")
-        s.waiting[msg.seq] = msg
-        s.buffered += msg.size
+        try:
+            ready = s.order.accept(msg)
+        except GapError as e:
+            return self._fail(s, str(e))
         out: list[Item] = []
-        while s.expected in s.waiting and s.name in self.sessions:
-            m = s.waiting.pop(s.expected)
-            s.buffered -= m.size
-            s.expected += 1
+        for m in ready:
+            if s.name not in self.sessions:
+                break  # ended by an earlier one (a stop): what follows it is not this session's
             out += self._deliver(s, m)
         return out
-
-    def _missing(self, s: _Session, upto: int | None = None) -> str:
-        """The sequence numbers from the expected one up to `upto` (else the newest waiting) that never came."""
-        upto = max(s.waiting, default=s.expected - 1) + 1 if upto is None else upto
-        near = min(upto, s.expected + self.window)  # nothing waits beyond the window
-        runs: list[tuple[int, int]] = []
-        for n in range(s.expected, near):
-            if n not in s.waiting:
-                _add_run(runs, n, n)
-        if upto > near:
-            _add_run(runs, near, upto - 1)
-        return ranges(runs)
 
     def _deliver(self, s: _Session, msg: Message) -> list[Item]:
         started, s.started = s.started, True
@@ -666,7 +694,7 @@ class MqttSource:
             self.ended.popitem(last=False)
         out: list[Item] = []
         for s in [s for s in self.sessions.values() if s.deadline <= now]:
-            missing = f"; never arrived: {self._missing(s)}" if s.waiting else ""
+            missing = f"; never arrived: {s.order.missing()}" if s.order.waiting else ""
             why = f"no message for {self.idle_timeout:.0f} s and no stop{missing}: the session is ended"
             log.warning("session %s: %s", s.name, why)
             out += self._fail(s, why)

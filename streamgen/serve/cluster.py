@@ -35,7 +35,8 @@ import numpy as np
 import soxr
 import torch
 
-from ..io.mqtt import AUDIO, CONTROL, WireError, check_input_control, decode, encode_audio, encode_control, parse_url, tls_context
+from ..io.mqtt import (AUDIO, CONTROL, GapError, Reorder, WireError, check_input_control, decode, encode_audio, encode_control, parse_url,
+                       tls_context)
 from ..pipeline.items import AudioChunk, Control, End
 from ..pipeline.tasks import load_task
 from . import ServeError
@@ -44,7 +45,8 @@ from .hub import Hub
 log = logging.getLogger("streamgen.cluster")
 GROUP = "streamgen"
 MAX_HOPS = 3
-REORDER_WINDOW = 64
+REORDER_WINDOW = 64  # a session's messages that may wait for an earlier one (as `streamgen run`'s MQTT source)
+REORDER_BYTES = 8 << 20  # and their bytes
 HOPS = "streamgen-hops"  # MQTT 5 user property: how often busy workers have passed a start on
 
 
@@ -93,8 +95,7 @@ class _Session:
 
     def __init__(self, name: str, hub_id: str):
         self.name, self.hub_id = name, hub_id
-        self.expected = 1  # seq 0 was the start
-        self.waiting: dict[int, object] = {}
+        self.order = Reorder(REORDER_WINDOW, REORDER_BYTES, expected=1)  # seq 0 was the start
         self.rate: int | None = None
         self.resampler = None
         self.pos = 0
@@ -234,18 +235,14 @@ class ClusterLink:
         s = self.sessions.get(msg.session)
         if s is None or topic != self.o.topic("in", msg.session):
             return
-        if msg.seq < s.expected or msg.seq in s.waiting:
-            return  # a QoS 1 repeat
-        s.waiting[msg.seq] = msg
-        while True:
-            if s.expected in s.waiting:
-                await self._deliver(s, s.waiting.pop(s.expected))
-                s.expected += 1
-            elif len(s.waiting) > REORDER_WINDOW:
-                log.warning("session %s: message %d never arrived; skipping it", s.name, s.expected)
-                s.expected += 1
-            else:
-                return
+        try:
+            ready = s.order.accept(msg)  # none for a QoS 1 repeat
+        except GapError as e:  # a hole no waiting fills: the session ends with it named, nothing is skipped
+            self.hub.metrics.protocol_errors.labels(via="mqtt").inc()
+            await self.hub.abort(s.hub_id, str(e))
+            return
+        for m in ready:
+            await self._deliver(s, m)
 
     async def _claim(self, data: bytes, hops: int) -> None:
         try:
@@ -307,7 +304,7 @@ class ClusterLink:
                 return
             if msg.control.get("type") == "stop":
                 if s.resampler is not None:
-                    await self._audio(s, s.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+                    await self._audio(s, msg.seq, s.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
                 await self.hub.put(End(s.hub_id, s.pos, time.monotonic()))
             else:
                 self.hub.metrics.protocol_errors.labels(via="mqtt").inc()
@@ -320,11 +317,11 @@ class ClusterLink:
         elif msg.sample_rate != s.rate:
             await self.hub.abort(s.hub_id, f"audio message {msg.seq}: sample rate changed from {s.rate} to {msg.sample_rate} Hz mid-session")
             return
-        await self._audio(s, msg.samples if s.resampler is None else s.resampler.resample_chunk(msg.samples))
+        await self._audio(s, msg.seq, msg.samples if s.resampler is None else s.resampler.resample_chunk(msg.samples))
 
-    async def _audio(self, s: _Session, x: np.ndarray) -> None:
+    async def _audio(self, s: _Session, seq: int, x: np.ndarray) -> None:
         if len(x):
-            await self.hub.put(AudioChunk(s.hub_id, s.expected, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), s.pos, time.monotonic()))
+            await self.hub.put(AudioChunk(s.hub_id, seq, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), s.pos, time.monotonic()))
             s.pos += len(x)
 
     def _ended(self, s: _Session) -> None:
