@@ -36,3 +36,29 @@ def test_an_engine_busy_refusal_reaches_the_client_and_the_refused_count():
     assert route.controls[0]["type"] == "error" and route.controls[0]["message"].startswith("busy:")
     assert route.controls[-1] == {"type": "end"}
     assert metrics.refused.labels(reason="busy")._value.get() == 1
+
+
+def test_an_end_whose_sender_is_cancelled_while_the_inbox_is_full_still_reaches_the_engine():
+    """A front end cancelled inside `put(End)` (its client vanished while the engine was behind and the
+    shared inbox full) has already closed the session's input, so nothing else would end it: the End
+    must still arrive, or the session holds its slot for good."""
+
+    async def main():
+        hub = Hub(Stats(16000), ServeMetrics(), inbox_size=2)
+        for name in ("mine", "other"):
+            assert hub.open(name, Recorder(), "ws") is None
+        await hub.put(SessionError("other", "a"))
+        await hub.put(SessionError("other", "b"))  # the inbox is full
+        stop = asyncio.ensure_future(hub.put(End("mine", 0)))
+        await asyncio.sleep(0.05)
+        assert not stop.done()  # waiting for room
+        stop.cancel()
+        await asyncio.gather(stop, return_exceptions=True)
+        await hub.abort("mine", "the client disconnected")  # what the front end does next: nothing, input is closed
+        got = []
+        for _ in range(3):
+            got.append(await asyncio.wait_for(hub.inbox.get(), 1))
+        return got
+
+    got = asyncio.run(main())
+    assert [(type(i).__name__, i.session) for i in got] == [("SessionError", "other"), ("SessionError", "other"), ("End", "mine")]

@@ -127,9 +127,24 @@ async def test_malformed_frames_get_one_error_each_and_touch_nobody_else(server)
             errors = [m for m in texts if m["type"] == "error"]
             assert len(errors) == 1 and f"exceeds the limit of {MAX_FRAME} bytes" in errors[0]["message"]
 
+    async def deep_json():  # within the size limit, deeper than the JSON parser's recursion
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            await ws.send("[" * 1990 + "]" * 1990)
+            m = await _first_text(ws)
+            assert m["type"] == "error" and "nests 1990 levels deep" in m["message"]
+            out, msgs = await ws_session(server.port, ws=ws, **good)  # the connection still works
+            assert msgs[-1]["type"] == "end" and len(out) == len(reference)
+
+    async def overflowing_option():  # 1e400 parses as infinity, which no integer option can take
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            await ws.send('{"type": "start", "task": "continuation", "options": {"max_units": 1e400}}')
+            m = await _first_text(ws)
+            assert m["type"] == "error" and "option 'max_units' must be a string" in m["message"] and "float inf" in m["message"]
+            assert await _quiet(ws)
+
     # the good session talks in real time, as a person would, while the others misbehave
     results = await asyncio.gather(ws_session(server.port, realtime=True, **good), bad_json(), audio_before_start(), unknown_task(),
-                                   unknown_type(), oversized_frame())
+                                   unknown_type(), oversized_frame(), deep_json(), overflowing_option())
     out, msgs = results[0]
     assert [m["type"] for m in msgs if m["type"] != "stats"] == ["started", "end"]
     assert np.abs(out.astype(np.int32) - reference).max() <= 1
@@ -162,6 +177,53 @@ async def test_a_client_that_vanishes_mid_session_is_freed(server):
     out, msgs = await ws_session(server.port, wave=wave(3), task="resynthesis")  # still serving
     assert msgs[-1]["type"] == "end" and len(out) > 0
     assert any(line.startswith(tuple("0123456789")) and "live" in line for line in server.lines)  # status lines
+
+
+async def test_a_session_the_engine_ends_before_its_stop_gets_one_error_and_its_late_input_is_dropped(bundle_dir):
+    """The engine ends a session while its client still streams (here refused busy: the engine holds
+    one session; the same for a VAD end or a policy error): the client hears that error and the end,
+    once; the frames and the stop it had in flight are dropped without further errors, and nothing of
+    the session stays behind in the server."""
+    from streamgen.bundle import load_bundle
+    from streamgen.pipeline.runner import build_engine
+    from streamgen.serve.server import Server, ServeOptions
+
+    engine = build_engine(load_bundle(bundle_dir), "resynthesis", chunk_ms=320, max_sessions=1)
+    srv = Server(engine, ServeOptions(port=0, status_every_s=0), echo=lambda line: None)
+    run = asyncio.ensure_future(srv.run())
+    try:
+        while srv.port is None:
+            await asyncio.sleep(0.05)
+        url = f"ws://127.0.0.1:{srv.port}/ws"
+        async with websockets.connect(url) as holder, websockets.connect(url) as ws:
+            await holder.send(json.dumps({"type": "start"}))
+            assert (await _first_text(holder))["type"] == "started"
+            await holder.send(pcm16(wave(0)[:3200]))
+            await asyncio.sleep(0.3)  # the engine holds it
+            await ws.send(json.dumps({"type": "start"}))
+            x = wave(1)
+            for i in range(0, 16000, 320):  # streaming as the page does, through the refusal
+                await ws.send(pcm16(x[i : i + 320]))
+                await asyncio.sleep(0.005)
+            await ws.send(json.dumps({"type": "stop"}))
+            texts = [await _first_text(ws)]
+            while texts[-1]["type"] != "end":
+                texts.append(await _first_text(ws))
+            assert await _quiet(ws, 1.0)
+            kinds = [m["type"] for m in texts if m["type"] != "stats"]
+            assert kinds == ["started", "error", "end"], texts
+            assert texts[1]["message"].startswith("busy: the server holds its maximum of 1 live sessions")
+            session = texts[0]["session"]
+            await holder.send(json.dumps({"type": "stop"}))
+            while (await _first_text(holder))["type"] != "end":
+                pass
+            out, msgs = await ws_session(srv.port, ws=holder, wave=wave(2), task="resynthesis")  # the engine serves on
+            assert msgs[-1]["type"] == "end" and len(out) > 0
+        assert (srv.metrics.registry.get_sample_value("streamgen_protocol_errors_total", {"via": "ws"}) or 0) == 0
+        assert session not in srv.pipeline.live and session not in srv.hub.sessions
+    finally:
+        srv.stop()
+        await asyncio.wait_for(run, 30)
 
 
 async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):

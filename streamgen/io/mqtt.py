@@ -196,14 +196,25 @@ def parse_control(payload: bytes, seq: int, session: str) -> dict:
         text = payload.decode()
     except UnicodeDecodeError:
         raise WireError(f"{where} is not UTF-8", session) from None
-    if _json_depth(text) > 2:
-        raise WireError(f"{where} nests {_json_depth(text)} levels deep; at most 2 (an object with an \"options\" object)", session)
+    try:
+        return control_body(text)
+    except ValueError as e:
+        raise WireError(f"{where} {e}", session) from None
+
+
+def control_body(text: str) -> dict:
+    """A control message's JSON text -> its object, or a ValueError saying what is wrong with it: nested
+    at most 2 deep (counted before parsing, so no depth can exhaust the parser's recursion), no NaN or
+    Infinity, an object with a string "type"."""
+    depth = _json_depth(text)
+    if depth > 2:
+        raise ValueError(f"nests {depth} levels deep; at most 2 (an object with an \"options\" object)")
     try:
         body = json.loads(text, parse_constant=_no_constant)
     except ValueError as e:
-        raise WireError(f"{where} is not valid JSON: {e}", session) from None
+        raise ValueError(f"is not valid JSON: {e}") from None
     if not isinstance(body, dict) or not isinstance(body.get("type"), str):
-        raise WireError(f"{where} must be a JSON object with a \"type\"", session)
+        raise ValueError("must be a JSON object with a \"type\"")
     return body
 
 
@@ -220,22 +231,31 @@ def check_input_control(msg: Message) -> None:
     task = body.get("task")
     if task is not None and not (isinstance(task, str) and TASK_NAME.fullmatch(task)):
         raise WireError(f"{where}: \"task\" must be a task name (letters, digits, _ . -), got {str(task)[:40]!r}", session)
-    options = body.get("options", {})
+    why = options_problem(body.get("options", {}))
+    if why is not None:
+        raise WireError(f"{where}: {why}", session)
+
+
+def options_problem(options) -> str | None:
+    """What is wrong with a client's task options (None: an object of at most `MAX_OPTIONS` plain
+    names, each a bounded string, a finite number, an integer up to 2^53 or a boolean), before any
+    task reads them."""
     if not isinstance(options, dict):
-        raise WireError(f"{where}: \"options\" must be an object of name: value pairs, got {type(options).__name__}", session)
+        return f"\"options\" must be an object of name: value pairs, got {type(options).__name__}"
     if len(options) > MAX_OPTIONS:
-        raise WireError(f"{where}: {len(options)} options, at most {MAX_OPTIONS}", session)
+        return f"{len(options)} options, at most {MAX_OPTIONS}"
     for k, v in options.items():
         if not TASK_NAME.fullmatch(k):
-            raise WireError(f"{where}: option name {k[:40]!r} is not a plain name (letters, digits, _ . -)", session)
+            return f"option name {k[:40]!r} is not a plain name (letters, digits, _ . -)"
         if isinstance(v, bool) or (isinstance(v, str) and len(v) <= MAX_OPTION_TEXT):
             continue
         if isinstance(v, int) and abs(v) <= MAX_OPTION_INT:
             continue
         if isinstance(v, float) and math.isfinite(v):
             continue
-        raise WireError(f"{where}: option {k!r} must be a string (up to {MAX_OPTION_TEXT} characters), a number "
-                        f"(integers up to 2^53) or a boolean, got {type(v).__name__} {str(v)[:40]}", session)
+        return (f"option {k!r} must be a string (up to {MAX_OPTION_TEXT} characters), a number "
+                f"(integers up to 2^53) or a boolean, got {type(v).__name__} {str(v)[:40]}")
+    return None
 
 
 def ranges(runs: list[tuple[int, int]], limit: int = 8) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -29,6 +30,7 @@ from .stats import Stats
 
 log = logging.getLogger("streamgen")
 MAX_CHUNK_SECONDS = 10.0
+MAX_ENDED = 10_000  # sessions over before their input, remembered (as the engine remembers them)
 
 
 class Source(Protocol):
@@ -56,7 +58,9 @@ class Pipeline:
         engine.stats = stats
         self.max_chunk = int(MAX_CHUNK_SECONDS * stats.sample_rate)
         stats.algorithmic_ms = {k: 1000 * v for k, v in engine.algorithmic_s.items() if v}
-        self.failed: set[str] = set()  # sessions rejected at the input
+        # sessions over before their source ended them (rejected at the input, or ended by the engine), until
+        # it does: the newest MAX_ENDED (the serve hub sends no End for a session the engine has ended)
+        self.ended: OrderedDict[str, None] = OrderedDict()
         self.live: set[str] = set()  # sessions the source opened and has not ended
         self._stop = asyncio.Event()
         self.stop_reason = ""
@@ -123,31 +127,40 @@ class Pipeline:
             s = item.session
             if isinstance(item, End):
                 self.live.discard(s)
-            else:
-                self.live.add(s)
+                if s in self.ended:  # ended before its input did: the End only frees the id (in the engine too)
+                    del self.ended[s]
+                else:
+                    st = self.stats.session(s)
+                    st.input_end_at = item.captured_at
+                    if st.input_samples == 0:
+                        await self.engine.put(SessionError(s, "the session ended without any audio (empty input)"))
+                await self.engine.put(item)
+                continue
+            if s in self.ended:
+                continue  # rejected at the input or ended by the engine: the rest of its input is not taken
+            self.live.add(s)
             if isinstance(item, AudioChunk):
-                if s in self.failed:
-                    continue
                 why = check_chunk(item, self.stats.sample_rate)
                 if why is None and item.samples.numel() > self.max_chunk:
                     why = f"audio chunk {item.seq} of {item.samples.numel() / self.stats.sample_rate:.1f} s exceeds the {MAX_CHUNK_SECONDS:.0f} s limit for one chunk"
                 if why is not None:
-                    self.failed.add(s)
+                    self._end(s)
                     item = SessionError(s, why)
                 else:
                     st = self.stats.session(s)
                     if st.started_at is None:
                         st.started_at = item.captured_at - item.samples.numel() / self.stats.sample_rate
                     st.input_samples += item.samples.numel()
-            elif isinstance(item, End):
-                st = self.stats.session(s)
-                st.input_end_at = item.captured_at
-                if st.input_samples == 0 and s not in self.failed:
-                    await self.engine.put(SessionError(s, "the session ended without any audio (empty input)"))
-                self.failed.discard(s)
             elif isinstance(item, SessionError):
-                self.failed.add(s)
+                self._end(s)
             await self.engine.put(item)
+
+    def _end(self, session: str) -> None:
+        """The session is over before its source ended it: the rest of its input is dropped here."""
+        self.live.discard(session)
+        self.ended[session] = None
+        while len(self.ended) > MAX_ENDED:
+            self.ended.popitem(last=False)
 
     async def _drain(self, q: asyncio.Queue) -> None:
         while True:
@@ -164,6 +177,8 @@ class Pipeline:
             await self.sink.write(item)
             if isinstance(item, End):
                 self.stats.close_session(item.session)
+                if item.session in self.live:  # over before its input: what more of it comes is not taken
+                    self._end(item.session)
 
 
 __all__ = ["Pipeline", "Sink", "Source", "build_engine", "check_chunk"]

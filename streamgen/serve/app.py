@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -36,11 +37,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import pcm16_decode, pcm16_encode
-from ..io.mqtt import MAX_RATE, MIN_RATE
+from ..io.mqtt import MAX_RATE, MIN_RATE, control_body, options_problem
 from ..pipeline.items import AudioChunk, Control, End
 from ..pipeline.tasks import available_tasks, load_task
 from .hub import Hub
 
+log = logging.getLogger("streamgen.serve")
 MAX_CONTROL_BYTES = 4096
 PAGE = resources.files("streamgen.serve") / "page"
 CSP = "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; img-src 'self' data:"
@@ -81,6 +83,7 @@ class WsConnection:
         self.opened = 0
         self.current: str | None = None  # the session whose input is open
         self.running: str | None = None  # the session started here that the engine has not ended
+        self.ended_early: str | None = None  # ended by the engine (busy, VAD, an error) while its client still sent
         self.seq = self.pos = 0
         self.in_rate = self.rate
         self.resampler = None
@@ -97,8 +100,8 @@ class WsConnection:
     def ended(self, session: str) -> None:
         if self.running == session:
             self.running = None
-        if self.current == session:
-            self.current = None
+        if self.current == session:  # the client has not sent stop: what it still sends is dropped, not an error
+            self.current, self.ended_early = None, session
 
     def _send(self, msg: bytes | str) -> None:
         try:
@@ -149,7 +152,10 @@ class WsConnection:
                     await self._audio(msg["bytes"])
                 elif msg.get("text") is not None:
                     await self._control(msg["text"])
-            except ProtocolError as e:
+            except Exception as e:  # whatever a message does, it ends at most this connection's session
+                if not isinstance(e, ProtocolError):
+                    log.exception("WebSocket message not handled")
+                    e = ProtocolError(f"the server could not handle this message ({type(e).__name__}; see its log)")
                 self.hub.metrics.protocol_errors.labels(via="ws").inc()
                 if self.current is not None:  # its input stream is broken: end the session with the error
                     await self.hub.abort(self.current, str(e))
@@ -161,11 +167,9 @@ class WsConnection:
         if size > MAX_CONTROL_BYTES:
             raise ProtocolError(f"control message of {size} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
         try:
-            body = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ProtocolError(f"control message is not valid JSON ({e})") from None
-        if not isinstance(body, dict) or not isinstance(body.get("type"), str):
-            raise ProtocolError('a control message must be a JSON object with a "type" ("start" or "stop")')
+            body = control_body(text)
+        except ValueError as e:
+            raise ProtocolError(f'control message {e} ("start" or "stop")') from None
         if body["type"] == "start":
             why = self._refusal(body)
             if why is not None:  # answered alone: a running session is not touched
@@ -186,8 +190,8 @@ class WsConnection:
         why = None
         if task is not None and not isinstance(task, str):
             why = '"task" must be a task name (see /tasks)'
-        elif not isinstance(options, dict):
-            why = '"options" must be a JSON object of option names to values'
+        elif (problem := options_problem(options)) is not None:
+            why = problem
         elif not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
             why = f'"sample_rate" must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}'
         else:
@@ -213,6 +217,7 @@ class WsConnection:
             return
         self.opened += 1
         self.current = self.running = session
+        self.ended_early = None
         self.seq = self.pos = 0
         self.in_rate = body.get("sample_rate", self.rate)
         self.resampler = soxr.ResampleStream(self.in_rate, self.rate, 1, dtype="float32", quality="HQ") if self.in_rate != self.rate else None
@@ -220,6 +225,9 @@ class WsConnection:
         await self.hub.put(Control(session, "start", task, options))
 
     async def _stop(self) -> None:
+        if self.current is None and self.ended_early is not None:
+            self.ended_early = None  # the stop of a session the engine already ended (its client was told)
+            return
         if self.current is None:
             raise ProtocolError("stop without a live session on this connection")
         if self.resampler is not None:
@@ -228,6 +236,8 @@ class WsConnection:
         self.current = None
 
     async def _audio(self, data: bytes) -> None:
+        if self.current is None and self.ended_early is not None:
+            return  # in flight when the engine ended its session (the client has its error and end)
         if self.current is None:
             raise ProtocolError('audio before start: send {"type": "start", ...} first' if self.running is None
                                 else "audio after stop: wait for the end of this session, then start another")

@@ -85,6 +85,10 @@ class Hub:
         s.last_input = time.monotonic()
         if isinstance(item, End):
             s.input_open = False
+            # shielded: a front end cancelled while the inbox is full (its client vanished) must not lose the
+            # End, or the session would hold its slot for good (its input is already closed here)
+            await asyncio.shield(self.inbox.put(item))
+            return
         await self.inbox.put(item)
 
     async def abort(self, session: str, message: str) -> None:
