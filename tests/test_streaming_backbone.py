@@ -320,3 +320,30 @@ def test_the_cli_refuses_another_policy_on_a_streaming_backbone_before_any_audio
                                          "--in", str(tmp_path / "talk.wav"), "--out", str(tmp_path / "out.wav")])
         assert r.exit_code == 2 and r.output.startswith("error: task 'translation': this backbone") and why in r.output, r.output
         assert r.output.count("\n") == 1 and not (tmp_path / "out.wav").exists()
+
+
+def test_a_resume_that_fails_leaves_the_stream_where_cancel_frees_its_slot():
+    """A stream whose new source fails to encode (out of memory, say) is parked again before the error
+    goes on, so the engine's cancel of its session frees the slot: nothing of the pool leaks."""
+    m = streaming()
+    src, dec, got = random_units(40, seed=3), Decoder(m), []
+    dec.submit("s", Request(src[:12] + UNIT_OFFSET, decoder_prefix(), m.cfg.decodable(12), complete=False))
+    while dec.busy:
+        got += [u for _, us, _ in dec.step() for u in us]
+    assert "s" in dec.parked and got
+    extend = m.extend_source
+
+    def failing(*a):
+        raise RuntimeError("out of memory (injected)")
+
+    m.extend_source = failing
+    try:
+        dec.submit("s", Request(src[:20] + UNIT_OFFSET, decoder_prefix((), torch.tensor(got, dtype=torch.long)),
+                                m.cfg.decodable(20) - len(got), complete=False))
+        with pytest.raises(RuntimeError, match="injected"):
+            dec.step()
+    finally:
+        m.extend_source = extend
+    assert "s" in dec.parked and not dec.resuming and not dec.busy
+    dec.cancel("s")
+    assert not dec.parked and sorted(dec.free) == list(range(dec.pool.batch_size))

@@ -249,8 +249,19 @@ class Decoder:
         return torch.equal(r.prefix, head)
 
     def _resume(self) -> list[tuple[object, list[int], bool]]:
-        """Resumed streams: their new source tokens encoded in one batched call, then they run."""
+        """Resumed streams: their new source tokens encoded in one batched call, then they run. If that
+        fails, the streams are parked again (where `cancel` frees their slots) before the error goes on."""
         batch, self.resuming = self.resuming, []
+        try:
+            return self._resume_batch(batch)
+        except BaseException:
+            running = {run.key for run in self.running.values()}
+            for key, _, p in batch:
+                if key not in running:
+                    self.parked[key] = p
+            raise
+
+    def _resume_batch(self, batch: list) -> list[tuple[object, list[int], bool]]:
         out: list[tuple[object, list[int], bool]] = []
         # a stream that ended at </s> decodes nothing more: its new source is not worth encoding
         grown = [(r, p) for _, r, p in batch if len(r.source) > len(p.source) and p.last != EOS]
@@ -369,8 +380,19 @@ class Decoder:
         return self._emit(slots, idx, self._choose(logits[idx], slots, idx))
 
     def _admit(self) -> list[tuple[object, list[int], bool]]:
+        """The first waiting requests (up to max_batch): encoded and prefilled in one batched call each,
+        then they run. If that fails, those not yet running wait again (where `cancel` finds them)
+        before the error goes on."""
         n = self.max_batch or len(self.waiting)
         batch, self.waiting = self.waiting[:n], self.waiting[n:]
+        try:
+            return self._admit_batch(batch)
+        except BaseException:
+            running = {run.key for run in self.running.values()}
+            self.waiting = [(k, r) for k, r in batch if k not in running] + self.waiting
+            raise
+
+    def _admit_batch(self, batch: list) -> list[tuple[object, list[int], bool]]:
         out: list[tuple[object, list[int], bool]] = []
         todo = []
         for key, r in batch:
@@ -388,12 +410,16 @@ class Decoder:
         logits = self.model.step(fresh, prefix, counts=counts)
         logits = logits[torch.arange(len(todo), device=self.device), counts - 1]
         slots = self._slots(len(todo))
-        if self.pool is None:
-            self.pool = fresh.select(torch.zeros(0, dtype=torch.long))
-            self.pool.add_slots(len(self.tokens))
-            self.pool.grow(fresh.capacity)
-            self.pool.grow_source(fresh.source_capacity)
-        self.pool.insert(slots, fresh)
+        try:
+            if self.pool is None:
+                self.pool = fresh.select(torch.zeros(0, dtype=torch.long))
+                self.pool.add_slots(len(self.tokens))
+                self.pool.grow(fresh.capacity)
+                self.pool.grow_source(fresh.source_capacity)
+            self.pool.insert(slots, fresh)
+        except BaseException:
+            self.free += slots  # nothing of them runs yet
+            raise
         for (key, r, budget), s in zip(todo, slots):
             self.running[s] = _Running(key, r, s, budget)
         self._configure(slots, [r for _, r, _ in todo])

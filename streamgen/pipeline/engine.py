@@ -109,6 +109,7 @@ class Session:
         self.pos = 0  # input samples cut into chunks
         self.seq = 0
         self.chunks: deque[tuple[Tensor, int, float]] = deque()  # (samples, end sample, captured_at)
+        self.chunked = 0  # samples in `chunks` (read by admission on the event loop while the worker pops chunks)
         # units for the policy: (units, their start frames, frames encoded, end sample, captured_at)
         self.events: deque[tuple[Tensor, Tensor, int, int, float]] = deque()
         self.input_ended = False  # no more input audio (End or the VAD)
@@ -131,7 +132,7 @@ class Session:
     @property
     def backlog(self) -> int:
         """Input samples received and not yet encoded."""
-        return len(self.buf) + sum(len(c[0]) for c in self.chunks) + sum(i.samples.numel() for i in self.inbox if isinstance(i, AudioChunk))
+        return len(self.buf) + self.chunked + sum(i.samples.numel() for i in self.inbox if isinstance(i, AudioChunk))
 
 
 class Engine:
@@ -226,15 +227,22 @@ class Engine:
         decoder = UnitDecoder(cfg, prompt, Sampling(**plugin.sampling), plugin.prefix_tokens, self.cfg.seed, self.quiet_units)
         return plugin, plugin.make_policy(decoder, opts), lm
 
-    def open(self, name: str, task: str | None = None, options: dict | None = None) -> Session:
-        """A new session: the default task with the default options overridden by `options`, or
-        another task with its own `options`."""
+    def task_options(self, task: str | None, options: dict | None) -> tuple[str, dict]:
+        """The default task with the default options overridden by `options`, or another task with its own."""
         if task is None or task == self.cfg.task:
-            task, options = self.cfg.task, {**self.cfg.options, **(options or {})}
-        plugin, policy, lm = self.new_policy(task, options or {})
-        units = PhoneUnitStream(self.bundle.phone_units, self.bundle.logmel_units) if self.bundle.reads_phone_units(plugin.name) \
-            else self.new_kmeans_stream()
-        s = Session(name, plugin, policy, lm, units, self.new_vocoder_stream(),
+            return self.cfg.task, {**self.cfg.options, **(options or {})}
+        return task, options or {}
+
+    def new_units(self, plugin: TaskPlugin) -> EncoderStream:
+        """How a task's sessions read their input: through the phone recogniser, or the k-means units."""
+        if self.bundle.reads_phone_units(plugin.name):
+            return PhoneUnitStream(self.bundle.phone_units, self.bundle.logmel_units)
+        return self.new_kmeans_stream()
+
+    def open(self, name: str, task: str | None = None, options: dict | None = None) -> Session:
+        """A new session of `task_options(task, options)`."""
+        plugin, policy, lm = self.new_policy(*self.task_options(task, options))
+        s = Session(name, plugin, policy, lm, self.new_units(plugin), self.new_vocoder_stream(),
                     SpeechGate(self.bundle.sample_rate) if self.cfg.speech_gate else None)
         self.sessions[name] = s
         return s
@@ -243,15 +251,13 @@ class Engine:
 
     def start(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, out_limit: int = 64) -> threading.Thread:
         """Run ticks in a worker thread; outputs go to `out` on `loop` (None after the last one).
-        The worker waits while `out` holds `out_limit` items (a slow sink slows the engine, and then
-        the sources, instead of growing memory)."""
-        self.loop, self.out = loop, out
+        The worker starts no tick while `out` holds `out_limit` items (a slow sink slows the engine, and
+        then the sources, instead of growing memory); `emit` itself never waits, since it may be called
+        holding the lock the event loop needs to drain `out`."""
+        self.loop, self.out, self.out_limit = loop, out, out_limit
         self.thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
 
         def emit(item) -> None:
-            if threading.current_thread() is self.thread:
-                while out.qsize() >= out_limit and not self.aborted:
-                    time.sleep(0.005)
             if not self.aborted:
                 loop.call_soon_threadsafe(out.put_nowait, item)
 
@@ -359,6 +365,8 @@ class Engine:
                 s.decoder.cancel(s.name)
             if not s.source_ended:
                 self._close(s.name)
+            if self.vad is not None:
+                self.vad.close(s.name)
             self.emit(SessionError(s.name, why))
             self.emit(End(s.name, s.pos, time.monotonic()))
             self._release_waiters(s)
@@ -385,6 +393,8 @@ class Engine:
                         if not self._has_work():
                             self.wake.wait(timeout=0.05)
                     continue
+                while self.out.qsize() >= self.out_limit and not self.aborted:  # the sink is behind: wait for it
+                    time.sleep(0.005)
                 t = time.perf_counter()
                 self.tick()
                 self.busy_s += time.perf_counter() - t
@@ -440,10 +450,19 @@ class Engine:
             raise ValueError(item.message)
         if isinstance(item, Control):
             if item.action == "task":
+                task, options = self.task_options(item.task, item.options)
+                plugin, policy, decoder = self.new_policy(task, options)
+                if self.bundle.reads_phone_units(plugin.name) != isinstance(s.units, PhoneUnitStream):
+                    if s.pos:  # its units so far are the other reading's: the new task would get wrong input
+                        how = lambda phone: "through the phone recogniser" if phone else "as k-means units"
+                        raise ValueError(f"task {task!r} reads its input {how(not isinstance(s.units, PhoneUnitStream))} and "
+                                         f"this session's input has been read {how(isinstance(s.units, PhoneUnitStream))}: "
+                                         f"start a new session for {task!r}")
+                    s.units = self.new_units(plugin)
                 if s.decoder is not None:  # its decode in flight, or a stream parked between decodes
                     s.decoder.cancel(s.name)
                 s.decoding = False
-                s.plugin, s.policy, s.decoder = self.new_policy(item.task or self.cfg.task, item.options)
+                s.plugin, s.policy, s.decoder = plugin, policy, decoder
             return
         if s.input_ended:
             return  # after the VAD ended the input
@@ -464,6 +483,7 @@ class Engine:
         s.pos += len(samples)
         s.seq += 1
         s.chunks.append((samples, s.pos, captured_at))
+        s.chunked += len(samples)
         if not s.heard:
             s.heard = s.gate.push(samples.numpy())
         if self.vad is not None and self.vad.ended(s.name, samples):
@@ -480,6 +500,7 @@ class Engine:
             while s.chunks or (s.input_ended and not s.encoder_done):
                 if s.chunks:
                     samples, end, captured = s.chunks.popleft()
+                    s.chunked -= len(samples)
                     s.units.add(samples)
                     final = s.input_ended and not s.chunks
                 else:
@@ -526,8 +547,8 @@ class Engine:
                     s.policy_ended = True
                     s.source_samples, s.policy.source_frames = s.pos, s.units.n_done
                     self._apply(s, s.policy.on_end())
-            except ValueError as e:
-                self._fail(s, str(e))
+            except Exception as e:
+                self._policy_failed(s, e)
 
     def _apply(self, s: Session, d: Decision | None) -> None:
         if d is None:
@@ -569,11 +590,10 @@ class Engine:
         t = time.perf_counter()
         try:
             results = decoder.step()
-        except Exception as e:  # cannot be pinned on one session: every session on this decoder fails
+        except Exception as e:  # cannot be pinned on one session: every session decoding on it fails
             log.exception("decoder step failed")
-            for name in {run.key for run in decoder.running.values()} | {k for k, _ in decoder.waiting}:
-                if name in self.sessions:
-                    self._fail(self.sessions[name], f"generator: {type(e).__name__}: {e}")
+            for s in [s for s in self.sessions.values() if s.decoder is decoder and s.decoding]:
+                self._fail(s, f"generator: {type(e).__name__}: {e}")
             return
         self._account("generator", [self.sessions[k] for k, _, _ in results if k in self.sessions], time.perf_counter() - t)
         for name, units, done in results:
@@ -584,8 +604,17 @@ class Engine:
                 s.decoding = False
             try:
                 self._apply(s, s.policy.on_decoded(units, done))
-            except ValueError as e:
-                self._fail(s, str(e))
+            except Exception as e:
+                self._policy_failed(s, e)
+
+    def _policy_failed(self, s: Session, e: Exception) -> None:
+        """A task's policy raised: a ValueError says what is wrong with the session's input or options;
+        anything else is a bug in the task (a plugin's), which ends that session only."""
+        if isinstance(e, ValueError):
+            self._fail(s, str(e))
+        else:
+            log.exception("task %r failed on session %s", s.plugin.name, s.name)
+            self._fail(s, f"task {s.plugin.name!r} failed: {type(e).__name__}: {e} (a bug in the task; see the server log)")
 
     # vocoder ---------------------------------------------------------------------------------------
 
@@ -604,7 +633,9 @@ class Engine:
                     s.vocoder.finish_durations(w, d)
         jobs = [(s, w) for s in list(self.sessions.values()) if s.name in self.sessions and (w := s.vocoder.plan_audio()) is not None]
         for batch in self._batches(jobs):
-            waves = self._run_batch("vocoder", batch, lambda b: self.audio_batch([s.vocoder for s, _ in b], [w for _, w in b]))
+            # stateful (each stream's convolution state advances inside the call): a failed call is not retried
+            waves = self._run_batch("vocoder", batch, lambda b: self.audio_batch([s.vocoder for s, _ in b], [w for _, w in b]),
+                                    alone=False)
             for (s, w), wave in zip(batch, waves):
                 if wave is None:
                     continue
@@ -619,6 +650,8 @@ class Engine:
                         s.decoder.cancel(s.name)
                     if not s.source_ended:
                         self._close(s.name)
+                    if self.vad is not None:
+                        self.vad.close(s.name)
                     self._release_waiters(s)
                 self.emit(End(s.name, s.pos, time.monotonic()))
 
@@ -628,12 +661,19 @@ class Engine:
         n = self.cfg.max_batch or len(jobs) or 1
         return [jobs[i : i + n] for i in range(0, len(jobs), n)]
 
-    def _run_batch(self, stage: str, batch: list, fn) -> list:
-        """One batched call; if it fails, each row alone, so that only the rows that fail alone fail."""
+    def _run_batch(self, stage: str, batch: list, fn, alone: bool = True) -> list:
+        """One batched call; if it fails, each row alone, so that only the rows that fail alone fail
+        (`alone=False`, for a call that changes its sessions' state: every row fails with it)."""
         t = time.perf_counter()
         try:
             out = fn(batch)
-        except Exception:
+        except Exception as e:
+            if not alone:
+                log.exception("%s failed on a batch of %d sessions", stage, len(batch))
+                for job in batch:
+                    self._fail(job[0], f"{stage}: {type(e).__name__}: {e}")
+                self._account(stage, [job[0] for job in batch], time.perf_counter() - t)
+                return [None] * len(batch)
             out = []
             for job in batch:
                 try:

@@ -577,11 +577,11 @@ class Inpainting(Policy):
         if len(self.source) == 0:
             return None
         a, b = self.span
-        end = int(self.frames[-1]) + 1
+        end = max(self.source_frames, int(self.frames[-1]) + 1)  # the last run lasts to the input's end
         if a >= end:
             raise ValueError(f"the mask starts at {a / self.frame_rate:.2f} s, after the input's end "
                              f"(about {end / self.frame_rate:.2f} s): give a mask_start inside the input")
-        ends = torch.cat([self.frames[1:], self.frames[-1:] + 1])  # a run ends where the next starts
+        ends = torch.cat([self.frames[1:], torch.tensor([end])])  # a run ends where the next starts
         n_left, n_right = int((ends <= a).sum()), int((self.frames >= b).sum())
         keep_left, keep_right = self.source[:n_left], self.source[len(self.source) - n_right :]
         tokens = torch.cat([keep_left + UNIT_OFFSET, torch.tensor([self.mask]), keep_right + UNIT_OFFSET, torch.tensor([EOS])])

@@ -1,0 +1,206 @@
+"""The engine when something goes wrong: a model call that fails (out of memory, say), a task's policy
+with a bug, a sink that falls behind while a session fails, a task switch the input cannot follow.
+Each ends the sessions it concerns, with their error, and the engine serves on; nothing hangs and no
+record of an ended session stays behind."""
+
+import asyncio
+import functools
+import threading
+
+import torch
+from speech import espeak
+
+import streamgen
+from streamgen.io.memory import MemorySink, MemorySource, chunks_of
+from streamgen.models.unit_mbart import UnitMBart
+from streamgen.pipeline.items import AudioChunk, Control, SessionError
+from streamgen.pipeline.runner import Pipeline, build_engine
+from streamgen.pipeline.stats import Stats
+
+WAIT_S = 120  # a guard against a hang, far beyond what any of these runs takes
+
+
+def finish(engine, items, sink=None, interval: float = 0.0) -> MemorySink:
+    """Run a pipeline over `items` in a thread of its own; a run that does not end within WAIT_S (a
+    deadlock blocks the event loop itself, so asyncio cannot time it out) fails the test."""
+    sink = sink or MemorySink()
+    error = []
+
+    def main():
+        try:
+            asyncio.run(Pipeline(MemorySource(items, interval=interval), engine, sink, Stats(engine.bundle.sample_rate)).run())
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            error.append(e)
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    t.join(WAIT_S)
+    assert not t.is_alive(), "the pipeline hung"
+    if error:
+        raise error[0]
+    return sink
+
+
+def talk(name: str, text: str, task: str = "resynthesis", options: dict | None = None, block: int = 1600) -> list:
+    return [Control(name, "start", task, options or {})] + chunks_of(name, espeak(text), block)
+
+
+def interleave(*streams):
+    out = []
+    for i in range(max(map(len, streams))):
+        out += [s[i] for s in streams if i < len(s)]
+    return out
+
+
+class SlowSink(MemorySink):
+    async def write(self, item):
+        await super().write(item)
+        await asyncio.sleep(0.02)
+
+
+def test_a_session_failing_while_the_sink_is_behind_does_not_stall_the_engine(test_bundle):
+    """The worker used to emit a failed session's error holding the engine's lock and wait there for
+    the sink, while the event loop (the only one draining toward the sink) waited for that lock."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100, speech_gate=False)
+    engine.start = functools.partial(engine.start, out_limit=1)  # the sink is always behind
+    texts = ["The weather is nice today.", "Where is the train station?", "I would like two tickets."]
+    items = interleave(*(talk(f"s{i}", t, block=800) for i, t in enumerate(texts)))
+    items.insert(len(items) // 2, SessionError("s1", "the client vanished"))
+    sink = finish(engine, items, SlowSink(), interval=0.002)
+    assert sink.errors == {"s1": "the client vanished"}
+    assert all(len(sink.wave(n)) > 0 for n in ("s0", "s2"))
+
+
+def test_the_backlog_admission_reads_is_kept_as_chunks_come_and_go(test_bundle):
+    """Admission (on the event loop) reads a session's backlog while the worker takes its chunks: it is
+    a count kept where chunks are queued and taken, never a walk over the worker's queue."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100, queue_size=64)
+    engine.emit = lambda item: None
+    wave = espeak("The weather is nice today.")
+
+    async def arrive():
+        for item in chunks_of("a", wave, 1000, end=False):
+            await engine.put(item)
+
+    asyncio.run(arrive())
+    s = engine.sessions["a"]
+    assert s.backlog == len(wave)
+    with engine.lock:
+        engine._intake()
+    assert s.chunked == sum(len(c[0]) for c in s.chunks) > 0 and s.backlog == len(wave)
+    engine._encode()
+    waiting = sum(i.samples.numel() for i in s.inbox)  # what this tick's intake left for the next
+    assert not s.chunks and s.chunked == 0 and s.backlog == len(s.buf) + waiting < len(wave)
+
+
+def test_a_decoder_that_fails_to_admit_ends_those_sessions_and_serves_the_next(test_bundle, monkeypatch):
+    """A failure while a decode is admitted (its source encoded, its prefix filled) used to drop the
+    request unanswered: the session waited for ever and the engine never went idle."""
+    start, calls = UnitMBart.start, []
+
+    def failing_once(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (injected)")
+        return start(self, *a, **kw)
+
+    monkeypatch.setattr(UnitMBart, "start", failing_once)
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    first = talk("first", "One two three four.", "continuation", {"max_units": 20, "min_units": 10})
+    then = talk("then", "One two three four.", "continuation", {"max_units": 20, "min_units": 10})
+    sink = finish(engine, first + then, interval=0.02)  # the second's decode comes a second after the first's
+    assert sink.errors.get("first", "").startswith("generator: RuntimeError: out of memory (injected)"), sink.errors
+    assert "then" not in sink.errors and len(sink.wave("then")) > 0
+    d = engine.decoders[""]
+    assert not (d.running or d.waiting or d.resuming or d.parked)
+    assert d.pool is None or sorted(d.free) == list(range(d.pool.batch_size))  # every slot free again
+
+
+def test_a_failed_vocoder_call_fails_its_sessions_instead_of_retrying_on_advanced_state(test_bundle):
+    """The vocoder's batched call advances each stream's convolution state; running its rows again
+    alone after a failure would synthesise from state that has already moved on (wrong audio, no error)."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    audio, failed = engine.audio_batch, []
+
+    def failing_once(streams, windows):
+        if len(streams) > 1 and not failed:
+            failed.append(len(streams))
+            audio(streams, windows)  # the state moves on, then the call fails
+            raise RuntimeError("out of memory (injected)")
+        return audio(streams, windows)
+
+    engine.audio_batch = failing_once
+    sink = finish(engine, interleave(talk("a", "The weather is nice today."), talk("b", "Where is the train station?")))
+    assert failed == [2]
+    assert set(sink.errors) == {"a", "b"} and all(e.startswith("vocoder: RuntimeError") for e in sink.errors.values())
+
+
+def test_a_task_whose_policy_raises_ends_that_session_only(test_bundle):
+    """A bug in a task plugin's policy (anything but the ValueError that names bad input) used to stop
+    the engine for every session."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    open_session = engine.open
+
+    def open_with_a_bug(name, *a, **kw):
+        s = open_session(name, *a, **kw)
+        if name == "buggy":
+            def on_source(*_):
+                raise KeyError("oops")
+            s.policy.on_source = on_source
+        return s
+
+    engine.open = open_with_a_bug
+    sink = finish(engine, interleave(talk("buggy", "The weather is nice today."), talk("fine", "Where is the train station?")))
+    assert sink.errors["buggy"] == "task 'resynthesis' failed: KeyError: 'oops' (a bug in the task; see the server log)"
+    assert "fine" not in sink.errors and len(sink.wave("fine")) > 0
+    assert not engine.sessions
+
+
+def test_a_failed_session_leaves_no_voice_activity_state(test_bundle):
+    """With --vad, a session that failed mid-speech kept its detector state: a later session of that
+    id began as if it had already spoken and paused."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100, vad=True)
+    items = talk("a", "The weather is nice today, and we are going to the park.", block=800)
+    items.insert(len(items) // 2, SessionError("a", "the client vanished"))
+    sink = finish(engine, items)
+    assert sink.errors == {"a": "the client vanished"} and not engine.vad.state
+    sink = finish(engine := build_engine(test_bundle, "resynthesis", chunk_ms=100, vad=True), talk("b", "Where is the train station?"))
+    assert not sink.errors and not engine.vad.state  # and none left by a session that ended well
+
+
+def test_inpainting_takes_a_mask_inside_the_inputs_last_run(test_bundle):
+    """The last unit run lasts to the end of the input (here 2 s, 100 frames, whose last unit is held
+    from frame 60: trailing silence): a mask inside it is inside the input, not after its end, and the
+    decode is asked for that run's place."""
+    from streamgen.pipeline.policies import Inpainting, UnitDecoder
+
+    p = Inpainting(UnitDecoder(test_bundle.mbart.cfg), mask_start=1.5, mask_end=1.8, context="regenerate")
+    p.source_frames = 100
+    p.on_source(torch.tensor([7, 8, 9, 3]), torch.tensor([0, 20, 40, 60]), 32000)
+    d = p.on_end()
+    assert d is not None and d.decode is not None
+    mask = test_bundle.mbart.cfg.mask_token
+    assert d.decode.source.tolist() == [7 + 4, 8 + 4, 9 + 4, mask, 2]  # the run held from frame 60 is masked, then </s>
+
+
+def test_a_task_switch_the_input_cannot_follow_ends_the_session_with_the_reason():
+    """On the shipped bundle continuation reads input through the phone recogniser and translation as
+    k-means units: switching after audio would hand the new task units of the other reading, so the
+    session ends saying why; before any audio the switch takes the new task's reading, and the session
+    gets what a translation session gets."""
+    bundle = streamgen.load_bundle()
+    wave = espeak("Where is the train station, please?")
+    engine = build_engine(bundle, "continuation", chunk_ms=320)
+    late = [Control("late", "start", "continuation", {})] + chunks_of("late", wave, 5120)
+    late.insert(3, Control("late", "task", "translation", {}))
+    sink = finish(engine, late)
+    assert sink.errors["late"] == ("task 'translation' reads its input as k-means units and this session's input has been read "
+                                   "through the phone recogniser: start a new session for 'translation'")
+    units: dict[str, list[int]] = {}
+    engine = build_engine(bundle, "continuation", chunk_ms=320)
+    engine.on_commit = lambda s, u: units.setdefault(s, []).extend(u.tolist())
+    early = [Control("early", "start", "continuation", {}), Control("early", "task", "translation", {})] + chunks_of("early", wave, 5120)
+    fresh = [Control("fresh", "start", "translation", {})] + chunks_of("fresh", wave, 5120)
+    sink = finish(engine, early + fresh)
+    assert not sink.errors and units["early"] == units["fresh"] and len(units["fresh"]) > 0
+    assert isinstance(early[2], AudioChunk)
