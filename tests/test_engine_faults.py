@@ -204,3 +204,42 @@ def test_a_task_switch_the_input_cannot_follow_ends_the_session_with_the_reason(
     sink = finish(engine, early + fresh)
     assert not sink.errors and units["early"] == units["fresh"] and len(units["fresh"]) > 0
     assert isinstance(early[2], AudioChunk)
+
+
+def test_a_session_id_used_again_while_its_last_session_finishes_loses_nothing(test_bundle, tmp_path):
+    """A live source may use a session id again once that session's input has ended (MQTT clients do):
+    its new session's input used to land in the old session, which had stopped taking input, and was
+    dropped without a word; the file sink then wrote the old session's closed file and the service hung.
+    Now the new session starts when the old one ends, and each gets its own file."""
+    import soundfile as sf
+
+    from streamgen.io.files import FileSink
+
+    one, two = espeak("The weather is nice today."), espeak("Where is the train station?")
+    items = chunks_of("alice", one, 1600) + chunks_of("alice", two, 1600) + chunks_of("bob", one, 1600)
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    finish(engine, items, FileSink(tmp_path / "{session}.wav", 16000))
+    alone = finish(build_engine(test_bundle, "resynthesis", chunk_ms=100), chunks_of("x", one, 1600) + chunks_of("y", two, 1600))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice-2.wav", "alice.wav", "bob.wav"]
+    for name, want in (("alice", "x"), ("alice-2", "y"), ("bob", "x")):
+        got, ref = sf.read(tmp_path / f"{name}.wav", dtype="float32")[0], alone.wave(want).numpy()
+        assert len(got) == len(ref) > 0 and abs(got - ref).max() <= 2 / 32768, name  # PCM16 of the same audio
+
+
+def test_a_sink_that_fails_stops_the_run_with_its_error_instead_of_hanging(test_bundle):
+    class Broken(MemorySink):
+        async def write(self, item):
+            if len(self.errors) == 0 and getattr(self, "n", 0) > 3:
+                raise OSError(28, "No space left on device")
+            self.n = getattr(self, "n", 0) + 1
+            await super().write(item)
+
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    engine.start = functools.partial(engine.start, out_limit=2)
+    live = [c for i in range(20) for c in chunks_of(f"s{i}", espeak("The weather is nice today."), 800)]
+    try:
+        finish(engine, live, Broken(), interval=0.001)
+    except OSError as e:
+        assert "No space left on device" in str(e)
+    else:
+        raise AssertionError("the sink's error was lost")

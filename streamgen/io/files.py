@@ -101,15 +101,21 @@ class FileSource:
 class FileSink:
     """Writes each session's generated audio as it arrives (one file; `{session}` in the path
     gives one file per session). A file is created with its first audio: a session that produced
-    nothing leaves no file. Directories are not created."""
+    nothing leaves no file. A file this sink has written is never overwritten: a later session that
+    would write it again (a session id used again, or sessions without `{session}` in the path)
+    writes NAME-2.wav, NAME-3.wav, ... beside it. Directories are not created."""
 
     def __init__(self, path: str | Path, sample_rate: int):
         self.path, self.rate = str(path), sample_rate
-        self.files: dict[str, sf.SoundFile] = {}
+        self.files: dict[str, sf.SoundFile] = {}  # open, by live session
+        self.opened: dict[str, int] = {}  # files opened so far, by the path the session's name gives
 
     def _file(self, session: str) -> sf.SoundFile:
         if session not in self.files:
             path = Path(self.path.replace("{session}", session))
+            n = self.opened[str(path)] = self.opened.get(str(path), 0) + 1
+            if n > 1:
+                path = path.with_name(f"{path.stem}-{n}{path.suffix}")
             self.files[session] = sf.SoundFile(str(path), "w", self.rate, 1, subtype="PCM_16")
         return self.files[session]
 
@@ -117,7 +123,7 @@ class FileSink:
         if isinstance(item, AudioOut):
             self._file(item.session).write(np.clip(item.samples.numpy(), -1.0, 1.0))
         elif isinstance(item, End):
-            f = self.files.get(item.session)
+            f = self.files.pop(item.session, None)
             if f is not None:
                 f.close()
 

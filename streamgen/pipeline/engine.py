@@ -122,8 +122,9 @@ class Session:
 
     @property
     def has_input(self) -> bool:
-        """Input a tick would take in: items in the inbox, chunks for the encoder, units for the policy."""
-        return bool(self.inbox or self.chunks or self.events)
+        """Input a tick would take in: items in the inbox (after the source's End they are the next
+        session's of this id, held until this one ends), chunks for the encoder, units for the policy."""
+        return bool((self.inbox and not self.source_ended) or self.chunks or self.events)
 
     @property
     def idle(self) -> bool:
@@ -311,7 +312,7 @@ class Engine:
         name = item.session
         s = self.sessions.get(name)
         if s is not None:
-            if isinstance(item, Control) and item.action == "start":  # failed by the worker, which owns the decoder
+            if isinstance(item, Control) and item.action == "start" and not s.source_ended:  # failed by the worker, which owns the decoder
                 s.inbox.append(SessionError(name, f"session {name!r} already started"))
                 self.wake.notify()
                 return None
@@ -369,7 +370,18 @@ class Engine:
                 self.vad.close(s.name)
             self.emit(SessionError(s.name, why))
             self.emit(End(s.name, s.pos, time.monotonic()))
+            self._successor(s)
             self._release_waiters(s)
+
+    def _successor(self, s: Session) -> None:
+        """After a session's end: what its source sent after its End (the id used again for a new session
+        while this one finished) opens that session now, in order; nothing of it is dropped."""
+        if s.source_ended:
+            for item in list(s.inbox):
+                t = self._session_for(item)
+                if t is not None:
+                    t.inbox.append(item)
+        s.inbox.clear()
 
     def _release_waiters(self, s: Session) -> None:
         for w in s.waiters:
@@ -434,7 +446,7 @@ class Engine:
     def _intake(self) -> None:
         for s in list(self.sessions.values()):
             took = False
-            while s.inbox and len(s.chunks) < 16:
+            while s.inbox and len(s.chunks) < 16 and not s.source_ended:  # after its End: the id's next session's
                 item = s.inbox.popleft()
                 took = True
                 try:
@@ -652,8 +664,9 @@ class Engine:
                         self._close(s.name)
                     if self.vad is not None:
                         self.vad.close(s.name)
+                    self.emit(End(s.name, s.pos, time.monotonic()))
+                    self._successor(s)
                     self._release_waiters(s)
-                self.emit(End(s.name, s.pos, time.monotonic()))
 
     # batching helpers ---------------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class Pipeline:
         # it does: the newest MAX_ENDED (the serve hub sends no End for a session the engine has ended)
         self.ended: OrderedDict[str, None] = OrderedDict()
         self.live: set[str] = set()  # sessions the source opened and has not ended
+        self.finishing: dict[str, int] = {}  # per id, sessions the source has ended and the engine not yet
         self._stop = asyncio.Event()
         self.stop_reason = ""
 
@@ -78,14 +79,20 @@ class Pipeline:
         out: asyncio.Queue = asyncio.Queue()
         worker = self.engine.start(loop, out)
         drain = loop.create_task(self._drain(out))
+        feed = loop.create_task(self._feed())
         try:
-            await self._feed()
+            await asyncio.wait({feed, drain}, return_when=asyncio.FIRST_COMPLETED)
+            if not feed.done():  # the output side ended first: the sink failed (its error goes on), or the engine
+                drain.result()
+                raise RuntimeError("the engine stopped while its input went on (see the log above)")
+            feed.result()
             self.engine.close()
             await drain
         except BaseException:  # cancelled, or the sink failed: stop the engine where it is
             self.engine.abort()
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
+            for t in (feed, drain):
+                t.cancel()
+            await asyncio.gather(feed, drain, return_exceptions=True)
             raise
         finally:
             await loop.run_in_executor(None, worker.join)
@@ -134,6 +141,7 @@ class Pipeline:
                     st.input_end_at = item.captured_at
                     if st.input_samples == 0:
                         await self.engine.put(SessionError(s, "the session ended without any audio (empty input)"))
+                    self.finishing[s] = self.finishing.get(s, 0) + 1  # the engine's End for it is to come
                 await self.engine.put(item)
                 continue
             if s in self.ended:
@@ -177,7 +185,10 @@ class Pipeline:
             await self.sink.write(item)
             if isinstance(item, End):
                 self.stats.close_session(item.session)
-                if item.session in self.live:  # over before its input: what more of it comes is not taken
+                n = self.finishing.pop(item.session, 0)
+                if n > 1:
+                    self.finishing[item.session] = n - 1
+                elif n == 0 and item.session in self.live:  # over before its input: what more of it comes is not taken
                     self._end(item.session)
 
 
