@@ -62,3 +62,30 @@ def test_an_end_whose_sender_is_cancelled_while_the_inbox_is_full_still_reaches_
 
     got = asyncio.run(main())
     assert [(type(i).__name__, i.session) for i in got] == [("SessionError", "other"), ("SessionError", "other"), ("End", "mine")]
+
+
+def test_a_cluster_session_whose_output_outruns_the_broker_is_ended_not_buffered_for_ever():
+    """A worker's output waits for the broker in one queue; when the broker falls that far behind,
+    a session's next audio ends that session with an error saying so, instead of growing the queue."""
+    import torch
+
+    from streamgen.serve.cluster import MAX_OUTBOX, ClusterLink, ClusterOptions, _Route, _Session
+
+    async def main():
+        hub = Hub(Stats(16000), ServeMetrics())
+        link = ClusterLink(hub, ClusterOptions("127.0.0.1", 1883, "sg", "w1"))  # never connected: the broker takes nothing
+        s = _Session("talker", "mqtt/talker")
+        route = _Route(link, s)
+        assert hub.open(s.hub_id, route, "mqtt") is None
+        for _ in range(MAX_OUTBOX):
+            route.audio(s.hub_id, torch.zeros(320))
+        route.audio(s.hub_id, torch.zeros(320))  # one too many
+        route.audio(s.hub_id, torch.zeros(320))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return link.outbox.qsize(), [hub.inbox.get_nowait() for _ in range(hub.inbox.qsize())]
+
+    queued, items = asyncio.run(main())
+    assert queued == MAX_OUTBOX
+    assert [type(i).__name__ for i in items] == ["SessionError", "End"]
+    assert "the broker takes this worker's output slower than it is made" in items[0].message

@@ -47,6 +47,9 @@ GROUP = "streamgen"
 MAX_HOPS = 3
 REORDER_WINDOW = 64  # a session's messages that may wait for an earlier one (as `streamgen run`'s MQTT source)
 REORDER_BYTES = 8 << 20  # and their bytes
+MAX_OUTBOX = 4096  # output messages waiting for the broker, all sessions; past it a session's audio ends it
+PUBLISHERS = 4  # publishes in flight at once (each QoS 1 publish waits for its acknowledgement)
+MAX_INCOMING = 8192  # messages the client library holds for this worker; beyond, a session's reorder names the gap
 HOPS = "streamgen-hops"  # MQTT 5 user property: how often busy workers have passed a start on
 
 
@@ -100,6 +103,7 @@ class _Session:
         self.resampler = None
         self.pos = 0
         self.out_seq = 0
+        self.overflowed = False  # its output outran the broker: the session was ended
 
 
 class ClusterLink:
@@ -148,17 +152,20 @@ class ClusterLink:
                 async with aiomqtt.Client(self.o.host, self.o.port, username=self.o.username, password=self.o.password,
                                           identifier=f"streamgen-worker-{self.o.worker_id}", protocol=aiomqtt.ProtocolVersion.V5,
                                           will=will, clean_start=True, properties=props, tls_context=self.o.tls, timeout=10,
-                                          keepalive=10) as client:
+                                          keepalive=10, max_queued_incoming_messages=MAX_INCOMING) as client:
                     self.client, self.sharing, delay = client, False, 0.2
                     await client.publish(self.o.topic("worker", self.o.worker_id), status_payload(self.o.worker_id, "online"), qos=1, retain=True)
                     await self.update_share()
                     self.connected.set()
-                    publisher = asyncio.get_running_loop().create_task(self._publish(client))
+                    # several publishes in flight: each hands its message to the client library before its first
+                    # wait, so they leave in the outbox's order
+                    publishers = [asyncio.get_running_loop().create_task(self._publish(client)) for _ in range(PUBLISHERS)]
                     try:
                         async for msg in client.messages:
                             await self._on_message(str(msg.topic), bytes(msg.payload), _hops(msg))
                     finally:
-                        publisher.cancel()
+                        for t in publishers:
+                            t.cancel()
             except aiomqtt.MqttError as e:
                 self.last_error = str(e)
                 log.warning("MQTT link to %s:%d lost or refused (%s); retrying in %.1f s", self.o.host, self.o.port, e, delay)
@@ -340,6 +347,14 @@ class _Route:
         self.link, self.s = link, s
 
     def audio(self, session: str, samples: torch.Tensor) -> None:
+        if self.s.overflowed:
+            return  # ended for it (its client hears why)
+        if self.link.outbox.qsize() >= MAX_OUTBOX:  # the broker takes output slower than it is made: end, never grow
+            self.s.overflowed = True
+            asyncio.get_running_loop().create_task(self.link.hub.abort(
+                self.s.hub_id, f"the broker takes this worker's output slower than it is made ({MAX_OUTBOX} messages "
+                               "waiting); the session is ended: retry later or on another worker"))
+            return
         self.link._send(self.link.o.topic("out", self.s.name), encode_audio(self.s.name, self._seq(), samples.numpy(), self.link.rate))
 
     def control(self, session: str, body: dict) -> None:
