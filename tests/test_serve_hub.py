@@ -89,3 +89,28 @@ def test_a_cluster_session_whose_output_outruns_the_broker_is_ended_not_buffered
     assert queued == MAX_OUTBOX
     assert [type(i).__name__ for i in items] == ["SessionError", "End"]
     assert "the broker takes this worker's output slower than it is made" in items[0].message
+
+
+def test_a_client_sending_far_faster_than_real_time_is_ended_and_others_are_not():
+    """All clients share one way into the engine: a session whose audio runs more than MAX_AHEAD_S
+    ahead of the time since it opened is ended with an error saying so, before it can crowd out the
+    others (a client sending 2 s frames as fast as it can got a hundred times the page's share)."""
+    import torch
+
+    from streamgen.pipeline.items import AudioChunk
+    from streamgen.serve.hub import MAX_AHEAD_S
+
+    async def main():
+        hub = Hub(Stats(16000), ServeMetrics(), inbox_size=1000)
+        for name in ("flood", "talker"):
+            assert hub.open(name, Recorder(), "ws") is None
+        for i in range(int(MAX_AHEAD_S) + 2):  # one second per message, all at once
+            await hub.put(AudioChunk("flood", i, torch.zeros(16000), 16000 * i, 0.0))
+        await hub.put(AudioChunk("talker", 0, torch.zeros(3200), 0, 0.0))  # 0.2 s: within its allowance
+        return [hub.inbox.get_nowait() for _ in range(hub.inbox.qsize())]
+
+    items = asyncio.run(main())
+    flood = [i for i in items if i.session == "flood"]
+    assert [type(i).__name__ for i in flood] == ["AudioChunk"] * int(MAX_AHEAD_S) + ["SessionError", "End"]
+    assert "ahead of real time (at most 10 s): this is a live service; send audio at the pace it is spoken" in flood[-2].message
+    assert [type(i).__name__ for i in items if i.session == "talker"] == ["AudioChunk"]

@@ -226,6 +226,32 @@ async def test_a_session_the_engine_ends_before_its_stop_gets_one_error_and_its_
         await asyncio.wait_for(run, 30)
 
 
+async def test_a_connection_with_no_session_is_closed_after_the_idle_timeout(bundle_dir):
+    """Idle connections would otherwise hold --max-connections places for ever (256 of them locked
+    everyone out, /healthz included); a connection with a session running is never closed for it."""
+    from streamgen.bundle import load_bundle
+    from streamgen.pipeline.runner import build_engine
+    from streamgen.serve.server import Server, ServeOptions
+
+    engine = build_engine(load_bundle(bundle_dir), "resynthesis", chunk_ms=320)
+    srv = Server(engine, ServeOptions(port=0, status_every_s=0, idle_timeout_s=1.0), echo=lambda line: None)
+    run = asyncio.ensure_future(srv.run())
+    try:
+        while srv.port is None:
+            await asyncio.sleep(0.05)
+        url = f"ws://127.0.0.1:{srv.port}/ws"
+        async with websockets.connect(url) as idle, websockets.connect(url) as busy:
+            talking = asyncio.ensure_future(ws_session(srv.port, wave=np.tile(wave(0), 2), ws=busy, realtime=True))
+            with pytest.raises(websockets.ConnectionClosedOK) as closed:
+                await asyncio.wait_for(idle.recv(), 20)
+            assert closed.value.rcvd.reason == "no session for 1 s"
+            out, msgs = await talking  # longer than the timeout, and never cut off
+            assert msgs[-1]["type"] == "end" and len(out) > 0
+    finally:
+        srv.stop()
+        await asyncio.wait_for(run, 30)
+
+
 async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
     token = "test-token-0123456789abcdef"
     s = ServeProcess("--bundle", str(bundle_dir), "--task", "resynthesis", "--drain", "1", "--max-sessions", "1",

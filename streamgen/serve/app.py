@@ -89,6 +89,7 @@ class WsConnection:
         self.resampler = None
         self.out: asyncio.Queue = asyncio.Queue(opts.send_buffer)
         self.overflow = asyncio.Event()
+        self.idle_since = time.monotonic()  # when it last had no session running
 
     # Route (called by the hub; never blocks)
     def audio(self, session: str, samples: torch.Tensor) -> None:
@@ -100,6 +101,7 @@ class WsConnection:
     def ended(self, session: str) -> None:
         if self.running == session:
             self.running = None
+            self.idle_since = time.monotonic()
         if self.current == session:  # the client has not sent stop: what it still sends is dropped, not an error
             self.current, self.ended_early = None, session
 
@@ -110,12 +112,17 @@ class WsConnection:
             self.overflow.set()
 
     async def run(self) -> None:
-        tasks = [asyncio.ensure_future(c) for c in (self._receive(), self._write(), self.overflow.wait())]
+        tasks = [asyncio.ensure_future(c) for c in (self._receive(), self._write(), self.overflow.wait(), self._idle())]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         too_slow = tasks[2] in done
+        if tasks[3] in done:  # no session for the idle timeout: the connection's place goes to someone else
+            try:
+                await self.ws.close(code=1000, reason=f"no session for {self.hub.idle_timeout:.0f} s")
+            except (RuntimeError, OSError):
+                pass
         if self.current is not None:
             await self.hub.abort(self.current, "the client did not read its output fast enough" if too_slow else "the client disconnected")
         if self.running is not None:
@@ -125,6 +132,14 @@ class WsConnection:
                 await self.ws.close(code=1008, reason="the client did not read its output fast enough")
             except (RuntimeError, OSError):
                 pass  # already gone
+
+    async def _idle(self) -> None:
+        """Returns once the connection has had no session running for the hub's idle timeout."""
+        while True:
+            left = self.idle_since + self.hub.idle_timeout - time.monotonic()
+            if self.running is None and left <= 0:
+                return
+            await asyncio.sleep(max(0.05, left if self.running is None else self.hub.idle_timeout))
 
     async def flush(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -60,7 +60,7 @@ def serve(
     max_sessions_per_connection: int = typer.Option(64, help="Sessions one WebSocket connection may open (one at a time)."),
     max_frame_bytes: int = typer.Option(65536, help="Largest binary (audio) WebSocket frame; 4x this closes the connection."),
     max_connections: int = typer.Option(256, help="Open HTTP/WebSocket connections at once; more get HTTP 503."),
-    idle_timeout: float = typer.Option(30.0, help="End a session that sends nothing for this many seconds."),
+    idle_timeout: float = typer.Option(30.0, help="End a session that sends nothing, and close a connection with no session, after this many seconds."),
     drain: float = typer.Option(10.0, help="On SIGTERM/SIGINT, seconds live sessions may go on before they are ended."),
     status_every: float = typer.Option(10.0, help="Seconds between console status lines (0: none)."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token for /ws and /metrics (else $STREAMGEN_TOKEN; neither: open)."),

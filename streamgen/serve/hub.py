@@ -18,12 +18,13 @@ from typing import Protocol
 
 import torch
 
-from ..pipeline.items import AudioOut, End, Item, SessionError
+from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 from ..pipeline.stats import Stats
 from .metrics import ServeMetrics
 
 STATS_EVERY_S = 0.5  # a session's live figures go to its client at most this often
 FORGET_AFTER_S = 5.0  # an ended session's figures stay in Stats this long, then go (a server runs for months)
+MAX_AHEAD_S = 10.0  # a session's audio may run this far ahead of the time since it opened, no further
 
 
 class Route(Protocol):
@@ -41,7 +42,8 @@ class _Session:
     def __init__(self, route: Route | None, via: str):
         self.route, self.via = route, via
         self.input_open = True
-        self.last_input = time.monotonic()
+        self.opened_at = self.last_input = time.monotonic()
+        self.input_samples = 0
         self.stats_sent_at = 0.0
         self.error: str | None = None
 
@@ -83,6 +85,13 @@ class Hub:
         if s is None or not s.input_open:
             return
         s.last_input = time.monotonic()
+        if isinstance(item, AudioChunk):
+            s.input_samples += item.samples.numel()
+            ahead = s.input_samples / self.stats.sample_rate - (s.last_input - s.opened_at)
+            if ahead > MAX_AHEAD_S:  # all clients share one way into the engine: none may crowd it
+                await self.abort(item.session, f"audio sent {ahead:.1f} s ahead of real time (at most {MAX_AHEAD_S:.0f} s): "
+                                               "this is a live service; send audio at the pace it is spoken")
+                return
         if isinstance(item, End):
             s.input_open = False
             # shielded: a front end cancelled while the inbox is full (its client vanished) must not lose the
