@@ -271,6 +271,12 @@ async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
         with pytest.raises(InvalidStatus):  # another site's page cannot use it
             await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", origin="http://evil.example",
                                      additional_headers={"Authorization": f"Bearer {token}"})
+        with pytest.raises(InvalidStatus):  # DNS rebinding: a page at a name pointed at 127.0.0.1 (its Origin matches its Host)
+            await websockets.connect(f"ws://rebound.example:{s.port}/ws", host="127.0.0.1", port=s.port,
+                                     origin=f"http://rebound.example:{s.port}", additional_headers=auth)
+        async with websockets.connect(f"ws://localhost:{s.port}/ws", host="127.0.0.1", port=s.port,
+                                      origin=f"http://localhost:{s.port}", additional_headers=auth):
+            pass  # the server's own page, by its loopback name
         ws = await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", subprotocols=["streamgen", f"streamgen.token.{token}"])
         assert ws.subprotocol == "streamgen"
         # SIGTERM while a session is live: it gets a clear error and its end, the process exits 0

@@ -272,12 +272,26 @@ class WsConnection:
         self.pos += len(x)
 
 
-def build_app(hub: Hub, opts: HttpOptions) -> Starlette:
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_NAMES or host.startswith("127.") or host.endswith(".localhost")
+
+
+def build_app(hub: Hub, opts: HttpOptions, local_only: bool = False) -> Starlette:
+    """`local_only`: the server listens on a loopback address, so a request must name it by a loopback
+    name: a page whose own name an attacker points at 127.0.0.1 (DNS rebinding) is refused, though its
+    Origin then matches the Host it sends."""
     connections: set[WsConnection] = set()
 
     def origin_ok(ws: WebSocket) -> bool:
-        origin = ws.headers.get("origin")
-        return origin is None or urlparse(origin).netloc == ws.headers.get("host") or origin in opts.allow_origins
+        origin, host = ws.headers.get("origin"), ws.headers.get("host", "")
+        if origin in opts.allow_origins:
+            return True
+        if local_only and not is_loopback(urlparse(f"//{host}").hostname or ""):
+            return False
+        return origin is None or urlparse(origin).netloc == host
 
     async def ws_endpoint(ws: WebSocket) -> None:
         offered = ws.scope.get("subprotocols", [])

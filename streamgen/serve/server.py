@@ -24,7 +24,7 @@ from ..pipeline.engine import Engine
 from ..pipeline.runner import Pipeline
 from ..pipeline.stats import Stats
 from . import ServeError
-from .app import HttpOptions, build_app
+from .app import HttpOptions, build_app, is_loopback
 from .hub import Hub
 from .metrics import ServeMetrics
 
@@ -78,7 +78,7 @@ class Server:
         self.hub = Hub(self.stats, self.metrics, opts.max_sessions, idle_timeout_s=opts.idle_timeout_s)
         self.pipeline = Pipeline(self.hub, engine, self.hub, self.stats)
         self.metrics.bind_engine(engine)
-        self.app = build_app(self.hub, opts.http)
+        self.app = build_app(self.hub, opts.http, local_only=is_loopback(opts.host))
         self.cluster = None
         self.port: int | None = None
         self.started_at = time.monotonic()
