@@ -360,8 +360,14 @@ def _check_meta(meta_file: Path, meta: dict) -> None:
     _check_numbers(f"{meta_file}", meta.get("sample_rate", 16000), "sample_rate")
 
 
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors' element types
+
+
 def _weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """The tensor shapes a .safetensors file declares, from its header alone, with its sizes checked."""
+    if file.exists() and not file.is_file():
+        raise BundleError(f"{file}: not a regular file")
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -378,12 +384,22 @@ def _weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     if size > MAX_PART_BYTES:
         raise BundleError(f"{file}: {size / 2**30:.1f} GiB is over the {MAX_PART_BYTES >> 30} GiB limit for one part")
     try:
-        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+        spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]), k) for k, v in tensors.items())
+        item = {k: DTYPE_BYTES[v["dtype"]] for k, v in tensors.items()}
     except (AttributeError, KeyError, TypeError, ValueError, IndexError):
         raise BundleError(f"{file}: not a readable safetensors file (malformed header)") from None
-    if max(ends, default=0) > size - 8 - n:
+    if spans and spans[-1][1] > size - 8 - n:
         raise BundleError(f"{file}: truncated: its header places data beyond the end of the file")
+    at = 0
+    for begin, end, k in spans:  # every tensor's bytes, one after another, as many as its shape holds
+        if begin != at or end - begin != math.prod(shapes[k]) * item[k] or min(shapes[k], default=1) < 0:
+            raise BundleError(f"{file}: not a readable safetensors file (tensor {k[:80]!r}: its shape {shapes[k]} does not "
+                              f"match its {end - begin} bytes at offset {begin})")
+        at = end
+    if at != size - 8 - n:
+        raise BundleError(f"{file}: not a readable safetensors file ({size - 8 - n - at} bytes after its last tensor)")
     return shapes
 
 

@@ -134,3 +134,27 @@ def test_a_huge_kmeans_bin_is_refused_unread(tmp_path):
     with pytest.raises(CheckpointError, match="2048 MiB is over the 256 MiB a k-means file may have"):
         read_kmeans(big)
     assert rss_mib() - before < 100
+
+
+def test_weights_that_declare_more_than_they_hold_are_refused_before_anything_is_built(bundle_dir):
+    """A few kilobytes of header can declare the config's exact shapes with every tensor at 4 bytes:
+    the shapes matched and the whole model (gigabytes, for a config within the limits) was built
+    before the file was read. Each tensor's bytes must be as many as its shape holds, one after
+    another, to the end of the file; a part that is not a regular file is refused too."""
+    from streamgen.bundle import _Skeleton
+    from streamgen.models.unit_mbart import UnitMBart, UnitMBartConfig
+
+    cfg = {}
+    edit_meta(bundle_dir, lambda m: (m["parts"]["mbart"].update(dim=2048, ffn_dim=8192, heads=16), cfg.update(m["parts"]["mbart"])))
+    with _Skeleton():
+        shapes = {k: list(v.shape) for k, v in UnitMBart(UnitMBartConfig.from_dict(cfg)).state_dict().items()}
+    header = json.dumps({k: {"dtype": "F32", "shape": s, "data_offsets": [0, 4]} for k, s in shapes.items()}).encode()
+    (bundle_dir / "mbart.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    before = rss_mib()
+    with pytest.raises(BundleError, match=r"mbart.safetensors: not a readable safetensors file \(tensor .*: its shape .* does not match its 4 bytes at offset 0\)"):
+        load_bundle(bundle_dir)
+    assert rss_mib() - before < 100
+    (bundle_dir / "mbart.safetensors").unlink()
+    (bundle_dir / "mbart.safetensors").mkdir()
+    with pytest.raises(BundleError, match="mbart.safetensors: not a regular file"):
+        load_bundle(bundle_dir)

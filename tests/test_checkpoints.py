@@ -178,3 +178,18 @@ def test_conv_layers_spec_is_parsed_without_eval():
     assert parse_conv_layers("[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2") == HubertConfig().conv_layers
     with pytest.raises(CheckpointError):
         parse_conv_layers("__import__('os').system('true')")
+
+
+def test_a_kmeans_pickle_that_grows_itself_through_codecs_is_refused(tmp_path):
+    """Pickled bytes call _codecs.encode(text, "latin1"); any other codec is refused: "hex" doubles
+    its input, and 40 steps of it in a 723-byte file asked for tens of gigabytes."""
+    import pickle
+
+    from streamgen.models.checkpoints import CheckpointError, read_kmeans
+
+    p = b"\x80\x02c_codecs\nencode\nq\x00h\x00X\x02\x00\x00\x00ABX\x06\x00\x00\x00latin1\x86R"
+    bomb = p + b"q\x010h\x00h\x01X\x03\x00\x00\x00hex\x86R" * 40
+    (tmp_path / "km.bin").write_bytes(bomb + b".")
+    with pytest.raises(CheckpointError, match="refused: _codecs.encode with 'hex' \\(only latin1 text"):
+        read_kmeans(tmp_path / "km.bin")
+    assert pickle.loads(p + b".") == b"AB"  # the first call alone is how protocol 2 pickles bytes

@@ -295,6 +295,14 @@ def _reconstruct(cls, shape, typecode):
     return np.ndarray.__new__(np.ndarray, shape, typecode)
 
 
+def _latin1(text, encoding="utf-8", errors="strict"):
+    """`_codecs.encode` as pickle protocol 2 uses it for bytes (latin-1 text -> bytes), and nothing else: a
+    chain of other codecs ("hex" doubles its input) let a file of a few hundred bytes ask for gigabytes."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused: _codecs.encode with {str(encoding)[:20]!r} (only latin1 text, as bytes are pickled)")
+    return codecs.encode(text, "latin1", errors)
+
+
 _KMEANS_GLOBALS = {
     ("sklearn.cluster._kmeans", "MiniBatchKMeans"): _Inert,
     ("sklearn.cluster._kmeans", "KMeans"): _Inert,
@@ -308,7 +316,7 @@ _KMEANS_GLOBALS = {
     ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("_codecs", "encode"): codecs.encode,
+    ("_codecs", "encode"): _latin1,
 }
 
 
