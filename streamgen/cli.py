@@ -110,6 +110,9 @@ def convert(
         fail(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if not any((hubert, kmeans, mbart, vocoder)):
         fail("nothing to convert: give at least one of --hubert, --kmeans, --mbart, --vocoder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail(f"--out {out}: {'not a directory' if not out.is_dir() else 'not empty'}; convert writes a new bundle "
+             "into a new or empty directory, never over one")
     if (vocoder is None) != (vocoder_config is None):
         fail("--vocoder and --vocoder-config go together")
     b = Bundle()
@@ -703,7 +706,7 @@ def run(
         set_engine_threads(threads, device)
         lm = check_lm_dtype(lm_dtype)
         input_file = check_input_spec(input, vad=vad)
-        check_output_spec(output)
+        check_output_spec(output, reads=input_file.path if input_file else None)
         if stats_json is not None:
             check_writable(stats_json, "--stats-json")
     except UsageError as e:

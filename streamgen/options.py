@@ -116,9 +116,13 @@ def check_audio_file(path: str | Path) -> AudioFileInfo:
     return AudioFileInfo(p, info.frames / info.samplerate, info.samplerate, info.channels)
 
 
-def check_output_file(path: str | Path, flag: str = "--out") -> Path:
-    """A WAV/FLAC path whose directory exists (it is never created behind the user's back)."""
+def check_output_file(path: str | Path, flag: str = "--out", reads: Path | None = None) -> Path:
+    """A WAV/FLAC path whose directory exists (it is never created behind the user's back), and not
+    the file `reads` (an input read while the output is written)."""
     p = Path(path)
+    if reads is not None and p.exists() and os.path.samefile(p, reads):
+        raise UsageError(f"{flag} {p} is the input file too: writing it would destroy the input as it is read; "
+                         "give the output another name")
     if p.suffix.lower() not in WRITABLE:
         raise UsageError(f"{flag} {p}: cannot write {p.suffix or 'a file without an extension'}; write .wav or .flac "
                          f"(convert afterwards, e.g. ffmpeg -i out.wav out.mp3)")
@@ -155,13 +159,13 @@ def check_input_spec(spec: str, *, vad: bool = False) -> AudioFileInfo | None:
     return None
 
 
-def check_output_spec(spec: str) -> None:
+def check_output_spec(spec: str, reads: Path | None = None) -> None:
     if spec == "speaker":
         need_module("sounddevice", "audio", "--out speaker")
     elif is_mqtt(spec):
         need_module("aiomqtt", "mqtt", "--out mqtt://")
     elif spec != "-":
-        check_output_file(spec)
+        check_output_file(spec, reads=reads)
 
 
 @dataclass

@@ -61,6 +61,7 @@ BAD = [
     (["--qos", "3"], "talk.wav", "out.wav", "--qos 3: must be from 0 to 2"),
     (["--duration", "0"], "talk.wav", "out.wav", "--duration 0.0: must be at least 0.1 s"),
     (["--sessions", "0"], "talk.wav", "out.wav", "--sessions 0: must be at least 1"),
+    ([], "talk.wav", "talk.wav", "talk.wav is the input file too: writing it would destroy the input as it is read"),
     (["--overflow", "explode"], "talk.wav", "out.wav", "--overflow 'explode': choose one of block, drop-oldest"),
     (["--device", "quantum"], "talk.wav", "out.wav", "--device 'quantum': not a torch device; use cpu or cuda"),
     (["--lm-dtype", "int8"], "talk.wav", "out.wav", "--lm-dtype 'int8': choose float32 (exact, the default) or bfloat16"),
@@ -334,3 +335,19 @@ def test_command_line_syntax_errors_are_one_line_too(args, message):
 def test_help_still_exits_0():
     r = streamgen("run", "--help", timeout=60)
     assert r.returncode == 0 and "Figures of --stats" in r.stdout
+
+
+def test_convert_never_writes_over_an_existing_bundle(files, tmp_path):
+    """`convert --out` into a bundle that holds parts rewrote its bundle.json with the new part alone: the
+    others and the trained prompts were dropped without a word."""
+    import shutil
+
+    there = tmp_path / "b"
+    shutil.copytree(files / "tiny", there)
+    before = (there / "bundle.json").read_text()
+    np.save(tmp_path / "c.npy", np.zeros((4, 8), np.float32))
+    r = runner.invoke(cli.app, ["convert", "--kmeans", str(tmp_path / "c.npy"), "--out", str(there)])
+    assert r.exit_code != 0 and f"--out {there}: not empty; convert writes a new bundle into a new or empty directory" in r.output
+    assert (there / "bundle.json").read_text() == before
+    r = runner.invoke(cli.app, ["convert", "--kmeans", str(tmp_path / "c.npy"), "--out", str(tmp_path / "new")])
+    assert r.exit_code == 0, r.output
