@@ -210,3 +210,30 @@ def test_a_client_can_tell_which_replies_it_lost():
     assert done[-1] and not any(done[:-1])
     assert reply.missing == [4, 7] and reply.error is None and reply.control == [{"type": "end"}]
     assert np.allclose(reply.audio(), np.repeat([0.01, 0.02, 0.03, 0.05, 0.06, 0.08], 4), atol=1e-4)
+
+
+async def test_a_link_whose_pipeline_is_behind_reconnects_after_a_broker_restart(broker):
+    """With `incoming` full (the pipeline behind), the link used to wait on the queue and never see its
+    connection end: it neither reconnected nor published again, and the service stood still. It now
+    reconnects, and what it held keeps its place ahead of what comes after."""
+    listener = await connect(broker.port, "behind", "t/in", incoming_size=2, clean_session=False)
+    sender = await connect(broker.port, "sender")
+    for i in range(6):
+        await sender.publish("t/in", bytes([i]))
+    while not listener.incoming.full():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # the link now waits to hand in its third message
+    before = listener.reconnects
+    await asyncio.to_thread(broker.restart)
+    deadline = asyncio.get_running_loop().time() + 30
+    while listener.reconnects == before and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    assert listener.reconnects > before  # it saw the restart although nobody read its queue
+    await listener._ready()
+    await sender.publish("t/in", bytes([6]))
+    got = [(await asyncio.wait_for(listener.incoming.get(), 30))[1][0] for _ in range(7)]
+    assert got == list(range(7))  # nothing lost, in order
+    await sender.publish("t/out", b"x")  # and it publishes again
+    await listener.publish("t/out", b"y")
+    await sender.close()
+    await listener.close()

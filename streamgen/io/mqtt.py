@@ -376,12 +376,47 @@ class MqttLink:
         self.client_id = client_id or f"streamgen-{uuid.uuid4().hex[:12]}"
         self.subscriptions: list[str] = []
         self.incoming: asyncio.Queue = asyncio.Queue(incoming_size)  # back-pressure to the broker
+        self._waiting_puts: set[asyncio.Future] = set()  # messages of an ended connection still to go in
         self.connected = asyncio.Event()
         self.failed = asyncio.Event()
         self.failure: MqttFailure | None = None
         self.client = None
         self.task: asyncio.Task | None = None
         self.reconnects = 0
+
+    async def _hand_in(self, client, item) -> None:
+        """Into `incoming`, waiting while the pipeline is behind, but never past the connection's end: a
+        full queue must not hide a broker restart (the link would neither reconnect nor publish again).
+        A message waiting then keeps its place, ahead of what the next connection brings."""
+        if not self.incoming.full():
+            self.incoming.put_nowait(item)
+            return
+        put = asyncio.ensure_future(self.incoming.put(item))
+        gone = getattr(client, "_disconnected", None)  # aiomqtt's end of this connection (its message iterator waits on it too)
+        if not isinstance(gone, asyncio.Future):
+            await put
+            return
+        try:
+            await asyncio.wait({put, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            put.cancel()
+            raise
+        if gone.done() and not gone.cancelled():
+            gone.exception()  # read here, as aiomqtt's iterator reads it (else asyncio reports it never was)
+        if not put.done():
+            import aiomqtt
+
+            self._keep(put)  # still queued, first in line
+            # what the client library took in (and acknowledged) after it: the broker will not send it again
+            taken = getattr(client, "_queue", None)
+            while isinstance(taken, asyncio.Queue) and not taken.empty():
+                msg = taken.get_nowait()
+                self._keep(asyncio.ensure_future(self.incoming.put((str(msg.topic), bytes(msg.payload), time.monotonic()))))
+            raise aiomqtt.MqttError("the connection ended while the pipeline was behind")
+
+    def _keep(self, put: asyncio.Future) -> None:
+        self._waiting_puts.add(put)
+        put.add_done_callback(self._waiting_puts.discard)
 
     def start(self) -> None:
         if self.task is None:
@@ -404,7 +439,7 @@ class MqttLink:
                     delay = 0.1
                     log.info("connected to %s:%d as %s", self.host, self.port, self.client_id)
                     async for msg in client.messages:
-                        await self.incoming.put((str(msg.topic), bytes(msg.payload), time.monotonic()))
+                        await self._hand_in(client, (str(msg.topic), bytes(msg.payload), time.monotonic()))
             except (aiomqtt.MqttError, ssl.SSLError) as e:
                 why = _refusal(e)
                 if why is not None:
