@@ -741,16 +741,35 @@ def run(
         st.on_session = lambda s: typer.echo(st.report(s.session), err=output == "-")
     pipeline = Pipeline(source, engine, sink, st)
 
-    async def until_signalled():  # SIGTERM / SIGINT: stop accepting, tell live sessions, drain, print stats, exit 0
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, pipeline.request_stop, "the server is shutting down")
-        return await pipeline.run()
+    async def until_signalled():
+        """SIGTERM / SIGINT / SIGHUP: stop accepting, tell live sessions, drain, print stats, exit 0. A second
+        signal stops at once (when draining waits on something that will not come: a broker that is gone, a
+        reader that stopped reading); a third ends the process."""
+        loop, task, signals = asyncio.get_running_loop(), asyncio.current_task(), [0]
+
+        def on_signal():
+            signals[0] += 1
+            if signals[0] == 1:
+                pipeline.request_stop("the server is shutting down")
+            elif signals[0] == 2:
+                typer.echo("stopping now (a third signal ends the process)", err=True)
+                task.cancel()
+            else:
+                os._exit(130)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            return await pipeline.run()
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
 
     try:
         asyncio.run(until_signalled())
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # whoever read our output has gone (`| head -c 100`, a pipeline stopped): done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more goes to the closed pipe
     except Exception as e:  # device errors and the like, named
         if DEBUG:
             raise

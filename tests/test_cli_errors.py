@@ -7,8 +7,10 @@ that used to end in "Event loop is closed") run the installed `streamgen` comman
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +353,57 @@ def test_convert_never_writes_over_an_existing_bundle(files, tmp_path):
     assert (there / "bundle.json").read_text() == before
     r = runner.invoke(cli.app, ["convert", "--kmeans", str(tmp_path / "c.npy"), "--out", str(tmp_path / "new")])
     assert r.exit_code == 0, r.output
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(files):
+    """`streamgen run ... --out - | head -c 100`: the closed pipe is the end of the output, exit 0, no
+    traceback (it raised BrokenPipeError and exited 1)."""
+    args = ["run", "--bundle", str(files / "tiny"), "--in", str(files / "long.wav"), "--out", "-", "--task", "resynthesis"]
+    r = subprocess.run(f"'{STREAMGEN}' {' '.join(args)} | head -c 100 > /dev/null; echo \"rc=${{PIPESTATUS[0]}}\"",
+                       shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "rc=0", r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_ends_a_run_whose_input_stays_open(files, sig):
+    """Raw PCM from a pipe that never ends (a microphone's arecord): the signal ends the run, exit 0,
+    its output a whole file (the read blocked in the event loop's executor kept asyncio.run from
+    returning until stdin closed, and SIGHUP left a WAV whose header said it held nothing)."""
+    out = files / f"held_{sig.name}.wav"
+    proc = subprocess.Popen([STREAMGEN, "run", "--bundle", str(files / "tiny"), "--in", "-", "--out", str(out), "--task", "resynthesis"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        talk, _ = sf.read(files / "talk.wav", dtype="int16")
+        proc.stdin.write(talk.tobytes())
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while (not out.exists() or out.stat().st_size < 1000) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)  # stdin is still open
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    assert rc == 0, proc.stderr.read().decode()
+    audio, rate = sf.read(out)
+    assert rate == 16000 and len(audio) > 0
+
+
+def test_a_second_signal_stops_a_run_whose_output_waits_for_ever(files):
+    """`--out -` to a reader that stopped reading: draining after the first signal waits on the pipe, so
+    the second stops at once (before, neither could: the write blocked the event loop itself)."""
+    proc = subprocess.Popen([STREAMGEN, "run", "--bundle", str(files / "tiny"), "--in", str(files / "long.wav"), "--out", "-",
+                             "--task", "resynthesis"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(8)  # its output has long filled the pipe nobody reads
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert proc.poll() is None  # draining: the output still waits
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert "stopping now" in proc.stderr.read().decode()

@@ -8,7 +8,9 @@ stdout, for shell pipelines.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,6 +135,32 @@ class FileSink:
                 f.close()
 
 
+def in_daemon(fn, *args) -> asyncio.Future:
+    """fn(*args) in a daemon thread of its own. A call that may block for ever (a read of a pipe nobody
+    closes, a write to a reader that stopped reading) would hold up the process's exit in the event
+    loop's executor, which `asyncio.run` waits for; and on the event loop itself it would keep even a
+    signal from being handled."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(ok: bool, value) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def run() -> None:
+        try:
+            out = (True, fn(*args))
+        except BaseException as e:  # noqa: BLE001 (handed to the awaiting task)
+            out = (False, e)
+        try:
+            loop.call_soon_threadsafe(settle, *out)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
+
+
 class StdinSource:
     """Raw 16-bit little-endian mono PCM at `input_rate` from standard input (resampled to
     `sample_rate`), as one session."""
@@ -143,11 +171,15 @@ class StdinSource:
         self.stream = stream or sys.stdin.buffer
 
     async def __aiter__(self) -> AsyncIterator[Item]:
-        loop = asyncio.get_running_loop()
         rs = soxr.ResampleStream(self.input_rate, self.rate, 1, dtype="float32", quality="HQ")
         seq, pos, carry = 0, 0, b""
+        try:  # the descriptor itself: a read left blocked at exit must hold no lock of the interpreter's stdin
+            fd = self.stream.fileno()
+            read = lambda n: os.read(fd, n)  # noqa: E731
+        except (AttributeError, OSError, ValueError):  # an in-memory stream
+            read = self.stream.read
         while True:
-            data = await loop.run_in_executor(None, self.stream.read, self.block)
+            data = await in_daemon(read, self.block)
             data = carry + (data or b"")
             n = len(data) // 2 * 2
             data, carry = data[:n], data[n:]
@@ -161,18 +193,35 @@ class StdinSource:
 
 
 class StdoutSink:
-    """Raw 16-bit little-endian mono PCM on standard output; errors go to standard error."""
+    """Raw 16-bit little-endian mono PCM on standard output; errors go to standard error. Written off
+    the event loop (a reader that pauses must not keep a signal from being handled); a reader that
+    has gone raises BrokenPipeError, which `streamgen run` takes as the end of its output."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout.buffer
+        try:  # the descriptor itself, as StdinSource reads (a write left blocked at exit holds no lock)
+            self.fd: int | None = self.stream.fileno()
+            self.stream.flush()
+        except (AttributeError, OSError, ValueError):  # an in-memory stream
+            self.fd = None
+
+    def _write(self, pcm: bytes) -> None:
+        if self.fd is None:
+            self.stream.write(pcm)
+            self.stream.flush()
+            return
+        view = memoryview(pcm)
+        while view:
+            view = view[os.write(self.fd, view):]
 
     async def write(self, item: Item) -> None:
         if isinstance(item, AudioOut):
-            pcm = pcm16_encode(item.samples.numpy()).tobytes()
-            self.stream.write(pcm)
-            self.stream.flush()
+            await in_daemon(self._write, pcm16_encode(item.samples.numpy()).tobytes())
         elif isinstance(item, SessionError):
             print(f"streamgen: session {item.session}: {item.message}", file=sys.stderr)
 
     async def close(self) -> None:
-        self.stream.flush()
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            pass
