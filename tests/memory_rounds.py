@@ -27,11 +27,14 @@ def main(trim_every_s: float, rounds: int = 5, sessions: int = 8) -> None:
     engine = build_engine(bundle, "resynthesis", chunk_ms=320, stats=stats, trim_every_s=trim_every_s)
     k = 0
     for _ in range(rounds):
-        items = []
+        items, names = [], []
         for _ in range(sessions):
             items += chunks_of(f"s{k}", wave, 5120)
+            names.append(f"s{k}")
             k += 1
-        asyncio.run(Pipeline(MemorySource(items), engine, MemorySink(), stats).run())
+        sink = MemorySink()
+        asyncio.run(Pipeline(MemorySource(items), engine, sink, stats).run())
+        assert not sink.errors and all(len(sink.wave(n)) > 0 for n in names), "a round was not served"
         print(f"{rss_mib():.1f}", flush=True)
 
 

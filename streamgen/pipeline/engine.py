@@ -256,6 +256,7 @@ class Engine:
         then the sources, instead of growing memory); `emit` itself never waits, since it may be called
         holding the lock the event loop needs to drain `out`."""
         self.loop, self.out, self.out_limit = loop, out, out_limit
+        self.closing = False  # an engine serves one pipeline after another (its models stay loaded)
         self.thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
 
         def emit(item) -> None:
