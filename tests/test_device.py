@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from services import Jack
 from speech import espeak
 
@@ -121,3 +122,31 @@ def test_missing_device_is_a_clear_error(jack):
 
     with pytest.raises(DeviceError, match="(?s)cannot open the audio device.*available devices:.*system"):
         asyncio.run(main())
+
+
+def test_a_chunk_longer_than_the_play_buffer_is_played_in_pieces(jack):
+    """With --lookahead-ms -1 the whole utterance can come as one chunk, longer than the speaker's buffer:
+    it never fitted whole, and the sink waited for room for ever."""
+    from streamgen.pipeline.items import AudioOut
+
+    async def main():
+        device = AudioDevice(16000, max_buffered_s=0.5)
+        sink = SpeakerSink(device)
+        await asyncio.wait_for(sink.write(AudioOut("s", torch.full((24000,), 0.1), 0, 0.0)), 30)  # 1.5 s
+        await asyncio.wait_for(sink.close(), 30)
+        return device
+
+    device = asyncio.run(main())
+    assert device.stream is None and device.play_samples == 0
+
+
+def test_the_mic_is_closed_when_its_session_ends(jack):
+    """A mic whose output goes elsewhere (a file) was never closed: PortAudio went on calling back after
+    the event loop had closed (a traceback at exit)."""
+    async def main():
+        device = AudioDevice(16000)
+        async for _ in MicSource(device, duration_s=0.3):
+            pass
+        return device
+
+    assert asyncio.run(main()).stream is None

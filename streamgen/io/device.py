@@ -84,7 +84,10 @@ class AudioDevice:
 
     def _capture(self, indata) -> None:
         block = indata[:, 0].copy()
-        self.loop.call_soon_threadsafe(self._put_captured, block, time.monotonic())
+        try:
+            self.loop.call_soon_threadsafe(self._put_captured, block, time.monotonic())
+        except RuntimeError:  # the event loop has closed while the stream was still running
+            pass
 
     def _put_captured(self, block: np.ndarray, at: float) -> None:
         if self.captured.full():
@@ -141,17 +144,21 @@ class MicSource:
         self.device.open()
         pos, seq = 0, 0
         limit = None if self.duration is None else int(self.duration * self.device.rate)
-        while not self.stopped.is_set() and (limit is None or pos < limit):
-            get = asyncio.ensure_future(self.device.captured.get())
-            stop = asyncio.ensure_future(self.stopped.wait())
-            done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if get not in done:
-                get.cancel()
-                break
-            block, at = get.result()
-            yield AudioChunk(self.session, seq, torch.from_numpy(block), pos, at)
-            seq, pos = seq + 1, pos + len(block)
+        try:
+            while not self.stopped.is_set() and (limit is None or pos < limit):
+                get = asyncio.ensure_future(self.device.captured.get())
+                stop = asyncio.ensure_future(self.stopped.wait())
+                done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if get not in done:
+                    get.cancel()
+                    break
+                block, at = get.result()
+                yield AudioChunk(self.session, seq, torch.from_numpy(block), pos, at)
+                seq, pos = seq + 1, pos + len(block)
+        finally:
+            if not self.device.want_output:  # the speaker's sink closes a duplex stream once it has played out
+                self.device.close()
         yield End(self.session, pos, time.monotonic())
 
 
@@ -166,8 +173,10 @@ class SpeakerSink:
         if isinstance(item, AudioOut):
             self.device.open()
             x = np.clip(item.samples.numpy(), -1.0, 1.0)
-            while not self.device.enqueue(x):
-                await asyncio.sleep(0.02)
+            step = max(1, self.device.max_play // 2)  # a chunk longer than the buffer goes in pieces (it never fit whole)
+            for i in range(0, len(x), step):
+                while not self.device.enqueue(x[i : i + step]):
+                    await asyncio.sleep(0.02)
 
     async def drain(self) -> None:
         """Wait until everything queued has been played."""
