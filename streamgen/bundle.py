@@ -318,6 +318,7 @@ LIMITS = {"layers": 64, "encoder_layers": 64, "decoder_layers": 64, "dim": 8192,
           "ffn_dim": 65536, "heads": 128, "vocab_size": 1 << 17, "num_units": 1 << 17, "num_embeddings": 1 << 17,
           "max_positions": 1 << 16, "length": 4096}
 MAX_NUMBER, MAX_LIST = 1 << 20, 64
+AT_LEAST_ONE = set(LIMITS) - {"layers", "encoder_layers", "decoder_layers"}  # sizes and counts: a zero divides or breaks a shape
 
 
 def _check_numbers(where: str, value, key: str = "") -> None:
@@ -328,6 +329,8 @@ def _check_numbers(where: str, value, key: str = "") -> None:
         limit = LIMITS.get(key, MAX_NUMBER)
         if not math.isfinite(value) or not -MAX_NUMBER <= value <= limit:
             raise BundleError(f"{where}: {key or 'a value'} = {value!r} is outside the sane range (at most {limit})")
+        if key in LIMITS and (value < (1 if key in AT_LEAST_ONE else 0) or value != int(value)):
+            raise BundleError(f"{where}: {key} = {value!r} must be a whole number of at least {1 if key in AT_LEAST_ONE else 0}")
     elif isinstance(value, (list, tuple)):
         if len(value) > MAX_LIST:
             raise BundleError(f"{where}: {key or 'a list'} has {len(value)} entries (at most {MAX_LIST})")
@@ -345,6 +348,10 @@ def _check_meta(meta_file: Path, meta: dict) -> None:
     parts, prompts, backbones = meta.get("parts", {}), meta.get("prompts", {}), meta.get("backbones", {})
     if not isinstance(parts, dict) or not isinstance(prompts, dict) or not isinstance(backbones, dict):
         raise BundleError(f"{meta_file}: \"parts\", \"prompts\" and \"backbones\" must be objects")
+    for kind, named in (("backbone", backbones), ("part", parts), ("prompt", prompts)):
+        for name, cfg in named.items():
+            if not isinstance(cfg, dict):
+                raise BundleError(f"{meta_file}: {kind} {str(name)[:80]!r} must be a config object, got {type(cfg).__name__}")
     for name, cfg in backbones.items():
         if not NAME.fullmatch(name):
             raise BundleError(f"{meta_file}: backbone name {name[:80]!r} must be a plain name (letters, digits, _ . -; no path)")
@@ -357,11 +364,31 @@ def _check_meta(meta_file: Path, meta: dict) -> None:
         if not NAME.fullmatch(name):
             raise BundleError(f"{meta_file}: prompt name {name[:80]!r} must be a plain name (letters, digits, _ . -; no path)")
         _check_numbers(f"{meta_file}: prompt {name}", cfg)
-    _check_numbers(f"{meta_file}", meta.get("sample_rate", 16000), "sample_rate")
+    rate = meta.get("sample_rate", 16000)
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1000 <= rate <= 384000:
+        raise BundleError(f"{meta_file}: sample_rate = {repr(rate)[:40]} must be a whole number of Hz from 1000 to 384000")
 
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors' element types
+
+
+def _check_units(meta_file: Path, b: Bundle) -> None:
+    """The parts agree on the units: the speech LM knows every unit the encoder gives, the vocoder every
+    unit either gives (a unit past a vocabulary failed only mid-session, as an index error)."""
+    reader = next((m.num_units for m in (b.phone_units, b.logmel_units, b.quantizer) if m is not None), None)
+    lms = {"mbart": b.mbart, **{f"backbone {k}": m for k, m in b.backbones.items()}}
+    voc = b.source_filter if b.source_filter is not None else b.vocoder
+    voc_units = None if voc is None else getattr(voc.cfg, "num_units", getattr(voc.cfg, "num_embeddings", None))
+    for name, lm in lms.items():
+        if lm is None:
+            continue
+        if reader is not None and reader > lm.cfg.num_units:
+            raise BundleError(f"{meta_file}: the unit encoder gives {reader} units, {name} knows {lm.cfg.num_units}")
+        if voc_units is not None and lm.cfg.num_units > voc_units:
+            raise BundleError(f"{meta_file}: {name} speaks {lm.cfg.num_units} units, the vocoder knows {voc_units}")
+    if reader is not None and voc_units is not None and reader > voc_units:
+        raise BundleError(f"{meta_file}: the unit encoder gives {reader} units, the vocoder knows {voc_units}")
 
 
 def _weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -515,10 +542,11 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
                 raise BundleError(f"{meta_file}: prompt {name!r} needs an mbart part")
             cfg = b.backbone(name).cfg
             b.prompts[name] = _load_part(path / "prompts", name, lambda: DeepPrompt(cfg, PromptConfig(pc["length"], tuple(pc["stacks"]))))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, RuntimeError) as e:
         if isinstance(e, BundleError):
             raise
         raise BundleError(f"{meta_file}: malformed part config: {type(e).__name__}: {e}") from None
+    _check_units(meta_file, b)
     if b.hubert is not None and b.quantizer is not None and b.hubert.cfg.dim != b.quantizer.dim:
         raise BundleError(f"{path}: HuBERT features ({b.hubert.cfg.dim}) and k-means centroids ({b.quantizer.dim}) differ in size")
     if not b.modules():

@@ -3,6 +3,7 @@ against the weights' declared shapes before any module is built, files are size-
 they are read, and prompt names are names, not paths."""
 
 import json
+import re
 import resource
 import shutil
 import struct
@@ -14,6 +15,7 @@ import torch
 
 from streamgen.bundle import BundleError, default_bundle_path, load_bundle, save_prompt
 from streamgen.models.checkpoints import CheckpointError, read_kmeans
+from streamgen.models.kmeans import KMeansQuantizer
 from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
 from streamgen.models.phone_units import PhoneUnits, PhoneUnitsConfig
 from streamgen.models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
@@ -158,3 +160,28 @@ def test_weights_that_declare_more_than_they_hold_are_refused_before_anything_is
     (bundle_dir / "mbart.safetensors").mkdir()
     with pytest.raises(BundleError, match="mbart.safetensors: not a regular file"):
         load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["parts"]["mbart"].update(heads=0), "part mbart: heads = 0 must be a whole number of at least 1"),
+    (lambda m: m["parts"]["kmeans"].update(num_units=-1), "part kmeans: num_units = -1 must be a whole number of at least 1"),
+    (lambda m: m["parts"]["mbart"].update(dim=64.5), "part mbart: dim = 64.5 must be a whole number of at least 1"),
+    (lambda m: m.update(sample_rate="abc"), "sample_rate = 'abc' must be a whole number of Hz from 1000 to 384000"),
+    (lambda m: m.update(sample_rate=0), "sample_rate = 0 must be a whole number of Hz from 1000 to 384000"),
+    (lambda m: m["parts"].update(hubert="x"), "part 'hubert' must be a config object, got str"),
+], ids=["zero-heads", "negative-units", "fractional-dim", "text-rate", "zero-rate", "part-not-object"])
+def test_a_malformed_bundle_json_is_named_in_one_line(bundle_dir, change, message):
+    """Values that passed the sanity ranges and broke later: a division by zero, a negative shape, a rate
+    of 0 that failed only when audio came."""
+    edit_meta(bundle_dir, change)
+    with pytest.raises(BundleError, match=re.escape(message)):
+        load_bundle(bundle_dir)
+
+
+def test_parts_that_disagree_on_the_units_are_refused_at_load(tmp_path):
+    """A k-means of more units than the speech LM knows loaded fine and failed mid-session with an index error."""
+    b = random_bundle(seed=0)
+    b.quantizer = KMeansQuantizer(torch.randn(b.mbart.cfg.num_units + 5, b.quantizer.dim))
+    b.save(tmp_path / "b")
+    with pytest.raises(BundleError, match=f"the unit encoder gives {b.mbart.cfg.num_units + 5} units, mbart knows {b.mbart.cfg.num_units}"):
+        load_bundle(tmp_path / "b")

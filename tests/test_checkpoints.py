@@ -31,6 +31,10 @@ def convert(*args):
 
 def converted(tmp_path, *args):
     out = tmp_path / "bundle"
+    n = 1
+    while out.exists():  # convert writes a new bundle each time, never over one
+        n += 1
+        out = tmp_path / f"bundle{n}"
     r = convert(*args, "--out", out)
     assert r.exit_code == 0, r.output
     return streamgen.load_bundle(out)
