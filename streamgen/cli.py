@@ -339,8 +339,32 @@ def train_prompt(
 ):
     """Prompt tuning: the backbone stays frozen; only the deep prompt learns. Run under torchrun for DDP.
     With --full, the whole backbone is fine-tuned for the task instead (the baseline)."""
+    from .bundle import NAME
+    from .options import UsageError, in_range, one_of
     from .train.loop import TrainConfig
 
+    try:  # before any data is read or any step taken
+        if not NAME.fullmatch(task):
+            raise UsageError(f"--task {task!r}: a task name is letters, digits, _ . - (it names the prompt's file)")
+        for stack in stacks.split(","):
+            one_of("--stacks", stack, ("encoder", "decoder"))
+        in_range("--prompt-length", prompt_length, 1, 4096)
+        in_range("--lr", lr, 1e-8, 10.0)
+        in_range("--epochs", epochs, 1, None)
+        if max_steps is not None:
+            in_range("--max-steps", max_steps, 1, None)
+        in_range("--batch-size", batch_size, 1, None)
+        in_range("--warmup", warmup, 0, None)
+        in_range("--clip", clip, 0.0, None)
+        in_range("--patience", patience, 1, None)
+        in_range("--save-minutes", save_minutes, 0.0, None)
+        if dropout is not None:
+            in_range("--dropout", dropout, 0.0, 0.9)
+        if wait_k is not None:
+            in_range("--wait-k", wait_k, 0, None)
+        in_range("--wait-ratio", wait_ratio, 0.1, 10.0)
+    except UsageError as e:
+        fail(str(e))
     cfg = TrainConfig(mode="full" if full else "prompt", prompt_length=prompt_length, prompt_stacks=tuple(stacks.split(",")),
                       lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup, clip=clip,
                       patience=patience, seed=seed, save_every_s=60 * save_minutes)

@@ -407,3 +407,21 @@ def test_a_second_signal_stops_a_run_whose_output_waits_for_ever(files):
     finally:
         proc.kill()
     assert "stopping now" in proc.stderr.read().decode()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--stacks", "foo"], "--stacks 'foo': choose one of encoder, decoder"),
+    (["--prompt-length", "0"], "--prompt-length 0: must be from 1 to 4096"),
+    (["--lr", "-1"], "--lr -1.0: must be from 1e-08 to 10.0"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--task", "../evil"], "--task '../evil': a task name is letters, digits, _ . -"),
+], ids=["batch", "stacks", "length", "lr", "epochs", "task"])
+def test_train_prompt_checks_its_options_before_it_reads_or_trains(files, tmp_path, extra, message):
+    """They failed after loading and training had begun (a range() of step 0), or only at the end
+    (--into-bundle with a task name that is a path), or not at all (--epochs 0 trained nothing)."""
+    args = ["train-prompt", "--bundle", str(files / "tiny"), "--task", "toy", "--train", str(tmp_path / "absent.tsv"),
+            "--out", str(tmp_path / "run")]
+    r = runner.invoke(cli.app, args + extra)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "run").exists()
