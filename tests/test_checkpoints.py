@@ -197,3 +197,15 @@ def test_a_kmeans_pickle_that_grows_itself_through_codecs_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refused: _codecs.encode with 'hex' \\(only latin1 text"):
         read_kmeans(tmp_path / "km.bin")
     assert pickle.loads(p + b".") == b"AB"  # the first call alone is how protocol 2 pickles bytes
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello world, this is text\n", "not a readable PyTorch checkpoint (truncated or corrupt, or another kind of file?)"),
+    (b'{"a": 1}\n', "not a PyTorch checkpoint (no pickled tensors in it; is it the right file?)"),
+    (b"RIFF\x00\x00\x00\x00WAVEfmt ", "not a readable PyTorch checkpoint (truncated or corrupt, or another kind of file?)"),
+], ids=["text", "json", "truncated-wav"])
+def test_a_file_that_is_no_checkpoint_is_named_in_one_line(tmp_path, content, message):
+    """A text file gave `KeyError: 101`, a JSON file a false alarm about unpickling code, a cut WAV an IndexError."""
+    (tmp_path / "x.pt").write_bytes(content)
+    r = convert("--mbart", tmp_path / "x.pt", "--out", tmp_path / "b")
+    assert r.exit_code != 0 and f"x.pt: {message}" in r.output and r.output.count("\n") <= 2, r.output

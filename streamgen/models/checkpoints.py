@@ -63,13 +63,15 @@ def torch_load(path: str | Path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"`{m.group(1)}`" if m else "an object type"
+        if m is None:  # not a refusal: the bytes are no pickle a checkpoint would hold
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (no pickled tensors in it; is it the right file?)") from None
         raise CheckpointError(
-            f"{path}: refused: it asks to unpickle {what}, which is not on streamgen's allow-list of "
+            f"{path}: refused: it asks to unpickle `{m.group(1)}`, which is not on streamgen's allow-list of "
             "plain data types (loading it could run arbitrary code)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, MemoryError) as e:
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt, or another kind of file?): {first}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj
