@@ -118,12 +118,24 @@ def convert(
     b = Bundle()
 
     def build(name, module_cls, cfg, sd):
+        """The module, after its shapes (built on the meta device: no memory) are checked against the
+        checkpoint's: a config read from the file is not allocated before its weights are seen to fit it."""
+        from .bundle import _Skeleton
+
         typer.echo(f"  {name}: {len(sd)} tensors")
-        m = module_cls(cfg)
         try:
-            m.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{name}: the checkpoint's parameters do not fit its config: {e}") from None
+            with _Skeleton():
+                want = {k: tuple(v.shape) for k, v in module_cls(cfg).state_dict().items()}
+        except (RuntimeError, NotImplementedError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{name}: the checkpoint's config cannot be built: {type(e).__name__}: {e}") from None
+        have = {k: tuple(v.shape) for k, v in sd.items()}
+        if want != have:
+            diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+            k = diff[0]
+            raise CheckpointError(f"{name}: the checkpoint's parameters do not fit its config ({len(diff)} tensors differ; "
+                                  f"{k}: config {want.get(k, 'none')}, checkpoint {have.get(k, 'none')})")
+        m = module_cls(cfg)
+        m.load_state_dict(sd, strict=True)
         return m.eval()
 
     try:

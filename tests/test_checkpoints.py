@@ -209,3 +209,26 @@ def test_a_file_that_is_no_checkpoint_is_named_in_one_line(tmp_path, content, me
     (tmp_path / "x.pt").write_bytes(content)
     r = convert("--mbart", tmp_path / "x.pt", "--out", tmp_path / "b")
     assert r.exit_code != 0 and f"x.pt: {message}" in r.output and r.output.count("\n") <= 2, r.output
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("conv_feature_layers", "[(8, 2, 1)] * 1000000", "conv_feature_layers '[(8, 2, 1)] * 1000000': more than 64 layers"),
+    ("conv_pos", 20000, "hubert: the checkpoint's parameters do not fit its config (1 tensors differ; pos_conv.conv.weight"),
+], ids=["conv-layers", "conv-pos"])
+def test_a_hubert_config_is_not_built_before_its_weights_are_seen_to_fit(tmp_path, key, value, message):
+    """A 2 KB file whose config asked for a million conv layers, or a 20000-tap positional convolution,
+    had convert allocate gigabytes before comparing anything."""
+    import resource
+
+    from omegaconf import OmegaConf
+
+    save_hubert(tmp_path / "h.pt", HubertEncoder(TINY_HUBERT).eval())
+    ckpt = torch.load(tmp_path / "h.pt", weights_only=False)
+    cfg = OmegaConf.to_container(ckpt["cfg"])
+    cfg["model"][key] = value
+    ckpt["cfg"] = OmegaConf.create(cfg)
+    torch.save(ckpt, tmp_path / "h.pt")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = convert("--hubert", tmp_path / "h.pt", "--hubert-layer", TINY_HUBERT.output_layer, "--out", tmp_path / "b")
+    assert r.exit_code != 0 and message in r.output and r.output.count("\n") <= 3, r.output
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB

@@ -199,6 +199,8 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
             return [ev(e) for e in node.elts]
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Mult) and isinstance(a, (list, tuple)) and isinstance(b, int) and len(a) * b > 64:
+                raise CheckpointError(f"conv_feature_layers {spec[:80]!r}: more than 64 layers")
             return a + b if isinstance(node.op, ast.Add) else a * b
         raise CheckpointError(f"conv_feature_layers {spec!r}: unsupported expression")
 
@@ -208,6 +210,8 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
         raise CheckpointError(f"conv_feature_layers {spec!r} is not a valid expression") from None
     if not isinstance(layers, list) or not all(isinstance(t, tuple) and len(t) == 3 for t in layers):
         raise CheckpointError(f"conv_feature_layers {spec!r} is not a list of (dim, kernel, stride)")
+    if len(layers) > 64 or not all(isinstance(v, int) and 1 <= v <= 8192 for t in layers for v in t):
+        raise CheckpointError(f"conv_feature_layers {spec[:80]!r}: at most 64 layers of (dim, kernel, stride), each 1..8192")
     return layers
 
 
