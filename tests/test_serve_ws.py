@@ -153,6 +153,20 @@ async def test_malformed_frames_get_one_error_each_and_touch_nobody_else(server)
     assert m[("streamgen_live_sessions", ())] == 0
 
 
+async def test_a_page_at_a_name_pointed_at_the_loopback_is_refused(server):
+    """DNS rebinding: an attacker's page whose own name now resolves to 127.0.0.1 sends an Origin that
+    matches the Host it sends; a server on a loopback address without a token wants a loopback name."""
+    with pytest.raises(InvalidStatus):
+        await websockets.connect(f"ws://rebound.example:{server.port}/ws", host="127.0.0.1", port=server.port,
+                                 origin=f"http://rebound.example:{server.port}")
+    for name in ("localhost", "127.0.0.1"):  # the server's own page, by a loopback name
+        async with websockets.connect(f"ws://{name}:{server.port}/ws", host="127.0.0.1", port=server.port,
+                                      origin=f"http://{name}:{server.port}"):
+            pass
+    async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws"):
+        pass  # a program (no Origin)
+
+
 async def test_a_client_that_vanishes_mid_session_is_freed(server):
     before = server.metrics()
     errors_before = before.get(("streamgen_sessions_ended_total", (("outcome", "error"),)), 0)
@@ -271,12 +285,9 @@ async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
         with pytest.raises(InvalidStatus):  # another site's page cannot use it
             await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", origin="http://evil.example",
                                      additional_headers={"Authorization": f"Bearer {token}"})
-        with pytest.raises(InvalidStatus):  # DNS rebinding: a page at a name pointed at 127.0.0.1 (its Origin matches its Host)
-            await websockets.connect(f"ws://rebound.example:{s.port}/ws", host="127.0.0.1", port=s.port,
-                                     origin=f"http://rebound.example:{s.port}", additional_headers=auth)
-        async with websockets.connect(f"ws://localhost:{s.port}/ws", host="127.0.0.1", port=s.port,
-                                      origin=f"http://localhost:{s.port}", additional_headers=auth):
-            pass  # the server's own page, by its loopback name
+        async with websockets.connect("ws://talk.example.net/ws", host="127.0.0.1", port=s.port,
+                                      origin="https://talk.example.net", additional_headers=auth):
+            pass  # behind a reverse proxy (docs/deploy.md): the public name, and the token
         ws = await websockets.connect(f"ws://127.0.0.1:{s.port}/ws", subprotocols=["streamgen", f"streamgen.token.{token}"])
         assert ws.subprotocol == "streamgen"
         # SIGTERM while a session is live: it gets a clear error and its end, the process exits 0

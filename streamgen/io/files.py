@@ -179,15 +179,15 @@ class StdinSource:
         except (AttributeError, OSError, ValueError):  # an in-memory stream
             read = self.stream.read
         while True:
-            data = await in_daemon(read, self.block)
-            data = carry + (data or b"")
+            raw = await in_daemon(read, self.block) or b""  # a pipe may give fewer bytes; none is its end
+            data = carry + raw
             n = len(data) // 2 * 2
             data, carry = data[:n], data[n:]
-            x = rs.resample_chunk(pcm16_decode(np.frombuffer(data, "<i2")), last=not n)
+            x = rs.resample_chunk(pcm16_decode(np.frombuffer(data, "<i2")), last=not raw)
             if len(x):
                 yield AudioChunk(self.session, seq, torch.from_numpy(x.copy()), pos, time.monotonic())
                 seq, pos = seq + 1, pos + len(x)
-            if not n:
+            if not raw:
                 break
         yield End(self.session, pos, time.monotonic())
 

@@ -605,7 +605,7 @@ class Engine:
             results = decoder.step()
         except Exception as e:  # cannot be pinned on one session: every session decoding on it fails
             log.exception("decoder step failed")
-            for s in [s for s in self.sessions.values() if s.decoder is decoder and s.decoding]:
+            for s in [s for s in list(self.sessions.values()) if s.decoder is decoder and s.decoding]:
                 self._fail(s, f"generator: {type(e).__name__}: {e}")
             return
         self._account("generator", [self.sessions[k] for k, _, _ in results if k in self.sessions], time.perf_counter() - t)

@@ -280,18 +280,19 @@ def is_loopback(host: str) -> bool:
 
 
 def build_app(hub: Hub, opts: HttpOptions, local_only: bool = False) -> Starlette:
-    """`local_only`: the server listens on a loopback address, so a request must name it by a loopback
-    name: a page whose own name an attacker points at 127.0.0.1 (DNS rebinding) is refused, though its
-    Origin then matches the Host it sends."""
+    """`local_only`: the server listens on a loopback address. Without a token, a browser page (it sends
+    an Origin) must then name the server by a loopback name: a page whose own name an attacker points at
+    127.0.0.1 (DNS rebinding) sends an Origin that matches its Host. With a token, as behind a reverse
+    proxy (docs/deploy.md), such a page cannot authenticate, and the public name is the Host."""
     connections: set[WsConnection] = set()
 
     def origin_ok(ws: WebSocket) -> bool:
         origin, host = ws.headers.get("origin"), ws.headers.get("host", "")
-        if origin in opts.allow_origins:
+        if origin is None or origin in opts.allow_origins:
             return True
-        if local_only and not is_loopback(urlparse(f"//{host}").hostname or ""):
+        if local_only and opts.token is None and not is_loopback(urlparse(f"//{host}").hostname or ""):
             return False
-        return origin is None or urlparse(origin).netloc == host
+        return urlparse(origin).netloc == host
 
     async def ws_endpoint(ws: WebSocket) -> None:
         offered = ws.scope.get("subprotocols", [])

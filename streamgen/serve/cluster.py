@@ -49,7 +49,6 @@ REORDER_WINDOW = 64  # a session's messages that may wait for an earlier one (as
 REORDER_BYTES = 8 << 20  # and their bytes
 MAX_OUTBOX = 4096  # output messages waiting for the broker, all sessions; past it a session's audio ends it
 PUBLISHERS = 4  # publishes in flight at once (each QoS 1 publish waits for its acknowledgement)
-MAX_INCOMING = 8192  # messages the client library holds for this worker; beyond, a session's reorder names the gap
 HOPS = "streamgen-hops"  # MQTT 5 user property: how often busy workers have passed a start on
 
 
@@ -152,7 +151,7 @@ class ClusterLink:
                 async with aiomqtt.Client(self.o.host, self.o.port, username=self.o.username, password=self.o.password,
                                           identifier=f"streamgen-worker-{self.o.worker_id}", protocol=aiomqtt.ProtocolVersion.V5,
                                           will=will, clean_start=True, properties=props, tls_context=self.o.tls, timeout=10,
-                                          keepalive=10, max_queued_incoming_messages=MAX_INCOMING) as client:
+                                          keepalive=10) as client:
                     self.client, self.sharing, delay = client, False, 0.2
                     await client.publish(self.o.topic("worker", self.o.worker_id), status_payload(self.o.worker_id, "online"), qos=1, retain=True)
                     await self.update_share()
