@@ -472,3 +472,33 @@ def test_joining_decisions_keeps_each_units_timing():
     with pytest.raises(ValueError, match="untimed units cannot follow timed ones"):
         then(timed, untimed)
     assert then(None, untimed) is untimed and then(timed, None) is timed
+
+
+def test_raw_pcm_from_a_pipe_that_gives_short_reads_is_read_to_its_end():
+    """A pipe may hand over fewer bytes than asked (here first one byte, half a sample): only an empty
+    read is the end of the input (a short one ended it after 320 of 16000 samples)."""
+    import os
+    import threading
+    import time
+
+    from streamgen.io.files import StdinSource
+
+    pcm = (np.sin(np.arange(16000) * 0.05) * 8000).astype("<i2").tobytes()
+    r, w = os.pipe()
+
+    def writer():
+        os.write(w, pcm[:1])
+        time.sleep(0.2)
+        os.write(w, pcm[1:])
+        os.close(w)
+
+    threading.Thread(target=writer, daemon=True).start()
+
+    async def read():
+        got = []
+        async for item in StdinSource(16000, stream=os.fdopen(r, "rb")):
+            got.append(item)
+        return got
+
+    items = asyncio.run(read())
+    assert sum(i.samples.numel() for i in items if isinstance(i, AudioChunk)) == 16000 and isinstance(items[-1], End)
