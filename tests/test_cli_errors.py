@@ -391,14 +391,25 @@ def test_a_signal_ends_a_run_whose_input_stays_open(files, sig):
     assert rate == 16000 and len(audio) > 0
 
 
+def pending(pipe) -> int:
+    """Bytes waiting in a pipe we have not read."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 def test_a_second_signal_stops_a_run_whose_output_waits_for_ever(files):
     """`--out -` to a reader that stopped reading: draining after the first signal waits on the pipe, so
     the second stops at once (before, neither could: the write blocked the event loop itself)."""
     proc = subprocess.Popen([STREAMGEN, "run", "--bundle", str(files / "tiny"), "--in", str(files / "long.wav"), "--out", "-",
                              "--task", "resynthesis"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(8)  # its output has long filled the pipe nobody reads
-        assert proc.poll() is None
+        deadline = time.monotonic() + 120
+        while pending(proc.stdout) < 60000 and time.monotonic() < deadline:  # until its output fills the pipe nobody reads
+            time.sleep(0.2)
+        assert proc.poll() is None and pending(proc.stdout) >= 60000
         proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert proc.poll() is None  # draining: the output still waits

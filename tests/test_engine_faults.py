@@ -108,7 +108,28 @@ def test_a_decoder_that_fails_to_admit_ends_those_sessions_and_serves_the_next(t
     engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
     first = talk("first", "One two three four.", "continuation", {"max_units": 20, "min_units": 10})
     then = talk("then", "One two three four.", "continuation", {"max_units": 20, "min_units": 10})
-    sink = finish(engine, first + then, interval=0.02)  # the second's decode comes a second after the first's
+    failed = threading.Event()
+
+    class Sink(MemorySink):
+        async def write(self, item):
+            await super().write(item)
+            if isinstance(item, SessionError):
+                failed.set()
+
+    class Source:  # the second session only once the first has failed (its decode is never batched with the first's)
+        async def __aiter__(self):
+            for item in first:
+                yield item
+            while not failed.is_set():
+                await asyncio.sleep(0.01)
+            for item in then:
+                yield item
+
+    sink = Sink()
+    t = threading.Thread(target=lambda: asyncio.run(Pipeline(Source(), engine, sink, Stats(16000)).run()), daemon=True)
+    t.start()
+    t.join(WAIT_S)
+    assert not t.is_alive(), "the pipeline hung"
     assert sink.errors.get("first", "").startswith("generator: RuntimeError: out of memory (injected)"), sink.errors
     assert "then" not in sink.errors and len(sink.wave("then")) > 0
     d = engine.decoders[""]
@@ -243,3 +264,71 @@ def test_a_sink_that_fails_stops_the_run_with_its_error_instead_of_hanging(test_
         assert "No space left on device" in str(e)
     else:
         raise AssertionError("the sink's error was lost")
+
+
+def test_a_session_id_used_again_with_its_start_right_after_the_end_gets_its_own_task(test_bundle):
+    """An MQTT client's stop then its next start, back to back: the start arrived before the worker had
+    taken the End, was refused as 'already started', and the audio then opened a default-task session."""
+    one = espeak("The weather is nice today.")
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    first = [Control("a", "start", "resynthesis", {})] + chunks_of("a", one, 1600)
+    again = [Control("a", "start", "continuation", {"max_units": 12, "min_units": 12})] + chunks_of("a", one, 1600)
+    sink = finish(engine, first + again)
+    assert not sink.errors
+    alone = finish(build_engine(test_bundle, "resynthesis", chunk_ms=100),
+                   [Control("x", "start", "resynthesis", {})] + chunks_of("x", one, 1600)
+                   + [Control("y", "start", "continuation", {"max_units": 12, "min_units": 12})] + chunks_of("y", one, 1600))
+    assert len(sink.wave("a")) == len(alone.wave("x")) + len(alone.wave("y"))  # both sessions, each with its own task
+
+
+def test_a_session_id_used_again_after_its_source_failed_it_loses_nothing(test_bundle):
+    """The source failed the first session (an error item) while its End and the next session were
+    queued: the next session's input was dropped with the first's, or taken for the first's and
+    ended as 'no speech heard'."""
+    one, two = espeak("The weather is nice today."), espeak("Where is the train station?")
+    items = chunks_of("a", one, 1600)
+    items.insert(3, SessionError("a", "the client broke the protocol"))
+    items += chunks_of("a", two, 1600)
+    sink = finish(build_engine(test_bundle, "resynthesis", chunk_ms=100), items)
+    alone = finish(build_engine(test_bundle, "resynthesis", chunk_ms=100), chunks_of("y", two, 1600))
+    assert sink.errors == {"a": "the client broke the protocol"}
+    assert len(sink.wave("a")) == len(alone.wave("y")) > 0  # the second session whole (the first said nothing)
+
+
+def test_a_next_session_held_without_its_end_ends_when_the_input_does(test_bundle):
+    """A live source that stops (the run's last session) while a reused id's next session is held: that
+    session is ended with the input, not left open for ever."""
+    one = espeak("The weather is nice today.")
+    items = chunks_of("a", one, 1600) + chunks_of("a", one, 1600, end=False)
+    sink = finish(build_engine(test_bundle, "resynthesis", chunk_ms=100), items)
+    assert not sink.errors and len(sink.wave("a")) > 0
+
+
+def test_more_of_a_next_session_than_can_be_held_ends_it_saying_so(test_bundle):
+    """The next session's input is held without making the source wait (one feed serves every session),
+    up to its own bound; past it that session ends with an error naming why."""
+    from streamgen.pipeline.engine import MAX_HELD
+
+    one = espeak("The weather is nice today, and we are going to the park.")
+    engine = build_engine(test_bundle, "continuation", {"max_units": 60, "min_units": 60}, chunk_ms=100, queue_size=2)
+    items = chunks_of("a", one[:16000], 1600) + chunks_of("a", one, 160)  # 0.01 s chunks: far more than 16 held
+    assert len(chunks_of("a", one, 160)) > MAX_HELD * 2
+    sink = finish(engine, items)
+    assert "came while the last session of 'a' was still finishing, more than the 16 that are held" in sink.errors.get("a", ""), sink.errors
+
+
+def test_an_engine_serves_a_new_pipeline_after_one_was_cancelled(test_bundle):
+    """A cancelled run aborts the engine; the next pipeline on it used to lose the engine's last output
+    (its None) and wait for ever."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+
+    async def cancelled():
+        run = asyncio.ensure_future(Pipeline(MemorySource(talk("a", "The weather is nice today."), interval=0.05), engine,
+                                             MemorySink(), Stats(16000)).run())
+        await asyncio.sleep(0.3)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+
+    asyncio.run(cancelled())
+    sink = finish(engine, talk("b", "Where is the train station?"))
+    assert not sink.errors and len(sink.wave("b")) > 0 and not engine.sessions

@@ -110,15 +110,20 @@ class FileSink:
     def __init__(self, path: str | Path, sample_rate: int):
         self.path, self.rate = str(path), sample_rate
         self.files: dict[str, sf.SoundFile] = {}  # open, by live session
-        self.opened: dict[str, int] = {}  # files opened so far, by the path the session's name gives
+        self.opened: dict[str, int] = {}  # the last -N suffix given, by the path a session's name gives
+        self.taken: set[str] = set()  # every file this sink has opened
 
     def _file(self, session: str) -> sf.SoundFile:
         if session not in self.files:
             path = Path(self.path.replace("{session}", session))
-            n = self.opened[str(path)] = self.opened.get(str(path), 0) + 1
-            if n > 1:
-                path = path.with_name(f"{path.stem}-{n}{path.suffix}")
-            self.files[session] = sf.SoundFile(str(path), "w", self.rate, 1, subtype="PCM_16")
+            n = self.opened.get(str(path), 1)
+            name = path
+            while str(name) in self.taken:  # (NAME-2 may be another session's own name)
+                n += 1
+                name = path.with_name(f"{path.stem}-{n}{path.suffix}")
+            self.opened[str(path)] = n
+            self.taken.add(str(name))
+            self.files[session] = sf.SoundFile(str(name), "w", self.rate, 1, subtype="PCM_16")
         return self.files[session]
 
     async def write(self, item: Item) -> None:

@@ -54,6 +54,7 @@ from .tasks import TaskPlugin, load_task
 from .vad import Vad
 
 log = logging.getLogger("streamgen")
+MAX_HELD = 8  # queue sizes of a next session's input held while the last session of its id finishes
 
 
 def finish_in_tick(spent: float, steps: int, left: int, budget: float, waiting: bool) -> bool:
@@ -113,7 +114,9 @@ class Session:
         # units for the policy: (units, their start frames, frames encoded, end sample, captured_at)
         self.events: deque[tuple[Tensor, Tensor, int, int, float]] = deque()
         self.input_ended = False  # no more input audio (End or the VAD)
-        self.source_ended = False  # the source's End has arrived
+        self.source_ended = False  # the source's End has been taken in
+        self.end_queued = False  # the source's End is in the inbox or taken: what follows is the id's next session's
+        self.held_dropped = 0  # the next session's chunks not held (more than MAX_HELD while this one finished)
         self.encoder_done = False
         self.policy_ended = False  # on_end has been called
         self.decoding = False
@@ -257,6 +260,12 @@ class Engine:
         holding the lock the event loop needs to drain `out`."""
         self.loop, self.out, self.out_limit = loop, out, out_limit
         self.closing = False  # an engine serves one pipeline after another (its models stay loaded)
+        if self.aborted:  # the last pipeline was cancelled: what its sessions left goes, not into this one
+            for s in self.sessions.values():
+                if s.decoder is not None:
+                    s.decoder.cancel(s.name)
+            self.sessions.clear()
+            self.aborted = False
         self.thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
 
         def emit(item) -> None:
@@ -275,6 +284,14 @@ class Engine:
                 s = self._session_for(item)
                 if s is None:
                     return
+                if s.end_queued:  # the id's next session, held until this one ends: its own bound, never a wait
+                    if isinstance(item, AudioChunk) and self._held(s) >= MAX_HELD * self.cfg.queue_size:
+                        s.held_dropped += 1
+                    else:
+                        s.inbox.append(item)
+                    return
+                if isinstance(item, End):
+                    s.end_queued = True
                 full = sum(isinstance(i, AudioChunk) for i in s.inbox) >= self.cfg.queue_size
                 if full and isinstance(item, AudioChunk) and self.cfg.overflow == "drop-oldest":
                     for i, queued in enumerate(s.inbox):
@@ -298,8 +315,11 @@ class Engine:
         with self.lock:
             self.closing = True
             for s in self.sessions.values():
-                if not any(isinstance(i, End) for i in s.inbox) and not s.source_ended:
+                if not s.end_queued:
                     s.inbox.append(End(s.name, s.pos, time.monotonic()))
+                    s.end_queued = True
+                elif (rest := self._after_end(s)) and not isinstance(rest[-1], End):  # a held next session's input ends too
+                    s.inbox.append(End(s.name, 0, time.monotonic()))
             self.wake.notify()
 
     def abort(self) -> None:
@@ -313,7 +333,7 @@ class Engine:
         name = item.session
         s = self.sessions.get(name)
         if s is not None:
-            if isinstance(item, Control) and item.action == "start" and not s.source_ended:  # failed by the worker, which owns the decoder
+            if isinstance(item, Control) and item.action == "start" and not s.end_queued:  # failed by the worker, which owns the decoder
                 s.inbox.append(SessionError(name, f"session {name!r} already started"))
                 self.wake.notify()
                 return None
@@ -366,7 +386,14 @@ class Engine:
             if s.decoder is not None:
                 s.decoder.cancel(s.name)
             if not s.source_ended:
-                self._close(s.name)
+                ended = next((i for i, item in enumerate(s.inbox) if isinstance(item, End)), None)
+                if ended is None:  # its source's End is still to come: what it sends until then is dropped
+                    self._close(s.name)
+                    s.inbox.clear()
+                else:  # the End is queued: this session's input up to it goes, the next session's after it stays
+                    for _ in range(ended + 1):
+                        s.inbox.popleft()
+                    s.source_ended = True
             if self.vad is not None:
                 self.vad.close(s.name)
             self.emit(SessionError(s.name, why))
@@ -376,13 +403,34 @@ class Engine:
 
     def _successor(self, s: Session) -> None:
         """After a session's end: what its source sent after its End (the id used again for a new session
-        while this one finished) opens that session now, in order; nothing of it is dropped."""
+        while this one finished) opens that session now, in order. If more came than could be held, the
+        new session ends at once saying so (nothing is dropped silently)."""
         if s.source_ended:
-            for item in list(s.inbox):
+            items = list(s.inbox)
+            if s.held_dropped:
+                why = (f"{s.held_dropped} of its audio chunks came while the last session of {s.name!r} was still finishing, "
+                       f"more than the {MAX_HELD * self.cfg.queue_size} that are held meanwhile: start a session after the last one's end")
+                opens = next((i for i, it in enumerate(items) if not isinstance(it, (End, SessionError))), None)
+                if opens is not None:  # into the new session, once its first item has opened it
+                    items.insert(opens + 1, SessionError(s.name, why))
+            for item in items:
+                if isinstance(item, End) and s.name in self.sessions:
+                    self.sessions[s.name].end_queued = True
                 t = self._session_for(item)
                 if t is not None:
                     t.inbox.append(item)
         s.inbox.clear()
+
+    @staticmethod
+    def _after_end(s: Session) -> list[Item]:
+        """The id's next session's items waiting in this session's inbox (after its End)."""
+        items = list(s.inbox)
+        if not s.source_ended:
+            items = items[next((i for i, it in enumerate(items) if isinstance(it, End)), len(items)) + 1 :]
+        return items
+
+    def _held(self, s: Session) -> int:
+        return sum(isinstance(i, AudioChunk) for i in self._after_end(s))
 
     def _release_waiters(self, s: Session) -> None:
         for w in s.waiters:
@@ -477,6 +525,13 @@ class Engine:
                 s.decoding = False
                 s.plugin, s.policy, s.decoder = plugin, policy, decoder
             return
+        if isinstance(item, End):
+            s.source_ended = True
+            if len(s.buf) and not s.input_ended:
+                self._chunk(s, s.buf, item.captured_at)
+            s.buf = torch.zeros(0)
+            s.input_ended = True
+            return
         if s.input_ended:
             return  # after the VAD ended the input
         if isinstance(item, AudioChunk):
@@ -485,12 +540,6 @@ class Engine:
             while len(s.buf) >= n and not s.input_ended:
                 self._chunk(s, s.buf[:n], item.captured_at)
                 s.buf = s.buf[n:]
-        elif isinstance(item, End):
-            s.source_ended = True
-            if len(s.buf):
-                self._chunk(s, s.buf, item.captured_at)
-                s.buf = torch.zeros(0)
-            s.input_ended = True
 
     def _chunk(self, s: Session, samples: Tensor, captured_at: float) -> None:
         s.pos += len(samples)

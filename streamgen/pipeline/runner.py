@@ -59,8 +59,9 @@ class Pipeline:
         self.max_chunk = int(MAX_CHUNK_SECONDS * stats.sample_rate)
         stats.algorithmic_ms = {k: 1000 * v for k, v in engine.algorithmic_s.items() if v}
         # sessions over before their source ended them (rejected at the input, or ended by the engine), until
-        # it does: the newest MAX_ENDED (the serve hub sends no End for a session the engine has ended)
-        self.ended: OrderedDict[str, None] = OrderedDict()
+        # it does, with whether the engine's End for it has come: the newest MAX_ENDED (the serve hub sends no
+        # End for a session the engine has ended)
+        self.ended: OrderedDict[str, bool] = OrderedDict()
         self.live: set[str] = set()  # sessions the source opened and has not ended
         self.finishing: dict[str, int] = {}  # per id, sessions the source has ended and the engine not yet
         self._stop = asyncio.Event()
@@ -135,7 +136,8 @@ class Pipeline:
             if isinstance(item, End):
                 self.live.discard(s)
                 if s in self.ended:  # ended before its input did: the End only frees the id (in the engine too)
-                    del self.ended[s]
+                    if not self.ended.pop(s):  # the engine's End for that session is still to come
+                        self.finishing[s] = self.finishing.get(s, 0) + 1
                 else:
                     st = self.stats.session(s)
                     st.input_end_at = item.captured_at
@@ -152,7 +154,7 @@ class Pipeline:
                 if why is None and item.samples.numel() > self.max_chunk:
                     why = f"audio chunk {item.seq} of {item.samples.numel() / self.stats.sample_rate:.1f} s exceeds the {MAX_CHUNK_SECONDS:.0f} s limit for one chunk"
                 if why is not None:
-                    self._end(s)
+                    self._end(s, engine_ended=False)
                     item = SessionError(s, why)
                 else:
                     st = self.stats.session(s)
@@ -160,13 +162,13 @@ class Pipeline:
                         st.started_at = item.captured_at - item.samples.numel() / self.stats.sample_rate
                     st.input_samples += item.samples.numel()
             elif isinstance(item, SessionError):
-                self._end(s)
+                self._end(s, engine_ended=False)
             await self.engine.put(item)
 
-    def _end(self, session: str) -> None:
+    def _end(self, session: str, engine_ended: bool) -> None:
         """The session is over before its source ended it: the rest of its input is dropped here."""
         self.live.discard(session)
-        self.ended[session] = None
+        self.ended[session] = engine_ended
         while len(self.ended) > MAX_ENDED:
             self.ended.popitem(last=False)
 
@@ -188,8 +190,10 @@ class Pipeline:
                 n = self.finishing.pop(item.session, 0)
                 if n > 1:
                     self.finishing[item.session] = n - 1
+                elif n == 0 and item.session in self.ended:  # the End of a session the pipeline had ended at its input
+                    self.ended[item.session] = True
                 elif n == 0 and item.session in self.live:  # over before its input: what more of it comes is not taken
-                    self._end(item.session)
+                    self._end(item.session, engine_ended=True)
 
 
 __all__ = ["Pipeline", "Sink", "Source", "build_engine", "check_chunk"]
