@@ -224,7 +224,7 @@ def train(data_path: Path, encoder: str, out: Path, steps: int, batch_size: int 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     front = load_logmel_units(encoder)
-    data = torch.load(data_path)
+    data = torch.load(data_path, weights_only=True)
     feats = [front.features(d["audio"].float() / 32767) for d in data]
     every = torch.cat(feats).double()
     prior, prior_sq = every.mean(0).float(), (every * every).mean(0).float()

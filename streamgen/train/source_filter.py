@@ -206,13 +206,13 @@ def train(data_path: str | Path, out: str | Path, cfg: SourceFilterConfig, steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with (lzma.open(data_path) if str(data_path).endswith(".xz") else open(data_path, "rb")) as f:
-        data = torch.load(f)
+        data = torch.load(f, weights_only=True)
     model = SourceFilterVocoder(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = lambda step: min(1.0, step / 200) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)) * 0.9 + 0.1
     step, ckpt = 0, out / "checkpoint.pt"
     if ckpt.is_file():  # resume
-        state = torch.load(ckpt, map_location=device)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
