@@ -2,6 +2,7 @@
 random bundle; concurrent sessions, malformed frames, a vanishing client, the token, SIGTERM."""
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -33,6 +34,25 @@ def server(bundle_dir):
                      "--status-every", "1", "--max-sessions", "12")
     yield s
     s.stop()
+
+
+@contextlib.asynccontextmanager
+async def in_process(bundle_dir, engine: dict | None = None, serve: dict | None = None):
+    """A server in this process (its engine and hub at hand), on a free port, stopped at the end."""
+    from streamgen.bundle import load_bundle
+    from streamgen.pipeline.runner import build_engine
+    from streamgen.serve.server import Server, ServeOptions
+
+    e = build_engine(load_bundle(bundle_dir), "resynthesis", chunk_ms=320, **(engine or {}))
+    srv = Server(e, ServeOptions(port=0, status_every_s=0, **(serve or {})), echo=lambda line: None)
+    run = asyncio.ensure_future(srv.run())
+    try:
+        while srv.port is None:
+            await asyncio.sleep(0.05)
+        yield srv
+    finally:
+        srv.stop()
+        await asyncio.wait_for(run, 30)
 
 
 def wave(i: int, rate: int = 16000) -> np.ndarray:
@@ -198,16 +218,7 @@ async def test_a_session_the_engine_ends_before_its_stop_gets_one_error_and_its_
     one session; the same for a VAD end or a policy error): the client hears that error and the end,
     once; the frames and the stop it had in flight are dropped without further errors, and nothing of
     the session stays behind in the server."""
-    from streamgen.bundle import load_bundle
-    from streamgen.pipeline.runner import build_engine
-    from streamgen.serve.server import Server, ServeOptions
-
-    engine = build_engine(load_bundle(bundle_dir), "resynthesis", chunk_ms=320, max_sessions=1)
-    srv = Server(engine, ServeOptions(port=0, status_every_s=0), echo=lambda line: None)
-    run = asyncio.ensure_future(srv.run())
-    try:
-        while srv.port is None:
-            await asyncio.sleep(0.05)
+    async with in_process(bundle_dir, {"max_sessions": 1}) as srv:
         url = f"ws://127.0.0.1:{srv.port}/ws"
         async with websockets.connect(url) as holder, websockets.connect(url) as ws:
             await holder.send(json.dumps({"type": "start"}))
@@ -235,24 +246,12 @@ async def test_a_session_the_engine_ends_before_its_stop_gets_one_error_and_its_
             assert msgs[-1]["type"] == "end" and len(out) > 0
         assert (srv.metrics.registry.get_sample_value("streamgen_protocol_errors_total", {"via": "ws"}) or 0) == 0
         assert session not in srv.pipeline.live and session not in srv.hub.sessions
-    finally:
-        srv.stop()
-        await asyncio.wait_for(run, 30)
 
 
 async def test_a_connection_with_no_session_is_closed_after_the_idle_timeout(bundle_dir):
     """Idle connections would otherwise hold --max-connections places for ever (256 of them locked
     everyone out, /healthz included); a connection with a session running is never closed for it."""
-    from streamgen.bundle import load_bundle
-    from streamgen.pipeline.runner import build_engine
-    from streamgen.serve.server import Server, ServeOptions
-
-    engine = build_engine(load_bundle(bundle_dir), "resynthesis", chunk_ms=320)
-    srv = Server(engine, ServeOptions(port=0, status_every_s=0, idle_timeout_s=1.0), echo=lambda line: None)
-    run = asyncio.ensure_future(srv.run())
-    try:
-        while srv.port is None:
-            await asyncio.sleep(0.05)
+    async with in_process(bundle_dir, serve={"idle_timeout_s": 1.0}) as srv:
         url = f"ws://127.0.0.1:{srv.port}/ws"
         async with websockets.connect(url) as idle, websockets.connect(url) as busy:
             talking = asyncio.ensure_future(ws_session(srv.port, wave=np.tile(wave(0), 2), ws=busy, realtime=True))
@@ -261,9 +260,6 @@ async def test_a_connection_with_no_session_is_closed_after_the_idle_timeout(bun
             assert closed.value.rcvd.reason == "no session for 1 s"
             out, msgs = await talking  # longer than the timeout, and never cut off
             assert msgs[-1]["type"] == "end" and len(out) > 0
-    finally:
-        srv.stop()
-        await asyncio.wait_for(run, 30)
 
 
 async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
