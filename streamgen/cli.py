@@ -370,8 +370,6 @@ def train_prompt(
         in_range("--clip", clip, 0.0, None)
         in_range("--patience", patience, 1, None)
         in_range("--save-minutes", save_minutes, 0.0, None)
-        if dropout is not None:
-            in_range("--dropout", dropout, 0.0, 0.9)
         if wait_k is not None:
             in_range("--wait-k", wait_k, 0, None)
         in_range("--wait-ratio", wait_ratio, 0.1, 10.0)
