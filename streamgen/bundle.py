@@ -454,6 +454,16 @@ class _Skeleton(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def shape_difference(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]], theirs: str) -> str | None:
+    """How the tensor shapes a config asks for (`want`) differ from those of a weights file (`have`,
+    called `theirs` in the message), in one line; None when they agree."""
+    if want == have:
+        return None
+    diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+    k = diff[0]
+    return f"{len(diff)} tensors differ; {k}: config {want.get(k, 'none')}, {theirs} {have.get(k, 'none')}"
+
+
 def _load_part(path: Path, name: str, build: Callable[[], nn.Module]) -> nn.Module:
     """Build a part and load its weights, after checking, on a module built on the meta device (no
     memory), that the config asks for exactly the shapes the weights file declares."""
@@ -465,12 +475,9 @@ def _load_part(path: Path, name: str, build: Callable[[], nn.Module]) -> nn.Modu
     except (RuntimeError, NotImplementedError):  # a constructor that computes on tensors: its config limits were checked
         skeleton = None
     if skeleton is not None:
-        want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        if want != have:
-            diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
-            k = diff[0]
-            raise BundleError(f"{file}: weights do not match the config in bundle.json ({len(diff)} tensors differ; "
-                              f"{k}: config {want.get(k, 'none')}, file {have.get(k, 'none')})")
+        diff = shape_difference({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, have, "file")
+        if diff is not None:
+            raise BundleError(f"{file}: weights do not match the config in bundle.json ({diff})")
     module = build()
     try:
         sd = load_file(file)

@@ -120,7 +120,7 @@ def convert(
     def build(name, module_cls, cfg, sd):
         """The module, after its shapes (built on the meta device: no memory) are checked against the
         checkpoint's: a config read from the file is not allocated before its weights are seen to fit it."""
-        from .bundle import _Skeleton
+        from .bundle import _Skeleton, shape_difference
 
         typer.echo(f"  {name}: {len(sd)} tensors")
         try:
@@ -128,12 +128,9 @@ def convert(
                 want = {k: tuple(v.shape) for k, v in module_cls(cfg).state_dict().items()}
         except (RuntimeError, NotImplementedError, ValueError, ZeroDivisionError) as e:
             raise CheckpointError(f"{name}: the checkpoint's config cannot be built: {type(e).__name__}: {e}") from None
-        have = {k: tuple(v.shape) for k, v in sd.items()}
-        if want != have:
-            diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
-            k = diff[0]
-            raise CheckpointError(f"{name}: the checkpoint's parameters do not fit its config ({len(diff)} tensors differ; "
-                                  f"{k}: config {want.get(k, 'none')}, checkpoint {have.get(k, 'none')})")
+        diff = shape_difference(want, {k: tuple(v.shape) for k, v in sd.items()}, "checkpoint")
+        if diff is not None:
+            raise CheckpointError(f"{name}: the checkpoint's parameters do not fit its config ({diff})")
         m = module_cls(cfg)
         m.load_state_dict(sd, strict=True)
         return m.eval()

@@ -190,7 +190,7 @@ class Server:
                  f"  health     http://{base}/healthz"]
         if self.cluster is not None:
             lines.append(f"  mqtt       {self.cluster.describe()}")
-        if o.host not in ("127.0.0.1", "localhost", "::1") and not o.http.token:
+        if not is_loopback(o.host) and not o.http.token:
             lines.append("  warning: listening beyond loopback without a token: anyone who can reach this port can use it")
         lines.append("SIGTERM or Ctrl-C drains the live sessions and exits")
         return "\n".join(lines)
