@@ -1,15 +1,20 @@
 """Audio files and raw PCM streams in and out.
 
 Files: any rate and channel count in (mixed to mono, resampled with soxr), WAV/FLAC out. File input
-can be paced in real time to simulate a live talker. Raw PCM: 16-bit little-endian mono on stdin /
+can be paced in real time to simulate a live talker; a pipe in place of a file (`--in <(sox ...)`) is read to
+its end first. Raw PCM: 16-bit little-endian mono on stdin /
 stdout, for shell pipelines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,24 +36,107 @@ def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return soxr.resample(wave, rate_in, rate_out, quality="HQ").astype(np.float32)
 
 
+UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's length of a file whose header gives none (a FLAC its encoder wrote to a pipe)
+MAX_SPOOL_BYTES = 4 << 30  # a pipe read to its end: at most this much
+_readable: dict[str, Path] = {}  # what `readable_path` made, by the path given
+_spool_dir: list[Path] = []
+
+
+def _reason(e: Exception) -> str:
+    """libsndfile's own words, without the path it was handed (a copy's, where the input was a pipe)."""
+    return getattr(e, "error_string", None) or str(e)
+
+
+def _spool_file(suffix: str) -> Path:
+    if not _spool_dir:
+        _spool_dir.append(Path(tempfile.mkdtemp(prefix="streamgen-in-")))
+        atexit.register(shutil.rmtree, _spool_dir[0], True)
+    return _spool_dir[0] / f"{len(_readable)}{suffix}"
+
+
+def _spool_pipe(p: Path) -> Path:
+    """A pipe's bytes, read to its end once, in a regular file: libsndfile opens a path more than once (its
+    header, then its audio) and cannot read a FLAC or OGG from a pipe at all."""
+    out = _spool_file(".audio")
+    with open(p, "rb") as src, open(out, "wb") as dst:
+        total = 0
+        while block := src.read(1 << 20):
+            total += len(block)
+            if total > MAX_SPOOL_BYTES:
+                raise ValueError(f"{p}: a pipe of more than {MAX_SPOOL_BYTES >> 30} GiB; a pipe is read to its end before "
+                                 "its audio is: give a file, or stream raw PCM with --in -")
+            dst.write(block)
+    return out
+
+
+def _read_frames(f: sf.SoundFile, frames: int) -> np.ndarray:
+    """Up to `frames` frames [n, channels] float32 from where `f` stands. soundfile's own read seeks past what it read,
+    which fails at the end of a file of unknown length and loses the last block; libsndfile's read itself does not."""
+    if f.frames != UNKNOWN_LENGTH:
+        return f.read(frames, dtype="float32", always_2d=True)
+    readf, ffi = getattr(sf, "_snd", None), getattr(sf, "_ffi", None)
+    if readf is None or ffi is None:  # (a soundfile without the binding: name the way out)
+        raise ValueError(f"{f.name}: its header gives no length, which this soundfile cannot read to the end; "
+                         "rewrite it with one (e.g. sox in.flac out.flac)")
+    out = np.empty((frames, f.channels), np.float32)
+    got = readf.sf_readf_float(f._file, ffi.cast("float *", out.ctypes.data), frames)
+    return out[:got]
+
+
+def _decode_unknown_length(p: Path) -> Path:
+    """A file whose header gives no length (soundfile reports 2**63 - 1 frames), decoded once into a WAV that gives it."""
+    out = _spool_file(".wav")
+    with sf.SoundFile(str(p)) as f, sf.SoundFile(str(out), "w", f.samplerate, f.channels, subtype="FLOAT", format="WAV") as dst:
+        while len(block := _read_frames(f, 1 << 16)):
+            dst.write(block)
+    return out
+
+
+def readable_path(path: str | Path) -> Path:
+    """`path`, or a regular file holding the same audio where libsndfile cannot read `path` as it is: a pipe
+    (a process substitution `<(...)`, a FIFO) read to its end, or a file whose header gives no length decoded
+    once. Each path is made readable once per process; the copies go when it exits. ValueError: what the path
+    is instead of audio."""
+    p = Path(path)
+    if str(p) in _readable:
+        return _readable[str(p)]
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read it ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{p} is a directory; give an audio file (WAV, FLAC, OGG)")
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        out = _spool_pipe(p)
+    elif not stat.S_ISREG(mode):
+        raise ValueError(f"{p} is a device, not an audio file; give a file (WAV, FLAC, OGG), or stream raw PCM with --in -")
+    else:
+        out = p
+    try:
+        if sf.info(str(out)).frames == UNKNOWN_LENGTH:
+            out = _decode_unknown_length(out)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
+    _readable[str(p)] = out
+    return out
+
+
 def audio_info(path: str | Path):
     """soundfile's header info of an audio file, or a ValueError that says what the path is instead."""
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p} is a directory; give an audio file (WAV, FLAC, OGG)")
     try:
-        return sf.info(str(p))
+        return sf.info(str(readable_path(p)))
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{p}: cannot read audio ({e}); give a WAV, FLAC or OGG file") from None
+        raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
 
 
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:
-    """Mono float32 [T] at `sample_rate` from a WAV/FLAC/OGG file."""
+    """Mono float32 [T] at `sample_rate` from a WAV/FLAC/OGG file (or a pipe carrying one)."""
     audio_info(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(str(readable_path(path)), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read audio: {e}") from None
     return torch.from_numpy(resample(data.mean(axis=1), rate, sample_rate))
@@ -66,7 +154,7 @@ def file_has_speech(path: str | Path, block_s: float = 1.0) -> bool:
     to the first speech."""
     info = audio_info(path)
     gate = SpeechGate(info.samplerate)
-    for block in sf.blocks(str(path), blocksize=max(1, int(block_s * info.samplerate)), dtype="float32", always_2d=True):
+    for block in sf.blocks(str(readable_path(path)), blocksize=max(1, int(block_s * info.samplerate)), dtype="float32", always_2d=True):
         if gate.push(block.mean(axis=1)):
             return True
     return False
@@ -84,7 +172,7 @@ class FileSource:
         rs = soxr.ResampleStream(self.info.samplerate, self.rate, 1, dtype="float32", quality="HQ")
         block = max(1, self.info.samplerate * self.block_ms // 1000)
         t0, emitted, seq = time.monotonic(), 0, 0
-        with sf.SoundFile(str(self.path)) as f:
+        with sf.SoundFile(str(readable_path(self.path))) as f:
             while True:
                 data = f.read(block, dtype="float32", always_2d=True)
                 last = len(data) < block

@@ -1,0 +1,153 @@
+"""Audio files as input: what libsndfile cannot read as it is is read anyway, whole, or named in one line.
+
+A pipe in place of a file (`--in <(sox ...)`, a FIFO) is opened more than once by the commands (its header,
+its speech check, its audio) and libsndfile reads no FLAC from a pipe at all; a FLAC whose encoder wrote it to
+a pipe gives no length, and soundfile's own read lost its last block."""
+
+import asyncio
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+import streamgen.cli as cli
+import streamgen.io.files as files_mod
+from streamgen.io.files import FileSource, UNKNOWN_LENGTH, audio_info, file_has_speech, read_audio
+from streamgen.pipeline.items import AudioChunk, End
+from streamgen.testing import random_bundle
+
+STREAMGEN = str(Path(sys.executable).parent / "streamgen")
+
+
+def talk(seconds=2.0, rate=16000):
+    t = np.arange(int(rate * seconds)) / rate
+    return (np.sin(2 * np.pi * 150 * t) * (np.sin(2 * np.pi * 4 * t) > 0) * 0.3).astype(np.float32)
+
+
+def without_length(flac: Path, out: Path) -> Path:
+    """The FLAC with STREAMINFO's total-samples field zeroed, as an encoder writing to a pipe leaves it."""
+    b = bytearray(flac.read_bytes())
+    assert b[:4] == b"fLaC"
+    b[21] &= 0xF0  # the field's top 4 bits
+    b[22:26] = bytes(4)  # and its other 32
+    out.write_bytes(bytes(b))
+    return out
+
+
+def through_fifo(tmp_path: Path, data: bytes, name="fifo") -> Path:
+    """A FIFO a thread writes `data` into, once, as a process substitution would."""
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=write, daemon=True).start()
+    return fifo
+
+
+def within(seconds, fn, *args):
+    """fn(*args) in a thread, failing the test (not hanging the suite) when it does not return in time: a second
+    open of a FIFO whose writer is done waits for ever."""
+    out = []
+
+    def run():
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as e:  # noqa: BLE001 (raised again in the test)
+            out.append((False, e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn.__name__} still waiting after {seconds} s (opened a pipe twice?)"
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+async def chunks(source):
+    got, end = [], None
+    async for item in source:
+        if isinstance(item, AudioChunk):
+            got.append(item.samples.numpy())
+        else:
+            assert isinstance(item, End)
+            end = item
+    return np.concatenate(got), end
+
+
+@pytest.fixture(autouse=True)
+def fresh_copies(monkeypatch):
+    monkeypatch.setattr(files_mod, "_readable", {})  # each test's paths made readable afresh
+
+
+@pytest.fixture
+def flac(tmp_path):
+    path = tmp_path / "talk.flac"
+    sf.write(path, talk(), 16000, subtype="PCM_16")
+    return path
+
+
+def test_a_flac_without_its_length_is_read_to_its_last_sample(tmp_path, flac):
+    bare = without_length(flac, tmp_path / "bare.flac")
+    assert sf.info(str(bare)).frames == UNKNOWN_LENGTH  # what libsndfile makes of it
+    want = read_audio(flac, 16000).numpy()
+    np.testing.assert_array_equal(read_audio(bare, 16000).numpy(), want)
+    assert audio_info(bare).frames == len(want) == 32000
+    got, end = asyncio.run(chunks(FileSource(bare, 16000, block_ms=20)))
+    np.testing.assert_array_equal(got, want)
+    assert end.source_samples == 32000
+    assert file_has_speech(bare)
+
+
+@pytest.mark.parametrize("kind", ["flac", "wav"])
+def test_a_pipe_in_place_of_a_file_is_read_once_whole(tmp_path, flac, kind):
+    src = flac if kind == "flac" else tmp_path / "talk.wav"
+    if kind == "wav":
+        sf.write(src, talk(), 16000, subtype="PCM_16")
+    fifo = through_fifo(tmp_path, src.read_bytes())
+    info = within(60, audio_info, fifo)  # the first open reads the pipe to its end ...
+    assert info.frames == 32000
+    assert within(60, file_has_speech, fifo)  # ... and every later one reads the copy
+    got, end = within(60, lambda: asyncio.run(chunks(FileSource(fifo, 16000))))
+    np.testing.assert_array_equal(got, read_audio(src, 16000).numpy())
+    assert end.source_samples == 32000
+
+
+def test_the_run_command_takes_a_process_substitution_and_names_what_it_cannot_read(tmp_path, flac):
+    random_bundle().save(tmp_path / "tiny")
+    base = [STREAMGEN, "run", "--bundle", str(tmp_path / "tiny"), "--task", "resynthesis"]
+
+    def bash(command: str, out: str):  # the real command, as a shell user types it: `--in <(...)`
+        cmd = " ".join(shlex.quote(a) for a in base) + f" --in {command} --out {shlex.quote(str(tmp_path / out))}"
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+
+    r = bash(f"<(cat {shlex.quote(str(flac))})", "piped.wav")
+    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(cli.app, base[1:] + ["--in", str(flac), "--out", str(tmp_path / "file.wav")])
+    assert r.exit_code == 0, r.output
+    assert sf.info(str(tmp_path / "piped.wav")).frames == sf.info(str(tmp_path / "file.wav")).frames > 0
+
+    r = bash("<(echo hello)", "x.wav")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: /dev/fd/") and ": cannot read audio (Format not recognised" in r.stderr  # not its copy's name
+    r = CliRunner().invoke(cli.app, base[1:] + ["--in", "/dev/null", "--out", str(tmp_path / "x.wav")])
+    assert r.exit_code == 2 and "error: /dev/null is a device, not an audio file" in r.output and r.output.count("\n") == 1
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_a_pipe_past_the_bound_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(files_mod, "MAX_SPOOL_BYTES", 1000)
+    fifo = through_fifo(tmp_path, bytes(5000))
+    with pytest.raises(ValueError, match="a pipe of more than .* is read to its end before its audio is"):
+        within(60, audio_info, fifo)
