@@ -596,6 +596,7 @@ def evaluate_cmd(
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
     from .eval.run import evaluate
     from .options import MAX_CHUNK_MS, UsageError, check_device, check_lm_dtype, in_range, parse_kv, set_engine_threads
+    from .pipeline.tasks import UnknownTask, load_task
 
     if no_prompt and prompt is not None:
         fail("--prompt and --no-prompt exclude each other")
@@ -612,6 +613,13 @@ def evaluate_cmd(
         check_device(device)
         lm = check_lm_dtype(lm_dtype)
         set_engine_threads(threads, device)  # as `run` and `serve`: the latencies it reports are a live session's
+        try:
+            load_task(task)  # its name; the options are checked with the bundle, against each row
+        except UnknownTask as e:
+            raise UsageError(str(e)) from None
+        for what, path in (("--manifest", manifest), ("--references", references)):
+            if path is not None and not Path(path).is_file():
+                raise UsageError(f"{what} {path}: no such manifest")
     except UsageError as e:
         fail(str(e))
     b = open_bundle(bundle, device, lm)

@@ -312,15 +312,23 @@ def test_a_session_that_produced_nothing_leaves_no_file(tmp_path):
 
 def test_eval_names_its_mistakes_before_loading_anything(files):
     base = ["eval", "--task", "resynthesis", "--manifest", str(files / "m.tsv"), "--out", str(files / "ev"), "--bundle", str(files / "tiny")]
+    (files / "m.tsv").write_text("id\taudio\tn_frames\ttext\n")
     for extra, message in [
         (["--chunk-ms", "320,abc"], "--chunk-ms '320,abc': expected sizes in ms separated by commas"),
         (["--chunk-ms", "0"], "--chunk-ms 0: must be from 10 to 10000 ms"),
         (["--opt", "k"], "--opt 'k': expected KEY=VALUE"),
         (["--limit", "0"], "--limit 0: must be at least 1"),
         (["--lm-dtype", "float16"], "--lm-dtype 'float16': choose float32"),
+        (["--task", "nope"], "unknown task 'nope'; installed tasks: continuation, inpainting, resynthesis, translation"),
+        (["--references", str(files / "refs.tsv")], f"--references {files / 'refs.tsv'}: no such manifest"),
     ]:
         r = runner.invoke(cli.app, base + extra)
         assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (extra, r.output)
+    (files / "m.tsv").unlink()  # a manifest that is not there is named before the bundle loads, after the task
+    r = runner.invoke(cli.app, base[:2] + ["nope"] + base[3:])
+    assert r.exit_code == 2 and "unknown task 'nope'" in r.output, r.output
+    r = runner.invoke(cli.app, base)
+    assert r.exit_code == 2 and f"--manifest {files / 'm.tsv'}: no such manifest" in r.output, r.output
 
 
 @pytest.mark.parametrize("args, message", [
