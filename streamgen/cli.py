@@ -44,6 +44,9 @@ class App(typer.Typer):
                 sys.exit(e.exit_code)
             if DEBUG:
                 raise
+            if type(e).__name__ == "WriteFailed":  # its message names the file, the reason and what is left: all there is to say
+                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+                sys.exit(1)
             typer.secho(f"error: {type(e).__name__}: {e} (streamgen --debug ... shows where)", fg=typer.colors.RED, err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
@@ -812,7 +815,7 @@ def run(
     except Exception as e:  # device errors and the like, named
         if DEBUG:
             raise
-        fail(f"{type(e).__name__}: {e}", code=1)
+        fail(str(e) if type(e).__name__ == "WriteFailed" else f"{type(e).__name__}: {e}", code=1)
     finally:
         if log_file:
             log_file.close()

@@ -132,6 +132,8 @@ def check_output_file(path: str | Path, flag: str = "--out", reads: Path | None 
         raise UsageError(f"{flag} {p} is a directory; give a file name inside it")
     if not p.parent.is_dir():
         raise UsageError(f"{flag} {p}: the directory {p.parent} does not exist; create it first")
+    if not os.access(p.parent, os.W_OK):
+        raise UsageError(f"{flag} {p}: the directory {p.parent} is not writable for this user; give another")
     return p
 
 
@@ -142,6 +144,8 @@ def check_writable(path: str | Path, flag: str) -> Path:
         raise UsageError(f"{flag} {p} is a directory; give a file name inside it")
     if not p.parent.is_dir():
         raise UsageError(f"{flag} {p}: the directory {p.parent} does not exist; create it first")
+    if not os.access(p.parent, os.W_OK):
+        raise UsageError(f"{flag} {p}: the directory {p.parent} is not writable for this user; give another")
     return p
 
 

@@ -1,12 +1,18 @@
-"""Audio files as input: what libsndfile cannot read as it is is read anyway, whole, or named in one line.
+"""Audio files in and out.
 
-A pipe in place of a file (`--in <(sox ...)`, a FIFO) is opened more than once by the commands (its header,
-its speech check, its audio) and libsndfile reads no FLAC from a pipe at all; a FLAC whose encoder wrote it to
-a pipe gives no length, and soundfile's own read lost its last block."""
+In: what libsndfile cannot read as it is is read anyway, whole, or named in one line. A pipe in place of a file
+(`--in <(sox ...)`, a FIFO) is opened more than once by the commands (its header, its speech check, its audio) and
+libsndfile reads no FLAC from a pipe at all; a FLAC whose encoder wrote it to a pipe gives no length, and
+soundfile's own read lost its last block.
+
+Out: a write that fails (a full disk, a file-size limit) is named with the system's reason, not libsndfile's
+"System error.", and what was written is not left under the name of the whole."""
 
 import asyncio
 import os
+import resource
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -19,8 +25,10 @@ from typer.testing import CliRunner
 
 import streamgen.cli as cli
 import streamgen.io.files as files_mod
-from streamgen.io.files import FileSource, UNKNOWN_LENGTH, audio_info, file_has_speech, read_audio
-from streamgen.pipeline.items import AudioChunk, End
+import streamgen.options as options
+import torch
+from streamgen.io.files import FileSink, FileSource, UNKNOWN_LENGTH, WriteFailed, audio_info, file_has_speech, read_audio, write_audio
+from streamgen.pipeline.items import AudioChunk, AudioOut, End
 from streamgen.testing import random_bundle
 
 STREAMGEN = str(Path(sys.executable).parent / "streamgen")
@@ -151,3 +159,35 @@ def test_a_pipe_past_the_bound_is_refused_in_one_line(tmp_path, monkeypatch):
     fifo = through_fifo(tmp_path, bytes(5000))
     with pytest.raises(ValueError, match="a pipe of more than .* is read to its end before its audio is"):
         within(60, audio_info, fifo)
+
+
+def test_a_run_whose_output_outgrows_what_it_may_write_names_why_and_sets_the_part_aside(tmp_path, flac):
+    random_bundle().save(tmp_path / "tiny")
+    out = tmp_path / "out.wav"
+
+    def limited():  # a file-size limit: the same failed write as a full disk, without filling one
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))
+
+    r = subprocess.run([STREAMGEN, "run", "--bundle", str(tmp_path / "tiny"), "--task", "resynthesis", "--in", str(flac),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    aside = tmp_path / "out.incomplete.wav"
+    seconds = sf.info(str(aside)).duration
+    assert r.stderr == f"error: {out}: writing session file's audio failed (File too large); the {seconds:.1f} s written are in {aside}\n"
+    assert not out.exists() and 0 < seconds < 2.0
+
+
+def test_a_full_disk_is_named(tmp_path):
+    full = tmp_path / "full.wav"
+    full.symlink_to("/dev/full")  # every write: no space left on device
+    with pytest.raises(WriteFailed, match=r"full.wav: cannot write session s's audio \(No space left on device\)"):
+        asyncio.run(FileSink(full, 16000).write(AudioOut("s", torch.zeros(320), 320, 0.0)))
+    with pytest.raises(WriteFailed, match=r"full.wav: cannot write audio \(No space left on device\); nothing written"):
+        write_audio(full, np.zeros(16000, np.float32), 16000)
+
+
+def test_an_output_directory_this_user_cannot_write_is_named_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(options.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(options.UsageError, match=f"the directory {tmp_path} is not writable for this user"):
+        options.check_output_file(tmp_path / "out.wav")

@@ -142,10 +142,42 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
     return torch.from_numpy(resample(data.mean(axis=1), rate, sample_rate))
 
 
+class WriteFailed(OSError):
+    """Audio could not be written: the message names the file, the system's reason and where what was written is."""
+
+
+def os_reason(e: Exception) -> str:
+    """Why libsndfile failed: its "System error." is the system's (no space left on device, file too large,
+    permission denied), which cffi kept from the failing call."""
+    code = getattr(getattr(sf, "_ffi", None), "errno", 0)
+    if isinstance(e, sf.LibsndfileError) and getattr(e, "code", None) == 2 and code:  # SFE_SYSTEM
+        return os.strerror(code)
+    return _reason(e)
+
+
+def _set_aside(f: sf.SoundFile, path: Path) -> Path | None:
+    """A file whose writing failed, closed and renamed NAME.incomplete.EXT, so that its valid-looking header
+    does not pass it off as the whole; None if nothing of it is left."""
+    try:
+        f.close()
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        pass
+    aside = path.with_name(f"{path.stem}.incomplete{path.suffix}")
+    try:
+        os.replace(path, aside)
+        return aside
+    except OSError:
+        return None
+
+
 def write_audio(path: str | Path, wave: Tensor | np.ndarray, sample_rate: int) -> Path:
-    """Write mono audio (PCM16 WAV, or FLAC by extension) into an existing directory."""
+    """Write mono audio (PCM16 WAV, or FLAC by extension) into an existing directory; WriteFailed names why not."""
     wave = wave.detach().cpu().float().numpy() if isinstance(wave, Tensor) else np.asarray(wave, np.float32)
-    sf.write(str(path), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16")
+    try:
+        sf.write(str(path), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16")
+    except (sf.LibsndfileError, RuntimeError) as e:
+        Path(path).unlink(missing_ok=True)  # a part of the audio under its name would pass for the whole
+        raise WriteFailed(f"{path}: cannot write audio ({os_reason(e)}); nothing written") from None
     return Path(path)
 
 
@@ -211,12 +243,26 @@ class FileSink:
                 name = path.with_name(f"{path.stem}-{n}{path.suffix}")
             self.opened[str(path)] = n
             self.taken.add(str(name))
-            self.files[session] = sf.SoundFile(str(name), "w", self.rate, 1, subtype="PCM_16")
+            try:
+                self.files[session] = sf.SoundFile(str(name), "w", self.rate, 1, subtype="PCM_16")
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise WriteFailed(f"{name}: cannot write session {session}'s audio ({os_reason(e)})") from None
         return self.files[session]
 
     async def write(self, item: Item) -> None:
         if isinstance(item, AudioOut):
-            self._file(item.session).write(np.clip(item.samples.numpy(), -1.0, 1.0))
+            f = self._file(item.session)
+            try:
+                f.write(np.clip(item.samples.numpy(), -1.0, 1.0))
+            except (sf.LibsndfileError, RuntimeError) as e:
+                why = os_reason(e)
+                del self.files[item.session]
+                aside = _set_aside(f, Path(f.name))
+                try:
+                    kept = f"the {sf.info(str(aside)).duration:.1f} s written are in {aside}"
+                except (sf.LibsndfileError, RuntimeError, TypeError):  # (None: the rename failed too)
+                    kept = f"what was written is in {aside}" if aside else "nothing of it is left"
+                raise WriteFailed(f"{f.name}: writing session {item.session}'s audio failed ({why}); {kept}") from None
         elif isinstance(item, End):
             f = self.files.pop(item.session, None)
             if f is not None:
