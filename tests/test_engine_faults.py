@@ -20,7 +20,7 @@ from streamgen.pipeline.stats import Stats
 WAIT_S = 120  # a guard against a hang, far beyond what any of these runs takes
 
 
-def finish(engine, items, sink=None, interval: float = 0.0) -> MemorySink:
+def finish(engine, items, sink=None, interval: float = 0.0, stats: Stats | None = None) -> MemorySink:
     """Run a pipeline over `items` in a thread of its own; a run that does not end within WAIT_S (a
     deadlock blocks the event loop itself, so asyncio cannot time it out) fails the test."""
     sink = sink or MemorySink()
@@ -28,7 +28,7 @@ def finish(engine, items, sink=None, interval: float = 0.0) -> MemorySink:
 
     def main():
         try:
-            asyncio.run(Pipeline(MemorySource(items, interval=interval), engine, sink, Stats(engine.bundle.sample_rate)).run())
+            asyncio.run(Pipeline(MemorySource(items, interval=interval), engine, sink, stats or Stats(engine.bundle.sample_rate)).run())
         except BaseException as e:  # noqa: BLE001 (reported below)
             error.append(e)
 
@@ -245,6 +245,30 @@ def test_a_session_id_used_again_while_its_last_session_finishes_loses_nothing(t
     for name, want in (("alice", "x"), ("alice-2", "y"), ("bob", "x")):
         got, ref = sf.read(tmp_path / f"{name}.wav", dtype="float32")[0], alone.wave(want).numpy()
         assert len(got) == len(ref) > 0 and abs(got - ref).max() <= 2 / 32768, name  # PCM16 of the same audio
+
+
+def test_each_session_of_an_id_used_again_has_its_own_figures(test_bundle):
+    """The new session's input used to be counted into the finishing session's record (one JSON line, one
+    table for both; and the second session's own line was never written). Each now has its record: the id's
+    first under the id, the next as ID#2, both closed with their own input and output."""
+    import io
+    import json
+
+    one, two = espeak("The weather is nice today."), espeak("Where is the train station?")
+    log = io.StringIO()
+    stats = Stats(16000, log)
+    sink = finish(build_engine(test_bundle, "resynthesis", chunk_ms=100),
+                  chunks_of("alice", one, 1600) + chunks_of("alice", two, 1600) + chunks_of("bob", one, 1600), stats=stats)
+    alone = finish(build_engine(test_bundle, "resynthesis", chunk_ms=100), chunks_of("x", one, 1600) + chunks_of("y", two, 1600))
+    lines = {e.get("key", e["session"]): e for e in map(json.loads, log.getvalue().splitlines()) if e["event"] == "session"}
+    assert sorted(lines) == ["alice", "alice#2", "bob"] and lines["alice#2"]["session"] == "alice"
+    for key, wave in (("alice", one), ("alice#2", two), ("bob", one)):
+        assert lines[key]["input_s"] == round(len(wave) / 16000, 3), key
+    assert lines["alice"]["output_s"] == lines["bob"]["output_s"] == round(len(alone.wave("x")) / 16000, 3)
+    assert lines["alice#2"]["output_s"] == round(len(alone.wave("y")) / 16000, 3)
+    assert len(sink.wave("alice")) == len(alone.wave("x")) + len(alone.wave("y"))
+    assert all(st.closed for st in stats.sessions.values()) and not stats._open
+    assert stats.report("alice#2").startswith("session alice#2\n")
 
 
 def test_a_sink_that_fails_stops_the_run_with_its_error_instead_of_hanging(test_bundle):

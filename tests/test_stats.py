@@ -13,8 +13,10 @@ from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import FIGURES, SessionStats, Stats, figures_help
 
 
-def finished_session() -> SessionStats:
-    s = SessionStats("x", 1000, started_at=10.0, input_samples=2000, input_end_at=10.5)  # 2 s read in 0.5 s
+def finished_session(s: SessionStats | None = None) -> SessionStats:
+    """A session's figures (into `s`, a record of a Stats, if given)."""
+    s = s or SessionStats("x", 1000)
+    s.started_at, s.input_samples, s.input_end_at = 10.0, 2000, 10.5  # 2 s read in 0.5 s
     for chunk in [(500.0, 10.7, 300), (1000.0, 10.9, 300), (2000.0, 12.5, 1000)]:
         s.add_output(*chunk)
     s.compute = {"encoder": 0.2, "vocoder": 0.3}
@@ -65,7 +67,7 @@ def test_services_keep_no_per_chunk_records():
 
 def test_one_table_per_session_in_rows_with_units():
     st = Stats(1000)
-    st.sessions["x"] = finished_session()
+    finished_session(st.session("x"))
     st.algorithmic_ms = {"chunker": 100.0}
     table = st.report("x").splitlines()
     assert table[0] == "session x"
@@ -86,7 +88,7 @@ def test_every_figure_in_the_table_is_defined_in_help():
 def test_close_session_writes_the_json_line_once_and_reports_it():
     log, seen = io.StringIO(), []
     st = Stats(1000, log, on_session=lambda s: seen.append(s.session))
-    st.sessions["x"] = finished_session()
+    finished_session(st.session("x"))
     st.close_session("x")
     st.close_session("x")
     lines = [json.loads(line) for line in log.getvalue().splitlines()]

@@ -128,7 +128,7 @@ class Pipeline:
         if self._stop.is_set():
             for s in sorted(self.live):
                 yield SessionError(s, self.stop_reason)
-                yield End(s, self.stats.session(s).input_samples, time.monotonic())
+                yield End(s, self.stats.input_record(s).input_samples, time.monotonic())
 
     async def _feed(self) -> None:
         async for item in self._items():
@@ -138,9 +138,11 @@ class Pipeline:
                 if s in self.ended:  # ended before its input did: the End only frees the id (in the engine too)
                     if not self.ended.pop(s):  # the engine's End for that session is still to come
                         self.finishing[s] = self.finishing.get(s, 0) + 1
+                    if (st := self.stats.open_input(s)) is not None:
+                        st.input_ended = True  # the id's next chunk opens a record of its own
                 else:
-                    st = self.stats.session(s)
-                    st.input_end_at = item.captured_at
+                    st = self.stats.input_record(s)
+                    st.input_ended, st.input_end_at = True, item.captured_at
                     if st.input_samples == 0:
                         await self.engine.put(SessionError(s, "the session ended without any audio (empty input)"))
                     self.finishing[s] = self.finishing.get(s, 0) + 1  # the engine's End for it is to come
@@ -157,7 +159,7 @@ class Pipeline:
                     self._end(s, engine_ended=False)
                     item = SessionError(s, why)
                 else:
-                    st = self.stats.session(s)
+                    st = self.stats.input_record(s)
                     if st.started_at is None:
                         st.started_at = item.captured_at - item.samples.numel() / self.stats.sample_rate
                     st.input_samples += item.samples.numel()

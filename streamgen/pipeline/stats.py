@@ -61,6 +61,7 @@ class SessionStats:
 
     session: str
     sample_rate: int
+    key: str = ""  # its key in `Stats.sessions`: the id, or "ID#2", "ID#3", ... for later sessions of an id used again
     started_at: float | None = None  # when the first input sample was captured
     input_samples: int = 0
     input_end_at: float | None = None
@@ -74,7 +75,11 @@ class SessionStats:
     compute: dict[str, float] = field(default_factory=dict)  # seconds per stage
     dropped_chunks: int = 0
     error: str | None = None
+    input_ended: bool = False  # the source has ended its input: a later chunk of its id is another session's
     closed: bool = False  # every stage has flushed it; its JSON line is written
+
+    def __post_init__(self):
+        self.key = self.key or self.session
 
     def add_output(self, ideal_ms: float, emitted_at: float, samples: int) -> None:
         """An output chunk left the pipeline: play it at max(its delay, end of the previous one)."""
@@ -104,6 +109,7 @@ class SessionStats:
         input_ms = 1000 * self.input_samples / self.sample_rate
         out = {
             "session": self.session,
+            **({"key": self.key} if self.key != self.session else {}),
             "input_s": round(input_ms / 1000, 3),
             "output_s": round(self.output_samples / self.sample_rate, 3),
             "compute_ms": {k: round(1000 * v, 1) for k, v in self.compute.items()},
@@ -133,29 +139,57 @@ def session_table(summary: dict, algorithmic_ms: dict[str, float] | None = None)
         rows.append(("latency", "-", "no output"))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(str(r[1])) for r in rows)
-    lines = [f"session {summary['session']}" + (f"  ERROR: {summary['error']}" if "error" in summary else "")]
+    lines = [f"session {summary.get('key', summary['session'])}" + (f"  ERROR: {summary['error']}" if "error" in summary else "")]
     lines += [f"  {name:<{width}}  {str(value):>{vwidth}}  {unit}".rstrip() for name, value, unit in rows]
     return "\n".join(lines)
 
 
 class Stats:
     """Collects figures for every session; optionally writes JSON lines (one per event) for tools and
-    hands each session's figures to `on_session` as it ends."""
+    hands each session's figures to `on_session` as it ends.
+
+    A live source may use a session id again once that session's input has ended (MQTT clients do), while
+    the engine still finishes it. Each session keeps its own record: the input side (`input_record`) opens a
+    new one for a chunk of an id whose newest session's input has ended; the engine and the output side
+    (`session`) address the oldest open record of the id, which is the session they are serving (the engine
+    holds the next until the last has ended), and `close_session` closes it."""
 
     def __init__(self, sample_rate: int, json_log: IO[str] | None = None, on_session: Callable[[SessionStats], None] | None = None,
                  keep_closed: int = 1000, chunk_records: int = 10_000):
         self.sample_rate = sample_rate
         self.keep_closed = keep_closed  # ended sessions kept for the final report (the most recent ones): a service runs for ever
         self.chunk_records = chunk_records  # per-chunk records kept per session (0 for services: the figures need none)
-        self.sessions: dict[str, SessionStats] = {}
+        self.sessions: dict[str, SessionStats] = {}  # by key, in the order they started
+        self._open: dict[str, list[SessionStats]] = {}  # by id: its records not yet closed, oldest first
         self.json_log = json_log
         self.on_session = on_session
         self.algorithmic_ms: dict[str, float] = {}  # per stage: audio it waits for (set by the pipeline)
 
+    def _begin(self, name: str) -> SessionStats:
+        key, n = name, 1
+        while key in self.sessions:
+            n += 1
+            key = f"{name}#{n}"
+        st = self.sessions[key] = SessionStats(name, self.sample_rate, key=key, records=self.chunk_records)
+        self._open.setdefault(name, []).append(st)
+        return st
+
     def session(self, name: str) -> SessionStats:
-        if name not in self.sessions:
-            self.sessions[name] = SessionStats(name, self.sample_rate, records=self.chunk_records)
-        return self.sessions[name]
+        """The record of the session of this id that the engine and the output side serve: its oldest open one."""
+        return self._open[name][0] if name in self._open else self._begin(name)
+
+    def current(self, name: str) -> SessionStats | None:
+        """`session`'s record if the id has one open, without opening one."""
+        return self._open[name][0] if name in self._open else None
+
+    def open_input(self, name: str) -> SessionStats | None:
+        """The id's newest open record whose input has not ended, or None."""
+        records = self._open.get(name)
+        return records[-1] if records and not records[-1].input_ended else None
+
+    def input_record(self, name: str) -> SessionStats:
+        """The record the input side adds to: the id's newest open one, or a new one when its input has ended."""
+        return self.open_input(name) or self._begin(name)
 
     def event(self, **fields) -> None:
         if self.json_log is not None:
@@ -163,24 +197,27 @@ class Stats:
             self.json_log.flush()
 
     def close_session(self, name: str) -> dict:
-        """The session is over in every stage (compute counted, last audio delivered): write its JSON
-        line, hand it to `on_session`, return its summary. Once per session."""
-        st = self.session(name)
+        """The id's oldest open session is over in every stage (compute counted, last audio delivered):
+        write its JSON line, hand it to `on_session`, return its summary. Once per session."""
+        if name not in self._open:  # (an End for a session already closed: nothing more to say)
+            return next((st.summary() for st in reversed(self.sessions.values()) if st.session == name), {})
+        st = self._open[name].pop(0)
+        if not self._open[name]:
+            del self._open[name]
+        st.closed = True
         summary = st.summary()
-        if not st.closed:
-            st.closed = True
-            self.event(event="session", **summary)
-            if self.on_session is not None:
-                self.on_session(st)
-            closed = [n for n, s in self.sessions.items() if s.closed]
-            for old in closed[: max(0, len(closed) - self.keep_closed)]:
-                del self.sessions[old]
+        self.event(event="session", **summary)
+        if self.on_session is not None:
+            self.on_session(st)
+        closed = [k for k, s in self.sessions.items() if s.closed]
+        for old in closed[: max(0, len(closed) - self.keep_closed)]:
+            del self.sessions[old]
         return summary
 
-    def report(self, name: str) -> str:
-        """One session's table."""
-        return session_table(self.sessions[name].summary(), self.algorithmic_ms)
+    def report(self, key: str) -> str:
+        """One session's table (by its key in `sessions`)."""
+        return session_table(self.sessions[key].summary(), self.algorithmic_ms)
 
     def table(self) -> str:
         """Every session's table, in the order they started."""
-        return "\n".join(self.report(n) for n in self.sessions)
+        return "\n".join(self.report(k) for k in self.sessions)

@@ -106,7 +106,7 @@ class Hub:
         if s is None or not s.input_open:
             return
         await self.put(SessionError(session, message))
-        await self.put(End(session, self.stats.session(session).input_samples, time.monotonic()))
+        await self.put(End(session, self.stats.input_record(session).input_samples, time.monotonic()))
 
     def detach(self, session: str) -> None:
         """The client is gone: drop the session's output (the engine still finishes and frees it)."""
@@ -126,7 +126,7 @@ class Hub:
             return
         now = time.monotonic()
         if isinstance(item, AudioOut):
-            st = self.stats.sessions.get(item.session)
+            st = self.stats.current(item.session)
             lag = None
             if st is not None and st.started_at is not None:
                 lag = (item.emitted_at - st.started_at) - item.source_samples / self.stats.sample_rate
@@ -148,9 +148,10 @@ class Hub:
         elif isinstance(item, End):
             del self.sessions[item.session]
             self.metrics.ended.labels(outcome="error" if s.error else "ok").inc()
-            self._forget.append((now, item.session))
+            st = self.stats.current(item.session)
+            if st is not None:
+                self._forget.append((now, st.key))  # (its key: the id may be in use again by then)
             if s.route is not None:
-                st = self.stats.sessions.get(item.session)
                 if st is not None:
                     s.route.control(item.session, {"type": "stats", "final": True, **st.summary()})
                 s.route.control(item.session, {"type": "end"})
@@ -168,7 +169,7 @@ class Hub:
         self.slot_freed.set()
 
     def live_figures(self, session: str, lag: float | None) -> dict:
-        st = self.stats.sessions.get(session)
+        st = self.stats.current(session)
         if st is None:
             return {}
         out = {"input_s": round(st.input_samples / st.sample_rate, 3),
@@ -187,5 +188,6 @@ class Hub:
             if s.input_open and now - s.last_input > self.idle_timeout:
                 await self.abort(name, f"no input for {self.idle_timeout:.0f} s; the session is ended")
         while self._forget and now - self._forget[0][0] > FORGET_AFTER_S:
-            _, name = self._forget.popleft()
-            self.stats.sessions.pop(name, None)
+            _, key = self._forget.popleft()
+            if (st := self.stats.sessions.get(key)) is not None and st.closed:
+                del self.stats.sessions[key]
