@@ -689,7 +689,7 @@ def tasks():
 
 @app.command(epilog=figures_help())
 def run(
-    input: str = typer.Option(..., "--in", help="PATH, mic, - (raw PCM16 stdin) or mqtt://host:port/topic."),
+    input: str = typer.Option(..., "--in", help="PATH, mic, - (stdin: raw PCM16 at --rate, or a WAV stream) or mqtt://host:port/topic."),
     output: str = typer.Option(..., "--out", help="PATH, speaker, - (raw PCM16 stdout) or mqtt://host:port/topic."),
     task: str = typer.Option("continuation", help="Task plugin (see `streamgen tasks`)."),
     opt: list[str] = typer.Option([], "--opt", help="Task option KEY=VALUE (repeatable)."),
@@ -706,7 +706,7 @@ def run(
     vad: bool = typer.Option(False, help="End the input after trailing silence (silero-vad)."),
     overflow: str = typer.Option("block", help="When the pipeline falls behind: block, or drop-oldest input."),
     queue_size: int = typer.Option(16, help="Input chunks each session may have waiting in the engine."),
-    rate: int = typer.Option(16000, help="Sample rate of raw PCM on stdin (resampled to the bundle's)."),
+    rate: int = typer.Option(16000, help="Sample rate of raw PCM on stdin (resampled to the bundle's; a WAV stream's header gives its own)."),
     input_device: Optional[str] = typer.Option(None, help="PortAudio input device (index or name)."),
     output_device: Optional[str] = typer.Option(None, help="PortAudio output device (index or name)."),
     mqtt_username: Optional[str] = typer.Option(None),
@@ -780,7 +780,7 @@ def run(
     log_file = open(stats_json, "w") if stats_json else None
     st = Stats(sr, log_file, chunk_records=0)  # the tables need running figures only; a service runs for hours
     if stats:  # each session's table as it ends
-        st.on_session = lambda s: typer.echo(st.report(s.session), err=output == "-")
+        st.on_session = lambda s: typer.echo(st.report(s.key), err=output == "-")
     pipeline = Pipeline(source, engine, sink, st)
 
     async def until_signalled():

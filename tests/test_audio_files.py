@@ -5,10 +5,14 @@ In: what libsndfile cannot read as it is is read anyway, whole, or named in one 
 libsndfile reads no FLAC from a pipe at all; a FLAC whose encoder wrote it to a pipe gives no length, and
 soundfile's own read lost its last block.
 
+Standard input: raw 16-bit PCM, or a WAV stream whose header gives its layout (`arecord | streamgen run --in -`);
+another container used to be read as noise, and is named with the way to send it.
+
 Out: a write that fails (a full disk, a file-size limit) is named with the system's reason, not libsndfile's
 "System error.", and what was written is not left under the name of the whole."""
 
 import asyncio
+import io
 import os
 import resource
 import shlex
@@ -27,8 +31,8 @@ import streamgen.cli as cli
 import streamgen.io.files as files_mod
 import streamgen.options as options
 import torch
-from streamgen.io.files import FileSink, FileSource, UNKNOWN_LENGTH, WriteFailed, audio_info, file_has_speech, read_audio, write_audio
-from streamgen.pipeline.items import AudioChunk, AudioOut, End
+from streamgen.io.files import FileSink, FileSource, StdinSource, UNKNOWN_LENGTH, WriteFailed, audio_info, file_has_speech, read_audio, write_audio
+from streamgen.pipeline.items import AudioChunk, AudioOut, End, SessionError
 from streamgen.testing import random_bundle
 
 STREAMGEN = str(Path(sys.executable).parent / "streamgen")
@@ -191,3 +195,86 @@ def test_an_output_directory_this_user_cannot_write_is_named_before_anything_run
     monkeypatch.setattr(options.os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(options.UsageError, match=f"the directory {tmp_path} is not writable for this user"):
         options.check_output_file(tmp_path / "out.wav")
+
+
+class Trickle(io.RawIOBase):
+    """A pipe that gives a few bytes per read."""
+
+    def __init__(self, data: bytes, n: int = 3):
+        self.data, self.n = data, n
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        out, self.data = self.data[: min(self.n, size)], self.data[min(self.n, size):]
+        return out
+
+
+def from_stdin(data: bytes, trickle: int = 0):
+    stream = Trickle(data, trickle) if trickle else io.BytesIO(data)
+    got, items = [], []
+
+    async def run():
+        async for item in StdinSource(16000, stream=stream):
+            items.append(item)
+            if isinstance(item, AudioChunk):
+                got.append(item.samples.numpy())
+
+    asyncio.run(run())
+    return (np.concatenate(got) if got else np.zeros(0, np.float32)), items
+
+
+def wav_bytes(wave, rate=16000, subtype="PCM_16", extra: bytes = b"", streamed=False) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, subtype=subtype, format="WAV")
+    b = bytearray(buf.getvalue())
+    if streamed:  # as arecord writes to a pipe: no sizes
+        i = b.index(b"data")
+        b[4:8] = b[i + 4:i + 8] = b"\xff\xff\xff\xff"
+    return bytes(b) + extra
+
+
+@pytest.mark.parametrize("trickle", [0, 3], ids=["whole", "3-bytes-a-read"])
+def test_standard_input_takes_raw_pcm_and_wav_streams(trickle):
+    wave = talk(1.0)
+    pcm = sf.read(io.BytesIO(wav_bytes(wave)), dtype="int16")[0]  # the WAV's own samples
+    want = pcm.astype(np.float32) / 32768
+    got, items = from_stdin(pcm.tobytes(), trickle)
+    np.testing.assert_array_equal(got, want)
+    got, _ = from_stdin(wav_bytes(wave), trickle)  # the header is not audio
+    np.testing.assert_array_equal(got, want)
+    got, _ = from_stdin(wav_bytes(wave, streamed=True), trickle)
+    np.testing.assert_array_equal(got, want)
+    tags = b"LIST" + (8).to_bytes(4, "little") + b"INFOtags"
+    got, items = from_stdin(wav_bytes(wave, extra=tags), trickle)  # what follows the data chunk is not audio either
+    np.testing.assert_array_equal(got, want)
+    assert items[-1].source_samples == 16000
+
+
+def test_standard_input_takes_a_float_stereo_wav_at_its_own_rate():
+    wave = talk(1.0, rate=44100)
+    got, items = from_stdin(wav_bytes(np.stack([wave, wave], 1), rate=44100, subtype="FLOAT"))
+    want = asyncio.run(chunks(FileSource(write_and_name(wave, 44100), 16000)))[0]
+    assert len(got) == len(want) == 16000 and np.abs(got - want).max() < 1e-5
+
+
+def write_and_name(wave, rate, name="ref.wav"):
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / name
+    sf.write(path, wave, rate, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("data, what", [
+    (b"fLaC" + bytes(100), "standard input carries a FLAC file, not raw PCM or WAV: give it as --in FILE"),
+    (b"OggS" + bytes(100), "standard input carries an OGG file"),
+    (b"ID3\x03" + bytes(100), "standard input carries an MP3 file"),
+    (wav_bytes(np.zeros(100, np.float32), subtype="PCM_24"), "standard input carries a WAV of 24-bit PCM samples, 1 channel(s) at 16000 Hz"),
+    (wav_bytes(np.zeros(100, np.float32))[:30], "standard input ended inside a WAV header"),
+])
+def test_standard_input_names_what_it_cannot_read_and_how_to_send_it(data, what):
+    got, items = from_stdin(data)
+    assert len(got) == 0 and isinstance(items[0], SessionError) and isinstance(items[-1], End) and len(items) == 2
+    assert items[0].message.startswith(what) and "sox IN -t raw -e signed -b 16 -c 1 -r 16000 -" in items[0].message

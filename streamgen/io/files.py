@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -300,9 +301,78 @@ def in_daemon(fn, *args) -> asyncio.Future:
     return fut
 
 
+CONTAINERS = {b"fLaC": "a FLAC file", b"OggS": "an OGG file", b"ID3\x02": "an MP3 file", b"ID3\x03": "an MP3 file",
+              b"ID3\x04": "an MP3 file", b"RIFX": "a big-endian WAV", b"RF64": "an RF64 WAV", b"FORM": "an AIFF file",
+              b".snd": "an AU file"}  # (four bytes each: raw PCM hardly begins so)
+MAX_WAV_HEADER = 1 << 20  # bytes before a WAV's data chunk (a LIST of tags, say): at most this much
+
+
+@dataclass(frozen=True)
+class PcmLayout:
+    """How the bytes on standard input are samples: raw 16-bit mono at the rate given, unless a WAV header says."""
+
+    rate: int
+    channels: int = 1
+    dtype: str = "<i2"  # or "<f4" (a float WAV)
+    data_bytes: int | None = None  # the WAV's data chunk, when its header gives it
+
+    @property
+    def frame(self) -> int:
+        return self.channels * np.dtype(self.dtype).itemsize
+
+    def decode(self, data: bytes) -> np.ndarray:
+        x = np.frombuffer(data, self.dtype).reshape(-1, self.channels)
+        x = pcm16_decode(x) if self.dtype == "<i2" else x.astype(np.float32)
+        return x.mean(axis=1) if self.channels > 1 else x[:, 0]
+
+
+def stdin_layout(head: bytes, rate: int, at_end: bool) -> tuple[PcmLayout, int] | None:
+    """What standard input carries, from its first bytes: (layout, bytes of header to skip), or None while too
+    few bytes have come to tell. Raw PCM has no header; a WAV (what `arecord` and `sox -t wav -` write) says its
+    rate and channels; another container is named with the way to send it. ValueError: what is wrong, and the fix."""
+    fix = "give it as --in FILE (or --in <(command)), or send raw 16-bit mono PCM, e.g. sox IN -t raw -e signed -b 16 -c 1 -r 16000 -"
+    for magic, what in CONTAINERS.items():
+        if head.startswith(magic):
+            raise ValueError(f"standard input carries {what}, not raw PCM or WAV: {fix}")
+    if len(head) < 12 and not at_end:
+        return None
+    if not (head.startswith(b"RIFF") and head[8:12] == b"WAVE"):
+        return PcmLayout(rate), 0
+    at, fmt = 12, None
+    while True:
+        if len(head) < at + 8:
+            break
+        cid, size = head[at:at + 4], int.from_bytes(head[at + 4:at + 8], "little")
+        if cid == b"fmt ":
+            if len(head) < at + 8 + min(size, 40):
+                break
+            tag, channels, wav_rate = (int.from_bytes(head[at + 8 + a:at + 8 + b], "little") for a, b in ((0, 2), (2, 4), (4, 8)))
+            bits = int.from_bytes(head[at + 22:at + 24], "little")
+            if tag == 0xFFFE and size >= 40:  # WAVE_FORMAT_EXTENSIBLE: the format is its sub-format's
+                tag = int.from_bytes(head[at + 32:at + 34], "little")
+            fmt = (tag, channels, wav_rate, bits)
+        elif cid == b"data":
+            if fmt is None:
+                raise ValueError("standard input carries a WAV whose data comes before its format: " + fix)
+            tag, channels, wav_rate, bits = fmt
+            if (tag, bits) not in ((1, 16), (3, 32)) or not 1 <= channels <= 64 or not 1000 <= wav_rate <= 384_000:
+                raise ValueError(f"standard input carries a WAV of {bits}-bit {'float' if tag == 3 else 'PCM' if tag == 1 else f'format {tag}'} "
+                                 f"samples, {channels} channel(s) at {wav_rate} Hz; 16-bit PCM or 32-bit float at 1000-384000 Hz is read: {fix}")
+            # a writer that cannot seek back (arecord to a pipe) leaves the size 0 or 2**32 - 1: read to the end
+            known = size if 0 < size < 0xFFFFFFFF else None
+            return PcmLayout(wav_rate, channels, "<i2" if tag == 1 else "<f4", known), at + 8
+        at += 8 + size + (size & 1)
+        if at > MAX_WAV_HEADER:
+            raise ValueError(f"standard input carries a WAV with more than {MAX_WAV_HEADER >> 20} MiB before its audio: {fix}")
+    if at_end:
+        raise ValueError("standard input ended inside a WAV header: " + fix)
+    return None
+
+
 class StdinSource:
-    """Raw 16-bit little-endian mono PCM at `input_rate` from standard input (resampled to
-    `sample_rate`), as one session."""
+    """Raw 16-bit little-endian mono PCM at `input_rate` from standard input (resampled to `sample_rate`), as
+    one session; or a WAV stream (its header gives the rate and channels: `arecord | streamgen run --in -`).
+    Other containers (FLAC, OGG, MP3), which used to be read as noise, end the session saying how to send them."""
 
     def __init__(self, sample_rate: int, input_rate: int | None = None, session: str = "stdin", block_ms: int = 20, stream=None):
         self.rate, self.input_rate, self.session = sample_rate, input_rate or sample_rate, session
@@ -310,8 +380,7 @@ class StdinSource:
         self.stream = stream or sys.stdin.buffer
 
     async def __aiter__(self) -> AsyncIterator[Item]:
-        rs = soxr.ResampleStream(self.input_rate, self.rate, 1, dtype="float32", quality="HQ")
-        seq, pos, carry = 0, 0, b""
+        seq, pos, carry, layout, rs, left = 0, 0, b"", None, None, None
         try:  # the descriptor itself: a read left blocked at exit must hold no lock of the interpreter's stdin
             fd = self.stream.fileno()
             read = lambda n: os.read(fd, n)  # noqa: E731
@@ -320,13 +389,30 @@ class StdinSource:
         while True:
             raw = await in_daemon(read, self.block) or b""  # a pipe may give fewer bytes; none is its end
             data = carry + raw
-            n = len(data) // 2 * 2
+            if layout is None:
+                try:
+                    found = stdin_layout(data, self.input_rate, at_end=not raw)
+                except ValueError as e:
+                    yield SessionError(self.session, str(e))
+                    break
+                if found is None:
+                    carry = data
+                    continue
+                layout, skip = found
+                data, left = data[skip:], layout.data_bytes
+                rs = soxr.ResampleStream(layout.rate, self.rate, 1, dtype="float32", quality="HQ")
+            if left is not None:  # a WAV's data chunk ends where its header says (tags may follow it)
+                data = data[:left]
+            n = len(data) // layout.frame * layout.frame
             data, carry = data[:n], data[n:]
-            x = rs.resample_chunk(pcm16_decode(np.frombuffer(data, "<i2")), last=not raw)
+            if left is not None:
+                left -= n
+            done = not raw or left == 0
+            x = rs.resample_chunk(layout.decode(data), last=done)
             if len(x):
                 yield AudioChunk(self.session, seq, torch.from_numpy(x.copy()), pos, time.monotonic())
                 seq, pos = seq + 1, pos + len(x)
-            if not raw:
+            if done:
                 break
         yield End(self.session, pos, time.monotonic())
 
