@@ -176,3 +176,49 @@ async def test_input_that_skips_far_ahead_ends_its_session_with_the_gap_named_an
     finally:
         for w in ws:
             w.stop()
+
+
+async def test_a_worker_that_is_behind_holds_a_bounded_backlog_and_names_what_it_discarded(broker):
+    """The engine's inbox full (here: nobody reads it), a worker's message loop waits, and what the broker
+    delivers meanwhile waited in the client library's queue without bound: a flood grew the worker's memory.
+    Now at most `max_backlog` wait; the rest is discarded, and the session whose audio was discarded ends with
+    the missing messages named (nothing is skipped silently)."""
+    import aiomqtt
+
+    from streamgen.io.mqtt import decode, encode_audio, encode_control
+    from streamgen.pipeline.items import AudioChunk, Control, SessionError
+    from streamgen.pipeline.stats import Stats
+    from streamgen.serve.cluster import ClusterLink, ClusterOptions
+    from streamgen.serve.hub import Hub
+    from streamgen.serve.metrics import ServeMetrics
+
+    hub = Hub(Stats(16000), ServeMetrics(), inbox_size=1)
+    opts = ClusterOptions("127.0.0.1", broker.port, PREFIX, "behind", "worker", USERS["worker"], max_backlog=16)
+    link = ClusterLink(hub, opts, "resynthesis")
+    await link.start()
+    await link.update_share()
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker.port, username="client", password=USERS["client"],
+                                  protocol=aiomqtt.ProtocolVersion.V5) as c:
+            await c.subscribe(opts.topic("out", "flood"), qos=1)
+            await c.publish(opts.topic("start"), encode_control("flood", 0, {"type": "start", "task": "resynthesis"}), qos=1)
+            async with asyncio.timeout(10):
+                async for m in c.messages:
+                    if decode(bytes(m.payload)).control == {"type": "claimed", "worker": "behind"}:
+                        break
+            for seq in range(1, 301):
+                await c.publish(opts.topic("in", "flood"), encode_audio("flood", seq, np.zeros(320, np.float32), 16000), qos=1)
+            await asyncio.sleep(1.0)  # all delivered: the worker waits on its second chunk, the rest queued or discarded
+            assert link.client._queue.qsize() <= 16
+            got = []
+            async with asyncio.timeout(10):
+                while len(got) < 16:
+                    got.append(await hub.inbox.get())
+            await c.publish(opts.topic("in", "flood"), encode_audio("flood", 301, np.zeros(320, np.float32), 16000), qos=1)
+            async with asyncio.timeout(10):
+                while not isinstance(got[-1], SessionError):
+                    got.append(await hub.inbox.get())
+        assert isinstance(got[0], Control) and all(isinstance(i, AudioChunk) for i in got[1:-1])
+        assert len(got) - 2 < 300 and "never arrived" in got[-1].message, got[-1]
+    finally:
+        await link.stop()

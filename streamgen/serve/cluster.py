@@ -69,6 +69,11 @@ class ClusterOptions:
     password: str | None = None
     tls: ssl.SSLContext | None = None
     qos: int = 1
+    # messages the client library holds while the worker is behind (its engine's inbox full): past these the
+    # library discards what comes, so a flood cannot grow the worker's memory. Nothing is lost unnamed: a session
+    # whose audio was discarded ends naming the missing messages (its Reorder), a discarded start is the client's
+    # claim timeout, a discarded stop ends the session by the idle timeout.
+    max_backlog: int = 8192
 
     @classmethod
     def from_url(cls, url: str, worker_id: str | None = None, username: str | None = None, password: str | None = None,
@@ -151,7 +156,7 @@ class ClusterLink:
                 async with aiomqtt.Client(self.o.host, self.o.port, username=self.o.username, password=self.o.password,
                                           identifier=f"streamgen-worker-{self.o.worker_id}", protocol=aiomqtt.ProtocolVersion.V5,
                                           will=will, clean_start=True, properties=props, tls_context=self.o.tls, timeout=10,
-                                          keepalive=10) as client:
+                                          keepalive=10, max_queued_incoming_messages=self.o.max_backlog) as client:
                     self.client, self.sharing, delay = client, False, 0.2
                     await client.publish(self.o.topic("worker", self.o.worker_id), status_payload(self.o.worker_id, "online"), qos=1, retain=True)
                     await self.update_share()
