@@ -2,8 +2,8 @@
 
 Files: any rate and channel count in (mixed to mono, resampled with soxr), WAV/FLAC out. File input
 can be paced in real time to simulate a live talker; a pipe in place of a file (`--in <(sox ...)`) is read to
-its end first. Raw PCM: 16-bit little-endian mono on stdin /
-stdout, for shell pipelines.
+its end first. Standard input: raw 16-bit little-endian mono PCM, or a WAV stream (its header says its layout);
+standard output: raw 16-bit PCM, for shell pipelines.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 
 UNKNOWN_LENGTH = 2**63 - 1  # libsndfile's length of a file whose header gives none (a FLAC its encoder wrote to a pipe)
 MAX_SPOOL_BYTES = 4 << 30  # a pipe read to its end: at most this much
-_readable: dict[str, Path] = {}  # what `readable_path` made, by the path given
+_readable: dict[str, Path] = {}  # the copies `readable_path` made, by the path given
 _spool_dir: list[Path] = []
 
 
@@ -96,7 +96,7 @@ def _decode_unknown_length(p: Path) -> Path:
 def readable_path(path: str | Path) -> Path:
     """`path`, or a regular file holding the same audio where libsndfile cannot read `path` as it is: a pipe
     (a process substitution `<(...)`, a FIFO) read to its end, or a file whose header gives no length decoded
-    once. Each path is made readable once per process; the copies go when it exits. ValueError: what the path
+    once. Each such path is copied once per process; the copies go when it exits. ValueError: what the path
     is instead of audio."""
     p = Path(path)
     if str(p) in _readable:
@@ -120,7 +120,8 @@ def readable_path(path: str | Path) -> Path:
             out = _decode_unknown_length(out)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
-    _readable[str(p)] = out
+    if out != p:  # (a copy: kept for the process; a file read as it is is looked at afresh, training reads thousands)
+        _readable[str(p)] = out
     return out
 
 
