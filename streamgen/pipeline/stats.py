@@ -152,7 +152,9 @@ class Stats:
     the engine still finishes it. Each session keeps its own record: the input side (`input_record`) opens a
     new one for a chunk of an id whose newest session's input has ended; the engine and the output side
     (`session`) address the oldest open record of the id, which is the session they are serving (the engine
-    holds the next until the last has ended), and `close_session` closes it."""
+    holds the next until the last has ended), and `close_session` closes it. (The engine opens the next session
+    as the last one's End leaves it; until the output side has taken that End, the compute it counts for the
+    next goes into the last one's record: a tick's share at most.)"""
 
     def __init__(self, sample_rate: int, json_log: IO[str] | None = None, on_session: Callable[[SessionStats], None] | None = None,
                  keep_closed: int = 1000, chunk_records: int = 10_000):
