@@ -24,6 +24,7 @@ def test_wer_cer_bleu_by_hand():
     assert wer(["the cat sat"], ["The cat sit on."]) == pytest.approx(2 / 3)  # 1 substitution + 1 insertion
     assert wer(["a b c d"], [""]) == 1.0
     assert cer(["abcd"], ["abed"]) == pytest.approx(1 / 4)
+    assert cer(["hi"], [""]) == cer(["good morning everyone"], [" ... "]) == 1.0  # nothing heard: every character missed
     assert bleu(["the cat is on the mat"], ["The cat is on the mat!"]) == pytest.approx(100.0)
     assert bleu(["the cat is on the mat"], ["dogs run fast"]) == pytest.approx(0.0)
     assert normalize("  Hello,   World!  ") == "hello world"
@@ -208,3 +209,91 @@ def test_eval_cli_runs_the_baselines(small_corpus, tmp_path, test_bundle, monkey
     assert r.exit_code == 2 and "bad.safetensors: cannot replace the bundle's Unit mBART" in r.output
     r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "x"), "--no-prompt", "--prompt", str(tmp_path / "p")])
     assert r.exit_code == 2 and "exclude each other" in r.output
+
+
+def test_eval_names_a_test_set_it_cannot_score_before_evaluating_anything(tmp_path):
+    """Each of these used to fail midway (after the first utterances had been streamed and transcribed) with
+    an IndexError / KeyError, or to score silently against the wrong reference (ids used twice)."""
+    import soundfile as sf
+
+    from streamgen.eval.run import evaluate
+
+    sf.write(tmp_path / "a.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    (tmp_path / "afile").write_text("x")
+
+    def tsv(name, *lines):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return tmp_path / name
+
+    good = tsv("good.tsv", "id\taudio\ttext", "u1\ta.wav\thello")
+    cases = [
+        (tsv("none.tsv", "id\taudio\ttext"), None, "none.tsv: the manifest has no rows"),
+        (tsv("dup.tsv", "id\taudio\ttext", "u1\ta.wav\thello world", "u1\ta.wav\tgood morning"), None,
+         "dup.tsv:3: id 'u1' again; each utterance needs an id of its own"),
+        (tsv("notext.tsv", "id\taudio", "u1\ta.wav"), None, "notext.tsv: the manifest needs a text column (the reference), or give --references"),
+        (good, tsv("refs.tsv", "id\taudio\ttext", "u9\ta.wav\thi"), "refs.tsv: no reference for 1 of the manifest's ids (first: 'u1')"),
+        (tsv("gone.tsv", "id\taudio\ttext", "u1\ta.wav\thi", "u2\tnope.wav\thi"), None, f"gone.tsv:3: {tmp_path / 'nope.wav'}: no such file"),
+        (tsv("zero.tsv", "id\taudio\ttext", "u1\tempty.wav\thi"), None, "zero.tsv:2: empty.wav holds no audio samples"),
+    ]
+    for manifest, refs, message in cases:
+        with pytest.raises(ValueError) as e:
+            evaluate(None, "resynthesis", manifest, tmp_path / "out", references=refs, asr=object())
+        assert message in str(e.value), (manifest.name, str(e.value))
+    with pytest.raises(ValueError, match="--out .*afile is a file; give a directory"):
+        evaluate(None, "resynthesis", good, tmp_path / "afile", asr=object())
+    assert not (tmp_path / "out").exists()
+
+
+def test_simuleval_agent_names_bad_options_in_one_line_and_goes_on_past_a_source_it_cannot_answer(test_bundle, capsys):
+    """A bad option was a traceback; a source with no speech (or stereo, or empty) ended the whole SimulEval run."""
+    import argparse
+
+    import torch
+
+    pytest.importorskip("simuleval", reason="simuleval is not installed")
+    from simuleval.data.segments import SpeechSegment
+
+    from streamgen.eval.simuleval_agent import StreamgenAgent
+
+    def args(**kw):
+        return argparse.Namespace(**{"bundle": None, "task": "resynthesis", "task_option": None, "chunk_ms": 320, "device": "cpu",
+                                     "threads": 1, **kw})
+
+    for bad, message in [({"chunk_ms": 0}, "error: --chunk-ms 0: must be from 10 to 10000 ms\n"),
+                         ({"task": "nosuch"}, "error: unknown task 'nosuch'"),
+                         ({"task_option": ["durations=bogus"]}, "error: task 'resynthesis': option durations=")]:
+        with pytest.raises(SystemExit) as e:
+            StreamgenAgent(args(**bad), bundle=test_bundle)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+    agent = StreamgenAgent(args(), bundle=test_bundle)
+    silence = agent.pushpop(SpeechSegment(content=[0.0] * 16000, sample_rate=16000, finished=True))
+    assert silence.finished and silence.content == []  # no speech heard: logged, scored as silence, no exception
+    agent.reset()
+    empty = agent.pushpop(SpeechSegment(content=[], sample_rate=0, finished=True))
+    assert empty.finished and empty.content == []
+    wave = espeak("The weather is nice today.")
+    agent.reset()
+    mono = agent.pushpop(SpeechSegment(content=wave.tolist(), sample_rate=16000, finished=True))
+    agent.reset()
+    stereo = agent.pushpop(SpeechSegment(content=torch.stack([wave, wave], 1).tolist(), sample_rate=16000, finished=True))
+    assert len(mono.content) > 0 and torch.allclose(torch.tensor(stereo.content), torch.tensor(mono.content), atol=1e-6)
+
+
+def test_simuleval_asr_bleu_scores_as_streamgen_eval_does(tmp_path):
+    """It scored raw transcripts against the references: "Good morning, how are you?" against the corpus's
+    "good morning how are you" lost 27 points for case and punctuation."""
+    import types
+
+    import soundfile as sf
+
+    pytest.importorskip("simuleval", reason="simuleval is not installed")
+    from streamgen.eval.simuleval_agent import StreamgenASRBLEU
+
+    (tmp_path / "wavs").mkdir()
+    sf.write(tmp_path / "wavs" / "0.wav", piper("Good morning, how are you?").numpy(), 16000)
+    ins = types.SimpleNamespace(prediction=str(tmp_path / "wavs" / "0.wav"), reference="good morning how are you")
+    assert StreamgenASRBLEU()({0: ins}) == pytest.approx(100.0)
+    assert (tmp_path / "asr_transcripts.txt").read_text().strip().lower().startswith("good morning")

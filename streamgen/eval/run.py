@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io.files import FileSource, read_audio
+from ..io.files import FileSource, audio_info, read_audio
 from ..io.memory import MemorySink
 from ..pipeline.items import Control
 from ..pipeline.runner import Pipeline, build_engine
@@ -51,6 +51,44 @@ def lagging(st: SessionStats, hop: int) -> tuple[float | None, float | None]:
     return average_lagging(ideal, src_ms), average_lagging(aware, src_ms)
 
 
+def check_test_set(manifest: Path, references: str | Path | None, limit: int | None) -> tuple[list[dict], dict[str, str], dict[str, float]]:
+    """The manifest's rows (up to `limit`), each id's reference text and each audio's length (s), or a ValueError
+    naming the first problem, before anything is evaluated: a run must not stop at row 90 over row 91's file."""
+    rows = read_manifest(manifest)[:limit]
+    if not rows:
+        raise ValueError(f"{manifest}: the manifest has no rows")
+    seen: set[str] = set()
+    for n, r in enumerate(rows, start=2):
+        if not r.get("id") or not r.get("audio"):
+            raise ValueError(f"{manifest}:{n}: a row needs an id and an audio path")
+        if r["id"] in seen:
+            raise ValueError(f"{manifest}:{n}: id {r['id']!r} again; each utterance needs an id of its own (its reference is found by it)")
+        seen.add(r["id"])
+    if references:
+        ref_rows = read_manifest(references)
+        if ref_rows and "text" not in ref_rows[0]:
+            raise ValueError(f"{references}: the references manifest needs a text column")
+        refs = {r["id"]: r["text"] for r in ref_rows}
+        missing = [r["id"] for r in rows if r["id"] not in refs]
+        if missing:
+            raise ValueError(f"{references}: no reference for {len(missing)} of the manifest's ids (first: {missing[0]!r}); "
+                             "the references must carry the same ids")
+    else:
+        if "text" not in rows[0]:
+            raise ValueError(f"{manifest}: the manifest needs a text column (the reference), or give --references")
+        refs = {r["id"]: r["text"] for r in rows}
+    seconds = {}
+    for n, r in enumerate(rows, start=2):
+        try:
+            info = audio_info(manifest.parent / r["audio"])
+        except ValueError as e:  # what the path is instead of audio
+            raise ValueError(f"{manifest}:{n}: {e}") from None
+        if info.frames == 0:
+            raise ValueError(f"{manifest}:{n}: {r['audio']} holds no audio samples")
+        seconds[r["id"]] = info.frames / info.samplerate
+    return rows, refs, seconds
+
+
 def inpainting_span(n_samples: int, rate: int, rng: random.Random) -> tuple[float, float]:
     """A middle span of 20-40 % of the utterance, in seconds."""
     dur = n_samples / rate
@@ -63,9 +101,13 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
              chunk_ms: list[int] = (320,), options: dict | None = None, realtime: bool = True, limit: int | None = None,
              asr=None, seed: int = 0, progress: bool = True) -> dict:
     manifest, out = Path(manifest), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = read_manifest(manifest)[:limit]
-    refs = {r["id"]: r["text"] for r in read_manifest(references)} if references else {r["id"]: r["text"] for r in rows}
+    rows, refs, seconds = check_test_set(manifest, references, limit)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for results.json, results.md and the plot")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
     if asr is None:
         from .asr import WhisperASR
 
@@ -78,8 +120,8 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
         for i, row in enumerate(rows):
             opts = dict(options or {})
             path = manifest.parent / row["audio"]
-            if task == "inpainting":
-                opts["mask_start"], opts["mask_end"] = inpainting_span(int(row["n_frames"]), bundle.sample_rate, rng)
+            if task == "inpainting":  # a span of the audio as it is (a manifest's n_frames may be off)
+                opts["mask_start"], opts["mask_end"] = inpainting_span(round(seconds[row["id"]] * bundle.sample_rate), bundle.sample_rate, rng)
             spoken: list[int] = []  # the units the task committed (for diversity)
             engine = build_engine(bundle, task, opts, chunk_ms=ms, seed=seed)
             engine.on_commit = lambda _, units: spoken.extend(units.tolist())

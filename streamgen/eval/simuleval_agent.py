@@ -18,18 +18,22 @@ Quality and latency (the same command line through this module, which registers 
 Sources may have any sample rate (espeak-ng writes 22,050 Hz): they are resampled with soxr to the
 bundle's rate as they are read, like every other streamgen input. Each policy call feeds the new
 source samples to the engine, lets it work until it has done all it can with them, and writes the
-audio that came out; at the end of the source the session is flushed.
+audio that came out; at the end of the source the session is flushed. A source the task cannot answer (no
+speech heard) is scored with what it said and logged; the run goes on, as `streamgen eval`'s does.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import soxr
 import torch
 
-from streamgen.options import THREADS_HELP, check_task, parse_kv, set_engine_threads
+from streamgen.bundle import BundleError
+from streamgen.options import MAX_CHUNK_MS, THREADS_HELP, UsageError, check_task, in_range, parse_kv, set_engine_threads
 from streamgen.pipeline.items import AudioChunk, AudioOut, End, SessionError
 from streamgen.pipeline.runner import build_engine
 
@@ -43,6 +47,7 @@ except ImportError as e:  # pragma: no cover - only where simuleval is missing
     raise ImportError("the SimulEval agent needs simuleval: pip install 'streamgen[dev]' (or pip install simuleval)") from e
 
 SESSION = "simuleval"
+log = logging.getLogger("streamgen")
 
 
 @entrypoint
@@ -52,10 +57,15 @@ class StreamgenAgent(SpeechToSpeechAgent):
         import streamgen
 
         self.task, self.chunk_ms = args.task, args.chunk_ms
-        self.options = parse_kv(args.task_option, "--task-option")
-        set_engine_threads(getattr(args, "threads", None), args.device)  # as `streamgen run`: its latencies are a live session's
-        self.bundle = bundle if bundle is not None else streamgen.load_bundle(args.bundle, device=args.device)
-        check_task(self.task, self.options, bundle=self.bundle)
+        try:  # a mistake in the command line: one line and exit 2, as streamgen's own commands say it
+            in_range("--chunk-ms", self.chunk_ms, 10, MAX_CHUNK_MS, "ms")
+            self.options = parse_kv(args.task_option, "--task-option")
+            set_engine_threads(getattr(args, "threads", None), args.device)  # as `streamgen run`: its latencies are a live session's
+            self.bundle = bundle if bundle is not None else streamgen.load_bundle(args.bundle, device=args.device)
+            check_task(self.task, self.options, bundle=self.bundle)
+        except (UsageError, BundleError, ValueError) as e:
+            sys.stderr.write(f"error: {e}\n")
+            raise SystemExit(2) from None
         self.reset()
 
     @staticmethod
@@ -75,6 +85,7 @@ class StreamgenAgent(SpeechToSpeechAgent):
         self.outputs: list = []
         self.engine.emit = self.outputs.append
         self.engine.open(SESSION)
+        self.source_index = getattr(self, "source_index", -1) + 1
         self.resampler: soxr.ResampleStream | None = None
         self.read = 0  # source samples (at the source rate) already fed
         self.fed = 0  # samples at the bundle's rate already fed
@@ -96,11 +107,18 @@ class StreamgenAgent(SpeechToSpeechAgent):
         states = states or self.states
         if self.done:
             return ReadAction()
+        finished = states.source_finished
+        if states.source_sample_rate <= 0:  # a source without samples: nothing to say, and nothing to resample
+            if not finished:
+                return ReadAction()
+            self.done = True
+            return WriteAction(SpeechSegment(content=[], sample_rate=self.bundle.sample_rate, finished=True), finished=True)
         if self.resampler is None:
             self.resampler = soxr.ResampleStream(states.source_sample_rate, self.bundle.sample_rate, 1, dtype="float32", quality="HQ")
-        finished = states.source_finished
         new = np.asarray(states.source[self.read :], dtype=np.float32)
         self.read += len(new)
+        if new.ndim == 2:  # several channels: mixed to mono, as every streamgen input is
+            new = new.mean(axis=1)
         x = self.resampler.resample_chunk(new, last=finished)
         out = []
         if len(x):
@@ -109,9 +127,9 @@ class StreamgenAgent(SpeechToSpeechAgent):
         if finished:
             out += self.run(End(SESSION, self.fed, 0.0))
             self.done = True
-        errors = [x.message for x in out if isinstance(x, SessionError)]
-        if errors:
-            raise RuntimeError("; ".join(errors))
+        for e in out:  # (no speech heard, say): this source is scored with what it said; the run goes on, as `eval`'s does
+            if isinstance(e, SessionError):
+                log.warning("source %d: %s", self.source_index, e.message)
         audio = [x.samples for x in out if isinstance(x, AudioOut)]
         if audio or finished:
             samples = torch.cat(audio).tolist() if audio else []
@@ -133,6 +151,7 @@ class StreamgenASRBLEU(QualityScorer):
         from sacrebleu.metrics.bleu import BLEU
 
         from streamgen.eval.asr import WhisperASR
+        from streamgen.eval.metrics import normalize
         from streamgen.io.files import read_audio
 
         asr = WhisperASR()
@@ -143,7 +162,10 @@ class StreamgenASRBLEU(QualityScorer):
         if instances:
             out = Path(next(iter(instances.values())).prediction).parent.parent / "asr_transcripts.txt"
             out.write_text("".join(h + "\n" for h in hyps))
-        return BLEU(tokenize=self.tokenizer).corpus_score(hyps, [[ins.reference for ins in instances.values()]]).score
+        # normalised as `streamgen eval` scores (numbers spelled out, lower case, no punctuation): Whisper writes
+        # "8:35." where a reference says "eight thirty-five", and the two scorers must agree
+        refs = [normalize(ins.reference) for ins in instances.values()]
+        return BLEU(tokenize=self.tokenizer).corpus_score([normalize(h) for h in hyps], [refs]).score
 
     @staticmethod
     def add_args(parser):
