@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The default bundle, from nothing: corpus -> unit encoder -> units -> Unit mBART (denoising)
-# -> task prompts -> vocoder -> evaluation. Every step is a streamgen command and resumable by rerunning
-# it with --resume where it has one. Sizes come from the environment:
+# -> task prompts -> vocoder -> evaluation. Every step is a streamgen command; a rerun resumes the training
+# runs it finds in OUT (--resume). Sizes come from the environment:
 #
 #   DEVICE=cuda bash recipes/default.sh                       # full size (a GPU, hours)
 #   DEVICE=cpu SCALE=cpu bash recipes/default.sh              # the shipped default bundle: ~2 h on a 2-core CPU
@@ -12,6 +12,7 @@
 # job gets one thread: two cores, two jobs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+resume() { if [ -f "$1/${2:-state.pt}" ]; then echo --resume; fi; }  # a run found in its --out is continued, never overwritten
 OUT=${OUT:-runs/default}
 DEVICE=${DEVICE:-cuda}
 THREADS=
@@ -47,12 +48,12 @@ done
 { cat "$C/en_train.units.tsv"; tail -n +2 "$C/es2en_train_tgt.units.tsv"; } > "$C/voc_train.units.tsv"
 if [ -n "$THREADS" ]; then export OMP_NUM_THREADS=$THREADS; fi
 streamgen train-vocoder --manifest "$C/voc_train.units.tsv" --out "$OUT/vocoder" --bundle "$B" --device "$DEVICE" \
-  --into-bundle $VOC_ARGS > "$OUT/vocoder.log" 2>&1 &
+  --into-bundle $VOC_ARGS $(resume "$OUT/vocoder" vocoder_state.pt) > "$OUT/vocoder.log" 2>&1 &
 VOC_PID=$!
 # the backbone learns both languages' units by denoising
 { cat "$C/en_train.units.tsv"; tail -n +2 "$C/es2en_train_src.units.tsv"; } > "$C/all_train.units.tsv"
 streamgen train-backbone --bundle "$B" --train "$C/all_train.units.tsv" --dev "$C/en_dev.units.tsv" --out "$OUT/backbone" \
-  --device "$DEVICE" --into-bundle $MBART_ARGS
+  --device "$DEVICE" --into-bundle $MBART_ARGS $(resume "$OUT/backbone")
 for split in train dev test; do
   streamgen data pairs --task continuation --manifest "$C/en_$split.units.tsv" --out "$C/continuation_$split.tsv"
   streamgen data pairs --task inpainting --manifest "$C/en_$split.units.tsv" --out "$C/inpainting_$split.tsv"
@@ -61,12 +62,12 @@ for split in train dev test; do
 done
 for task in continuation inpainting translation; do
   streamgen train-prompt --bundle "$B" --task "$task" --train "$C/${task}_train.tsv" --dev "$C/${task}_dev.tsv" \
-    --out "$OUT/prompt_$task" --device "$DEVICE" --into-bundle $PROMPT_ARGS
+    --out "$OUT/prompt_$task" --device "$DEVICE" --into-bundle $PROMPT_ARGS $(resume "$OUT/prompt_$task")
 done
 # the baseline of the paper's comparison: the same data and steps, every backbone weight trains
 for task in continuation inpainting translation; do
   streamgen train-prompt --bundle "$B" --task "$task" --train "$C/${task}_train.tsv" --dev "$C/${task}_dev.tsv" \
-    --out "$OUT/full_$task" --device "$DEVICE" --full --lr 5e-4 $PROMPT_ARGS
+    --out "$OUT/full_$task" --device "$DEVICE" --full --lr 5e-4 $PROMPT_ARGS $(resume "$OUT/full_$task")
 done
 wait "$VOC_PID" || { cat "$OUT/vocoder.log"; exit 1; }
 tail -n 2 "$OUT/vocoder.log"

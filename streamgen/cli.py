@@ -268,9 +268,15 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
     training starts from the backbone the task runs on (its own, where the bundle has one); `dropout`
     replaces the backbone's residual dropout for this run; `wait_k` trains it to stream (a causal
     encoder, decoder positions limited to the wait-k schedule; see UnitMBartConfig)."""
-    from .train.data import read_pairs
+    from .train.data import read_pairs, units_outside
     from .train.loop import Trainer, setup_distributed, world
 
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory for the checkpoints")
+    if resume and not (out / "state.pt").is_file():
+        fail(f"--resume: {out} holds no training state (state.pt) to resume; drop --resume to start a run there")
+    if not resume and (out / "state.pt").is_file():
+        fail(f"--out {out} holds a training run: add --resume to continue it, or give another --out (nothing is overwritten)")
     dev_ = torch.device(device)
     setup_distributed(dev_)
     rank, size = world()
@@ -284,6 +290,10 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
         b.mbart = new_model(b.logmel_units.num_units if b.logmel_units is not None else b.need("kmeans").num_units)
         typer.echo(f"new Unit mBART: {count_parameters(b.mbart):,} parameters (vocabulary {b.mbart.cfg.vocab_size})")
     model = b.backbone(task)
+    for path, pairs in ((train, train_pairs), (dev, dev_pairs or [])):
+        why = units_outside(pairs, model.cfg.num_units)
+        if why:
+            fail(f"{path}: {why}")
     if dropout is not None:
         try:
             model.set_dropout(dropout)
@@ -306,7 +316,10 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
     if rank == 0:
         typer.echo(f"{cfg.mode}: {trainer.trainable:,} trainable of {trainer.total:,} parameters "
                    f"({100 * trainer.trainable / trainer.total:.2f} %), {len(train_pairs)} training pairs, {size} process(es)")
-    result = trainer.fit(train_pairs, dev_pairs, resume=resume)
+    try:
+        result = trainer.fit(train_pairs, dev_pairs, resume=resume)
+    except ValueError as e:  # a state that is not this run's, or data that cannot feed the processes
+        fail(str(e))
     if rank == 0:
         typer.echo(f"done: {result.steps} steps, {result.epochs} epochs, best dev loss {result.best_dev_loss:.4f} -> {out}")
     if size > 1:
@@ -426,6 +439,20 @@ def train_backbone(
         return UnitMBart(UnitMBartConfig(vocab_size=vocab, num_units=k, dim=dim, ffn_dim=ffn, heads=heads, encoder_layers=layers,
                                          decoder_layers=layers, max_positions=1024, mask_token=4 + k + 2))
 
+    from .options import UsageError, in_range
+
+    try:  # before any data is read or any step taken
+        in_range("--lr", lr, 1e-8, 10.0)
+        in_range("--epochs", epochs, 1, None)
+        if max_steps is not None:
+            in_range("--max-steps", max_steps, 1, None)
+        in_range("--batch-size", batch_size, 1, None)
+        in_range("--warmup", warmup, 0, None)
+        in_range("--mask-ratio", mask_ratio, 0.01, 0.9)
+        in_range("--patience", patience, 1, None)
+        in_range("--save-minutes", save_minutes, 0.0, None)
+    except UsageError as e:
+        fail(str(e))
     cfg = TrainConfig(mode="denoise", lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup,
                       mask_ratio=mask_ratio, patience=patience, seed=seed, save_every_s=60 * save_minutes)
     b, trainer, rank = _train(bundle, train, dev, out, cfg, device, resume, new_model, dropout=dropout)
@@ -505,9 +532,16 @@ def train_vocoder(
         data = VocoderData(manifest, model.hop, b.sample_rate, segment_frames)
     except ValueError as e:
         fail(str(e))
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory for the checkpoints")
+    if not resume and (out / "vocoder_state.pt").is_file():
+        fail(f"--out {out} holds a vocoder training run: add --resume to continue it, or give another --out (nothing is overwritten)")
     trainer = VocoderTrainer(model, cfg, out, device)
     if resume:
-        trainer.resume()
+        try:
+            trainer.resume()
+        except ValueError as e:
+            fail(str(e))
     n = sum(p.numel() for p in model.parameters())
     typer.echo(f"vocoder: {n:,} parameters, {len(data.items)} utterances, {steps} steps of {batch_size} x {segment_frames * 20} ms")
     history = trainer.fit(data)

@@ -444,3 +444,28 @@ def test_train_prompt_checks_its_options_before_it_reads_or_trains(files, tmp_pa
     r = runner.invoke(cli.app, args + extra)
     assert r.exit_code == 2 and message in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_training_commands_never_overwrite_a_run_and_check_their_data(files, tmp_path):
+    """Without --resume a run in --out was trained over; --resume with nothing there failed late (exit 1); units
+    outside the bundle's inventory trained as <mask>, </s> and padding; train-backbone's --mask-ratio 1.5 hung."""
+    from streamgen.train.data import write_pairs, Pair
+
+    write_pairs(tmp_path / "ok.tsv", [Pair(f"p{i}", [1, 2, 3, 4, 5], [5, 6, 7, 8, 9]) for i in range(4)])
+    write_pairs(tmp_path / "over.tsv", [Pair("p0", [1, 2], [3, 4]), Pair("p1", [1, 2], [100, 101])])
+    base = ["train-prompt", "--bundle", str(files / "tiny"), "--task", "toy", "--epochs", "1", "--batch-size", "2", "--prompt-length", "2"]
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "state.pt").write_bytes(b"a run's state")
+    (tmp_path / "afile").write_text("x")
+    for extra, message in [
+        (["--train", str(tmp_path / "ok.tsv"), "--out", str(tmp_path / "held")], "holds a training run: add --resume to continue it"),
+        (["--train", str(tmp_path / "ok.tsv"), "--out", str(tmp_path / "fresh"), "--resume"], "holds no training state (state.pt) to resume"),
+        (["--train", str(tmp_path / "ok.tsv"), "--out", str(tmp_path / "afile")], "is a file; give a directory for the checkpoints"),
+        (["--train", str(tmp_path / "over.tsv"), "--out", str(tmp_path / "run")], "over.tsv: pair p1: tgt_units has unit 100, outside this model's 0..99"),
+    ]:
+        r = runner.invoke(cli.app, base + extra)
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (extra, r.output)
+    assert (tmp_path / "held" / "state.pt").read_bytes() == b"a run's state" and not (tmp_path / "run").exists()
+    r = runner.invoke(cli.app, ["train-backbone", "--bundle", str(files / "tiny"), "--train", str(tmp_path / "ok.tsv"),
+                                "--out", str(tmp_path / "bb"), "--mask-ratio", "1.5"])
+    assert r.exit_code == 2 and "--mask-ratio 1.5: must be from 0.01 to 0.9" in r.output, r.output

@@ -127,6 +127,41 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
     assert (result.steps, result.epochs) == (first.step, 3)
 
 
+def test_a_resume_with_other_batches_or_shapes_is_refused_not_trained_as_nothing(tmp_path):
+    """A resumed run with another batch size took its step past the epoch's batches: it trained nothing and
+    reported a best loss of 0.0 over the real checkpoints; another prompt length died in a tensor size error."""
+    data = toy_pairs(24)
+
+    def trainer(**kw):
+        torch.manual_seed(0)
+        cfg = TrainConfig(**{"prompt_length": 4, "lr": 1e-2, "warmup_steps": 2, "epochs": 2, "batch_size": 4, "patience": 10, **kw})
+        return Trainer(UnitMBart(TINY), cfg, tmp_path, progress=False)
+
+    first = trainer()
+    first.fit(data, data)
+    best = (tmp_path / "task.json").read_text()
+    for kw, named in [({"batch_size": 12, "epochs": 10}, "batch_size 4 (this command: 12)"),
+                      ({"prompt_length": 8}, "prompt_length 4 (this command: 8)"),
+                      ({"seed": 1}, "seed 0 (this command: 1)")]:
+        with pytest.raises(ValueError, match=r"holds a run that differs from this command in .*" + named.replace("(", r"\(").replace(")", r"\)")):
+            trainer(**kw).fit(data, data, resume=True)
+    with pytest.raises(ValueError, match=r"training_pairs 24 \(this command: 20\)"):
+        trainer().fit(data[:20], data, resume=True)
+    assert (tmp_path / "task.json").read_text() == best  # nothing written over the run
+    again = trainer(epochs=3)  # more epochs: the same batches, continued
+    result = again.fit(data, data, resume=True)
+    assert result.steps == 18 and result.epochs == 3
+
+
+def test_units_a_bundle_does_not_have_are_named_before_training(tmp_path):
+    from streamgen.train.data import units_outside
+
+    pairs = [Pair("a", [1, 2, MASK], [3]), Pair("b", [4], [TINY.num_units])]
+    assert units_outside(pairs[:1], TINY.num_units) is None
+    assert units_outside(pairs, TINY.num_units).startswith(f"pair b: tgt_units has unit {TINY.num_units}, outside this model's 0..{TINY.num_units - 1}")
+    assert "src_units has unit -1" in units_outside([Pair("c", [-1], [1])], TINY.num_units)
+
+
 def test_full_finetuning_and_denoising_train_the_backbone(tmp_path):
     torch.manual_seed(0)
     model = UnitMBart(TINY)

@@ -43,6 +43,10 @@ def test_training_lowers_mel_and_duration_losses(unit_corpus, tmp_path):
     resumed = VocoderTrainer(new_vocoder(100, width=16), cfg, tmp_path, progress=False)
     resumed.resume()
     assert resumed.step == 40 and torch.equal(resumed.model.dict.weight, model.dict.weight)
+    with pytest.raises(ValueError, match="its state is of a vocoder of other sizes than this command's"):
+        VocoderTrainer(new_vocoder(100, width=32), cfg, tmp_path, progress=False).resume()  # was a 204-line load_state_dict dump
+    with pytest.raises(ValueError, match="no vocoder training state to resume"):
+        VocoderTrainer(new_vocoder(100, width=16), cfg, tmp_path / "none", progress=False).resume()
 
 
 def test_train_vocoder_cli_into_bundle(unit_corpus):

@@ -59,6 +59,18 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
+def units_outside(pairs: list[Pair], num_units: int) -> str | None:
+    """Why these pairs cannot train a model of `num_units` units (a unit outside 0..K-1 would be read as a
+    special token: <mask>, </s>, padding), or None."""
+    for p in pairs:
+        for side, seq in (("src_units", p.src), ("tgt_units", p.tgt)):
+            bad = next((u for u in seq if u != MASK and not 0 <= u < num_units), None)
+            if bad is not None:
+                return (f"pair {p.id}: {side} has unit {bad}, outside this model's 0..{num_units - 1}: the units were made "
+                        "with another unit encoder (k-means) than this bundle's")
+    return None
+
+
 def write_pairs(path: str | Path, pairs: list[Pair], texts: list[tuple[str, str]] | None = None) -> None:
     with Path(path).open("w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")

@@ -188,9 +188,19 @@ class Trainer:
             total = float(t)
         return total / max(n, 1)
 
+    # what a resumed run must share with the run it continues: the steps it takes are the same batches in the
+    # same order, of the same trainable tensors (epochs, max_steps, lr, patience may change)
+    RESUME_KEYS = ("mode", "prompt_length", "prompt_stacks", "batch_size", "seed", "prefix_tokens", "mask_ratio")
+
+    def run_identity(self, train: list[Pair]) -> dict:
+        cfg = asdict(self.cfg)
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in self.RESUME_KEYS},
+                "training_pairs": len(train), "world": self.world}
+
     def fit(self, train: list[Pair], dev: list[Pair] | None = None, resume: bool = False) -> TrainResult:
         if len(train) < self.world:
             raise ValueError(f"{len(train)} training pairs cannot feed {self.world} processes")
+        self.identity = self.run_identity(train)
         if resume:
             self.load_state()
         per_epoch = len(self.batches(train, 0, shuffle=False))
@@ -200,6 +210,9 @@ class Trainer:
         with Progress("training", total_steps, self.step, enabled=self.progress, loss=float("nan"), epoch=self.epoch) as bar:
             while self.epoch < self.cfg.epochs and self.step < total_steps:
                 batches = self.batches(self.pairs_for(train, self.epoch), self.epoch, shuffle=True)
+                if self.step - self.epoch * per_epoch >= len(batches):  # (state and data agree, or load_state said why not)
+                    raise ValueError(f"{self.out}: step {self.step} lies past epoch {self.epoch}'s {len(batches)} batches: "
+                                     "the state is not this run's; give another --out")
                 losses = []
                 for batch in batches[self.step - self.epoch * per_epoch :]:  # mid-epoch when resuming
                     if self.step >= total_steps:
@@ -256,7 +269,7 @@ class Trainer:
         self.save_weights("last")
         if self.rank == 0:
             state = {"step": self.step, "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
-                     "history": self.history, "optimizer": self.opt.state_dict()}
+                     "history": self.history, "optimizer": self.opt.state_dict(), "run": getattr(self, "identity", {})}
             _atomic(self.out / "state.pt", lambda f: torch.save(state, f))
 
     def load_state(self) -> None:
@@ -264,9 +277,24 @@ class Trainer:
         if not state_file.is_file():
             raise ValueError(f"{self.out}: nothing to resume (no state.pt)")
         st = torch.load(state_file, map_location=self.device, weights_only=True)
+        theirs, ours = st.get("run"), getattr(self, "identity", {})
+        if theirs is None:  # a state of an older streamgen: its batches cannot be checked
+            raise ValueError(f"{self.out}: its state.pt does not say which run it belongs to (an older streamgen wrote it); "
+                             "start a new run in another --out")
+        differ = [f"{k} {theirs.get(k)!r} (this command: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
+        if differ:
+            raise ValueError(f"{self.out} holds a run that differs from this command in " + ", ".join(differ)
+                             + ": resume it with the same options and data, or start anew in another --out")
         kind = "prompt" if self.prompt is not None else "mbart"
-        weights = load_file(str(self.out / f"last_{kind}.safetensors"), device=str(self.device))
         target = self.prompt if self.prompt is not None else self.model
+        try:
+            weights = load_file(str(self.out / f"last_{kind}.safetensors"), device=str(self.device))
+        except (FileNotFoundError, OSError) as e:
+            raise ValueError(f"{self.out}: cannot read last_{kind}.safetensors ({e}); the state cannot be resumed") from None
+        shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in weights.items()} != shapes:
+            raise ValueError(f"{self.out}: last_{kind}.safetensors holds tensors of other names or shapes than this command trains; "
+                             "resume with the same model and options, or start anew in another --out")
         with torch.no_grad():
             for k, v in target.state_dict().items():
                 v.copy_(weights[k].to(v.dtype))

@@ -235,9 +235,19 @@ class VocoderTrainer:
         (self.out / "vocoder.json").write_text(json.dumps({"config": self.model.cfg.to_dict(), "train": asdict(self.cfg), "step": self.step}, indent=2))
 
     def resume(self) -> None:
-        st = torch.load(self.out / "vocoder_state.pt", map_location=self.device, weights_only=True)
-        self.model.load_state_dict(load_file(str(self.out / "vocoder.safetensors"), device=str(self.device)))
-        self.disc.load_state_dict(load_file(str(self.out / "discriminators.safetensors"), device=str(self.device)))
+        """Continue from OUT's state; ValueError (one line) when there is none or it is not of this vocoder's shape."""
+        try:
+            st = torch.load(self.out / "vocoder_state.pt", map_location=self.device, weights_only=True)
+            weights = {m: load_file(str(self.out / f"{name}.safetensors"), device=str(self.device))
+                       for m, name in ((self.model, "vocoder"), (self.disc, "discriminators"))}
+        except (FileNotFoundError, OSError) as e:
+            raise ValueError(f"{self.out}: no vocoder training state to resume ({e.strerror or e})") from None
+        for m, w in weights.items():
+            mine = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+            if {k: tuple(v.shape) for k, v in w.items()} != mine:
+                raise ValueError(f"{self.out}: its state is of a vocoder of other sizes than this command's (--width, --disc-width, "
+                                 "the bundle's units); resume with the same options, or start anew in another --out")
+            m.load_state_dict(w)
         self.opt_g.load_state_dict(st["opt_g"])
         self.opt_d.load_state_dict(st["opt_d"])
         self.step, self.history = st["step"], st["history"]
