@@ -1,7 +1,9 @@
 """Synthetic corpora (piper + espeak-ng), resumable unit extraction, task pairs."""
 
 import filecmp
+from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -61,6 +63,36 @@ def test_unit_extraction_resumes(corpus, tmp_path):
     for r in rows:
         units, durations = b.encode(sf.read(corpus / r["audio"], dtype="float32")[0])
         assert r["units"] == " ".join(map(str, units.tolist())) and r["durations"] == " ".join(map(str, durations.tolist()))
+
+
+def test_unit_extraction_names_what_it_cannot_resume_or_read(corpus, tmp_path):
+    """A resume into another manifest's unit file wrote rows under the wrong columns; an id used twice lost
+    its second row on resume; an empty audio stopped everything with "audio is empty", naming no row; --out
+    the manifest itself did nothing and said "wrote"."""
+    import shutil
+
+    b = random_bundle()
+    m = corpus / "en_train.tsv"
+    rows = read_manifest(m)
+    head = "\t".join(rows[0])
+    with pytest.raises(ValueError, match="is the manifest itself"):
+        extract_units(b, m, m, progress=False)
+    (tmp_path / "other.tsv").write_text("id\taudio\tunits\tdurations\nx\ty.wav\t1\t2\n")
+    with pytest.raises(ValueError, match="other.tsv holds other columns .* it is not this manifest's unit manifest"):
+        extract_units(b, m, tmp_path / "other.tsv", progress=False)
+    for r in rows:
+        shutil.copy(corpus / r["audio"], tmp_path / Path(r["audio"]).name)
+    body = [f"{r['id']}\t{Path(r['audio']).name}\t" + "\t".join(list(r.values())[2:]) for r in rows]
+    (tmp_path / "dup.tsv").write_text("\n".join([head, body[0], body[1], body[0]]) + "\n")
+    with pytest.raises(ValueError, match=r"dup.tsv:4: id '.*' again \(line 2\)"):
+        extract_units(b, tmp_path / "dup.tsv", tmp_path / "dup.u.tsv", progress=False)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    bad = body[1].replace(Path(rows[1]["audio"]).name, "empty.wav").replace(rows[1]["id"], "silent", 1)
+    (tmp_path / "bad.tsv").write_text("\n".join([head, body[0], bad]) + "\n")
+    with pytest.raises(ValueError, match="bad.tsv:3: .*empty.wav"):
+        extract_units(b, tmp_path / "bad.tsv", tmp_path / "bad.u.tsv", progress=False, batch_seconds=0.1)
+    with pytest.raises(ValueError, match="is an input manifest: writing the pairs would destroy it"):
+        make_pairs("continuation", tmp_path / "bad.u.tsv", tmp_path / "bad.u.tsv")
 
 
 def test_pairs_for_each_task(corpus, tmp_path):

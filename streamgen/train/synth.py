@@ -137,10 +137,24 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
     `batch_seconds` of audio (`Bundle.encode_batch`: each gives exactly its units alone); rows are
     written in manifest order as soon as every earlier one is done."""
     manifest, out = Path(manifest), Path(out)
+    if out.exists() and out.resolve() == manifest.resolve():
+        raise ValueError(f"--out {out} is the manifest itself: give the unit manifest another name")
     rows = read_manifest(manifest)
-    done = {r["id"]: r for r in read_manifest(out)} if out.is_file() else {}
-    todo = [r for r in rows if r["id"] not in done]
+    line = {}
+    for n, r in enumerate(rows, start=2):
+        if r["id"] in line:  # (resuming keeps rows by id)
+            raise ValueError(f"{manifest}:{n}: id {r['id']!r} again (line {line[r['id']]}); each utterance needs an id of its own")
+        line[r["id"]] = n
     cols = [c for c in (list(rows[0]) if rows else []) if c not in ("units", "durations")] + ["units", "durations"]
+    done = {}
+    if out.is_file() and out.stat().st_size:
+        have = read_manifest(out)
+        header = list(have[0]) if have else out.read_text().splitlines()[0].split("\t")
+        if header != cols:
+            raise ValueError(f"--out {out} holds other columns ({', '.join(header)}) than this manifest's rows get "
+                             f"({', '.join(cols)}): it is not this manifest's unit manifest; give another --out")
+        done = {r["id"]: r for r in have}
+    todo = [r for r in rows if r["id"] not in done]
     # batches of neighbours in length order; rows are still written (and resumed) in manifest order
     order = sorted(range(len(todo)), key=lambda i: int(todo[i].get("n_frames") or 0))
     batches, cur, cur_s = [], [], 0.0
@@ -156,13 +170,27 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
     results: dict[int, tuple] = {}
     with out.open("a", newline="") as f:
         w = csv.DictWriter(f, cols, delimiter="\t", lineterminator="\n")
-        if not done:
+        if not (out.stat().st_size if out.exists() else 0):
             w.writeheader()
         written = 0
         with Progress(f"units for {manifest.name}", len(rows), len(rows) - len(todo), enabled=progress) as bar:
             for batch in batches:
-                waves = [read_audio(manifest.parent / todo[i]["audio"], bundle.sample_rate) for i in batch]
-                for i, r in zip(batch, bundle.encode_batch(waves, task)):
+                waves = []
+                for i in batch:
+                    try:
+                        waves.append(read_audio(manifest.parent / todo[i]["audio"], bundle.sample_rate))
+                    except ValueError as e:
+                        raise ValueError(f"{manifest}:{line[todo[i]['id']]}: {e}") from None
+                try:
+                    encoded = bundle.encode_batch(waves, task)
+                except ValueError:  # whose audio: each alone says (the rows before it are written; a rerun resumes)
+                    for i, alone in zip(batch, waves):
+                        try:
+                            bundle.encode_batch([alone], task)
+                        except ValueError as e:
+                            raise ValueError(f"{manifest}:{line[todo[i]['id']]}: {todo[i]['audio']}: {e}") from None
+                    raise
+                for i, r in zip(batch, encoded):
                     results[i] = r
                 while written in results:  # flush the finished prefix: a crash loses only unwritten rows
                     units, durations = results.pop(written)
@@ -185,6 +213,9 @@ def make_pairs(task: str, manifest: str | Path, out: str | Path, target: str | P
     translation: source manifest + `target` manifest (same ids);
     continuation: first half -> second half of each utterance;
     inpainting: a middle span of 20-40 % replaced by <mask> -> the whole utterance."""
+    for given in (manifest, target):
+        if given is not None and Path(out).exists() and Path(out).resolve() == Path(given).resolve():
+            raise ValueError(f"--out {out} is an input manifest: writing the pairs would destroy it; give another name")
     rows = read_manifest(manifest)
     rng = random.Random(seed)
     pairs, texts = [], []
@@ -196,20 +227,20 @@ def make_pairs(task: str, manifest: str | Path, out: str | Path, target: str | P
             if r["id"] not in tgt:
                 raise ValueError(f"{target}: no row for id {r['id']}")
             pairs.append(Pair(r["id"], _units(r), _units(tgt[r["id"]])))
-            texts.append((r["text"], tgt[r["id"]]["text"]))
+            texts.append((r.get("text", ""), tgt[r["id"]].get("text", "")))
     elif task == "continuation":
         for r in rows:
             u = _units(r)
             half = len(u) // 2
             pairs.append(Pair(r["id"], u[:half], u[half:]))
-            texts.append((r["text"], r["text"]))
+            texts.append((r.get("text", ""), r.get("text", "")))
     elif task == "inpainting":
         for r in rows:
             u = _units(r)
             span = max(1, round(len(u) * rng.uniform(0.2, 0.4)))
             start = rng.randint(max(1, (len(u) - span) // 4), max(1, 3 * (len(u) - span) // 4))
             pairs.append(Pair(r["id"], u[:start] + [MASK] + u[start + span :], u))
-            texts.append((r["text"], r["text"]))
+            texts.append((r.get("text", ""), r.get("text", "")))
     else:
         raise ValueError(f"unknown task {task!r}: translation, continuation or inpainting")
     write_pairs(out, pairs, texts)
