@@ -484,8 +484,30 @@ def train_units(
     """Train a small unit encoder (HuBERT masked prediction: iteration 1 on MFCC k-means targets, later
     iterations on a teacher's) and its k-means units."""
     from .models.hubert import HubertConfig
+    from .options import UsageError, in_range
     from .train.units import UnitTrainConfig, UnitTrainer
 
+    try:  # before any audio is read or any step taken
+        in_range("--steps", steps, 1, None)
+        in_range("--batch-size", batch_size, 1, None)
+        in_range("--lr", lr, 1e-8, 10.0)
+        in_range("--units", units, 2, 65536)
+        in_range("--target-clusters", target_clusters, 2, 65536)
+        in_range("--output-layer", output_layer, 1, layers)
+        if (bundle / "bundle.json").is_file():  # new units for a bundle whose parts speak units: they must stay the same many
+            have = load_bundle(bundle)
+            voc = have.source_filter if have.source_filter is not None else have.vocoder
+            speaks = {name: n for name, n in (("Unit mBART", have.mbart.cfg.num_units if have.mbart is not None else None),
+                                              ("vocoder", None if voc is None else getattr(voc.cfg, "num_units", getattr(voc.cfg, "num_embeddings", None))))
+                      if n is not None and n != units}
+            if speaks:
+                raise UsageError(f"--units {units}: {bundle}'s " + " and ".join(f"{k} speak {v}" for k, v in speaks.items())
+                                 + " units; new units of another inventory would leave them speaking the old ones: give a new "
+                                 f"--bundle directory, or --units {next(iter(speaks.values()))}")
+    except UsageError as e:
+        fail(str(e))
+    except BundleError as e:
+        fail(str(e))
     cfg = HubertConfig(conv_layers=[(conv_dim, 10, 5)] + [(conv_dim, 3, 2)] * 4 + [(conv_dim, 2, 2)] * 2, dim=dim, ffn_dim=ffn,
                        heads=heads, layers=layers, conv_pos=32, conv_pos_groups=8 if dim % 8 == 0 else 1, output_layer=output_layer)
     trainer = UnitTrainer(cfg, UnitTrainConfig(target_clusters, units, steps, batch_size, lr=lr, output_layer=output_layer, seed=seed), device)
@@ -521,8 +543,19 @@ def train_vocoder(
     into_bundle: bool = typer.Option(False),
 ):
     """Train a CodeHiFiGAN (HiFi-GAN losses + duration predictor) on speech and its units."""
+    from .options import UsageError, in_range
     from .train.vocoder import VocoderData, VocoderTrainConfig, VocoderTrainer, new_vocoder
 
+    try:  # before any audio is read or any step taken
+        in_range("--steps", steps, 1, None)
+        in_range("--batch-size", batch_size, 1, None)
+        in_range("--segment-frames", segment_frames, 1, None)
+        in_range("--lr", lr, 1e-8, 10.0)
+        in_range("--width", width, 1, 4096)
+        in_range("--disc-width", disc_width, 1, 4096)
+        in_range("--mel-warmup", mel_warmup, 0, None)
+    except UsageError as e:
+        fail(str(e))
     b = open_bundle(bundle, device)
     num_units = b.need("kmeans").num_units
     cfg = VocoderTrainConfig(steps=steps, batch_size=batch_size, segment_frames=segment_frames, lr=lr, disc_width=disc_width,

@@ -469,3 +469,26 @@ def test_training_commands_never_overwrite_a_run_and_check_their_data(files, tmp
     r = runner.invoke(cli.app, ["train-backbone", "--bundle", str(files / "tiny"), "--train", str(tmp_path / "ok.tsv"),
                                 "--out", str(tmp_path / "bb"), "--mask-ratio", "1.5"])
     assert r.exit_code == 2 and "--mask-ratio 1.5: must be from 0.01 to 0.9" in r.output, r.output
+
+
+def test_unit_and_vocoder_training_check_their_options_and_the_bundle_they_write_into(files, tmp_path):
+    """--steps 0 ended in an IndexError after train-units had written the bundle; new units of another
+    inventory went into a bundle whose Unit mBART and vocoder speak 100 (it loaded, and spoke nonsense)."""
+    import shutil
+
+    shutil.copytree(files / "tiny", tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("id\taudio\n")
+    for args, message in [
+        (["train-units", "--manifest", str(manifest), "--bundle", str(tmp_path / "b"), "--steps", "0"], "--steps 0: must be at least 1"),
+        (["train-units", "--manifest", str(manifest), "--bundle", str(tmp_path / "b"), "--units", "8"],
+         "--units 8: " + str(tmp_path / "b") + "'s Unit mBART speak 100 and vocoder speak 100 units"),
+        (["train-units", "--manifest", str(manifest), "--bundle", str(tmp_path / "b"), "--output-layer", "9", "--units", "100"],
+         "--output-layer 9: must be from 1 to 4"),
+        (["train-vocoder", "--manifest", str(manifest), "--out", str(tmp_path / "v"), "--steps", "0"], "--steps 0: must be at least 1"),
+        (["train-vocoder", "--manifest", str(manifest), "--out", str(tmp_path / "v"), "--segment-frames", "0"], "--segment-frames 0: must be at least 1"),
+    ]:
+        r = runner.invoke(cli.app, args)
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (args, r.output)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before and not (tmp_path / "v").exists()
