@@ -46,6 +46,19 @@ def test_synth_is_deterministic_with_disjoint_splits(corpus, tmp_path):
     row = read_manifest(corpus / "en_train.tsv")[0]
     audio, rate = sf.read(corpus / row["audio"])
     assert rate == 16000 and len(audio) == int(row["n_frames"]) > 8000
+    # a run stopped midway (its manifests unwritten, one file not yet spoken) resumes: what was spoken is kept
+    # as it is, the rest spoken, the same manifests written
+    for m in again.glob("*.tsv"):
+        m.unlink()
+    gone = again / read_manifest(corpus / "es2en_dev_tgt.tsv")[0]["audio"]
+    gone.unlink()
+    kept = again / row["audio"]
+    kept.write_bytes(kept.read_bytes())  # (its bytes as they were, a new modification time)
+    stamp = kept.stat().st_mtime_ns
+    synth(again, 3, 1, 1, seed=5, progress=False)
+    assert kept.stat().st_mtime_ns == stamp and gone.is_file() and not list(again.rglob("*.tmp.flac"))
+    for name in ("en_train", "en_test", "es2en_train_src", "es2en_dev_tgt", "en_test_espeak"):
+        assert filecmp.cmp(corpus / f"{name}.tsv", again / f"{name}.tsv", shallow=False)
 
 
 def test_unit_extraction_resumes(corpus, tmp_path):

@@ -92,7 +92,8 @@ def read_manifest(path: str | Path) -> list[dict]:
 
 
 def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0, translation: bool = True, progress: bool = True) -> dict[str, Path]:
-    """Write the English and Spanish->English corpora; returns the manifests written."""
+    """Write the English and Spanish->English corpora; returns the manifests written. Resumable: a rerun into the
+    same directory (same sizes and seed) keeps the audio already spoken and speaks the rest."""
     out = Path(out)
     sizes = {"train": n_train, "dev": n_dev, "test": n_test}
     n = sum(sizes.values())
@@ -120,11 +121,18 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
     manifests: dict[str, list[dict]] = {}
     with Progress("synthesising speech", len(jobs), enabled=progress) as bar:
         for (name, uid, text, tts), speed in zip(jobs, speeds):
-            audio = tts(text, speed)
             rel = Path("audio") / name / f"{uid}.flac"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            sf.write(out / rel, audio, RATE, subtype="PCM_16")
-            manifests.setdefault(name, []).append({"id": uid, "audio": str(rel), "n_frames": len(audio), "text": text})
+            path = out / rel
+            if path.is_file():  # spoken by an earlier run that was stopped: the same text at the same seeded speed
+                n = sf.info(str(path)).frames
+            else:
+                audio = tts(text, speed)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.stem + ".tmp.flac")  # a run killed mid-write leaves no partial file under the name
+                sf.write(tmp, audio, RATE, subtype="PCM_16")
+                tmp.replace(path)
+                n = len(audio)
+            manifests.setdefault(name, []).append({"id": uid, "audio": str(rel), "n_frames": n, "text": text})
             bar.update(advance=1)
     return write_manifests(out, manifests)
 
