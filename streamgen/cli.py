@@ -662,6 +662,8 @@ def evaluate_cmd(
     device: str = typer.Option("cpu"), seed: int = typer.Option(0),
     lm_dtype: Optional[str] = typer.Option(None, help=LM_DTYPE_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    resume: bool = typer.Option(False, help="Keep the utterances an interrupted run of the same evaluation scored into OUT "
+                                "(utterances.jsonl) and run the rest."),
 ):
     """Run a task through the streaming pipeline on a test set; score quality and latency."""
     from .eval.run import evaluate
@@ -711,7 +713,7 @@ def evaluate_cmd(
             fail(str(e))
     try:
         results = evaluate(b, task, manifest, out, references=references, chunk_ms=chunks,
-                           options=options, realtime=realtime, limit=limit, seed=seed)
+                           options=options, realtime=realtime, limit=limit, seed=seed, resume=resume)
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     from .eval.run import markdown

@@ -108,6 +108,38 @@ def test_eval_reports_quality_latency_and_a_plot(small_corpus, tmp_path, task, t
     assert (tmp_path / "quality_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_interrupted_eval_resumes_where_it_stopped(small_corpus, tmp_path, test_bundle):
+    """Results were written only at the end: an interrupt after hours lost every utterance scored."""
+    from streamgen.eval.asr import WhisperASR
+    from streamgen.eval.run import evaluate
+
+    whisper = WhisperASR()
+
+    class Heard:  # the real recogniser, counting what it hears; `stop_at` plays the user's Ctrl-C
+        def __init__(self, stop_at=None):
+            self.n, self.stop_at = 0, stop_at
+
+        def hear(self, wave):
+            self.n += 1
+            if self.n == self.stop_at:
+                raise KeyboardInterrupt
+            return whisper.hear(wave)
+
+    run = dict(chunk_ms=[320], realtime=False, progress=False)
+    straight = evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "a", asr=Heard(), **run)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "b", asr=Heard(stop_at=2), **run)
+    assert len((tmp_path / "b" / "utterances.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="holds another evaluation's utterances .*seed 0 \\(now 1\\)"):
+        evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "b", asr=Heard(), resume=True, seed=1, **run)
+    again = Heard()
+    resumed = evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "b", asr=again, resume=True, **run)
+    assert again.n == 1  # only the utterance the interrupt cut
+    ours, theirs = resumed["chunks"][0], straight["chunks"][0]
+    assert [u["hypothesis"] for u in ours["utterances"]] == [u["hypothesis"] for u in theirs["utterances"]]
+    assert ours["wer"] == theirs["wer"] and ours["n"] == 2
+
+
 def test_latency_agrees_with_simuleval_scorers(tmp_path):
     """SimulEval (where it installs) scores the same delays: AL, StartOffset, and EndOffset through
     its own speech-output playback (SpeechOutputInstance.summarize)."""

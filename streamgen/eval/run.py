@@ -99,7 +99,9 @@ def inpainting_span(n_samples: int, rate: int, rng: random.Random) -> tuple[floa
 
 def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, references: str | Path | None = None,
              chunk_ms: list[int] = (320,), options: dict | None = None, realtime: bool = True, limit: int | None = None,
-             asr=None, seed: int = 0, progress: bool = True) -> dict:
+             asr=None, seed: int = 0, progress: bool = True, resume: bool = False) -> dict:
+    """Each utterance's figures go to OUT/utterances.jsonl as it is scored; with `resume` the ones an
+    interrupted run of the same task, test set, options and pacing left there are kept, not run again."""
     manifest, out = Path(manifest), Path(out_dir)
     rows, refs, seconds = check_test_set(manifest, references, limit)
     if out.exists() and not out.is_dir():
@@ -108,6 +110,10 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
+    run = {"task": task, "manifest": str(manifest.resolve()), "references": str(Path(references).resolve()) if references else None,
+           "options": {k: str(v) for k, v in (options or {}).items()}, "realtime": realtime, "seed": seed}
+    done = _scored(out / "utterances.jsonl", run) if resume else {}
+    log = (out / "utterances.jsonl").open("a" if resume else "w")
     if asr is None:
         from .asr import WhisperASR
 
@@ -118,6 +124,9 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
         utts = []
         rng = random.Random(seed)
         for i, row in enumerate(rows):
+            if (ms, row["id"]) in done:
+                utts.append(done[ms, row["id"]])
+                continue
             opts = dict(options or {})
             path = manifest.parent / row["audio"]
             if task == "inpainting":  # a span of the audio as it is (a manifest's n_frames may be off)
@@ -160,9 +169,12 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
                     said = aligned_span(ref_words, i0, i1, normalize(utt[f"{key}hypothesis"]).split())
                     utt[f"{key}span_hypothesis"] = " ".join(said)
             utts.append(utt)
+            log.write(json.dumps({"run": run, "chunk_ms": ms, "utterance": utt}, default=float) + "\n")
+            log.flush()
             if progress:
                 print(f"[{ms} ms] {i + 1}/{len(rows)} {row['id']}: {utt['hypothesis']!r}", flush=True)
         results["chunks"].append(_aggregate(ms, utts, task))
+    log.close()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "quality_vs_latency.png")
@@ -172,6 +184,25 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
+
+
+def _scored(path: Path, run: dict) -> dict[tuple[int, str], dict]:
+    """The utterances an earlier run of the same evaluation scored, by (chunk ms, id); ValueError if the file is another's."""
+    done = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # the line an interrupt cut short: that utterance runs again
+            continue
+        if rec.get("run") != run:
+            theirs = rec.get("run") or {}
+            differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in run.items() if theirs.get(k) != v)
+            raise ValueError(f"--resume: {path} holds another evaluation's utterances ({differ}); evaluate into another --out, "
+                             "or drop --resume to start this one anew")
+        done[rec["chunk_ms"], rec["utterance"]["id"]] = rec["utterance"]
+    return done
 
 
 def _aggregate(ms: int, utts: list[dict], task: str) -> dict:
