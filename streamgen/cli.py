@@ -49,6 +49,8 @@ class App(typer.Typer):
                 sys.exit(1)
             typer.secho(f"error: {type(e).__name__}: {e} (streamgen --debug ... shows where)", fg=typer.colors.RED, err=True)
             sys.exit(1)
+        if code == 130:  # typer's answer to a Ctrl-C before the command handles signals itself (loading the model, say)
+            typer.secho("interrupted", err=True)
         sys.exit(code if isinstance(code, int) else 0)
 
 

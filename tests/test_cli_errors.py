@@ -492,3 +492,35 @@ def test_unit_and_vocoder_training_check_their_options_and_the_bundle_they_write
         r = runner.invoke(cli.app, args)
         assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (args, r.output)
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before and not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--idle-timeout", "0"], "--idle-timeout must be at least 1 s, got 0"),
+    (["--drain", "-5"], "--drain must be at least 0 s, got -5"),
+    (["--status-every", "-1"], "--status-every must be at least 0 s, got -1"),
+])
+def test_serve_names_timing_options_that_make_no_sense(extra, message):
+    """--idle-timeout 0 started a server that closed every connection at once."""
+    pytest.importorskip("starlette")
+    r = runner.invoke(cli.app, ["serve", *extra])
+    assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line(monkeypatch, capfd):
+    """A 48-line KeyboardInterrupt traceback from inside the model's loading, before the server handles signals."""
+    pytest.importorskip("starlette")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, as it lands while the bundle loads
+
+    monkeypatch.setattr(options, "open_bundle", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.app(["serve", "--http", "127.0.0.1:0"])
+    assert e.value.code == 130 and capfd.readouterr().err == "interrupted\n"
+    # and while the command line itself loads (torch's import: the first seconds), through the real command
+    proc = subprocess.Popen([STREAMGEN, "serve", "--http", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal (a
+    time.sleep(0.3)  # background job of a script inherits SIGINT ignored)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err[-2000:])

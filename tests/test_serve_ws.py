@@ -305,3 +305,81 @@ async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
         assert "1 sessions ended (1 with errors)" in text
     finally:
         s.stop()
+
+
+async def test_the_connection_limit_counts_websockets_and_leaves_health_and_metrics_open(bundle_dir):
+    """uvicorn's limit skipped WebSocket upgrades (ten opened under --max-connections 2) yet counted them, so
+    /healthz and /metrics answered 503 while the WebSockets were open."""
+    import urllib.request
+
+    from streamgen.serve.app import HttpOptions
+
+    async with in_process(bundle_dir, serve={"http": HttpOptions(default_task="resynthesis", max_connections=2)}) as srv:
+        url = f"ws://127.0.0.1:{srv.port}/ws"
+        async with websockets.connect(url), websockets.connect(url):
+            with pytest.raises(InvalidStatus) as refused:
+                await websockets.connect(url)
+            assert refused.value.response.status_code == 503
+            assert b"limit of 2 connections" in refused.value.response.body
+
+            def get(path):
+                with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}{path}", timeout=10) as r:
+                    return r.status
+
+            assert await asyncio.to_thread(get, "/healthz") == 200 and await asyncio.to_thread(get, "/metrics") == 200
+        assert srv.metrics.refused.labels("connection_limit")._value.get() == 1
+        async with websockets.connect(url):  # the places are free again
+            pass
+
+
+async def test_a_misspelt_control_field_is_named_not_ignored(server):
+    """{"sample_rte": 48000} started a session that read 48 kHz audio as 16 kHz."""
+    async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+        await ws.send(json.dumps({"type": "start", "task": "resynthesis", "sample_rte": 48000}))
+        msg = await _first_text(ws)
+        assert msg == {"type": "error", "message": "start message with unknown field 'sample_rte'; it takes options, sample_rate, task, type"}
+        await ws.send(json.dumps({"type": "start", "task": "resynthesis"}))
+        assert (await _first_text(ws))["type"] == "started"
+        await ws.send(json.dumps({"type": "stop", "now": True}))
+        got = [await _first_text(ws) for _ in range(2)]
+        assert got[0] == {"type": "error", "message": "stop message with unknown field 'now'; it takes type"}, got
+
+
+async def test_the_page_files_are_revalidated_and_every_counter_is_there_from_the_start(server):
+    """app.js and style.css were cached without revalidation (an upgrade could pair a new page with old
+    code); labelled counters had no series until their first event, which increase() then missed."""
+    for path in ("/static/app.js", "/static/style.css", "/static/index.html"):
+        req = __import__("urllib.request").request.Request(server.url + path)
+        with __import__("urllib.request").request.urlopen(req, timeout=10) as r:
+            assert r.headers["Cache-Control"] == "no-cache" and "default-src 'self'" in r.headers["Content-Security-Policy"]
+    m = server.metrics()
+    for name, label, values in (("streamgen_sessions_refused_total", "reason", ("capacity", "draining", "connection_limit", "busy")),
+                                ("streamgen_sessions_ended_total", "outcome", ("ok", "error")),
+                                ("streamgen_sessions_started_total", "via", ("ws", "mqtt")),
+                                ("streamgen_protocol_errors_total", "via", ("ws", "mqtt"))):
+        for v in values:
+            assert (name, ((label, v),)) in m, (name, v)
+
+
+async def test_a_server_on_every_address_takes_pages_by_address_or_loopback_name_only(bundle_dir, monkeypatch):
+    """0.0.0.0 answers on loopback too, and without a token it took a rebound name's page (DNS rebinding);
+    a LAN client reaching it by address still gets in. (The server here listens on loopback, told it does not.)"""
+    import streamgen.serve.server as server_module
+
+    monkeypatch.setattr(server_module, "is_loopback", lambda host: False)  # as for --http 0.0.0.0
+    async with in_process(bundle_dir) as srv:
+        for name, ok in (("rebound.example", False), ("192.168.1.20", True), ("[fe80::1]", True), ("localhost", True)):
+            connect = websockets.connect(f"ws://{name}:{srv.port}/ws", host="127.0.0.1", port=srv.port,
+                                         origin=f"http://{name}:{srv.port}")
+            if ok:
+                async with connect:
+                    pass
+            else:
+                with pytest.raises(InvalidStatus):
+                    await connect
+
+
+async def test_the_banner_brackets_an_ipv6_address(bundle_dir):
+    async with in_process(bundle_dir, serve={"host": "::1"}) as srv:
+        banner = srv.banner()
+        assert f"page       http://[::1]:{srv.port}/" in banner and f"ws://[::1]:{srv.port}/ws" in banner

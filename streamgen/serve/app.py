@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -44,6 +45,7 @@ from .hub import Hub
 
 log = logging.getLogger("streamgen.serve")
 MAX_CONTROL_BYTES = 4096
+FIELDS = {"start": {"type", "task", "options", "sample_rate"}, "stop": {"type"}}  # what each control message takes
 PAGE = resources.files("streamgen.serve") / "page"
 CSP = "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; img-src 'self' data:"
 
@@ -62,6 +64,16 @@ class HttpOptions:
 
 class ProtocolError(Exception):
     pass
+
+
+def unknown_fields(body: dict) -> str | None:
+    """A control message's fields that its type does not take (a misspelt "sample_rate" was ignored, and the audio
+    read at the wrong rate), named; None if there are none."""
+    extra = sorted(set(body) - FIELDS[body["type"]])
+    if not extra:
+        return None
+    return (f'{body["type"]} message with unknown field{"s" if len(extra) > 1 else ""} {", ".join(map(repr, extra))}; '
+            f'it takes {", ".join(sorted(FIELDS[body["type"]]))}')
 
 
 def _token_ok(given: str | None, token: str) -> bool:
@@ -185,6 +197,8 @@ class WsConnection:
             body = control_body(text)
         except ValueError as e:
             raise ProtocolError(f'control message {e} ("start" or "stop")') from None
+        if body["type"] == "stop" and (why := unknown_fields(body)):
+            raise ProtocolError(why)
         if body["type"] == "start":
             why = self._refusal(body)
             if why is not None:  # answered alone: a running session is not touched
@@ -202,8 +216,10 @@ class WsConnection:
             self.hub.metrics.protocol_errors.labels(via="ws").inc()
             return "a session is already running on this connection: send stop and wait for its end, then start again"
         task, options, rate = body.get("task"), body.get("options", {}), body.get("sample_rate", self.rate)
-        why = None
-        if task is not None and not isinstance(task, str):
+        why = unknown_fields(body)
+        if why is not None:
+            pass
+        elif task is not None and not isinstance(task, str):
             why = '"task" must be a task name (see /tasks)'
         elif (problem := options_problem(options)) is not None:
             why = problem
@@ -272,6 +288,35 @@ class WsConnection:
         self.pos += len(x)
 
 
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}  # revalidated: an upgrade never pairs
+# a new index.html with a cached app.js
+
+
+class _PageFiles(StaticFiles):
+    """The page's files with the page's headers."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
+async def _deny(ws: WebSocket, status: int, text: str) -> None:
+    """Refuse a WebSocket handshake with an HTTP status (where the server can send one; else a plain refusal)."""
+    try:
+        await ws.send_denial_response(Response(text, status))
+    except (AttributeError, RuntimeError):  # an older Starlette, or a server without the denial extension
+        await ws.close(code=1013)
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -290,8 +335,13 @@ def build_app(hub: Hub, opts: HttpOptions, local_only: bool = False) -> Starlett
         origin, host = ws.headers.get("origin"), ws.headers.get("host", "")
         if origin is None or origin in opts.allow_origins:
             return True
-        if local_only and opts.token is None and not is_loopback(urlparse(f"//{host}").hostname or ""):
-            return False
+        name = urlparse(f"//{host}").hostname or ""
+        if opts.token is None and not is_loopback(name):
+            # a page may reach this server only by a name no one else can point at it: on a loopback server, a
+            # loopback name; on any other (0.0.0.0 answers on loopback too), also an address itself (DNS
+            # rebinding needs a domain name; a LAN host name goes in --allow-origin, or use a token)
+            if local_only or not is_ip_address(name):
+                return False
         return urlparse(origin).netloc == host
 
     async def ws_endpoint(ws: WebSocket) -> None:
@@ -303,6 +353,10 @@ def build_app(hub: Hub, opts: HttpOptions, local_only: bool = False) -> Starlett
                 return
         if not origin_ok(ws):
             await ws.close(code=1008)
+            return
+        if len(connections) >= opts.max_connections:
+            hub.metrics.refused.labels(reason="connection_limit").inc()
+            await _deny(ws, 503, f"the server holds its limit of {opts.max_connections} connections; retry later\n")
             return
         await ws.accept(subprotocol="streamgen" if "streamgen" in offered else None)
         conn = WsConnection(ws, hub, opts)
@@ -335,11 +389,11 @@ def build_app(hub: Hub, opts: HttpOptions, local_only: bool = False) -> Starlett
         return JSONResponse({"default": opts.default_task, "tasks": out, "auth": opts.token is not None})
 
     async def index(request: Request) -> Response:
-        return FileResponse(PAGE / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+        return FileResponse(PAGE / "index.html", headers=PAGE_HEADERS)
 
     app = Starlette(routes=[
         Route("/", index), Route("/tasks", tasks), Route("/metrics", metrics), Route("/healthz", healthz),
-        WebSocketRoute("/ws", ws_endpoint), Mount("/static", StaticFiles(directory=str(PAGE)), name="static"),
+        WebSocketRoute("/ws", ws_endpoint), Mount("/static", _PageFiles(directory=str(PAGE)), name="static"),
     ])
     app.state.connections = connections
     return app

@@ -103,6 +103,9 @@ def serve(
                         ("--max-frame-bytes", max_frame_bytes), ("--max-connections", max_connections)):
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
+    for name, value, least in (("--idle-timeout", idle_timeout, 1.0), ("--drain", drain, 0.0), ("--status-every", status_every, 0.0)):
+        if not value >= least:  # (nan too)
+            fail(f"{name} must be at least {least:g} s, got {value:g}")
     cluster = None
     if mqtt is not None:
         from .cluster import ClusterOptions

@@ -41,6 +41,12 @@ class ServeMetrics:
                                      buckets=FIRST_AUDIO_BUCKETS, registry=r)
         self.audio_out = Counter("streamgen_audio_output_seconds", "Audio sent to clients.", registry=r)
         self.live = Gauge("streamgen_live_sessions", "Sessions open in the engine.", registry=r)
+        # every series from the start (at 0): a rate or increase() over a series that appears with its first event
+        # misses that event (the first refusal after a restart, say)
+        for counter, values in ((self.started, ("ws", "mqtt")), (self.protocol_errors, ("ws", "mqtt")),
+                                (self.refused, ("capacity", "draining", "connection_limit", "busy")), (self.ended, ("ok", "error"))):
+            for value in values:
+                counter.labels(value)
         self.recent_lags: deque[float] = deque(maxlen=2000)  # for the console's percentiles
         self.hub = self.engine = None
         r.register(_EngineCollector(self))

@@ -60,6 +60,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+HTTP_HEADROOM = 32  # plain HTTP requests (the page, /healthz, /metrics) beside a full house of WebSockets
+
+
 class _Http(uvicorn.Server):
     """uvicorn's server without its signal handlers: this process handles SIGTERM/SIGINT itself."""
 
@@ -88,7 +91,9 @@ class Server:
         loop = asyncio.get_running_loop()
         o = self.opts
         http = _Http(uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                    ws_max_size=4 * o.http.max_frame_bytes, limit_concurrency=o.http.max_connections,
+                                    # the WebSocket endpoint counts its own connections (uvicorn's limit skips upgrades
+                                    # yet counts them, so it refused /healthz and /metrics instead); plain HTTP keeps room
+                                    ws_max_size=4 * o.http.max_frame_bytes, limit_concurrency=o.http.max_connections + HTTP_HEADROOM,
                                     timeout_graceful_shutdown=5))
         sock = listen(o.host, o.port)
         self.port = sock.getsockname()[1]
@@ -179,7 +184,8 @@ class Server:
                 f"| refused {refused} | {lag} | queues {queues}")
 
     def banner(self) -> str:
-        o, base = self.opts, f"{self.opts.host}:{self.port}"
+        o = self.opts
+        base = f"[{o.host}]:{self.port}" if ":" in o.host else f"{o.host}:{self.port}"  # an IPv6 literal in a URL is bracketed
         auth = " (bearer token required)" if o.http.token else ""
         lines = [f"streamgen serve: {self.describe}",
                  f"  default task {o.http.default_task}; up to {o.max_sessions} live sessions, {o.http.max_sessions_per_connection} per connection "
