@@ -91,3 +91,71 @@ def test_page_talks_plays_and_shows_figures(browser, tmp_path):
         assert m[("streamgen_live_sessions", ())] == 0
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from streamgen.testing import random_bundle
+
+    d = tmp_path_factory.mktemp("tiny")
+    random_bundle(seed=1).save(d)
+    return d
+
+
+def ready(browser, server, query: str = "?task=resynthesis"):
+    browser.get(server.url + "/" + query)
+    wait_for(browser, "return window.streamgenStats && window.streamgenStats.state === 'ready'", 20, "the task list")
+
+
+SLOW_MIC = """const ask = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = (c) => new Promise((ok, no) => setTimeout(() => ask(c).then(ok, no), arguments[0]));"""
+
+
+def test_page_stop_while_connecting_records_nothing_and_a_session_ended_before_the_mic_stays_ended(browser, tiny):
+    """Stop pressed while the page connected sent the start anyway and recorded; a session ended by the server
+    (busy, idle) before the microphone's permission came recorded into nothing and left Stop hanging."""
+    server = ServeProcess("--bundle", str(tiny), "--task", "resynthesis", "--status-every", "0", "--idle-timeout", "1")
+    try:
+        ready(browser, server)
+        talk = browser.find_element("id", "talk")
+        browser.execute_script("arguments[0].click(); arguments[0].click();", talk)  # Talk, then Stop at once
+        time.sleep(3)
+        stats = browser.execute_script("return window.streamgenStats")
+        assert stats["state"] in ("ready", "ended") and stats["sentSamples"] == 0 and stats["errors"] == [], stats
+        assert talk.text == "Talk" and talk.is_enabled()
+
+        browser.execute_script(SLOW_MIC, 2500)  # the permission takes longer than the server's idle timeout
+        talk.click()
+        wait_for(browser, "return window.streamgenStats.state === 'ended'", 20, "the idle session's end")
+        time.sleep(3.5)  # the permission has come by now
+        stats = browser.execute_script("return window.streamgenStats")
+        assert stats["state"] == "ended" and stats["sentSamples"] == 0, stats
+        assert any("no input for 1 s" in e for e in stats["errors"]), stats["errors"]
+        assert talk.text == "Talk" and talk.is_enabled()
+    finally:
+        server.stop()
+
+
+def test_page_opens_a_new_connection_when_told_and_shows_the_servers_defaults(browser, tiny):
+    """At a connection's session limit every Talk was refused until the idle close; the page showed (and sent)
+    the task's own defaults instead of the server's --opt."""
+    server = ServeProcess("--bundle", str(tiny), "--task", "continuation", "--opt", "max_units=40", "--status-every", "0",
+                          "--max-sessions-per-connection", "1")
+    try:
+        ready(browser, server, "")
+        assert browser.find_element("css selector", 'input[data-option="max_units"]').get_attribute("value") == "40"
+        Select(browser.find_element("id", "task")).select_by_value("resynthesis")
+        talk = browser.find_element("id", "talk")
+        for n in (1, 2):
+            talk.click()
+            wait_for(browser, "return window.streamgenStats.state === 'talking' && window.streamgenStats.sentSamples > 8000", 20,
+                     f"session {n} talking")
+            talk.click()
+            wait_for(browser, f"return window.streamgenStats.state === 'ended' && window.streamgenStats.sessions === {n}", 30,
+                     f"session {n}'s end")
+        assert browser.execute_script("return window.streamgenStats.errors") == []
+        m = server.metrics()
+        assert m[("streamgen_sessions_ended_total", (("outcome", "ok"),))] == 2
+        assert m[("streamgen_sessions_refused_total", (("reason", "connection_limit"),))] == 1  # then a new connection
+    finally:
+        server.stop()

@@ -385,7 +385,9 @@ def build_app(hub: Hub, opts: HttpOptions, local_only: bool = False) -> Starlett
                 p = load_task(name)
             except Exception:  # a broken plugin is left out of the picker
                 continue
-            out.append({"name": name, "description": p.description, "options": p.options})
+            # the server's own --opt defaults for its default task: the page shows, and sends, what this server runs
+            defaults = {**p.options, **opts.default_options} if name == opts.default_task else p.options
+            out.append({"name": name, "description": p.description, "options": defaults})
         return JSONResponse({"default": opts.default_task, "tasks": out, "auth": opts.token is not None})
 
     async def index(request: Request) -> Response:

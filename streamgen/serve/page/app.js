@@ -12,6 +12,9 @@ window.streamgenStats = stats;
 
 let tasks = {}, ctx = null, ws = null, mic = null, micSource = null, capture = null, player = null;
 let outRate = 16000, firstSentAt = null, level = new Float32Array(0);
+// the Talk press being answered: {stopped} once Stop was pressed before the session began; {live} while the
+// server's session runs (from "started" to "end"). A new press makes a new one; late answers to an old one are void.
+let attempt = null;
 
 function setState(s) {
   stats.state = s;
@@ -119,6 +122,7 @@ function connect() {
     sock.onerror = () => reject(new Error("cannot connect to " + url + (token ? "" : " (does the server want a token?)")));
     sock.onclose = () => {
       if (ws === sock) ws = null;
+      if (sock.retired) return; // closed here, on purpose (a new connection took over)
       if (stats.state !== "ready" && stats.state !== "ended") {
         stopMic();
         setState("ready");
@@ -147,25 +151,55 @@ function onMessage(e) {
     player = new AudioWorkletNode(ctx, "streamgen-player", { numberOfInputs: 0, outputChannelCount: [1], processorOptions: { rate: outRate } });
     player.connect(ctx.destination);
     player.port.onmessage = (ev) => { stats.playedSamples = ev.data.played; };
-    startMic().catch((err) => { showError("microphone: " + (err.message || err)); ws.send(JSON.stringify({ type: "stop" })); });
+    const mine = attempt;
+    mine.live = true;
+    if (mine.stopped) { // Stop was pressed while the start was on its way: end it at once, no microphone
+      ws.send(JSON.stringify({ type: "stop" }));
+      return;
+    }
+    startMic(mine).catch((err) => {
+      showError("microphone: " + (err.message || err));
+      if (mine.live && ws) ws.send(JSON.stringify({ type: "stop" }));
+      if (mine.live) setState("finishing");
+    });
   } else if (m.type === "stats") {
     if (m.first_audio_ms !== undefined) stats.serverFirstAudioMs = m.first_audio_ms;
     if (m.lag_ms !== undefined) stats.lagMs = m.lag_ms;
     if (m.rtf !== undefined) stats.rtf = m.rtf;
   } else if (m.type === "error") {
+    const refused = attempt && !attempt.live; // a start refused: no session, no end follows
+    if (refused && m.message.includes("open a new connection") && !attempt.retried) {
+      attempt.retried = true; // this connection has opened all it may: the same start on a new one
+      retire(ws);
+      talk(true);
+      return;
+    }
     showError(m.message);
-    if (stats.state === "connecting") setState("ready"); // the start was refused: no session, no end follows
+    if (refused && (stats.state === "connecting" || stats.state === "finishing")) setState("ready");
   } else if (m.type === "end") {
     stopMic();
+    if (attempt) attempt.live = false;
     stats.sessions += 1;
     setState("ended");
   }
 }
 
-async function startMic() {
-  mic = await navigator.mediaDevices.getUserMedia({
+function retire(sock) {
+  if (!sock) return;
+  sock.retired = true;
+  if (ws === sock) ws = null;
+  sock.close();
+}
+
+async function startMic(mine) {
+  const stream = await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: false },
   });
+  if (attempt !== mine || !mine.live || mine.stopped) { // the session ended (refused as busy, idle) or Stop was
+    for (const t of stream.getTracks()) t.stop(); // pressed while the permission was asked: nothing to record for
+    return;
+  }
+  mic = stream;
   micSource = ctx.createMediaStreamSource(mic);
   capture = new AudioWorkletNode(ctx, "streamgen-capture", { numberOfInputs: 1, numberOfOutputs: 1 });
   const mute = ctx.createGain();
@@ -188,32 +222,43 @@ function stopMic() {
   if (mic) { for (const t of mic.getTracks()) t.stop(); mic = null; }
 }
 
-async function talk() {
-  if (stats.state === "talking" || stats.state === "connecting") {
+async function talk(again = false) {
+  if (!again && (stats.state === "talking" || stats.state === "connecting")) {
     stopMic();
-    if (ws) ws.send(JSON.stringify({ type: "stop" }));
-    setState("finishing");
+    attempt.stopped = true;
+    if (attempt.live && ws) { // the session runs: its input ends, its output still comes
+      ws.send(JSON.stringify({ type: "stop" }));
+      setState("finishing");
+    } else if (attempt.sent) {
+      setState("finishing"); // the start is on its way: "started" is answered with a stop
+    } else {
+      setState("ready"); // nothing sent yet: nothing to stop
+    }
     return;
   }
+  const mine = again ? attempt : (attempt = { stopped: false, live: false, sent: false, retried: false });
   $("error").textContent = "";
   setState("connecting");
   try {
     await ensureAudio();
     await ctx.resume();
     if (!ws) ws = await connect();
+    if (attempt !== mine || mine.stopped) return; // Stop was pressed while connecting
     Object.assign(stats, { sentSamples: 0, receivedSamples: 0, playedSamples: 0, firstAudioMs: null,
                            serverFirstAudioMs: null, lagMs: null, rtf: null, sampleRate: ctx.sampleRate });
     firstSentAt = null;
     level = new Float32Array(0);
     ws.send(JSON.stringify({ type: "start", task: $("task").value, options: options(), sample_rate: ctx.sampleRate }));
+    mine.sent = true;
   } catch (err) {
     stopMic();
+    if (attempt !== mine || mine.stopped) return;
     setState("ready");
     showError(String(err.message || err));
   }
 }
 
 $("task").addEventListener("change", showOptions);
-$("talk").addEventListener("click", talk);
+$("talk").addEventListener("click", () => talk());
 setInterval(render, 200);
 loadTasks().catch((err) => showError("cannot load the task list: " + err));
