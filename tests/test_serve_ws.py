@@ -383,3 +383,15 @@ async def test_the_banner_brackets_an_ipv6_address(bundle_dir):
     async with in_process(bundle_dir, serve={"host": "::1"}) as srv:
         banner = srv.banner()
         assert f"page       http://[::1]:{srv.port}/" in banner and f"ws://[::1]:{srv.port}/ws" in banner
+
+
+async def test_a_draining_server_refuses_new_connections_with_503_as_its_health_says(bundle_dir):
+    """/healthz said 503 while draining, yet new WebSockets were taken (and their starts refused inside): a proxy
+    could not pass the handshake to another worker."""
+    async with in_process(bundle_dir) as srv:
+        url = f"ws://127.0.0.1:{srv.port}/ws"
+        srv.hub.accepting = False
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(url)
+        assert refused.value.response.status_code == 503 and b"shutting down" in refused.value.response.body
+        srv.hub.accepting = True

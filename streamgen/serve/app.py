@@ -354,6 +354,10 @@ def build_app(hub: Hub, opts: HttpOptions, local_only: bool = False) -> Starlett
         if not origin_ok(ws):
             await ws.close(code=1008)
             return
+        if not hub.accepting:  # draining: as /healthz says, so a proxy passes the handshake to another worker
+            hub.metrics.refused.labels(reason="draining").inc()
+            await _deny(ws, 503, "the server is shutting down and takes no new connections; try another server or retry later\n")
+            return
         if len(connections) >= opts.max_connections:
             hub.metrics.refused.labels(reason="connection_limit").inc()
             await _deny(ws, 503, f"the server holds its limit of {opts.max_connections} connections; retry later\n")

@@ -120,13 +120,13 @@ function connect() {
     sock.binaryType = "arraybuffer";
     sock.onopen = () => resolve(sock);
     sock.onerror = () => reject(new Error("cannot connect to " + url + (token ? "" : " (does the server want a token?)")));
-    sock.onclose = () => {
+    sock.onclose = (e) => {
       if (ws === sock) ws = null;
       if (sock.retired) return; // closed here, on purpose (a new connection took over)
       if (stats.state !== "ready" && stats.state !== "ended") {
         stopMic();
         setState("ready");
-        showError("the connection closed");
+        showError(e.reason ? "the connection closed: " + e.reason : "the connection closed"); // the server says why
       }
     };
     sock.onmessage = onMessage;
