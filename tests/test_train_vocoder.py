@@ -1,5 +1,7 @@
 """Vocoder training on real (piper) speech, tiny and short: the losses fall, and the result is a bundle part."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -47,6 +49,23 @@ def test_training_lowers_mel_and_duration_losses(unit_corpus, tmp_path):
         VocoderTrainer(new_vocoder(100, width=32), cfg, tmp_path, progress=False).resume()  # was a 204-line load_state_dict dump
     with pytest.raises(ValueError, match="no vocoder training state to resume"):
         VocoderTrainer(new_vocoder(100, width=16), cfg, tmp_path / "none", progress=False).resume()
+    # a save killed while writing the state leaves the last state whole (it was written in place, half-written)
+    import streamgen.train.vocoder as vocoder_module
+
+    def killed(obj, f):
+        Path(f).write_bytes(b"half a state")
+        raise KeyboardInterrupt
+
+    resumed.step = 41
+    torch_save, vocoder_module.torch.save = vocoder_module.torch.save, killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            resumed.save()
+    finally:
+        vocoder_module.torch.save = torch_save
+    again = VocoderTrainer(new_vocoder(100, width=16), cfg, tmp_path, progress=False)
+    again.resume()
+    assert again.step == 40
 
 
 def test_train_vocoder_cli_into_bundle(unit_corpus):

@@ -259,10 +259,10 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         kind = "prompt" if self.prompt is not None else "mbart"
-        _atomic(self.out / f"{name}_{kind}.safetensors", lambda f: save_file(self.weights(), f))
+        write_atomic(self.out / f"{name}_{kind}.safetensors", lambda f: save_file(self.weights(), f))
         meta = {"mode": self.cfg.mode, "step": self.step, "epoch": self.epoch, "dev_loss": self.best,
                 "trainable_parameters": self.trainable, "total_parameters": self.total, "config": asdict(self.cfg)}
-        _atomic(self.out / "task.json", lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
+        write_atomic(self.out / "task.json", lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
 
     def save_state(self) -> None:
         self.saved_at = time.monotonic()
@@ -270,7 +270,7 @@ class Trainer:
         if self.rank == 0:
             state = {"step": self.step, "epoch": self.epoch, "best": self.best, "bad_epochs": self.bad_epochs,
                      "history": self.history, "optimizer": self.opt.state_dict(), "run": getattr(self, "identity", {})}
-            _atomic(self.out / "state.pt", lambda f: torch.save(state, f))
+            write_atomic(self.out / "state.pt", lambda f: torch.save(state, f))
 
     def load_state(self) -> None:
         state_file = self.out / "state.pt"
@@ -303,7 +303,7 @@ class Trainer:
         self.bad_epochs, self.history = st["bad_epochs"], st["history"]
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """write(tmp) then rename over `path`: a process killed mid-save leaves the previous file intact."""
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))

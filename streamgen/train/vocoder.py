@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..io.files import read_audio
 from ..models.vocoder import LRELU_SLOPE, CodeHiFiGAN, VocoderConfig
 from ..progress import Progress
+from .loop import write_atomic
 from .synth import read_manifest
 
 
@@ -227,12 +228,17 @@ class VocoderTrainer:
         return self.history
 
     def save(self) -> None:
+        """Each file written under a temporary name and renamed over the last (a kill mid-save leaves the previous
+        one whole), the state last."""
         self.out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}, self.out / "vocoder.safetensors")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}, self.out / "discriminators.safetensors")
-        torch.save({"step": self.step, "history": self.history, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()},
-                   self.out / "vocoder_state.pt")
-        (self.out / "vocoder.json").write_text(json.dumps({"config": self.model.cfg.to_dict(), "train": asdict(self.cfg), "step": self.step}, indent=2))
+        generator = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        write_atomic(self.out / "vocoder.safetensors", lambda f: save_file(generator, f))
+        disc = {k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}
+        write_atomic(self.out / "discriminators.safetensors", lambda f: save_file(disc, f))
+        meta = json.dumps({"config": self.model.cfg.to_dict(), "train": asdict(self.cfg), "step": self.step}, indent=2)
+        write_atomic(self.out / "vocoder.json", lambda f: Path(f).write_text(meta))
+        state = {"step": self.step, "history": self.history, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+        write_atomic(self.out / "vocoder_state.pt", lambda f: torch.save(state, f))
 
     def resume(self) -> None:
         """Continue from OUT's state; ValueError (one line) when there is none or it is not of this vocoder's shape."""
