@@ -373,13 +373,18 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors' element types
 
 
+def vocoder_units(b: Bundle) -> int | None:
+    """The units the bundle's vocoder speaks (its source-filter one's, else its CodeHiFiGAN's), None without one."""
+    voc = b.source_filter if b.source_filter is not None else b.vocoder
+    return None if voc is None else getattr(voc.cfg, "num_units", getattr(voc.cfg, "num_embeddings", None))
+
+
 def _check_units(meta_file: Path, b: Bundle) -> None:
     """The parts agree on the units: the speech LM knows every unit the encoder gives, the vocoder every
     unit either gives (a unit past a vocabulary failed only mid-session, as an index error)."""
     reader = next((m.num_units for m in (b.phone_units, b.logmel_units, b.quantizer) if m is not None), None)
     lms = {"mbart": b.mbart, **{f"backbone {k}": m for k, m in b.backbones.items()}}
-    voc = b.source_filter if b.source_filter is not None else b.vocoder
-    voc_units = None if voc is None else getattr(voc.cfg, "num_units", getattr(voc.cfg, "num_embeddings", None))
+    voc_units = vocoder_units(b)
     for name, lm in lms.items():
         if lm is None:
             continue

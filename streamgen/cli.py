@@ -330,6 +330,21 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
     return b, trainer, rank
 
 
+def _check_schedule(lr: float, epochs: int, max_steps: int | None, batch_size: int, warmup: int, patience: int,
+                    save_minutes: float) -> None:
+    """The options train-prompt and train-backbone share, in range (UsageError names the first that is not)."""
+    from .options import in_range
+
+    in_range("--lr", lr, 1e-8, 10.0)
+    in_range("--epochs", epochs, 1, None)
+    if max_steps is not None:
+        in_range("--max-steps", max_steps, 1, None)
+    in_range("--batch-size", batch_size, 1, None)
+    in_range("--warmup", warmup, 0, None)
+    in_range("--patience", patience, 1, None)
+    in_range("--save-minutes", save_minutes, 0.0, None)
+
+
 def _init_units(pairs, length: int) -> torch.Tensor:
     """Real unit sequences to initialise a prompt from (up to 8 rows of equal length)."""
     seqs = [p.tgt for p in pairs if len(p.tgt) >= 4][:8]
@@ -376,15 +391,8 @@ def train_prompt(
         for stack in stacks.split(","):
             one_of("--stacks", stack, ("encoder", "decoder"))
         in_range("--prompt-length", prompt_length, 1, 4096)
-        in_range("--lr", lr, 1e-8, 10.0)
-        in_range("--epochs", epochs, 1, None)
-        if max_steps is not None:
-            in_range("--max-steps", max_steps, 1, None)
-        in_range("--batch-size", batch_size, 1, None)
-        in_range("--warmup", warmup, 0, None)
+        _check_schedule(lr, epochs, max_steps, batch_size, warmup, patience, save_minutes)
         in_range("--clip", clip, 0.0, None)
-        in_range("--patience", patience, 1, None)
-        in_range("--save-minutes", save_minutes, 0.0, None)
         if wait_k is not None:
             in_range("--wait-k", wait_k, 0, None)
         in_range("--wait-ratio", wait_ratio, 0.1, 10.0)
@@ -444,15 +452,8 @@ def train_backbone(
     from .options import UsageError, in_range
 
     try:  # before any data is read or any step taken
-        in_range("--lr", lr, 1e-8, 10.0)
-        in_range("--epochs", epochs, 1, None)
-        if max_steps is not None:
-            in_range("--max-steps", max_steps, 1, None)
-        in_range("--batch-size", batch_size, 1, None)
-        in_range("--warmup", warmup, 0, None)
+        _check_schedule(lr, epochs, max_steps, batch_size, warmup, patience, save_minutes)
         in_range("--mask-ratio", mask_ratio, 0.01, 0.9)
-        in_range("--patience", patience, 1, None)
-        in_range("--save-minutes", save_minutes, 0.0, None)
     except UsageError as e:
         fail(str(e))
     cfg = TrainConfig(mode="denoise", lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, warmup_steps=warmup,
@@ -497,11 +498,11 @@ def train_units(
         in_range("--target-clusters", target_clusters, 2, 65536)
         in_range("--output-layer", output_layer, 1, layers)
         if (bundle / "bundle.json").is_file():  # new units for a bundle whose parts speak units: they must stay the same many
+            from .bundle import vocoder_units
+
             have = load_bundle(bundle)
-            voc = have.source_filter if have.source_filter is not None else have.vocoder
             speaks = {name: n for name, n in (("Unit mBART", have.mbart.cfg.num_units if have.mbart is not None else None),
-                                              ("vocoder", None if voc is None else getattr(voc.cfg, "num_units", getattr(voc.cfg, "num_embeddings", None))))
-                      if n is not None and n != units}
+                                              ("vocoder", vocoder_units(have))) if n is not None and n != units}
             if speaks:
                 raise UsageError(f"--units {units}: {bundle}'s " + " and ".join(f"{k} speak {v}" for k, v in speaks.items())
                                  + " units; new units of another inventory would leave them speaking the old ones: give a new "
