@@ -123,14 +123,23 @@ def test_page_stop_while_connecting_records_nothing_and_a_session_ended_before_t
         stats = browser.execute_script("return window.streamgenStats")
         assert stats["state"] in ("ready", "ended") and stats["sentSamples"] == 0 and stats["errors"] == [], stats
         assert talk.text == "Talk" and talk.is_enabled()
+        # Talk, Stop, Talk at once: one connection (a spare one's idle close had ended the live session)
+        browser.execute_script("arguments[0].click(); arguments[0].click(); arguments[0].click();", talk)
+        wait_for(browser, "return window.streamgenStats.state === 'talking' && window.streamgenStats.sentSamples > 8000", 20, "talking")
+        time.sleep(3)  # past the server's idle timeout for a connection without a session
+        assert server.metrics()[("streamgen_connections", ())] == 1
+        assert browser.execute_script("return window.streamgenStats.state") == "talking"
+        talk.click()
+        wait_for(browser, "return window.streamgenStats.state === 'ended'", 30, "the session's end")
 
-        browser.execute_script(SLOW_MIC, 2500)  # the permission takes longer than the server's idle timeout
+        browser.execute_script(SLOW_MIC, 5000)  # the permission takes far longer than the server's idle timeout
         talk.click()
         wait_for(browser, "return window.streamgenStats.state === 'ended'", 20, "the idle session's end")
-        time.sleep(3.5)  # the permission has come by now
+        time.sleep(6)  # the permission has come by now
         stats = browser.execute_script("return window.streamgenStats")
         assert stats["state"] == "ended" and stats["sentSamples"] == 0, stats
         assert any("no input for 1 s" in e for e in stats["errors"]), stats["errors"]
+        assert not browser.execute_script("return window.streamgenStats.errors.some(e => e.startsWith('the connection closed'))")
         assert talk.text == "Talk" and talk.is_enabled()
     finally:
         server.stop()

@@ -111,6 +111,16 @@ async function ensureAudio() {
   await ctx.audioWorklet.addModule("/static/worklet.js");
 }
 
+let connecting = null; // the connection being opened: a second Talk while it opens waits for the same one
+
+function connection() {
+  if (ws) return Promise.resolve(ws);
+  if (!connecting) {
+    connecting = connect().then((sock) => { ws = sock; return sock; }).finally(() => { connecting = null; });
+  }
+  return connecting;
+}
+
 function connect() {
   return new Promise((resolve, reject) => {
     const token = $("token").value.trim();
@@ -121,8 +131,8 @@ function connect() {
     sock.onopen = () => resolve(sock);
     sock.onerror = () => reject(new Error("cannot connect to " + url + (token ? "" : " (does the server want a token?)")));
     sock.onclose = (e) => {
-      if (ws === sock) ws = null;
-      if (sock.retired) return; // closed here, on purpose (a new connection took over)
+      if (sock.retired || ws !== sock) return; // closed here on purpose, or a connection no session used
+      ws = null;
       if (stats.state !== "ready" && stats.state !== "ended") {
         stopMic();
         setState("ready");
@@ -169,9 +179,11 @@ function onMessage(e) {
   } else if (m.type === "error") {
     const refused = attempt && !attempt.live; // a start refused: no session, no end follows
     if (refused && m.message.includes("open a new connection") && !attempt.retried) {
-      attempt.retried = true; // this connection has opened all it may: the same start on a new one
-      retire(ws);
-      talk(true);
+      retire(ws); // this connection has opened all it may
+      if (attempt.stopped) { setState("ready"); return; } // and Stop was pressed meanwhile: nothing more to do
+      attempt.retried = true;
+      attempt.sent = false;
+      talk(true); // the same start on a new connection
       return;
     }
     showError(m.message);
@@ -242,8 +254,9 @@ async function talk(again = false) {
   try {
     await ensureAudio();
     await ctx.resume();
-    if (!ws) ws = await connect();
-    if (attempt !== mine || mine.stopped) return; // Stop was pressed while connecting
+    await connection();
+    if (attempt !== mine) return; // a newer Talk took over
+    if (mine.stopped) { setState("ready"); return; } // Stop was pressed while connecting: nothing was sent
     Object.assign(stats, { sentSamples: 0, receivedSamples: 0, playedSamples: 0, firstAudioMs: null,
                            serverFirstAudioMs: null, lagMs: null, rtf: null, sampleRate: ctx.sampleRate });
     firstSentAt = null;
