@@ -13,7 +13,7 @@ from speech import espeak
 import streamgen
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.models.unit_mbart import UnitMBart
-from streamgen.pipeline.items import AudioChunk, Control, SessionError
+from streamgen.pipeline.items import AudioChunk, Control, End, SessionError
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
 
@@ -269,6 +269,34 @@ def test_each_session_of_an_id_used_again_has_its_own_figures(test_bundle):
     assert len(sink.wave("alice")) == len(alone.wave("x")) + len(alone.wave("y"))
     assert all(st.closed for st in stats.sessions.values()) and not stats._open
     assert stats.report("alice#2").startswith("session alice#2\n")
+
+
+def test_an_id_whose_first_session_was_refused_at_its_first_chunk_keeps_the_next_sessions_figures_apart():
+    """Refused at its very first chunk (not audio), the session had no record when its End came, so nothing
+    marked its input ended; the next session of the id then counted its input into the record the refusal's
+    error and End (still on their way through the engine) would close. The input side is what decides: it
+    runs here against an engine that only takes items (its output, late, is what a busy server shows)."""
+    from streamgen.pipeline.runner import Pipeline
+
+    class Taking:  # the engine's input side; nothing comes out yet
+        algorithmic_s: dict = {}
+
+        def __init__(self):
+            self.items = []
+
+        async def put(self, item):
+            self.items.append(item)
+
+    one = espeak("Where is the train station?")
+    bad = chunks_of("carol", one, 1600)[:1]
+    bad[0].samples = torch.full_like(bad[0].samples, float("nan"))
+    good = chunks_of("carol", one, 1600)
+    stats = Stats(16000)
+    pipeline = Pipeline(MemorySource(bad + [End("carol", 1600, 0.0)] + good), Taking(), MemorySink(), stats)
+    asyncio.run(pipeline._feed())
+    first, second = stats.session("carol"), stats.sessions["carol#2"]
+    assert first.input_ended and first.input_samples == 0  # the refused one: its error and End will close it
+    assert second.input_samples == len(one) and second.input_ended
 
 
 def test_a_sink_that_fails_stops_the_run_with_its_error_instead_of_hanging(test_bundle):

@@ -136,10 +136,9 @@ class Pipeline:
             if isinstance(item, End):
                 self.live.discard(s)
                 if s in self.ended:  # ended before its input did: the End only frees the id (in the engine too)
-                    if not self.ended.pop(s):  # the engine's End for that session is still to come
+                    if not self.ended.pop(s):  # the engine's End for that session is still to come, and closes its record
                         self.finishing[s] = self.finishing.get(s, 0) + 1
-                    if (st := self.stats.open_input(s)) is not None:
-                        st.input_ended = True  # the id's next chunk opens a record of its own
+                        self.stats.input_record(s).input_ended = True  # (made here if it had none): the id's next chunk opens its own
                 else:
                     st = self.stats.input_record(s)
                     st.input_ended, st.input_end_at = True, item.captured_at
