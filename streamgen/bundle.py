@@ -495,6 +495,19 @@ def _load_part(path: Path, name: str, build: Callable[[], nn.Module]) -> nn.Modu
     return module.eval()
 
 
+def fingerprint(path: str | Path) -> str:
+    """A short digest of a bundle directory's files (names, sizes, modification times): what changes when any
+    part is trained again or replaced."""
+    import hashlib
+
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def default_bundle_path() -> Path | None:
     """The trained bundle shipped with the package (streamgen/assets/default), if present."""
     p = Path(str(resources.files("streamgen") / "assets" / "default"))

@@ -330,6 +330,21 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
     return b, trainer, rank
 
 
+def _model_identity(bundle: Path | None, prompt: Path | None, no_prompt: bool, mbart: Path | None, lm_dtype: str | None) -> dict:
+    """What an evaluation's figures depend on besides its test set: the bundle's files, and what replaced parts of it."""
+    from .bundle import default_bundle_path, fingerprint
+
+    where = bundle or default_bundle_path()
+    extra = {"prompt": "none" if no_prompt else f"{prompt} {_file_stamp(prompt)}" if prompt else "the bundle's",
+             "mbart": f"{mbart} {_file_stamp(mbart)}" if mbart else "the bundle's", "lm_dtype": lm_dtype or "float32"}
+    return {"bundle": f"{Path(where).resolve()} {fingerprint(where)}" if where else "none", **extra}
+
+
+def _file_stamp(path: Path) -> str:
+    st = Path(path).stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _check_schedule(lr: float, epochs: int, max_steps: int | None, batch_size: int, warmup: int, patience: int,
                     save_minutes: float) -> None:
     """The options train-prompt and train-backbone share, in range (UsageError names the first that is not)."""
@@ -716,7 +731,8 @@ def evaluate_cmd(
             fail(str(e))
     try:
         results = evaluate(b, task, manifest, out, references=references, chunk_ms=chunks,
-                           options=options, realtime=realtime, limit=limit, seed=seed, resume=resume)
+                           options=options, realtime=realtime, limit=limit, seed=seed, resume=resume,
+                           identity=_model_identity(bundle, prompt, no_prompt, mbart, lm_dtype))
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     from .eval.run import markdown

@@ -108,10 +108,16 @@ def test_eval_reports_quality_latency_and_a_plot(small_corpus, tmp_path, task, t
     assert (tmp_path / "quality_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_an_interrupted_eval_resumes_where_it_stopped(small_corpus, tmp_path, test_bundle):
-    """Results were written only at the end: an interrupt after hours lost every utterance scored."""
+@pytest.mark.parametrize("task", ["resynthesis", "inpainting"])
+def test_an_interrupted_eval_resumes_where_it_stopped(small_corpus, tmp_path, test_bundle, task):
+    """Results were written only at the end: an interrupt after hours lost every utterance scored. A resumed run
+    scores what the whole run scores (inpainting's spans included), after a line the interrupt cut, and only
+    for the same evaluation."""
+    import json
+
     from streamgen.eval.asr import WhisperASR
     from streamgen.eval.run import evaluate
+    from streamgen.train.synth import read_manifest
 
     whisper = WhisperASR()
 
@@ -125,19 +131,29 @@ def test_an_interrupted_eval_resumes_where_it_stopped(small_corpus, tmp_path, te
                 raise KeyboardInterrupt
             return whisper.hear(wave)
 
-    run = dict(chunk_ms=[320], realtime=False, progress=False)
-    straight = evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "a", asr=Heard(), **run)
+        def __getattr__(self, name):  # transcribe, transcribe_words: as the recogniser does
+            return getattr(whisper, name)
+
+    run = dict(chunk_ms=[320], realtime=False, progress=False, identity={"bundle": "tiny 1"})
+    manifest = small_corpus / "en_test.tsv"
+    straight = evaluate(test_bundle, task, manifest, tmp_path / "a", asr=Heard(), **run)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "b", asr=Heard(stop_at=2), **run)
-    assert len((tmp_path / "b" / "utterances.jsonl").read_text().splitlines()) == 1
-    with pytest.raises(ValueError, match="holds another evaluation's utterances .*seed 0 \\(now 1\\)"):
-        evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "b", asr=Heard(), resume=True, seed=1, **run)
+        evaluate(test_bundle, task, manifest, tmp_path / "b", asr=Heard(stop_at=2), **run)
+    log = tmp_path / "b" / "utterances.jsonl"
+    assert len(log.read_text().splitlines()) == 1
+    with log.open("a") as f:
+        f.write('{"run": {"task": "res')  # a line the interrupt cut
+    for other, named in [({"seed": 1}, "seed 0 \\(now 1\\)"), ({"identity": {"bundle": "tiny 2"}}, "bundle 'tiny 1' \\(now 'tiny 2'\\)")]:
+        with pytest.raises(ValueError, match="holds another evaluation's utterances .*" + named):
+            evaluate(test_bundle, task, manifest, tmp_path / "b", asr=Heard(), resume=True, **{**run, **other})
     again = Heard()
-    resumed = evaluate(test_bundle, "resynthesis", small_corpus / "en_test.tsv", tmp_path / "b", asr=again, resume=True, **run)
+    resumed = evaluate(test_bundle, task, manifest, tmp_path / "b", asr=again, resume=True, **run)
     assert again.n == 1  # only the utterance the interrupt cut
     ours, theirs = resumed["chunks"][0], straight["chunks"][0]
-    assert [u["hypothesis"] for u in ours["utterances"]] == [u["hypothesis"] for u in theirs["utterances"]]
+    for key in ("hypothesis", "mask"):
+        assert [u.get(key) for u in ours["utterances"]] == [u.get(key) for u in theirs["utterances"]], key
     assert ours["wer"] == theirs["wer"] and ours["n"] == 2
+    assert [json.loads(line)["utterance"]["id"] for line in log.read_text().splitlines()] == [r["id"] for r in read_manifest(manifest)]
 
 
 def test_latency_agrees_with_simuleval_scorers(tmp_path):

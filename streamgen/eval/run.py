@@ -99,9 +99,11 @@ def inpainting_span(n_samples: int, rate: int, rng: random.Random) -> tuple[floa
 
 def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, references: str | Path | None = None,
              chunk_ms: list[int] = (320,), options: dict | None = None, realtime: bool = True, limit: int | None = None,
-             asr=None, seed: int = 0, progress: bool = True, resume: bool = False) -> dict:
+             asr=None, seed: int = 0, progress: bool = True, resume: bool = False, identity: dict | None = None) -> dict:
     """Each utterance's figures go to OUT/utterances.jsonl as it is scored; with `resume` the ones an
-    interrupted run of the same task, test set, options and pacing left there are kept, not run again."""
+    interrupted run of the same evaluation left there are kept, not run again: the same task, test set,
+    options, pacing and seed, and `identity` (what the caller knows of the model: the bundle's files, a
+    prompt or weights put in its place)."""
     manifest, out = Path(manifest), Path(out_dir)
     rows, refs, seconds = check_test_set(manifest, references, limit)
     if out.exists() and not out.is_dir():
@@ -111,7 +113,7 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
     run = {"task": task, "manifest": str(manifest.resolve()), "references": str(Path(references).resolve()) if references else None,
-           "options": {k: str(v) for k, v in (options or {}).items()}, "realtime": realtime, "seed": seed}
+           "options": {k: str(v) for k, v in (options or {}).items()}, "realtime": realtime, "seed": seed, **(identity or {})}
     done = _scored(out / "utterances.jsonl", run) if resume else {}
     log = (out / "utterances.jsonl").open("a" if resume else "w")
     if asr is None:
@@ -124,13 +126,14 @@ def evaluate(bundle, task: str, manifest: str | Path, out_dir: str | Path, *, re
         utts = []
         rng = random.Random(seed)
         for i, row in enumerate(rows):
+            opts = dict(options or {})
+            path = manifest.parent / row["audio"]
+            if task == "inpainting":  # a span of the audio as it is (a manifest's n_frames may be off); drawn for
+                # every row, scored or not, so that a resumed run masks what the whole run masks
+                opts["mask_start"], opts["mask_end"] = inpainting_span(round(seconds[row["id"]] * bundle.sample_rate), bundle.sample_rate, rng)
             if (ms, row["id"]) in done:
                 utts.append(done[ms, row["id"]])
                 continue
-            opts = dict(options or {})
-            path = manifest.parent / row["audio"]
-            if task == "inpainting":  # a span of the audio as it is (a manifest's n_frames may be off)
-                opts["mask_start"], opts["mask_end"] = inpainting_span(round(seconds[row["id"]] * bundle.sample_rate), bundle.sample_rate, rng)
             spoken: list[int] = []  # the units the task committed (for diversity)
             engine = build_engine(bundle, task, opts, chunk_ms=ms, seed=seed)
             engine.on_commit = lambda _, units: spoken.extend(units.tolist())
@@ -191,7 +194,11 @@ def _scored(path: Path, run: dict) -> dict[tuple[int, str], dict]:
     done = {}
     if not path.is_file():
         return done
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    if text and not text.endswith("\n"):  # a line an interrupt cut: gone, so that what is appended starts a line
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:  # the line an interrupt cut short: that utterance runs again
