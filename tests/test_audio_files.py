@@ -187,8 +187,19 @@ def test_a_full_disk_is_named(tmp_path):
     full.symlink_to("/dev/full")  # every write: no space left on device
     with pytest.raises(WriteFailed, match=r"full.wav: cannot write session s's audio \(No space left on device\)"):
         asyncio.run(FileSink(full, 16000).write(AudioOut("s", torch.zeros(320), 320, 0.0)))
-    with pytest.raises(WriteFailed, match=r"full.wav: cannot write audio \(No space left on device\); nothing written"):
-        write_audio(full, np.zeros(16000, np.float32), 16000)
+    # write_audio writes the whole under another name first: a failure leaves a file already there as it was
+    (tmp_path / "old.wav").write_bytes(b"the last take")
+    code = ("import numpy as np, resource, signal\n"
+            "from streamgen.io.files import write_audio, WriteFailed\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+            "try:\n"
+            f"    write_audio({str(tmp_path / 'old.wav')!r}, np.zeros(16000, np.float32), 16000)\n"
+            "except WriteFailed as e:\n"
+            "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout == f"{tmp_path / 'old.wav'}: cannot write audio (File too large); nothing written\n", (r.stdout, r.stderr)
+    assert (tmp_path / "old.wav").read_bytes() == b"the last take" and sorted(p.name for p in tmp_path.iterdir()) == ["full.wav", "old.wav"]
 
 
 def test_an_output_directory_this_user_cannot_write_is_named_before_anything_runs(tmp_path, monkeypatch):

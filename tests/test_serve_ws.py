@@ -310,11 +310,22 @@ async def test_token_origin_and_sigterm_drain(bundle_dir, tmp_path):
 async def test_the_connection_limit_counts_websockets_and_leaves_health_and_metrics_open(bundle_dir):
     """uvicorn's limit skipped WebSocket upgrades (ten opened under --max-connections 2) yet counted them, so
     /healthz and /metrics answered 503 while the WebSockets were open."""
+    import logging
     import urllib.request
 
     from streamgen.serve.app import HttpOptions
 
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    kept = Kept()
     async with in_process(bundle_dir, serve={"http": HttpOptions(default_task="resynthesis", max_connections=2)}) as srv:
+        logging.getLogger("uvicorn.error").addHandler(kept)  # (once uvicorn has set its loggers up; they do not propagate)
         url = f"ws://127.0.0.1:{srv.port}/ws"
         async with websockets.connect(url), websockets.connect(url):
             with pytest.raises(InvalidStatus) as refused:
@@ -330,6 +341,8 @@ async def test_the_connection_limit_counts_websockets_and_leaves_health_and_metr
         assert srv.metrics.refused.labels("connection_limit")._value.get() == 1
         async with websockets.connect(url):  # the places are free again
             pass
+    logging.getLogger("uvicorn.error").removeHandler(kept)
+    assert not [r.getMessage() for r in kept.records if r.levelno >= logging.ERROR]  # a refusal is the server's answer, not a fault
 
 
 async def test_a_misspelt_control_field_is_named_not_ignored(server):

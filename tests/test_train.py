@@ -127,7 +127,7 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
     assert (result.steps, result.epochs) == (first.step, 3)
 
 
-def test_a_resume_with_other_batches_or_shapes_is_refused_not_trained_as_nothing(tmp_path):
+def test_a_resume_with_other_batches_or_shapes_is_refused_not_trained_as_nothing(tmp_path, capsys):
     """A resumed run with another batch size took its step past the epoch's batches: it trained nothing and
     reported a best loss of 0.0 over the real checkpoints; another prompt length died in a tensor size error."""
     data = toy_pairs(24)
@@ -148,9 +148,13 @@ def test_a_resume_with_other_batches_or_shapes_is_refused_not_trained_as_nothing
     with pytest.raises(ValueError, match=r"training_pairs 24 \(this command: 20\)"):
         trainer().fit(data[:20], data, resume=True)
     assert (tmp_path / "task.json").read_text() == best  # nothing written over the run
-    again = trainer(epochs=3)  # more epochs: the same batches, continued
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "run"}, tmp_path / "state.pt")  # as an older streamgen saved it
+    again = trainer(epochs=3)  # more epochs: the same batches, continued (an older state on trust, with a warning)
     result = again.fit(data, data, resume=True)
     assert result.steps == 18 and result.epochs == 3
+    assert capsys.readouterr().err.startswith(f"warning: {tmp_path}/state.pt does not say which run it belongs to")
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["run"]["batch_size"] == 4  # recorded from now on
 
 
 def test_units_a_bundle_does_not_have_are_named_before_training(tmp_path):

@@ -175,12 +175,16 @@ def _set_aside(f: sf.SoundFile, path: Path) -> Path | None:
 def write_audio(path: str | Path, wave: Tensor | np.ndarray, sample_rate: int) -> Path:
     """Write mono audio (PCM16 WAV, or FLAC by extension) into an existing directory; WriteFailed names why not."""
     wave = wave.detach().cpu().float().numpy() if isinstance(wave, Tensor) else np.asarray(wave, np.float32)
-    try:
-        sf.write(str(path), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16")
-    except (sf.LibsndfileError, RuntimeError) as e:
-        Path(path).unlink(missing_ok=True)  # a part of the audio under its name would pass for the whole
-        raise WriteFailed(f"{path}: cannot write audio ({os_reason(e)}); nothing written") from None
-    return Path(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # (the suffix names the format)
+    try:  # written whole under another name, then renamed: a failure leaves no part of the audio under the name, and
+        sf.write(str(tmp), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16")  # a file already there as it was
+        os.replace(tmp, path)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        why = os_reason(e) if isinstance(e, sf.LibsndfileError) else (e.strerror or str(e))
+        raise WriteFailed(f"{path}: cannot write audio ({why}); nothing written") from None
+    return path
 
 
 def file_has_speech(path: str | Path, block_s: float = 1.0) -> bool:
@@ -359,8 +363,9 @@ def stdin_layout(head: bytes, rate: int, at_end: bool) -> tuple[PcmLayout, int] 
             if (tag, bits) not in ((1, 16), (3, 32)) or not 1 <= channels <= 64 or not 1000 <= wav_rate <= 384_000:
                 raise ValueError(f"standard input carries a WAV of {bits}-bit {'float' if tag == 3 else 'PCM' if tag == 1 else f'format {tag}'} "
                                  f"samples, {channels} channel(s) at {wav_rate} Hz; 16-bit PCM or 32-bit float at 1000-384000 Hz is read: {fix}")
-            # a writer that cannot seek back (arecord to a pipe) leaves the size 0 or 2**32 - 1: read to the end
-            known = size if 0 < size < 0xFFFFFFFF else None
+            # a writer that cannot seek back leaves a size it cannot know (0, 2**31, 2**32 - 1: arecord to a pipe
+            # writes 2**31): read to the end of the stream then
+            known = size if 0 < size < 0x80000000 else None
             return PcmLayout(wav_rate, channels, "<i2" if tag == 1 else "<f4", known), at + 8
         at += 8 + size + (size & 1)
         if at > MAX_WAV_HEADER:
@@ -372,7 +377,8 @@ def stdin_layout(head: bytes, rate: int, at_end: bool) -> tuple[PcmLayout, int] 
 
 class StdinSource:
     """Raw 16-bit little-endian mono PCM at `input_rate` from standard input (resampled to `sample_rate`), as
-    one session; or a WAV stream (its header gives the rate and channels: `arecord | streamgen run --in -`).
+    one session; or a WAV stream of 16-bit or float samples (its header gives the rate and channels:
+    `arecord -f S16_LE -r 16000 | streamgen run --in -`).
     Other containers (FLAC, OGG, MP3), which used to be read as noise, end the session saying how to send them."""
 
     def __init__(self, sample_rate: int, input_rate: int | None = None, session: str = "stdin", block_ms: int = 20, stream=None):

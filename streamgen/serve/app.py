@@ -72,7 +72,8 @@ def unknown_fields(body: dict) -> str | None:
     extra = sorted(set(body) - FIELDS[body["type"]])
     if not extra:
         return None
-    return (f'{body["type"]} message with unknown field{"s" if len(extra) > 1 else ""} {", ".join(map(repr, extra))}; '
+    named = ", ".join(repr(k[:40]) for k in extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+    return (f'{body["type"]} message with unknown field{"s" if len(extra) > 1 else ""} {named}; '
             f'it takes {", ".join(sorted(FIELDS[body["type"]]))}')
 
 

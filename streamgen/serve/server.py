@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import sys
@@ -63,6 +64,14 @@ def listen(host: str, port: int) -> socket.socket:
 HTTP_HEADROOM = 32  # plain HTTP requests (the page, /healthz, /metrics) beside a full house of WebSockets
 
 
+class _DenialIsNotAnError(logging.Filter):
+    """uvicorn logs an ERROR for every WebSocket handshake refused with an HTTP status (a draining server, the
+    connection cap): each is this server's answer, not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("ASGI callable returned without completing handshake")
+
+
 class _Http(uvicorn.Server):
     """uvicorn's server without its signal handlers: this process handles SIGTERM/SIGINT itself."""
 
@@ -95,6 +104,9 @@ class Server:
                                     # yet counts them, so it refused /healthz and /metrics instead); plain HTTP keeps room
                                     ws_max_size=4 * o.http.max_frame_bytes, limit_concurrency=o.http.max_connections + HTTP_HEADROOM,
                                     timeout_graceful_shutdown=5))
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _DenialIsNotAnError) for f in uvicorn_log.filters):
+            uvicorn_log.addFilter(_DenialIsNotAnError())
         sock = listen(o.host, o.port)
         self.port = sock.getsockname()[1]
         if o.mqtt is not None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -278,9 +279,11 @@ class Trainer:
             raise ValueError(f"{self.out}: nothing to resume (no state.pt)")
         st = torch.load(state_file, map_location=self.device, weights_only=True)
         theirs, ours = st.get("run"), getattr(self, "identity", {})
-        if theirs is None:  # a state of an older streamgen: its batches cannot be checked
-            raise ValueError(f"{self.out}: its state.pt does not say which run it belongs to (an older streamgen wrote it); "
-                             "start a new run in another --out")
+        if theirs is None:  # an older streamgen's state: resumed on trust (the tensors' shapes and the step's place
+            # in its epoch are still checked); the next save records the run
+            print(f"warning: {self.out}/state.pt does not say which run it belongs to (an older streamgen wrote it); resuming it "
+                  "with this command's options: they must be that run's (batch size, seed, data)", file=sys.stderr, flush=True)
+            theirs = ours
         differ = [f"{k} {theirs.get(k)!r} (this command: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
         if differ:
             raise ValueError(f"{self.out} holds a run that differs from this command in " + ", ".join(differ)
