@@ -31,7 +31,7 @@ import streamgen.cli as cli
 import streamgen.io.files as files_mod
 import streamgen.options as options
 import torch
-from streamgen.io.files import FileSink, FileSource, StdinSource, UNKNOWN_LENGTH, WriteFailed, audio_info, file_has_speech, read_audio, write_audio
+from streamgen.io.files import FileSink, FileSource, StdinSource, UNKNOWN_LENGTH, WriteFailed, audio_info, file_has_speech, read_audio
 from streamgen.pipeline.items import AudioChunk, AudioOut, End, SessionError
 from streamgen.testing import random_bundle
 
