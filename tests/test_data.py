@@ -57,6 +57,8 @@ def test_synth_is_deterministic_with_disjoint_splits(corpus, tmp_path):
     stamp = kept.stat().st_mtime_ns
     synth(again, 3, 1, 1, seed=5, progress=False)
     assert kept.stat().st_mtime_ns == stamp and gone.is_file() and not list(again.rglob("*.tmp.flac"))
+    with pytest.raises(ValueError, match=r"holds a corpus made with other settings \(seed 5 \(now 6\)\)"):
+        synth(again, 3, 1, 1, seed=6, progress=False)  # its audio would be kept under other sentences
     for name in ("en_train", "en_test", "es2en_train_src", "es2en_dev_tgt", "en_test_espeak"):
         assert filecmp.cmp(corpus / f"{name}.tsv", again / f"{name}.tsv", shallow=False)
 
@@ -68,6 +70,9 @@ def test_unit_extraction_resumes(corpus, tmp_path):
     (tmp_path / "part.tsv").write_text("\n".join(lines[:2]) + "\n")  # as if it died after one utterance
     extract_units(b, corpus / "en_train.tsv", tmp_path / "part.tsv", progress=False)
     assert (tmp_path / "part.tsv").read_text() == full.read_text()
+    (tmp_path / "cut.tsv").write_text("\n".join(lines[:3])[:-7])  # as if it died writing its second row
+    extract_units(b, corpus / "en_train.tsv", tmp_path / "cut.tsv", progress=False)
+    assert (tmp_path / "cut.tsv").read_text() == full.read_text()
     rows = read_manifest(full)
     assert len(rows) == 3 and all(len(r["units"].split()) > 10 for r in rows)
     # batched (padded) extraction writes the same units as one utterance at a time, in manifest order

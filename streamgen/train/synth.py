@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 import subprocess
 import wave
@@ -97,6 +98,16 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
     out = Path(out)
     sizes = {"train": n_train, "dev": n_dev, "test": n_test}
     n = sum(sizes.values())
+    # the audio on disk is kept by id; the ids' texts follow from the seed and the sizes: a rerun must share them
+    recipe = {"seed": seed, **sizes, "translation": translation}
+    stamp = out / "synth.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
+        theirs = json.loads(stamp.read_text())
+        differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in recipe.items() if theirs.get(k) != v)
+        raise ValueError(f"{out} holds a corpus made with other settings ({differ}): its audio would be kept under other "
+                         "sentences; give another directory, or the same settings to resume it")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(recipe))
     english = unique(EnglishSentences(seed), n)
     jobs: list[tuple[str, str, str, Callable]] = []  # (manifest, id, text, tts)
     piper, spanish = Piper(), Espeak("es")
@@ -156,6 +167,9 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
     cols = [c for c in (list(rows[0]) if rows else []) if c not in ("units", "durations")] + ["units", "durations"]
     done = {}
     if out.is_file() and out.stat().st_size:
+        text = out.read_text()
+        if not text.endswith("\n"):  # a row an interrupt cut: gone (it is extracted again), so that rows append whole
+            out.write_text(text[: text.rfind("\n") + 1])
         have = read_manifest(out)
         header = list(have[0]) if have else out.read_text().splitlines()[0].split("\t")
         if header != cols:
