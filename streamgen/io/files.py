@@ -98,47 +98,50 @@ def readable_path(path: str | Path) -> Path:
     (a process substitution `<(...)`, a FIFO) read to its end, or a file whose header gives no length decoded
     once. Each such path is copied once per process; the copies go when it exits. ValueError: what the path
     is instead of audio."""
-    p = Path(path)
-    if str(p) in _readable:
-        return _readable[str(p)]
-    try:
-        mode = p.stat().st_mode
-    except FileNotFoundError:
-        raise ValueError(f"{p}: no such file") from None
-    except OSError as e:
-        raise ValueError(f"{p}: cannot read it ({e.strerror})") from None
-    if stat.S_ISDIR(mode):
-        raise ValueError(f"{p} is a directory; give an audio file (WAV, FLAC, OGG)")
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-        out = _spool_pipe(p)
-    elif not stat.S_ISREG(mode):
-        raise ValueError(f"{p} is a device, not an audio file; give a file (WAV, FLAC, OGG), or stream raw PCM with --in -")
-    else:
-        out = p
-    try:
-        if sf.info(str(out)).frames == UNKNOWN_LENGTH:
-            out = _decode_unknown_length(out)
-    except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
-    if out != p:  # (a copy: kept for the process; a file read as it is is looked at afresh, training reads thousands)
-        _readable[str(p)] = out
-    return out
+    return _readable_with_info(path)[0]
 
 
 def audio_info(path: str | Path):
     """soundfile's header info of an audio file, or a ValueError that says what the path is instead."""
+    return _readable_with_info(path)[1]
+
+
+def _readable_with_info(path: str | Path):
+    """`readable_path` and the header info of what it gives, read once."""
     p = Path(path)
+    out = _readable.get(str(p))
+    if out is None:
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            raise ValueError(f"{p}: no such file") from None
+        except OSError as e:
+            raise ValueError(f"{p}: cannot read it ({e.strerror})") from None
+        if stat.S_ISDIR(mode):
+            raise ValueError(f"{p} is a directory; give an audio file (WAV, FLAC, OGG)")
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            out = _spool_pipe(p)
+        elif not stat.S_ISREG(mode):
+            raise ValueError(f"{p} is a device, not an audio file; give a file (WAV, FLAC, OGG), or stream raw PCM with --in -")
+        else:
+            out = p
     try:
-        return sf.info(str(readable_path(p)))
+        info = sf.info(str(out))
+        if info.frames == UNKNOWN_LENGTH:
+            out = _decode_unknown_length(out)
+            info = sf.info(str(out))
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
+    if out != p:  # (a copy: kept for the process; a file read as it is is looked at afresh, training reads thousands)
+        _readable[str(p)] = out
+    return out, info
 
 
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:
     """Mono float32 [T] at `sample_rate` from a WAV/FLAC/OGG file (or a pipe carrying one)."""
-    audio_info(path)
+    src = readable_path(path)
     try:
-        data, rate = sf.read(str(readable_path(path)), dtype="float32", always_2d=True)
+        data, rate = sf.read(str(src), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read audio: {e}") from None
     return torch.from_numpy(resample(data.mean(axis=1), rate, sample_rate))
