@@ -87,3 +87,5 @@ def test_corpus_manifests_pair_by_id_and_a_rerun_speaks_nothing_again(tmp_path, 
     travel.travel_corpus(tmp_path, 600, 5, 6, progress=False)
     assert FakeTTS.calls == calls  # resumed: nothing spoken twice
     assert {n: p.read_text() for n, p in written.items()} == first
+    with pytest.raises(ValueError, match=r"holds a corpus made with other settings \(seed 0 \(now 1\)\)"):
+        travel.travel_corpus(tmp_path, 600, 5, 6, seed=1, progress=False)  # its audio would be kept under other sentences

@@ -92,15 +92,11 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
-def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0, translation: bool = True, progress: bool = True) -> dict[str, Path]:
-    """Write the English and Spanish->English corpora; returns the manifests written. Resumable: a rerun into the
-    same directory (same sizes and seed) keeps the audio already spoken and speaks the rest."""
-    out = Path(out)
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    n = sum(sizes.values())
-    # the audio on disk is kept by id; the ids' texts follow from the seed and the sizes: a rerun must share them
-    recipe = {"seed": seed, **sizes, "translation": translation}
-    stamp = out / "synth.json"
+def stamp_corpus(out: Path, name: str, recipe: dict) -> None:
+    """A corpus directory records what made it: a rerun keeps the audio on disk by id, and the ids' texts follow
+    from the seed and the sizes, so a rerun with other settings is refused (ValueError) instead of keeping audio
+    under other sentences."""
+    stamp = out / name
     if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
         theirs = json.loads(stamp.read_text())
         differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in recipe.items() if theirs.get(k) != v)
@@ -108,6 +104,15 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
                          "sentences; give another directory, or the same settings to resume it")
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(recipe))
+
+
+def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0, translation: bool = True, progress: bool = True) -> dict[str, Path]:
+    """Write the English and Spanish->English corpora; returns the manifests written. Resumable: a rerun into the
+    same directory (same sizes and seed) keeps the audio already spoken and speaks the rest."""
+    out = Path(out)
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    n = sum(sizes.values())
+    stamp_corpus(out, "synth.json", {"seed": seed, **sizes, "translation": translation})
     english = unique(EnglishSentences(seed), n)
     jobs: list[tuple[str, str, str, Callable]] = []  # (manifest, id, text, tts)
     piper, spanish = Piper(), Espeak("es")

@@ -35,7 +35,7 @@ from pathlib import Path
 import soundfile as sf
 
 from ..progress import Progress
-from .synth import RATE, Espeak, Piper, write_manifests
+from .synth import RATE, Espeak, Piper, stamp_corpus, write_manifests
 from .text import _num
 
 SPLITS = ("train", "dev", "test")
@@ -306,6 +306,7 @@ def travel_corpus(out: str | Path, n_train: int = 4000, n_dev: int = 200, n_test
                   progress: bool = True) -> dict[str, Path]:
     """Speak the pairs (Spanish: espeak-ng es; English: piper joe) into manifests; audio already on disk is kept."""
     out = Path(out)
+    stamp_corpus(out, "travel.json", {"seed": seed, "train": n_train, "dev": n_dev, "test": n_test})
     pairs = travel_pairs(n_train, n_dev, n_test, seed)
     tts = {"src": Espeak("es"), "tgt": Piper()}
     rng = random.Random(seed + 1)
