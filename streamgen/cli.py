@@ -273,12 +273,9 @@ def _train(bundle: Path, train: Path, dev: Optional[Path], out: Path, cfg, devic
     from .train.data import read_pairs, units_outside
     from .train.loop import Trainer, setup_distributed, world
 
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a directory for the checkpoints")
+    _check_run_dir(out, resume, "state.pt", "a training run")
     if resume and not (out / "state.pt").is_file():
         fail(f"--resume: {out} holds no training state (state.pt) to resume; drop --resume to start a run there")
-    if not resume and (out / "state.pt").is_file():
-        fail(f"--out {out} holds a training run: add --resume to continue it, or give another --out (nothing is overwritten)")
     dev_ = torch.device(device)
     setup_distributed(dev_)
     rank, size = world()
@@ -343,6 +340,14 @@ def _model_identity(bundle: Path | None, prompt: Path | None, no_prompt: bool, m
 def _file_stamp(path: Path) -> str:
     st = Path(path).stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _check_run_dir(out: Path, resume: bool, state: str, what: str) -> None:
+    """A training command's --out: a directory, and one whose run (its `state` file) is continued only with --resume."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory for the checkpoints")
+    if not resume and (out / state).is_file():
+        fail(f"--out {out} holds {what}: add --resume to continue it, or give another --out (nothing is overwritten)")
 
 
 def _check_schedule(lr: float, epochs: int, max_steps: int | None, batch_size: int, warmup: int, patience: int,
@@ -522,9 +527,7 @@ def train_units(
                 raise UsageError(f"--units {units}: {bundle}'s " + " and ".join(f"{k} speak {v}" for k, v in speaks.items())
                                  + " units; new units of another inventory would leave them speaking the old ones: give a new "
                                  f"--bundle directory, or --units {next(iter(speaks.values()))}")
-    except UsageError as e:
-        fail(str(e))
-    except BundleError as e:
+    except (UsageError, BundleError) as e:
         fail(str(e))
     cfg = HubertConfig(conv_layers=[(conv_dim, 10, 5)] + [(conv_dim, 3, 2)] * 4 + [(conv_dim, 2, 2)] * 2, dim=dim, ffn_dim=ffn,
                        heads=heads, layers=layers, conv_pos=32, conv_pos_groups=8 if dim % 8 == 0 else 1, output_layer=output_layer)
@@ -583,10 +586,7 @@ def train_vocoder(
         data = VocoderData(manifest, model.hop, b.sample_rate, segment_frames)
     except ValueError as e:
         fail(str(e))
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a directory for the checkpoints")
-    if not resume and (out / "vocoder_state.pt").is_file():
-        fail(f"--out {out} holds a vocoder training run: add --resume to continue it, or give another --out (nothing is overwritten)")
+    _check_run_dir(out, resume, "vocoder_state.pt", "a vocoder training run")
     trainer = VocoderTrainer(model, cfg, out, device)
     if resume:
         try:

@@ -128,13 +128,7 @@ def check_output_file(path: str | Path, flag: str = "--out", reads: Path | None 
                          f"(convert afterwards, e.g. ffmpeg -i out.wav out.mp3)")
     if "{session}" in str(p.parent):
         raise UsageError(f"{flag} {p}: {{session}} may only appear in the file name, not in its directory")
-    if p.is_dir():
-        raise UsageError(f"{flag} {p} is a directory; give a file name inside it")
-    if not p.parent.is_dir():
-        raise UsageError(f"{flag} {p}: the directory {p.parent} does not exist; create it first")
-    if not os.access(p.parent, os.W_OK):
-        raise UsageError(f"{flag} {p}: the directory {p.parent} is not writable for this user; give another")
-    return p
+    return check_writable(p, flag)
 
 
 def check_writable(path: str | Path, flag: str) -> Path:

@@ -154,6 +154,8 @@ class WriteFailed(OSError):
 def os_reason(e: Exception) -> str:
     """Why libsndfile failed: its "System error." is the system's (no space left on device, file too large,
     permission denied), which cffi kept from the failing call."""
+    if isinstance(e, OSError) and e.strerror:  # (an OSError of our own: a rename, say)
+        return e.strerror
     code = getattr(getattr(sf, "_ffi", None), "errno", 0)
     if isinstance(e, sf.LibsndfileError) and getattr(e, "code", None) == 2 and code:  # SFE_SYSTEM
         return os.strerror(code)
@@ -185,8 +187,7 @@ def write_audio(path: str | Path, wave: Tensor | np.ndarray, sample_rate: int) -
         os.replace(tmp, path)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         tmp.unlink(missing_ok=True)
-        why = os_reason(e) if isinstance(e, sf.LibsndfileError) else (e.strerror or str(e))
-        raise WriteFailed(f"{path}: cannot write audio ({why}); nothing written") from None
+        raise WriteFailed(f"{path}: cannot write audio ({os_reason(e)}); nothing written") from None
     return path
 
 

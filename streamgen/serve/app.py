@@ -216,27 +216,30 @@ class WsConnection:
         if self.running is not None:
             self.hub.metrics.protocol_errors.labels(via="ws").inc()
             return "a session is already running on this connection: send stop and wait for its end, then start again"
-        task, options, rate = body.get("task"), body.get("options", {}), body.get("sample_rate", self.rate)
-        why = unknown_fields(body)
-        if why is not None:
-            pass
-        elif task is not None and not isinstance(task, str):
-            why = '"task" must be a task name (see /tasks)'
-        elif (problem := options_problem(options)) is not None:
-            why = problem
-        elif not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
-            why = f'"sample_rate" must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}'
-        else:
-            try:
-                load_task(task or self.opts.default_task).resolve_options(options if task else {**self.opts.default_options, **options})
-            except ValueError as e:
-                why = str(e)
+        why = self._start_problem(body)
         if why is not None:
             self.hub.metrics.protocol_errors.labels(via="ws").inc()
             return why
         if self.opened >= self.opts.max_sessions_per_connection:
             self.hub.metrics.refused.labels(reason="connection_limit").inc()
             return f"this connection has opened its limit of {self.opts.max_sessions_per_connection} sessions; open a new connection"
+        return None
+
+    def _start_problem(self, body: dict) -> str | None:
+        """What in a start message breaks the protocol (a field, the task, an option, the rate), or None."""
+        task, options, rate = body.get("task"), body.get("options", {}), body.get("sample_rate", self.rate)
+        if (why := unknown_fields(body)) is not None:
+            return why
+        if task is not None and not isinstance(task, str):
+            return '"task" must be a task name (see /tasks)'
+        if (why := options_problem(options)) is not None:
+            return why
+        if not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+            return f'"sample_rate" must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}'
+        try:
+            load_task(task or self.opts.default_task).resolve_options(options if task else {**self.opts.default_options, **options})
+        except ValueError as e:
+            return str(e)
         return None
 
     async def _start(self, body: dict) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..bundle import shape_difference
 from ..models.prompt import DeepPrompt, PromptConfig, count_parameters
 from ..models.unit_mbart import PAD, UnitMBart
 from ..progress import Progress
@@ -294,10 +295,11 @@ class Trainer:
             weights = load_file(str(self.out / f"last_{kind}.safetensors"), device=str(self.device))
         except (FileNotFoundError, OSError) as e:
             raise ValueError(f"{self.out}: cannot read last_{kind}.safetensors ({e}); the state cannot be resumed") from None
-        shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-        if {k: tuple(v.shape) for k, v in weights.items()} != shapes:
-            raise ValueError(f"{self.out}: last_{kind}.safetensors holds tensors of other names or shapes than this command trains; "
-                             "resume with the same model and options, or start anew in another --out")
+        diff = shape_difference({k: tuple(v.shape) for k, v in target.state_dict().items()},
+                                {k: tuple(v.shape) for k, v in weights.items()}, "file")
+        if diff is not None:
+            raise ValueError(f"{self.out}: last_{kind}.safetensors holds tensors of other names or shapes than this command trains "
+                             f"({diff}); resume with the same model and options, or start anew in another --out")
         with torch.no_grad():
             for k, v in target.state_dict().items():
                 v.copy_(weights[k].to(v.dtype))

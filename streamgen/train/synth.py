@@ -174,9 +174,10 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
     if out.is_file() and out.stat().st_size:
         text = out.read_text()
         if not text.endswith("\n"):  # a row an interrupt cut: gone (it is extracted again), so that rows append whole
-            out.write_text(text[: text.rfind("\n") + 1])
+            text = text[: text.rfind("\n") + 1]
+            out.write_text(text)
         have = read_manifest(out)
-        header = list(have[0]) if have else out.read_text().splitlines()[0].split("\t")
+        header = list(have[0]) if have else text.splitlines()[0].split("\t") if text else []
         if header != cols:
             raise ValueError(f"--out {out} holds other columns ({', '.join(header)}) than this manifest's rows get "
                              f"({', '.join(cols)}): it is not this manifest's unit manifest; give another --out")

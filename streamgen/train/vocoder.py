@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..bundle import shape_difference
 from ..io.files import read_audio
 from ..models.vocoder import LRELU_SLOPE, CodeHiFiGAN, VocoderConfig
 from ..progress import Progress
@@ -249,10 +250,10 @@ class VocoderTrainer:
         except (FileNotFoundError, OSError) as e:
             raise ValueError(f"{self.out}: no vocoder training state to resume ({e.strerror or e})") from None
         for m, w in weights.items():
-            mine = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-            if {k: tuple(v.shape) for k, v in w.items()} != mine:
+            diff = shape_difference({k: tuple(v.shape) for k, v in m.state_dict().items()}, {k: tuple(v.shape) for k, v in w.items()}, "state")
+            if diff is not None:
                 raise ValueError(f"{self.out}: its state is of a vocoder of other sizes than this command's (--width, --disc-width, "
-                                 "the bundle's units); resume with the same options, or start anew in another --out")
+                                 f"the bundle's units: {diff}); resume with the same options, or start anew in another --out")
             m.load_state_dict(w)
         self.opt_g.load_state_dict(st["opt_g"])
         self.opt_d.load_state_dict(st["opt_d"])
