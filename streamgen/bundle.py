@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .atomic_file import write_atomic
 from .audio import check_wave
 from .models.generation import Sampling, generate
 from .models.hubert import HubertConfig, HubertEncoder
@@ -227,13 +227,13 @@ class Bundle:
         (path / "prompts").mkdir(parents=True, exist_ok=True)
         for name, m in self.modules().items():
             cast = None if name in CODEBOOKS else dtype
-            save_file({k: _cast(v, cast) for k, v in m.state_dict().items()}, path / f"{name}.safetensors")
+            _write_tensors(path / f"{name}.safetensors", {k: _cast(v, cast) for k, v in m.state_dict().items()})
         for name, p in self.prompts.items():
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in p.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
+            _write_tensors(path / "prompts" / f"{name}.safetensors", {k: v.detach().float().contiguous().cpu() for k, v in p.state_dict().items()})
         if self.backbones:
             (path / "backbones").mkdir(exist_ok=True)
         for name, m in self.backbones.items():
-            save_file({k: _cast(v, dtype) for k, v in m.state_dict().items()}, path / "backbones" / f"{name}.safetensors")
+            _write_tensors(path / "backbones" / f"{name}.safetensors", {k: _cast(v, dtype) for k, v in m.state_dict().items()})
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -242,8 +242,14 @@ class Bundle:
             "prompts": {n: {"length": p.cfg.length, "stacks": list(p.cfg.stacks)} for n, p in self.prompts.items()},
             "backbones": {n: part_config("mbart", m) for n, m in self.backbones.items()},
         }
-        (path / "bundle.json").write_text(json.dumps(meta, indent=2))
+        write_atomic(path / "bundle.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
         return path
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """A safetensors file written whole or not at all: a job killed while replacing a part of a bundle leaves the
+    part it had."""
+    write_atomic(path, lambda tmp: save_file(tensors, tmp))
 
 
 def part_config(name: str, module: nn.Module) -> dict:
@@ -264,15 +270,13 @@ def _set_meta(path: Path, section: str, name: str, entry: dict | None) -> None:
             meta.get(section, {}).pop(name, None)
         else:
             meta.setdefault(section, {})[name] = entry
-        tmp = path / f".bundle.json.{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path / "bundle.json")
+        write_atomic(path / "bundle.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
 
 def save_part(path: str | Path, name: str, module: nn.Module) -> None:
     """Write (or replace) one part of a bundle directory, leaving its other files as they are."""
     path = Path(path)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, path / f"{name}.safetensors")
+    _write_tensors(path / f"{name}.safetensors", {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()})
     _set_meta(path, "parts", name, part_config(name, module))
 
 
@@ -282,7 +286,7 @@ def save_prompt(path: str | Path, name: str, prompt: DeepPrompt) -> None:
         raise BundleError(f"prompt name {name!r} must be a plain name (letters, digits, _ . -; no path)")
     path = Path(path)
     (path / "prompts").mkdir(exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in prompt.state_dict().items()}, path / "prompts" / f"{name}.safetensors")
+    _write_tensors(path / "prompts" / f"{name}.safetensors", {k: v.detach().float().contiguous().cpu() for k, v in prompt.state_dict().items()})
     _set_meta(path, "prompts", name, {"length": prompt.cfg.length, "stacks": list(prompt.cfg.stacks)})
 
 
@@ -293,7 +297,7 @@ def save_backbone(path: str | Path, name: str, mbart: UnitMBart) -> bool:
         raise BundleError(f"task name {name!r} must be a plain name (letters, digits, _ . -; no path)")
     path = Path(path)
     (path / "backbones").mkdir(exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in mbart.state_dict().items()}, path / "backbones" / f"{name}.safetensors")
+    _write_tensors(path / "backbones" / f"{name}.safetensors", {k: v.detach().float().contiguous().cpu() for k, v in mbart.state_dict().items()})
     had_prompt = name in json.loads((path / "bundle.json").read_text()).get("prompts", {})
     if had_prompt:
         _set_meta(path, "prompts", name, None)

@@ -1,6 +1,7 @@
 """Bundles on disk, their errors, and the CLI's demo and info."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,30 @@ def test_concurrent_part_writers_keep_each_others_entries(saved):
     c = streamgen.load_bundle(path)
     assert set(c.prompts) == {"continuation", *prompts}
     assert all(c.prompts[n].cfg.length == p.cfg.length for n, p in prompts.items())
+
+
+def test_a_part_replaced_by_a_killed_job_is_the_part_it_was(saved, monkeypatch):
+    """Training writes into the bundle it serves (--into-bundle): a job killed, or a disk filled, while a part's
+    file is written leaves the part as it was, and nothing half-written under any name."""
+    import streamgen.bundle
+    from streamgen.bundle import save_prompt
+
+    b, path = saved
+    before = (path / "prompts" / "continuation.safetensors").read_bytes()
+
+    def killed_mid_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # the first bytes, then the job is gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(streamgen.bundle, "save_file", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_prompt(path, "continuation", DeepPrompt(b.mbart.cfg, PromptConfig(length=4)))
+    monkeypatch.undo()
+    assert (path / "prompts" / "continuation.safetensors").read_bytes() == before
+    assert not [f.name for f in path.rglob("*") if "partial" in f.name]
+    c = streamgen.load_bundle(path)
+    units = torch.randint(0, 100, (20,))
+    assert torch.equal(b.generate(units, "continuation", max_units=20), c.generate(units, "continuation", max_units=20))
 
 
 def test_bundle_errors_are_clear(saved, tmp_path):

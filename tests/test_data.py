@@ -56,7 +56,7 @@ def test_synth_is_deterministic_with_disjoint_splits(corpus, tmp_path):
     kept.write_bytes(kept.read_bytes())  # (its bytes as they were, a new modification time)
     stamp = kept.stat().st_mtime_ns
     synth(again, 3, 1, 1, seed=5, progress=False)
-    assert kept.stat().st_mtime_ns == stamp and gone.is_file() and not list(again.rglob("*.tmp.flac"))
+    assert kept.stat().st_mtime_ns == stamp and gone.is_file() and not list(again.rglob(".*.partial*"))
     with pytest.raises(ValueError, match=r"holds a corpus made with other settings \(seed 5 \(now 6\)\)"):
         synth(again, 3, 1, 1, seed=6, progress=False)  # its audio would be kept under other sentences
     for name in ("en_train", "en_test", "es2en_train_src", "es2en_dev_tgt", "en_test_espeak"):

@@ -108,7 +108,7 @@ def test_state_is_saved_inside_an_epoch_and_resumes_there_exactly(tmp_path):
         first.fit(data, data)
     state = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
     assert (state["step"], state["epoch"]) == (4, 1)  # saved mid-epoch, not only at epoch 1's end (step 3)
-    assert not list((tmp_path / "b").glob("*.tmp"))
+    assert not list((tmp_path / "b").glob(".*.partial*"))  # (the state is written whole, then renamed)
     second = trainer(tmp_path / "b", 0)
     second.fit(data, data, resume=True)
     assert second.step == straight.step == 12 and second.epoch == straight.epoch

@@ -27,6 +27,7 @@ import soxr
 import torch
 from torch import Tensor
 
+from ..atomic_file import write_atomic
 from ..audio import SpeechGate, pcm16_decode, pcm16_encode
 from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 
@@ -181,14 +182,10 @@ def write_audio(path: str | Path, wave: Tensor | np.ndarray, sample_rate: int) -
     """Write mono audio (PCM16 WAV, or FLAC by extension) into an existing directory; WriteFailed names why not."""
     wave = wave.detach().cpu().float().numpy() if isinstance(wave, Tensor) else np.asarray(wave, np.float32)
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # (the suffix names the format)
-    try:  # written whole under another name, then renamed: a failure leaves no part of the audio under the name, and
-        sf.write(str(tmp), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16")  # a file already there as it was
-        os.replace(tmp, path)
+    try:  # whole or not at all: a failure leaves no part of the audio under the name, and a file already there as it was
+        return write_atomic(path, lambda tmp: sf.write(tmp, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16"))
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         raise WriteFailed(f"{path}: cannot write audio ({os_reason(e)}); nothing written") from None
-    return path
 
 
 def file_has_speech(path: str | Path, block_s: float = 1.0) -> bool:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic_file import write_atomic
 from ..bundle import shape_difference
 from ..models.prompt import DeepPrompt, PromptConfig, count_parameters
 from ..models.unit_mbart import PAD, UnitMBart
@@ -308,8 +309,3 @@ class Trainer:
         self.bad_epochs, self.history = st["bad_epochs"], st["history"]
 
 
-def write_atomic(path: Path, write) -> None:
-    """write(tmp) then rename over `path`: a process killed mid-save leaves the previous file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

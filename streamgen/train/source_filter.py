@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..atomic_file import write_atomic
 from ..models.kmeans import dedup
 from ..models.logmel_units import LogMelUnits, LogMelUnitsConfig
 from ..models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
@@ -261,9 +262,9 @@ def train(data_path: str | Path, out: str | Path, cfg: SourceFilterConfig, steps
             log.flush()
             acc = {}
         if step % save_every == 0 or step == steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, out / "checkpoint.tmp")
-            (out / "checkpoint.tmp").replace(ckpt)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "source_filter.safetensors")
+            write_atomic(ckpt, lambda f: torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, f))
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            write_atomic(out / "source_filter.safetensors", lambda f: save_file(weights, f))
     return model.eval()
 
 

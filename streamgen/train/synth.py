@@ -27,6 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from ..io.files import read_audio, resample
+from ..atomic_file import write_atomic
 from ..progress import Progress
 from .data import MASK, Pair, read_tsv, write_pairs
 from .text import EnglishSentences, SpanishEnglishPairs, unique
@@ -144,9 +145,7 @@ def synth(out: str | Path, n_train: int, n_dev: int, n_test: int, seed: int = 0,
             else:
                 audio = tts(text, speed)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.stem + ".tmp.flac")  # a run killed mid-write leaves no partial file under the name
-                sf.write(tmp, audio, RATE, subtype="PCM_16")
-                tmp.replace(path)
+                write_atomic(path, lambda tmp: sf.write(tmp, audio, RATE, subtype="PCM_16"))  # a killed run leaves no part of it
                 n = len(audio)
             manifests.setdefault(name, []).append({"id": uid, "audio": str(rel), "n_frames": n, "text": text})
             bar.update(advance=1)

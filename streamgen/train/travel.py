@@ -34,6 +34,7 @@ from pathlib import Path
 
 import soundfile as sf
 
+from ..atomic_file import write_atomic
 from ..progress import Progress
 from .synth import RATE, Espeak, Piper, stamp_corpus, write_manifests
 from .text import _num
@@ -324,9 +325,7 @@ def travel_corpus(out: str | Path, n_train: int = 4000, n_dev: int = 200, n_test
             else:
                 audio = tts[side](text, speed)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.stem + ".tmp.flac")
-                sf.write(tmp, audio, RATE, subtype="PCM_16")
-                tmp.replace(path)
+                write_atomic(path, lambda tmp: sf.write(tmp, audio, RATE, subtype="PCM_16"))
                 n = len(audio)
             manifests.setdefault(f"es2en_{split}_{side}", []).append(
                 {"id": uid, "audio": str(rel), "n_frames": n, "text": text, "frame": p.frame, "held": held_label(p, held)})

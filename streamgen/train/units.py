@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic_file import write_atomic
 from ..io.files import read_audio
 from ..models.hubert import HubertConfig, HubertEncoder
 from ..models.kmeans import KMeansQuantizer
@@ -197,12 +198,11 @@ class UnitTrainer:
     def save(self, path: Path, rng: random.Random, g: torch.Generator) -> None:
         """Everything a resumed run needs but the targets (recomputed, deterministically, by `load`),
         as tensors and plain values only (read back with weights_only)."""
-        tmp = Path(path).with_suffix(".tmp")
         version, internal, gauss = rng.getstate()
-        torch.save({"model": self.model.state_dict(), "mask_emb": self.mask_emb.detach(), "head": self.head.state_dict(),
-                    "opt": self.opt.state_dict(), "step": self.step, "history": self.history,
-                    "rng": list(internal), "rng_version": version, "rng_gauss": gauss, "g": g.get_state()}, tmp)
-        tmp.replace(path)
+        state = {"model": self.model.state_dict(), "mask_emb": self.mask_emb.detach(), "head": self.head.state_dict(),
+                 "opt": self.opt.state_dict(), "step": self.step, "history": self.history,
+                 "rng": list(internal), "rng_version": version, "rng_gauss": gauss, "g": g.get_state()}
+        write_atomic(path, lambda f: torch.save(state, f))
 
     def resume(self, path: Path, g: torch.Generator) -> tuple:
         st = torch.load(path, map_location=self.device, weights_only=True)

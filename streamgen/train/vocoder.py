@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..atomic_file import write_atomic
 from ..bundle import shape_difference
 from ..io.files import read_audio
 from ..models.vocoder import LRELU_SLOPE, CodeHiFiGAN, VocoderConfig
 from ..progress import Progress
-from .loop import write_atomic
 from .synth import read_manifest
 
 
