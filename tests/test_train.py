@@ -140,12 +140,12 @@ def test_a_resume_with_other_batches_or_shapes_is_refused_not_trained_as_nothing
     first = trainer()
     first.fit(data, data)
     best = (tmp_path / "task.json").read_text()
-    for kw, named in [({"batch_size": 12, "epochs": 10}, "batch_size 4 (this command: 12)"),
-                      ({"prompt_length": 8}, "prompt_length 4 (this command: 8)"),
-                      ({"seed": 1}, "seed 0 (this command: 1)")]:
+    for kw, named in [({"batch_size": 12, "epochs": 10}, "batch_size 4 (now 12)"),
+                      ({"prompt_length": 8}, "prompt_length 4 (now 8)"),
+                      ({"seed": 1}, "seed 0 (now 1)")]:
         with pytest.raises(ValueError, match=r"holds a run that differs from this command in .*" + named.replace("(", r"\(").replace(")", r"\)")):
             trainer(**kw).fit(data, data, resume=True)
-    with pytest.raises(ValueError, match=r"training_pairs 24 \(this command: 20\)"):
+    with pytest.raises(ValueError, match=r"training_pairs 24 \(now 20\)"):
         trainer().fit(data[:20], data, resume=True)
     assert (tmp_path / "task.json").read_text() == best  # nothing written over the run
     state = torch.load(tmp_path / "state.pt", weights_only=True)

@@ -22,6 +22,7 @@ from ..io.memory import MemorySink
 from ..pipeline.items import Control
 from ..pipeline.runner import Pipeline, build_engine
 from ..pipeline.stats import SessionStats, Stats
+from ..resume import differences
 from ..train.synth import read_manifest
 from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, sounds_like_speech, span_words, wer
 
@@ -204,9 +205,8 @@ def _scored(path: Path, run: dict) -> dict[tuple[int, str], dict]:
         except json.JSONDecodeError:  # the line an interrupt cut short: that utterance runs again
             continue
         if rec.get("run") != run:
-            theirs = rec.get("run") or {}
-            differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in run.items() if theirs.get(k) != v)
-            raise ValueError(f"--resume: {path} holds another evaluation's utterances ({differ}); evaluate into another --out, "
+            raise ValueError(f"--resume: {path} holds another evaluation's utterances ({differences(rec.get('run') or {}, run)}); "
+                             "evaluate into another --out, "
                              "or drop --resume to start this one anew")
         done[rec["chunk_ms"], rec["utterance"]["id"]] = rec["utterance"]
     return done

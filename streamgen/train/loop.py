@@ -34,6 +34,7 @@ from ..bundle import shape_difference
 from ..models.prompt import DeepPrompt, PromptConfig, count_parameters
 from ..models.unit_mbart import PAD, UnitMBart
 from ..progress import Progress
+from ..resume import differences
 from .data import Batch, Pair, collate, span_mask
 
 
@@ -286,10 +287,10 @@ class Trainer:
             print(f"warning: {self.out}/state.pt does not say which run it belongs to (an older streamgen wrote it); resuming it "
                   "with this command's options: they must be that run's (batch size, seed, data)", file=sys.stderr, flush=True)
             theirs = ours
-        differ = [f"{k} {theirs.get(k)!r} (this command: {v!r})" for k, v in ours.items() if theirs.get(k) != v]
+        differ = differences({k: theirs.get(k) for k in ours}, ours)  # (what an older streamgen recorded besides: not asked for now)
         if differ:
-            raise ValueError(f"{self.out} holds a run that differs from this command in " + ", ".join(differ)
-                             + ": resume it with the same options and data, or start anew in another --out")
+            raise ValueError(f"{self.out} holds a run that differs from this command in {differ}: "
+                             "resume it with the same options and data, or start anew in another --out")
         kind = "prompt" if self.prompt is not None else "mbart"
         target = self.prompt if self.prompt is not None else self.model
         try:

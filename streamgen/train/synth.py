@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from ..io.files import read_audio, resample
 from ..atomic_file import write_atomic
+from ..io.files import read_audio, resample
 from ..progress import Progress
+from ..resume import differences
 from .data import MASK, Pair, read_tsv, write_pairs
 from .text import EnglishSentences, SpanishEnglishPairs, unique
 
@@ -99,9 +100,8 @@ def stamp_corpus(out: Path, name: str, recipe: dict) -> None:
     under other sentences."""
     stamp = out / name
     if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
-        theirs = json.loads(stamp.read_text())
-        differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in recipe.items() if theirs.get(k) != v)
-        raise ValueError(f"{out} holds a corpus made with other settings ({differ}): its audio would be kept under other "
+        raise ValueError(f"{out} holds a corpus made with other settings ({differences(json.loads(stamp.read_text()), recipe)}): "
+                         "its audio would be kept under other "
                          "sentences; give another directory, or the same settings to resume it")
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(recipe))
