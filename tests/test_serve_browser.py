@@ -168,3 +168,35 @@ def test_page_opens_a_new_connection_when_told_and_shows_the_servers_defaults(br
         assert m[("streamgen_sessions_refused_total", (("reason", "connection_limit"),))] == 1  # then a new connection
     finally:
         server.stop()
+
+
+FIREFOX_RATES = """const own = new AudioContext(), rate = own.sampleRate;
+own.close();
+const connect = AudioContext.prototype.createMediaStreamSource;
+AudioContext.prototype.createMediaStreamSource = function (stream) {
+  if (this.sampleRate !== rate) throw new DOMException("AudioContext.createMediaStreamSource: Connecting AudioNodes from "
+    + "AudioContexts with different sample-rate is currently not supported.", "NotSupportedError");
+  return connect.call(this, stream);
+};
+return rate;"""
+
+
+def test_page_reads_the_microphone_at_the_browsers_own_rate(browser, tiny):
+    """Firefox refuses to connect a microphone to an AudioContext of another rate than its own (NotSupportedError;
+    Chromium resamples): the page opened its one context at 16 kHz, so on Firefox Talk only ever showed that error.
+    Here Chromium is given Firefox's rule."""
+    server = ServeProcess("--bundle", str(tiny), "--task", "resynthesis", "--status-every", "0")
+    try:
+        ready(browser, server)
+        rate = browser.execute_script(FIREFOX_RATES)
+        assert rate != 16000  # (else the rule would not tell the page's old way from the new)
+        talk = browser.find_element("id", "talk")
+        talk.click()
+        wait_for(browser, "return window.streamgenStats.sentSamples > arguments[0] && window.streamgenStats.receivedSamples > 0"
+                 .replace("arguments[0]", str(rate)), 20, "a second of speech sent and audio back")
+        talk.click()
+        wait_for(browser, "return window.streamgenStats.state === 'ended'", 30, "the session's end")
+        stats = browser.execute_script("return window.streamgenStats")
+        assert stats["errors"] == [] and stats["sampleRate"] == rate, stats
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ const stats = {            // read by tests and by anyone curious (window.stream
 };
 window.streamgenStats = stats;
 
-let tasks = {}, ctx = null, ws = null, mic = null, micSource = null, capture = null, player = null;
+let tasks = {}, ctx = null, micCtx = null, ws = null, mic = null, micSource = null, capture = null, player = null;
 let outRate = 16000, firstSentAt = null, level = new Float32Array(0);
 // the Talk press being answered: {stopped} once Stop was pressed before the session began; {live} while the
 // server's session runs (from "started" to "end"). A new press makes a new one; late answers to an old one are void.
@@ -105,10 +105,16 @@ function options() {
   return out;
 }
 
+// Two audio contexts: the output plays in one at the model's rate; the microphone is read in one at the browser's own
+// rate, its microphone's, and sent at that rate (the server resamples it): Firefox refuses to connect a microphone to
+// a context of another rate ("Connecting AudioNodes from AudioContexts with different sample-rate is currently not
+// supported").
 async function ensureAudio() {
   if (ctx) return;
-  ctx = new AudioContext({ sampleRate: 16000 });
-  await ctx.audioWorklet.addModule("/static/worklet.js");
+  const play = new AudioContext({ sampleRate: 16000 }), listen = new AudioContext();
+  await Promise.all([play.audioWorklet.addModule("/static/worklet.js"), listen.audioWorklet.addModule("/static/worklet.js")]);
+  ctx = play;
+  micCtx = listen;
 }
 
 let connecting = null; // the connection being opened: a second Talk while it opens waits for the same one
@@ -212,11 +218,11 @@ async function startMic(mine) {
     return;
   }
   mic = stream;
-  micSource = ctx.createMediaStreamSource(mic);
-  capture = new AudioWorkletNode(ctx, "streamgen-capture", { numberOfInputs: 1, numberOfOutputs: 1 });
-  const mute = ctx.createGain();
+  micSource = micCtx.createMediaStreamSource(mic);
+  capture = new AudioWorkletNode(micCtx, "streamgen-capture", { numberOfInputs: 1, numberOfOutputs: 1 });
+  const mute = micCtx.createGain();
   mute.gain.value = 0;
-  micSource.connect(capture).connect(mute).connect(ctx.destination);
+  micSource.connect(capture).connect(mute).connect(micCtx.destination);
   capture.port.onmessage = (e) => {
     if (!ws || stats.state !== "talking") return;
     const x = e.data, pcm = new Int16Array(x.length);
@@ -253,15 +259,15 @@ async function talk(again = false) {
   setState("connecting");
   try {
     await ensureAudio();
-    await ctx.resume();
+    await Promise.all([ctx.resume(), micCtx.resume()]);
     await connection();
     if (attempt !== mine) return; // a newer Talk took over
     if (mine.stopped) { setState("ready"); return; } // Stop was pressed while connecting: nothing was sent
     Object.assign(stats, { sentSamples: 0, receivedSamples: 0, playedSamples: 0, firstAudioMs: null,
-                           serverFirstAudioMs: null, lagMs: null, rtf: null, sampleRate: ctx.sampleRate });
+                           serverFirstAudioMs: null, lagMs: null, rtf: null, sampleRate: micCtx.sampleRate });
     firstSentAt = null;
     level = new Float32Array(0);
-    ws.send(JSON.stringify({ type: "start", task: $("task").value, options: options(), sample_rate: ctx.sampleRate }));
+    ws.send(JSON.stringify({ type: "start", task: $("task").value, options: options(), sample_rate: micCtx.sampleRate }));
     mine.sent = true;
   } catch (err) {
     stopMic();
