@@ -115,6 +115,7 @@ def test_a_flac_without_its_length_is_read_to_its_last_sample(tmp_path, flac):
     assert sf.info(str(bare)).frames == UNKNOWN_LENGTH  # what libsndfile makes of it
     want = read_audio(flac, 16000).numpy()
     np.testing.assert_array_equal(read_audio(bare, 16000).numpy(), want)
+    assert files_mod._readable == {}  # read whole in memory: no copy on disk (training reads thousands of files)
     assert audio_info(bare).frames == len(want) == 32000
     got, end = asyncio.run(chunks(FileSource(bare, 16000, block_ms=20)))
     np.testing.assert_array_equal(got, want)

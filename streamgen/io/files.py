@@ -85,6 +85,16 @@ def _read_frames(f: sf.SoundFile, frames: int) -> np.ndarray:
     return out[:got]
 
 
+def _read_all(f: sf.SoundFile) -> np.ndarray:
+    """Every frame [n, channels] float32 from where `f` stands, its length known or not."""
+    if f.frames != UNKNOWN_LENGTH:
+        return f.read(dtype="float32", always_2d=True)
+    blocks = []
+    while len(block := _read_frames(f, 1 << 16)):
+        blocks.append(block)
+    return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
+
+
 def _decode_unknown_length(p: Path) -> Path:
     """A file whose header gives no length (soundfile reports 2**63 - 1 frames), decoded once into a WAV that gives it."""
     out = _spool_file(".wav")
@@ -139,12 +149,15 @@ def _readable_with_info(path: str | Path):
 
 
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:
-    """Mono float32 [T] at `sample_rate` from a WAV/FLAC/OGG file (or a pipe carrying one)."""
-    src = readable_path(path)
+    """Mono float32 [T] at `sample_rate` from a WAV/FLAC/OGG file (or a pipe carrying one). A file read whole needs
+    no copy even where its header gives no length: training reads thousands of files, each in many epochs."""
+    p = Path(path)
+    src = p if str(p) not in _readable and p.is_file() else readable_path(p)
     try:
-        data, rate = sf.read(str(src), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(src)) as f:
+            data, rate = _read_all(f), f.samplerate
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read audio: {e}") from None
+        raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
     return torch.from_numpy(resample(data.mean(axis=1), rate, sample_rate))
 
 
