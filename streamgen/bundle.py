@@ -383,10 +383,15 @@ def vocoder_units(b: Bundle) -> int | None:
     return None if voc is None else getattr(voc.cfg, "num_units", getattr(voc.cfg, "num_embeddings", None))
 
 
+def encoder_units(b: Bundle) -> int | None:
+    """How many units the bundle's unit encoder gives (phone-read, log-mel or HuBERT k-means), None without one."""
+    return next((m.num_units for m in (b.phone_units, b.logmel_units, b.quantizer) if m is not None), None)
+
+
 def _check_units(meta_file: Path, b: Bundle) -> None:
     """The parts agree on the units: the speech LM knows every unit the encoder gives, the vocoder every
     unit either gives (a unit past a vocabulary failed only mid-session, as an index error)."""
-    reader = next((m.num_units for m in (b.phone_units, b.logmel_units, b.quantizer) if m is not None), None)
+    reader = encoder_units(b)
     lms = {"mbart": b.mbart, **{f"backbone {k}": m for k, m in b.backbones.items()}}
     voc_units = vocoder_units(b)
     for name, lm in lms.items():

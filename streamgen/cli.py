@@ -446,7 +446,7 @@ def train_prompt(
 @app.command("train-backbone")
 def train_backbone(
     bundle: Path = typer.Option(..., help="Bundle whose Unit mBART is pretrained (its weights are the start)."),
-    train: Path = typer.Option(..., help="TSV with tgt_units (the unit sequences to denoise)."),
+    train: Path = typer.Option(..., help="Unit manifest (`streamgen units`: its units) or task pairs (their tgt_units): the unit sequences to denoise."),
     dev: Optional[Path] = typer.Option(None), out: Path = typer.Option(...),
     lr: float = typer.Option(5e-4), epochs: int = typer.Option(10), max_steps: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(16), warmup: int = typer.Option(100), mask_ratio: float = typer.Option(0.3),
@@ -577,8 +577,18 @@ def train_vocoder(
         in_range("--mel-warmup", mel_warmup, 0, None)
     except UsageError as e:
         fail(str(e))
+    from .bundle import encoder_units
+
+    if into_bundle and bundle is None:
+        fail("--into-bundle needs --bundle")
     b = open_bundle(bundle, device)
-    num_units = b.need("kmeans").num_units
+    num_units = encoder_units(b)
+    if num_units is None:
+        fail(f"{bundle or 'the default bundle'} has no unit encoder whose units the vocoder would speak; "
+             "give a bundle with one (streamgen train-units)")
+    if into_bundle and b.source_filter is not None:
+        fail(f"--into-bundle: {bundle or 'the default bundle'} speaks through its source-filter vocoder, which a CodeHiFiGAN "
+             "would not replace; leave out --into-bundle (the vocoder is written to --out) or give a bundle without one")
     cfg = VocoderTrainConfig(steps=steps, batch_size=batch_size, segment_frames=segment_frames, lr=lr, disc_width=disc_width,
                              mel_warmup=mel_warmup, seed=seed)
     model = new_vocoder(num_units, width, b.sample_rate)
@@ -598,8 +608,6 @@ def train_vocoder(
     history = trainer.fit(data)
     typer.echo(f"done: mel L1 {history[0]['mel']:.3f} -> {history[-1]['mel']:.3f} -> {out}")
     if into_bundle:
-        if bundle is None:
-            fail("--into-bundle needs --bundle")
         from .bundle import save_part
 
         save_part(bundle, "vocoder", model.cpu())
@@ -804,7 +812,7 @@ def run(
     mqtt_key: Optional[str] = typer.Option(None), mqtt_insecure: bool = typer.Option(False, help="Skip TLS verification."),
     qos: int = typer.Option(1, help="MQTT QoS for input and output."),
     client_id: Optional[str] = typer.Option(None, help="MQTT client id (stable ids keep the broker session)."),
-    sessions: Optional[int] = typer.Option(None, help="MQTT: exit after this many sessions have ended."),
+    sessions: Optional[int] = typer.Option(None, help="MQTT: exit after this many sessions completed (with audio, a stop and nothing missing)."),
     stats: bool = typer.Option(False, "--stats", help="Print each session's figures as it ends (defined below)."),
     stats_json: Optional[Path] = typer.Option(None, help="Write JSON lines (per stage item and per session)."),
     seed: int = typer.Option(0),

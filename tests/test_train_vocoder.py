@@ -77,3 +77,24 @@ def test_train_vocoder_cli_into_bundle(unit_corpus):
     assert b.vocoder.cfg.embedding_dim == 16
     units = torch.randint(0, 100, (12,))
     assert b.vocode(units).shape == (int(b.vocoder.durations(units).sum()) * 320,)
+
+
+def test_train_vocoder_speaks_a_log_mel_bundles_units_and_refuses_what_it_could_not_ship(unit_corpus, tmp_path):
+    """The shipped kind of bundle (log-mel units, a source-filter vocoder) stopped train-vocoder with a traceback
+    ("this bundle has no kmeans"), and --into-bundle's problems were found only after the training."""
+    import shutil
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(Path(streamgen.__file__).parent / "assets" / "default", shipped)
+    before = (shipped / "bundle.json").read_text()
+    args = ["train-vocoder", "--manifest", str(unit_corpus / "en_train.units.tsv"), "--width", "16", "--steps", "2",
+            "--batch-size", "2", "--segment-frames", "8", "--disc-width", "4"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a"), "--into-bundle"])
+    assert r.exit_code == 2 and "--into-bundle needs --bundle" in r.output and not (tmp_path / "a").exists(), r.output
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--bundle", str(shipped), "--into-bundle"])
+    assert r.exit_code == 2 and "speaks through its source-filter vocoder" in r.output and not (tmp_path / "b").exists(), r.output
+    assert (shipped / "bundle.json").read_text() == before
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c"), "--bundle", str(shipped)])
+    assert r.exit_code == 0, r.output
+    voc = streamgen.bundle.load_file(str(tmp_path / "c" / "vocoder.safetensors"))
+    assert voc["dict.weight"].shape[0] == 500  # the log-mel units of the bundle
