@@ -23,17 +23,27 @@ def _threads():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def mbart() -> UnitMBart:
-    return UnitMBart(TINY).eval().requires_grad_(False)
+def held_in_float16(m: torch.nn.Module) -> torch.nn.Module:
+    """Every weight rounded to what float16 holds, as a bundle packed in float16 ships them: the speech LM's products
+    then read float16 copies on a CPU (`models.half_weights`), so the tests run on both kinds of weights."""
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.half().float())
+    return m
+
+
+@pytest.fixture(params=["float32", "float16-held"])
+def mbart(request) -> UnitMBart:
+    m = UnitMBart(TINY).eval().requires_grad_(False)
+    return held_in_float16(m) if request.param == "float16-held" else m
 
 
 def random_units(n: int, k: int = TINY.num_units, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def lively_mbart() -> UnitMBart:
+@pytest.fixture(params=["float32", "float16-held"])
+def lively_mbart(request) -> UnitMBart:
     """Larger random weights: a fresh N(0, 0.02) model greedily repeats one unit forever, which
     would make "same greedy units" trivially true; with these, greedy paths vary."""
     m = UnitMBart(TINY).eval().requires_grad_(False)
@@ -41,7 +51,7 @@ def lively_mbart() -> UnitMBart:
         for p in m.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.5)
-    return m
+    return held_in_float16(m) if request.param == "float16-held" else m
 
 
 @pytest.fixture

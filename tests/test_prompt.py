@@ -30,12 +30,20 @@ def test_trainable_count_is_what_the_config_says(mbart):
     assert dec.kv(mbart).encoder == (None,) * TINY.encoder_layers
 
 
-def test_init_takes_real_key_value_inputs(mbart):
+def test_init_takes_real_key_value_inputs(mbart, monkeypatch):
+    import streamgen.models.attention as attention
+
     units = torch.stack([random_units(20, seed=s) for s in range(2)])
-    seen = []
-    hook = mbart.decoder.layers[1].self_attn.k_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, TINY.dim)))
+    seen, product, k_proj = [], attention.linear, mbart.decoder.layers[1].self_attn.k_proj
+
+    def spy(x, weight, bias=None):  # what decoder layer 1's key projection is given
+        if weight is k_proj.weight:
+            seen.append(x.reshape(-1, TINY.dim))
+        return product(x, weight, bias)
+
+    monkeypatch.setattr(attention, "linear", spy)
     prompt = DeepPrompt(TINY, PromptConfig(length=6)).init_from_model(mbart, units)
-    hook.remove()
+    monkeypatch.undo()
     acts = seen[0]
     for vec in prompt.decoder_k[1]:
         assert torch.isclose(acts, vec).all(-1).any()  # each prompt vector is a real activation

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .half_weights import linear
+
 Prefix = tuple[Tensor, Tensor]  # (k, v), each [H, L, D], shared by every row
 # Rows of different tasks in one batch: each task's prefix with the rows that attend to it.
 PrefixGroups = list[tuple[Prefix, Tensor]]
@@ -141,13 +143,14 @@ class Attention(nn.Module):
 
     def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of x [B, S, d], each [B, H, S, D]."""
-        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+        k, v = linear(x, self.k_proj.weight, self.k_proj.bias), linear(x, self.v_proj.weight, self.v_proj.bias)
+        return self.split(k), self.split(v)
 
     def prefix_kv(self, k_in: Tensor, v_in: Tensor) -> Prefix:
         """A deep prompt's prefix: its vectors [L, d] through this layer's own k/v projections."""
         L = k_in.shape[0]
-        k = self.k_proj(k_in).view(L, self.heads, -1).transpose(0, 1)  # [H, L, D]
-        v = self.v_proj(v_in).view(L, self.heads, -1).transpose(0, 1)
+        k = linear(k_in, self.k_proj.weight, self.k_proj.bias).view(L, self.heads, -1).transpose(0, 1)  # [H, L, D]
+        v = linear(v_in, self.v_proj.weight, self.v_proj.bias).view(L, self.heads, -1).transpose(0, 1)
         return k, v
 
     def forward(
@@ -155,7 +158,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x [B,T,d] attends to k/v [B,H,S,D] and to a prefix: one shared by every row, or one per
         group of rows (a batch of several tasks) -> [B,T,d]."""
-        return self.attend(self.split(self.q_proj(x)), k, v, mask, prefix)
+        return self.attend(self.split(linear(x, self.q_proj.weight, self.q_proj.bias)), k, v, mask, prefix)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None = None) -> Tensor:
         """The rest of `forward` from the queries q [B,H,T,D]: attention, then the output projection."""
@@ -171,5 +174,5 @@ class Attention(nn.Module):
     def project(self, out: Tensor) -> Tensor:
         """Heads [B,H,T,D] -> the output projection [B,T,d]."""
         B, H, T, D = out.shape
-        return F.linear(out.transpose(1, 2).reshape(B, T, H * D), self.out_proj.weight, self.out_proj.bias)
+        return linear(out.transpose(1, 2).reshape(B, T, H * D), self.out_proj.weight, self.out_proj.bias)
 

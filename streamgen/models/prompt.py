@@ -80,17 +80,17 @@ class DeepPrompt(nn.Module):
         if units.dim() != 2 or units.numel() < self.cfg.length:
             raise ValueError(f"need unit sequences [N, T] with at least {self.cfg.length} units, got {tuple(units.shape)}")
         captured: dict[str, list[Tensor]] = {s: [] for s in self.cfg.stacks}
-        hooks = []
-        for stack in self.cfg.stacks:
-            for layer in getattr(model, stack).layers:
-                hooks.append(layer.self_attn.k_proj.register_forward_pre_hook(lambda m, a, s=stack: captured[s].append(a[0])))
+        attns = [(stack, layer.self_attn) for stack in self.cfg.stacks for layer in getattr(model, stack).layers]
+        for stack, attn in attns:  # each layer's self-attention `kv` for this pass: it records its input, then projects
+            # (the projections are applied as functions, not module calls, so module hooks would see nothing)
+            attn.kv = lambda h, s=stack, kv=attn.kv: (captured[s].append(h), kv(h))[1]
         try:
             src = torch.stack([units_to_source(u) for u in units]).to(model.embed_tokens.weight.device)
             prev = torch.cat([torch.full_like(src[:, :1], EOS), units.to(src.device) + UNIT_OFFSET], dim=1)
             model(src, prev)
         finally:
-            for h in hooks:
-                h.remove()
+            for _, attn in attns:
+                del attn.kv
         g = torch.Generator().manual_seed(0)
         for stack in self.cfg.stacks:
             for i, h in enumerate(captured[stack]):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention, Prefix, PrefixGroups, attend_rows
+from .half_weights import linear
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 UNIT_OFFSET = 4
@@ -155,7 +156,7 @@ class Layer(nn.Module):
         return ln(x + drop(f(x)))
 
     def ffn(self, h: Tensor) -> Tensor:
-        return F.linear(F.gelu(F.linear(h, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
+        return linear(F.gelu(linear(h, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
     def forward(self, x, self_kv, self_mask, prefix=None, cross_kv=None, cross_mask=None) -> Tensor:
         """x [B,T,d]. self_kv(h) gives the keys/values self-attention sees for its input h:
@@ -175,12 +176,12 @@ class Layer(nn.Module):
         sa = self.self_attn
 
         def self_attention(h: Tensor) -> Tensor:
-            q, k, v = (sa.split(F.linear(h, p.weight, p.bias)) for p in (sa.q_proj, sa.k_proj, sa.v_proj))
+            q, k, v = (sa.split(linear(h, p.weight, p.bias)) for p in (sa.q_proj, sa.k_proj, sa.v_proj))
             return sa.project(self_attend(q, k, v))
 
         def cross_attention(h: Tensor) -> Tensor:
             ca = self.encoder_attn
-            return ca.project(cross_attend(ca.split(F.linear(h, ca.q_proj.weight, ca.q_proj.bias))))
+            return ca.project(cross_attend(ca.split(linear(h, ca.q_proj.weight, ca.q_proj.bias))))
 
         x = self.residual(x, self.self_attn_layer_norm, self_attention)
         if cross_attend is not None:
@@ -393,7 +394,7 @@ class UnitMBart(nn.Module):
 
     def output(self, x: Tensor) -> Tensor:
         """Final decoder hidden states -> logits over the vocabulary (tied to the embedding)."""
-        return F.linear(self.decoder.finish(x), self.embed_tokens.weight)
+        return linear(self.decoder.finish(x), self.embed_tokens.weight)
 
     # --- encoder -------------------------------------------------------------------------------
 
