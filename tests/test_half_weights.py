@@ -18,8 +18,8 @@ def weights(out_dim=96, in_dim=64, seed=0):
     return (torch.randn(out_dim, in_dim, generator=g) * 0.1).half().float(), torch.randn(out_dim, generator=g)
 
 
-def packed(weight, bias=None) -> bool:
-    return half_weights._packed.get((id(weight), id(bias)), (0, 0, None))[2] is not None
+def packed(weight) -> bool:
+    return half_weights._packed.get(id(weight), (None, None))[1] is not None
 
 
 def test_a_float16_held_weight_is_read_from_its_float16_copy_and_gives_float32_products():
@@ -27,7 +27,7 @@ def test_a_float16_held_weight_is_read_from_its_float16_copy_and_gives_float32_p
     x = torch.randn(7, 5, 64)
     with torch.no_grad():
         y = linear(x, w, b)
-    assert packed(w, b)
+    assert packed(w)
     ref = F.linear(x.double(), w.double(), b.double()).float()  # the product in float64, rounded once
     assert (y - ref).abs().max() <= 1e-6 * ref.abs().max() * 4  # float32 sums: the order differs, nothing else
     assert (F.linear(x, w, b) - ref).abs().max() <= 1e-6 * ref.abs().max() * 4
@@ -38,7 +38,7 @@ def test_where_it_would_be_another_model_or_need_a_gradient_it_is_f_linear():
     x = torch.randn(3, 64)
     trained = w + 1e-4  # float32 values float16 does not hold
     with torch.no_grad():
-        assert torch.equal(linear(x, trained, b), F.linear(x, trained, b)) and not packed(trained, b)
+        assert torch.equal(linear(x, trained, b), F.linear(x, trained, b)) and not packed(trained)
         assert torch.equal(linear(x.double(), w.double(), b.double()), F.linear(x.double(), w.double(), b.double()))
     wg = w.clone().requires_grad_(True)
     y = linear(x, wg, b)  # a weight being trained: autograd's product
@@ -56,16 +56,41 @@ def test_a_row_is_the_same_in_a_batch_of_any_size():
             assert torch.equal(linear(x[:n], w, b), alone[:n]), n
 
 
-def test_a_weight_changed_in_place_is_packed_again():
+def test_a_weight_or_bias_changed_is_packed_again():
     w, b = weights()
     x = torch.randn(4, 64)
+    entries = len(half_weights._packed)
+    close = lambda y, ref: (y - ref).abs().max() <= 1e-5 * ref.abs().max()  # noqa: E731
     with torch.no_grad():
         before = linear(x, w, b)
-        w.mul_(2)  # still held by float16
-        after = linear(x, w, b)
-        assert torch.allclose(after - b, 2 * (before - b), atol=1e-5)
-        w.add_(1e-4)  # no longer: back to F.linear
+        w.mul_(2)  # in place, still held by float16
+        assert close(linear(x, w, b), F.linear(x, w, b)) and not close(before, F.linear(x, w, b))
+        w.data = weights(seed=3)[0]  # new values under the same tensor (same version)
+        assert close(linear(x, w, b), F.linear(x, w, b))
+        p = torch.nn.Parameter(w.clone(), requires_grad=False)
+        linear(x, p, b)
+        p.data = p.data.to(torch.bfloat16).to(torch.float32) * 0.5  # (how `module.to` round trips a dtype)
+        assert close(linear(x, p, b), F.linear(x, p, b))
+        other = torch.randn(96)
+        assert close(linear(x, w, other), F.linear(x, w, other))  # the same weight with another bias
+        w.add_(1e-4)  # no longer held by float16: F.linear
         assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    assert len(half_weights._packed) - entries == 2  # one entry per weight (w, p), not per bias or change
+
+
+def test_the_edges_of_f_linear_stay_f_linears():
+    w, b = weights()
+    with torch.no_grad():
+        x1 = torch.randn(64)
+        assert torch.equal(linear(x1, w, b), F.linear(x1, w, b))  # a 1-D input
+        wild = w.clone()
+        wild[0, 0] = float("inf")
+        y = linear(torch.randn(2, 64), wild, b)
+        assert wild[0, 0] == float("inf") and not packed(wild) and y.shape == (2, 96)  # untouched, not packed
+    with torch.inference_mode():
+        made_here = w.clone()  # an inference tensor keeps no version: a change in place could not be seen
+        x = torch.randn(3, 64)
+        assert torch.equal(linear(x, made_here, b), F.linear(x, made_here, b)) and not packed(made_here)
 
 
 def test_a_decoder_rows_logits_are_the_same_whoever_shares_its_step():

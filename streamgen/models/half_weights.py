@@ -8,9 +8,10 @@ the sums (a few parts in 10^7). Each row's result is also the same in a batch of
 picks its blocking by the batch), so a session's logits do not depend on who it shares a step with.
 
 Used only where it gives the same model: no gradient wanted (grad mode off, or nothing in the product requiring
-one), float32 weights and input on a CPU, and W equal to
-its float16 rounding (a weight trained in float32 and never packed keeps `F.linear`). A weight changed in place
-(an optimiser step, `load_state_dict`) is looked at again on its next product.
+one), float32 weights and input on a CPU, and W finite and equal to its float16 rounding (a weight trained in float32
+and never packed keeps `F.linear`). A weight whose values change (an optimiser step, `load_state_dict`, `.data = `,
+a `.to()` round trip) is looked at again on its next product. The speech LM's and HuBERT's projections are applied
+through `linear` as functions, not module calls: forward hooks on those `nn.Linear` modules do not fire.
 """
 
 from __future__ import annotations
@@ -21,38 +22,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_packed: dict[tuple[int, int], tuple[int, int, object]] = {}  # (id W, id b) -> (W's version, b's version, packed or None)
-_kernel = [hasattr(torch.ops.quantized, "linear_prepack_fp16")]  # [False] once this build turns out to lack it
+_packed: dict[int, tuple[tuple, object]] = {}  # id(W) -> (what W and b were when packed, the packed copy or None)
+_kernel = [hasattr(torch.ops.quantized, "linear_prepack_fp16")]  # this torch build has the kernel
 
 
-def _version(t: Tensor | None) -> int:
+def _state(t: Tensor | None) -> tuple:
+    """What identifies a tensor's values: its storage, dtype and in-place version (`.data = ...`, `.to()` and
+    `load_state_dict` each change one of them)."""
     if t is None:
-        return 0
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: it keeps no version (and is not changed outside inference mode)
-        return -1
+        return (None,)
+    return (id(t), t.data_ptr(), t.dtype, t._version)
 
 
 def _pack(weight: Tensor, bias: Tensor | None):
     """The float16 copy of weight (with bias) for fbgemm, None where float16 does not hold the weight exactly."""
-    key = (id(weight), id(bias))
-    versions = (_version(weight), _version(bias))
-    hit = _packed.get(key)
-    if hit is not None and hit[:2] == versions:
-        return hit[2]
+    if weight.is_inference():  # keeps no version: a change in place could not be seen
+        return None
+    state = (_state(weight), _state(bias))
+    hit = _packed.get(id(weight))
+    if hit is not None and hit[0] == state:
+        return hit[1]
     packed = None
-    if torch.equal(weight.half().float(), weight):
+    if torch.isfinite(weight).all() and torch.equal(weight.half().float(), weight):
         try:
             packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
-        except (RuntimeError, NotImplementedError):  # a build without fbgemm (an ARM CPU): F.linear from now on
-            _kernel[0] = False
-            return None
-    if hit is None:  # the entry goes with the weight or the bias (an id may be reused after that)
-        for t in (weight, bias):
-            if t is not None:
-                weakref.finalize(t, _packed.pop, key, None)
-    _packed[key] = (*versions, packed)
+        except (RuntimeError, NotImplementedError):  # (a build or CPU without fbgemm's kernel): F.linear for this weight
+            packed = None
+    if hit is None:  # one entry per weight, gone with it (an id may be reused after that)
+        weakref.finalize(weight, _packed.pop, id(weight), None)
+    _packed[id(weight)] = (state, packed)
     return packed
 
 
@@ -63,7 +61,7 @@ def _needs_grad(*ts: Tensor | None) -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`, by the float16 copy of weight where that is the same product (see above)."""
     if (_kernel[0] and weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.device.type == "cpu"
-            and not _needs_grad(x, weight, bias)):
+            and x.dim() >= 2 and weight.dim() == 2 and not _needs_grad(x, weight, bias)):
         packed = _pack(weight, bias)
         if packed is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, packed)
