@@ -582,9 +582,10 @@ def train_vocoder(
     if into_bundle and bundle is None:
         fail("--into-bundle needs --bundle")
     b = open_bundle(bundle, device)
-    num_units = encoder_units(b)
-    if num_units is None:
-        fail(f"{bundle or 'the default bundle'} has no unit encoder whose units the vocoder would speak; "
+    # every unit the bundle's encoder gives or its speech LMs say (a smaller inventory made the bundle unloadable)
+    num_units = max([encoder_units(b) or 0] + [m.cfg.num_units for m in (b.mbart, *b.backbones.values()) if m is not None])
+    if not num_units:
+        fail(f"{bundle or 'the default bundle'} has no unit encoder or speech LM whose units the vocoder would speak; "
              "give a bundle with one (streamgen train-units)")
     if into_bundle and b.source_filter is not None:
         fail(f"--into-bundle: {bundle or 'the default bundle'} speaks through its source-filter vocoder, which a CodeHiFiGAN "
@@ -593,7 +594,7 @@ def train_vocoder(
                              mel_warmup=mel_warmup, seed=seed)
     model = new_vocoder(num_units, width, b.sample_rate)
     try:
-        data = VocoderData(manifest, model.hop, b.sample_rate, segment_frames)
+        data = VocoderData(manifest, model.hop, b.sample_rate, segment_frames, num_units)
     except ValueError as e:
         fail(str(e))
     _check_run_dir(out, resume, "vocoder_state.pt", "a vocoder training run")

@@ -98,3 +98,28 @@ def test_train_vocoder_speaks_a_log_mel_bundles_units_and_refuses_what_it_could_
     assert r.exit_code == 0, r.output
     voc = streamgen.bundle.load_file(str(tmp_path / "c" / "vocoder.safetensors"))
     assert voc["dict.weight"].shape[0] == 500  # the log-mel units of the bundle
+
+
+def test_train_vocoder_knows_every_unit_the_bundle_says_and_names_units_it_could_not_take(unit_corpus, tmp_path):
+    """A bundle whose encoder gives 50 units and whose LM says 100 got a 50-unit vocoder and no longer loaded; units
+    from another unit encoder failed mid-training with an index error."""
+    from streamgen.models.kmeans import KMeansQuantizer
+    from streamgen.testing import TINY_HUBERT
+    from streamgen.train.synth import read_manifest
+
+    b = random_bundle()
+    b.quantizer = KMeansQuantizer(torch.randn(50, TINY_HUBERT.dim))  # the LM still knows 100
+    b.save(tmp_path / "bundle")
+    args = ["train-vocoder", "--width", "16", "--steps", "2", "--batch-size", "2", "--segment-frames", "8", "--disc-width", "4",
+            "--bundle", str(tmp_path / "bundle")]
+    r = CliRunner().invoke(app, [*args, "--manifest", str(unit_corpus / "en_train.units.tsv"), "--out", str(tmp_path / "a"), "--into-bundle"])
+    assert r.exit_code == 0, r.output
+    assert streamgen.load_bundle(tmp_path / "bundle").vocoder.cfg.num_embeddings == 100
+    rows = read_manifest(unit_corpus / "en_train.units.tsv")
+    header = list(rows[0])
+    other = tmp_path / "other.units.tsv"  # units of a 500-unit encoder
+    other.write_text("\t".join(header) + "\n" + "".join(
+        "\t".join(str(unit_corpus / r["audio"]) if k == "audio" else (" ".join(str(400 + int(u)) for u in r["units"].split()) if k == "units" else str(r[k]))
+                  for k in header) + "\n" for r in rows))
+    r = CliRunner().invoke(app, [*args, "--manifest", str(other), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "has units outside 0..99" in r.output and not (tmp_path / "b").exists(), r.output

@@ -131,15 +131,29 @@ class VocoderTrainConfig:
 class VocoderData:
     """Random (frame units, audio) windows from a unit manifest, with de-duplicated units and durations."""
 
-    def __init__(self, manifest: str | Path, hop: int, sample_rate: int, segment_frames: int):
+    def __init__(self, manifest: str | Path, hop: int, sample_rate: int, segment_frames: int, num_units: int | None = None):
+        """ValueError, before any audio is read, for a row whose units or durations the vocoder could not take
+        (a unit past its `num_units` failed only mid-training, as an index error)."""
         manifest = Path(manifest)
         rows = read_manifest(manifest)
         if not rows or "durations" not in rows[0]:
             raise ValueError(f"{manifest}: needs units and durations columns (run `streamgen units`)")
-        self.items = []
+        parsed = []
         for r in rows:
-            units = torch.tensor([int(u) for u in r["units"].split()])
-            durs = torch.tensor([int(d) for d in r["durations"].split()])
+            try:
+                units = torch.tensor([int(u) for u in r["units"].split()], dtype=torch.long)
+                durs = torch.tensor([int(d) for d in r["durations"].split()], dtype=torch.long)
+            except (ValueError, AttributeError):
+                raise ValueError(f"{manifest}: row {r.get('id')!r}: units and durations must be whole numbers") from None
+            if len(units) != len(durs) or (len(durs) and int(durs.min()) < 1):
+                raise ValueError(f"{manifest}: row {r.get('id')!r}: {len(units)} units but {len(durs)} durations "
+                                 "(one positive duration per unit; rerun `streamgen units`)")
+            if num_units is not None and len(units) and not (0 <= int(units.min()) and int(units.max()) < num_units):
+                raise ValueError(f"{manifest}: row {r.get('id')!r} has units outside 0..{num_units - 1}, the bundle's "
+                                 "inventory: its units come from another unit encoder (rerun `streamgen units` with this bundle)")
+            parsed.append((r, units, durs))
+        self.items = []
+        for r, units, durs in parsed:
             frames = torch.repeat_interleave(units, durs)
             audio = read_audio(manifest.parent / r["audio"], sample_rate)
             n = min(len(frames), len(audio) // hop)
