@@ -200,3 +200,25 @@ def test_page_reads_the_microphone_at_the_browsers_own_rate(browser, tiny):
         assert stats["errors"] == [] and stats["sampleRate"] == rate, stats
     finally:
         server.stop()
+
+
+COUNT_CONTEXTS = """const Made = window.AudioContext;
+window.contextsMade = 0;
+window.AudioContext = class extends Made { constructor(...a) { super(...a); window.contextsMade += 1; } };"""
+
+
+def test_talk_pressed_again_while_the_audio_opens_makes_one_pair_of_contexts(browser, tiny):
+    """Each press while the first one's contexts were still loading their worklets made another pair that kept running."""
+    server = ServeProcess("--bundle", str(tiny), "--task", "resynthesis", "--status-every", "0")
+    try:
+        ready(browser, server)
+        browser.execute_script(COUNT_CONTEXTS)
+        talk = browser.find_element("id", "talk")
+        browser.execute_script("arguments[0].click(); arguments[0].click(); arguments[0].click();", talk)  # Talk, Stop, Talk
+        wait_for(browser, "return window.streamgenStats.state === 'talking' && window.streamgenStats.sentSamples > 8000", 20, "talking")
+        talk.click()
+        wait_for(browser, "return window.streamgenStats.state === 'ended'", 30, "the session's end")
+        assert browser.execute_script("return window.contextsMade") == 2  # one to play, one to listen
+        assert browser.execute_script("return window.streamgenStats.errors") == []
+    finally:
+        server.stop()

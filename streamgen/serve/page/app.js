@@ -109,12 +109,18 @@ function options() {
 // rate, its microphone's, and sent at that rate (the server resamples it): Firefox refuses to connect a microphone to
 // a context of another rate ("Connecting AudioNodes from AudioContexts with different sample-rate is currently not
 // supported").
-async function ensureAudio() {
-  if (ctx) return;
-  const play = new AudioContext({ sampleRate: 16000 }), listen = new AudioContext();
-  await Promise.all([play.audioWorklet.addModule("/static/worklet.js"), listen.audioWorklet.addModule("/static/worklet.js")]);
-  ctx = play;
-  micCtx = listen;
+let opening = null; // the contexts being made: a second Talk meanwhile waits for the same ones
+
+function ensureAudio() {
+  if (ctx) return Promise.resolve();
+  if (!opening) {
+    const play = new AudioContext({ sampleRate: 16000 }), listen = new AudioContext();
+    opening = Promise.all([play.audioWorklet.addModule("/static/worklet.js"), listen.audioWorklet.addModule("/static/worklet.js")])
+      .then(() => { ctx = play; micCtx = listen; },
+            (err) => { play.close(); listen.close(); throw err; }) // nothing half made stays open
+      .finally(() => { opening = null; });
+  }
+  return opening;
 }
 
 let connecting = null; // the connection being opened: a second Talk while it opens waits for the same one
