@@ -291,3 +291,12 @@ def test_dropout_option_regularises_the_run_and_the_backbone_records_it(cli_setu
     r = subprocess.run([sys.executable, "-m", "streamgen.cli", *map(str, args), "--out", d / "bad", "--dropout", "1.5"],
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and "--dropout: dropout must be in [0, 1), got 1.5" in r.stdout + r.stderr
+
+
+def test_a_resumed_runs_differences_name_settings_either_side_lacks():
+    from streamgen.resume import differences
+
+    assert differences({"seed": 0, "pairs": 20}, {"seed": 1, "pairs": 20}) == "seed 0 (now 1)"
+    assert differences({"seed": 0}, {"seed": 0, "bundle": None}) == "bundle (absent) (now None)"  # (was: nothing named)
+    assert differences({"seed": 0, "old": 3}, {"seed": 0}) == "old 3 (now (absent))"
+    assert differences({"a": 1}, {"a": 1}) == ""

@@ -287,7 +287,7 @@ class Trainer:
             print(f"warning: {self.out}/state.pt does not say which run it belongs to (an older streamgen wrote it); resuming it "
                   "with this command's options: they must be that run's (batch size, seed, data)", file=sys.stderr, flush=True)
             theirs = ours
-        differ = differences({k: theirs.get(k) for k in ours}, ours)  # (what an older streamgen recorded besides: not asked for now)
+        differ = differences({k: theirs[k] for k in ours if k in theirs}, ours)  # (what an older streamgen recorded besides: not asked for now)
         if differ:
             raise ValueError(f"{self.out} holds a run that differs from this command in {differ}: "
                              "resume it with the same options and data, or start anew in another --out")
