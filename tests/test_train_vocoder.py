@@ -123,3 +123,17 @@ def test_train_vocoder_knows_every_unit_the_bundle_says_and_names_units_it_could
                   for k in header) + "\n" for r in rows))
     r = CliRunner().invoke(app, [*args, "--manifest", str(other), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "has units outside 0..99" in r.output and not (tmp_path / "b").exists(), r.output
+
+
+@pytest.mark.parametrize("units, durations, named", [("1 2 3", "2 2", "3 units but 2 durations"),
+                                                     ("1 2 3", "2 0 2", "a duration below 1 frame"),
+                                                     ("1 x", "1 1", "must be whole numbers"),
+                                                     ("1 120", "2 2", "units outside 0..99")])
+def test_vocoder_data_names_a_row_it_could_not_take(tmp_path, units, durations, named):
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", np.zeros(32000, np.float32), 16000)
+    (tmp_path / "m.tsv").write_text(f"id\taudio\tunits\tdurations\nutt7\ta.wav\t{units}\t{durations}\n")
+    with pytest.raises(ValueError, match=f"row 'utt7'.*{named}"):
+        VocoderData(tmp_path / "m.tsv", 320, 16000, 8, 100)

@@ -145,9 +145,12 @@ class VocoderData:
                 durs = torch.tensor([int(d) for d in r["durations"].split()], dtype=torch.long)
             except (ValueError, AttributeError):
                 raise ValueError(f"{manifest}: row {r.get('id')!r}: units and durations must be whole numbers") from None
-            if len(units) != len(durs) or (len(durs) and int(durs.min()) < 1):
+            if len(units) != len(durs):
                 raise ValueError(f"{manifest}: row {r.get('id')!r}: {len(units)} units but {len(durs)} durations "
-                                 "(one positive duration per unit; rerun `streamgen units`)")
+                                 "(one per unit; rerun `streamgen units`)")
+            if len(durs) and int(durs.min()) < 1:
+                raise ValueError(f"{manifest}: row {r.get('id')!r}: a duration below 1 frame (each unit lasts at least one; "
+                                 "rerun `streamgen units`)")
             if num_units is not None and len(units) and not (0 <= int(units.min()) and int(units.max()) < num_units):
                 raise ValueError(f"{manifest}: row {r.get('id')!r} has units outside 0..{num_units - 1}, the bundle's "
                                  "inventory: its units come from another unit encoder (rerun `streamgen units` with this bundle)")
