@@ -237,14 +237,20 @@ class WsConnection:
         if not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
             return f'"sample_rate" must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}'
         try:
-            load_task(task or self.opts.default_task).resolve_options(options if task else {**self.opts.default_options, **options})
+            load_task(self._task(body)).resolve_options(self._options(body))
         except ValueError as e:
             return str(e)
         return None
 
+    def _task(self, body: dict) -> str:
+        return body.get("task") or self.opts.default_task
+
+    def _options(self, body: dict) -> dict:
+        """A start message's options; for the server's default task (no task named), over the server's --opt."""
+        return body.get("options", {}) if body.get("task") else {**self.opts.default_options, **body.get("options", {})}
+
     async def _start(self, body: dict) -> None:
-        task = body.get("task") or self.opts.default_task
-        options = body.get("options", {}) if body.get("task") else {**self.opts.default_options, **body.get("options", {})}
+        task, options = self._task(body), self._options(body)
         session = f"{self.prefix}-{self.opened}"
         why = self.hub.open(session, self, "ws")
         if why is not None:
