@@ -108,6 +108,10 @@ class Bundle:
             m.to(device=device, dtype=dtype)
         return self
 
+    def speech_lms(self) -> dict[str | None, UnitMBart]:
+        """The Unit mBARTs the bundle has: the shared one (key None) and each task's own backbone (key: the task)."""
+        return {k: m for k, m in {None: self.mbart, **self.backbones}.items() if m is not None}
+
     def lm_to(self, dtype: torch.dtype) -> Bundle:
         """The Unit mBART backbones (the shared one and the tasks' own) in `dtype` where it pays: on
         a GPU the whole backbone; on a CPU its encoder stack only, whose batched matmuls (translation
@@ -115,9 +119,8 @@ class Bundle:
         AMX, while the decoder's one-token steps, small matmuls, run slower there and stay float32
         (bench/RESULTS.md). The unit encoder, the vocoder and the prompts stay as they are. float32,
         the default, keeps batched sessions exactly equal to lone ones; bfloat16 does not."""
-        for m in (self.mbart, *self.backbones.values()):
-            if m is not None:
-                (m if m.embed_tokens.weight.is_cuda else m.encoder).to(dtype=dtype)
+        for m in self.speech_lms().values():
+            (m if m.embed_tokens.weight.is_cuda else m.encoder).to(dtype=dtype)
         return self
 
     # --- the whole-utterance API --------------------------------------------------------------
@@ -392,11 +395,9 @@ def _check_units(meta_file: Path, b: Bundle) -> None:
     """The parts agree on the units: the speech LM knows every unit the encoder gives, the vocoder every
     unit either gives (a unit past a vocabulary failed only mid-session, as an index error)."""
     reader = encoder_units(b)
-    lms = {"mbart": b.mbart, **{f"backbone {k}": m for k, m in b.backbones.items()}}
     voc_units = vocoder_units(b)
-    for name, lm in lms.items():
-        if lm is None:
-            continue
+    for task, lm in b.speech_lms().items():
+        name = "mbart" if task is None else f"backbone {task}"
         if reader is not None and reader > lm.cfg.num_units:
             raise BundleError(f"{meta_file}: the unit encoder gives {reader} units, {name} knows {lm.cfg.num_units}")
         if voc_units is not None and lm.cfg.num_units > voc_units:

@@ -583,7 +583,7 @@ def train_vocoder(
         fail("--into-bundle needs --bundle")
     b = open_bundle(bundle, device)
     # every unit the bundle's encoder gives or its speech LMs say (a smaller inventory made the bundle unloadable)
-    num_units = max([encoder_units(b) or 0] + [m.cfg.num_units for m in (b.mbart, *b.backbones.values()) if m is not None])
+    num_units = max([encoder_units(b) or 0] + [m.cfg.num_units for m in b.speech_lms().values()])
     if not num_units:
         fail(f"{bundle or 'the default bundle'} has no unit encoder or speech LM whose units the vocoder would speak; "
              "give a bundle with one (streamgen train-units)")
