@@ -178,7 +178,7 @@ class Stats:
 
     def session(self, name: str) -> SessionStats:
         """The record of the session of this id that the engine and the output side serve: its oldest open one."""
-        return self._open[name][0] if name in self._open else self._begin(name)
+        return self.current(name) or self._begin(name)
 
     def current(self, name: str) -> SessionStats | None:
         """`session`'s record if the id has one open, without opening one."""
