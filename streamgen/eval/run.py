@@ -22,7 +22,7 @@ from ..io.memory import MemorySink
 from ..pipeline.items import Control
 from ..pipeline.runner import Pipeline, build_engine
 from ..pipeline.stats import SessionStats, Stats
-from ..resume import differences
+from ..resume import differences, whole_lines
 from ..train.synth import read_manifest
 from .metrics import aligned_span, average_lagging, bleu, cer, distinct_ngrams, normalize, sounds_like_speech, span_words, wer
 
@@ -195,11 +195,7 @@ def _scored(path: Path, run: dict) -> dict[tuple[int, str], dict]:
     done = {}
     if not path.is_file():
         return done
-    text = path.read_text()
-    if text and not text.endswith("\n"):  # a line an interrupt cut: gone, so that what is appended starts a line
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text)
-    for line in text.splitlines():
+    for line in whole_lines(path).splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:  # the line an interrupt cut short: that utterance runs again

@@ -29,7 +29,7 @@ import soundfile as sf
 from ..atomic_file import write_atomic
 from ..io.files import read_audio, resample
 from ..progress import Progress
-from ..resume import differences
+from ..resume import differences, whole_lines
 from .data import MASK, Pair, read_tsv, write_pairs
 from .text import EnglishSentences, SpanishEnglishPairs, unique
 
@@ -99,8 +99,9 @@ def stamp_corpus(out: Path, name: str, recipe: dict) -> None:
     from the seed and the sizes, so a rerun with other settings is refused (ValueError) instead of keeping audio
     under other sentences."""
     stamp = out / name
-    if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
-        raise ValueError(f"{out} holds a corpus made with other settings ({differences(json.loads(stamp.read_text()), recipe)}): "
+    made = json.loads(stamp.read_text()) if stamp.is_file() else recipe
+    if made != recipe:
+        raise ValueError(f"{out} holds a corpus made with other settings ({differences(made, recipe)}): "
                          "its audio would be kept under other "
                          "sentences; give another directory, or the same settings to resume it")
     out.mkdir(parents=True, exist_ok=True)
@@ -171,10 +172,7 @@ def extract_units(bundle, manifest: str | Path, out: str | Path, progress: bool 
     cols = [c for c in (list(rows[0]) if rows else []) if c not in ("units", "durations")] + ["units", "durations"]
     done = {}
     if out.is_file() and out.stat().st_size:
-        text = out.read_text()
-        if not text.endswith("\n"):  # a row an interrupt cut: gone (it is extracted again), so that rows append whole
-            text = text[: text.rfind("\n") + 1]
-            out.write_text(text)
+        text = whole_lines(out)  # (a row an interrupt cut is extracted again)
         have = read_manifest(out)
         header = list(have[0]) if have else text.splitlines()[0].split("\t") if text else []
         if header != cols:
