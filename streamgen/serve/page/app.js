@@ -109,29 +109,22 @@ function options() {
 // rate, its microphone's, and sent at that rate (the server resamples it): Firefox refuses to connect a microphone to
 // a context of another rate ("Connecting AudioNodes from AudioContexts with different sample-rate is currently not
 // supported").
-let opening = null; // the contexts being made: a second Talk meanwhile waits for the same ones
-
-function ensureAudio() {
-  if (ctx) return Promise.resolve();
-  if (!opening) {
-    const play = new AudioContext({ sampleRate: 16000 }), listen = new AudioContext();
-    opening = Promise.all([play.audioWorklet.addModule("/static/worklet.js"), listen.audioWorklet.addModule("/static/worklet.js")])
-      .then(() => { ctx = play; micCtx = listen; },
-            (err) => { play.close(); listen.close(); throw err; }) // nothing half made stays open
-      .finally(() => { opening = null; });
-  }
-  return opening;
+// one make() in flight at a time: a second Talk while it runs waits for the same one
+function single(make) {
+  let pending = null;
+  return () => pending || (pending = make().finally(() => { pending = null; }));
 }
 
-let connecting = null; // the connection being opened: a second Talk while it opens waits for the same one
+const openAudio = single(() => {
+  const play = new AudioContext({ sampleRate: 16000 }), listen = new AudioContext();
+  return Promise.all([play.audioWorklet.addModule("/static/worklet.js"), listen.audioWorklet.addModule("/static/worklet.js")])
+    .then(() => { ctx = play; micCtx = listen; },
+          (err) => { play.close(); listen.close(); throw err; }); // nothing half made stays open
+});
+const ensureAudio = () => (ctx ? Promise.resolve() : openAudio());
 
-function connection() {
-  if (ws) return Promise.resolve(ws);
-  if (!connecting) {
-    connecting = connect().then((sock) => { ws = sock; return sock; }).finally(() => { connecting = null; });
-  }
-  return connecting;
-}
+const openConnection = single(() => connect().then((sock) => { ws = sock; return sock; }));
+const connection = () => (ws ? Promise.resolve(ws) : openConnection());
 
 function connect() {
   return new Promise((resolve, reject) => {
