@@ -521,8 +521,8 @@ def train_units(
             from .bundle import vocoder_units
 
             have = load_bundle(bundle)
-            speaks = {name: n for name, n in (("Unit mBART", have.mbart.cfg.num_units if have.mbart is not None else None),
-                                              ("vocoder", vocoder_units(have))) if n is not None and n != units}
+            parts = [("Unit mBART" if task is None else f"{task} backbone", lm.cfg.num_units) for task, lm in have.speech_lms().items()]
+            speaks = {name: n for name, n in (*parts, ("vocoder", vocoder_units(have))) if n is not None and n != units}
             if speaks:
                 raise UsageError(f"--units {units}: {bundle}'s " + " and ".join(f"{k} speak {v}" for k, v in speaks.items())
                                  + " units; new units of another inventory would leave them speaking the old ones: give a new "

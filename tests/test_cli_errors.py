@@ -533,3 +533,19 @@ def test_ctrl_c_while_a_command_loads_is_one_line(monkeypatch, capfd):
     with pytest.raises(SystemExit) as e:
         launch.main()
     assert e.value.code == 130 and capfd.readouterr().err == "interrupted\n"
+
+
+def test_train_units_refuses_another_inventory_for_a_tasks_own_backbone(tmp_path):
+    """Only the shared Unit mBART and the vocoder were asked: a bundle whose translation backbone speaks 100 units
+    took 8 new ones and no longer loaded."""
+    from streamgen.testing import random_bundle
+
+    b = random_bundle()
+    b.backbones["translation"], b.mbart, b.vocoder = b.mbart, None, None
+    b.save(tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("id\taudio\n")
+    r = runner.invoke(cli.app, ["train-units", "--manifest", str(manifest), "--bundle", str(tmp_path / "b"), "--units", "8"])
+    assert r.exit_code == 2 and "--units 8: " + str(tmp_path / "b") + "'s translation backbone speak 100 units" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
