@@ -115,12 +115,14 @@ def test_a_flac_without_its_length_is_read_to_its_last_sample(tmp_path, flac):
     assert sf.info(str(bare)).frames == UNKNOWN_LENGTH  # what libsndfile makes of it
     want = read_audio(flac, 16000).numpy()
     np.testing.assert_array_equal(read_audio(bare, 16000).numpy(), want)
-    assert files_mod._readable == {}  # read whole in memory: no copy on disk (training reads thousands of files)
-    assert audio_info(bare).frames == len(want) == 32000
+    info = audio_info(bare)
+    assert info.frames == len(want) == 32000 and info.duration == 2.0
     got, end = asyncio.run(chunks(FileSource(bare, 16000, block_ms=20)))
     np.testing.assert_array_equal(got, want)
     assert end.source_samples == 32000
     assert file_has_speech(bare)
+    # read as it is, in memory or streamed: no copy on disk (training and eval read thousands of such files)
+    assert files_mod._readable == {}
 
 
 @pytest.mark.parametrize("kind", ["flac", "wav"])

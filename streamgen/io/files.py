@@ -95,30 +95,32 @@ def _read_all(f: sf.SoundFile) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
 
 
-def _decode_unknown_length(p: Path) -> Path:
-    """A file whose header gives no length (soundfile reports 2**63 - 1 frames), decoded once into a WAV that gives it."""
-    out = _spool_file(".wav")
-    with sf.SoundFile(str(p)) as f, sf.SoundFile(str(out), "w", f.samplerate, f.channels, subtype="FLOAT", format="WAV") as dst:
-        while len(block := _read_frames(f, 1 << 16)):
-            dst.write(block)
-    return out
+def _count_frames(p: Path) -> int:
+    """The frames of a file whose header gives no length, counted by decoding it once (nothing is written)."""
+    with sf.SoundFile(str(p)) as f:
+        n = 0
+        while got := len(_read_frames(f, 1 << 16)):
+            n += got
+    return n
 
 
 def readable_path(path: str | Path) -> Path:
     """`path`, or a regular file holding the same audio where libsndfile cannot read `path` as it is: a pipe
-    (a process substitution `<(...)`, a FIFO) read to its end, or a file whose header gives no length decoded
-    once. Each such path is copied once per process; the copies go when it exits. ValueError: what the path
-    is instead of audio."""
-    return _readable_with_info(path)[0]
+    (a process substitution `<(...)`, a FIFO) read to its end, once per process; the copies go when it exits.
+    A file whose header gives no length is read as it is (read it with `_read_frames`). ValueError: what the
+    path is instead of audio."""
+    return _readable_with_info(path, count=False)[0]
 
 
 def audio_info(path: str | Path):
-    """soundfile's header info of an audio file, or a ValueError that says what the path is instead."""
+    """soundfile's header info of an audio file (where the header gives no length, the frames counted), or a
+    ValueError that says what the path is instead."""
     return _readable_with_info(path)[1]
 
 
-def _readable_with_info(path: str | Path):
-    """`readable_path` and the header info of what it gives, read once."""
+def _readable_with_info(path: str | Path, count: bool = True):
+    """`readable_path` and the header info of what it gives, read once; `count`: a length the header does not give
+    is counted."""
     p = Path(path)
     out = _readable.get(str(p))
     if out is None:
@@ -138,9 +140,9 @@ def _readable_with_info(path: str | Path):
             out = p
     try:
         info = sf.info(str(out))
-        if info.frames == UNKNOWN_LENGTH:
-            out = _decode_unknown_length(out)
-            info = sf.info(str(out))
+        if info.frames == UNKNOWN_LENGTH and count:  # (an encoder that wrote to a pipe): decoded once to count them, not copied
+            info.frames = _count_frames(out)
+            info.duration = info.frames / info.samplerate
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
     if out != p:  # (a copy: kept for the process; a file read as it is is looked at afresh, training reads thousands)
@@ -204,11 +206,14 @@ def write_audio(path: str | Path, wave: Tensor | np.ndarray, sample_rate: int) -
 def file_has_speech(path: str | Path, block_s: float = 1.0) -> bool:
     """Whether an audio file carries speech (`SpeechGate`, at the file's own rate); reads only up
     to the first speech."""
-    info = audio_info(path)
-    gate = SpeechGate(info.samplerate)
-    for block in sf.blocks(str(readable_path(path)), blocksize=max(1, int(block_s * info.samplerate)), dtype="float32", always_2d=True):
-        if gate.push(block.mean(axis=1)):
-            return True
+    try:
+        with sf.SoundFile(str(readable_path(path))) as f:
+            gate, block = SpeechGate(f.samplerate), max(1, int(block_s * f.samplerate))
+            while len(data := _read_frames(f, block)):
+                if gate.push(data.mean(axis=1)):
+                    return True
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
     return False
 
 
@@ -226,7 +231,7 @@ class FileSource:
         t0, emitted, seq = time.monotonic(), 0, 0
         with sf.SoundFile(str(readable_path(self.path))) as f:
             while True:
-                data = f.read(block, dtype="float32", always_2d=True)
+                data = _read_frames(f, block)
                 last = len(data) < block
                 out = rs.resample_chunk(data.mean(axis=1), last=last)
                 if len(out):
