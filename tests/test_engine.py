@@ -330,3 +330,37 @@ def test_a_task_with_its_own_backbone_runs_on_it_beside_the_shared_one(test_bund
         assert len(a) == len(b) > 0 and (a - b).abs().max() <= 1e-5, name
     _, shared, _ = run(test_bundle, session_items("a"))
     assert shared["a"] != units["a"]  # the shared backbone says something else: the task's own was used
+
+
+@pytest.mark.parametrize("name", ["a", "d"])  # wait-k, local agreement
+def test_a_decision_waiting_on_a_decode_follows_it_in_the_same_tick(test_bundle, name):
+    """When a session's decode ends and its next units are already encoded (or its input has ended),
+    its policy decides at once and the next decode runs in the same tick's steps: a tick later, every
+    other session's encoder and vocoder work would come first (at the end of a talk, the closing decode
+    waited behind the last decision's that way)."""
+    from streamgen.pipeline.items import End
+
+    task, options, text = SESSIONS[name]
+    engine = build_engine(test_bundle, task, options, chunk_ms=320, decode_budget_ms=1e6)  # all its input in one tick
+    out: list = []
+    engine.emit = out.append
+    s = engine.open(name, task, options)
+    wave = espeak(text)
+    s.inbox.extend(chunks_of(name, wave, 1600) + [End(name, len(wave), 0.0)])
+    s.end_queued = True
+    tick, calls, policy = [0], [], s.policy
+    for hook in ("on_source", "on_end", "on_decoded"):
+        def wrapped(*a, hook=hook, f=getattr(policy, hook)):
+            if hook == "on_decoded" and a[1]:  # a decode ended: was the session's next input there already?
+                calls.append((tick[0], "done", bool(s.events) or (s.encoder_done and not s.policy_ended)))
+            elif hook != "on_decoded":
+                calls.append((tick[0], hook, None))
+            return f(*a)
+        setattr(policy, hook, wrapped)
+    while name in engine.sessions and tick[0] < 500:
+        engine.tick()
+        tick[0] += 1
+    assert name not in engine.sessions and any(getattr(o, "samples", None) is not None for o in out)
+    follow = [(done, nxt) for done, nxt in zip(calls, calls[1:]) if done[1] == "done" and done[2]]
+    assert len(follow) >= 3  # decisions that waited on a decode
+    assert all(nxt[0] == done[0] for done, nxt in follow), calls

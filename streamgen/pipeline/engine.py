@@ -13,7 +13,9 @@ that has work ready:
     LM          decoder steps, each advancing every running decode by one token and admitting the
                 new decodes (batched encode + ragged prefill) into free K/V slots
                 (`models.generation.Decoder`), until the tick's decode budget is spent; one decoder
-                per backbone (the shared one, and each task's own where the bundle has one)
+                per backbone (the shared one, and each task's own where the bundle has one); a session
+                whose decode ends with its next units already encoded (or its input ended) has its
+                policy decide at once, and its next decode joins the same steps
     vocoder     every session's duration window in one padded call, then every audio window in
                 one padded generator call, trimmed per row
 
@@ -600,17 +602,22 @@ class Engine:
                 self._fail(s, f"no speech heard in its {s.pos / self.bundle.sample_rate:.1f} s of input, so the task "
                               "had nothing to answer and nothing was said")
                 continue
-            try:
-                while not s.decoding and s.events:
-                    u, frames, s.policy.source_frames, end, captured = s.events.popleft()
-                    s.source_samples, s.captured_at = end, captured
-                    self._apply(s, s.policy.on_source(u, frames, end))
-                if not s.decoding and not s.events and s.encoder_done and not s.policy_ended:
-                    s.policy_ended = True
-                    s.source_samples, s.policy.source_frames = s.pos, s.units.n_done
-                    self._apply(s, s.policy.on_end())
-            except Exception as e:
-                self._policy_failed(s, e)
+            self._next_decisions(s)
+
+    def _next_decisions(self, s: Session) -> None:
+        """The session's units waiting for its policy, until one of them starts a decode; with none left
+        after the end of its input, the policy's end."""
+        try:
+            while not s.decoding and s.events:
+                u, frames, s.policy.source_frames, end, captured = s.events.popleft()
+                s.source_samples, s.captured_at = end, captured
+                self._apply(s, s.policy.on_source(u, frames, end))
+            if not s.decoding and not s.events and s.encoder_done and not s.policy_ended:
+                s.policy_ended = True
+                s.source_samples, s.policy.source_frames = s.pos, s.units.n_done
+                self._apply(s, s.policy.on_end())
+        except Exception as e:
+            self._policy_failed(s, e)
 
     def _apply(self, s: Session, d: Decision | None) -> None:
         if d is None:
@@ -668,6 +675,11 @@ class Engine:
                 self._apply(s, s.policy.on_decoded(units, done))
             except Exception as e:
                 self._policy_failed(s, e)
+                continue
+            if done and s.heard and not s.decoding and s.name in self.sessions:
+                # its next decision now, not a tick later: the units it waits on were encoded while it decoded
+                # (at the end of its input, the closing decode follows its last decision's in the same steps)
+                self._next_decisions(s)
 
     def _policy_failed(self, s: Session, e: Exception) -> None:
         """A task's policy raised: a ValueError says what is wrong with the session's input or options;
