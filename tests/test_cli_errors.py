@@ -534,6 +534,25 @@ def test_ctrl_c_while_a_command_loads_is_one_line(monkeypatch, capfd):
         launch.main()
     assert e.value.code == 130 and capfd.readouterr().err == "interrupted\n"
 
+    class Swallowed(importlib.abc.MetaPathFinder):
+        """A real Ctrl-C (SIGINT) inside an import that a library's bare `except:` swallows: the import goes on."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "streamgen.cli":
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)  # the handler runs here
+                except:  # noqa: E722 (what such a library does)
+                    pass
+            return None
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "meta_path", [Swallowed(), *sys.meta_path[1:]])
+    with pytest.raises(SystemExit) as e:
+        launch.main()
+    assert e.value.code == 130 and capfd.readouterr().err == "interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is before  # the command's own handling of Ctrl-C comes back
+
 
 def test_train_units_refuses_another_inventory_for_a_tasks_own_backbone(tmp_path):
     """Only the shared Unit mBART and the vocoder were asked: a bundle whose translation backbone speaks 100 units
