@@ -223,6 +223,18 @@ def test_stepping_some_rows_equals_stepping_every_row_and_reads_nothing_of_the_o
         for r in rows:
             n = int(full.lengths[r])
             assert (a[r, :, :n] - w[r, :, :n]).abs().max() <= 1e-5
+    # one row without a prompt (a CPU engine's most common step, taken by a shorter path): the same
+    alone = copy.deepcopy(state)
+    alone.grow(16)
+    for t in alone.k + alone.v:
+        t[[0, 2, 3]], t[1, :, int(alone.lengths[1]) :] = float("nan"), float("nan")  # (its new entry is written first)
+    for t in [x for kv in alone.cross for x in kv]:
+        t[[0, 2, 3]], t[1, :, int(src[1].ne(PAD).sum()) :] = float("nan"), float("nan")
+    got = mbart.step_rows(alone, [1], torch.tensor([11]))
+    assert torch.isfinite(got).all() and (got - want[[1]]).abs().max() <= 1e-5
+    assert alone.lengths.tolist() == [3, 4, 4, 6]
+    for a, w in zip(alone.k + alone.v, full.k + full.v):
+        assert (a[1, :, :4] - w[1, :, :4]).abs().max() <= 1e-5 and a[[0, 2, 3]].isnan().all()
 
 
 def test_sampling_is_seeded_and_respects_top_k(lively_mbart):

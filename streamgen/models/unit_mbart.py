@@ -549,6 +549,8 @@ class UnitMBart(nn.Module):
         lets it see (views up to those lengths: no padding, no mask, nothing of the other rows read),
         so a row's attention is the same computation in any batch. Equal to `step` on those rows; the
         caches must have room for one more token (`DecoderState.grow`)."""
+        if len(rows) == 1 and state.prompts[rows[0]] is None:
+            return self._step_row(state, rows[0], tokens)
         dev = tokens.device
         idx = torch.tensor(rows, device=dev)
         pos = state.lengths[idx]  # [R] where each row's token goes
@@ -567,4 +569,23 @@ class UnitMBart(nn.Module):
 
             x = layer.step(x, self_attend, lambda q, ck=ck, cv=cv: attend_rows(q, own(ck, cv, n_src), None))
         state.lengths[idx] = pos + 1
+        return self.output(x)[:, 0]
+
+    def _step_row(self, state: DecoderState, r: int, token: Tensor) -> Tensor:
+        """`step_rows` of one row without a prompt, the same computation with its position and the source it
+        sees as numbers (no index tensors, no lists of views): most of a CPU engine's steps advance one row,
+        and there the bookkeeping cost a tenth of the step."""
+        p = int(state.lengths[r])  # where its token goes
+        n_src = int(state.src_mask[r].sum())
+        if self.cfg.streams:
+            n_src = min(n_src, self.cfg.wait_k + math.floor(p / self.cfg.wait_ratio) + 1)  # `visible_source`
+        x = self.decoder.embed(self.token_embedding(token[:, None]), torch.tensor([[p + PAD + 1]], device=token.device))
+        for layer, k_cache, v_cache, (ck, cv) in zip(self.decoder.layers, state.k, state.v, state.cross):
+
+            def self_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor = k_cache, v_cache: Tensor = v_cache) -> Tensor:
+                k_cache[r, :, p], v_cache[r, :, p] = k[0, :, 0], v[0, :, 0]
+                return F.scaled_dot_product_attention(q, k_cache[r : r + 1, :, : p + 1], v_cache[r : r + 1, :, : p + 1])
+
+            x = layer.step(x, self_attend, lambda q, ck=ck, cv=cv: F.scaled_dot_product_attention(q, ck[r : r + 1, :, :n_src], cv[r : r + 1, :, :n_src]))
+        state.lengths[r] = p + 1
         return self.output(x)[:, 0]
