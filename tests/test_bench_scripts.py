@@ -1,0 +1,69 @@
+"""The benchmark scripts a GPU run depends on: a device is lent for minutes, so the commands `bench/gpu.sh` runs
+must take the options it gives them, and the sessions bench must run every task in both modes and write the
+report `bench/RESULTS.md` is made from, here on a CPU with a tiny bundle."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_commands() -> list[tuple[str, list[str]]]:
+    """(script, its options) for every `python3 bench/NAME.py ...` the GPU script runs, its `$S` expanded."""
+    text = (ROOT / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+    s = re.search(r'^S="(.*)"$', text, re.M)
+    out = []
+    for line in text.splitlines():
+        if line.startswith("S="):
+            continue
+        if s:
+            line = line.replace("$S", s.group(1))
+        for m in re.finditer(r"python3 (bench/\w+\.py)(.*?)(?:2>&1|\||$)", line):
+            out.append((m.group(1), re.findall(r"(?<!\S)--[a-z][a-z-]*", m.group(2))))
+    return out
+
+
+def test_the_gpu_scripts_commands_take_the_options_it_gives_them():
+    commands = gpu_commands()
+    assert {script for script, _ in commands} == {"bench/decode.py", "bench/sessions.py"} and len(commands) >= 7
+    helps = {}
+    for script, options in commands:
+        if script not in helps:
+            r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            helps[script] = set(re.findall(r"--[a-z][a-z-]*", r.stdout))
+        assert set(options) <= helps[script], (script, set(options) - helps[script])
+
+
+def test_the_sessions_bench_runs_every_task_in_both_modes_and_writes_its_report(tmp_path):
+    from streamgen.testing import random_bundle
+
+    random_bundle(seed=1).save(tmp_path / "tiny")
+    report = tmp_path / "sessions.json"
+    r = subprocess.run([sys.executable, "bench/sessions.py", "--bundle", str(tmp_path / "tiny"), "--levels", "1", "--seconds", "1",
+                        "--tasks", "resynthesis,translation,continuation", "--modes", "engine,one-at-a-time", "--json", str(report)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(report.read_text())
+    assert set(got["tasks"]) == {"resynthesis", "translation", "continuation"}
+    for task, modes in got["tasks"].items():
+        assert set(modes) == {"engine", "one-at-a-time"}, task
+        for mode, figures in modes.items():
+            (row,) = figures["rows"]
+            assert row["sessions"] == 1 and row["processes"] == 1 and row["ticks"] > 0, (task, mode)
+            assert figures["held"] in (0, 1) and figures["levels"][0]["runs"] == 1
+    resynthesis = got["tasks"]["resynthesis"]["engine"]["rows"][0]
+    assert resynthesis["completed"] == 1 and resynthesis["lag_p99_ms"] is not None and resynthesis["first_audio_ms"] > 0
+    assert re.search(r"^resynthesis: sessions held at p99 lag <= 250 ms: engine \d, one-at-a-time \d", r.stdout, re.M), r.stdout
+
+
+def test_the_option_check_reads_the_commands_as_the_shell_runs_them(monkeypatch, tmp_path):
+    """(So that an option the script no longer takes is caught, also behind `$S` and a continued line.)"""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "gpu.sh").write_text('S="python3 bench/sessions.py --levels 1"\ntimeout 9 $S \\\n  --nope 2>&1 | tee x\n')
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert gpu_commands() == [("bench/sessions.py", ["--levels", "--nope"])]
