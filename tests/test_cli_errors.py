@@ -528,7 +528,10 @@ def test_ctrl_c_while_a_command_loads_is_one_line(monkeypatch, capfd):
                 raise KeyboardInterrupt  # Ctrl-C, as it lands inside the import
             return None
 
+    import streamgen
+
     monkeypatch.delitem(sys.modules, "streamgen.cli")
+    monkeypatch.setattr(streamgen, "cli", cli)  # (an import below binds a new module there: later tests get this one back)
     monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
     with pytest.raises(SystemExit) as e:
         launch.main()
