@@ -557,6 +557,24 @@ def test_ctrl_c_while_a_command_loads_is_one_line(monkeypatch, capfd):
     assert signal.getsignal(signal.SIGINT) is before  # the command's own handling of Ctrl-C comes back
 
 
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """A background job of a script ignores SIGINT: a Ctrl-C the user gives the script while the command loads
+    must not end it (the launcher's own handler took over while loading)."""
+    code = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "import importlib.abc\n"
+            "class Kick(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'streamgen.cli':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Kick())\n"
+            "sys.argv = ['streamgen', '--help']\n"
+            "import streamgen.launch\n"
+            "streamgen.launch.main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "interrupted" not in r.stderr and "Usage" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
 def test_train_units_refuses_another_inventory_for_a_tasks_own_backbone(tmp_path):
     """Only the shared Unit mBART and the vocoder were asked: a bundle whose translation backbone speaks 100 units
     took 8 new ones and no longer loaded."""
