@@ -223,7 +223,7 @@ class FileSource:
     def __init__(self, path: str | Path, sample_rate: int, session: str = "file", block_ms: int = 20, realtime: bool = False):
         self.path, self.rate, self.session = Path(path), sample_rate, session
         self.block_ms, self.realtime = block_ms, realtime
-        self.info = audio_info(self.path)
+        self.info = _readable_with_info(self.path, count=False)[1]  # its rate and channels (a missing length is not counted)
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         rs = soxr.ResampleStream(self.info.samplerate, self.rate, 1, dtype="float32", quality="HQ")
