@@ -578,7 +578,7 @@ class UnitMBart(nn.Module):
         p = int(state.lengths[r])  # where its token goes
         n_src = int(state.src_mask[r].sum())
         if self.cfg.streams:
-            n_src = min(n_src, self.cfg.wait_k + math.floor(p / self.cfg.wait_ratio) + 1)  # `visible_source`
+            n_src = min(n_src, int(self.cfg.visible_source(state.lengths[r : r + 1])[0]))  # (the general path's op, on its device)
         x = self.decoder.embed(self.token_embedding(token[:, None]), torch.tensor([[p + PAD + 1]], device=token.device))
         for layer, k_cache, v_cache, (ck, cv) in zip(self.decoder.layers, state.k, state.v, state.cross):
 
