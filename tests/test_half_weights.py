@@ -95,7 +95,7 @@ def test_the_edges_of_f_linear_stay_f_linears():
 
 def test_a_decoder_rows_logits_are_the_same_whoever_shares_its_step():
     """With float16-held weights every product is row by row (and `step_rows` attends each row alone), so a
-    session's logits in a step of several rows are bitwise those of a step of its own."""
+    session's logits in a step of several rows without a prompt are bitwise those of a step of its own."""
     m = held_in_float16(UnitMBart(TINY).eval().requires_grad_(False))
     src = torch.stack([units_to_source(random_units(30, seed=s)) for s in range(5)])
     with torch.inference_mode():

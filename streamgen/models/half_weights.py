@@ -5,7 +5,8 @@ decoder once: on a CPU its products cost what reading the weights costs (bench/R
 a float16 copy of W, half the bytes, and widens it in registers: the activations, the products and the sums are
 float32, as in `F.linear`, and W is the same number, so the result differs from `F.linear`'s only by the order of
 the sums (a few parts in 10^7). Each row's result is also the same in a batch of any size (MKL's float32 kernel
-picks its blocking by the batch), so a session's logits do not depend on who it shares a step with.
+picks its blocking by the batch), so in a step of rows without a prompt a session's logits do not depend on who it
+shares the step with (a prompt's prefix is attended for its task's rows together: there, to float rounding).
 
 Used only where it gives the same model: no gradient wanted (grad mode off, or nothing in the product requiring
 one), float32 weights and input on a CPU, and W finite and equal to its float16 rounding (a weight trained in float32
