@@ -113,7 +113,10 @@ class Timeline:
                 top.plot([at - t0] * 2, [0, 4 * units], color=colours(i % 10), alpha=0.35, lw=1.5 if closing else 0.7)
         top.axhline(250, color="grey", ls="--", lw=0.8)
         top.set_ylabel("output chunk lag (ms)\n(bars: decodes begun, 4 ms per unit)")
-        top.legend(ncol=min(8, len(names)), fontsize=7, loc="upper left")
+        if names:
+            top.legend(ncol=min(8, len(names)), fontsize=7, loc="upper left")
+        else:
+            top.text(0.5, 0.5, "no output chunks", transform=top.transAxes, ha="center")
         bottom_at = np.array([t - t0 for t, _ in self.ticks])
         base = np.zeros(len(self.ticks))
         for stage in ("encode", "decide", "decode", "vocode"):

@@ -67,3 +67,19 @@ def test_the_option_check_reads_the_commands_as_the_shell_runs_them(monkeypatch,
     (tmp_path / "bench" / "gpu.sh").write_text('S="python3 bench/sessions.py --levels 1"\ntimeout 9 $S \\\n  --nope 2>&1 | tee x\n')
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert gpu_commands() == [("bench/sessions.py", ["--levels", "--nope"])]
+
+
+def test_engine_calls_lists_the_largest_lags_and_draws_the_run(tmp_path):
+    from streamgen.testing import random_bundle
+
+    random_bundle(seed=1).save(tmp_path / "tiny")
+    for task in ("continuation", "translation"):  # (the tiny bundle's translation says nothing: a plot without chunks)
+        png = tmp_path / f"{task}.png"
+        r = subprocess.run([sys.executable, "bench/engine_calls.py", "--bundle", str(tmp_path / "tiny"), "--task", task,
+                            "--sessions", "2", "--seconds", "1", "--worst", "3", "--plot", str(png)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", task
+        if task == "continuation":  # each of the largest lags with the decode its units came from
+            worst = re.findall(r"^ +\d+ ms +s[01] +at +[\d.]+ s: a decode of up to \d+ units begun \d+ ms before", r.stdout, re.M)
+            assert len(worst) == 3, r.stdout
