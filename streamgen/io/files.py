@@ -85,23 +85,24 @@ def _read_frames(f: sf.SoundFile, frames: int) -> np.ndarray:
     return out[:got]
 
 
+def _blocks(f: sf.SoundFile, frames: int = 1 << 16):
+    """Blocks of up to `frames` frames [n, channels] float32 from where `f` stands to its end, its length known or not."""
+    while len(block := _read_frames(f, frames)):
+        yield block
+
+
 def _read_all(f: sf.SoundFile) -> np.ndarray:
     """Every frame [n, channels] float32 from where `f` stands, its length known or not."""
     if f.frames != UNKNOWN_LENGTH:
         return f.read(dtype="float32", always_2d=True)
-    blocks = []
-    while len(block := _read_frames(f, 1 << 16)):
-        blocks.append(block)
+    blocks = list(_blocks(f))
     return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
 
 
 def _count_frames(p: Path) -> int:
     """The frames of a file whose header gives no length, counted by decoding it once (nothing is written)."""
     with sf.SoundFile(str(p)) as f:
-        n = 0
-        while got := len(_read_frames(f, 1 << 16)):
-            n += got
-    return n
+        return sum(len(block) for block in _blocks(f))
 
 
 def readable_path(path: str | Path) -> Path:
@@ -208,9 +209,9 @@ def file_has_speech(path: str | Path, block_s: float = 1.0) -> bool:
     to the first speech."""
     try:
         with sf.SoundFile(str(readable_path(path))) as f:
-            gate, block = SpeechGate(f.samplerate), max(1, int(block_s * f.samplerate))
-            while len(data := _read_frames(f, block)):
-                if gate.push(data.mean(axis=1)):
+            gate = SpeechGate(f.samplerate)
+            for block in _blocks(f, max(1, int(block_s * f.samplerate))):
+                if gate.push(block.mean(axis=1)):
                     return True
     except (sf.LibsndfileError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
