@@ -52,25 +52,16 @@ class Timeline:
         self.ticks: list[tuple[float, dict[str, float]]] = []  # (start, seconds per stage)
         self.decodes: dict[str, list[tuple]] = collections.defaultdict(list)  # session -> (at, units, closing, since capture)
         self.outputs: list[tuple[str, float, float]] = []  # (session, emitted at, lag ms)
-        stages: dict[str, float] = {}
+        calls, stages = collections.Counter(), collections.Counter()  # this tick's, by (stage,)
         for name in self.STAGES:
-            original = getattr(Engine, name)
-
-            def stage(engine, *a, original=original, name=name):
-                t = time.perf_counter()
-                try:
-                    return original(engine, *a)
-                finally:
-                    stages[name[1:]] = stages.get(name[1:], 0.0) + time.perf_counter() - t
-
-            setattr(Engine, name, stage)
+            timed(Engine, name, calls, stages)
         tick, apply, add_output = Engine.tick, Engine._apply, SessionStats.add_output
 
         def timed_tick(engine):
             stages.clear()
             t = time.monotonic()
             tick(engine)
-            self.ticks.append((t, dict(stages)))
+            self.ticks.append((t, {k[0][1:]: v for k, v in stages.items()}))
 
         def timed_apply(engine, session, d):
             if d is not None and d.decode is not None:
