@@ -3,6 +3,7 @@ tasks, joining and leaving mid-decode), the one-at-a-time baseline agrees, and s
 length run with bounded state."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix, generate
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import units_to_source
-from streamgen.pipeline.items import Control, SessionError
+from streamgen.pipeline.items import AudioOut, Control, SessionError
 from streamgen.pipeline.engine import finish_in_tick
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
@@ -293,6 +294,48 @@ def test_a_live_service_refuses_newcomers_while_it_is_behind(test_bundle):
     errors = {i.session: i.message for i in said if isinstance(i, SessionError)}
     assert "busy" in errors["b"] and "behind real time" in errors["b"]
     assert "first" not in errors and "first" in engine.sessions and "b" not in engine.sessions
+
+
+@pytest.mark.parametrize("admit_lag_s", [5.0, 60.0])
+def test_a_live_service_refuses_newcomers_while_its_answers_are_late(test_bundle, admit_lag_s):
+    """Admission by how late the answers leave: the encoder keeps up (no input waiting), but every output
+    chunk answers input captured ten seconds before, so a newcomer is refused as busy where 5 s is the
+    bound (and admitted where it is 60 s); a second after the last late answer, the next one is admitted."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100, admit_lag_s=admit_lag_s, queue_size=64)
+    talk = chunks_of("first", espeak("The weather is nice today."), 1600, at=time.monotonic() - 10.0, end=False)
+
+    async def scenario():
+        out: asyncio.Queue = asyncio.Queue()
+        engine.start(asyncio.get_running_loop(), out)
+        said = []
+
+        async def until(done):
+            while not done():
+                try:
+                    said.append(await asyncio.wait_for(out.get(), 0.05))
+                except asyncio.TimeoutError:
+                    pass
+
+        for item in talk:
+            await engine.put(item)
+        # answered, and no input waiting beyond the part of a chunk that only the next input completes
+        await until(lambda: any(isinstance(i, AudioOut) for i in said) and engine.sessions["first"].backlog < 1600)
+        await engine.put(Control("late", "start", "resynthesis", {}))
+        await until(lambda: any(i.session == "late" for i in said) or "late" in engine.sessions)
+        refused = [i.message for i in said if isinstance(i, SessionError) and i.session == "late"]
+        await until(lambda: engine.answer_lag(time.monotonic()) == 0.0)  # the late answers are over a second old
+        await engine.put(Control("next", "start", "resynthesis", {}))
+        admitted = "next" in engine.sessions
+        engine.close()
+        await until(lambda: said and said[-1] is None)
+        return refused, admitted, said
+
+    refused, admitted, said = asyncio.run(scenario())
+    if admit_lag_s < 10:
+        assert len(refused) == 1 and "busy" in refused[0] and "behind real time" in refused[0], refused
+    else:
+        assert not refused
+    assert admitted and not any(isinstance(i, SessionError) and "busy" in i.message for i in said if i and i.session != "late")
 
 
 def test_a_second_start_ends_only_that_session(test_bundle):

@@ -26,7 +26,9 @@ float rounding): tests/test_engine.py proves it.
 
 Admission: a new session is refused with a "busy" error when `max_sessions` are live, or (for live
 services, `admit_lag_s`) when the engine is already behind real time: a live session has more than
-`admit_lag_s` of input waiting for the encoder. Refusing is better than letting everyone fall behind.
+`admit_lag_s` of input waiting for the encoder, or the output chunks of the last second left more than
+`admit_lag_s` after the input they answer was captured (the decoder or the vocoder behind while the
+encoder keeps up). Refusing is better than letting everyone fall behind.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class EngineConfig:
     queue_size: int = 16  # input items held per session
     overflow: str = "block"  # or "drop-oldest": a full inbox drops that session's oldest chunk
     max_sessions: int = 256
-    admit_lag_s: float | None = None  # refuse new sessions while a live one has this much input waiting (live services)
+    admit_lag_s: float | None = None  # refuse new sessions while this far behind real time (input waiting, answers late; live services)
     max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
     decode_budget_ms: float = 30.0  # decoder steps per tick: as many as fit in this (at least one)
     trim_every_s: float = 10.0  # freed memory goes back to the system this often while sessions run
@@ -190,6 +192,9 @@ class Engine:
         self.compute: dict[str, float] = {}  # seconds per stage, all sessions
         self.largest_batch: dict[str, int] = {}  # sessions in the largest call per stage
         self.busy_s = 0.0  # time spent in ticks (the engine's load)
+        # how late the engine answers: (when, how long after its input was captured) of the last second's
+        # output chunks (under `lock`: the worker adds, admission reads)
+        self.answers: deque[tuple[float, float]] = deque()
         self.ticks = 0
         self.trims, self.trimmed_at, self.trimmed_tick = 0, time.perf_counter(), 0
         self.algorithmic_s = {"chunker": cfg.chunk_samples / sr, "encoder": enc_wait, "vocoder": voc_wait}
@@ -361,14 +366,33 @@ class Engine:
         return s if not isinstance(item, Control) else None
 
     def _admission(self) -> str | None:
+        """Why a new session is refused now, or None. Behind real time is either of: a live session's
+        input waiting for the encoder, or the answers of the last second leaving that long after the
+        input they answer was captured (a loaded decoder or vocoder, with the encoder keeping up)."""
         if len(self.sessions) >= self.cfg.max_sessions:
             return f"busy: the server holds its maximum of {self.cfg.max_sessions} live sessions; try again later or another server"
         if self.cfg.admit_lag_s is not None and self.sessions:
-            behind = max(s.backlog for s in self.sessions.values()) / self.bundle.sample_rate
+            waiting = max(s.backlog for s in self.sessions.values()) / self.bundle.sample_rate
+            behind = max(waiting, self.answer_lag(time.monotonic()))
             if behind > self.cfg.admit_lag_s:
                 return (f"busy: the server is {behind:.1f} s behind real time with {len(self.sessions)} live sessions; "
                         "try again later or another server")
         return None
+
+    def _answered(self, now: float, captured_at: float) -> None:
+        """An output chunk left `now` for input captured at `captured_at` (0: a source without capture
+        times, not counted)."""
+        with self.lock:
+            if captured_at > 0:
+                self.answers.append((now, now - captured_at))
+            self.answer_lag(now)
+
+    def answer_lag(self, now: float) -> float:
+        """How long after their input was captured the output chunks of the last second left (0: none left)."""
+        with self.lock:
+            while self.answers and self.answers[0][0] < now - 1.0:
+                self.answers.popleft()
+            return max((lag for _, lag in self.answers), default=0.0)
 
     def _refuse(self, name: str, why: str) -> None:
         self._close(name)
@@ -716,6 +740,7 @@ class Engine:
                 audio = s.vocoder.finish_audio(w, wave)
                 if len(audio):
                     self.emit(AudioOut(s.name, audio, s.source_samples, s.captured_at))
+                    self._answered(time.monotonic(), s.captured_at)
         for s in list(self.sessions.values()):
             if s.vocoder.done and s.policy_ended and not s.decoding:
                 with self.lock:
