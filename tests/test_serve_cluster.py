@@ -222,3 +222,49 @@ async def test_a_worker_that_is_behind_holds_a_bounded_backlog_and_names_what_it
         assert len(got) - 2 < 300 and "never arrived" in got[-1].message, got[-1]
     finally:
         await link.stop()
+
+
+async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_worker_goes_on(broker):
+    """The hop count busy workers add to a start they pass on is a client's user property like any other:
+    one that `str.isdigit` takes but `int` does not ('²'), or a number of thousands of digits, once
+    ended the worker's MQTT loop for good (its sessions unheard, its status still "online"). Such a
+    value counts as no hops; the start is claimed, and so is the next."""
+    import aiomqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from streamgen.io.mqtt import decode, encode_control
+    from streamgen.pipeline.stats import Stats
+    from streamgen.serve.cluster import HOPS, ClusterLink, ClusterOptions
+    from streamgen.serve.hub import Hub
+    from streamgen.serve.metrics import ServeMetrics
+
+    hub = Hub(Stats(16000), ServeMetrics(), inbox_size=16)
+    opts = ClusterOptions("127.0.0.1", broker.port, PREFIX, "w1", "worker", USERS["worker"])
+    link = ClusterLink(hub, opts, "resynthesis")
+    await link.start()
+    await link.update_share()
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker.port, username="client", password=USERS["client"],
+                                  protocol=aiomqtt.ProtocolVersion.V5) as c:
+            names = ["superscript", "long", "plain"]
+            for name in names:
+                await c.subscribe(opts.topic("out", name), qos=1)
+            for name, hops in zip(names, ["\u00b2", "9" * 5000, None]):
+                props = None
+                if hops is not None:
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.UserProperty = [(HOPS, hops)]
+                await c.publish(opts.topic("start"), encode_control(name, 0, {"type": "start", "task": "resynthesis"}),
+                                qos=1, properties=props)
+            claimed = set()
+            async with asyncio.timeout(10):
+                async for m in c.messages:
+                    msg = decode(bytes(m.payload))
+                    if msg.control == {"type": "claimed", "worker": "w1"}:
+                        claimed.add(msg.session)
+                    if claimed == set(names):
+                        break
+        assert not link.tasks[0].done()
+    finally:
+        await link.stop()

@@ -53,8 +53,10 @@ HOPS = "streamgen-hops"  # MQTT 5 user property: how often busy workers have pas
 
 
 def _hops(msg) -> int:
+    """How often busy workers have passed a start on (a client's own value: anything but a small
+    decimal number counts as none)."""
     for key, value in getattr(msg.properties, "UserProperty", None) or []:
-        if key == HOPS and value.isdigit():
+        if key == HOPS and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 3:
             return int(value)
     return 0
 
@@ -166,7 +168,12 @@ class ClusterLink:
                     publishers = [asyncio.get_running_loop().create_task(self._publish(client)) for _ in range(PUBLISHERS)]
                     try:
                         async for msg in client.messages:
-                            await self._on_message(str(msg.topic), bytes(msg.payload), _hops(msg))
+                            try:
+                                await self._on_message(str(msg.topic), bytes(msg.payload), _hops(msg))
+                            except aiomqtt.MqttError:
+                                raise
+                            except Exception:  # a bug: that message is lost, never the worker's link
+                                log.exception("a message on %s could not be handled", msg.topic)
                     finally:
                         for t in publishers:
                             t.cancel()
