@@ -177,6 +177,47 @@ def test_a_task_whose_policy_raises_ends_that_session_only(test_bundle):
     assert not engine.sessions
 
 
+def test_option_values_no_task_can_use_end_only_their_session(test_bundle):
+    """A client's option values that convert but mean nothing: "inf", "nan" or 1e307 seconds passed every
+    range check, and building the inpainting policy (int(mask_end * frame rate)) raised an OverflowError
+    out of the engine's admission, which stopped the whole service; mid-session, as a task switch, it
+    stopped the engine's worker. Each is now refused with one line naming the option, and the other
+    session is served."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    inf = talk("inf", "Hello there.", "inpainting", {"mask_start": 0, "mask_end": "inf", "context": "regenerate"})
+    huge = talk("huge", "Hello there.", "inpainting", {"mask_start": 0, "mask_end": 1e307})
+    nan = talk("nan", "Hello there.", "translation", {"ratio": "nan"})
+    switch = talk("switch", "The weather is nice today.")
+    switch.insert(3, Control("switch", "task", "inpainting", {"mask_start": 0.5, "mask_end": "Infinity"}))
+    sink = finish(engine, interleave(inf, huge, nan, switch, talk("fine", "Where is the train station?")))
+    assert sink.errors["inf"] == "task 'inpainting': option mask_end='inf' is not a finite number; give one like 0.0"
+    assert sink.errors["huge"] == "task 'inpainting': option mask_end=1e+307: must be from 0.0 to 86400.0"
+    assert sink.errors["nan"] == "task 'translation': option ratio='nan' is not a finite number; give one like 1.0"
+    assert sink.errors["switch"] == "task 'inpainting': option mask_end='Infinity' is not a finite number; give one like 0.0"
+    assert "fine" not in sink.errors and len(sink.wave("fine")) > 0 and not engine.sessions
+
+
+def test_a_task_that_raises_while_its_session_starts_or_switches_ends_that_session_only(test_bundle):
+    """Anything but a ValueError from building a task's policy (a plugin's bug) escaped the engine's
+    admission and its intake: the first stopped the service, the second failed every session."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    new_policy = engine.new_policy
+
+    def new_policy_with_a_bug(task, options):
+        if options.get("emit_every") == 13:
+            raise KeyError("oops")
+        return new_policy(task, options)
+
+    engine.new_policy = new_policy_with_a_bug
+    buggy = talk("buggy", "Hello there.", "continuation", {"emit_every": 13})
+    switch = talk("switch", "The weather is nice today.")
+    switch.insert(3, Control("switch", "task", "continuation", {"emit_every": 13}))
+    sink = finish(engine, interleave(buggy, switch, talk("fine", "Where is the train station?")))
+    assert sink.errors["buggy"] == "task 'continuation' could not start: KeyError: 'oops' (a bug in the task; see the server log)"
+    assert sink.errors["switch"] == "task 'resynthesis' failed: KeyError: 'oops' (a bug in the task; see the server log)"
+    assert "fine" not in sink.errors and len(sink.wave("fine")) > 0 and not engine.sessions
+
+
 def test_a_failed_session_leaves_no_voice_activity_state(test_bundle):
     """With --vad, a session that failed mid-speech kept its detector state: a later session of that
     id began as if it had already spoken and paused."""

@@ -360,6 +360,9 @@ class Engine:
                 self.stats.session(name)
             except ValueError as e:
                 why = str(e)
+            except Exception as e:  # a bug in a task's policy: this session is refused, the service goes on
+                log.exception("task %r could not start session %s", task or self.cfg.task, name)
+                why = f"task {task or self.cfg.task!r} could not start: {type(e).__name__}: {e} (a bug in the task; see the server log)"
         if why is not None:
             self._refuse(name, why)
             return None
@@ -526,8 +529,8 @@ class Engine:
                 took = True
                 try:
                     self._take(s, item)
-                except ValueError as e:
-                    self._fail(s, str(e))
+                except Exception as e:  # a task's options or policy: that session ends, named
+                    self._policy_failed(s, e)
                     break
             if took:
                 self._release_waiters(s)

@@ -11,6 +11,7 @@ bundle's prompt of the same name is used, and without that, the unprompted backb
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -53,8 +54,10 @@ class TaskPlugin:
             kind = type(self.options[k])
             try:
                 out[k] = (v.lower() in ("1", "true", "yes", "on")) if kind is bool and isinstance(v, str) else kind(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ValueError(f"task {self.name!r}: option {k}={v!r} is not a valid {kind.__name__}") from None
+            if kind is float and not math.isfinite(out[k]):
+                raise ValueError(f"task {self.name!r}: option {k}={v!r} is not a finite number; give one like {self.options[k]!r}")
         for k, allowed in self.choices.items():
             if out[k] not in allowed:
                 raise ValueError(f"task {self.name!r}: option {k}={out[k]!r}: choose one of {', '.join(map(str, allowed))}")

@@ -31,6 +31,6 @@ plugin = TaskPlugin(
     policy=Inpainting,
     options={"mask_start": 0.0, "mask_end": 0.0, "emit_every": 25, "context": "keep", "durations": "source"},
     choices={"context": ("keep", "regenerate"), "durations": ("source", "predicted")},
-    ranges={"mask_start": (0.0, None), "mask_end": (0.0, None), "emit_every": (1, None)},
+    ranges={"mask_start": (0.0, 86400.0), "mask_end": (0.0, 86400.0), "emit_every": (1, 1_000_000)},  # a day: no session is longer
     validate=validate,
 )
