@@ -58,6 +58,25 @@ def test_builtin_plugins_are_installed():
         load_task("nope")
 
 
+def test_installed_tasks_are_read_once_per_import_path(monkeypatch, tmp_path):
+    """A service checks a client's task on every start message: scanning every installed distribution
+    for entry points each time (3.5 ms) let a client flooding starts stall the event loop every session's
+    audio goes through. They are read again only when the import path changes (a plugin added to it)."""
+    from streamgen.pipeline import tasks
+
+    reads = []
+    real = tasks.entry_points
+    monkeypatch.setattr(tasks, "entry_points", lambda **kw: reads.append(kw) or real(**kw))
+    monkeypatch.setattr(tasks, "_installed", [None, {}])
+    for _ in range(3):
+        assert load_task("inpainting").name == "inpainting"
+        with pytest.raises(UnknownTask):
+            load_task("nope")
+    assert len(reads) == 1
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "translation" in available_tasks() and len(reads) == 2
+
+
 def test_a_plugin_registered_through_entry_points_is_found_and_runs(echo_plugin, test_bundle):
     assert "echo" in available_tasks()
     r = runner.invoke(app, ["tasks"])

@@ -12,6 +12,7 @@ bundle's prompt of the same name is used, and without that, the unprompted backb
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -73,9 +74,17 @@ class TaskPlugin:
         return self.policy(decoder, **options)
 
 
+_installed: list = [None, {}]  # (sys.path they were read under, the entry points by name)
+
+
 def available_tasks() -> dict[str, object]:
-    """Installed task entry points by name (not yet imported)."""
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    """Installed task entry points by name (not yet imported). Reading them scans every installed
+    distribution (milliseconds, and a service checks a client's task on every start), so they are read
+    once per `sys.path`."""
+    key = tuple(sys.path)
+    if _installed[0] != key:
+        _installed[:] = [key, {ep.name: ep for ep in entry_points(group=GROUP)}]
+    return dict(_installed[1])
 
 
 def load_task(name: str) -> TaskPlugin:
