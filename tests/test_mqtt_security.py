@@ -404,3 +404,34 @@ def test_a_wrong_password_is_one_error_line_and_an_exit(acl_broker, bundle_dir):
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode != 0 and len(lines) == 1, err
     assert lines[0].startswith("error:") and "refused 'srv': not authorised; check the user name and the password" in lines[0]
+
+
+def test_a_new_session_under_an_ended_id_without_sender_timestamps_is_told_why_it_is_not_heard():
+    """A client that sends sender timestamp 0 ("0 if unknown") and starts a new session under an id that
+    ended moments ago: its messages cannot be told from the old session's late repeats, and they were
+    dropped without a word. Its message 0 now gets one reply naming the cause and the fix; a repeat of
+    the old session's own message 0 is still dropped quietly, and a later timestamp starts the session."""
+    import time
+
+    import numpy as np
+
+    from streamgen.io.mqtt import MqttSource
+    from streamgen.pipeline.items import AudioChunk, End
+
+    class Link:
+        subscriptions: list = []
+
+    src = MqttSource(Link(), "s/+/in", 16000, reply_topic="s/{session}/out")
+    w = (np.random.default_rng(0).standard_normal(320) * 0.1).astype(np.float32)
+
+    def send(*messages):
+        return [i for m in messages for i in src._receive("s/bob/in", m, time.monotonic())]
+
+    first = [encode_audio("bob", 0, w, 16000, timestamp=0.0), encode_control("bob", 1, {"type": "stop"}, timestamp=0.0)]
+    assert [type(i) for i in send(*first)] == [AudioChunk, End]
+    assert send(first[0], first[1]) == [] and src.outbox.empty()  # the old session's repeats: quiet
+    assert send(encode_audio("bob", 0, w[::-1].copy(), 16000, timestamp=0.0)) == []
+    session, why = src.outbox.get_nowait()
+    assert session == "bob" and why.startswith("session 'bob' ended 0 s ago, and this message 0 of a new session")
+    assert why.endswith("send sender timestamps, use a new session id, or wait 30 s")
+    assert [type(i) for i in send(encode_audio("bob", 0, w, 16000, timestamp=5.0))] == [AudioChunk]  # a later timestamp

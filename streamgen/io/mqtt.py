@@ -41,6 +41,7 @@ for the session and `errors` for its last segment (`sessions/{session}/out` -> `
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -542,12 +543,23 @@ class _Session:
     started: bool = False  # a message was delivered
     deadline: float = 0.0  # idle expiry, on this session's own clock
     newest: float = 0.0  # latest sender timestamp
+    first: bytes | None = None  # digest of its message 0
 
 
 @dataclass
 class _Ended:
     newest: float  # latest sender timestamp of the ended session
     until: float  # forget it after this (monotonic)
+    first: bytes | None = None  # digest of its message 0 (a repeat of it is no new session)
+    ended_at: float = 0.0
+
+
+def _digest(msg: Message) -> bytes:
+    """What tells one message 0 from another: its kind, sender timestamp and content."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{msg.kind} {msg.timestamp!r} {msg.sample_rate}".encode())
+    h.update(json.dumps(msg.control, sort_keys=True).encode() if msg.samples is None else np.ascontiguousarray(msg.samples).tobytes())
+    return h.digest()
 
 
 class MqttSource:
@@ -674,14 +686,24 @@ class MqttSource:
         if s is None:
             ended = self.ended.get(msg.session)
             if ended is not None:
-                if msg.seq != 0 or msg.timestamp <= ended.newest:
+                if msg.seq != 0:
                     return []  # a late repeat of an ended session, or the rest of one that failed
+                if msg.timestamp <= ended.newest:
+                    if ended.first is not None and _digest(msg) == ended.first:
+                        return []  # its message 0 again (a QoS 1 repeat)
+                    ago = time.monotonic() - ended.ended_at
+                    return self._refuse(msg.session, (
+                        f"session {msg.session!r} ended {ago:.0f} s ago, and this message 0 of a new session under its id has no "
+                        f"later sender timestamp than the old one's last message, so its messages cannot be told from the old "
+                        f"one's late repeats: send sender timestamps, use a new session id, or wait {self.idle_timeout:.0f} s"))
                 del self.ended[msg.session]  # a first message, sent after that session's last one: a new session
             if len(self.sessions) >= self.max_live:
                 return self._refuse(msg.session, f"the server is busy: {self.max_live} sessions are live, its limit; try again later")
             s = self.sessions[msg.session] = _Session(msg.session, Reorder(self.window, self.max_buffer_bytes))
         s.deadline = arrived + self.idle_timeout
         s.newest = max(s.newest, msg.timestamp)
+        if msg.seq == 0 and s.first is None:
+            s.first = _digest(msg)
         try:
             ready = s.order.accept(msg)
         except GapError as e:
@@ -723,7 +745,8 @@ class MqttSource:
 
     def _close(self, s: _Session) -> None:
         self.sessions.pop(s.name, None)
-        self.ended[s.name] = _Ended(s.newest, time.monotonic() + self.idle_timeout)
+        now = time.monotonic()
+        self.ended[s.name] = _Ended(s.newest, now + self.idle_timeout, s.first, now)
         self.ended.move_to_end(s.name)
         while len(self.ended) > 4096:
             self.ended.popitem(last=False)
