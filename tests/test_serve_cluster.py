@@ -225,7 +225,7 @@ async def test_a_worker_that_is_behind_holds_a_bounded_backlog_and_names_what_it
 
 
 async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_worker_goes_on(broker):
-    """The hop count busy workers add to a start they pass on is a client's user property like any other:
+    """(And a start of megabytes never reaches a worker.) The hop count busy workers add to a start they pass on is a client's user property like any other:
     one that `str.isdigit` takes but `int` does not ('²'), or a number of thousands of digits, once
     ended the worker's MQTT loop for good (its sessions unheard, its status still "online"). Such a
     value counts as no hops; the start is claimed, and so is the next."""
@@ -250,6 +250,9 @@ async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_work
             names = ["superscript", "long", "plain"]
             for name in names:
                 await c.subscribe(opts.topic("out", name), qos=1)
+            # a start too large for any wire message: the broker drops it (the worker's packet size limit)
+            # instead of handing the worker megabytes to read and refuse
+            await c.publish(opts.topic("start"), encode_control("huge", 0, {"type": "start", "pad": "x" * (3 << 20)}), qos=1)
             for name, hops in zip(names, ["\u00b2", "9" * 5000, None]):
                 props = None
                 if hops is not None:
@@ -266,5 +269,6 @@ async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_work
                     if claimed == set(names):
                         break
         assert not link.tasks[0].done()
+        assert hub.metrics.protocol_errors.labels(via="mqtt")._value.get() == 0  # the huge start never reached it
     finally:
         await link.stop()

@@ -35,7 +35,7 @@ import numpy as np
 import soxr
 import torch
 
-from ..io.mqtt import (AUDIO, CONTROL, GapError, Reorder, WireError, check_input_control, decode, encode_audio, encode_control, parse_url,
+from ..io.mqtt import (AUDIO, CONTROL, MAX_MESSAGE_BYTES, GapError, Reorder, WireError, check_input_control, decode, encode_audio, encode_control, parse_url,
                        tls_context)
 from ..pipeline.items import AudioChunk, Control, End
 from ..pipeline.tasks import load_task
@@ -49,6 +49,7 @@ REORDER_WINDOW = 64  # a session's messages that may wait for an earlier one (as
 REORDER_BYTES = 8 << 20  # and their bytes
 MAX_OUTBOX = 4096  # output messages waiting for the broker, all sessions; past it a session's audio ends it
 PUBLISHERS = 4  # publishes in flight at once (each QoS 1 publish waits for its acknowledgement)
+MAX_PACKET = MAX_MESSAGE_BYTES + 64 * 1024  # a wire message at most, with the MQTT packet's topic and properties
 HOPS = "streamgen-hops"  # MQTT 5 user property: how often busy workers have passed a start on
 
 
@@ -154,6 +155,7 @@ class ClusterLink:
                                 qos=1, retain=True)
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0  # its subscriptions (the shared one too) die with it
+            props.MaximumPacketSize = MAX_PACKET  # the broker drops larger messages instead of handing them over
             try:
                 async with aiomqtt.Client(self.o.host, self.o.port, username=self.o.username, password=self.o.password,
                                           identifier=f"streamgen-worker-{self.o.worker_id}", protocol=aiomqtt.ProtocolVersion.V5,
