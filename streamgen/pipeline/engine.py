@@ -388,14 +388,17 @@ class Engine:
         with self.lock:
             if captured_at > 0:
                 self.answers.append((now, now - captured_at))
-            self.answer_lag(now)
+            self._forget_answers(now)
 
     def answer_lag(self, now: float) -> float:
         """How long after their input was captured the output chunks of the last second left (0: none left)."""
         with self.lock:
-            while self.answers and self.answers[0][0] < now - 1.0:
-                self.answers.popleft()
+            self._forget_answers(now)
             return max((lag for _, lag in self.answers), default=0.0)
+
+    def _forget_answers(self, now: float) -> None:
+        while self.answers and self.answers[0][0] < now - 1.0:
+            self.answers.popleft()
 
     def _refuse(self, name: str, why: str) -> None:
         self._close(name)
