@@ -4,6 +4,7 @@ clear error from its will, the others finish unaffected, new sessions go to the 
 at capacity leaves new sessions to the others."""
 
 import asyncio
+import contextlib
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -178,97 +179,94 @@ async def test_input_that_skips_far_ahead_ends_its_session_with_the_gap_named_an
             w.stop()
 
 
-async def test_a_worker_that_is_behind_holds_a_bounded_backlog_and_names_what_it_discarded(broker):
-    """The engine's inbox full (here: nobody reads it), a worker's message loop waits, and what the broker
-    delivers meanwhile waited in the client library's queue without bound: a flood grew the worker's memory.
-    Now at most `max_backlog` wait; the rest is discarded, and the session whose audio was discarded ends with
-    the missing messages named (nothing is skipped silently)."""
+@contextlib.asynccontextmanager
+async def worker_in_process(broker, name: str, inbox_size: int, **options):
+    """A cluster worker's MQTT side in this process, its hub's inbox read by the test (no engine), and a
+    client of the broker: (hub, options, client)."""
     import aiomqtt
 
-    from streamgen.io.mqtt import decode, encode_audio, encode_control
-    from streamgen.pipeline.items import AudioChunk, Control, SessionError
     from streamgen.pipeline.stats import Stats
     from streamgen.serve.cluster import ClusterLink, ClusterOptions
     from streamgen.serve.hub import Hub
     from streamgen.serve.metrics import ServeMetrics
 
-    hub = Hub(Stats(16000), ServeMetrics(), inbox_size=1)
-    opts = ClusterOptions("127.0.0.1", broker.port, PREFIX, "behind", "worker", USERS["worker"], max_backlog=16)
+    hub = Hub(Stats(16000), ServeMetrics(), inbox_size=inbox_size)
+    opts = ClusterOptions("127.0.0.1", broker.port, PREFIX, name, "worker", USERS["worker"], **options)
     link = ClusterLink(hub, opts, "resynthesis")
     await link.start()
     await link.update_share()
     try:
         async with aiomqtt.Client("127.0.0.1", broker.port, username="client", password=USERS["client"],
                                   protocol=aiomqtt.ProtocolVersion.V5) as c:
-            await c.subscribe(opts.topic("out", "flood"), qos=1)
-            await c.publish(opts.topic("start"), encode_control("flood", 0, {"type": "start", "task": "resynthesis"}), qos=1)
-            async with asyncio.timeout(10):
-                async for m in c.messages:
-                    if decode(bytes(m.payload)).control == {"type": "claimed", "worker": "behind"}:
-                        break
-            for seq in range(1, 301):
-                await c.publish(opts.topic("in", "flood"), encode_audio("flood", seq, np.zeros(320, np.float32), 16000), qos=1)
-            await asyncio.sleep(1.0)  # all delivered: the worker waits on its second chunk, the rest queued or discarded
-            assert link.client._queue.qsize() <= 16
-            got = []
-            async with asyncio.timeout(10):
-                while len(got) < 16:
-                    got.append(await hub.inbox.get())
-            await c.publish(opts.topic("in", "flood"), encode_audio("flood", 301, np.zeros(320, np.float32), 16000), qos=1)
-            async with asyncio.timeout(10):
-                while not isinstance(got[-1], SessionError):
-                    got.append(await hub.inbox.get())
-        assert isinstance(got[0], Control) and all(isinstance(i, AudioChunk) for i in got[1:-1])
-        assert len(got) - 2 < 300 and "never arrived" in got[-1].message, got[-1]
+            yield link, hub, opts, c
     finally:
         await link.stop()
 
 
+async def test_a_worker_that_is_behind_holds_a_bounded_backlog_and_names_what_it_discarded(broker):
+    """The engine's inbox full (here: nobody reads it), a worker's message loop waits, and what the broker
+    delivers meanwhile waited in the client library's queue without bound: a flood grew the worker's memory.
+    Now at most `max_backlog` wait; the rest is discarded, and the session whose audio was discarded ends with
+    the missing messages named (nothing is skipped silently)."""
+    from streamgen.io.mqtt import decode, encode_audio, encode_control
+    from streamgen.pipeline.items import AudioChunk, Control, SessionError
+
+    async with worker_in_process(broker, "behind", 1, max_backlog=16) as (link, hub, opts, c):
+        await c.subscribe(opts.topic("out", "flood"), qos=1)
+        await c.publish(opts.topic("start"), encode_control("flood", 0, {"type": "start", "task": "resynthesis"}), qos=1)
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                if decode(bytes(m.payload)).control == {"type": "claimed", "worker": "behind"}:
+                    break
+        for seq in range(1, 301):
+            await c.publish(opts.topic("in", "flood"), encode_audio("flood", seq, np.zeros(320, np.float32), 16000), qos=1)
+        await asyncio.sleep(1.0)  # all delivered: the worker waits on its second chunk, the rest queued or discarded
+        assert link.client._queue.qsize() <= 16
+        got = []
+        async with asyncio.timeout(10):
+            while len(got) < 16:
+                got.append(await hub.inbox.get())
+        await c.publish(opts.topic("in", "flood"), encode_audio("flood", 301, np.zeros(320, np.float32), 16000), qos=1)
+        async with asyncio.timeout(10):
+            while not isinstance(got[-1], SessionError):
+                got.append(await hub.inbox.get())
+        assert isinstance(got[0], Control) and all(isinstance(i, AudioChunk) for i in got[1:-1])
+        assert len(got) - 2 < 300 and "never arrived" in got[-1].message, got[-1]
+
+
 async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_worker_goes_on(broker):
-    """(And a start of megabytes never reaches a worker.) The hop count busy workers add to a start they pass on is a client's user property like any other:
+    """The hop count busy workers add to a start they pass on is a client's user property like any other:
     one that `str.isdigit` takes but `int` does not ('²'), or a number of thousands of digits, once
     ended the worker's MQTT loop for good (its sessions unheard, its status still "online"). Such a
-    value counts as no hops; the start is claimed, and so is the next."""
-    import aiomqtt
+    value counts as no hops; the start is claimed, and so is the next. And a start of megabytes never
+    reaches a worker."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     from streamgen.io.mqtt import decode, encode_control
-    from streamgen.pipeline.stats import Stats
-    from streamgen.serve.cluster import HOPS, ClusterLink, ClusterOptions
-    from streamgen.serve.hub import Hub
-    from streamgen.serve.metrics import ServeMetrics
+    from streamgen.serve.cluster import HOPS
 
-    hub = Hub(Stats(16000), ServeMetrics(), inbox_size=16)
-    opts = ClusterOptions("127.0.0.1", broker.port, PREFIX, "w1", "worker", USERS["worker"])
-    link = ClusterLink(hub, opts, "resynthesis")
-    await link.start()
-    await link.update_share()
-    try:
-        async with aiomqtt.Client("127.0.0.1", broker.port, username="client", password=USERS["client"],
-                                  protocol=aiomqtt.ProtocolVersion.V5) as c:
-            names = ["superscript", "long", "plain"]
-            for name in names:
-                await c.subscribe(opts.topic("out", name), qos=1)
-            # a start too large for any wire message: the broker drops it (the worker's packet size limit)
-            # instead of handing the worker megabytes to read and refuse
-            await c.publish(opts.topic("start"), encode_control("huge", 0, {"type": "start", "pad": "x" * (3 << 20)}), qos=1)
-            for name, hops in zip(names, ["\u00b2", "9" * 5000, None]):
-                props = None
-                if hops is not None:
-                    props = Properties(PacketTypes.PUBLISH)
-                    props.UserProperty = [(HOPS, hops)]
-                await c.publish(opts.topic("start"), encode_control(name, 0, {"type": "start", "task": "resynthesis"}),
-                                qos=1, properties=props)
-            claimed = set()
-            async with asyncio.timeout(10):
-                async for m in c.messages:
-                    msg = decode(bytes(m.payload))
-                    if msg.control == {"type": "claimed", "worker": "w1"}:
-                        claimed.add(msg.session)
-                    if claimed == set(names):
-                        break
+    async with worker_in_process(broker, "w1", 16) as (link, hub, opts, c):
+        names = ["superscript", "long", "plain"]
+        for name in names:
+            await c.subscribe(opts.topic("out", name), qos=1)
+        # a start too large for any wire message: the broker drops it (the worker's packet size limit)
+        # instead of handing the worker megabytes to read and refuse
+        await c.publish(opts.topic("start"), encode_control("huge", 0, {"type": "start", "pad": "x" * (3 << 20)}), qos=1)
+        for name, hops in zip(names, ["\u00b2", "9" * 5000, None]):
+            props = None
+            if hops is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [(HOPS, hops)]
+            await c.publish(opts.topic("start"), encode_control(name, 0, {"type": "start", "task": "resynthesis"}),
+                            qos=1, properties=props)
+        claimed = set()
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                msg = decode(bytes(m.payload))
+                if msg.control == {"type": "claimed", "worker": "w1"}:
+                    claimed.add(msg.session)
+                if claimed == set(names):
+                    break
         assert not link.tasks[0].done()
         assert hub.metrics.protocol_errors.labels(via="mqtt")._value.get() == 0  # the huge start never reached it
-    finally:
-        await link.stop()
