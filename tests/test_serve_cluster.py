@@ -270,3 +270,36 @@ async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_work
                     break
         assert not link.tasks[0].done()
         assert hub.metrics.protocol_errors.labels(via="mqtt")._value.get() == 0  # the huge start never reached it
+
+
+async def test_a_message_on_a_sessions_topic_that_is_not_that_sessions_ends_it_with_the_reason(broker):
+    """A worker reads each live session's input topic: a message there whose header names another session,
+    or that cannot be read at all with an unreadable id, was dropped without a word (the client waited on
+    audio that would never come). The topic's session now ends with what was wrong, as `run`'s MQTT source
+    does."""
+    from streamgen.io.mqtt import decode, encode_audio, encode_control
+    from streamgen.pipeline.items import SessionError
+
+    async with worker_in_process(broker, "w1", 64) as (link, hub, opts, c):
+        for name in ("alice", "carol"):
+            await c.subscribe(opts.topic("out", name), qos=1)
+            await c.publish(opts.topic("start"), encode_control(name, 0, {"type": "start", "task": "resynthesis"}), qos=1)
+        claimed = set()
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                msg = decode(bytes(m.payload))
+                if msg.control == {"type": "claimed", "worker": "w1"}:
+                    claimed.add(msg.session)
+                if claimed == {"alice", "carol"}:
+                    break
+        await c.publish(opts.topic("in", "alice"), encode_audio("bob", 1, np.zeros(320, np.float32), 16000), qos=1)
+        await c.publish(opts.topic("in", "carol"), b"\x00" * 40, qos=1)
+        errors = {}
+        async with asyncio.timeout(10):
+            while len(errors) < 2:
+                item = await hub.inbox.get()
+                if isinstance(item, SessionError):
+                    errors[item.session.removeprefix("mqtt/")] = item.message  # the hub's id: the front end's, then the client's
+    assert set(errors) == {"alice", "carol"}, errors
+    assert "on sg/sessions/alice/in names session 'bob': a message speaks only for its topic's session" in errors["alice"]
+    assert errors["carol"].startswith("malformed message on sg/sessions/carol/in:")

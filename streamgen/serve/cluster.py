@@ -248,12 +248,12 @@ class ClusterLink:
         try:
             msg = decode(data)
         except WireError as e:
-            if e.session in self.sessions and topic == self.o.topic("in", e.session):
-                self.hub.metrics.protocol_errors.labels(via="mqtt").inc()
-                await self.hub.abort(self.sessions[e.session].hub_id, f"malformed message on {topic}: {e}")
+            await self._refuse(topic, f"malformed message on {topic}: {e}")
             return
         s = self.sessions.get(msg.session)
         if s is None or topic != self.o.topic("in", msg.session):
+            await self._refuse(topic, f"message {msg.seq} on {topic} names session {msg.session!r}: "
+                                      "a message speaks only for its topic's session")
             return
         try:
             ready = s.order.accept(msg)  # none for a QoS 1 repeat
@@ -263,6 +263,15 @@ class ClusterLink:
             return
         for m in ready:
             await self._deliver(s, m)
+
+    async def _refuse(self, topic: str, why: str) -> None:
+        """A message on a live session's input topic that is not that session's: the session ends with
+        why (nothing it sent is skipped silently). On a topic no live session here owns (a session that
+        ended, whose late messages the broker still delivers), it is dropped."""
+        owner = next((s for name, s in self.sessions.items() if self.o.topic("in", name) == topic), None)
+        if owner is not None:
+            self.hub.metrics.protocol_errors.labels(via="mqtt").inc()
+            await self.hub.abort(owner.hub_id, why)
 
     async def _claim(self, data: bytes, hops: int) -> None:
         try:
