@@ -1,4 +1,5 @@
-"""Audio checks: what every input waveform must be before a model sees it, and whether it carries speech."""
+"""Audio checks: what every input waveform must be before a model sees it, whether it carries speech, and
+whether live audio comes at the pace it is spoken."""
 
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ def check_wave(wave, sample_rate: int, min_samples: int = 1) -> Tensor:
     if wave.numel() < min_samples:
         raise ValueError(f"audio of {wave.numel()} samples is shorter than the {min_samples} ({min_samples / sample_rate * 1000:.0f} ms) one unit needs")
     return wave.float()
+
+
+MAX_AHEAD_S = 10.0  # a live session's audio may run this far ahead of the time since it opened, no further
+
+
+def ahead_of_real_time(seconds_sent: float, seconds_open: float) -> str | None:
+    """Why a live service ends a session whose audio runs ahead of real time, or None. All of a service's
+    clients share one way into its engine: one sending faster than it speaks would crowd out the rest."""
+    ahead = seconds_sent - seconds_open
+    if ahead <= MAX_AHEAD_S:
+        return None
+    return (f"audio sent {ahead:.1f} s ahead of real time (at most {MAX_AHEAD_S:.0f} s): this is a live service; "
+            "send audio at the pace it is spoken")
 
 
 class SpeechGate:

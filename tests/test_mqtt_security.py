@@ -435,3 +435,29 @@ def test_a_new_session_under_an_ended_id_without_sender_timestamps_is_told_why_i
     assert session == "bob" and why.startswith("session 'bob' ended 0 s ago, and this message 0 of a new session")
     assert why.endswith("send sender timestamps, use a new session id, or wait 30 s")
     assert [type(i) for i in send(encode_audio("bob", 0, w, 16000, timestamp=5.0))] == [AudioChunk]  # a later timestamp
+
+
+def test_a_session_sending_far_ahead_of_real_time_is_ended_saying_so_and_a_paced_one_is_not():
+    """`run --in mqtt://` is a live service whose sessions share one way into the engine: a client sending
+    a long recording as fast as the broker forwards it filled the pipeline's input and every other session
+    fell behind. As on `serve`, audio more than 10 s ahead of the time since the session's first message
+    ends that session with the reason; a client that sends at the pace it speaks is never ended."""
+    import numpy as np
+
+    from streamgen.io.mqtt import MqttSource
+    from streamgen.pipeline.items import AudioChunk, End, SessionError
+
+    class Link:
+        subscriptions: list = []
+
+    src = MqttSource(Link(), "s/+/in", 16000, reply_topic="s/{session}/out")
+    second = np.zeros(16000, np.float32)
+    got: dict[str, list] = {"flood": [], "talker": []}
+    for i in range(13):
+        got["flood"] += src._receive("s/flood/in", encode_audio("flood", i, second, 16000), 100.0)  # all at once
+        got["talker"] += src._receive("s/talker/in", encode_audio("talker", i, second, 16000), 100.0 + i)  # one a second
+    kinds = [type(i) for i in got["flood"]]
+    assert kinds == [AudioChunk] * 11 + [SessionError, End], kinds
+    assert got["flood"][-2].message == ("audio sent 11.0 s ahead of real time (at most 10 s): this is a live service; "
+                                        "send audio at the pace it is spoken")
+    assert [type(i) for i in got["talker"]] == [AudioChunk] * 13

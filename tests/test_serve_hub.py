@@ -98,7 +98,7 @@ def test_a_client_sending_far_faster_than_real_time_is_ended_and_others_are_not(
     import torch
 
     from streamgen.pipeline.items import AudioChunk
-    from streamgen.serve.hub import MAX_AHEAD_S
+    from streamgen.audio import MAX_AHEAD_S
 
     async def main():
         hub = Hub(Stats(16000), ServeMetrics(), inbox_size=1000)

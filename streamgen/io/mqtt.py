@@ -60,7 +60,7 @@ import numpy as np
 import soxr
 import torch
 
-from ..audio import pcm16_decode, pcm16_encode
+from ..audio import ahead_of_real_time, pcm16_decode, pcm16_encode
 from ..pipeline.items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from ..pipeline.tasks import load_task
 
@@ -544,6 +544,7 @@ class _Session:
     deadline: float = 0.0  # idle expiry, on this session's own clock
     newest: float = 0.0  # latest sender timestamp
     first: bytes | None = None  # digest of its message 0
+    opened: float = 0.0  # when its first message arrived
 
 
 @dataclass
@@ -699,7 +700,7 @@ class MqttSource:
                 del self.ended[msg.session]  # a first message, sent after that session's last one: a new session
             if len(self.sessions) >= self.max_live:
                 return self._refuse(msg.session, f"the server is busy: {self.max_live} sessions are live, its limit; try again later")
-            s = self.sessions[msg.session] = _Session(msg.session, Reorder(self.window, self.max_buffer_bytes))
+            s = self.sessions[msg.session] = _Session(msg.session, Reorder(self.window, self.max_buffer_bytes), opened=arrived)
         s.deadline = arrived + self.idle_timeout
         s.newest = max(s.newest, msg.timestamp)
         if msg.seq == 0 and s.first is None:
@@ -713,6 +714,9 @@ class MqttSource:
             if s.name not in self.sessions:
                 break  # ended by an earlier one (a stop): what follows it is not this session's
             out += self._deliver(s, m)
+        why = ahead_of_real_time(s.pos / self.rate, arrived - s.opened)
+        if why is not None and s.name in self.sessions:
+            out += self._fail(s, why)
         return out
 
     def _deliver(self, s: _Session, msg: Message) -> list[Item]:

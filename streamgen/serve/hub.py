@@ -18,13 +18,13 @@ from typing import Protocol
 
 import torch
 
+from ..audio import ahead_of_real_time
 from ..pipeline.items import AudioChunk, AudioOut, End, Item, SessionError
 from ..pipeline.stats import Stats
 from .metrics import ServeMetrics
 
 STATS_EVERY_S = 0.5  # a session's live figures go to its client at most this often
 FORGET_AFTER_S = 5.0  # an ended session's figures stay in Stats this long, then go (a server runs for months)
-MAX_AHEAD_S = 10.0  # a session's audio may run this far ahead of the time since it opened, no further
 
 
 class Route(Protocol):
@@ -87,10 +87,9 @@ class Hub:
         s.last_input = time.monotonic()
         if isinstance(item, AudioChunk):
             s.input_samples += item.samples.numel()
-            ahead = s.input_samples / self.stats.sample_rate - (s.last_input - s.opened_at)
-            if ahead > MAX_AHEAD_S:  # all clients share one way into the engine: none may crowd it
-                await self.abort(item.session, f"audio sent {ahead:.1f} s ahead of real time (at most {MAX_AHEAD_S:.0f} s): "
-                                               "this is a live service; send audio at the pace it is spoken")
+            why = ahead_of_real_time(s.input_samples / self.stats.sample_rate, s.last_input - s.opened_at)
+            if why is not None:
+                await self.abort(item.session, why)
                 return
         if isinstance(item, End):
             s.input_open = False
