@@ -13,7 +13,7 @@ from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix, generate
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import units_to_source
-from streamgen.pipeline.items import AudioOut, Control, SessionError
+from streamgen.pipeline.items import AudioOut, Control, End, SessionError
 from streamgen.pipeline.engine import finish_in_tick
 from streamgen.pipeline.runner import Pipeline, build_engine
 from streamgen.pipeline.stats import Stats
@@ -319,7 +319,11 @@ def test_a_live_service_refuses_newcomers_while_its_answers_are_late(test_bundle
         for item in talk:
             await engine.put(item)
         # answered, and no input waiting beyond the part of a chunk that only the next input completes
-        await until(lambda: any(isinstance(i, AudioOut) for i in said) and engine.sessions["first"].backlog < 1600)
+        def answered_and_caught_up():
+            with engine.lock:  # the worker takes from the inbox the backlog counts
+                return any(isinstance(i, AudioOut) for i in said) and engine.sessions["first"].backlog < 1600
+
+        await until(answered_and_caught_up)
         await engine.put(Control("late", "start", "resynthesis", {}))
         await until(lambda: any(i.session == "late" for i in said) or "late" in engine.sessions)
         refused = [i.message for i in said if isinstance(i, SessionError) and i.session == "late"]
@@ -336,6 +340,37 @@ def test_a_live_service_refuses_newcomers_while_its_answers_are_late(test_bundle
     else:
         assert not refused
     assert admitted and not any(isinstance(i, SessionError) and "busy" in i.message for i in said if i and i.session != "late")
+
+
+def test_a_reply_said_after_the_input_ended_does_not_make_the_service_busy(test_bundle):
+    """A continuation speaks its reply after the input ends, seconds of audio in a fraction of one: every
+    chunk of it answers the same last input, so its delay after that input's capture grows with the reply's
+    length, not with how far behind the engine is. Only the answers of sessions whose input goes on count:
+    here the reply answers input captured 5 s before (over the 3 s bound), and a newcomer is admitted."""
+    engine = build_engine(test_bundle, "continuation", chunk_ms=100, admit_lag_s=3.0, queue_size=64)
+    now = time.monotonic()
+    keep = [Control("keep", "start", "resynthesis", {})] + chunks_of("keep", espeak("Hello there."), 1600, at=now, end=False)
+    reply = [Control("a", "start", "continuation", {"max_units": 60, "min_units": 40})]
+    reply += chunks_of("a", espeak("The weather is nice today."), 1600, at=now, end=False) + [End("a", 0, now - 5.0)]
+
+    async def scenario():
+        out: asyncio.Queue = asyncio.Queue()
+        engine.start(asyncio.get_running_loop(), out)
+        said = []
+        for item in keep + reply:
+            await engine.put(item)
+        while not any(isinstance(i, End) and i.session == "a" for i in said):
+            said.append(await out.get())
+        await engine.put(Control("next", "start", "resynthesis", {}))
+        admitted = "next" in engine.sessions
+        engine.close()
+        while said[-1] is not None:
+            said.append(await out.get())
+        return admitted, said
+
+    admitted, said = asyncio.run(scenario())
+    assert sum(isinstance(i, AudioOut) and i.session == "a" for i in said) > 1  # it replied
+    assert admitted and not any(isinstance(i, SessionError) and "busy" in i.message for i in said if i), said
 
 
 def test_a_second_start_ends_only_that_session(test_bundle):

@@ -214,7 +214,7 @@ def test_a_task_that_raises_while_its_session_starts_or_switches_ends_that_sessi
     switch.insert(3, Control("switch", "task", "continuation", {"emit_every": 13}))
     sink = finish(engine, interleave(buggy, switch, talk("fine", "Where is the train station?")))
     assert sink.errors["buggy"] == "task 'continuation' could not start: KeyError: 'oops' (a bug in the task; see the server log)"
-    assert sink.errors["switch"] == "task 'resynthesis' failed: KeyError: 'oops' (a bug in the task; see the server log)"
+    assert sink.errors["switch"] == "task 'continuation' could not start: KeyError: 'oops' (a bug in the task; see the server log)"
     assert "fine" not in sink.errors and len(sink.wave("fine")) > 0 and not engine.sessions
 
 

@@ -26,9 +26,9 @@ float rounding): tests/test_engine.py proves it.
 
 Admission: a new session is refused with a "busy" error when `max_sessions` are live, or (for live
 services, `admit_lag_s`) when the engine is already behind real time: a live session has more than
-`admit_lag_s` of input waiting for the encoder, or the output chunks of the last second left more than
-`admit_lag_s` after the input they answer was captured (the decoder or the vocoder behind while the
-encoder keeps up). Refusing is better than letting everyone fall behind.
+`admit_lag_s` of input waiting for the encoder, or the output chunks of the last second, of sessions whose
+input goes on, left more than `admit_lag_s` after the input they answer was captured (the decoder or the
+vocoder behind while the encoder keeps up). Refusing is better than letting everyone fall behind.
 """
 
 from __future__ import annotations
@@ -383,8 +383,8 @@ class Engine:
         return None
 
     def _answered(self, now: float, captured_at: float) -> None:
-        """An output chunk left `now` for input captured at `captured_at` (0: a source without capture
-        times, not counted)."""
+        """An output chunk of a session whose input goes on left `now` for input captured at `captured_at`
+        (0: a source without capture times, not counted)."""
         with self.lock:
             if captured_at > 0:
                 self.answers.append((now, now - captured_at))
@@ -544,7 +544,13 @@ class Engine:
         if isinstance(item, Control):
             if item.action == "task":
                 task, options = self.task_options(item.task, item.options)
-                plugin, policy, decoder = self.new_policy(task, options)
+                try:
+                    plugin, policy, decoder = self.new_policy(task, options)
+                except ValueError:
+                    raise
+                except Exception as e:  # a bug in the task switched to: named as such, this session ends
+                    log.exception("task %r could not start on session %s", task, s.name)
+                    raise ValueError(f"task {task!r} could not start: {type(e).__name__}: {e} (a bug in the task; see the server log)") from e
                 if self.bundle.reads_phone_units(plugin.name) != isinstance(s.units, PhoneUnitStream):
                     if s.pos:  # its units so far are the other reading's: the new task would get wrong input
                         how = lambda phone: "through the phone recogniser" if phone else "as k-means units"
@@ -746,7 +752,8 @@ class Engine:
                 audio = s.vocoder.finish_audio(w, wave)
                 if len(audio):
                     self.emit(AudioOut(s.name, audio, s.source_samples, s.captured_at))
-                    self._answered(time.monotonic(), s.captured_at)
+                    if not s.input_ended:  # after it a reply runs ahead of real time (a continuation's 5 s in 0.5 s), not late
+                        self._answered(time.monotonic(), s.captured_at)
         for s in list(self.sessions.values()):
             if s.vocoder.done and s.policy_ended and not s.decoding:
                 with self.lock:
