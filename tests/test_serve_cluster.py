@@ -303,3 +303,39 @@ async def test_a_message_on_a_sessions_topic_that_is_not_that_sessions_ends_it_w
     assert set(errors) == {"alice", "carol"}, errors
     assert "on sg/sessions/alice/in names session 'bob': a message speaks only for its topic's session" in errors["alice"]
     assert errors["carol"].startswith("malformed message on sg/sessions/carol/in:")
+
+
+async def test_a_message_the_worker_fails_on_ends_its_session_with_an_error_and_the_worker_goes_on(broker):
+    """A bug met while handling one message (here: delivering it raises) ends that message's session with an
+    error, so the client does not wait on audio with a hole in it, and the worker serves the next start."""
+    from streamgen.io.mqtt import decode, encode_audio, encode_control
+    from streamgen.pipeline.items import SessionError
+
+    async with worker_in_process(broker, "w1", 64) as (link, hub, opts, c):
+        deliver = link._deliver
+
+        async def deliver_with_a_bug(s, m):
+            if s.name == "alice" and m.seq == 2:
+                raise KeyError("oops")
+            return await deliver(s, m)
+
+        link._deliver = deliver_with_a_bug
+        for name in ("alice", "bob"):
+            await c.subscribe(opts.topic("out", name), qos=1)
+        await c.publish(opts.topic("start"), encode_control("alice", 0, {"type": "start", "task": "resynthesis"}), qos=1)
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                if decode(bytes(m.payload)).control == {"type": "claimed", "worker": "w1"}:
+                    break
+        for seq in (1, 2, 3):
+            await c.publish(opts.topic("in", "alice"), encode_audio("alice", seq, np.zeros(320, np.float32), 16000), qos=1)
+        async with asyncio.timeout(10):
+            while not isinstance(item := await hub.inbox.get(), SessionError):
+                pass
+        assert item.message == "internal error on this message (KeyError); the session is ended"
+        await c.publish(opts.topic("start"), encode_control("bob", 0, {"type": "start", "task": "resynthesis"}), qos=1)
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                msg = decode(bytes(m.payload))
+                if msg.session == "bob" and msg.control == {"type": "claimed", "worker": "w1"}:
+                    break

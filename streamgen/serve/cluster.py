@@ -174,8 +174,9 @@ class ClusterLink:
                                 await self._on_message(str(msg.topic), bytes(msg.payload), _hops(msg))
                             except aiomqtt.MqttError:
                                 raise
-                            except Exception:  # a bug: that message is lost, never the worker's link
+                            except Exception as e:  # a bug: its session ends saying so, never the worker's link
                                 log.exception("a message on %s could not be handled", msg.topic)
+                                await self._refuse(str(msg.topic), f"internal error on this message ({type(e).__name__}); the session is ended")
                     finally:
                         for t in publishers:
                             t.cancel()
