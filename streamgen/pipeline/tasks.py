@@ -80,7 +80,7 @@ _installed: list = [None, {}]  # (sys.path they were read under, the entry point
 def available_tasks() -> dict[str, object]:
     """Installed task entry points by name (not yet imported). Reading them scans every installed
     distribution (milliseconds, and a service checks a client's task on every start), so they are read
-    once per `sys.path`."""
+    once per `sys.path`: a plugin installed while a service runs is found after its restart."""
     key = tuple(sys.path)
     if _installed[0] != key:
         _installed[:] = [key, {ep.name: ep for ep in entry_points(group=GROUP)}]
