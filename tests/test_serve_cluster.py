@@ -203,21 +203,32 @@ async def worker_in_process(broker, name: str, inbox_size: int, **options):
         await link.stop()
 
 
+async def until_claimed(c, worker: str, names: set[str]) -> None:
+    """Read the client's messages until `worker` has claimed every session in `names`."""
+    from streamgen.io.mqtt import decode
+
+    claimed = set()
+    async with asyncio.timeout(10):
+        async for m in c.messages:
+            msg = decode(bytes(m.payload))
+            if msg.control == {"type": "claimed", "worker": worker}:
+                claimed.add(msg.session)
+            if claimed >= names:
+                return
+
+
 async def test_a_worker_that_is_behind_holds_a_bounded_backlog_and_names_what_it_discarded(broker):
     """The engine's inbox full (here: nobody reads it), a worker's message loop waits, and what the broker
     delivers meanwhile waited in the client library's queue without bound: a flood grew the worker's memory.
     Now at most `max_backlog` wait; the rest is discarded, and the session whose audio was discarded ends with
     the missing messages named (nothing is skipped silently)."""
-    from streamgen.io.mqtt import decode, encode_audio, encode_control
+    from streamgen.io.mqtt import encode_audio, encode_control
     from streamgen.pipeline.items import AudioChunk, Control, SessionError
 
     async with worker_in_process(broker, "behind", 1, max_backlog=16) as (link, hub, opts, c):
         await c.subscribe(opts.topic("out", "flood"), qos=1)
         await c.publish(opts.topic("start"), encode_control("flood", 0, {"type": "start", "task": "resynthesis"}), qos=1)
-        async with asyncio.timeout(10):
-            async for m in c.messages:
-                if decode(bytes(m.payload)).control == {"type": "claimed", "worker": "behind"}:
-                    break
+        await until_claimed(c, "behind", {"flood"})
         for seq in range(1, 301):
             await c.publish(opts.topic("in", "flood"), encode_audio("flood", seq, np.zeros(320, np.float32), 16000), qos=1)
         await asyncio.sleep(1.0)  # all delivered: the worker waits on its second chunk, the rest queued or discarded
@@ -243,7 +254,7 @@ async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_work
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from streamgen.io.mqtt import decode, encode_control
+    from streamgen.io.mqtt import encode_control
     from streamgen.serve.cluster import HOPS
 
     async with worker_in_process(broker, "w1", 16) as (link, hub, opts, c):
@@ -260,14 +271,7 @@ async def test_a_start_with_a_hop_count_that_is_no_number_is_served_and_the_work
                 props.UserProperty = [(HOPS, hops)]
             await c.publish(opts.topic("start"), encode_control(name, 0, {"type": "start", "task": "resynthesis"}),
                             qos=1, properties=props)
-        claimed = set()
-        async with asyncio.timeout(10):
-            async for m in c.messages:
-                msg = decode(bytes(m.payload))
-                if msg.control == {"type": "claimed", "worker": "w1"}:
-                    claimed.add(msg.session)
-                if claimed == set(names):
-                    break
+        await until_claimed(c, "w1", set(names))
         assert not link.tasks[0].done()
         assert hub.metrics.protocol_errors.labels(via="mqtt")._value.get() == 0  # the huge start never reached it
 
@@ -277,21 +281,14 @@ async def test_a_message_on_a_sessions_topic_that_is_not_that_sessions_ends_it_w
     or that cannot be read at all with an unreadable id, was dropped without a word (the client waited on
     audio that would never come). The topic's session now ends with what was wrong, as `run`'s MQTT source
     does."""
-    from streamgen.io.mqtt import decode, encode_audio, encode_control
+    from streamgen.io.mqtt import encode_audio, encode_control
     from streamgen.pipeline.items import SessionError
 
     async with worker_in_process(broker, "w1", 64) as (link, hub, opts, c):
         for name in ("alice", "carol"):
             await c.subscribe(opts.topic("out", name), qos=1)
             await c.publish(opts.topic("start"), encode_control(name, 0, {"type": "start", "task": "resynthesis"}), qos=1)
-        claimed = set()
-        async with asyncio.timeout(10):
-            async for m in c.messages:
-                msg = decode(bytes(m.payload))
-                if msg.control == {"type": "claimed", "worker": "w1"}:
-                    claimed.add(msg.session)
-                if claimed == {"alice", "carol"}:
-                    break
+        await until_claimed(c, "w1", {"alice", "carol"})
         await c.publish(opts.topic("in", "alice"), encode_audio("bob", 1, np.zeros(320, np.float32), 16000), qos=1)
         await c.publish(opts.topic("in", "carol"), b"\x00" * 40, qos=1)
         errors = {}
@@ -308,7 +305,7 @@ async def test_a_message_on_a_sessions_topic_that_is_not_that_sessions_ends_it_w
 async def test_a_message_the_worker_fails_on_ends_its_session_with_an_error_and_the_worker_goes_on(broker):
     """A bug met while handling one message (here: delivering it raises) ends that message's session with an
     error, so the client does not wait on audio with a hole in it, and the worker serves the next start."""
-    from streamgen.io.mqtt import decode, encode_audio, encode_control
+    from streamgen.io.mqtt import encode_audio, encode_control
     from streamgen.pipeline.items import SessionError
 
     async with worker_in_process(broker, "w1", 64) as (link, hub, opts, c):
@@ -323,10 +320,7 @@ async def test_a_message_the_worker_fails_on_ends_its_session_with_an_error_and_
         for name in ("alice", "bob"):
             await c.subscribe(opts.topic("out", name), qos=1)
         await c.publish(opts.topic("start"), encode_control("alice", 0, {"type": "start", "task": "resynthesis"}), qos=1)
-        async with asyncio.timeout(10):
-            async for m in c.messages:
-                if decode(bytes(m.payload)).control == {"type": "claimed", "worker": "w1"}:
-                    break
+        await until_claimed(c, "w1", {"alice"})
         for seq in (1, 2, 3):
             await c.publish(opts.topic("in", "alice"), encode_audio("alice", seq, np.zeros(320, np.float32), 16000), qos=1)
         async with asyncio.timeout(10):
@@ -334,8 +328,4 @@ async def test_a_message_the_worker_fails_on_ends_its_session_with_an_error_and_
                 pass
         assert item.message == "internal error on this message (KeyError); the session is ended"
         await c.publish(opts.topic("start"), encode_control("bob", 0, {"type": "start", "task": "resynthesis"}), qos=1)
-        async with asyncio.timeout(10):
-            async for m in c.messages:
-                msg = decode(bytes(m.payload))
-                if msg.session == "bob" and msg.control == {"type": "claimed", "worker": "w1"}:
-                    break
+        await until_claimed(c, "w1", {"bob"})

@@ -72,8 +72,8 @@ def serve(
     queue_size: int = typer.Option(16, help="Items per queue between stages."),
     overflow: str = typer.Option("block", help="When the engine falls behind: block, or drop-oldest input."),
     busy_lag_ms: int = typer.Option(0, help="Refuse new sessions (\"busy\") while the engine is this far behind real time: "
-                                           "a live session's input waiting for it, or its answers leaving this long after their "
-                                           "input arrived (0: never; clients must then send in real time)."),
+                                           "a live session's input waiting for it, or the answers to sessions still talking leaving "
+                                           "this long after their input arrived (0: never; clients must then send in real time)."),
     seed: int = typer.Option(0),
 ):
     """Serve live sessions: a web page, a WebSocket endpoint, /metrics, and MQTT cluster workers."""
