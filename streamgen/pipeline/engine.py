@@ -370,8 +370,9 @@ class Engine:
 
     def _admission(self) -> str | None:
         """Why a new session is refused now, or None. Behind real time is either of: a live session's
-        input waiting for the encoder, or the answers of the last second leaving that long after the
-        input they answer was captured (a loaded decoder or vocoder, with the encoder keeping up)."""
+        input waiting for the encoder, or the last second's answers to sessions still talking leaving
+        that long after the input they answer was captured (a loaded decoder or vocoder, with the encoder
+        keeping up)."""
         if len(self.sessions) >= self.cfg.max_sessions:
             return f"busy: the server holds its maximum of {self.cfg.max_sessions} live sessions; try again later or another server"
         if self.cfg.admit_lag_s is not None and self.sessions:
@@ -391,7 +392,8 @@ class Engine:
             self._forget_answers(now)
 
     def answer_lag(self, now: float) -> float:
-        """How long after their input was captured the output chunks of the last second left (0: none left)."""
+        """How long after their input was captured the last second's output chunks to sessions still
+        talking left (0: none left)."""
         with self.lock:
             self._forget_answers(now)
             return max((lag for _, lag in self.answers), default=0.0)
