@@ -200,15 +200,17 @@ def test_option_values_no_task_can_use_end_only_their_session(test_bundle):
 def test_a_task_that_raises_while_its_session_starts_or_switches_ends_that_session_only(test_bundle):
     """Anything but a ValueError from building a task's policy (a plugin's bug) escaped the engine's
     admission and its intake: the first stopped the service, the second failed every session."""
+    import dataclasses
+
     engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
-    new_policy = engine.new_policy
+    plugin = engine.plugin("continuation")
 
-    def new_policy_with_a_bug(task, options):
-        if options.get("emit_every") == 13:
+    def policy_with_a_bug(decoder, **options):
+        if options["emit_every"] == 13:
             raise KeyError("oops")
-        return new_policy(task, options)
+        return plugin.policy(decoder, **options)
 
-    engine.new_policy = new_policy_with_a_bug
+    engine.plugins["continuation"] = dataclasses.replace(plugin, policy=policy_with_a_bug)  # this engine's copy only
     buggy = talk("buggy", "Hello there.", "continuation", {"emit_every": 13})
     switch = talk("switch", "The weather is nice today.")
     switch.insert(3, Control("switch", "task", "continuation", {"emit_every": 13}))

@@ -61,6 +61,11 @@ log = logging.getLogger("streamgen")
 MAX_HELD = 8  # queue sizes of a next session's input held while the last session of its id finishes
 
 
+def task_bug(task: str, e: Exception) -> str:
+    """What a session is told when its task raised something other than the ValueError that names bad input."""
+    return f"task {task!r} could not start: {type(e).__name__}: {e} (a bug in the task; see the server log)"
+
+
 def finish_in_tick(spent: float, steps: int, left: int, budget: float, waiting: bool) -> bool:
     """Past its decode budget, whether a tick goes on stepping: only to finish the decodes in flight
     (`left` tokens at most, at the tick's pace so far) within a second budget, and only while no
@@ -227,6 +232,17 @@ class Engine:
         return self.prompts[plugin.name]
 
     def new_policy(self, task: str, options: dict) -> tuple[TaskPlugin, Policy, Decoder | None]:
+        """The task's plugin, a policy for `options`, and the decoder of its backbone. ValueError: what is
+        wrong with the task or its options, or a bug in the task (anything else its policy raised), named."""
+        try:
+            return self._build_policy(task, options)
+        except ValueError:
+            raise
+        except Exception as e:
+            log.exception("task %r could not start", task)
+            raise ValueError(task_bug(task, e)) from e
+
+    def _build_policy(self, task: str, options: dict) -> tuple[TaskPlugin, Policy, Decoder | None]:
         plugin = self.plugin(task)
         opts = plugin.resolve_options(options, bundle=self.bundle)
         has_lm = self.bundle.has_backbone(plugin.name)
@@ -360,9 +376,9 @@ class Engine:
                 self.stats.session(name)
             except ValueError as e:
                 why = str(e)
-            except Exception as e:  # a bug in a task's policy: this session is refused, the service goes on
-                log.exception("task %r could not start session %s", task or self.cfg.task, name)
-                why = f"task {task or self.cfg.task!r} could not start: {type(e).__name__}: {e} (a bug in the task; see the server log)"
+            except Exception as e:  # a bug met opening it: this session is refused, the service goes on
+                log.exception("session %s could not start", name)
+                why = task_bug(task or self.cfg.task, e)
         if why is not None:
             self._refuse(name, why)
             return None
@@ -546,13 +562,7 @@ class Engine:
         if isinstance(item, Control):
             if item.action == "task":
                 task, options = self.task_options(item.task, item.options)
-                try:
-                    plugin, policy, decoder = self.new_policy(task, options)
-                except ValueError:
-                    raise
-                except Exception as e:  # a bug in the task switched to: named as such, this session ends
-                    log.exception("task %r could not start on session %s", task, s.name)
-                    raise ValueError(f"task {task!r} could not start: {type(e).__name__}: {e} (a bug in the task; see the server log)") from e
+                plugin, policy, decoder = self.new_policy(task, options)
                 if self.bundle.reads_phone_units(plugin.name) != isinstance(s.units, PhoneUnitStream):
                     if s.pos:  # its units so far are the other reading's: the new task would get wrong input
                         how = lambda phone: "through the phone recogniser" if phone else "as k-means units"
