@@ -105,6 +105,11 @@ def _count_frames(p: Path) -> int:
         return sum(len(block) for block in _blocks(f))
 
 
+def _unreadable(path, e: Exception) -> ValueError:
+    """The error for a file libsndfile cannot read as audio."""
+    return ValueError(f"{path}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file")
+
+
 def readable_path(path: str | Path) -> Path:
     """`path`, or a regular file holding the same audio where libsndfile cannot read `path` as it is: a pipe
     (a process substitution `<(...)`, a FIFO) read to its end, once per process; the copies go when it exits.
@@ -145,7 +150,7 @@ def _readable_with_info(path: str | Path, count: bool = True):
             info.frames = _count_frames(out)
             info.duration = info.frames / info.samplerate
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
+        raise _unreadable(p, e) from None
     if out != p:  # (a copy: kept for the process; a file read as it is is looked at afresh, training reads thousands)
         _readable[str(p)] = out
     return out, info
@@ -160,7 +165,7 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
         with sf.SoundFile(str(src)) as f:
             data, rate = _read_all(f), f.samplerate
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{p}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
+        raise _unreadable(p, e) from None
     return torch.from_numpy(resample(data.mean(axis=1), rate, sample_rate))
 
 
@@ -214,7 +219,7 @@ def file_has_speech(path: str | Path, block_s: float = 1.0) -> bool:
                 if gate.push(block.mean(axis=1)):
                     return True
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read audio ({_reason(e)}); give a WAV, FLAC or OGG file") from None
+        raise _unreadable(path, e) from None
     return False
 
 
