@@ -552,7 +552,6 @@ class _Ended:
     newest: float  # latest sender timestamp of the ended session
     until: float  # forget it after this (monotonic)
     first: bytes | None = None  # digest of its message 0 (a repeat of it is no new session)
-    ended_at: float = 0.0
 
 
 def _digest(msg: Message) -> bytes:
@@ -692,7 +691,7 @@ class MqttSource:
                 if msg.timestamp <= ended.newest:
                     if ended.first is not None and _digest(msg) == ended.first:
                         return []  # its message 0 again (a QoS 1 repeat)
-                    ago = time.monotonic() - ended.ended_at
+                    ago = time.monotonic() - (ended.until - self.idle_timeout)
                     return self._refuse(msg.session, (
                         f"session {msg.session!r} ended {ago:.0f} s ago, and this message 0 of a new session under its id has no "
                         f"later sender timestamp than the old one's last message, so its messages cannot be told from the old "
@@ -749,8 +748,7 @@ class MqttSource:
 
     def _close(self, s: _Session) -> None:
         self.sessions.pop(s.name, None)
-        now = time.monotonic()
-        self.ended[s.name] = _Ended(s.newest, now + self.idle_timeout, s.first, now)
+        self.ended[s.name] = _Ended(s.newest, time.monotonic() + self.idle_timeout, s.first)
         self.ended.move_to_end(s.name)
         while len(self.ended) > 4096:
             self.ended.popitem(last=False)
