@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from streamgen.testing import TINY_VOCODER
 from streamgen.models.vocoder import CodeHiFiGAN
@@ -81,8 +82,10 @@ def test_streaming_convolutions_read_each_frame_once_and_hold_bounded_state(voco
     total = int(vocoder.durations(u).sum())
     assert sum(fed) == total and len(out) == total * vocoder.hop  # every frame through the generator once
     reach = max(op.k for op in graph.ops)
-    assert all(t.shape[1] < reach for t in s.gen.tails)  # each layer keeps less than its kernel's reach
-    assert all(q.shape[1] <= 4 * reach for q in s.gen.queues)
+    slots = graph.slots
+    assert all(t.shape[2] < reach for t in slots.tails)  # each layer keeps less than its kernel's reach
+    assert all(q.shape[2] <= 4 * reach for q in slots.queues)
+    assert s.gen.ended and len(slots.free) == slots.size  # the ended stream's slot is free again
     with torch.no_grad():
         assert (out - vocoder(u)).abs().max() <= 1e-5
 
@@ -112,3 +115,71 @@ def test_streams_of_any_lengths_batched_together_equal_each_whole(vocoder):
         for f, o in zip(frames, outs):
             whole = vocoder.generate(f)
             assert len(torch.cat(o)) == len(whole) and (torch.cat(o) - whole).abs().max() <= 1e-5
+
+
+class Kernels(TorchDispatchMode):
+    """Operators that compute (views left out: they launch nothing on a GPU) and values read back to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+        self.reads += func._schema.name in ("aten::_local_scalar_dense", "aten::equal")
+        return func(*args, **(kwargs or {}))
+
+
+def step_counts(graph, n_streams: int, num_units: int) -> Kernels:
+    """A steady-state step of n streams, each with a ragged piece of new frames."""
+    import random
+
+    rng = random.Random(n_streams)
+    streams = [graph.new_stream() for _ in range(n_streams)]
+    pieces = lambda: [torch.randint(0, num_units, (rng.randint(3, 9),)) for _ in streams]
+    for _ in range(3):
+        graph.step(streams, pieces(), [False] * n_streams)
+    k, new = Kernels(), pieces()
+    with k:
+        graph.step(streams, new, [False] * n_streams)
+    return k
+
+
+@pytest.mark.parametrize("graph", ["CodeHiFiGAN generator", "source-filter parameters"])
+def test_a_step_launches_as_many_operators_for_48_streams_as_for_6_and_reads_nothing_back(vocoder, graph):
+    """On a GPU a step of many small operators is bound by launching them and by every count read back:
+    the streams' state lives in slot tensors, so a step's operators do not grow with its streams."""
+    from streamgen.models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
+    from streamgen.models.streaming_conv import StreamingGenerator, StreamingParams
+
+    if graph == "CodeHiFiGAN generator":
+        make, num_units = lambda: StreamingGenerator(vocoder), TINY_VOCODER.num_embeddings
+    else:
+        sf = SourceFilterVocoder(SourceFilterConfig(num_units=50, dim=32, layers=3)).eval()
+        make, num_units = lambda: StreamingParams(sf), 50
+    few, many = (step_counts(make(), n, num_units) for n in (6, 48))
+    assert few.ops == many.ops and many.reads == 0
+
+
+def test_a_slot_given_back_starts_the_next_stream_clean(vocoder):
+    import gc
+
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    graph = StreamingGenerator(vocoder)
+    a, c = graph.new_stream(), graph.new_stream()
+    graph.step([a, c], [units(20, seed=1), units(7, seed=2)], [False, False])
+    graph.step([a], [units(9, seed=3)], [True])  # a ends: its slot is free
+    with pytest.raises(ValueError, match="ended"):
+        graph.step([a], [units(3)], [False])
+    slot_c = c.slot
+    del c  # dropped before its end (a client went away): its slot comes back too
+    gc.collect()
+    assert len(graph.slots.free) == graph.slots.size
+    u = units(40, seed=4)
+    b, d = graph.new_stream(), graph.new_stream()
+    out_b = graph.step([b, d], [u[:25], units(5)], [False, False])[0]
+    out_b = torch.cat([out_b, graph.step([b], [u[25:]], [True])[0]])
+    assert {b.slot, d.slot} == {a.slot, slot_c} and graph.slots.size == 16  # reused, not grown
+    with torch.no_grad():
+        assert (out_b - vocoder.generate(u)).abs().max() <= 1e-5

@@ -12,78 +12,26 @@ piece of input gives as many outputs as the kept and new inputs allow; at the en
 flush it. A residual `x + f(x)` keeps the x that f has not yet caught up with, and the mean of a
 stage's resblocks keeps each branch's outputs until all have them: nothing is computed twice.
 
-A batch is ragged: x [B, C, T] with n [B] valid samples per row (the rest zeros). Each stream's
-state lives in its own `GeneratorStream`; a batched step stacks the rows' states per layer, so
-sessions of any lengths share every call.
+A batch is ragged: x [B, C, T] with n [B] valid samples per row (what lies past them is never read
+for an output). Every stream's state lives in fixed slot tensors (`Slots`, one per graph, as a
+decoder's K/V pool): a batched step reads its rows' state with one index per tensor and writes it back
+with one, so streams of any lengths share every call, a step's operators do not grow with the number
+of streams, and every length is known on the host: nothing is read back from the device but the
+step's result (on a GPU, no synchronisation per layer).
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .source_filter_vocoder import layer_norm
 from .vocoder import LRELU_SLOPE, CodeHiFiGAN
-
-
-def take(x: Tensor, start: Tensor, n: Tensor, width: int) -> Tensor:
-    """Row b's x[b, :, start_b : start_b + n_b], left-aligned in [B, C, width], zeros after n_b."""
-    B, C, T = x.shape
-    if B == 1:  # one stream: a slice (the same numbers, without the gather)
-        s, k = int(start[0]), int(n[0])
-        return F.pad(x[:, :, s : s + k], (0, width - k)) if k < width else x[:, :, s : s + width]
-    j = torch.arange(width, device=x.device)[None]
-    idx = (start[:, None] + j).clamp(0, max(T - 1, 0))
-    out = x.gather(2, idx[:, None, :].expand(B, C, width)) if T else x.new_zeros(B, C, width)
-    return out * (j < n[:, None])[:, None, :].to(x.dtype)
-
-
-def join(a: Tensor, na: Tensor, b: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
-    """Ragged concatenation along time: row b is a[b, :, :na_b] then b[b, :, :nb_b]."""
-    n = na + nb
-    if a.shape[0] == 1:  # one stream
-        return torch.cat([a[:, :, : int(na[0])], b[:, :, : int(nb[0])]], dim=2), n
-    width = int(n.max()) if len(n) else 0
-    both = torch.cat([a, b], dim=2)
-    j = torch.arange(width, device=a.device)[None]
-    idx = torch.where(j < na[:, None], j, a.shape[2] + j - na[:, None])
-    return take_idx(both, idx, n), n
-
-
-def take_idx(x: Tensor, idx: Tensor, n: Tensor) -> Tensor:
-    B, C, T = x.shape
-    width = idx.shape[1]
-    if T == 0 or width == 0:
-        return x.new_zeros(B, C, width)
-    out = x.gather(2, idx.clamp(0, T - 1)[:, None, :].expand(B, C, width))
-    return out * (torch.arange(width, device=x.device)[None] < n[:, None])[:, None, :].to(x.dtype)
-
-
-class Queue:
-    """Samples of one stream waiting at one point of the graph: [C, n]."""
-
-    def __init__(self, channels: int, dtype, device):
-        self.x = torch.zeros(channels, 0, dtype=dtype, device=device)
-
-
-def stack(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """[C, n_b] tensors -> ragged [B, C, max n], n."""
-    widths = [p.shape[1] for p in parts]
-    n = torch.tensor(widths, device=parts[0].device)
-    if min(widths) == max(widths):
-        return torch.stack(parts), n
-    out = parts[0].new_zeros(len(parts), parts[0].shape[0], max(widths))
-    for i, p in enumerate(parts):
-        out[i, :, : p.shape[1]] = p
-    return out, n
-
-
-def unstack(x: Tensor, n: Tensor) -> list[Tensor]:
-    """Row views (no copy): each row's valid part."""
-    return [x[i, :, :k] for i, k in enumerate(n.tolist())]
 
 
 class ConvOp:
@@ -119,49 +67,163 @@ class ConvOp:
         taps = x.unfold(2, self.k, 1).permute(0, 2, 1, 3).reshape(B, L - self.k + 1, C * self.k)  # [B, L', (Ci, k)]
         return F.linear(taps, self.flat, self.bias).transpose(1, 2)
 
-    def init_tail(self, ref: Tensor) -> Tensor:
-        return ref.new_zeros(self.weight.shape[1], self.a)  # the zeros before the signal
 
-    def __call__(self, tails: list[Tensor], x: Tensor, n: Tensor, ended: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
-        """New input x [B, Ci, T] (n valid per row) after each row's tail -> (new tails, output, counts).
-        `ended` [B] bool: the stream ends with this input (the `b` trailing zeros are added)."""
-        if self.stuff > 1:  # each sample followed by stuff-1 zeros
+def counts(n: np.ndarray, device) -> Tensor:
+    return torch.as_tensor(n, dtype=torch.long, device=device)
+
+
+def shift(x: Tensor, start: np.ndarray, width: int) -> Tensor:
+    """Row b's x[b, :, start_b : start_b + width], left-aligned in [B, C, width]. The starts are known on the
+    host, so nothing is read back from the device; positions past a row's end hold whatever is there (zeros
+    past x's end): callers keep each row's valid length beside it."""
+    B, C, T = x.shape
+    s0 = int(start[0]) if len(start) else 0
+    if (start == s0).all():  # one start for every row: a slice
+        out = x[:, :, s0 : s0 + width]
+        return F.pad(out, (0, width - out.shape[2])) if out.shape[2] < width else out
+    if T == 0:
+        return x.new_zeros(B, C, width)
+    idx = (counts(start, x.device)[:, None] + torch.arange(width, device=x.device)).clamp_max(T - 1)
+    return x.gather(2, idx[:, None, :].expand(B, C, width))
+
+
+def zero_after(x: Tensor, n: np.ndarray) -> Tensor:
+    """x with each row's samples from n_b on set to zero."""
+    return x * (torch.arange(x.shape[2], device=x.device) < counts(n, x.device)[:, None])[:, None, :].to(x.dtype)
+
+
+def join(a: Tensor, na: np.ndarray, b: Tensor, nb: np.ndarray) -> tuple[Tensor, np.ndarray]:
+    """Ragged concatenation along time: row b is a[b, :, :na_b] then b[b, :, :nb_b] (left-aligned)."""
+    n = na + nb
+    width = int(n.max()) if len(n) else 0
+    if (na == a.shape[2]).all():  # every row fills a: a plain concatenation
+        return torch.cat([a, b], dim=2)[:, :, :width], n
+    both = torch.cat([a, b], dim=2)
+    if both.shape[2] == 0 or width == 0:
+        return both.new_zeros(both.shape[0], both.shape[1], width), n
+    j = torch.arange(width, device=a.device)[None]
+    na_ = counts(na, a.device)[:, None]
+    idx = torch.where(j < na_, j, a.shape[2] + j - na_).clamp_max(both.shape[2] - 1)
+    return both.gather(2, idx[:, None, :].expand(-1, both.shape[1], -1)), n
+
+
+class Slots:
+    """The state of many streams in fixed slot tensors, as a decoder's K/V pool: per conv its last inputs
+    (`tails[i]` [S, Ci, k-1], right-aligned, `tail_n[i]` of them valid) and per queue the samples waiting at
+    one point of the graph (`queues[q]` [S, C, width], left-aligned, `queue_n[q]` valid). A stream holds a
+    slot; a batched step reads its rows' state with one index per tensor and writes it back with one, so
+    a step's operators do not grow with the number of streams, and every length lives on the host."""
+
+    def __init__(self, ops: list[ConvOp], queue_channels: list[int], ref: Tensor):
+        self.ops = ops
+        self.tails = [ref.new_zeros(0, op.weight.shape[1], op.k - 1) for op in ops]
+        self.tail_n = [np.zeros(0, dtype=np.int64) for _ in ops]
+        self.queues = [ref.new_zeros(0, c, 0) for c in queue_channels]
+        self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
+        self.free: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.tail_n[0]) if self.tail_n else 0
+
+    def acquire(self) -> int:
+        """A free slot, its state that of a stream before its first sample (each conv's `a` zeros)."""
+        if not self.free:
+            self._grow(max(16, 2 * self.size))
+        slot = self.free.pop()
+        for i, op in enumerate(self.ops):
+            self.tails[i][slot] = 0
+            self.tail_n[i][slot] = op.a
+        for q in range(len(self.queues)):
+            self.queue_n[q][slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def _grow(self, size: int) -> None:
+        old = self.size
+        grow = lambda t: torch.cat([t, t.new_zeros(size - old, *t.shape[1:])])
+        self.tails = [grow(t) for t in self.tails]
+        self.queues = [grow(q) for q in self.queues]
+        self.tail_n = [np.concatenate([n, np.zeros(size - old, dtype=np.int64)]) for n in self.tail_n]
+        self.queue_n = [np.concatenate([n, np.zeros(size - old, dtype=np.int64)]) for n in self.queue_n]
+        self.free.extend(range(size - 1, old - 1, -1))
+
+    def conv(self, i: int, rows: Rows, x: Tensor, n: np.ndarray) -> tuple[Tensor, np.ndarray]:
+        """Conv i over each row's new input x [B, Ci, T] (n_b valid) after its tail -> (output, valid counts)."""
+        op, keep = self.ops[i], self.ops[i].k - 1
+        if op.stuff > 1:  # each sample followed by stuff-1 zeros
             B, C, T = x.shape
-            x = torch.stack([x] + [torch.zeros_like(x)] * (self.stuff - 1), dim=3).reshape(B, C, T * self.stuff)
-            n = n * self.stuff
-        keep = self.k - 1
-        if self.b and bool(ended.any()):
-            zeros = x.new_zeros(x.shape[0], x.shape[1], self.b)
-            x, n = join(x, n, zeros, ended.long() * self.b)
-        t, tn = stack(tails)
-        if t.shape[2] == keep and bool((tn == keep).all()):  # steady state: every row's tail is full
-            cat, total = torch.cat([t, x], dim=2), tn + n
-            out_n = n
-            y = self.conv(cat)
-            new_tails = unstack(take(cat, n, torch.full_like(n, keep), keep), torch.full_like(n, keep))
-            return new_tails, y, out_n
-        cat, total = join(t, tn, x, n)
-        out_n = (total - keep).clamp_min(0)
-        y = self.conv(cat)
-        width = int(out_n.max()) if len(out_n) else 0
-        y = take(y, torch.zeros_like(out_n), out_n, width)
-        start = (total - keep).clamp_min(0)
-        new_tails = unstack(take(cat, start, total - start, keep), total - start)
-        return new_tails, y, out_n
+            x = torch.stack([x] + [torch.zeros_like(x)] * (op.stuff - 1), dim=3).reshape(B, C, T * op.stuff)
+            n = n * op.stuff
+        if op.b and rows.ended.any():  # the stream ends: `b` zeros after its input
+            x = zero_after(F.pad(x, (0, op.b)), n)
+            n = n + rows.ended * op.b
+        tn = self.tail_n[i][rows.slots]
+        cat = torch.cat([self.tails[i].index_select(0, rows.index), x], dim=2)  # row b valid in [keep - tn_b, keep + n_b)
+        out_n = np.maximum(tn + n - keep, 0)
+        y = shift(op.conv(cat), keep - tn, int(out_n.max()) if len(out_n) else 0)
+        self.tails[i].index_copy_(0, rows.index, shift(cat, n, keep))  # the last keep inputs, right-aligned
+        self.tail_n[i][rows.slots] = np.minimum(tn + n, keep)
+        return y, out_n
+
+    def push(self, q: int, rows: Rows, x: Tensor, n: np.ndarray) -> tuple[Tensor, np.ndarray]:
+        """Queue q's rows with x appended: a ragged batch."""
+        return join(self.queues[q].index_select(0, rows.index), self.queue_n[q][rows.slots], x, n)
+
+    def keep(self, q: int, rows: Rows, x: Tensor, n: np.ndarray, used: np.ndarray) -> None:
+        """Put back what is left of a ragged batch after its first `used` samples."""
+        rest = n - used
+        width = max(int(rest.max()) if len(rest) else 0, self.queues[q].shape[2])
+        if width > self.queues[q].shape[2]:
+            self.queues[q] = F.pad(self.queues[q], (0, width - self.queues[q].shape[2]))
+        self.queues[q].index_copy_(0, rows.index, shift(x, used, width))
+        self.queue_n[q][rows.slots] = rest
+
+
+class Rows:
+    """The streams a batched step advances: their slots (host and device) and which end with this step."""
+
+    def __init__(self, streams: list[Stream], ended: list[bool], device):
+        if any(s.ended for s in streams):
+            raise ValueError("a stream that has ended cannot be stepped again (its slot may be another stream's)")
+        self.slots = np.array([s.take_slot() for s in streams], dtype=np.int64)
+        self.index = counts(self.slots, device)
+        self.ended = np.array(ended, dtype=bool)
+
+
+def pad_frames(frames: list[Tensor], device) -> tuple[Tensor, np.ndarray]:
+    """Unit ids per stream -> [B, max n] (padded with 0, built on the host, moved once), n."""
+    n = np.array([len(f) for f in frames], dtype=np.int64)
+    ids = np.zeros((len(frames), int(n.max()) if len(n) else 0), dtype=np.int64)
+    for b, f in enumerate(frames):
+        ids[b, : len(f)] = f.cpu().numpy()
+    return torch.from_numpy(ids).to(device).clamp_min(0), n
+
+
+class Stream:
+    """One stream's place in a graph's slots. It takes a slot at its first step (in the thread that runs the
+    steps, the only one that changes the slot tensors) and gives it back when it ends or is dropped."""
+
+    def __init__(self, slots: Slots):
+        self.slots, self.slot, self.ended = slots, None, False
+        self._release = None
+
+    def take_slot(self) -> int:
+        if self.slot is None:
+            self.slot = self.slots.acquire()
+            self._release = weakref.finalize(self, self.slots.release, self.slot)
+        return self.slot
+
+    def end(self) -> None:
+        self.ended = True
+        if self._release is not None:
+            self._release()
 
 
 def lrelu(x: Tensor, slope: float = LRELU_SLOPE) -> Tensor:
     return F.leaky_relu(x, slope)
-
-
-class GeneratorStream:
-    """One stream's state in every layer of a CodeHiFiGAN generator."""
-
-    def __init__(self, graph: StreamingGenerator):
-        ref = graph.model.dict.weight
-        self.tails = [op.init_tail(ref) for op in graph.ops]
-        self.queues = [ref.new_zeros(c, 0) for c in graph.queue_channels]
-        self.ended = False
 
 
 class StreamingGenerator:
@@ -185,6 +247,7 @@ class StreamingGenerator:
                 stage.append((pairs, self._queue(rb.convs1[0].in_channels)))  # branch output waiting for the others
             self.blocks.append(stage)
         self.post = self._op(ConvOp.same(model.conv_post))
+        self.slots = Slots(self.ops, self.queue_channels, model.dict.weight)
 
     def _op(self, op: ConvOp) -> int:
         self.ops.append(op)
@@ -194,71 +257,42 @@ class StreamingGenerator:
         self.queue_channels.append(channels)
         return len(self.queue_channels) - 1
 
-    def new_stream(self) -> GeneratorStream:
-        return GeneratorStream(self)
-
-    # one op / queue over the rows of a batch
-    def _conv(self, streams, i, x, n, ended):
-        tails, y, m = self.ops[i]([s.tails[i] for s in streams], x, n, ended)
-        for s, t in zip(streams, tails):
-            s.tails[i] = t
-        return y, m
-
-    def _push(self, streams, q, x, n):
-        """Append to queue q; return the queue as a ragged batch."""
-        qx, qn = stack([s.queues[q] for s in streams])
-        return join(qx, qn, x, n)
-
-    def _keep(self, streams, q, x, n, used):
-        """Put back what is left of a ragged batch after its first `used` samples."""
-        rest = n - used
-        width = int(rest.max()) if len(rest) else 0
-        for s, r in zip(streams, unstack(take(x, used, rest, width), rest)):
-            s.queues[q] = r
+    def new_stream(self) -> Stream:
+        return Stream(self.slots)
 
     @torch.no_grad()
-    def step(self, streams: list[GeneratorStream], frames: list[Tensor], ended: list[bool]) -> list[Tensor]:
+    def step(self, streams: list[Stream], frames: list[Tensor], ended: list[bool]) -> list[Tensor]:
         """New unit ids per frame for each stream (and whether its frames end here) -> the new audio
         of each stream: all the samples that those frames make final."""
-        dev = self.model.dict.weight.device
-        end = torch.tensor(ended, device=dev)
-        ids, n = stack([f.to(dev)[None] for f in frames])
-        x = self.model.dict(ids[:, 0].clamp_min(0)).transpose(1, 2) * (torch.arange(ids.shape[2], device=dev)[None] < n[:, None])[:, None]
-        x, n = self._conv(streams, self.pre, x, n, end)
+        dev, S = self.model.dict.weight.device, self.slots
+        rows = Rows(streams, ended, dev)
+        ids, n = pad_frames(frames, dev)
+        x = self.model.dict(ids).transpose(1, 2)
+        x, n = S.conv(self.pre, rows, x, n)
         for i, up in enumerate(self.ups):
-            x, n = self._conv(streams, up, lrelu(x), n, end)
+            x, n = S.conv(up, rows, lrelu(x), n)
             outs = []
             for pairs, q_out in self.blocks[i]:
                 y, m = x, n
                 for c1, c2, q_res in pairs:
-                    r, rn = self._push(streams, q_res, y, m)  # y waits for f(y) to catch up
-                    h, hm = self._conv(streams, c1, lrelu(y), m, end)
-                    h, hm = self._conv(streams, c2, lrelu(h), hm, end)
-                    y = take(r, torch.zeros_like(hm), hm, h.shape[2]) + h
-                    m = hm
-                    self._keep(streams, q_res, r, rn, hm)
-                outs.append(self._push(streams, q_out, y, m))
-            common = torch.stack([o[1] for o in outs]).min(0).values
+                    r, rn = S.push(q_res, rows, y, m)  # y waits for f(y) to catch up
+                    h, hm = S.conv(c1, rows, lrelu(y), m)
+                    h, hm = S.conv(c2, rows, lrelu(h), hm)
+                    y, m = r[:, :, : h.shape[2]] + h, hm
+                    S.keep(q_res, rows, r, rn, hm)
+                outs.append(S.push(q_out, rows, y, m))
+            common = np.min([on for _, on in outs], axis=0)
             width = int(common.max()) if len(common) else 0
-            x = sum(take(o[0], torch.zeros_like(common), common, width) for o in outs) / self.nk
+            x = sum(o[:, :, :width] for o, _ in outs) / self.nk
             for (pairs, q_out), (o, on) in zip(self.blocks[i], outs):
-                self._keep(streams, q_out, o, on, common)
+                S.keep(q_out, rows, o, on, common)
             n = common
-        x, n = self._conv(streams, self.post, lrelu(x, 0.01), n, end)
-        wave = torch.tanh(x)[:, 0]
+        x, n = S.conv(self.post, rows, lrelu(x, 0.01), n)
+        wave = torch.tanh(x)[:, 0].float().cpu()  # one read back for the whole step
         for s, e in zip(streams, ended):
-            s.ended = s.ended or e
-        return [wave[i, :k].float().cpu() for i, k in enumerate(n.tolist())]
-
-
-class ParamsStream:
-    """One stream's state in every block of a source-filter vocoder's parameter network."""
-
-    def __init__(self, graph: StreamingParams):
-        ref = graph.model.dict.weight
-        self.tails = [op.init_tail(ref) for op in graph.ops]
-        self.res = [ref.new_zeros(ref.shape[1], 0) for _ in graph.ops]  # block inputs its output has not caught up with
-        self.ended = False
+            if e:
+                s.end()
+        return [wave[b, :k] for b, k in enumerate(n.tolist())]
 
 
 class StreamingParams:
@@ -273,33 +307,32 @@ class StreamingParams:
         self.ops = [ConvOp.same(copy.deepcopy(b.conv).double(), matmul=True) for b in model.blocks]
         self.mix = [(b.mix.weight[:, :, 0].double(), b.mix.bias.double()) for b in model.blocks]  # 1x1 convs as matrices
         self.head = (model.head.weight.double(), model.head.bias.double())
+        # queue i: block i's inputs its output has not caught up with
+        self.slots = Slots(self.ops, [model.dict.weight.shape[1]] * len(self.ops), model.dict.weight.double())
 
-    def new_stream(self) -> ParamsStream:
-        return ParamsStream(self)
+    def new_stream(self) -> Stream:
+        return Stream(self.slots)
 
     @torch.no_grad()
-    def step(self, streams: list[ParamsStream], frames: list[Tensor], ended: list[bool]) -> list[Tensor]:
+    def step(self, streams: list[Stream], frames: list[Tensor], ended: list[bool]) -> list[Tensor]:
         """New unit ids per frame for each stream (and whether its frames end here) -> each stream's
         parameter frames that are now final [k * sub, n_params]."""
-        m = self.model
+        m, S = self.model, self.slots
         dev = m.dict.weight.device
-        end = torch.tensor(ended, device=dev)
-        ids, n = stack([f.to(dev)[None] for f in frames])
-        x = m.dict(ids[:, 0].clamp_min(0)).transpose(1, 2).double()
-        for i, (block, op) in enumerate(zip(m.blocks, self.ops)):
+        rows = Rows(streams, ended, dev)
+        ids, n = pad_frames(frames, dev)
+        x = m.dict(ids).transpose(1, 2).double()
+        for i, block in enumerate(m.blocks):
             h = layer_norm(block.norm, x.transpose(1, 2)).transpose(1, 2)
-            tails, y, out_n = op([s.tails[i] for s in streams], h, n, end)
-            for s, t in zip(streams, tails):
-                s.tails[i] = t
-            r, rn = join(*stack([s.res[i] for s in streams]), x, n)
+            y, out_n = S.conv(i, rows, h, n)
+            r, rn = S.push(i, rows, x, n)
             mixed = F.linear(F.gelu(y).transpose(1, 2), *self.mix[i]).transpose(1, 2) if y.shape[2] else y
-            x = take(r, torch.zeros_like(out_n), out_n, y.shape[2]) + mixed
-            width = int((rn - out_n).max()) if len(rn) else 0
-            for s, rest in zip(streams, unstack(take(r, out_n, rn - out_n, width), rn - out_n)):
-                s.res[i] = rest
+            x = r[:, :, : y.shape[2]] + mixed
+            S.keep(i, rows, r, rn, out_n)
             n = out_n
         p = F.linear(layer_norm(m.norm, x.transpose(1, 2)), *self.head).to(m.head.weight.dtype)  # [B, T, sub * n_params]
         for s, e in zip(streams, ended):
-            s.ended = s.ended or e
+            if e:
+                s.end()
         cfg = m.cfg
-        return [p[i, :k].reshape(k * cfg.sub, cfg.n_params) for i, k in enumerate(n.tolist())]
+        return [p[b, :k].reshape(k * cfg.sub, cfg.n_params) for b, k in enumerate(n.tolist())]

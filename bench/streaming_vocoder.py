@@ -1,0 +1,115 @@
+"""What one batched step of the streaming vocoders costs as the number of streams grows: the CodeHiFiGAN
+generator on streams (`StreamingGenerator`, the public checkpoints' vocoder) and the source-filter vocoder's
+parameter network (`StreamingParams`, the shipped bundle's), N streams in steady state each given a ragged
+piece of new frames per step (12-20 frames: about 320 ms of speech), as the engine's vocoder stage calls them.
+
+Per N: the step's time (median, and per stream), the operators it dispatches (each a kernel launch on a GPU)
+and the values it reads back from the device (each a host synchronisation on a GPU). On a GPU a step is bound
+by launches and synchronisations long before it is bound by arithmetic, so the counts say what a CPU's clock
+cannot: a step whose operators grow with N, or that reads counts back per layer, stalls a GPU however fast it
+computes. Every figure comes from this run.
+
+    OMP_NUM_THREADS=1 python bench/streaming_vocoder.py                    # tiny CodeHiFiGAN + the shipped bundle's
+    python bench/streaming_vocoder.py --device cuda --sizes public --levels 16,64,256,1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from streamgen.models.streaming_conv import StreamingGenerator, StreamingParams
+from streamgen.models.vocoder import CodeHiFiGAN, VocoderConfig
+from streamgen.testing import TINY_VOCODER
+
+
+class Counts(TorchDispatchMode):
+    """Operators dispatched that compute (views, which launch nothing, left out) and values read back to
+    the host while active."""
+
+    READS = {"aten::_local_scalar_dense", "aten::equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+        self.ops += not view
+        self.reads += func._schema.name in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def pieces(rng: random.Random, n: int, units: int) -> list[torch.Tensor]:
+    """Each stream's new frames: 12-20 unit ids."""
+    return [torch.tensor([rng.randrange(units) for _ in range(rng.randint(12, 20))]) for _ in range(n)]
+
+
+def measure(graph, units: int, n: int, device, repeats: int) -> dict:
+    rng = random.Random(n)
+    streams = [graph.new_stream() for _ in range(n)]
+    ended = [False] * n
+    for _ in range(3):  # fill every layer's state: steady state
+        graph.step(streams, pieces(rng, n, units), ended)
+    steps = [pieces(rng, n, units) for _ in range(repeats + 1)]
+    counts = Counts()
+    with counts:
+        graph.step(streams, steps[0], ended)
+    tolist = [0]
+    original = torch.Tensor.tolist
+
+    def counted(self):
+        tolist[0] += 1
+        return original(self)
+
+    times = []
+    torch.Tensor.tolist = counted
+    try:
+        for p in steps[1:]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            graph.step(streams, p, ended)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.Tensor.tolist = original
+    ms = statistics.median(times) * 1e3
+    return {"sessions": n, "ms": ms, "ms_per_session": ms / n, "ops": counts.ops,
+            "reads": counts.reads + tolist[0] // len(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", default="tiny,bundle", help="comma-separated: tiny (CodeHiFiGAN), public (CodeHiFiGAN), bundle (the shipped source-filter vocoder)")
+    ap.add_argument("--levels", default="1,4,16,64,256")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, device {device}, torch threads {torch.get_num_threads()}")
+    print("| vocoder | streams | step (ms) | per stream (ms) | operators per step | host reads per step |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        if size == "bundle":
+            from streamgen.bundle import load_bundle
+            voc = load_bundle(device=device).unit_vocoder
+            graph, units = StreamingParams(voc), voc.cfg.num_units
+        else:
+            cfg = TINY_VOCODER if size == "tiny" else VocoderConfig()
+            voc = CodeHiFiGAN(cfg).to(device).eval()
+            graph, units = StreamingGenerator(voc), cfg.num_embeddings
+        for n in [int(x) for x in args.levels.split(",")]:
+            r = measure(graph, units, n, device, args.repeats)
+            print(f"| {size} | {n} | {r['ms']:.2f} | {r['ms_per_session']:.3f} | {r['ops']} | {r['reads']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
