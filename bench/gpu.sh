@@ -17,6 +17,9 @@ fi
   python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/device.txt"
 timeout 170 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 256 --cuda-graphs \
   --engine-sessions 1,64,256,1024 --repeats 20 2>&1 | tee "$OUT/decode.md"
+# the streaming vocoder's step at the public CodeHiFiGAN size: time, operators and host reads per step by streams
+timeout 90 python3 bench/streaming_vocoder.py --device cuda --sizes public --levels 16,64,256,1024 --repeats 5 2>&1 \
+  | tee "$OUT/streaming_vocoder.md"
 timeout 40 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 1024 \
   --engine-sessions 1 --repeats 10 2>&1 | grep -A3 "Shared" | tee -a "$OUT/decode.md"
 # the GPU aim is sessions held at p99 <= 100 ms (the CPU bench's default bound is 250 ms)

@@ -29,7 +29,8 @@ def gpu_commands() -> list[tuple[str, list[str]]]:
 
 def test_the_gpu_scripts_commands_take_the_options_it_gives_them():
     commands = gpu_commands()
-    assert {script for script, _ in commands} == {"bench/decode.py", "bench/sessions.py"} and len(commands) >= 7
+    assert {script for script, _ in commands} == {"bench/decode.py", "bench/sessions.py", "bench/streaming_vocoder.py"}
+    assert len(commands) >= 8
     helps = {}
     for script, options in commands:
         if script not in helps:
@@ -59,6 +60,14 @@ def test_the_sessions_bench_runs_every_task_in_both_modes_and_writes_its_report(
     resynthesis = got["tasks"]["resynthesis"]["engine"]["rows"][0]
     assert resynthesis["completed"] == 1 and resynthesis["lag_p99_ms"] is not None and resynthesis["first_audio_ms"] > 0
     assert re.search(r"^resynthesis: sessions held at p99 lag <= 250 ms: engine \d, one-at-a-time \d", r.stdout, re.M), r.stdout
+
+
+def test_the_streaming_vocoder_bench_counts_a_steps_operators_and_host_reads():
+    r = subprocess.run([sys.executable, "bench/streaming_vocoder.py", "--sizes", "tiny", "--levels", "1,3", "--repeats", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| tiny \| (\d+) \| [\d.]+ \| [\d.]+ \| (\d+) \| (\d+) \|$", r.stdout, re.M)
+    assert [n for n, _, _ in rows] == ["1", "3"] and all(int(ops) > 0 and reads == "0" for _, ops, reads in rows), r.stdout
 
 
 def test_the_option_check_reads_the_commands_as_the_shell_runs_them(monkeypatch, tmp_path):

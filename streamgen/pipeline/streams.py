@@ -352,11 +352,13 @@ def bucket(n: int, step: int, device: torch.device) -> int:
 
 
 def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    out = torch.zeros(len(seqs), bucket(int(lengths.max()), 16, torch.device(device)), dtype=torch.long, device=device)
+    """Unit ids per row -> [B, width] padded with 0 and the lengths, built on the host and moved once (on a
+    GPU, one copy per call instead of one per row)."""
+    lengths = [len(s) for s in seqs]
+    out = torch.zeros(len(seqs), bucket(max(lengths), 16, torch.device(device)), dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = s.to(device)
-    return out, lengths
+        out[i, : len(s)] = s
+    return out.to(device), torch.tensor(lengths, device=device)
 
 
 def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow]) -> list[Tensor]:
@@ -364,8 +366,8 @@ def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow]) -> list[Tens
     dev = model.dict.weight.device
     units, lengths = _pad([w.units for w in windows], dev)
     padded = len(windows) > 1 or units.shape[1] > len(windows[0].units)
-    dur = model.durations(units, lengths) if padded else model.durations(units)
-    return [dur[i, w.first : w.first + w.count].cpu() for i, w in enumerate(windows)]
+    dur = (model.durations(units, lengths) if padded else model.durations(units)).cpu()  # one read back per call
+    return [dur[i, w.first : w.first + w.count] for i, w in enumerate(windows)]
 
 
 def synthesise(streams: list[VocoderStream], windows: list[AudioWindow]) -> list[Tensor]:
