@@ -108,11 +108,14 @@ class Talkers:
 
 
 def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batch: int, cuda_graphs: bool = True,
-          vocoder_lookahead: int | None = None) -> dict:
-    """n talkers through one engine: the raw figures (every output chunk's lag), for `summary`."""
+          vocoder_lookahead: int | None = None, profile: str | None = None) -> dict:
+    """n talkers through one engine: the raw figures (every output chunk's lag), for `summary`. With `profile`
+    (a file), the engine's worker thread runs under torch's profiler and its operators' table is written there."""
     rate = bundle.sample_rate
     engine = build_engine(bundle, *task_options(task), chunk_ms=chunk_ms, max_batch=max_batch,
                           max_sessions=max(256, n), cuda_graphs=cuda_graphs, vocoder_lookahead=vocoder_lookahead)
+    if profile:
+        profile_worker(engine, profile)
     stats, sink = Stats(rate), MemorySink()
     t = time.monotonic()
     asyncio.run(Pipeline(Talkers(n, wave, rate * chunk_ms // 1000, rate), engine, sink, stats).run())
@@ -133,6 +136,30 @@ def level(bundle, task: str, n: int, wave: torch.Tensor, chunk_ms: int, max_batc
     return {"sessions": n, "completed": done, "wall_s": time.monotonic() - t, "lags": lags, "ends": ends, "first": first,
             "busy": engine.busy_s / max(1e-9, time.monotonic() - t), "ticks": engine.ticks, "compute_s": compute,
             "decoder_steps": steps}
+
+
+def profile_worker(engine, path: str) -> None:
+    """Run the engine's worker under torch's profiler (which records the thread that starts it) and write the
+    operators that took the most time there, by device time on a GPU and by host time: where a tick goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.bundle.device.type == "cuda"
+    run = engine._run
+
+    def profiled(*args, **kwargs):
+        prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+        prof.start()
+        try:
+            return run(*args, **kwargs)
+        finally:
+            prof.stop()
+            table = prof.key_averages()
+            with open(path, "w") as f:
+                f.write(f"# {engine.ticks} ticks\n")
+                for key in (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+                    f.write(f"\n## by {key}\n" + table.table(sort_by=key, row_limit=30) + "\n")
+
+    engine._run = profiled
 
 
 def machine_probe(bundle, task: str) -> dict | None:
@@ -233,6 +260,8 @@ def main() -> None:
     ap.add_argument("--max-lag-ms", type=float, default=250.0)
     ap.add_argument("--modes", default="engine,one-at-a-time", help="engine, one-at-a-time (the baseline), or both")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager decoder steps")
+    ap.add_argument("--profile", metavar="DIR", help="one engine process: run its worker under torch's profiler and write each "
+                    "run's table of operators by time (device and host) into DIR")
     ap.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (PyTorch's own kernels)")
     ap.add_argument("--vocoder-windows", action="store_true",
                     help="CodeHiFiGAN in exact windows (context recomputed, few large calls) instead of streaming convolutions")
@@ -245,6 +274,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.runs < 1:
         ap.error(f"--runs must be >= 1, got {args.runs}")
+    if args.profile:
+        if args.processes != 1:
+            ap.error("--profile records one engine process: leave out --processes")
+        os.makedirs(args.profile, exist_ok=True)
 
     torch.set_grad_enabled(False)
     torch.backends.cudnn.enabled = not args.no_cudnn
@@ -274,7 +307,8 @@ def main() -> None:
                     if misses[mode] >= 2:
                         continue
                     probe = machine_probe(bundle, task_options(task)[0])
-                    r = level_in_processes(args.processes, bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
+                    prof = os.path.join(args.profile, f"{task.replace(':', '_')}_{mode}_N{lv}_run{i + 1}.txt") if args.profile else None
+                    r = level_in_processes(args.processes, bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead, prof)
                     r["run"], r["probe"] = i + 1, probe
                     runs[mode].append(r)
                     report["tasks"][task][mode]["rows"].append(r)
