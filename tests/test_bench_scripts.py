@@ -62,6 +62,22 @@ def test_the_sessions_bench_runs_every_task_in_both_modes_and_writes_its_report(
     assert re.search(r"^resynthesis: sessions held at p99 lag <= 250 ms: engine \d, one-at-a-time \d", r.stdout, re.M), r.stdout
 
 
+def test_the_sessions_bench_profiles_the_engines_worker(tmp_path):
+    from streamgen.testing import random_bundle
+
+    random_bundle(seed=1).save(tmp_path / "tiny")
+    cmd = [sys.executable, "bench/sessions.py", "--bundle", str(tmp_path / "tiny"), "--levels", "1", "--seconds", "1",
+           "--tasks", "resynthesis", "--modes", "engine", "--profile", str(tmp_path / "prof")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "prof" / "resynthesis_engine_N1_run1.txt").read_text()
+    ticks = int(re.match(r"# (\d+) ticks", table).group(1))
+    assert ticks > 0 and "## by self_cpu_time_total" in table and "aten::conv1d" in table  # the worker's own operators
+    r = subprocess.run(cmd + ["--processes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "--profile records one engine process" in r.stderr
+
+
 def test_the_streaming_vocoder_bench_counts_a_steps_operators_and_host_reads():
     r = subprocess.run([sys.executable, "bench/streaming_vocoder.py", "--sizes", "tiny", "--levels", "1,3", "--repeats", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
