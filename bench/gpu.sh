@@ -8,7 +8,9 @@
 #   2: where a tick's time goes (the engine's worker under torch's profiler), the CodeHiFiGAN in exact
 #      windows against streaming convolutions, continuation, and the decoder's CUDA graphs against eager
 #      steps (at most 5.5 minutes).
-#   bash bench/gpu.sh [1|2]      (both parts without an argument; CUDA and PyTorch; wheels in .whl/ if given)
+#   short: what the issue's aims need, for a lease with little time left (at most 8.5 minutes): the GPU test,
+#      the streaming vocoder's step, live sessions with the baseline at 16, one profiled level, the decode step.
+#   bash bench/gpu.sh [1|2|short]   (parts 1 and 2 without an argument; CUDA and PyTorch; wheels in .whl/ if given)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
@@ -23,6 +25,17 @@ PART=${1:-all}
   python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$OUT/device.txt"
 # the issue's GPU aim is sessions held at p99 <= 100 ms (the CPU bench's default bound is 250 ms)
 S="python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --seconds 6 --max-lag-ms 100 --tasks resynthesis,translation"
+if [ "$PART" = short ]; then
+  timeout 40 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_vocoder.py -k on_a_gpu 2>&1 | tail -3 | tee -a "$OUT/device.txt"
+  timeout 60 python3 bench/streaming_vocoder.py --device cuda --sizes public --levels 16,64,256,1024 --repeats 5 2>&1 \
+    | tee "$OUT/streaming_vocoder.md"
+  timeout 200 $S --levels 16,64,256,1024 --modes engine --json "$OUT/sessions.json" 2>&1 | tee "$OUT/sessions.txt"
+  timeout 50 $S --levels 16 --modes one-at-a-time 2>&1 | tee "$OUT/sessions_baseline.txt"
+  timeout 50 $S --tasks translation --levels 64 --modes engine --profile "$OUT/profile" 2>&1 | tee -a "$OUT/sessions_baseline.txt"
+  timeout 100 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 256 --cuda-graphs \
+    --engine-sessions 1,256 --repeats 10 2>&1 | tee "$OUT/decode.md"
+  exit 0
+fi
 if [ "$PART" != 2 ]; then
   timeout 150 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 256 --cuda-graphs \
     --engine-sessions 1,64,256,1024 --repeats 20 2>&1 | tee "$OUT/decode.md"

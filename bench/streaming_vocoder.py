@@ -4,7 +4,8 @@ parameter network (`StreamingParams`, the shipped bundle's), N streams in steady
 piece of new frames per step (12-20 frames: about 320 ms of speech), as the engine's vocoder stage calls them.
 
 Per N: the step's time (median, and per stream), the operators it dispatches (each a kernel launch on a GPU)
-and the values it reads back from the device (each a host synchronisation on a GPU). On a GPU a step is bound
+and the values it reads back from the device (each a host synchronisation on a GPU; on a GPU the column counts
+every synchronisation CUDA reports, a blocking copy to the device included). On a GPU a step is bound
 by launches and synchronisations long before it is bound by arithmetic, so the counts say what a CPU's clock
 cannot: a step whose operators grow with N, or that reads counts back per layer, stalls a GPU however fast it
 computes. Every figure comes from this run.
@@ -19,6 +20,7 @@ import argparse
 import random
 import statistics
 import time
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,8 +60,16 @@ def measure(graph, units: int, n: int, device, repeats: int) -> dict:
         graph.step(streams, pieces(rng, n, units), ended)
     steps = [pieces(rng, n, units) for _ in range(repeats + 1)]
     counts = Counts()
-    with counts:
-        graph.step(streams, steps[0], ended)
+    with counts, warnings.catch_warnings(record=True) as syncs:
+        warnings.simplefilter("always")
+        if device.type == "cuda":  # every synchronisation with the device warns, whatever its cause
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            graph.step(streams, steps[0], ended)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    sync_warnings = sum("synchroniz" in str(w.message) for w in syncs)
     tolist = [0]
     original = torch.Tensor.tolist
 
@@ -81,8 +91,8 @@ def measure(graph, units: int, n: int, device, repeats: int) -> dict:
     finally:
         torch.Tensor.tolist = original
     ms = statistics.median(times) * 1e3
-    return {"sessions": n, "ms": ms, "ms_per_session": ms / n, "ops": counts.ops,
-            "reads": counts.reads + tolist[0] // len(times)}
+    reads = sync_warnings if device.type == "cuda" else counts.reads + tolist[0] // len(times)
+    return {"sessions": n, "ms": ms, "ms_per_session": ms / n, "ops": counts.ops, "reads": reads}
 
 
 def main() -> None:
@@ -95,7 +105,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, device {device}, torch threads {torch.get_num_threads()}")
-    print("| vocoder | streams | step (ms) | per stream (ms) | operators per step | host reads per step |")
+    print("| vocoder | streams | step (ms) | per stream (ms) | operators per step | " + ("synchronisations" if device.type == "cuda" else "host reads") + " per step |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         if size == "bundle":

@@ -183,3 +183,32 @@ def test_a_slot_given_back_starts_the_next_stream_clean(vocoder):
     assert {b.slot, d.slot} == {a.slot, slot_c} and graph.slots.size == 16  # reused, not grown
     with torch.no_grad():
         assert (out_b - vocoder.generate(u)).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_step_synchronises_only_to_hand_back_its_audio():
+    """Every copy to the device is asynchronous and no length is read back: the parameter network's step (its
+    result stays on the device) never waits for the GPU, the generator's only to return its audio."""
+    import warnings
+
+    from streamgen.models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
+    from streamgen.models.streaming_conv import StreamingGenerator, StreamingParams
+
+    torch.manual_seed(0)
+    sf = SourceFilterVocoder(SourceFilterConfig(num_units=50, dim=32, layers=3)).cuda().eval()
+    generator = CodeHiFiGAN(TINY_VOCODER).cuda().eval()
+    for graph, num_units, allowed in ((StreamingParams(sf), 50, 0), (StreamingGenerator(generator), TINY_VOCODER.num_embeddings, 1)):
+        streams = [graph.new_stream() for _ in range(5)]
+        pieces = lambda: [torch.randint(0, num_units, (n,)) for n in (3, 7, 0, 5, 9)]
+        for _ in range(3):
+            graph.step(streams, pieces(), [False] * 5)
+        torch.cuda.synchronize()
+        new = pieces()
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                graph.step(streams, new, [False, False, False, True, False])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert sum("synchroniz" in str(w.message) for w in syncs) == allowed, [str(w.message) for w in syncs]

@@ -68,8 +68,17 @@ class ConvOp:
         return F.linear(taps, self.flat, self.bias).transpose(1, 2)
 
 
+def to_device(t: Tensor, device) -> Tensor:
+    """A host tensor on `device` without waiting for the device: on a GPU, through pinned memory and an
+    asynchronous copy (a plain copy from pageable memory waits until every queued kernel has run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def counts(n: np.ndarray, device) -> Tensor:
-    return torch.as_tensor(n, dtype=torch.long, device=device)
+    return to_device(torch.from_numpy(np.ascontiguousarray(n, dtype=np.int64)), device)
 
 
 def shift(x: Tensor, start: np.ndarray, width: int) -> Tensor:
@@ -199,7 +208,7 @@ def pad_frames(frames: list[Tensor], device) -> tuple[Tensor, np.ndarray]:
     ids = np.zeros((len(frames), int(n.max()) if len(n) else 0), dtype=np.int64)
     for b, f in enumerate(frames):
         ids[b, : len(f)] = f.cpu().numpy()
-    return torch.from_numpy(ids).to(device).clamp_min(0), n
+    return to_device(torch.from_numpy(ids), device).clamp_min(0), n
 
 
 class Stream:
