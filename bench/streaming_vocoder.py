@@ -69,7 +69,7 @@ def measure(graph, units: int, n: int, device, repeats: int) -> dict:
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-    sync_warnings = sum("synchroniz" in str(w.message) for w in syncs)
+    sync_warnings = sum("called a synchronizing CUDA operation" in str(w.message) for w in syncs)
     tolist = [0]
     original = torch.Tensor.tolist
 
