@@ -214,3 +214,82 @@ def test_on_a_gpu_a_step_synchronises_only_to_hand_back_its_audio():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert sum("called a synchronizing CUDA operation" in str(w.message) for w in syncs) == allowed, [str(w.message) for w in syncs]
+
+
+@pytest.mark.parametrize("shapes", [False, True], ids=["exact shapes", "shapes on the GPU's grid"])
+@pytest.mark.parametrize("graph", ["CodeHiFiGAN generator", "source-filter parameters"])
+def test_ragged_schedules_with_streams_joining_ending_and_dropped_equal_each_whole(vocoder, graph, shapes):
+    """Random schedules: pieces of 0 to all of a stream's frames, a first piece that is its last, streams dropped
+    mid-life (their slots reused), more streams than the first slots (the pool grows under live streams); with
+    `shapes`, every batch and length rounded up as on a GPU (scratch rows, samples past each row's end)."""
+    import gc
+    import random
+
+    from streamgen.models.source_filter_vocoder import SourceFilterConfig, SourceFilterVocoder
+    from streamgen.models.streaming_conv import StreamingGenerator, StreamingParams
+
+    if graph == "CodeHiFiGAN generator":
+        model, num_units, Graph = vocoder, TINY_VOCODER.num_embeddings, StreamingGenerator
+        whole = lambda f: model.generate(f)
+    else:
+        model, num_units, Graph = SourceFilterVocoder(SourceFilterConfig(num_units=50, dim=32, layers=3)).eval(), 50, StreamingParams
+        whole = lambda f: model.params(f[None], exact=True)[0]
+    rng = random.Random(7)
+    g = Graph(model, shapes=shapes)
+    live, done = {}, []  # id -> [stream, pieces, outputs, frames in all]
+    for step in range(14):
+        for _ in range(rng.randint(4, 9) if step < 5 else 0):
+            live[len(live) + len(done) + 1000 * step] = [g.new_stream(), [], [], rng.choice([1, 2, rng.randint(1, 30), rng.randint(20, 60)])]
+        if live and rng.random() < 0.2:  # a session dropped mid-stream
+            del live[rng.choice(list(live))]
+            gc.collect()
+        ids = [k for k in live if rng.random() < 0.8] if step < 13 else list(live)
+        if not ids:
+            continue
+        frames, ended = [], []
+        for k in ids:
+            _, pieces, _, total = live[k]
+            left = total - sum(len(p) for p in pieces)
+            n = left if step == 13 or rng.random() < 0.2 else (0 if rng.random() < 0.25 else rng.randint(0, left))
+            pieces.append(torch.randint(0, num_units, (n,), generator=torch.Generator().manual_seed(rng.randrange(10**6))))
+            frames.append(pieces[-1])
+            ended.append(n == left and (step == 13 or rng.random() < 0.7))
+        with torch.no_grad():
+            got = g.step([live[k][0] for k in ids], frames, ended)
+        for k, out, end in zip(ids, got, ended):
+            live[k][2].append(out)
+            if end:
+                done.append(live.pop(k))
+    assert len(done) >= 20 and g.slots.size > 16
+    with torch.no_grad():
+        for _, pieces, outs, total in done:
+            w, o = whole(torch.cat(pieces)), torch.cat(outs)
+            assert o.shape == w.shape and (o - w).abs().max() <= 1e-5, (total, [len(p) for p in pieces])
+
+
+def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(vocoder, monkeypatch):
+    """On a GPU the encoder's and the vocoder's window batches get extra rows and longer widths (so that their
+    shapes repeat): each real window's units, durations and audio are those of the same batch unpadded."""
+    from streamgen.models.streaming_conv import grid
+    from streamgen.pipeline import streams
+    from streamgen.pipeline.streams import AudioWindow, DurationWindow, EncodeWindow
+    from streamgen.testing import random_bundle
+
+    bundle = random_bundle()
+    hubert, quantizer = bundle.hubert.eval(), bundle.quantizer
+    gen = torch.Generator().manual_seed(3)
+    waves = [torch.randn(int(n), generator=gen) * 0.2 for n in torch.randint(2000, 9000, (11,), generator=gen)]
+    enc = [EncodeWindow(w, 1, int(hubert.cfg.num_frames(torch.tensor(len(w)))) - 1, 0) for w in waves]
+    units = [torch.randint(0, TINY_VOCODER.num_embeddings, (int(n),), generator=gen) for n in torch.randint(3, 40, (11,), generator=gen)]
+    dur = [DurationWindow(u, 1, len(u) - 2) for u in units]
+    audio = [AudioWindow(u, 2, len(u) - 3) for u in units]
+    with torch.no_grad():
+        plain = (streams.encode_windows(hubert, quantizer, enc), streams.time_windows(vocoder, dur), streams.synthesise_windows(vocoder, audio))
+        monkeypatch.setattr(streams, "rows_on_grid", lambda n, device: grid(n))
+        monkeypatch.setattr(streams, "bucket", lambda n, step, device: -(-n // step) * step)
+        padded = (streams.encode_windows(hubert, quantizer, enc), streams.time_windows(vocoder, dur), streams.synthesise_windows(vocoder, audio))
+    assert grid(11) == 12
+    for a, b in zip(plain[0] + plain[1], padded[0] + padded[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(plain[2], padded[2]):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5

@@ -77,6 +77,16 @@ def to_device(t: Tensor, device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def grid(n: int) -> int:
+    """n rounded up to one of four sizes per octave (at most a quarter more): on a GPU, calls whose batch and
+    lengths vary tick by tick repeat a few shapes, and cuDNN plans each new convolution shape on the host
+    (2.3 ms a call on the H200, 2026-11-29, where every step was a new shape)."""
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 def counts(n: np.ndarray, device) -> Tensor:
     return to_device(torch.from_numpy(np.ascontiguousarray(n, dtype=np.int64)), device)
 
@@ -101,13 +111,16 @@ def zero_after(x: Tensor, n: np.ndarray) -> Tensor:
     return x * (torch.arange(x.shape[2], device=x.device) < counts(n, x.device)[:, None])[:, None, :].to(x.dtype)
 
 
-def join(a: Tensor, na: np.ndarray, b: Tensor, nb: np.ndarray) -> tuple[Tensor, np.ndarray]:
-    """Ragged concatenation along time: row b is a[b, :, :na_b] then b[b, :, :nb_b] (left-aligned)."""
+def join(a: Tensor, na: np.ndarray, b: Tensor, nb: np.ndarray, size=lambda w: w) -> tuple[Tensor, np.ndarray]:
+    """Ragged concatenation along time: row b is a[b, :, :na_b] then b[b, :, :nb_b] (left-aligned), in a
+    tensor `size(longest row)` wide."""
     n = na + nb
-    width = int(n.max()) if len(n) else 0
-    if (na == a.shape[2]).all():  # every row fills a: a plain concatenation
-        return torch.cat([a, b], dim=2)[:, :, :width], n
+    width = size(int(n.max()) if len(n) else 0)
     both = torch.cat([a, b], dim=2)
+    if both.shape[2] < width:
+        both = F.pad(both, (0, width - both.shape[2]))
+    if (na == a.shape[2]).all():  # every row fills a: a plain concatenation
+        return both[:, :, :width], n
     if both.shape[2] == 0 or width == 0:
         return both.new_zeros(both.shape[0], both.shape[1], width), n
     j = torch.arange(width, device=a.device)[None]
@@ -123,13 +136,20 @@ class Slots:
     slot; a batched step reads its rows' state with one index per tensor and writes it back with one, so
     a step's operators do not grow with the number of streams, and every length lives on the host."""
 
-    def __init__(self, ops: list[ConvOp], queue_channels: list[int], ref: Tensor):
+    def __init__(self, ops: list[ConvOp], queue_channels: list[int], ref: Tensor, shapes: bool | None = None):
         self.ops = ops
         self.tails = [ref.new_zeros(0, op.weight.shape[1], op.k - 1) for op in ops]
         self.tail_n = [np.zeros(0, dtype=np.int64) for _ in ops]
         self.queues = [ref.new_zeros(0, c, 0) for c in queue_channels]
         self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
         self.free: list[int] = []
+        # shapes: every batch and length rounded up to the `grid` (by default on a GPU); the extra rows read
+        # and write a scratch slot no stream holds, with no input, and the extra samples lie past each row's end
+        self.shapes = ref.device.type == "cuda" if shapes is None else shapes
+        self.scratch = self.acquire() if self.shapes else None
+
+    def width(self, n: int) -> int:
+        return grid(n) if self.shapes else n
 
     @property
     def size(self) -> int:
@@ -167,24 +187,24 @@ class Slots:
             x = torch.stack([x] + [torch.zeros_like(x)] * (op.stuff - 1), dim=3).reshape(B, C, T * op.stuff)
             n = n * op.stuff
         if op.b and rows.ended.any():  # the stream ends: `b` zeros after its input
-            x = zero_after(F.pad(x, (0, op.b)), n)
+            x = zero_after(F.pad(x, (0, self.width(x.shape[2] + op.b) - x.shape[2])), n)
             n = n + rows.ended * op.b
         tn = self.tail_n[i][rows.slots]
         cat = torch.cat([self.tails[i].index_select(0, rows.index), x], dim=2)  # row b valid in [keep - tn_b, keep + n_b)
         out_n = np.maximum(tn + n - keep, 0)
-        y = shift(op.conv(cat), keep - tn, int(out_n.max()) if len(out_n) else 0)
+        y = shift(op.conv(cat), keep - tn, self.width(int(out_n.max()) if len(out_n) else 0))
         self.tails[i].index_copy_(0, rows.index, shift(cat, n, keep))  # the last keep inputs, right-aligned
         self.tail_n[i][rows.slots] = np.minimum(tn + n, keep)
         return y, out_n
 
     def push(self, q: int, rows: Rows, x: Tensor, n: np.ndarray) -> tuple[Tensor, np.ndarray]:
         """Queue q's rows with x appended: a ragged batch."""
-        return join(self.queues[q].index_select(0, rows.index), self.queue_n[q][rows.slots], x, n)
+        return join(self.queues[q].index_select(0, rows.index), self.queue_n[q][rows.slots], x, n, self.width)
 
     def keep(self, q: int, rows: Rows, x: Tensor, n: np.ndarray, used: np.ndarray) -> None:
         """Put back what is left of a ragged batch after its first `used` samples."""
         rest = n - used
-        width = max(int(rest.max()) if len(rest) else 0, self.queues[q].shape[2])
+        width = max(self.width(int(rest.max()) if len(rest) else 0), self.queues[q].shape[2])
         if width > self.queues[q].shape[2]:
             self.queues[q] = F.pad(self.queues[q], (0, width - self.queues[q].shape[2]))
         self.queues[q].index_copy_(0, rows.index, shift(x, used, width))
@@ -194,18 +214,21 @@ class Slots:
 class Rows:
     """The streams a batched step advances: their slots (host and device) and which end with this step."""
 
-    def __init__(self, streams: list[Stream], ended: list[bool], device):
+    def __init__(self, streams: list[Stream], ended: list[bool], device, slots: Slots):
         if any(s.ended for s in streams):
             raise ValueError("a stream that has ended cannot be stepped again (its slot may be another stream's)")
-        self.slots = np.array([s.take_slot() for s in streams], dtype=np.int64)
+        self.real = len(streams)  # the rows after them (to the grid) are the scratch slot's
+        extra = slots.width(len(streams)) - len(streams)
+        self.slots = np.array([s.take_slot() for s in streams] + [slots.scratch] * extra, dtype=np.int64)
         self.index = counts(self.slots, device)
-        self.ended = np.array(ended, dtype=bool)
+        self.ended = np.array(list(ended) + [False] * extra, dtype=bool)
 
 
-def pad_frames(frames: list[Tensor], device) -> tuple[Tensor, np.ndarray]:
-    """Unit ids per stream -> [B, max n] (padded with 0, built on the host, moved once), n."""
-    n = np.array([len(f) for f in frames], dtype=np.int64)
-    ids = np.zeros((len(frames), int(n.max()) if len(n) else 0), dtype=np.int64)
+def pad_frames(frames: list[Tensor], rows: Rows, slots: Slots, device) -> tuple[Tensor, np.ndarray]:
+    """Unit ids per stream -> [rows, width] (padded with 0, built on the host, moved once), n (the scratch
+    rows' 0)."""
+    n = np.array([len(f) for f in frames] + [0] * (len(rows.slots) - len(frames)), dtype=np.int64)
+    ids = np.zeros((len(n), slots.width(int(n.max()) if len(n) else 0)), dtype=np.int64)
     for b, f in enumerate(frames):
         ids[b, : len(f)] = f.cpu().numpy()
     return to_device(torch.from_numpy(ids), device).clamp_min(0), n
@@ -238,7 +261,7 @@ def lrelu(x: Tensor, slope: float = LRELU_SLOPE) -> Tensor:
 class StreamingGenerator:
     """The generator of a CodeHiFiGAN as a graph of streaming convs (see the module doc)."""
 
-    def __init__(self, model: CodeHiFiGAN):
+    def __init__(self, model: CodeHiFiGAN, shapes: bool | None = None):
         self.model = model
         self.ops: list[ConvOp] = []
         self.queue_channels: list[int] = []
@@ -256,7 +279,7 @@ class StreamingGenerator:
                 stage.append((pairs, self._queue(rb.convs1[0].in_channels)))  # branch output waiting for the others
             self.blocks.append(stage)
         self.post = self._op(ConvOp.same(model.conv_post))
-        self.slots = Slots(self.ops, self.queue_channels, model.dict.weight)
+        self.slots = Slots(self.ops, self.queue_channels, model.dict.weight, shapes)
 
     def _op(self, op: ConvOp) -> int:
         self.ops.append(op)
@@ -274,8 +297,8 @@ class StreamingGenerator:
         """New unit ids per frame for each stream (and whether its frames end here) -> the new audio
         of each stream: all the samples that those frames make final."""
         dev, S = self.model.dict.weight.device, self.slots
-        rows = Rows(streams, ended, dev)
-        ids, n = pad_frames(frames, dev)
+        rows = Rows(streams, ended, dev, S)
+        ids, n = pad_frames(frames, rows, S, dev)
         x = self.model.dict(ids).transpose(1, 2)
         x, n = S.conv(self.pre, rows, x, n)
         for i, up in enumerate(self.ups):
@@ -291,7 +314,7 @@ class StreamingGenerator:
                     S.keep(q_res, rows, r, rn, hm)
                 outs.append(S.push(q_out, rows, y, m))
             common = np.min([on for _, on in outs], axis=0)
-            width = int(common.max()) if len(common) else 0
+            width = S.width(int(common.max()) if len(common) else 0)
             x = sum(o[:, :, :width] for o, _ in outs) / self.nk
             for (pairs, q_out), (o, on) in zip(self.blocks[i], outs):
                 S.keep(q_out, rows, o, on, common)
@@ -301,7 +324,7 @@ class StreamingGenerator:
         for s, e in zip(streams, ended):
             if e:
                 s.end()
-        return [wave[b, :k] for b, k in enumerate(n.tolist())]
+        return [wave[b, :k] for b, k in enumerate(n[: rows.real].tolist())]
 
 
 class StreamingParams:
@@ -310,14 +333,14 @@ class StreamingParams:
     GELU, the 1x1 mix and the head work frame by frame. Every frame of every block is computed once,
     and the parameters equal the whole sequence's (the convs' zero padding at both ends included)."""
 
-    def __init__(self, model):
+    def __init__(self, model, shapes: bool | None = None):
         self.model = model
         # in float64, rounded to float32 at the end, as `SourceFilterVocoder.params(exact=True)`
         self.ops = [ConvOp.same(copy.deepcopy(b.conv).double(), matmul=True) for b in model.blocks]
         self.mix = [(b.mix.weight[:, :, 0].double(), b.mix.bias.double()) for b in model.blocks]  # 1x1 convs as matrices
         self.head = (model.head.weight.double(), model.head.bias.double())
         # queue i: block i's inputs its output has not caught up with
-        self.slots = Slots(self.ops, [model.dict.weight.shape[1]] * len(self.ops), model.dict.weight.double())
+        self.slots = Slots(self.ops, [model.dict.weight.shape[1]] * len(self.ops), model.dict.weight.double(), shapes)
 
     def new_stream(self) -> Stream:
         return Stream(self.slots)
@@ -328,8 +351,8 @@ class StreamingParams:
         parameter frames that are now final [k * sub, n_params]."""
         m, S = self.model, self.slots
         dev = m.dict.weight.device
-        rows = Rows(streams, ended, dev)
-        ids, n = pad_frames(frames, dev)
+        rows = Rows(streams, ended, dev, S)
+        ids, n = pad_frames(frames, rows, S, dev)
         x = m.dict(ids).transpose(1, 2).double()
         for i, block in enumerate(m.blocks):
             h = layer_norm(block.norm, x.transpose(1, 2)).transpose(1, 2)
@@ -344,4 +367,4 @@ class StreamingParams:
             if e:
                 s.end()
         cfg = m.cfg
-        return [p[b, :k].reshape(k * cfg.sub, cfg.n_params) for b, k in enumerate(n.tolist())]
+        return [p[b, :k].reshape(k * cfg.sub, cfg.n_params) for b, k in enumerate(n[: rows.real].tolist())]

@@ -44,7 +44,7 @@ from ..models.kmeans import KMeansQuantizer, dedup_continuing
 from ..models.logmel_units import LogMelUnits
 from ..models.phone_units import PhoneUnits, next_window
 from ..models.source_filter_vocoder import SourceFilterVocoder
-from ..models.streaming_conv import StreamingGenerator, StreamingParams, to_device
+from ..models.streaming_conv import StreamingGenerator, StreamingParams, grid, to_device
 from ..models.vocoder import CodeHiFiGAN, check_units
 
 
@@ -171,13 +171,14 @@ class UnitStream(EncoderStream):
 def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: list[EncodeWindow]) -> list[Tensor]:
     """Frame units of every window's kept frames: one padded HuBERT call with lengths, one k-means call."""
     p = next(hubert.parameters())
-    lengths = torch.tensor([len(w.wave) for w in windows])
-    width = bucket(int(lengths.max()), 16 * hubert.cfg.hop, p.device)
-    wave = torch.zeros(len(windows), width)
+    width = bucket(max(len(w.wave) for w in windows), 16 * hubert.cfg.hop, p.device)
+    rows = rows_on_grid(len(windows), p.device)
+    lengths = torch.tensor([len(w.wave) for w in windows] + [width] * (rows - len(windows)))  # (extra rows: silence)
+    wave = torch.zeros(rows, width)
     for i, w in enumerate(windows):
         wave[i, : len(w.wave)] = w.wave
-    padded = len(windows) > 1 or width > len(windows[0].wave)
-    feats = hubert(wave.to(p.device, p.dtype), lengths=lengths.to(p.device) if padded else None)
+    padded = rows > 1 or width > len(windows[0].wave)
+    feats = hubert(to_device(wave, p.device).to(p.dtype), lengths=to_device(lengths, p.device) if padded else None)
     kept = torch.cat([feats[i, w.first : w.first + w.count] for i, w in enumerate(windows)])
     return list(quantizer(kept).cpu().split([w.count for w in windows]))
 
@@ -351,11 +352,18 @@ def bucket(n: int, step: int, device: torch.device) -> int:
     return -(-n // step) * step if device.type == "cuda" else n
 
 
+def rows_on_grid(n: int, device: torch.device) -> int:
+    """On CUDA, a batch of n rows made `grid(n)` rows (the extra ones' results unused), for the same reason as
+    `bucket`: the number of sessions ready changes tick by tick. Elsewhere n."""
+    return grid(n) if torch.device(device).type == "cuda" else n
+
+
 def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
     """Unit ids per row -> [B, width] padded with 0 and the lengths, built on the host and moved without
     waiting for the device (on a GPU, two asynchronous copies per call instead of a blocking one per row)."""
-    lengths = [len(s) for s in seqs]
-    out = torch.zeros(len(seqs), bucket(max(lengths), 16, torch.device(device)), dtype=torch.long)
+    width = bucket(max(len(s) for s in seqs), 16, torch.device(device))
+    lengths = [len(s) for s in seqs] + [width] * (rows_on_grid(len(seqs), device) - len(seqs))  # (extra rows: unit 0)
+    out = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
     return to_device(out, device), to_device(torch.tensor(lengths), device)
