@@ -264,6 +264,9 @@ def main() -> None:
     ap.add_argument("--profile", metavar="DIR", help="one engine process: run its worker under torch's profiler and write each "
                     "run's table of operators by time (device and host) into DIR")
     ap.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (PyTorch's own kernels)")
+    ap.add_argument("--no-cudnn-attention", action="store_true",
+                    help="attention without cuDNN's kernels (flash or memory-efficient ones instead; on the H200 of "
+                         "2026-11-29 each cuDNN attention call spent 5.4 ms of host time planning its shape)")
     ap.add_argument("--vocoder-windows", action="store_true",
                     help="CodeHiFiGAN in exact windows (context recomputed, few large calls) instead of streaming convolutions")
     ap.add_argument("--processes", type=int, default=1,
@@ -282,6 +285,8 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     torch.backends.cudnn.enabled = not args.no_cudnn
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.public_random:
         from streamgen.testing import public_size_bundle
 
