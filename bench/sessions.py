@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--modes", default="engine,one-at-a-time", help="engine, one-at-a-time (the baseline), or both")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager decoder steps")
     ap.add_argument("--profile", metavar="DIR", help="one engine process: run its worker under torch's profiler and write each "
-                    "run's table of operators by time (device and host) into DIR")
+                    "run's table of operators by host time into DIR")
     ap.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (PyTorch's own kernels)")
     ap.add_argument("--no-cudnn-attention", action="store_true",
                     help="attention without cuDNN's kernels (flash or memory-efficient ones instead; on the H200 of "
