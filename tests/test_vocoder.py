@@ -293,3 +293,21 @@ def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(voc
         assert torch.equal(a, b)
     for a, b in zip(plain[2], padded[2]):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
+
+
+def test_rows_padding_a_step_to_the_grid_touch_no_streams_state(vocoder):
+    """Nine streams step together, padded to ten rows: the extra row is the scratch slot's, and every stream's
+    audio is what the same steps give without padding."""
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    plain, padded = StreamingGenerator(vocoder), StreamingGenerator(vocoder, shapes=True)
+    out = {g: [[] for _ in range(9)] for g in (plain, padded)}
+    streams = {g: [g.new_stream() for _ in range(9)] for g in (plain, padded)}
+    for step in range(3):
+        pieces = [units(4 + i, seed=10 * step + i) for i in range(9)]
+        for g in (plain, padded):
+            for o, r in zip(out[g], g.step(streams[g], pieces, [step == 2] * 9)):
+                o.append(r)
+    assert padded.slots.scratch not in {s.slot for s in streams[padded]}
+    for a, b in zip(out[plain], out[padded]):
+        assert (torch.cat(a) - torch.cat(b)).abs().max() <= 1e-6
