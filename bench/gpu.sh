@@ -13,6 +13,10 @@
 #      decode step. (Profiling the engine's worker thread failed on the H200 of 2026-11-29: CUPTI wants the
 #      thread that registered it; part 2 still tries.)
 #   bash bench/gpu.sh [1|2|short]   (parts 1 and 2 without an argument; CUDA and PyTorch; wheels in .whl/ if given)
+# The lent H200's image (Python 3.12, torch 2.11) lacks soundfile and soxr, which the sessions bench imports; before
+# the device call: pip download soundfile soxr cffi pycparser --python-version 3.12 --only-binary=:all: --no-deps
+#   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl; echo .whl/ >> .git/info/exclude
+# and name .whl in the call's carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
