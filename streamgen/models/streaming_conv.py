@@ -212,26 +212,30 @@ class Slots:
 
 
 class Rows:
-    """The streams a batched step advances: their slots (host and device) and which end with this step."""
+    """The streams a batched step advances: their slots (host and device), which end with this step, and their
+    new unit ids [rows, width] (padded with 0, built on the host, moved once) with their counts `n`. On the
+    grid, the rows after the streams' are the scratch slot's, with no input."""
 
-    def __init__(self, streams: list[Stream], ended: list[bool], device, slots: Slots):
+    def __init__(self, streams: list[Stream], frames: list[Tensor], ended: list[bool], slots: Slots, device):
         if any(s.ended for s in streams):
             raise ValueError("a stream that has ended cannot be stepped again (its slot may be another stream's)")
-        self.real = len(streams)  # the rows after them (to the grid) are the scratch slot's
+        self.streams = streams
         extra = slots.width(len(streams)) - len(streams)
         self.slots = np.array([s.take_slot() for s in streams] + [slots.scratch] * extra, dtype=np.int64)
         self.index = counts(self.slots, device)
         self.ended = np.array(list(ended) + [False] * extra, dtype=bool)
+        self.n = np.array([len(f) for f in frames] + [0] * extra, dtype=np.int64)
+        ids = np.zeros((len(self.n), slots.width(int(self.n.max()) if len(self.n) else 0)), dtype=np.int64)
+        for b, f in enumerate(frames):
+            ids[b, : len(f)] = f.cpu().numpy()
+        self.ids = to_device(torch.from_numpy(ids), device).clamp_min(0)
 
-
-def pad_frames(frames: list[Tensor], rows: Rows, slots: Slots, device) -> tuple[Tensor, np.ndarray]:
-    """Unit ids per stream -> [rows, width] (padded with 0, built on the host, moved once), n (the scratch
-    rows' 0)."""
-    n = np.array([len(f) for f in frames] + [0] * (len(rows.slots) - len(frames)), dtype=np.int64)
-    ids = np.zeros((len(n), slots.width(int(n.max()) if len(n) else 0)), dtype=np.int64)
-    for b, f in enumerate(frames):
-        ids[b, : len(f)] = f.cpu().numpy()
-    return to_device(torch.from_numpy(ids), device).clamp_min(0), n
+    def finish(self, n: np.ndarray) -> list[int]:
+        """After the step: the streams that ended give their slots back; each stream's output count (of `n`)."""
+        for s, e in zip(self.streams, self.ended):
+            if e:
+                s.end()
+        return n[: len(self.streams)].tolist()
 
 
 class Stream:
@@ -296,10 +300,9 @@ class StreamingGenerator:
     def step(self, streams: list[Stream], frames: list[Tensor], ended: list[bool]) -> list[Tensor]:
         """New unit ids per frame for each stream (and whether its frames end here) -> the new audio
         of each stream: all the samples that those frames make final."""
-        dev, S = self.model.dict.weight.device, self.slots
-        rows = Rows(streams, ended, dev, S)
-        ids, n = pad_frames(frames, rows, S, dev)
-        x = self.model.dict(ids).transpose(1, 2)
+        S = self.slots
+        rows = Rows(streams, frames, ended, S, self.model.dict.weight.device)
+        x, n = self.model.dict(rows.ids).transpose(1, 2), rows.n
         x, n = S.conv(self.pre, rows, x, n)
         for i, up in enumerate(self.ups):
             x, n = S.conv(up, rows, lrelu(x), n)
@@ -321,10 +324,7 @@ class StreamingGenerator:
             n = common
         x, n = S.conv(self.post, rows, lrelu(x, 0.01), n)
         wave = torch.tanh(x)[:, 0].float().cpu()  # one read back for the whole step
-        for s, e in zip(streams, ended):
-            if e:
-                s.end()
-        return [wave[b, :k] for b, k in enumerate(n[: rows.real].tolist())]
+        return [wave[b, :k] for b, k in enumerate(rows.finish(n))]
 
 
 class StreamingParams:
@@ -350,10 +350,8 @@ class StreamingParams:
         """New unit ids per frame for each stream (and whether its frames end here) -> each stream's
         parameter frames that are now final [k * sub, n_params]."""
         m, S = self.model, self.slots
-        dev = m.dict.weight.device
-        rows = Rows(streams, ended, dev, S)
-        ids, n = pad_frames(frames, rows, S, dev)
-        x = m.dict(ids).transpose(1, 2).double()
+        rows = Rows(streams, frames, ended, S, m.dict.weight.device)
+        x, n = m.dict(rows.ids).transpose(1, 2).double(), rows.n
         for i, block in enumerate(m.blocks):
             h = layer_norm(block.norm, x.transpose(1, 2)).transpose(1, 2)
             y, out_n = S.conv(i, rows, h, n)
@@ -363,8 +361,5 @@ class StreamingParams:
             S.keep(i, rows, r, rn, out_n)
             n = out_n
         p = F.linear(layer_norm(m.norm, x.transpose(1, 2)), *self.head).to(m.head.weight.dtype)  # [B, T, sub * n_params]
-        for s, e in zip(streams, ended):
-            if e:
-                s.end()
         cfg = m.cfg
-        return [p[b, :k].reshape(k * cfg.sub, cfg.n_params) for b, k in enumerate(n[: rows.real].tolist())]
+        return [p[b, :k].reshape(k * cfg.sub, cfg.n_params) for b, k in enumerate(rows.finish(n))]
