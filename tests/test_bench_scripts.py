@@ -108,3 +108,12 @@ def test_engine_calls_lists_the_largest_lags_and_draws_the_run(tmp_path):
         if task == "continuation":  # each of the largest lags with the decode its units came from
             worst = re.findall(r"^ +\d+ ms +s[01] +at +[\d.]+ s: a decode of up to \d+ units begun \d+ ms before", r.stdout, re.M)
             assert len(worst) == 3, r.stdout
+
+
+def test_the_engine_overhead_bench_splits_each_stage_from_its_model_calls():
+    r = subprocess.run([sys.executable, "bench/engine_overhead.py", "--sessions", "2"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"^   2 sessions, (\d+) ticks: per tick \(ms\) intake [\d.]+, encode [\d.]+, decide [\d.]+, decode [\d.]+, vocode [\d.]+; "
+                  r"model calls encoder [\d.]+, vocoder [\d.]+; the rest (-?\d+) us per session per tick$", r.stdout, re.M)
+    assert m and int(m.group(1)) > 5 and int(m.group(2)) > 0, r.stdout
