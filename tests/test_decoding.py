@@ -300,3 +300,40 @@ def test_the_decoder_counts_its_steps_and_the_rows_they_advance(mbart):
     assert [len(got["a"]), len(got["b"])] == [5, 9]
     assert (dec.steps, dec.rows_stepped) == (8, 4 * 2 + 4)
     assert left == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]  # the most tokens a decode in flight may still produce
+
+
+def test_admissions_padded_to_the_gpus_grid_decode_what_they_decode_unpadded(lively_mbart, monkeypatch):
+    """On a GPU a batch of admissions is rounded up to the grid in rows and in source and prefix lengths (extra
+    rows hold </s> alone): eleven requests with ragged sources and prefixes, some prompted, joining at three
+    steps, decode the same units as without the padding, and the padded shapes are the grid's."""
+    from streamgen.models import generation
+    from streamgen.models.shapes import grid
+
+    m = lively_mbart
+    kv = make_prompt(m).shared_kv(m)
+    lengths = [5, 14, 8, 30, 11, 3, 20, 26, 9, 17, 36]
+    requests = [Request(units_to_source(random_units(n, seed=n)), decoder_prefix((), random_units(i % 4, seed=i)), 12, 12,
+                        prompt=kv if i % 3 else None, seed=i) for i, n in enumerate(lengths)]
+    joins = {0: range(0, 2), 2: range(2, 11), 3: range(11, 11)}
+
+    def decode() -> tuple[dict, list]:
+        dec, out, shapes = Decoder(m, slots=2), {i: [] for i in range(11)}, []
+        start = m.start
+        m.start = lambda src, *a, **kw: shapes.append(tuple(src.shape)) or start(src, *a, **kw)
+        try:
+            for step in range(40):
+                for i in joins.get(step, []):
+                    dec.submit(i, requests[i])
+                for key, units, _ in dec.step():
+                    out[key] += units
+        finally:
+            m.start = start
+        return out, shapes
+
+    plain, plain_shapes = decode()
+    monkeypatch.setattr(generation, "on_grid", lambda n, device: grid(n))
+    padded, padded_shapes = decode()
+    assert all(len(u) == 12 for u in plain.values()) and len({tuple(u) for u in plain.values()}) > 1
+    assert padded == plain
+    assert plain_shapes == [(2, 15), (9, 37)]  # sources end with </s>
+    assert padded_shapes == [(2, 16), (10, 40)] == [(grid(2), grid(15)), (grid(9), grid(37))]

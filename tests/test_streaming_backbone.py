@@ -99,6 +99,7 @@ def live_streams(m, sources, chunks, offsets, budget=60):
     read = {i: 0 for i in range(len(sources))}
     busy, done = set(), set()
     counts = {"encoded": 0, "prefilled": 0}
+    widths: list[int] = []
     start, extend, step = m.start, m.extend_source, m.step
 
     def counted_start(src, *a, **kw):
@@ -107,6 +108,7 @@ def live_streams(m, sources, chunks, offsets, budget=60):
 
     def counted_extend(state, rows, tokens, n):
         counts["encoded"] += int(n.sum())
+        widths.append(tokens.shape[1] - int(n.max()))  # the padding past the longest extension
         return extend(state, rows, tokens, n)
 
     def counted_step(state, tokens, *a, counts_=None, **kw):
@@ -143,10 +145,12 @@ def live_streams(m, sources, chunks, offsets, budget=60):
             r += 1
     finally:
         m.start, m.extend_source, m.step = start, extend, step
-    return out, counts, dec
+    return out, counts, dec, widths
 
 
-def test_a_stream_decided_chunk_by_chunk_equals_one_decode_of_the_whole_source():
+@pytest.mark.parametrize("shapes", [False, True], ids=["exact shapes", "shapes on the GPU's grid"])
+def test_a_stream_decided_chunk_by_chunk_equals_one_decode_of_the_whole_source(shapes, monkeypatch):
+    """shapes: admissions and source extensions padded to the grid, as on a GPU."""
     m = streaming()
     sources = [random_units(n, seed=10 + n) for n in (30, 41, 17, 26)]
     whole = []
@@ -158,12 +162,21 @@ def test_a_stream_decided_chunk_by_chunk_equals_one_decode_of_the_whole_source()
             units += [u for _, us, _ in dec.step() for u in us]
         whole.append(units)
     assert all(len(u) == 60 and len(set(u)) >= 4 for u in whole)  # varied units, not one repeated
-    for chunks, offsets in (([4] * 4, [0] * 4), ([4, 7, 3, 1], [0, 2, 5, 9])):  # alone in step; ragged, joining mid-decode
-        out, counts, dec = live_streams(m, sources, chunks, offsets)
+    if shapes:
+        from streamgen.models import generation
+        from streamgen.models.shapes import grid
+
+        monkeypatch.setattr(generation, "on_grid", lambda n, device: grid(n))
+    padding = 0
+    # alone in step; ragged, joining mid-decode; extensions longer than 8 tokens (the grid pads those)
+    for chunks, offsets in (([4] * 4, [0] * 4), ([4, 7, 3, 1], [0, 2, 5, 9]), ([9, 13, 11, 10], [0, 1, 1, 3])):
+        out, counts, dec, widths = live_streams(m, sources, chunks, offsets)
+        padding += sum(widths)
         assert [out[i] for i in range(4)] == whole
         # every source token (and each </s>) encoded once; only each stream's start token prefilled
         assert counts == {"encoded": sum(len(s) + 1 for s in sources), "prefilled": 4}
         assert not dec.parked and not dec.running and len(dec.free) == dec.pool.batch_size  # every slot is free again
+    assert (padding > 0) == shapes
 
 
 def decode_all(dec, key, request):

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, PromptKV, UnitMBart, pad_sequences, units_to_source
+from .shapes import on_grid, to_device
+from .unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, PromptKV, UnitMBart, units_to_source
 
 log = logging.getLogger("streamgen")
 
@@ -100,6 +101,19 @@ def choose(logits: Tensor, allowed: Tensor, greedy: Tensor, temperature: Tensor,
     scaled = scaled.masked_fill((top_k[:, None] > 0) & (scaled < kth), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform(seed, step, logits.shape[-1]))).float()
     return torch.where(greedy, best, (scaled + gumbel).argmax(-1))
+
+
+def token_rows(seqs: list[Tensor], device, pad_rows: bool = True) -> tuple[Tensor, Tensor]:
+    """Token sequences right-padded with <pad> into one [B, T] tensor on `device`, and their lengths [B]: built
+    on the host and copied without waiting for the device. On a GPU, T and (with `pad_rows`) B are rounded up to
+    the grid (`shapes.on_grid`), so that admissions, whose batch and lengths change step by step, repeat a few
+    shapes; an extra row holds </s> alone (a source or prefix of one real token) and its results are dropped."""
+    rows = on_grid(len(seqs), device) if pad_rows else len(seqs)
+    seqs = [s.cpu() for s in seqs] + [torch.tensor([EOS])] * (rows - len(seqs))
+    out = torch.full((rows, on_grid(max(len(s) for s in seqs), device)), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return to_device(out, device), to_device(torch.tensor([len(s) for s in seqs]), device)
 
 
 @dataclass
@@ -266,10 +280,9 @@ class Decoder:
         # a stream that ended at </s> decodes nothing more: its new source is not worth encoding
         grown = [(r, p) for _, r, p in batch if len(r.source) > len(p.source) and p.last != EOS]
         if grown:
-            rows = torch.tensor([p.slot for _, p in grown], device=self.device)
-            new = [r.source[len(p.source):].to(self.device) for r, p in grown]
-            counts = torch.tensor([len(t) for t in new], device=self.device)
-            self.model.extend_source(self.pool, rows, pad_sequences(new), counts)
+            rows = to_device(torch.tensor([p.slot for _, p in grown]), self.device)
+            new, counts = token_rows([r.source[len(p.source):] for r, p in grown], self.device, pad_rows=False)
+            self.model.extend_source(self.pool, rows, new, counts)
         run = []
         for key, r, p in batch:
             p.source = r.source
@@ -282,18 +295,16 @@ class Decoder:
                 run.append((r, p))
         if run:
             slots = [p.slot for _, p in run]
-            self.tokens[torch.tensor(slots, device=self.device)] = torch.tensor([p.last for _, p in run], device=self.device)
+            self.tokens[to_device(torch.tensor(slots), self.device)] = to_device(torch.tensor([p.last for _, p in run]), self.device)
             self._configure(slots, [r for r, _ in run])
         return out
 
     def _configure(self, slots: list[int], requests: list[Request]) -> None:
         """The per-slot sampling settings of requests starting in these slots."""
-        idx = torch.tensor(slots, device=self.device)
-        self.greedy[idx] = torch.tensor([r.sampling.greedy for r in requests], device=self.device)
-        self.temperature[idx] = torch.tensor([float(r.sampling.temperature) for r in requests], device=self.device)
-        self.top_k[idx] = torch.tensor([r.sampling.top_k for r in requests], device=self.device)
-        self.seed[idx] = torch.tensor([r.seed & _M32 for r in requests], device=self.device)
-        self.min_new[idx] = torch.tensor([r.min_new for r in requests], device=self.device)
+        idx = to_device(torch.tensor(slots), self.device)
+        settings = to_device(torch.tensor([[r.sampling.greedy, r.sampling.top_k, r.seed & _M32, r.min_new] for r in requests]), self.device)
+        self.greedy[idx], self.top_k[idx], self.seed[idx], self.min_new[idx] = settings[:, 0].bool(), settings[:, 1], settings[:, 2], settings[:, 3]
+        self.temperature[idx] = to_device(torch.tensor([float(r.sampling.temperature) for r in requests]), self.device)
         self.produced[idx] = 0
         for slot, r in zip(slots, requests):
             (self.sampled.discard if r.sampling.greedy else self.sampled.add)(slot)
@@ -346,7 +357,7 @@ class Decoder:
         (views, no copy; one kernel per operation whatever the rows), the views ending at the rows'
         longest cache (+ the token this step writes) and source."""
         self.steps += 1
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(torch.tensor(slots), self.device)
         if self.device.type == "cpu":
             return self._emit(slots, idx, self._choose(self.model.step_rows(self.pool, slots, self.tokens[idx]), slots, idx))
         pool, lo, hi = self.pool, slots[0], slots[-1] + 1
@@ -373,7 +384,7 @@ class Decoder:
         key = (rows, id(prompt), *where)
         if key not in self.captured:
             self.captured[key] = _Captured(self.model, pool, rows, prompt, self.tokens, self.active)
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(torch.tensor(slots), self.device)
         self.active.zero_()
         self.active[idx] = True
         logits = self.captured[key].replay()
@@ -403,12 +414,14 @@ class Decoder:
                 todo.append((key, r, budget))
         if not todo:
             return out
-        src = pad_sequences([r.source.to(self.device) for _, r, _ in todo])
-        prefix = pad_sequences([r.prefix.to(self.device) for _, r, _ in todo])
-        counts = torch.tensor([len(r.prefix) for _, r, _ in todo], device=self.device)
-        fresh = self.model.start(src, [r.prompt for _, r, _ in todo], capacity=prefix.shape[1] + 1)
+        n = len(todo)
+        src, _ = token_rows([r.source for _, r, _ in todo], self.device)
+        prefix, counts = token_rows([r.prefix for _, r, _ in todo], self.device)
+        prompts = [r.prompt for _, r, _ in todo]
+        prompts += prompts[:1] * (src.shape[0] - n)  # extra rows (a GPU's shapes) join the first row's prompt group
+        fresh = self.model.start(src, prompts, capacity=prefix.shape[1] + 1)
         logits = self.model.step(fresh, prefix, counts=counts)
-        logits = logits[torch.arange(len(todo), device=self.device), counts - 1]
+        logits = logits[torch.arange(n, device=self.device), counts[:n] - 1]
         slots = self._slots(len(todo))
         try:
             if self.pool is None:
@@ -423,7 +436,7 @@ class Decoder:
         for (key, r, budget), s in zip(todo, slots):
             self.running[s] = _Running(key, r, s, budget)
         self._configure(slots, [r for _, r, _ in todo])
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(torch.tensor(slots), self.device)
         return out + self._emit(slots, idx, self._choose(logits, slots, idx))
 
     def _emit(self, slots: list[int], idx: Tensor, nxt: Tensor) -> list[tuple[object, list[int], bool]]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .shapes import grid, to_device
 from .source_filter_vocoder import layer_norm
 from .vocoder import LRELU_SLOPE, CodeHiFiGAN
 
@@ -66,25 +67,6 @@ class ConvOp:
             return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
         taps = x.unfold(2, self.k, 1).permute(0, 2, 1, 3).reshape(B, L - self.k + 1, C * self.k)  # [B, L', (Ci, k)]
         return F.linear(taps, self.flat, self.bias).transpose(1, 2)
-
-
-def to_device(t: Tensor, device) -> Tensor:
-    """A host tensor on `device` without waiting for the device: on a GPU, through pinned memory and an
-    asynchronous copy (a plain copy from pageable memory waits until every queued kernel has run)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def grid(n: int) -> int:
-    """n rounded up to one of four sizes per octave (at most a quarter more): on a GPU, calls whose batch and
-    lengths vary tick by tick repeat a few shapes, and cuDNN plans each new convolution shape on the host
-    (2.3 ms a call on the H200, 2026-11-29, where every step was a new shape)."""
-    if n <= 8:
-        return n
-    step = 1 << (n.bit_length() - 3)
-    return -(-n // step) * step
 
 
 def counts(n: np.ndarray, device) -> Tensor:

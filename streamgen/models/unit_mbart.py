@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, Prefix, PrefixGroups, attend_rows
 from .half_weights import linear
+from .shapes import to_device
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 UNIT_OFFSET = 4
@@ -292,28 +293,30 @@ class DecoderState:
         self._groups = None
 
     def insert(self, slots: list[int], other: DecoderState) -> None:
-        """Copy `other`'s rows (new sessions, just prefilled) into free slots; nothing else moves."""
+        """Copy `other`'s first len(slots) rows (new sessions, just prefilled; any rows after them are padding)
+        into free slots; nothing else moves."""
         self.grow(other.capacity)
         self.grow_source(other.source_capacity)
-        idx = torch.tensor(slots, device=self.lengths.device)
+        n = len(slots)
+        idx = to_device(torch.tensor(slots), self.lengths.device)
         C, S = other.capacity, other.source_capacity
         for i in range(len(self.k)):
-            self.k[i][idx, :, :C] = other.k[i]
-            self.v[i][idx, :, :C] = other.v[i]
-            self.cross[i][0][idx, :, :S] = other.cross[i][0]
-            self.cross[i][1][idx, :, :S] = other.cross[i][1]
+            self.k[i][idx, :, :C] = other.k[i][:n]
+            self.v[i][idx, :, :C] = other.v[i][:n]
+            self.cross[i][0][idx, :, :S] = other.cross[i][0][:n]
+            self.cross[i][1][idx, :, :S] = other.cross[i][1][:n]
         for (k, v), (ok, ov) in zip(self.enc or [], other.enc or []):
-            k[idx, :, :S], v[idx, :, :S] = ok, ov
+            k[idx, :, :S], v[idx, :, :S] = ok[:n], ov[:n]
         self.src_mask[idx] = False
-        self.src_mask[idx, :S] = other.src_mask
-        self.lengths[idx] = other.lengths
+        self.src_mask[idx, :S] = other.src_mask[:n]
+        self.lengths[idx] = other.lengths[:n]
         for j, s in enumerate(slots):
             self.prompts[s] = other.prompts[j]
         self._groups = None
 
     def release(self, slots: list[int]) -> None:
         """Free slots (their contents become unreachable: no source, no prompt, length 0)."""
-        idx = torch.tensor(slots, device=self.lengths.device)
+        idx = to_device(torch.tensor(slots), self.lengths.device)
         self.src_mask[idx] = False
         self.lengths[idx] = 0
         for s in slots:
