@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -49,10 +50,13 @@ def dedup(units: Tensor) -> tuple[Tensor, Tensor]:
 
 def dedup_continuing(frame_units: Tensor, previous: int | None) -> tuple[Tensor, Tensor]:
     """De-duplicate the next chunk of a stream's frame units: (units, index of each one's first
-    frame in the chunk). A run that continues the previous chunk's last unit is not repeated."""
-    starts = torch.ones(len(frame_units), dtype=torch.bool)
-    starts[1:] = frame_units[1:] != frame_units[:-1]
-    if previous is not None and len(frame_units) and int(frame_units[0]) == previous:
+    frame in the chunk). A run that continues the previous chunk's last unit is not repeated.
+    (On the host, in numpy: a few units per session and tick, where torch's per-operator cost is most
+    of the time.)"""
+    u = frame_units.cpu().numpy()
+    starts = np.ones(len(u), dtype=bool)
+    starts[1:] = u[1:] != u[:-1]
+    if previous is not None and len(u) and u[0] == previous:
         starts[0] = False
-    idx = torch.nonzero(starts)[:, 0]
-    return frame_units[idx], idx
+    idx = np.flatnonzero(starts)
+    return torch.from_numpy(u[idx]), torch.from_numpy(idx)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -136,11 +137,12 @@ def then(a: Decision | None, b: Decision | None) -> Decision | None:
 
 
 def run_frames(units: Tensor, starts: Tensor, end: int) -> Tensor:
-    """Runs of `units` starting at frames `starts`, the last ending at frame `end`: one unit id per frame."""
-    lengths = torch.diff(torch.cat([starts, torch.tensor([end])]))
-    if bool((lengths < 0).any()):
+    """Runs of `units` starting at frames `starts`, the last ending at frame `end`: one unit id per frame
+    (on the host, in numpy: a few runs per session and tick)."""
+    lengths = np.diff(starts.numpy(), append=end)
+    if (lengths < 0).any():
         raise ValueError(f"unit runs starting at frames {starts.tolist()} are out of order or end after frame {end}")
-    return torch.repeat_interleave(units, lengths)
+    return torch.from_numpy(np.repeat(units.numpy(), lengths))
 
 
 class Policy:
@@ -243,7 +245,8 @@ class Resynthesis(Policy):
             ids, first = units, starts
             self.timed = int(starts[0])
         else:
-            ids, first = torch.cat([torch.tensor([self.last]), units]), torch.cat([torch.tensor([self.timed]), starts])
+            ids = torch.from_numpy(np.concatenate([[self.last], units.numpy()]))
+            first = torch.from_numpy(np.concatenate([[self.timed], starts.numpy()]))
         frames = run_frames(ids, first, self.source_frames)
         if not len(frames):
             return None
