@@ -145,9 +145,10 @@ def test_one_at_a_time_baseline_gives_the_same_output(test_bundle):
         assert (batched.wave(n) - single.wave(n)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("graphs, mixed", [(False, True), (True, True), (True, False)])
-def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bundle, graphs, mixed):
-    """graphs: the static bucketed steps of the GPU path (captured on CUDA, run eagerly here)."""
+@pytest.mark.parametrize("graphs, mixed, gpu_eager", [(False, True, False), (True, True, False), (True, False, False), (False, True, True)])
+def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bundle, graphs, mixed, gpu_eager, monkeypatch):
+    """graphs: the static bucketed steps of the GPU path (captured on CUDA, run eagerly here). gpu_eager: a GPU's
+    eager step (one masked step of a block of rows, its cache and source widths on the grid) instead of a CPU's."""
     m = test_bundle.mbart
     g = torch.Generator().manual_seed(0)
     prompts = []
@@ -162,6 +163,20 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
     alone = [generate(m, [s], prompt=p, max_units=25, min_units=10, sampling=sp, seed=i)[0].tolist()
              for i, (s, p, sp) in enumerate(zip(srcs, which, sampling))]
     dec, out = Decoder(m, slots=2, graphs=graphs), {i: [] for i in range(4)}
+    if gpu_eager:
+        from streamgen.models import generation
+        from streamgen.models.shapes import grid
+
+        dec.masked_steps = True
+        monkeypatch.setattr(generation, "on_grid", lambda n, device: grid(n))
+        model_step, widths = m.step, []
+
+        def watched(state, tokens, *a, **kw):
+            if kw.get("grow") is False:  # a masked step of running rows (not an admission's prefill)
+                widths.append((state.capacity, state.source_capacity, dec.pool.capacity, dec.pool.source_capacity))
+            return model_step(state, tokens, *a, **kw)
+
+        monkeypatch.setattr(m, "step", watched)
     joins = {0: [0], 3: [1], 5: [2, 3]}  # step -> requests that join then (the pool grows past 2 slots)
     for step in range(200):
         for i in joins.get(step, []):
@@ -173,6 +188,9 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
     assert [out[i] for i in range(4)] == alone
     if graphs and not mixed:
         assert dec.captured  # the static steps ran
+    if gpu_eager:  # the masked steps ran, on the grid's widths (the prefills' are the admissions')
+        assert len(widths) > 20 and any(c > 8 for c, _, _, _ in widths) and any(s > 8 for _, s, _, _ in widths)
+        assert all(c in (grid(c), cap) and s in (grid(s), src_cap) for c, s, cap, src_cap in widths)
     assert not dec.running and sorted(dec.free) == list(range(dec.pool.batch_size))
 
 

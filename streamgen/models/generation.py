@@ -158,6 +158,9 @@ class Decoder:
         self.graphs = graphs and not max_batch  # static bucketed steps, CUDA graphs on CUDA
         self.captured: dict[tuple, _Captured] = {}
         self.device = model.embed_tokens.weight.device
+        # eager steps: on a CPU each row attends over its own keys (`step_rows`), elsewhere one masked step of a
+        # block of rows (see `_advance_rows`; tests set it to run a GPU's path on a CPU)
+        self.masked_steps = self.device.type != "cpu"
         self.allowed = allowed_tokens_mask(model, self.device)
         self.disallowed = ~self.allowed
         self.sampled: set[int] = set()  # slots whose request samples (the rest decode greedily)
@@ -355,14 +358,15 @@ class Decoder:
         together, each row's attention over its own keys (nothing of the other slots read: a step there
         is bound by reading memory). Elsewhere one masked step of the rows [lo, hi) that hold them
         (views, no copy; one kernel per operation whatever the rows), the views ending at the rows'
-        longest cache (+ the token this step writes) and source."""
+        longest cache (+ the token this step writes) and source, rounded up to the grid on a GPU (a new shape
+        each step would be planned anew each step)."""
         self.steps += 1
         idx = to_device(torch.tensor(slots), self.device)
-        if self.device.type == "cpu":
+        if not self.masked_steps:
             return self._emit(slots, idx, self._choose(self.model.step_rows(self.pool, slots, self.tokens[idx]), slots, idx))
         pool, lo, hi = self.pool, slots[0], slots[-1] + 1
-        C = int(pool.lengths[lo:hi].max()) + 1
-        S = int(pool.src_mask[lo:hi].any(0).nonzero()[-1]) + 1
+        C = min(pool.capacity, on_grid(int(pool.lengths[lo:hi].max()) + 1, self.device))
+        S = min(pool.source_capacity, on_grid(int(pool.src_mask[lo:hi].any(0).nonzero()[-1]) + 1, self.device))
         view = DecoderState([t[lo:hi, :, :C] for t in pool.k], [t[lo:hi, :, :C] for t in pool.v], pool.lengths[lo:hi],
                             [(k[lo:hi, :, :S], v[lo:hi, :, :S]) for k, v in pool.cross], pool.src_mask[lo:hi, :S], pool.prompts[lo:hi])
         active = torch.zeros(hi - lo, dtype=torch.bool, device=self.device)
