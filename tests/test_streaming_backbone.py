@@ -163,10 +163,11 @@ def test_a_stream_decided_chunk_by_chunk_equals_one_decode_of_the_whole_source(s
         whole.append(units)
     assert all(len(u) == 60 and len(set(u)) >= 4 for u in whole)  # varied units, not one repeated
     if shapes:
-        from streamgen.models import generation
+        from streamgen.models import generation, unit_mbart
         from streamgen.models.shapes import grid
 
         monkeypatch.setattr(generation, "on_grid", lambda n, device: grid(n))
+        monkeypatch.setattr(unit_mbart, "on_grid", lambda n, device: grid(n))
     padding = 0
     # alone in step; ragged, joining mid-decode; extensions longer than 8 tokens (the grid pads those)
     for chunks, offsets in (([4] * 4, [0] * 4), ([4, 7, 3, 1], [0, 2, 5, 9]), ([9, 13, 11, 10], [0, 1, 1, 3])):

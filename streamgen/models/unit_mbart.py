@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, Prefix, PrefixGroups, attend_rows
 from .half_weights import linear
-from .shapes import to_device
+from .shapes import on_grid, to_device
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 UNIT_OFFSET = 4
@@ -488,7 +488,7 @@ class UnitMBart(nn.Module):
         dev = tokens.device
         held = state.src_mask[rows].sum(1)  # a stream's source is contiguous: tokens it holds so far
         T = tokens.shape[1]
-        S = int(held.max()) + T  # the keys this pass reads (the caches' capacity may be larger)
+        S = on_grid(int(held.max()) + T, dev)  # the keys this pass reads (on a GPU rounded up to the grid; past a row's own, masked)
         state.grow_source(S)
         pos = held[:, None] + torch.arange(T, device=dev)  # [R, T] source positions
         x = self.encoder.embed(self.token_embedding(tokens).to(self.encoder.dtype), pos + PAD + 1)
