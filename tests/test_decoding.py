@@ -302,12 +302,11 @@ def test_the_decoder_counts_its_steps_and_the_rows_they_advance(mbart):
     assert left == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]  # the most tokens a decode in flight may still produce
 
 
-def test_admissions_padded_to_the_gpus_grid_decode_what_they_decode_unpadded(lively_mbart, monkeypatch):
+def test_admissions_padded_to_the_gpus_grid_decode_what_they_decode_unpadded(lively_mbart):
     """On a GPU a batch of admissions is rounded up to the grid in rows and in source and prefix lengths (extra
     rows hold </s> alone): eleven requests with ragged sources and prefixes, some prompted, joining at three
     steps, decode the same units as without the padding, and the padded shapes are the grid's."""
-    from streamgen.models import generation
-    from streamgen.models.shapes import grid
+    from streamgen.models.shapes import gpu_shapes, grid
 
     m = lively_mbart
     kv = make_prompt(m).shared_kv(m)
@@ -331,8 +330,8 @@ def test_admissions_padded_to_the_gpus_grid_decode_what_they_decode_unpadded(liv
         return out, shapes
 
     plain, plain_shapes = decode()
-    monkeypatch.setattr(generation, "on_grid", lambda n, device: grid(n))
-    padded, padded_shapes = decode()
+    with gpu_shapes():
+        padded, padded_shapes = decode()
     assert all(len(u) == 12 for u in plain.values()) and len({tuple(u) for u in plain.values()}) > 1
     assert padded == plain
     assert plain_shapes == [(2, 15), (9, 37)]  # sources end with </s>

@@ -3,6 +3,7 @@ tasks, joining and leaving mid-decode), the one-at-a-time baseline agrees, and s
 length run with bounded state."""
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from speech import espeak
 from streamgen.io.memory import MemorySink, MemorySource, chunks_of
 from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix, generate
 from streamgen.models.prompt import DeepPrompt, PromptConfig
+from streamgen.models.shapes import gpu_shapes, grid
 from streamgen.models.unit_mbart import units_to_source
 from streamgen.pipeline.items import AudioOut, Control, End, SessionError
 from streamgen.pipeline.engine import finish_in_tick
@@ -122,15 +124,15 @@ def test_timed_frames_after_predicted_units_equal_the_whole(test_bundle, kind):
 
 
 @pytest.mark.parametrize("windows", [False, True])
-def test_shape_buckets_of_the_gpu_path_change_no_result(test_bundle, monkeypatch, windows):
-    """On CUDA, padded calls are rounded up to a few shapes; the rows' lengths make that exact."""
-    from streamgen.pipeline import streams
-
+def test_shape_buckets_of_the_gpu_path_change_no_result(test_bundle, windows):
+    """On CUDA every batched call is rounded up to a few shapes (rows and widths; the streaming vocoder's steps
+    and the decoder's admissions too); the rows' lengths make that exact: the whole engine run on the GPU's
+    shapes gives what it gives without them."""
     lookahead = test_bundle.vocoder.frame_context() if windows else None
     items = interleave([session_items(n) for n in "bd"], [0, 2])
     plain, units, _ = run(test_bundle, items, vocoder_lookahead=lookahead)
-    monkeypatch.setattr(streams, "bucket", lambda n, step, device: -(-n // step) * step)
-    padded, padded_units, _ = run(test_bundle, items, vocoder_lookahead=lookahead)
+    with gpu_shapes():
+        padded, padded_units, _ = run(test_bundle, items, vocoder_lookahead=lookahead)
     assert padded_units == units
     for n in "bd":
         assert len(plain.wave(n)) > 0 and (plain.wave(n) - padded.wave(n)).abs().max() <= 1e-5
@@ -164,11 +166,7 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
              for i, (s, p, sp) in enumerate(zip(srcs, which, sampling))]
     dec, out = Decoder(m, slots=2, graphs=graphs), {i: [] for i in range(4)}
     if gpu_eager:
-        from streamgen.models import generation
-        from streamgen.models.shapes import grid
-
         dec.masked_steps = True
-        monkeypatch.setattr(generation, "on_grid", lambda n, device: grid(n))
         model_step, widths = m.step, []
 
         def watched(state, tokens, *a, **kw):
@@ -178,13 +176,14 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
 
         monkeypatch.setattr(m, "step", watched)
     joins = {0: [0], 3: [1], 5: [2, 3]}  # step -> requests that join then (the pool grows past 2 slots)
-    for step in range(200):
-        for i in joins.get(step, []):
-            dec.submit(i, Request(units_to_source(srcs[i]), decoder_prefix(), 25, 10, sampling[i], which[i], seed=i))
-        for key, units, _ in dec.step():
-            out[key] += units
-        if step > 5 and not dec.busy:
-            break
+    with gpu_shapes() if gpu_eager else contextlib.nullcontext():
+        for step in range(200):
+            for i in joins.get(step, []):
+                dec.submit(i, Request(units_to_source(srcs[i]), decoder_prefix(), 25, 10, sampling[i], which[i], seed=i))
+            for key, units, _ in dec.step():
+                out[key] += units
+            if step > 5 and not dec.busy:
+                break
     assert [out[i] for i in range(4)] == alone
     if graphs and not mixed:
         assert dec.captured  # the static steps ran

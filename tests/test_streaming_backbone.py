@@ -3,6 +3,7 @@ what it encodes and decodes never depends on source it has not read, so a live s
 resume one decode (only new source tokens encoded, no committed unit re-run) and the units equal
 one decode of the whole source, alone or batched with other streams joining and leaving."""
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from conftest import TINY, random_units
 
 from streamgen.models.generation import Decoder, Request, decoder_prefix
+from streamgen.models.shapes import gpu_shapes
 from streamgen.models.unit_mbart import EOS, UNIT_OFFSET, UnitMBart, units_to_source
 
 K = 5
@@ -149,7 +151,7 @@ def live_streams(m, sources, chunks, offsets, budget=60):
 
 
 @pytest.mark.parametrize("shapes", [False, True], ids=["exact shapes", "shapes on the GPU's grid"])
-def test_a_stream_decided_chunk_by_chunk_equals_one_decode_of_the_whole_source(shapes, monkeypatch):
+def test_a_stream_decided_chunk_by_chunk_equals_one_decode_of_the_whole_source(shapes):
     """shapes: admissions and source extensions padded to the grid, as on a GPU."""
     m = streaming()
     sources = [random_units(n, seed=10 + n) for n in (30, 41, 17, 26)]
@@ -162,16 +164,11 @@ def test_a_stream_decided_chunk_by_chunk_equals_one_decode_of_the_whole_source(s
             units += [u for _, us, _ in dec.step() for u in us]
         whole.append(units)
     assert all(len(u) == 60 and len(set(u)) >= 4 for u in whole)  # varied units, not one repeated
-    if shapes:
-        from streamgen.models import generation, unit_mbart
-        from streamgen.models.shapes import grid
-
-        monkeypatch.setattr(generation, "on_grid", lambda n, device: grid(n))
-        monkeypatch.setattr(unit_mbart, "on_grid", lambda n, device: grid(n))
     padding = 0
     # alone in step; ragged, joining mid-decode; extensions longer than 8 tokens (the grid pads those)
     for chunks, offsets in (([4] * 4, [0] * 4), ([4, 7, 3, 1], [0, 2, 5, 9]), ([9, 13, 11, 10], [0, 1, 1, 3])):
-        out, counts, dec, widths = live_streams(m, sources, chunks, offsets)
+        with gpu_shapes() if shapes else contextlib.nullcontext():
+            out, counts, dec, widths = live_streams(m, sources, chunks, offsets)
         padding += sum(widths)
         assert [out[i] for i in range(4)] == whole
         # every source token (and each </s>) encoded once; only each stream's start token prefilled

@@ -267,10 +267,10 @@ def test_ragged_schedules_with_streams_joining_ending_and_dropped_equal_each_who
             assert o.shape == w.shape and (o - w).abs().max() <= 1e-5, (total, [len(p) for p in pieces])
 
 
-def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(vocoder, monkeypatch):
+def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(vocoder):
     """On a GPU the encoder's and the vocoder's window batches get extra rows and longer widths (so that their
     shapes repeat): each real window's units, durations and audio are those of the same batch unpadded."""
-    from streamgen.models.shapes import grid
+    from streamgen.models.shapes import gpu_shapes, grid
     from streamgen.pipeline import streams
     from streamgen.pipeline.streams import AudioWindow, DurationWindow, EncodeWindow
     from streamgen.testing import random_bundle
@@ -285,9 +285,8 @@ def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(voc
     audio = [AudioWindow(u, 2, len(u) - 3) for u in units]
     with torch.no_grad():
         plain = (streams.encode_windows(hubert, quantizer, enc), streams.time_windows(vocoder, dur), streams.synthesise_windows(vocoder, audio))
-        monkeypatch.setattr(streams, "on_grid", lambda n, device: grid(n))
-        monkeypatch.setattr(streams, "bucket", lambda n, step, device: -(-n // step) * step)
-        padded = (streams.encode_windows(hubert, quantizer, enc), streams.time_windows(vocoder, dur), streams.synthesise_windows(vocoder, audio))
+        with gpu_shapes():
+            padded = (streams.encode_windows(hubert, quantizer, enc), streams.time_windows(vocoder, dur), streams.synthesise_windows(vocoder, audio))
     assert grid(11) == 12
     for a, b in zip(plain[0] + plain[1], padded[0] + padded[1]):
         assert torch.equal(a, b)

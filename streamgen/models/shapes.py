@@ -2,12 +2,35 @@
 each new convolution and attention shape, 2.3 and 5.4 ms a call on the H200 of 2026-11-29, where every step
 was a new shape), and a copy from ordinary host memory waits for every kernel queued before it. Calls whose
 batch and lengths change tick by tick therefore round them to a few sizes (`grid`, `on_grid`; the extra rows
-and positions are padding whose results are dropped) and move their inputs with `to_device`."""
+and positions are padding whose results are dropped) and move their inputs with `to_device`. Inside
+`gpu_shapes()` every device rounds as a GPU does: tests prove the padding changes no result, and
+bench/shapes.py counts the shapes a GPU would plan, on a CPU."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
+
+_everywhere = False  # set inside `gpu_shapes()`
+
+
+def rounds(device) -> bool:
+    """Whether calls on `device` round their shapes: on CUDA (a CPU plans nothing per shape, and padding would
+    cost it work), or on any device inside `gpu_shapes()`."""
+    return _everywhere or torch.device(device).type == "cuda"
+
+
+@contextmanager
+def gpu_shapes():
+    """Every call made, and every streaming graph built, inside the block rounds its shapes as on a GPU."""
+    global _everywhere
+    before, _everywhere = _everywhere, True
+    try:
+        yield
+    finally:
+        _everywhere = before
 
 
 def grid(n: int) -> int:
@@ -19,8 +42,13 @@ def grid(n: int) -> int:
 
 
 def on_grid(n: int, device) -> int:
-    """On CUDA `grid(n)`, elsewhere n (a CPU has no per-shape planning, and padding would cost it work)."""
-    return grid(n) if torch.device(device).type == "cuda" else n
+    """`grid(n)` where calls on `device` round their shapes (`rounds`), else n."""
+    return grid(n) if rounds(device) else n
+
+
+def multiple(n: int, step: int, device) -> int:
+    """n rounded up to a multiple of `step` where calls on `device` round their shapes (`rounds`), else n."""
+    return -(-n // step) * step if rounds(device) else n
 
 
 def to_device(t: Tensor, device) -> Tensor:

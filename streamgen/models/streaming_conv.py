@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .shapes import grid, to_device
+from .shapes import grid, rounds, to_device
 from .source_filter_vocoder import layer_norm
 from .vocoder import LRELU_SLOPE, CodeHiFiGAN
 
@@ -125,9 +125,10 @@ class Slots:
         self.queues = [ref.new_zeros(0, c, 0) for c in queue_channels]
         self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
         self.free: list[int] = []
-        # shapes: every batch and length rounded up to the `grid` (by default on a GPU); the extra rows read
-        # and write a scratch slot no stream holds, with no input, and the extra samples lie past each row's end
-        self.shapes = ref.device.type == "cuda" if shapes is None else shapes
+        # shapes: every batch and length rounded up to the `grid` (by default where the device rounds, `shapes.rounds`);
+        # the extra rows read and write a scratch slot no stream holds, with no input, and the extra samples lie
+        # past each row's end
+        self.shapes = rounds(ref.device) if shapes is None else shapes
         self.scratch = self.acquire() if self.shapes else None
 
     def width(self, n: int) -> int:

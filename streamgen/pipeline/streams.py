@@ -44,7 +44,7 @@ from ..models.kmeans import KMeansQuantizer, dedup_continuing
 from ..models.logmel_units import LogMelUnits
 from ..models.phone_units import PhoneUnits, next_window
 from ..models.source_filter_vocoder import SourceFilterVocoder
-from ..models.shapes import on_grid, to_device
+from ..models.shapes import multiple, on_grid, to_device
 from ..models.streaming_conv import StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
 
@@ -172,7 +172,7 @@ class UnitStream(EncoderStream):
 def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: list[EncodeWindow]) -> list[Tensor]:
     """Frame units of every window's kept frames: one padded HuBERT call with lengths, one k-means call."""
     p = next(hubert.parameters())
-    width = bucket(max(len(w.wave) for w in windows), 16 * hubert.cfg.hop, p.device)
+    width = multiple(max(len(w.wave) for w in windows), 16 * hubert.cfg.hop, p.device)
     rows = on_grid(len(windows), p.device)
     lengths = torch.tensor([len(w.wave) for w in windows] + [width] * (rows - len(windows)))  # (extra rows: silence)
     wave = torch.zeros(rows, width)
@@ -346,17 +346,10 @@ class VocoderStream(TimedUnitStream):
         return finished and (self.gen is None or self.gen.ended)
 
 
-def bucket(n: int, step: int, device: torch.device) -> int:
-    """On CUDA, n rounded up to a multiple of `step`: calls repeat a few shapes (cuDNN plans a
-    convolution per shape, and ragged lengths would make every call a new one). Rows keep their
-    lengths, so the padding changes no result. Elsewhere n."""
-    return -(-n // step) * step if device.type == "cuda" else n
-
-
 def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
     """Unit ids per row -> [B, width] padded with 0 and the lengths, built on the host and moved without
     waiting for the device (on a GPU, two asynchronous copies per call instead of a blocking one per row)."""
-    width = bucket(max(len(s) for s in seqs), 16, torch.device(device))
+    width = multiple(max(len(s) for s in seqs), 16, torch.device(device))
     lengths = [len(s) for s in seqs] + [width] * (on_grid(len(seqs), device) - len(seqs))  # (extra rows: unit 0)
     out = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, s in enumerate(seqs):
