@@ -117,3 +117,15 @@ def test_the_engine_overhead_bench_splits_each_stage_from_its_model_calls():
     m = re.search(r"^   2 sessions, (\d+) ticks: per tick \(ms\) intake [\d.]+, encode [\d.]+, decide [\d.]+, decode [\d.]+, vocode [\d.]+; "
                   r"model calls encoder [\d.]+, vocoder [\d.]+; the rest (-?\d+) us per session per tick$", r.stdout, re.M)
     assert m and int(m.group(1)) > 5 and int(m.group(2)) > 0, r.stdout
+
+
+def test_the_shapes_bench_counts_the_shapes_a_gpu_would_plan_with_and_without_the_grid():
+    r = subprocess.run([sys.executable, "bench/shapes.py", "--sessions", "3", "--tasks", "resynthesis", "--ticks", "24"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| resynthesis \| 3 \| (exact|GPU grid) \| (\d+) \| (\d+) / (\d+) / (\d+) \((\d+), (\d+)\) \| ([\d.]+) \|$",
+                      r.stdout, re.M)
+    assert [row[0] for row in rows] == ["exact", "GPU grid"], r.stdout
+    for _, calls, a, b, c, conv, attention, _ in rows:
+        assert int(calls) > 0 and int(a) <= int(b) <= int(c) == int(conv) + int(attention)
+    assert int(rows[1][4]) < int(rows[0][4])  # the grid repeats shapes that exact calls do not
