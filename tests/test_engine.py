@@ -65,6 +65,30 @@ def test_sessions_batched_together_equal_each_alone(test_bundle):
     assert not engine.sessions and all(not d.running for d in engine.decoders.values())  # everyone left; their slots are free
 
 
+def test_an_idle_engine_gives_back_its_pools_and_serves_the_next_sessions_as_a_fresh_one(test_bundle):
+    """The decoders' K/V pools and the vocoder's slot tensors keep the size of the most sessions served at once
+    (after a burst, hundreds of megabytes): with no session left they go, and the sessions after that get what
+    they get on a fresh engine."""
+    engine = build_engine(test_bundle, "resynthesis", chunk_ms=100)
+    units: dict[str, list[int]] = {}
+    engine.on_commit = lambda s, u: units.setdefault(s, []).extend(u.tolist())
+
+    def serve(items) -> MemorySink:
+        sink = MemorySink()
+        asyncio.run(Pipeline(MemorySource(items), engine, sink, Stats(test_bundle.sample_rate)).run())
+        return sink
+
+    serve(interleave([session_items(n) for n in "abd"], [0, 1, 2]))
+    slots = engine.new_vocoder_stream.slots
+    assert engine.decoders and all(d.pool is None for d in engine.decoders.values()) and slots.size == 0
+    units.clear()
+    after = serve(session_items("a"))
+    fresh, fresh_units, _ = run(test_bundle, session_items("a"))
+    assert units["a"] == fresh_units["a"] and len(after.wave("a")) > 0
+    assert (after.wave("a") - fresh.wave("a")).abs().max() <= 1e-5
+    assert all(d.pool is None for d in engine.decoders.values()) and slots.size == 0
+
+
 def logmel_source_filter_bundle():
     """A small random bundle of the other kind of parts: log-mel units and the source-filter vocoder."""
     from streamgen.bundle import Bundle

@@ -310,3 +310,24 @@ def test_rows_padding_a_step_to_the_grid_touch_no_streams_state(vocoder):
     assert padded.slots.scratch not in {s.slot for s in streams[padded]}
     for a, b in zip(out[plain], out[padded]):
         assert (torch.cat(a) - torch.cat(b)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("shapes", [False, True], ids=["exact shapes", "shapes on the GPU's grid"])
+def test_slot_tensors_shrink_only_when_no_stream_holds_a_slot(vocoder, shapes):
+    """A graph's slot tensors keep the size of the most streams that ran at once; `shrink` drops them only once
+    every stream has given its slot back, and a stream after it gets what it gets on a fresh graph."""
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    g = StreamingGenerator(vocoder, shapes=shapes)
+    streams = [g.new_stream() for _ in range(20)]
+    g.step(streams, [units(6, seed=i) for i in range(20)], [False] * 20)
+    assert g.slots.size >= 20 and not g.slots.shrink()  # all held
+    g.step(streams[1:], [units(3, seed=i) for i in range(19)], [True] * 19)
+    assert not g.slots.shrink()  # one still held
+    streams[0].end()
+    assert g.slots.shrink() and g.slots.size == (16 if shapes else 0)  # (the GPU's scratch slot comes back)
+    piece = units(9, seed=99)
+    fresh = StreamingGenerator(vocoder, shapes=shapes)
+    (after,) = g.step([g.new_stream()], [piece], [True])
+    (alone,) = fresh.step([fresh.new_stream()], [piece], [True])
+    assert len(after) > 0 and torch.equal(after, alone)

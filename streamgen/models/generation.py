@@ -163,9 +163,6 @@ class Decoder:
         self.masked_steps = self.device.type != "cpu"
         self.allowed = allowed_tokens_mask(model, self.device)
         self.disallowed = ~self.allowed
-        self.sampled: set[int] = set()  # slots whose request samples (the rest decode greedily)
-        self.pool: DecoderState | None = None
-        self.free: list[int] = []
         self.waiting: list[tuple[object, Request]] = []
         self.running: dict[int, _Running] = {}  # by slot
         self.parked: dict[object, _Parked] = {}  # streams between decodes, by key
@@ -175,7 +172,15 @@ class Decoder:
         self.steps = 0  # batched decoder steps that advanced running decodes
         self.rows_stepped = 0  # the rows they advanced (rows_stepped / steps: how well decodes share steps)
         self.initial_slots = slots
-        n = slots
+        self._no_pool()
+
+    def _no_pool(self) -> None:
+        """No K/V pool yet (the first admission makes it) and the per-slot settings of `initial_slots` slots."""
+        self.pool: DecoderState | None = None
+        self.free: list[int] = []
+        self.captured.clear()
+        self.sampled: set[int] = set()  # slots whose request samples (the rest decode greedily)
+        n = self.initial_slots
         self.tokens = torch.full((n,), EOS, dtype=torch.long, device=self.device)  # last token per slot
         self.greedy = torch.ones(n, dtype=torch.bool, device=self.device)
         self.temperature = torch.ones(n, device=self.device)
@@ -184,6 +189,15 @@ class Decoder:
         self.produced = torch.zeros(n, dtype=torch.long, device=self.device)
         self.min_new = torch.zeros(n, dtype=torch.long, device=self.device)
         self.active = torch.zeros(n, dtype=torch.bool, device=self.device)  # rows a static step advances
+
+    def release_pool(self) -> bool:
+        """With no decode waiting, running or parked, give the K/V pool back (it keeps the size of the largest
+        load it served: after a burst of sessions, hundreds of megabytes on a CPU); the next admission makes a
+        new one. Whether it did."""
+        if self.pool is None or self.busy or self.parked:
+            return False
+        self._no_pool()
+        return True
 
     @property
     def max_positions(self) -> int:

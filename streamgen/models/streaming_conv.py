@@ -153,6 +153,20 @@ class Slots:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
+    def shrink(self) -> bool:
+        """With no stream holding a slot, drop the slot tensors (they keep the size of the most streams that ran
+        at once); the next stream's `acquire` makes them anew. Only from the thread that runs the steps (as
+        `acquire`). Whether it did."""
+        if self.size - len(self.free) > (self.scratch is not None):
+            return False
+        self.tails = [t[:0].clone() for t in self.tails]
+        self.queues = [q.new_zeros(0, q.shape[1], 0) for q in self.queues]
+        self.tail_n = [n[:0].copy() for n in self.tail_n]
+        self.queue_n = [n[:0].copy() for n in self.queue_n]
+        self.free = []
+        self.scratch = self.acquire() if self.shapes else None
+        return True
+
     def _grow(self, size: int) -> None:
         old = self.size
         grow = lambda t: torch.cat([t, t.new_zeros(size - old, *t.shape[1:])])

@@ -524,7 +524,14 @@ class Engine:
 
     def _trim(self) -> None:
         """Hand what the ticks freed back to the system (see `streamgen.memory`): while sessions run,
-        every `trim_every_s`, and whenever the engine falls idle."""
+        every `trim_every_s`, and whenever the engine falls idle; with no session left, the decoders' K/V
+        pools and the vocoder's slot tensors too (sized for the most sessions served at once)."""
+        with self.lock:
+            if not self.sessions:
+                for decoder in self.decoders.values():
+                    decoder.release_pool()
+                if self.new_vocoder_stream.slots is not None:
+                    self.new_vocoder_stream.slots.shrink()
         release_freed_memory()
         self.trimmed_at, self.trimmed_tick, self.trims = time.perf_counter(), self.ticks, self.trims + 1
 

@@ -45,7 +45,7 @@ from ..models.logmel_units import LogMelUnits
 from ..models.phone_units import PhoneUnits, next_window
 from ..models.source_filter_vocoder import SourceFilterVocoder
 from ..models.shapes import multiple, on_grid, to_device
-from ..models.streaming_conv import StreamingGenerator, StreamingParams
+from ..models.streaming_conv import Slots, StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
 
 
@@ -513,17 +513,29 @@ class SourceFilterStream(TimedUnitStream):
         return self.finished
 
 
-def vocoder_streams(vocoder: SourceFilterVocoder | CodeHiFiGAN, lookahead: int | None = None) -> Callable[[], TimedUnitStream]:
-    """A maker of streams for a bundle's unit vocoder (`Bundle.unit_vocoder`), every stream sharing
-    one copy of its streaming weights: `SourceFilterStream` for the source-filter vocoder (always
-    exact), `VocoderStream` for a CodeHiFiGAN (exact, or windowed with `lookahead` frames)."""
+@dataclass
+class VocoderStreams:
+    """A maker of a bundle's vocoder streams (call it), every stream sharing one streaming graph, whose slot
+    tensors (`slots`; None for windowed synthesis) hold every live stream's state."""
+
+    make: Callable[[], TimedUnitStream]
+    slots: Slots | None
+
+    def __call__(self) -> TimedUnitStream:
+        return self.make()
+
+
+def vocoder_streams(vocoder: SourceFilterVocoder | CodeHiFiGAN, lookahead: int | None = None) -> VocoderStreams:
+    """The streams of a bundle's unit vocoder (`Bundle.unit_vocoder`), every stream sharing one copy of
+    its streaming weights: `SourceFilterStream` for the source-filter vocoder (always exact),
+    `VocoderStream` for a CodeHiFiGAN (exact, or windowed with `lookahead` frames)."""
     if isinstance(vocoder, SourceFilterVocoder):
         if lookahead is not None:
             raise ValueError("--vocoder-lookahead applies to CodeHiFiGAN vocoders; this bundle's source-filter vocoder is always exact")
         params = StreamingParams(vocoder)
-        return lambda: SourceFilterStream(vocoder, params)
+        return VocoderStreams(lambda: SourceFilterStream(vocoder, params), params.slots)
     graph = StreamingGenerator(vocoder) if lookahead is None else None
-    return lambda: VocoderStream(vocoder, lookahead, graph)
+    return VocoderStreams(lambda: VocoderStream(vocoder, lookahead, graph), graph.slots if graph is not None else None)
 
 
 def synthesise_source_filter(streams: list[SourceFilterStream], windows: list[AudioWindow]) -> list[tuple[Tensor, Tensor | None, int]]:
