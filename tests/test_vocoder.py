@@ -221,7 +221,7 @@ def test_on_a_gpu_a_step_synchronises_only_to_hand_back_its_audio():
 def test_ragged_schedules_with_streams_joining_ending_and_dropped_equal_each_whole(vocoder, graph, shapes):
     """Random schedules: pieces of 0 to all of a stream's frames, a first piece that is its last, streams dropped
     mid-life (their slots reused), more streams than the first slots (the pool grows under live streams); with
-    `shapes`, every batch and length rounded up as on a GPU (scratch rows, samples past each row's end)."""
+    `shapes`, every batch and length rounded up as on a GPU (every slot below a power of two a row, samples past each row's end)."""
     import gc
     import random
 
@@ -294,22 +294,32 @@ def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(voc
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
 
 
-def test_rows_padding_a_step_to_the_grid_touch_no_streams_state(vocoder):
-    """Nine streams step together, padded to ten rows: the extra row is the scratch slot's, and every stream's
-    audio is what the same steps give without padding."""
-    from streamgen.models.streaming_conv import StreamingGenerator
+def test_a_gpu_step_over_every_slot_leaves_the_streams_without_frames_as_they_were(vocoder):
+    """On the GPU's shapes a step's rows are every slot below a power of two past its streams' (a few batch sizes
+    whichever streams have frames): nine live streams, a third of them without frames in each step, give the audio
+    of steps made of only the streams with frames; a row with no input leaves its slot's state as it is."""
+    from streamgen.models.streaming_conv import Rows, StreamingGenerator
 
     plain, padded = StreamingGenerator(vocoder), StreamingGenerator(vocoder, shapes=True)
     out = {g: [[] for _ in range(9)] for g in (plain, padded)}
     streams = {g: [g.new_stream() for _ in range(9)] for g in (plain, padded)}
-    for step in range(3):
-        pieces = [units(4 + i, seed=10 * step + i) for i in range(9)]
+    for step in range(5):
+        which = list(range(9)) if step in (0, 4) else [i for i in range(9) if i % 3 != step % 3]
+        pieces = [units(4 + i, seed=10 * step + i) for i in which]
         for g in (plain, padded):
-            for o, r in zip(out[g], g.step(streams[g], pieces, [step == 2] * 9)):
-                o.append(r)
-    assert padded.slots.scratch not in {s.slot for s in streams[padded]}
+            got = g.step([streams[g][i] for i in which], pieces, [step == 4] * len(which))
+            for i, r in zip(which, got):
+                out[g][i].append(r)
     for a, b in zip(out[plain], out[padded]):
-        assert (torch.cat(a) - torch.cat(b)).abs().max() <= 1e-6
+        assert len(torch.cat(a)) > 0 and (torch.cat(a) - torch.cat(b)).abs().max() <= 1e-6
+    g = StreamingGenerator(vocoder, shapes=True)
+    s = [g.new_stream() for _ in range(6)]
+    for x in s:
+        x.take_slot()
+    rows = Rows([s[2], s[5]], [units(3), units(7)], [False, True], g.slots, "cpu")
+    assert [x.slot for x in s] == list(range(6))  # (the lowest free slot first)
+    assert rows.slots.tolist() == list(range(8)) and rows.at.tolist() == [2, 5]
+    assert rows.n.tolist() == [0, 0, 3, 0, 0, 7, 0, 0] and rows.ended.tolist() == [False] * 5 + [True, False, False]
 
 
 @pytest.mark.parametrize("shapes", [False, True], ids=["exact shapes", "shapes on the GPU's grid"])
@@ -325,7 +335,7 @@ def test_slot_tensors_shrink_only_when_no_stream_holds_a_slot(vocoder, shapes):
     g.step(streams[1:], [units(3, seed=i) for i in range(19)], [True] * 19)
     assert not g.slots.shrink()  # one still held
     streams[0].end()
-    assert g.slots.shrink() and g.slots.size == (16 if shapes else 0)  # (the GPU's scratch slot comes back)
+    assert g.slots.shrink() and g.slots.size == 0
     piece = units(9, seed=99)
     fresh = StreamingGenerator(vocoder, shapes=shapes)
     (after,) = g.step([g.new_stream()], [piece], [True])

@@ -125,11 +125,9 @@ class Slots:
         self.queues = [ref.new_zeros(0, c, 0) for c in queue_channels]
         self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
         self.free: list[int] = []
-        # shapes: every batch and length rounded up to the `grid` (by default where the device rounds, `shapes.rounds`);
-        # the extra rows read and write a scratch slot no stream holds, with no input, and the extra samples lie
-        # past each row's end
+        # shapes: a GPU's (by default where the device rounds, `shapes.rounds`): a step's rows are every slot below a
+        # power of two (`Rows`) and every length is rounded up to the `grid`, the extra samples past each row's end
         self.shapes = rounds(ref.device) if shapes is None else shapes
-        self.scratch = self.acquire() if self.shapes else None
 
     def width(self, n: int) -> int:
         return grid(n) if self.shapes else n
@@ -157,14 +155,13 @@ class Slots:
         """With no stream holding a slot, drop the slot tensors (they keep the size of the most streams that ran
         at once); the next stream's `acquire` makes them anew. Only from the thread that runs the steps (as
         `acquire`). Whether it did."""
-        if self.size - len(self.free) > (self.scratch is not None):
+        if len(self.free) < self.size:
             return False
         self.tails = [t[:0].clone() for t in self.tails]
         self.queues = [q.new_zeros(0, q.shape[1], 0) for q in self.queues]
         self.tail_n = [n[:0].copy() for n in self.tail_n]
         self.queue_n = [n[:0].copy() for n in self.queue_n]
         self.free = []
-        self.scratch = self.acquire() if self.shapes else None
         return True
 
     def _grow(self, size: int) -> None:
@@ -209,30 +206,39 @@ class Slots:
 
 
 class Rows:
-    """The streams a batched step advances: their slots (host and device), which end with this step, and their
-    new unit ids [rows, width] (padded with 0, built on the host, moved once) with their counts `n`. On the
-    grid, the rows after the streams' are the scratch slot's, with no input."""
+    """The rows a batched step advances: their slots (host and device), which end with this step, and their new
+    unit ids [rows, width] (padded with 0, built on the host, moved once) with their counts `n`; `at`: each
+    stream's row. On the grid (a GPU's shapes) the rows are every slot below a power of two past the streams'
+    (a step has one of a few batch sizes whichever streams have frames): a row with no input leaves its slot's
+    state as it is (the convs have nothing new to read, and no queue is ever left with output for every
+    branch), whether the slot is free or another stream's."""
 
     def __init__(self, streams: list[Stream], frames: list[Tensor], ended: list[bool], slots: Slots, device):
         if any(s.ended for s in streams):
             raise ValueError("a stream that has ended cannot be stepped again (its slot may be another stream's)")
-        self.streams = streams
-        extra = slots.width(len(streams)) - len(streams)
-        self.slots = np.array([s.take_slot() for s in streams] + [slots.scratch] * extra, dtype=np.int64)
+        self.streams, self.stream_ended = streams, ended
+        taken = np.array([s.take_slot() for s in streams], dtype=np.int64)
+        if slots.shapes:
+            self.slots = np.arange(min(slots.size, 1 << int(taken.max()).bit_length()) if len(taken) else 0, dtype=np.int64)
+            self.at = taken
+        else:
+            self.slots, self.at = taken, np.arange(len(taken))
         self.index = counts(self.slots, device)
-        self.ended = np.array(list(ended) + [False] * extra, dtype=bool)
-        self.n = np.array([len(f) for f in frames] + [0] * extra, dtype=np.int64)
+        self.ended = np.zeros(len(self.slots), dtype=bool)
+        self.ended[self.at] = ended
+        self.n = np.zeros(len(self.slots), dtype=np.int64)
+        self.n[self.at] = [len(f) for f in frames]
         ids = np.zeros((len(self.n), slots.width(int(self.n.max()) if len(self.n) else 0)), dtype=np.int64)
-        for b, f in enumerate(frames):
+        for b, f in zip(self.at, frames):
             ids[b, : len(f)] = f.cpu().numpy()
         self.ids = to_device(torch.from_numpy(ids), device).clamp_min(0)
 
-    def finish(self, n: np.ndarray) -> list[int]:
-        """After the step: the streams that ended give their slots back; each stream's output count (of `n`)."""
-        for s, e in zip(self.streams, self.ended):
+    def finish(self, n: np.ndarray) -> list[tuple[int, int]]:
+        """After the step: the streams that ended give their slots back; each stream's (row, output count of `n`)."""
+        for s, e in zip(self.streams, self.stream_ended):
             if e:
                 s.end()
-        return n[: len(self.streams)].tolist()
+        return list(zip(self.at.tolist(), n[self.at].tolist()))
 
 
 class Stream:
@@ -321,7 +327,7 @@ class StreamingGenerator:
             n = common
         x, n = S.conv(self.post, rows, lrelu(x, 0.01), n)
         wave = torch.tanh(x)[:, 0].float().cpu()  # one read back for the whole step
-        return [wave[b, :k] for b, k in enumerate(rows.finish(n))]
+        return [wave[b, :k] for b, k in rows.finish(n)]
 
 
 class StreamingParams:
@@ -359,4 +365,4 @@ class StreamingParams:
             n = out_n
         p = F.linear(layer_norm(m.norm, x.transpose(1, 2)), *self.head).to(m.head.weight.dtype)  # [B, T, sub * n_params]
         cfg = m.cfg
-        return [p[b, :k].reshape(k * cfg.sub, cfg.n_params) for b, k in enumerate(rows.finish(n))]
+        return [p[b, :k].reshape(k * cfg.sub, cfg.n_params) for b, k in rows.finish(n)]
