@@ -17,7 +17,9 @@ for an output). Every stream's state lives in fixed slot tensors (`Slots`, one p
 decoder's K/V pool): a batched step reads its rows' state with one index per tensor and writes it back
 with one, so streams of any lengths share every call, a step's operators do not grow with the number
 of streams, and every length is known on the host: nothing is read back from the device but the
-step's result (on a GPU, no synchronisation per layer).
+step's result (on a GPU, no synchronisation per layer). On a GPU a step's rows are every slot below a
+power of two past its streams' and its lengths are rounded up to a grid, so that it repeats a few shapes
+(cuDNN plans each new one on the host): a row with no input leaves its slot's state as it is.
 """
 
 from __future__ import annotations
