@@ -4,9 +4,10 @@ live engine whose calls change shape tick by tick is bound by planning, whatever
 talkers at a time through the engine (each says 3-10 s, another takes the place of one who ends, chunks
 jittered by a tick as through a network) on the tiny random bundle (the public models' architecture:
 HuBERT + k-means, Unit mBART, CodeHiFiGAN), first with each call's exact shapes, then with the shapes a GPU
-uses (`streamgen.models.shapes.gpu_shapes`: rows and widths on a grid), and counts the convolution and
-attention calls a tick, the distinct shapes seen by the end of each third of the run, and the new shapes a
-tick in its last third (each a planning stall on a GPU; a grid that bounds the shapes makes them die out).
+uses (`streamgen.models.shapes.gpu_shapes`: rows and widths on a grid; the decoder takes its GPU path in both),
+and counts the convolution and attention calls a tick, the distinct shapes seen by the end of each third of
+the run, and the new shapes a tick in its last third (each a planning stall on a GPU; a grid that bounds the
+shapes makes them die out).
 Every figure comes from this run.
 
     OMP_NUM_THREADS=1 python bench/shapes.py [--sessions 16,64] [--tasks resynthesis,translation] [--ticks 90]
@@ -59,6 +60,17 @@ def run(bundle, task: str, n: int, wave: torch.Tensor, ticks: int, chunk_ms: int
     rng = random.Random(seed)
     engine = build_engine(bundle, task, chunk_ms=chunk_ms)
     engine.emit = lambda item: None
+    # the decoder's GPU path in both modes: static steps of a power of two of rows (CUDA graphs there, eager here),
+    # and for rows of mixed prompts one masked step of a block of rows (a CPU's own path attends row by row)
+    engine.graphs = True
+    decoder_for = engine.decoder_for
+
+    def gpu_decoder(task: str):
+        decoder = decoder_for(task)
+        decoder.masked_steps = True
+        return decoder
+
+    engine.decoder_for = gpu_decoder
     block, sr = bundle.sample_rate * chunk_ms // 1000, bundle.sample_rate
     looped = wave.repeat(-(-10 * sr // len(wave)) + 1)
     made = 0
