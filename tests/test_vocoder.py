@@ -341,3 +341,18 @@ def test_slot_tensors_shrink_only_when_no_stream_holds_a_slot(vocoder, shapes):
     (after,) = g.step([g.new_stream()], [piece], [True])
     (alone,) = fresh.step([fresh.new_stream()], [piece], [True])
     assert len(after) > 0 and torch.equal(after, alone)
+
+
+def test_a_new_stream_takes_the_lowest_free_slot(vocoder):
+    """A GPU's steps run every slot below a power of two past their streams': slots freed below live ones are
+    taken first, lowest first, so the streams stay in the lowest slots."""
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    g = StreamingGenerator(vocoder, shapes=True)
+    s = [g.new_stream() for _ in range(20)]
+    for x in s:
+        x.take_slot()
+    for i in (12, 3, 7):
+        s[i].end()
+    new = [g.new_stream() for _ in range(4)]  # (held: a stream dropped gives its slot back)
+    assert [x.take_slot() for x in new] == [3, 7, 12, 20]

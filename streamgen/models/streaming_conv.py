@@ -25,6 +25,7 @@ power of two past its streams' and its lengths are rounded up to a grid, so that
 from __future__ import annotations
 
 import copy
+import heapq
 import weakref
 
 import numpy as np
@@ -126,6 +127,8 @@ class Slots:
         self.tail_n = [np.zeros(0, dtype=np.int64) for _ in ops]
         self.queues = [ref.new_zeros(0, c, 0) for c in queue_channels]
         self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
+        # free slots, a heap: the lowest is taken first (a GPU's steps run every slot below a power of two past their
+        # streams', so the streams are kept in the lowest slots)
         self.free: list[int] = []
         # shapes: a GPU's (by default where the device rounds, `shapes.rounds`): a step's rows are every slot below a
         # power of two (`Rows`) and every length is rounded up to the `grid`, the extra samples past each row's end
@@ -142,7 +145,7 @@ class Slots:
         """A free slot, its state that of a stream before its first sample (each conv's `a` zeros)."""
         if not self.free:
             self._grow(max(16, 2 * self.size))
-        slot = self.free.pop()
+        slot = heapq.heappop(self.free)
         for i, op in enumerate(self.ops):
             self.tails[i][slot] = 0
             self.tail_n[i][slot] = op.a
@@ -151,7 +154,7 @@ class Slots:
         return slot
 
     def release(self, slot: int) -> None:
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
 
     def shrink(self) -> bool:
         """With no stream holding a slot, drop the slot tensors (they keep the size of the most streams that ran
@@ -173,7 +176,8 @@ class Slots:
         self.queues = [grow(q) for q in self.queues]
         self.tail_n = [np.concatenate([n, np.zeros(size - old, dtype=np.int64)]) for n in self.tail_n]
         self.queue_n = [np.concatenate([n, np.zeros(size - old, dtype=np.int64)]) for n in self.queue_n]
-        self.free.extend(range(size - 1, old - 1, -1))
+        for slot in range(old, size):
+            heapq.heappush(self.free, slot)
 
     def conv(self, i: int, rows: Rows, x: Tensor, n: np.ndarray) -> tuple[Tensor, np.ndarray]:
         """Conv i over each row's new input x [B, Ci, T] (n_b valid) after its tail -> (output, valid counts)."""
