@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .shapes import on_grid, to_device
+from .shapes import on_grid, padded_rows, to_device
 from .unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, PromptKV, UnitMBart, units_to_source
 
 log = logging.getLogger("streamgen")
@@ -110,10 +110,7 @@ def token_rows(seqs: list[Tensor], device, pad_rows: bool = True) -> tuple[Tenso
     shapes; an extra row holds </s> alone (a source or prefix of one real token) and its results are dropped."""
     rows = on_grid(len(seqs), device) if pad_rows else len(seqs)
     seqs = [s.cpu() for s in seqs] + [torch.tensor([EOS])] * (rows - len(seqs))
-    out = torch.full((rows, on_grid(max(len(s) for s in seqs), device)), PAD, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return to_device(out, device), to_device(torch.tensor([len(s) for s in seqs]), device)
+    return padded_rows(seqs, on_grid(max(len(s) for s in seqs), device), PAD, device)
 
 
 @dataclass

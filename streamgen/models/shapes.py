@@ -51,6 +51,15 @@ def multiple(n: int, step: int, device) -> int:
     return -(-n // step) * step if rounds(device) else n
 
 
+def padded_rows(seqs: list[Tensor], width: int, fill, device) -> tuple[Tensor, Tensor]:
+    """1-D host tensors right-padded with `fill` into one [len(seqs), width] tensor, and their lengths: built on the
+    host and moved with `to_device` (two copies a call, where a row at a time on the device would be one each)."""
+    out = seqs[0].new_full((len(seqs), width), fill)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return to_device(out, device), to_device(torch.tensor([len(s) for s in seqs]), device)
+
+
 def to_device(t: Tensor, device) -> Tensor:
     """A host tensor on `device` without waiting for the device: on a GPU, through pinned memory and an
     asynchronous copy (a plain copy from pageable memory waits until every queued kernel has run)."""

@@ -44,7 +44,7 @@ from ..models.kmeans import KMeansQuantizer, dedup_continuing
 from ..models.logmel_units import LogMelUnits
 from ..models.phone_units import PhoneUnits, next_window
 from ..models.source_filter_vocoder import SourceFilterVocoder
-from ..models.shapes import multiple, on_grid, to_device
+from ..models.shapes import multiple, on_grid, padded_rows
 from ..models.streaming_conv import Slots, StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
 
@@ -173,13 +173,10 @@ def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: l
     """Frame units of every window's kept frames: one padded HuBERT call with lengths, one k-means call."""
     p = next(hubert.parameters())
     width = multiple(max(len(w.wave) for w in windows), 16 * hubert.cfg.hop, p.device)
-    rows = on_grid(len(windows), p.device)
-    lengths = torch.tensor([len(w.wave) for w in windows] + [width] * (rows - len(windows)))  # (extra rows: silence)
-    wave = torch.zeros(rows, width)
-    for i, w in enumerate(windows):
-        wave[i, : len(w.wave)] = w.wave
-    padded = rows > 1 or width > len(windows[0].wave)
-    feats = hubert(to_device(wave, p.device).to(p.dtype), lengths=to_device(lengths, p.device) if padded else None)
+    extra = [torch.zeros(width)] * (on_grid(len(windows), p.device) - len(windows))  # (extra rows: silence)
+    wave, lengths = padded_rows([w.wave for w in windows] + extra, width, 0.0, p.device)
+    padded = wave.shape[0] > 1 or width > len(windows[0].wave)
+    feats = hubert(wave.to(p.dtype), lengths=lengths if padded else None)
     kept = torch.cat([feats[i, w.first : w.first + w.count] for i, w in enumerate(windows)])
     return list(quantizer(kept).cpu().split([w.count for w in windows]))
 
@@ -350,11 +347,8 @@ def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
     """Unit ids per row -> [B, width] padded with 0 and the lengths, built on the host and moved without
     waiting for the device (on a GPU, two asynchronous copies per call instead of a blocking one per row)."""
     width = multiple(max(len(s) for s in seqs), 16, torch.device(device))
-    lengths = [len(s) for s in seqs] + [width] * (on_grid(len(seqs), device) - len(seqs))  # (extra rows: unit 0)
-    out = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return to_device(out, device), to_device(torch.tensor(lengths), device)
+    extra = [torch.zeros(width, dtype=torch.long)] * (on_grid(len(seqs), device) - len(seqs))  # (extra rows: unit 0)
+    return padded_rows([s.cpu() for s in seqs] + extra, width, 0, device)
 
 
 def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow]) -> list[Tensor]:
