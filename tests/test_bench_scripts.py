@@ -129,3 +129,12 @@ def test_the_shapes_bench_counts_the_shapes_a_gpu_would_plan_with_and_without_th
     for _, calls, a, b, c, conv, attention, _ in rows:
         assert int(calls) > 0 and int(a) <= int(b) <= int(c) == int(conv) + int(attention)
     assert int(rows[1][4]) < int(rows[0][4])  # the grid repeats shapes that exact calls do not
+
+
+def test_the_idle_memory_bench_reports_what_an_idle_engine_keeps():
+    r = subprocess.run([sys.executable, "bench/idle_memory.py", "--task", "translation", "--sessions", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert re.search(r", translation, 2 sessions of the bundled sample, 2 ended$", r.stdout, re.M), r.stdout
+    m = re.search(r"^RSS (\d+) MB before them, (\d+) MB once they had all ended, peak (\d+) MB; decoder pools kept: (\d+)$", r.stdout, re.M)
+    assert m and 0 < int(m.group(1)) <= int(m.group(3)) and int(m.group(2)) <= int(m.group(3)) and m.group(4) == "0", r.stdout
