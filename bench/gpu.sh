@@ -8,9 +8,9 @@
 #   2: where a tick's time goes (the engine's worker under torch's profiler), the CodeHiFiGAN in exact
 #      windows against streaming convolutions, continuation, and the decoder's CUDA graphs against eager
 #      steps (at most 5.5 minutes).
-#   short: what the issue's aims need, for a lease with little time left (at most 8.5 minutes): the GPU test,
-#      the streaming vocoder's step, live sessions (two runs a level, the second warm) with the baseline at 16 and
-#      without cuDNN's attention, the decode step. (Profiling the engine's worker thread failed on the H200 of 2026-11-29: CUPTI wants the
+#   short: what the issue's aims need, for a lease with little time left (at most 9 minutes): the GPU tests,
+#      the streaming vocoder's step, live sessions (two runs a level, the second warm) with the baseline at 16,
+#      resynthesis with the vocoder's exact windows replayed as CUDA graphs, the decode step. (Profiling the engine's worker thread failed on the H200 of 2026-11-29: CUPTI wants the
 #      thread that registered it; part 2 still tries.)
 #   bash bench/gpu.sh [1|2|short]   (parts 1 and 2 without an argument; CUDA and PyTorch; wheels in .whl/ if given)
 # The lent H200's image (Python 3.12, torch 2.11) lacks soundfile and soxr, which the sessions bench imports; before
@@ -32,14 +32,17 @@ PART=${1:-all}
 # the issue's GPU aim is sessions held at p99 <= 100 ms (the CPU bench's default bound is 250 ms)
 S="python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --seconds 6 --max-lag-ms 100 --tasks resynthesis,translation"
 if [ "$PART" = short ]; then
-  timeout 40 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_vocoder.py -k on_a_gpu 2>&1 | tail -3 | tee -a "$OUT/device.txt"
-  timeout 60 python3 bench/streaming_vocoder.py --device cuda --sizes public --levels 16,64,256,1024 --repeats 5 2>&1 \
+  timeout 40 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_vocoder.py tests/test_captured.py -k on_a_gpu 2>&1 \
+    | tail -3 | tee -a "$OUT/device.txt"
+  timeout 40 python3 bench/streaming_vocoder.py --device cuda --sizes public --levels 16,256,1024 --repeats 3 2>&1 \
     | tee "$OUT/streaming_vocoder.md"
   # two runs a level: cuDNN plans each new shape once per process, so the second run is a warm service's (bench/shapes.py)
   timeout 230 $S --levels 16,64,256,1024 --runs 2 --modes engine --json "$OUT/sessions.json" 2>&1 | tee "$OUT/sessions.txt"
   timeout 50 $S --levels 16 --modes one-at-a-time 2>&1 | tee "$OUT/sessions_baseline.txt"
-  # cuDNN's attention plans each new shape on the host (5.4 ms a call in the 2026-11-29 profile): without it
-  timeout 50 $S --levels 64 --runs 2 --modes engine --no-cudnn-attention 2>&1 | tee "$OUT/sessions_no_cudnn_attention.txt"
+  # the CodeHiFiGAN in exact windows, replayed as CUDA graphs with the encoder's windows (few large calls, context
+  # recomputed) against the streaming convolutions above (every sample once, eager)
+  timeout 90 $S --tasks resynthesis --levels 64,256,1024 --runs 2 --modes engine --vocoder-windows --json "$OUT/sessions_windows.json" \
+    2>&1 | tee "$OUT/sessions_windows.txt"
   timeout 80 python3 bench/decode.py --device cuda --dtype bfloat16 --sizes full --sessions 256 --cuda-graphs \
     --engine-sessions 1,256 --repeats 10 2>&1 | tee "$OUT/decode.md"
   exit 0

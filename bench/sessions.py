@@ -260,7 +260,7 @@ def main() -> None:
                     help="each repetition of the sample followed by this much -60 dBFS noise (talkers who pause)")
     ap.add_argument("--max-lag-ms", type=float, default=250.0)
     ap.add_argument("--modes", default="engine,one-at-a-time", help="engine, one-at-a-time (the baseline), or both")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager decoder steps")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, eager model calls (no CUDA graphs)")
     ap.add_argument("--profile", metavar="DIR", help="one engine process: run its worker under torch's profiler and write each "
                     "run's table of operators by host time into DIR")
     ap.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (PyTorch's own kernels)")
@@ -268,7 +268,8 @@ def main() -> None:
                     help="attention without cuDNN's kernels (flash or memory-efficient ones instead; on the H200 of "
                          "2026-11-29 each cuDNN attention call spent 5.4 ms of host time planning its shape)")
     ap.add_argument("--vocoder-windows", action="store_true",
-                    help="CodeHiFiGAN in exact windows (context recomputed, few large calls) instead of streaming convolutions")
+                    help="CodeHiFiGAN in exact windows (context recomputed, few large calls, CUDA graphs on a GPU) "
+                         "instead of streaming convolutions")
     ap.add_argument("--processes", type=int, default=1,
                     help="CPU: split each level's talkers over this many engine processes (one per core, 1 thread each)")
     ap.add_argument("--runs", type=int, default=1,

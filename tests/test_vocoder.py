@@ -269,7 +269,9 @@ def test_ragged_schedules_with_streams_joining_ending_and_dropped_equal_each_who
 
 def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(vocoder):
     """On a GPU the encoder's and the vocoder's window batches get extra rows and longer widths (so that their
-    shapes repeat): each real window's units, durations and audio are those of the same batch unpadded."""
+    shapes repeat), and the encoder's call (replayed as a CUDA graph there) gives every frame's unit: each real
+    window's units, durations and audio are those of the same batch unpadded."""
+    from streamgen.models.captured import CapturedCall
     from streamgen.models.shapes import gpu_shapes, grid
     from streamgen.pipeline import streams
     from streamgen.pipeline.streams import AudioWindow, DurationWindow, EncodeWindow
@@ -287,11 +289,16 @@ def test_batches_padded_to_the_gpus_grid_give_each_window_what_it_gets_alone(voc
         plain = (streams.encode_windows(hubert, quantizer, enc), streams.time_windows(vocoder, dur), streams.synthesise_windows(vocoder, audio))
         with gpu_shapes():
             padded = (streams.encode_windows(hubert, quantizer, enc), streams.time_windows(vocoder, dur), streams.synthesise_windows(vocoder, audio))
+            # as the engine calls them on a GPU: every frame's unit in the call (what it captures), the kept ones read after
+            units, durations, generate = (CapturedCall(f, "") for f in (streams.window_units(hubert, quantizer), vocoder.durations, vocoder.generate))
+            captured = (streams.encode_windows(hubert, quantizer, enc, units), streams.time_windows(vocoder, dur, durations),
+                        streams.synthesise_windows(vocoder, audio, generate))
     assert grid(11) == 12
-    for a, b in zip(plain[0] + plain[1], padded[0] + padded[1]):
-        assert torch.equal(a, b)
-    for a, b in zip(plain[2], padded[2]):
-        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
+    for got in (padded, captured):
+        for a, b in zip(plain[0] + plain[1], got[0] + got[1]):
+            assert torch.equal(a, b)
+        for a, b in zip(plain[2], got[2]):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
 
 
 def test_a_gpu_step_over_every_slot_leaves_the_streams_without_frames_as_they_were(vocoder):

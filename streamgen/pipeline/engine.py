@@ -19,6 +19,10 @@ that has work ready:
     vocoder     every session's duration window in one padded call, then every audio window in
                 one padded generator call, trimmed per row
 
+On CUDA the calls that recur in a few shapes are replayed as CUDA graphs once a shape has been met
+twice (`cuda_graphs`): the decoder's steps, the HuBERT encoder's windows (every frame's unit in the
+graph) and a CodeHiFiGAN's duration and audio windows (`models.captured`).
+
 A session's decode advances by the tokens that fit in a tick's decode budget (`decode_budget_ms`),
 interleaved with everyone else's chunks, so no session waits behind another session's whole decode. Each row of a batched call equals that
 session computed alone (masks and lengths everywhere; greedy units are identical, audio equal to
@@ -46,6 +50,7 @@ from torch import Tensor
 from ..audio import SpeechGate
 from ..bundle import Bundle
 from ..memory import release_freed_memory
+from ..models.captured import CapturedCall
 from ..models.generation import Decoder, Sampling
 from ..models.source_filter_vocoder import SourceFilterVocoder
 from ..models.prompt import DeepPrompt, load_prompt
@@ -53,7 +58,8 @@ from .items import AudioChunk, AudioOut, Control, End, Item, SessionError
 from .policies import Decision, Policy, UnitDecoder
 from .stats import Stats
 from .streams import (EncoderStream, LogMelUnitStream, PhoneUnitStream, TimedUnitStream, UnitStream, encode_logmel_windows,
-                      encode_phone_windows, encode_windows, synthesise, synthesise_source_filter, time_windows, vocoder_streams)
+                      encode_phone_windows, encode_windows, synthesise, synthesise_source_filter, time_windows, vocoder_streams,
+                      window_units)
 from .tasks import TaskPlugin, load_task
 from .vad import Vad
 
@@ -90,7 +96,7 @@ class EngineConfig:
     max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
     decode_budget_ms: float = 30.0  # decoder steps per tick: as many as fit in this (at least one)
     trim_every_s: float = 10.0  # freed memory goes back to the system this often while sessions run
-    cuda_graphs: bool = True  # on CUDA, decoder steps are captured as CUDA graphs at bucketed batch sizes
+    cuda_graphs: bool = True  # on CUDA, decoder steps and the encoder's and vocoder's windows are replayed as CUDA graphs
     speech_gate: bool = True  # a session's units reach its task only once speech has been heard in it
 
     def __post_init__(self):
@@ -155,6 +161,10 @@ class Engine:
         self.bundle, self.cfg = bundle, cfg
         self.stats = stats or Stats(bundle.sample_rate)
         sr = bundle.sample_rate
+        # on CUDA: the decoder's steps, the HuBERT encoder's windows and a CodeHiFiGAN's windows and durations are
+        # replayed as CUDA graphs, one per shape met (`models.captured`)
+        self.graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
+        capture = (lambda fn, name: CapturedCall(fn, name)) if self.graphs else (lambda fn, name: None)
         # the unit encoder's stream class -> its batched call, and the stream each task reads with
         self.encode_batch: dict[type, object] = {}
         if bundle.logmel_units is not None:  # log-mel units: frame-local, exact at any chunking
@@ -167,7 +177,8 @@ class Engine:
             self.quiet_units = None  # HuBERT units: silence is one unit held
             hubert, quantizer = bundle.need("hubert"), bundle.need("kmeans")
             self.new_kmeans_stream = lambda: UnitStream(hubert, quantizer, cfg.left_frames, cfg.lookahead_frames)
-            self.encode_batch[UnitStream] = lambda windows: encode_windows(hubert, quantizer, windows)
+            frame_units = capture(window_units(hubert, quantizer), "the unit encoder")
+            self.encode_batch[UnitStream] = lambda windows: encode_windows(hubert, quantizer, windows, frame_units)
             hc = hubert.cfg
             enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / sr
         if bundle.phone_units is not None:  # read in windows of `stride` frames with `lookahead` after them
@@ -176,10 +187,14 @@ class Engine:
             enc_wait = max(enc_wait, (pc.stride - 1 + pc.lookahead) * pc.hop / sr)
         voc = bundle.unit_vocoder
         self.new_vocoder_stream = vocoder_streams(voc, cfg.vocoder_lookahead)
-        self.time_batch = lambda windows: time_windows(voc, windows)
-        self.audio_batch = synthesise_source_filter if isinstance(voc, SourceFilterVocoder) else synthesise
+        if isinstance(voc, SourceFilterVocoder):
+            self.time_batch = lambda windows: time_windows(voc, windows)
+            self.audio_batch = synthesise_source_filter
+        else:
+            durations, generate = capture(voc.durations, "the duration predictor"), capture(voc.generate, "the vocoder")
+            self.time_batch = lambda windows: time_windows(voc, windows, durations)
+            self.audio_batch = lambda streams, windows: synthesise(streams, windows, generate)
         voc_wait = (voc.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead) * voc.hop / sr
-        self.graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
         self.decoders: dict[str, Decoder] = {}  # by backbone: "" the shared one, else the task that has its own
         self.vad = Vad(bundle.sample_rate) if cfg.vad else None
         self.plugins: dict[str, TaskPlugin] = {}  # entry points are read once per task, not per session

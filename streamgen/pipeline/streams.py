@@ -48,6 +48,8 @@ from ..models.shapes import multiple, on_grid, padded_rows
 from ..models.streaming_conv import Slots, StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
 
+Batched = Callable[[Tensor, Tensor], Tensor]  # (padded batch, lengths) -> result: a model call, or it captured (`models.captured`)
+
 
 def _empty() -> tuple[Tensor, Tensor]:
     return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
@@ -169,16 +171,28 @@ class UnitStream(EncoderStream):
         return encode_windows(self.hubert, self.quantizer, [window])[0]
 
 
-def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: list[EncodeWindow]) -> list[Tensor]:
-    """Frame units of every window's kept frames: one padded HuBERT call with lengths, one k-means call."""
+def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: list[EncodeWindow],
+                   frame_units: Batched | None = None) -> list[Tensor]:
+    """Frame units of every window's kept frames: one padded HuBERT call with lengths, one k-means call.
+    `frame_units(wave, lengths)` (`window_units` captured: the engine's on a GPU): the units of every frame of
+    the padded batch in one call, the kept ones read on the host."""
     p = next(hubert.parameters())
     width = multiple(max(len(w.wave) for w in windows), 16 * hubert.cfg.hop, p.device)
     extra = [torch.zeros(width)] * (on_grid(len(windows), p.device) - len(windows))  # (extra rows: silence)
     wave, lengths = padded_rows([w.wave for w in windows] + extra, width, 0.0, p.device)
     padded = wave.shape[0] > 1 or width > len(windows[0].wave)
+    if frame_units is not None and padded:
+        units = frame_units(wave.to(p.dtype), lengths).cpu()  # one read back per call
+        return [units[i, w.first : w.first + w.count] for i, w in enumerate(windows)]
     feats = hubert(wave.to(p.dtype), lengths=lengths if padded else None)
     kept = torch.cat([feats[i, w.first : w.first + w.count] for i, w in enumerate(windows)])
     return list(quantizer(kept).cpu().split([w.count for w in windows]))
+
+
+def window_units(hubert: HubertEncoder, quantizer: KMeansQuantizer) -> Batched:
+    """(wave [B, T], lengths [B]) -> the unit of every frame [B, F]: a padded batch's whole encoding in one
+    call whose work follows its shapes only (what `CapturedCall` captures)."""
+    return lambda wave, lengths: quantizer(hubert(wave, lengths=lengths))
 
 
 @dataclass
@@ -351,28 +365,31 @@ def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
     return padded_rows([s.cpu() for s in seqs] + extra, width, 0, device)
 
 
-def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow]) -> list[Tensor]:
-    """Durations of every window's kept units: one padded duration-predictor call."""
+def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow], durations: Batched | None = None) -> list[Tensor]:
+    """Durations of every window's kept units: one padded duration-predictor call (`durations(units, lengths)`:
+    `model.durations` captured, the engine's on a GPU)."""
     dev = model.dict.weight.device
     units, lengths = _pad([w.units for w in windows], dev)
     padded = len(windows) > 1 or units.shape[1] > len(windows[0].units)
-    dur = (model.durations(units, lengths) if padded else model.durations(units)).cpu()  # one read back per call
+    dur = ((durations or model.durations)(units, lengths) if padded else model.durations(units)).cpu()  # one read back per call
     return [dur[i, w.first : w.first + w.count] for i, w in enumerate(windows)]
 
 
-def synthesise(streams: list[VocoderStream], windows: list[AudioWindow]) -> list[Tensor]:
-    """Audio of every stream's window in one batched call (streaming convolutions, or windows)."""
+def synthesise(streams: list[VocoderStream], windows: list[AudioWindow], generate: Batched | None = None) -> list[Tensor]:
+    """Audio of every stream's window in one batched call (streaming convolutions, or windows: see
+    `synthesise_windows`)."""
     if streams[0].gen is not None:
         return streams[0].graph.step([s.gen for s in streams], [w.frames for w in windows], [w.ended for w in windows])
-    return synthesise_windows(streams[0].model, windows)
+    return synthesise_windows(streams[0].model, windows, generate)
 
 
-def synthesise_windows(model: CodeHiFiGAN, windows: list[AudioWindow]) -> list[Tensor]:
-    """Audio of every window: one padded generator call with lengths, trimmed per row."""
+def synthesise_windows(model: CodeHiFiGAN, windows: list[AudioWindow], generate: Batched | None = None) -> list[Tensor]:
+    """Audio of every window: one padded generator call with lengths, trimmed per row (`generate(frames,
+    lengths)`: `model.generate` captured, the engine's on a GPU)."""
     dev = model.dict.weight.device
     frames, lengths = _pad([w.frames for w in windows], dev)
     padded = len(windows) > 1 or frames.shape[1] > len(windows[0].frames)
-    wave = (model.generate(frames, lengths) if padded else model.generate(frames)).float().cpu()
+    wave = ((generate or model.generate)(frames, lengths) if padded else model.generate(frames)).float().cpu()
     hop = model.hop
     return [wave[i, : len(w.frames) * hop] for i, w in enumerate(windows)]
 

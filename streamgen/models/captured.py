@@ -1,0 +1,75 @@
+"""A model call captured as CUDA graphs, one per input shapes (as gpt-fast captures its decode step).
+
+On a GPU a batched call of a few hundred small kernels costs the host more than the device: each launch takes
+microseconds of Python and driver time, and cuDNN plans each new shape (bench/RESULTS.md, 2026-11-29: ticks
+bound by the host). A call whose shapes recur (the engine rounds its batches and lengths to the grid of
+`shapes`) is run eagerly the first times a shape is met, then captured once and replayed: one launch, the
+inputs copied into the graph's own tensors first.
+
+What may be captured: a pure function of its tensor arguments (weights read, nothing written outside its
+result), whose work depends on the arguments' shapes and not on their values: no value read back to the host,
+no shape that depends on values (`tests/test_captured.py` checks the engine's calls for both on a CPU). A
+replayed call returns the graph's own output tensors, rewritten by its next replay: read them (to the host,
+or into a tensor of your own) before the next call. Elsewhere than on CUDA the function simply runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("streamgen")
+
+
+class CapturedCall:
+    """`fn(*tensors)`, on CUDA replayed from a graph captured for its arguments' shapes and dtypes once they
+    have been met `after` times (a shape met once, as in a burst of sessions joining, is not worth a capture)."""
+
+    def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], name: str, after: int = 2):
+        self.fn, self.name, self.after = fn, name, after
+        self.seen: dict[tuple, int] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, list[Tensor], object]] = {}
+        self.pool = None  # one memory pool for all of this call's graphs: they are replayed one at a time
+        self.replays = 0
+
+    def __call__(self, *args: Tensor):
+        if args[0].device.type != "cuda":
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] <= self.after:
+                return self.fn(*args)
+            entry = self.graphs[key] = self._capture(args)
+            self.seen.pop(key)
+        graph, inputs, out = entry
+        if graph is None:  # capture failed for this shape: eager, said once
+            return self.fn(*args)
+        for static, a in zip(inputs, args):
+            static.copy_(a)
+        graph.replay()
+        self.replays += 1
+        return out
+
+    def _capture(self, args: tuple[Tensor, ...]):
+        inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture: allocator, cuDNN's plans, lazy initialisation
+            self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(*inputs)
+        except RuntimeError as e:
+            log.warning("%s not captured as a CUDA graph for shapes %s, running it eagerly: %s", self.name,
+                        [tuple(a.shape) for a in args], e)
+            return None, inputs, None
+        return graph, inputs, out

@@ -1,0 +1,96 @@
+"""The model calls the engine replays as CUDA graphs on a GPU (`models.captured`): their work follows their
+arguments' shapes only (checked on any machine), and a replay equals the call run eagerly (on a GPU)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from streamgen.models.captured import CapturedCall
+from streamgen.pipeline.streams import window_units
+from streamgen.testing import random_bundle
+
+
+class ValueDependent(TorchDispatchMode):
+    """Records operators a CUDA graph cannot hold: a value read back to the host, or an output whose shape
+    depends on values (the graph would replay the shapes of its capture)."""
+
+    NAMES = {"aten::_local_scalar_dense", "aten::equal", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive",
+             "aten::_unique2", "aten::unique_dim", "aten::bincount"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masks = name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])  # x[mask]: its nonzero on a GPU
+        if name in self.NAMES or masks or (name == "aten::repeat_interleave" and func._overloadname == "Tensor"):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def engine_calls(b, g: torch.Generator) -> dict:
+    """The calls the engine captures, each with a padded batch of 3 ragged rows."""
+    wave, frames = torch.randn(3, 9600, generator=g), torch.randint(0, 100, (3, 48), generator=g)
+    return {
+        "unit encoder": (window_units(b.hubert, b.quantizer), wave, torch.tensor([9600, 7000, 4000])),
+        "duration predictor": (b.vocoder.durations, frames, torch.tensor([48, 30, 9])),
+        "vocoder": (b.vocoder.generate, frames, torch.tensor([48, 30, 9])),
+    }
+
+
+@pytest.mark.parametrize("call", ["unit encoder", "duration predictor", "vocoder"])
+def test_the_calls_a_gpu_captures_read_nothing_back_and_take_their_shapes_from_their_arguments(call):
+    b = random_bundle()
+    fn, *args = engine_calls(b, torch.Generator().manual_seed(0))[call]
+    with torch.no_grad():
+        fn(*args)  # (a first call may look at its weights once: the capture's warm-up makes it)
+        with ValueDependent() as seen:
+            fn(*args)
+    assert seen.found == []
+
+
+def test_a_value_read_back_is_seen():
+    """The check above can fail: a call that sizes its output by a value is caught."""
+    with ValueDependent() as seen:
+        x = torch.arange(5)
+        x[: int(x.max())]
+        x[x > 2]
+        x[x > 3] = 0
+    assert len(seen.found) == 3, seen.found
+
+
+def test_off_cuda_a_captured_call_is_the_call():
+    b = random_bundle()
+    fn, *args = engine_calls(b, torch.Generator().manual_seed(1))["vocoder"]
+    call = CapturedCall(fn, "vocoder", after=0)
+    with torch.no_grad():
+        assert torch.equal(call(*args), fn(*args))
+    assert call.graphs == {} and call.replays == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_replays_equal_eager_calls_whatever_was_replayed_between():
+    """Each call captured for two shapes (after one eager call each), replayed with new values, the two shapes
+    interleaved (their graphs share one memory pool): every result equals the call run eagerly."""
+    b = random_bundle().to("cuda", torch.float32)
+    g = torch.Generator().manual_seed(2)
+    for name in ("unit encoder", "duration predictor", "vocoder"):
+        fn = engine_calls(b, g)[name][0]
+        call = CapturedCall(fn, name, after=1)
+        shapes = [engine_calls(b, g)[name][1:] for _ in range(2)]
+        shapes[1] = [a[:2] if i else a[:2, : a.shape[1] // 2] for i, a in enumerate(shapes[1])]  # a second shape
+        shapes[1][1] = shapes[1][1].clamp_max(shapes[1][0].shape[1])
+        with torch.no_grad():
+            for r in range(4):
+                for args in shapes:
+                    args = [a.roll(r, 0).cuda() for a in args]  # new values, rows and their lengths together
+                    got = call(*args).clone()
+                    want = fn(*args)
+                    if want.dtype.is_floating_point:
+                        assert (got - want).abs().max().item() <= 1e-5, name
+                    else:
+                        assert torch.equal(got, want), name
+        assert len(call.graphs) == 2 and all(gr is not None for gr, _, _ in call.graphs.values()), name
+        assert call.replays == 2 * 3, name
