@@ -8,9 +8,9 @@
 #   2: where a tick's time goes (the engine's worker under torch's profiler), the CodeHiFiGAN in exact
 #      windows against streaming convolutions, continuation, and the decoder's CUDA graphs against eager
 #      steps (at most 5.5 minutes).
-#   short: what the issue's aims need, for a lease with little time left (at most 9 minutes): the GPU tests,
-#      the streaming vocoder's step, live sessions (two runs a level, the second warm) with the baseline at 16,
-#      resynthesis with the vocoder's exact windows replayed as CUDA graphs, the decode step. (Profiling the engine's worker thread failed on the H200 of 2026-11-29: CUPTI wants the
+#   short: what the issue's aims need, for a lease with little time left (at most 9.2 minutes): the GPU tests,
+#      the streaming vocoder's step (replayed as a CUDA graph, and eager), live sessions (two runs a level, the
+#      second warm) with the baseline at 16, resynthesis with the vocoder's exact windows, the decode step. (Profiling the engine's worker thread failed on the H200 of 2026-11-29: CUPTI wants the
 #      thread that registered it; part 2 still tries.)
 #   bash bench/gpu.sh [1|2|short]   (parts 1 and 2 without an argument; CUDA and PyTorch; wheels in .whl/ if given)
 # The lent H200's image (Python 3.12, torch 2.11) lacks soundfile and soxr, which the sessions bench imports; before
@@ -34,11 +34,14 @@ S="python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --se
 if [ "$PART" = short ]; then
   timeout 40 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_vocoder.py tests/test_captured.py -k on_a_gpu 2>&1 \
     | tail -3 | tee -a "$OUT/device.txt"
+  # the streaming vocoder's step replayed as a CUDA graph, then eager (2026-11-29: 1,848 launches, 46-204 ms a step)
   timeout 40 python3 bench/streaming_vocoder.py --device cuda --sizes public --levels 16,256,1024 --repeats 3 2>&1 \
     | tee "$OUT/streaming_vocoder.md"
+  timeout 25 python3 bench/streaming_vocoder.py --device cuda --sizes public --levels 256 --repeats 3 --no-cuda-graphs 2>&1 \
+    | tail -1 | tee -a "$OUT/streaming_vocoder.md"
   # two runs a level: cuDNN plans each new shape once per process, so the second run is a warm service's (bench/shapes.py)
   timeout 230 $S --levels 16,64,256,1024 --runs 2 --modes engine --json "$OUT/sessions.json" 2>&1 | tee "$OUT/sessions.txt"
-  timeout 50 $S --levels 16 --modes one-at-a-time 2>&1 | tee "$OUT/sessions_baseline.txt"
+  timeout 40 $S --levels 16 --modes one-at-a-time 2>&1 | tee "$OUT/sessions_baseline.txt"
   # the CodeHiFiGAN in exact windows, replayed as CUDA graphs with the encoder's windows (few large calls, context
   # recomputed) against the streaming convolutions above (every sample once, eager)
   timeout 90 $S --tasks resynthesis --levels 64,256,1024 --runs 2 --modes engine --vocoder-windows --json "$OUT/sessions_windows.json" \

@@ -5,7 +5,9 @@ piece of new frames per step (12-20 frames: about 320 ms of speech), as the engi
 
 Per N: the step's time (median, and per stream), the operators it dispatches (each a kernel launch on a GPU)
 and the values it reads back from the device (each a host synchronisation on a GPU; on a GPU the column counts
-every synchronisation CUDA reports, a blocking copy to the device included). On a GPU a step is bound
+every synchronisation CUDA reports, a blocking copy to the device included). On CUDA the CodeHiFiGAN's steps in
+which no stream ends are static and, once a shape has been met twice, replayed as a CUDA graph: its operators
+then launch as one and the column counts those outside it (`--no-cuda-graphs`: every one eager). On a GPU a step is bound
 by launches and synchronisations long before it is bound by arithmetic, so the counts say what a CPU's clock
 cannot: a step whose operators grow with N, or that reads counts back per layer, stalls a GPU however fast it
 computes. Every figure comes from this run.
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="tiny,bundle", help="comma-separated: tiny (CodeHiFiGAN), public (CodeHiFiGAN), bundle (the shipped source-filter vocoder)")
     ap.add_argument("--levels", default="1,4,16,64,256")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, the CodeHiFiGAN's steps eager (not replayed as graphs)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -115,7 +118,7 @@ def main() -> None:
         else:
             cfg = TINY_VOCODER if size == "tiny" else VocoderConfig()
             voc = CodeHiFiGAN(cfg).to(device).eval()
-            graph, units = StreamingGenerator(voc), cfg.num_embeddings
+            graph, units = StreamingGenerator(voc, graphs=not args.no_cuda_graphs), cfg.num_embeddings
         for n in [int(x) for x in args.levels.split(",")]:
             r = measure(graph, units, n, device, args.repeats)
             print(f"| {size} | {n} | {r['ms']:.2f} | {r['ms_per_session']:.3f} | {r['ops']} | {r['reads']} |", flush=True)

@@ -51,6 +51,28 @@ def test_the_calls_a_gpu_captures_read_nothing_back_and_take_their_shapes_from_t
     assert seen.found == []
 
 
+def test_the_streaming_vocoders_static_step_reads_nothing_back_and_takes_its_shapes_from_its_arguments():
+    """The step a GPU captures for streams none of which ends (`StreamingGenerator`, on the GPU's shapes)."""
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    g = StreamingGenerator(random_bundle().vocoder, shapes=True)
+    streams = [g.new_stream() for _ in range(3)]
+    pieces = lambda: [torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 0, 9)]
+    g.step(streams, pieces(), [False] * 3)  # (the slots are made: the next step is the static one on them)
+    fn, found, calls = g.static.fn, [], []
+
+    def watched(*args):
+        with ValueDependent() as seen:
+            out = fn(*args)
+        found.extend(seen.found)
+        calls.append(args)
+        return out
+
+    g.static.fn = watched
+    g.step(streams, pieces(), [False] * 3)
+    assert len(calls) == 1 and found == []
+
+
 def test_a_value_read_back_is_seen():
     """The check above can fail: a call that sizes its output by a value is caught."""
     with ValueDependent() as seen:
@@ -94,3 +116,32 @@ def test_on_a_gpu_replays_equal_eager_calls_whatever_was_replayed_between():
                         assert torch.equal(got, want), name
         assert len(call.graphs) == 2 and all(gr is not None for gr, _, _ in call.graphs.values()), name
         assert call.replays == 2 * 3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_streaming_vocoder_steps_replayed_as_graphs_equal_each_whole():
+    """Twelve streams stepped with ragged pieces of one width: their static steps are captured (the warm-up before a
+    capture puts the slots back) and replayed; a stream ending between them runs eagerly. Each stream's audio
+    equals its frames synthesised whole."""
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    vocoder = random_bundle().vocoder.cuda()
+    g = StreamingGenerator(vocoder)
+    gen = torch.Generator().manual_seed(4)
+    streams = [g.new_stream() for _ in range(12)]
+    frames: list[list[torch.Tensor]] = [[] for _ in streams]
+    audio: list[list[torch.Tensor]] = [[] for _ in streams]
+    with torch.no_grad():
+        for step in range(10):
+            pieces = [torch.randint(0, 100, (int(n),), generator=gen) for n in torch.randint(1, 10, (12,), generator=gen)]
+            pieces[0] = torch.randint(0, 100, (10,), generator=gen)  # every step 10 frames wide: one shape
+            ended = [step == 9 or (i == 5 and step == 6) for i in range(12)]
+            live = [i for i in range(12) if not (i == 5 and step > 6)]
+            got = g.step([streams[i] for i in live], [pieces[i] for i in live], [ended[i] for i in live])
+            for i, out in zip(live, got):
+                frames[i].append(pieces[i])
+                audio[i].append(out)
+        assert g.static.replays >= 4 and all(graph is not None for graph, _, _ in g.static.graphs.values())
+        for f, a in zip(frames, audio):
+            whole, streamed = vocoder.generate(torch.cat(f).cuda()).cpu(), torch.cat(a)
+            assert whole.shape == streamed.shape and (whole - streamed).abs().max().item() <= 1e-4

@@ -329,6 +329,45 @@ def test_a_gpu_step_over_every_slot_leaves_the_streams_without_frames_as_they_we
     assert rows.n.tolist() == [0, 0, 3, 0, 0, 7, 0, 0] and rows.ended.tolist() == [False] * 5 + [True, False, False]
 
 
+def test_static_steps_on_the_gpus_shapes_equal_each_whole(vocoder):
+    """On the GPU's shapes a step in which no stream ends is static (what a GPU captures as a CUDA graph): slots
+    [0, R), widths the input's, counts from the host. Streams in steady state with ragged pieces (none for some),
+    streams joining late, one ending (an eager step between static ones), one dropped and its slot reused, the
+    slots growing under live streams: each stream's audio equals its frames synthesised whole."""
+    import gc
+    import random
+
+    from streamgen.models.streaming_conv import StreamingGenerator
+
+    rng = random.Random(5)
+    g = StreamingGenerator(vocoder, shapes=True)
+    live, done, static = {}, [], 0
+    for step in range(16):
+        joining = {0: 6, 3: 3, 7: 1, 9: 12}.get(step, 0)  # 22 streams in all: more than the first 16 slots
+        for _ in range(joining):
+            live[len(live) + len(done) + 100 * step] = [g.new_stream(), [], []]
+        if step == 6:  # a session dropped mid-stream: its slot goes to the next stream
+            del live[next(iter(live))]
+            gc.collect()
+        ids = list(live)
+        ending = {5: ids[:1], 15: ids}.get(step, [])
+        pieces = [torch.randint(0, TINY_VOCODER.num_embeddings, (0 if rng.random() < 0.2 else rng.randint(1, 14),),
+                                generator=torch.Generator().manual_seed(rng.randrange(10**6))) for _ in ids]
+        with torch.no_grad():
+            got = g.step([live[k][0] for k in ids], pieces, [k in ending for k in ids])
+        static += not ending
+        for k, piece, out in zip(ids, pieces, got):
+            live[k][1].append(piece)
+            live[k][2].append(out)
+            if k in ending:
+                done.append(live.pop(k))
+    assert static == 14 and len(done) == 21 and g.slots.size == 32
+    with torch.no_grad():
+        for _, pieces, outs in done:
+            whole, streamed = vocoder.generate(torch.cat(pieces)), torch.cat(outs)
+            assert whole.shape == streamed.shape and (whole - streamed).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("shapes", [False, True], ids=["exact shapes", "shapes on the GPU's grid"])
 def test_slot_tensors_shrink_only_when_no_stream_holds_a_slot(vocoder, shapes):
     """A graph's slot tensors keep the size of the most streams that ran at once; `shrink` drops them only once

@@ -6,9 +6,10 @@ bound by the host). A call whose shapes recur (the engine rounds its batches and
 `shapes`) is run eagerly the first times a shape is met, then captured once and replayed: one launch, the
 inputs copied into the graph's own tensors first.
 
-What may be captured: a pure function of its tensor arguments (weights read, nothing written outside its
-result), whose work depends on the arguments' shapes and not on their values: no value read back to the host,
-no shape that depends on values (`tests/test_captured.py` checks the engine's calls for both on a CPU). A
+What may be captured: a function of its tensor arguments whose work depends on their shapes and not on their
+values (no value read back to the host, no shape that depends on values: `tests/test_captured.py` checks the
+engine's calls for both on a CPU), which writes nothing but its result, or, in place, the tensors `state`
+names (the streaming vocoder's slots: put back after the warm-up run that precedes a capture). A
 replayed call returns the graph's own output tensors, rewritten by its next replay: read them (to the host,
 or into a tensor of your own) before the next call. Elsewhere than on CUDA the function simply runs.
 """
@@ -28,8 +29,10 @@ class CapturedCall:
     """`fn(*tensors)`, on CUDA replayed from a graph captured for its arguments' shapes and dtypes once they
     have been met `after` times (a shape met once, as in a burst of sessions joining, is not worth a capture)."""
 
-    def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], name: str, after: int = 2):
+    def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], name: str, after: int = 2,
+                 state: Callable[..., list[Tensor]] | None = None):
         self.fn, self.name, self.after = fn, name, after
+        self.state = state  # state(*args): the tensors fn(*args) writes in place, if any (put back after the capture's warm-up)
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, list[Tensor], object]] = {}
         self.pool = None  # one memory pool for all of this call's graphs: they are replayed one at a time
@@ -57,10 +60,14 @@ class CapturedCall:
 
     def _capture(self, args: tuple[Tensor, ...]):
         inputs = [a.clone() for a in args]
+        state = self.state(*inputs) if self.state is not None else []
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up off the capture: allocator, cuDNN's plans, lazy initialisation
             self.fn(*inputs)
+            for t, before in zip(state, saved):  # (a capture runs nothing: the first replay makes this call's writes)
+                t.copy_(before)
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()

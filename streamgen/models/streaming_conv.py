@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .captured import CapturedCall
 from .shapes import grid, rounds, to_device
 from .source_filter_vocoder import layer_norm
 from .vocoder import LRELU_SLOPE, CodeHiFiGAN
@@ -121,18 +122,23 @@ class Slots:
     slot; a batched step reads its rows' state with one index per tensor and writes it back with one, so
     a step's operators do not grow with the number of streams, and every length lives on the host."""
 
-    def __init__(self, ops: list[ConvOp], queue_channels: list[int], ref: Tensor, shapes: bool | None = None):
+    def __init__(self, ops: list[ConvOp], queue_channels: list[int], ref: Tensor, shapes: bool | None = None,
+                 queue_capacity: list[int] | None = None):
         self.ops = ops
-        self.tails = [ref.new_zeros(0, op.weight.shape[1], op.k - 1) for op in ops]
-        self.tail_n = [np.zeros(0, dtype=np.int64) for _ in ops]
-        self.queues = [ref.new_zeros(0, c, 0) for c in queue_channels]
-        self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
-        # free slots, a heap: the lowest is taken first (a GPU's steps run every slot below a power of two past their
-        # streams', so the streams are kept in the lowest slots)
-        self.free: list[int] = []
         # shapes: a GPU's (by default where the device rounds, `shapes.rounds`): a step's rows are every slot below a
         # power of two (`Rows`) and every length is rounded up to the `grid`, the extra samples past each row's end
         self.shapes = rounds(ref.device) if shapes is None else shapes
+        # queue_capacity: the most samples each queue ever keeps between steps, where the graph knows it; on the
+        # GPU's shapes each queue is that wide (on the grid) from the start, so a step's shapes follow its input's
+        self.queue_width = [self.width(c) if self.shapes else 0 for c in queue_capacity or [0] * len(queue_channels)]
+        self.tails = [ref.new_zeros(0, op.weight.shape[1], op.k - 1) for op in ops]
+        self.tail_n = [np.zeros(0, dtype=np.int64) for _ in ops]
+        self.queues = [ref.new_zeros(0, c, w) for c, w in zip(queue_channels, self.queue_width)]
+        self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
+        self.version = 0  # changes whenever the slot tensors are made anew (a captured step reads them in place)
+        # free slots, a heap: the lowest is taken first (a GPU's steps run every slot below a power of two past their
+        # streams', so the streams are kept in the lowest slots)
+        self.free: list[int] = []
 
     def width(self, n: int) -> int:
         return grid(n) if self.shapes else n
@@ -163,7 +169,8 @@ class Slots:
         if len(self.free) < self.size:
             return False
         self.tails = [t[:0].clone() for t in self.tails]
-        self.queues = [q.new_zeros(0, q.shape[1], 0) for q in self.queues]
+        self.queues = [q.new_zeros(0, q.shape[1], w) for q, w in zip(self.queues, self.queue_width)]
+        self.version += 1
         self.tail_n = [n[:0].copy() for n in self.tail_n]
         self.queue_n = [n[:0].copy() for n in self.queue_n]
         self.free = []
@@ -178,6 +185,7 @@ class Slots:
         self.queue_n = [np.concatenate([n, np.zeros(size - old, dtype=np.int64)]) for n in self.queue_n]
         for slot in range(old, size):
             heapq.heappush(self.free, slot)
+        self.version += 1
 
     def conv(self, i: int, rows: Rows, x: Tensor, n: np.ndarray) -> tuple[Tensor, np.ndarray]:
         """Conv i over each row's new input x [B, Ci, T] (n_b valid) after its tail -> (output, valid counts)."""
@@ -207,6 +215,7 @@ class Slots:
         width = max(self.width(int(rest.max()) if len(rest) else 0), self.queues[q].shape[2])
         if width > self.queues[q].shape[2]:
             self.queues[q] = F.pad(self.queues[q], (0, width - self.queues[q].shape[2]))
+            self.version += 1
         self.queues[q].index_copy_(0, rows.index, shift(x, used, width))
         self.queue_n[q][rows.slots] = rest
 
@@ -272,38 +281,76 @@ def lrelu(x: Tensor, slope: float = LRELU_SLOPE) -> Tensor:
 
 
 class StreamingGenerator:
-    """The generator of a CodeHiFiGAN as a graph of streaming convs (see the module doc)."""
+    """The generator of a CodeHiFiGAN as a graph of streaming convs (see the module doc).
 
-    def __init__(self, model: CodeHiFiGAN, shapes: bool | None = None):
-        self.model = model
+    On the GPU's shapes a step in which no stream ends is static: its rows are slots [0, R), every tensor's width
+    follows the input's (W frames; each queue is as wide as the most it ever keeps), and every count comes from
+    the host in one copy, so on CUDA it is captured as a CUDA graph per (R, W) once met twice and replayed (one
+    launch for the hundreds of small kernels of a step). The host walks the same graph with its counts alone
+    (`_Counts`), which give each stream's output length; a step in which a stream ends runs eagerly."""
+
+    def __init__(self, model: CodeHiFiGAN, shapes: bool | None = None, graphs: bool = True):
+        self.model, self.graphs = model, graphs  # graphs: on CUDA, static steps captured (else eager)
         self.ops: list[ConvOp] = []
         self.queue_channels: list[int] = []
+        self.queue_capacity: list[int] = []
         cfg = model.cfg
         self.nk = len(cfg.resblock_kernel_sizes)
         self.pre = self._op(ConvOp.same(model.conv_pre))
         self.ups, self.blocks = [], []
         for i, up in enumerate(model.ups):
             self.ups.append(self._op(ConvOp.transposed(up)))
-            stage = []
+            stage, lags = [], []
             for j in range(self.nk):
                 rb = model.resblocks[i * self.nk + j]
-                pairs = [(self._op(ConvOp.same(c1)), self._op(ConvOp.same(c2)), self._queue(c1.in_channels))
-                         for c1, c2 in zip(rb.convs1, rb.convs2)]
-                stage.append((pairs, self._queue(rb.convs1[0].in_channels)))  # branch output waiting for the others
+                pairs = []
+                for c1, c2 in zip(rb.convs1, rb.convs2):
+                    o1, o2 = ConvOp.same(c1), ConvOp.same(c2)
+                    # a conv's output lags its input by b samples: the residual waits b1 + b2 at most
+                    pairs.append((self._op(o1), self._op(o2), self._queue(c1.in_channels, o1.b + o2.b)))
+                lags.append(sum(self.queue_capacity[q] for _, _, q in pairs))
+                stage.append((pairs, self._queue(rb.convs1[0].in_channels, 0)))  # branch output waiting for the others
+            for (_, q_out), lag in zip(stage, lags):  # a branch waits for the slowest
+                self.queue_capacity[q_out] = max(lags) - lag
             self.blocks.append(stage)
         self.post = self._op(ConvOp.same(model.conv_post))
-        self.slots = Slots(self.ops, self.queue_channels, model.dict.weight, shapes)
+        self.slots = Slots(self.ops, self.queue_channels, model.dict.weight, shapes, self.queue_capacity)
+        self.static, self.static_version = self._captured(), self.slots.version
 
     def _op(self, op: ConvOp) -> int:
         self.ops.append(op)
         return len(self.ops) - 1
 
-    def _queue(self, channels: int) -> int:
+    def _queue(self, channels: int, capacity: int) -> int:
         self.queue_channels.append(channels)
+        self.queue_capacity.append(capacity)
         return len(self.queue_channels) - 1
 
     def new_stream(self) -> Stream:
         return Stream(self.slots)
+
+    def walk(self, G, x, n):
+        """The generator over one step's new frames x (n of them per row) through the operations of G: the
+        eager step (`_Eager`), the host's counts alone (`_Counts`) or the static step (`_Static`)."""
+        x, n = G.conv(self.pre, x, n)
+        for i, up in enumerate(self.ups):
+            x, n = G.conv(up, x, n, LRELU_SLOPE)
+            outs = []
+            for pairs, q_out in self.blocks[i]:
+                y, m = x, n
+                for c1, c2, q_res in pairs:
+                    r, rn = G.push(q_res, y, m)  # y waits for f(y) to catch up
+                    h, hm = G.conv(c1, y, m, LRELU_SLOPE)
+                    h, hm = G.conv(c2, h, hm, LRELU_SLOPE)
+                    y, m = G.add(r, h), hm
+                    G.keep(q_res, r, rn, hm)
+                outs.append((q_out, *G.push(q_out, y, m)))
+            common = G.least([on for _, _, on in outs])
+            x = G.mean([o for _, o, _ in outs], common, x)
+            for q_out, o, on in outs:
+                G.keep(q_out, o, on, common)
+            n = common
+        return G.conv(self.post, x, n, 0.01)
 
     @torch.no_grad()
     def step(self, streams: list[Stream], frames: list[Tensor], ended: list[bool]) -> list[Tensor]:
@@ -311,29 +358,152 @@ class StreamingGenerator:
         of each stream: all the samples that those frames make final."""
         S = self.slots
         rows = Rows(streams, frames, ended, S, self.model.dict.weight.device)
-        x, n = self.model.dict(rows.ids).transpose(1, 2), rows.n
-        x, n = S.conv(self.pre, rows, x, n)
-        for i, up in enumerate(self.ups):
-            x, n = S.conv(up, rows, lrelu(x), n)
-            outs = []
-            for pairs, q_out in self.blocks[i]:
-                y, m = x, n
-                for c1, c2, q_res in pairs:
-                    r, rn = S.push(q_res, rows, y, m)  # y waits for f(y) to catch up
-                    h, hm = S.conv(c1, rows, lrelu(y), m)
-                    h, hm = S.conv(c2, rows, lrelu(h), hm)
-                    y, m = r[:, :, : h.shape[2]] + h, hm
-                    S.keep(q_res, rows, r, rn, hm)
-                outs.append(S.push(q_out, rows, y, m))
-            common = np.min([on for _, on in outs], axis=0)
-            width = S.width(int(common.max()) if len(common) else 0)
-            x = sum(o[:, :, :width] for o, _ in outs) / self.nk
-            for (pairs, q_out), (o, on) in zip(self.blocks[i], outs):
-                S.keep(q_out, rows, o, on, common)
-            n = common
-        x, n = S.conv(self.post, rows, lrelu(x, 0.01), n)
-        wave = torch.tanh(x)[:, 0].float().cpu()  # one read back for the whole step
+        if S.shapes and not rows.ended.any():
+            counts = _Counts(S, len(rows.slots))
+            _, n = self.walk(counts, None, rows.n)  # every count of the step, before it and after
+            if S.version != self.static_version:  # new slot tensors: the captured steps read the old ones
+                self.static, self.static_version = self._captured(), S.version
+            wave = self.static(rows.ids, counts.device_counts(rows.n, rows.ids.device)).cpu()  # one read back for the whole step
+        else:
+            x, n = self.walk(_Eager(S, rows), self.model.dict(rows.ids).transpose(1, 2), rows.n)
+            wave = torch.tanh(x)[:, 0].float().cpu()  # one read back for the whole step
         return [wave[b, :k] for b, k in rows.finish(n)]
+
+    def _static_step(self, ids: Tensor, counts: Tensor) -> Tensor:
+        """The static step over slots [0, R): (ids [R, W], counts [K, R]) -> audio [R, W * hop], writing the rows'
+        state in place."""
+        x, _ = self.walk(_Static(self.slots, ids.shape[0], counts), self.model.dict(ids).transpose(1, 2), counts[0])
+        return torch.tanh(x)[:, 0].float()
+
+    def _captured(self):
+        """The static step, captured per (R, W) on CUDA (one memory pool for all): it writes rows [0, R) of the slots."""
+        if not self.graphs:
+            return self._static_step
+        S = self.slots
+        return CapturedCall(self._static_step, "the streaming vocoder's step", after=2,
+                            state=lambda ids, counts: [t[: ids.shape[0]] for t in S.tails + S.queues])
+
+
+class _Eager:
+    """A step's operations on its rows, every count on the host (exact widths, or the grid's)."""
+
+    def __init__(self, S: Slots, rows: Rows):
+        self.S, self.rows = S, rows
+
+    def conv(self, i, x, n, slope=None):
+        return self.S.conv(i, self.rows, x if slope is None else lrelu(x, slope), n)
+
+    def push(self, q, y, m):
+        return self.S.push(q, self.rows, y, m)
+
+    def keep(self, q, r, rn, used):
+        self.S.keep(q, self.rows, r, rn, used)
+
+    @staticmethod
+    def add(r, h):
+        return r[:, :, : h.shape[2]] + h
+
+    @staticmethod
+    def least(ns):
+        return np.min(ns, axis=0)
+
+    def mean(self, outs, common, x):
+        width = self.S.width(int(common.max()) if len(common) else 0)
+        return sum(o[:, :, :width] for o in outs) / len(outs)
+
+
+class _Counts:
+    """A step's counts alone, on the host, for slots [0, R): each conv's and queue's count before the step (the
+    static step's input, in the order it reads them) and after it (kept in the slots, as an eager step would)."""
+
+    def __init__(self, S: Slots, R: int):
+        self.S, self.R = S, R
+        self.before: list[np.ndarray] = []
+
+    def conv(self, i, x, n, slope=None):
+        keep, tn = self.S.ops[i].k - 1, self.S.tail_n[i][: self.R]
+        n = n * self.S.ops[i].stuff
+        self.before.append(tn.copy())
+        out = np.maximum(tn + n - keep, 0)
+        self.S.tail_n[i][: self.R] = np.minimum(tn + n, keep)
+        return None, out
+
+    def push(self, q, y, m):
+        qn = self.S.queue_n[q][: self.R]
+        self.before.append(qn.copy())
+        return None, qn + m
+
+    def keep(self, q, r, rn, used):
+        self.S.queue_n[q][: self.R] = rn - used
+
+    @staticmethod
+    def add(r, h):
+        return None
+
+    least = staticmethod(_Eager.least)
+
+    @staticmethod
+    def mean(outs, common, x):
+        return None
+
+    def device_counts(self, n: np.ndarray, device) -> Tensor:
+        """The new frames' counts n, then every count before the step: [K, R] on `device`, in one copy."""
+        return counts(np.stack([n] + self.before), device)
+
+
+class _Static:
+    """A step's operations on slots [0, R) with every width following the input's and the counts read from
+    `counts` [K, R] (a tensor, in `_Counts`'s order): nothing depends on a value, so it can be captured."""
+
+    def __init__(self, S: Slots, R: int, counts: Tensor):
+        self.S, self.R, self.counts, self.k = S, R, counts, 1  # counts[0]: the new frames
+
+    def _next(self) -> Tensor:
+        self.k += 1
+        return self.counts[self.k - 1]
+
+    def conv(self, i, x, n, slope=None):
+        op, keep, tn = self.S.ops[i], self.S.ops[i].k - 1, self._next()
+        if slope is not None:
+            x = lrelu(x, slope)
+        if op.stuff > 1:  # each sample followed by stuff-1 zeros
+            B, C, T = x.shape
+            x = torch.stack([x] + [torch.zeros_like(x)] * (op.stuff - 1), dim=3).reshape(B, C, T * op.stuff)
+            n = n * op.stuff
+        tail = self.S.tails[i][: self.R]
+        cat = torch.cat([tail, x], dim=2)  # row b valid in [keep - tn_b, keep + n_b)
+        y = gathered(op.conv(cat), keep - tn, x.shape[2])  # [R, Co, W]: each row's outputs from its first
+        tail.copy_(gathered(cat, n, keep))  # the last keep inputs, right-aligned
+        return y, (tn + n - keep).clamp_min(0)
+
+    def push(self, q, y, m):
+        qn, queue = self._next(), self.S.queues[q][: self.R]
+        both = torch.cat([queue, y], dim=2)
+        j = torch.arange(both.shape[2], device=y.device)[None]
+        idx = torch.where(j < qn[:, None], j, queue.shape[2] + j - qn[:, None]).clamp_max(both.shape[2] - 1)
+        return both.gather(2, idx[:, None, :].expand(-1, both.shape[1], -1)), qn + m
+
+    def keep(self, q, r, rn, used):
+        queue = self.S.queues[q][: self.R]
+        queue.copy_(gathered(r, used, queue.shape[2]))
+
+    add = staticmethod(_Eager.add)
+
+    @staticmethod
+    def least(ns):
+        return torch.stack(ns).amin(0)
+
+    @staticmethod
+    def mean(outs, common, x):
+        return sum(o[:, :, : x.shape[2]] for o in outs) / len(outs)
+
+
+def gathered(x: Tensor, start: Tensor, width: int) -> Tensor:
+    """Row b's x[b, :, start_b : start_b + width] (starts on the device), left-aligned in [B, C, width]; positions
+    past x's end repeat its last sample (callers keep each row's valid length beside it)."""
+    B, C, T = x.shape
+    idx = (start[:, None] + torch.arange(width, device=x.device)).clamp(0, max(T - 1, 0))
+    return x.gather(2, idx[:, None, :].expand(B, C, width))
 
 
 class StreamingParams:

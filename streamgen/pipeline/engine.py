@@ -21,7 +21,8 @@ that has work ready:
 
 On CUDA the calls that recur in a few shapes are replayed as CUDA graphs once a shape has been met
 twice (`cuda_graphs`): the decoder's steps, the HuBERT encoder's windows (every frame's unit in the
-graph) and a CodeHiFiGAN's duration and audio windows (`models.captured`).
+graph), a CodeHiFiGAN's duration and audio windows (`models.captured`), and its streaming convolutions'
+steps in which no stream ends (`models.streaming_conv.StreamingGenerator`).
 
 A session's decode advances by the tokens that fit in a tick's decode budget (`decode_budget_ms`),
 interleaved with everyone else's chunks, so no session waits behind another session's whole decode. Each row of a batched call equals that
@@ -186,7 +187,7 @@ class Engine:
             self.encode_batch[PhoneUnitStream] = lambda windows: encode_phone_windows(reader, lm, windows)
             enc_wait = max(enc_wait, (pc.stride - 1 + pc.lookahead) * pc.hop / sr)
         voc = bundle.unit_vocoder
-        self.new_vocoder_stream = vocoder_streams(voc, cfg.vocoder_lookahead)
+        self.new_vocoder_stream = vocoder_streams(voc, cfg.vocoder_lookahead, self.graphs)
         if isinstance(voc, SourceFilterVocoder):
             self.time_batch = lambda windows: time_windows(voc, windows)
             self.audio_batch = synthesise_source_filter

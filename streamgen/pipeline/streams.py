@@ -536,16 +536,17 @@ class VocoderStreams:
         return self.make()
 
 
-def vocoder_streams(vocoder: SourceFilterVocoder | CodeHiFiGAN, lookahead: int | None = None) -> VocoderStreams:
+def vocoder_streams(vocoder: SourceFilterVocoder | CodeHiFiGAN, lookahead: int | None = None, graphs: bool = True) -> VocoderStreams:
     """The streams of a bundle's unit vocoder (`Bundle.unit_vocoder`), every stream sharing one copy of
     its streaming weights: `SourceFilterStream` for the source-filter vocoder (always exact),
-    `VocoderStream` for a CodeHiFiGAN (exact, or windowed with `lookahead` frames)."""
+    `VocoderStream` for a CodeHiFiGAN (exact, or windowed with `lookahead` frames; on CUDA with `graphs`, the
+    streaming convolutions' steps replayed as CUDA graphs)."""
     if isinstance(vocoder, SourceFilterVocoder):
         if lookahead is not None:
             raise ValueError("--vocoder-lookahead applies to CodeHiFiGAN vocoders; this bundle's source-filter vocoder is always exact")
         params = StreamingParams(vocoder)
         return VocoderStreams(lambda: SourceFilterStream(vocoder, params), params.slots)
-    graph = StreamingGenerator(vocoder) if lookahead is None else None
+    graph = StreamingGenerator(vocoder, graphs=graphs) if lookahead is None else None
     return VocoderStreams(lambda: VocoderStream(vocoder, lookahead, graph), graph.slots if graph is not None else None)
 
 
