@@ -115,8 +115,9 @@ def test_the_engine_overhead_bench_splits_each_stage_from_its_model_calls():
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     m = re.search(r"^   2 sessions, (\d+) ticks: per tick \(ms\) intake [\d.]+, encode [\d.]+, decide [\d.]+, decode [\d.]+, vocode [\d.]+; "
-                  r"model calls encoder [\d.]+, vocoder [\d.]+; the rest (-?\d+) us per session per tick$", r.stdout, re.M)
-    assert m and int(m.group(1)) > 5 and int(m.group(2)) > 0, r.stdout
+                  r"model calls encoder [\d.]+, vocoder [\d.]+; the rest (-?\d+) us per session per tick; a tick is ([\d.]+)x "
+                  r"its 320 ms chunk$", r.stdout, re.M)
+    assert m and int(m.group(1)) > 5 and int(m.group(2)) > 0 and float(m.group(3)) > 0, r.stdout
 
 
 def test_the_shapes_bench_counts_the_shapes_a_gpu_would_plan_with_and_without_the_grid():
