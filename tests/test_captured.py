@@ -121,27 +121,34 @@ def test_on_a_gpu_replays_equal_eager_calls_whatever_was_replayed_between():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_streaming_vocoder_steps_replayed_as_graphs_equal_each_whole():
     """Twelve streams stepped with ragged pieces of one width: their static steps are captured (the warm-up before a
-    capture puts the slots back) and replayed; a stream ending between them runs eagerly. Each stream's audio
-    equals its frames synthesised whole."""
+    capture puts the slots back) and replayed; a stream ending between them runs eagerly; eight more streams join
+    after the captures (the slots grow: the steps are captured anew on the new tensors). Each stream's audio equals
+    its frames synthesised whole."""
     from streamgen.models.streaming_conv import StreamingGenerator
 
     vocoder = random_bundle().vocoder.cuda()
     g = StreamingGenerator(vocoder)
     gen = torch.Generator().manual_seed(4)
     streams = [g.new_stream() for _ in range(12)]
-    frames: list[list[torch.Tensor]] = [[] for _ in streams]
-    audio: list[list[torch.Tensor]] = [[] for _ in streams]
+    frames: list[list[torch.Tensor]] = [[] for _ in range(20)]
+    audio: list[list[torch.Tensor]] = [[] for _ in range(20)]
+    replays = []
     with torch.no_grad():
-        for step in range(10):
-            pieces = [torch.randint(0, 100, (int(n),), generator=gen) for n in torch.randint(1, 10, (12,), generator=gen)]
-            pieces[0] = torch.randint(0, 100, (10,), generator=gen)  # every step 10 frames wide: one shape
-            ended = [step == 9 or (i == 5 and step == 6) for i in range(12)]
-            live = [i for i in range(12) if not (i == 5 and step > 6)]
+        for step in range(12):
+            if step == 6:
+                replays.append(g.static.replays)
+                streams += [g.new_stream() for _ in range(8)]
+            pieces = [torch.randint(0, 100, (int(n),), generator=gen) for n in torch.randint(1, 10, (len(streams),), generator=gen)]
+            pieces[0] = torch.randint(0, 100, (10,), generator=gen)  # every step 10 frames wide: one shape a size of the slots
+            ended = [step == 11 or (i == 5 and step == 4) for i in range(len(streams))]
+            live = [i for i in range(len(streams)) if not (i == 5 and step > 4)]
             got = g.step([streams[i] for i in live], [pieces[i] for i in live], [ended[i] for i in live])
             for i, out in zip(live, got):
                 frames[i].append(pieces[i])
                 audio[i].append(out)
-        assert g.static.replays >= 4 and all(graph is not None for graph, _, _ in g.static.graphs.values())
+        replays.append(g.static.replays)
+        assert g.slots.size == 32 and replays[0] >= 2 and replays[1] >= 2, replays
+        assert all(graph is not None for graph, _, _ in g.static.graphs.values())
         for f, a in zip(frames, audio):
             whole, streamed = vocoder.generate(torch.cat(f).cuda()).cpu(), torch.cat(a)
             assert whole.shape == streamed.shape and (whole - streamed).abs().max().item() <= 1e-4

@@ -17,26 +17,69 @@ or into a tensor of your own) before the next call. Elsewhere than on CUDA the f
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger("streamgen")
+_side: dict[int, torch.cuda.Stream] = {}  # by device index
+
+
+@contextmanager
+def off_the_main_stream():
+    """Work queued inside runs on one side stream per device, after what is queued before it and before what is
+    queued after it. Warm-ups and captures run there: the libraries' per-stream workspaces (cuBLAS, cuDNN) then
+    exist before a capture would have to allocate them."""
+    device = torch.cuda.current_device()
+    if device not in _side:
+        _side[device] = torch.cuda.Stream()
+    side, main = _side[device], torch.cuda.current_stream()
+    side.wait_stream(main)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        main.wait_stream(side)
+
+
+def capture(fn: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn() recorded as a CUDA graph (nothing runs; a replay runs it) into `pool`, and its output. Unlike
+    `torch.cuda.graph` it neither waits for the device nor empties the allocator's caches (each capture would
+    stall a live tick and make the next ticks allocate anew). RuntimeError where fn cannot be captured (the
+    stream is left as it was); an error that is the device's own raises as itself."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with off_the_main_stream():
+            graph.capture_begin(pool=pool)
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+    except RuntimeError:
+        torch.cuda.synchronize()  # a sticky error (a failed kernel, the device lost) raises here, not as "not captured"
+        raise
+    return graph, out
 
 
 class CapturedCall:
     """`fn(*tensors)`, on CUDA replayed from a graph captured for its arguments' shapes and dtypes once they
-    have been met `after` times (a shape met once, as in a burst of sessions joining, is not worth a capture)."""
+    have been met `after` times (a shape met once, as in a burst of sessions joining, is not worth a capture),
+    for at most `limit` shapes (one pool holds the largest shape's intermediates; `clear` gives it back)."""
 
     def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], name: str, after: int = 2,
-                 state: Callable[..., list[Tensor]] | None = None):
-        self.fn, self.name, self.after = fn, name, after
+                 state: Callable[..., list[Tensor]] | None = None, limit: int = 64):
+        self.fn, self.name, self.after, self.limit = fn, name, after, limit
         self.state = state  # state(*args): the tensors fn(*args) writes in place, if any (put back after the capture's warm-up)
+        self.replays = 0
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every graph and the memory they hold (the next calls run eagerly, then capture anew)."""
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, list[Tensor], object]] = {}
         self.pool = None  # one memory pool for all of this call's graphs: they are replayed one at a time
-        self.replays = 0
 
     def __call__(self, *args: Tensor):
         if args[0].device.type != "cuda":
@@ -45,7 +88,7 @@ class CapturedCall:
         entry = self.graphs.get(key)
         if entry is None:
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] <= self.after:
+            if self.seen[key] <= self.after or len(self.graphs) >= self.limit:
                 return self.fn(*args)
             entry = self.graphs[key] = self._capture(args)
             self.seen.pop(key)
@@ -62,19 +105,16 @@ class CapturedCall:
         inputs = [a.clone() for a in args]
         state = self.state(*inputs) if self.state is not None else []
         saved = [t.clone() for t in state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up off the capture: allocator, cuDNN's plans, lazy initialisation
-            self.fn(*inputs)
-            for t, before in zip(state, saved):  # (a capture runs nothing: the first replay makes this call's writes)
-                t.copy_(before)
-        torch.cuda.current_stream().wait_stream(side)
+        with off_the_main_stream():  # warm up where the capture runs
+            try:
+                self.fn(*inputs)
+            finally:  # (a capture runs nothing: the first replay makes this call's writes)
+                for t, before in zip(state, saved):
+                    t.copy_(before)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.fn(*inputs)
+            graph, out = capture(lambda: self.fn(*inputs), self.pool)
         except RuntimeError as e:
             log.warning("%s not captured as a CUDA graph for shapes %s, running it eagerly: %s", self.name,
                         [tuple(a.shape) for a in args], e)

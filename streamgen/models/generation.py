@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .captured import capture, off_the_main_stream
 from .shapes import on_grid, padded_rows, to_device
 from .unit_mbart import EOS, PAD, UNIT_OFFSET, DecoderState, PromptKV, UnitMBart, units_to_source
 
@@ -511,21 +512,17 @@ class _Captured:
         # writes the K/V of the tokens already in `tokens` at each row's length and advances it;
         # the lengths are put back, so the first replay repeats exactly that write.
         saved = lengths.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
+        with off_the_main_stream():
+            try:
+                for _ in range(2):
+                    run()
+                    lengths.copy_(saved)
+            finally:
                 lengths.copy_(saved)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                logits = run()
+            self.graph, self.logits = capture(run)
         except RuntimeError as e:  # the eager static step still serves; say why once per shape
             log.warning("decoder step not captured as a CUDA graph (%d rows), running it eagerly: %s", rows, e)
-        else:
-            self.graph, self.logits = graph, logits
         lengths.copy_(saved)
 
     def replay(self) -> Tensor:

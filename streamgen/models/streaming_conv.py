@@ -135,7 +135,7 @@ class Slots:
         self.tail_n = [np.zeros(0, dtype=np.int64) for _ in ops]
         self.queues = [ref.new_zeros(0, c, w) for c, w in zip(queue_channels, self.queue_width)]
         self.queue_n = [np.zeros(0, dtype=np.int64) for _ in queue_channels]
-        self.version = 0  # changes whenever the slot tensors are made anew (a captured step reads them in place)
+        self.on_replace = None  # called whenever the slot tensors are made anew (a captured step reads them in place)
         # free slots, a heap: the lowest is taken first (a GPU's steps run every slot below a power of two past their
         # streams', so the streams are kept in the lowest slots)
         self.free: list[int] = []
@@ -170,10 +170,10 @@ class Slots:
             return False
         self.tails = [t[:0].clone() for t in self.tails]
         self.queues = [q.new_zeros(0, q.shape[1], w) for q, w in zip(self.queues, self.queue_width)]
-        self.version += 1
         self.tail_n = [n[:0].copy() for n in self.tail_n]
         self.queue_n = [n[:0].copy() for n in self.queue_n]
         self.free = []
+        self._replaced()
         return True
 
     def _grow(self, size: int) -> None:
@@ -185,7 +185,11 @@ class Slots:
         self.queue_n = [np.concatenate([n, np.zeros(size - old, dtype=np.int64)]) for n in self.queue_n]
         for slot in range(old, size):
             heapq.heappush(self.free, slot)
-        self.version += 1
+        self._replaced()
+
+    def _replaced(self) -> None:
+        if self.on_replace is not None:
+            self.on_replace()
 
     def conv(self, i: int, rows: Rows, x: Tensor, n: np.ndarray) -> tuple[Tensor, np.ndarray]:
         """Conv i over each row's new input x [B, Ci, T] (n_b valid) after its tail -> (output, valid counts)."""
@@ -215,7 +219,7 @@ class Slots:
         width = max(self.width(int(rest.max()) if len(rest) else 0), self.queues[q].shape[2])
         if width > self.queues[q].shape[2]:
             self.queues[q] = F.pad(self.queues[q], (0, width - self.queues[q].shape[2]))
-            self.version += 1
+            self._replaced()
         self.queues[q].index_copy_(0, rows.index, shift(x, used, width))
         self.queue_n[q][rows.slots] = rest
 
@@ -315,7 +319,8 @@ class StreamingGenerator:
             self.blocks.append(stage)
         self.post = self._op(ConvOp.same(model.conv_post))
         self.slots = Slots(self.ops, self.queue_channels, model.dict.weight, shapes, self.queue_capacity)
-        self.static, self.static_version = self._captured(), self.slots.version
+        self._new_static()
+        self.slots.on_replace = self._new_static  # (the captured steps read the old tensors, and hold memory)
 
     def _op(self, op: ConvOp) -> int:
         self.ops.append(op)
@@ -361,8 +366,6 @@ class StreamingGenerator:
         if S.shapes and not rows.ended.any():
             counts = _Counts(S, len(rows.slots))
             _, n = self.walk(counts, None, rows.n)  # every count of the step, before it and after
-            if S.version != self.static_version:  # new slot tensors: the captured steps read the old ones
-                self.static, self.static_version = self._captured(), S.version
             wave = self.static(rows.ids, counts.device_counts(rows.n, rows.ids.device)).cpu()  # one read back for the whole step
         else:
             x, n = self.walk(_Eager(S, rows), self.model.dict(rows.ids).transpose(1, 2), rows.n)
@@ -375,13 +378,15 @@ class StreamingGenerator:
         x, _ = self.walk(_Static(self.slots, ids.shape[0], counts), self.model.dict(ids).transpose(1, 2), counts[0])
         return torch.tanh(x)[:, 0].float()
 
-    def _captured(self):
-        """The static step, captured per (R, W) on CUDA (one memory pool for all): it writes rows [0, R) of the slots."""
+    def _new_static(self) -> None:
+        """The static step, captured per (R, W) on CUDA (one memory pool for all): it writes rows [0, R) of the slots.
+        Made anew with the slot tensors (and so given back with them when an idle engine shrinks them)."""
         if not self.graphs:
-            return self._static_step
+            self.static = self._static_step
+            return
         S = self.slots
-        return CapturedCall(self._static_step, "the streaming vocoder's step", after=2,
-                            state=lambda ids, counts: [t[: ids.shape[0]] for t in S.tails + S.queues])
+        self.static = CapturedCall(self._static_step, "the streaming vocoder's step", after=2,
+                                   state=lambda ids, counts: [t[: ids.shape[0]] for t in S.tails + S.queues])
 
 
 class _Eager:

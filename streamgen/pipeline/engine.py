@@ -166,6 +166,7 @@ class Engine:
         # replayed as CUDA graphs, one per shape met (`models.captured`)
         self.graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
         capture = (lambda fn, name: CapturedCall(fn, name)) if self.graphs else (lambda fn, name: None)
+        self.captured: list[CapturedCall] = []
         # the unit encoder's stream class -> its batched call, and the stream each task reads with
         self.encode_batch: dict[type, object] = {}
         if bundle.logmel_units is not None:  # log-mel units: frame-local, exact at any chunking
@@ -179,6 +180,7 @@ class Engine:
             hubert, quantizer = bundle.need("hubert"), bundle.need("kmeans")
             self.new_kmeans_stream = lambda: UnitStream(hubert, quantizer, cfg.left_frames, cfg.lookahead_frames)
             frame_units = capture(window_units(hubert, quantizer), "the unit encoder")
+            self.captured += [frame_units] if frame_units is not None else []
             self.encode_batch[UnitStream] = lambda windows: encode_windows(hubert, quantizer, windows, frame_units)
             hc = hubert.cfg
             enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / sr
@@ -193,6 +195,7 @@ class Engine:
             self.audio_batch = synthesise_source_filter
         else:
             durations, generate = capture(voc.durations, "the duration predictor"), capture(voc.generate, "the vocoder")
+            self.captured += [c for c in (durations, generate) if c is not None]
             self.time_batch = lambda windows: time_windows(voc, windows, durations)
             self.audio_batch = lambda streams, windows: synthesise(streams, windows, generate)
         voc_wait = (voc.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead) * voc.hop / sr
@@ -541,13 +544,16 @@ class Engine:
     def _trim(self) -> None:
         """Hand what the ticks freed back to the system (see `streamgen.memory`): while sessions run,
         every `trim_every_s`, and whenever the engine falls idle; with no session left, the decoders' K/V
-        pools and the vocoder's slot tensors too (sized for the most sessions served at once)."""
+        pools, the vocoder's slot tensors and the CUDA graphs captured for them too (sized for the most
+        sessions served at once)."""
         with self.lock:
             if not self.sessions:
                 for decoder in self.decoders.values():
                     decoder.release_pool()
                 if self.new_vocoder_stream.slots is not None:
-                    self.new_vocoder_stream.slots.shrink()
+                    self.new_vocoder_stream.slots.shrink()  # (its captured steps go with its tensors)
+                for call in self.captured:
+                    call.clear()
         release_freed_memory()
         self.trimmed_at, self.trimmed_tick, self.trims = time.perf_counter(), self.ticks, self.trims + 1
 
