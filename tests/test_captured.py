@@ -1,6 +1,8 @@
 """The model calls the engine replays as CUDA graphs on a GPU (`models.captured`): their work follows their
 arguments' shapes only (checked on any machine), and a replay equals the call run eagerly (on a GPU)."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +30,17 @@ class ValueDependent(TorchDispatchMode):
         if name in self.NAMES or masks or (name == "aten::repeat_interleave" and func._overloadname == "Tensor"):
             self.found.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Convolutions and products in float32 on a GPU (TF32's, the default for cuDNN, agree to about 1e-3)."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def engine_calls(b, g: torch.Generator) -> dict:
@@ -104,7 +117,7 @@ def test_on_a_gpu_replays_equal_eager_calls_whatever_was_replayed_between():
         shapes = [engine_calls(b, g)[name][1:] for _ in range(2)]
         shapes[1] = [a[:2] if i else a[:2, : a.shape[1] // 2] for i, a in enumerate(shapes[1])]  # a second shape
         shapes[1][1] = shapes[1][1].clamp_max(shapes[1][0].shape[1])
-        with torch.no_grad():
+        with torch.no_grad(), full_float32():
             for r in range(4):
                 for args in shapes:
                     args = [a.roll(r, 0).cuda() for a in args]  # new values, rows and their lengths together
@@ -133,7 +146,7 @@ def test_on_a_gpu_streaming_vocoder_steps_replayed_as_graphs_equal_each_whole():
     frames: list[list[torch.Tensor]] = [[] for _ in range(20)]
     audio: list[list[torch.Tensor]] = [[] for _ in range(20)]
     replays = []
-    with torch.no_grad():
+    with torch.no_grad(), full_float32():
         for step in range(12):
             if step == 6:
                 replays.append(g.static.replays)
