@@ -270,6 +270,9 @@ def main() -> None:
     ap.add_argument("--vocoder-windows", action="store_true",
                     help="CodeHiFiGAN in exact windows (context recomputed, few large calls, CUDA graphs on a GPU) "
                          "instead of streaming convolutions")
+    ap.add_argument("--streaming-translation", action="store_true",
+                    help="with --public-random: translation on its own backbone that streams (causal encoder, wait-k 30, "
+                         "as the shipped bundle's), where the public Unit mBART re-encodes the source at every decision")
     ap.add_argument("--processes", type=int, default=1,
                     help="CPU: split each level's talkers over this many engine processes (one per core, 1 thread each)")
     ap.add_argument("--runs", type=int, default=1,
@@ -279,6 +282,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.runs < 1:
         ap.error(f"--runs must be >= 1, got {args.runs}")
+    if args.streaming_translation and not args.public_random:
+        ap.error("--streaming-translation builds a public-size backbone: it goes with --public-random")
     if args.profile:
         if args.processes != 1:
             ap.error("--profile records one engine process: leave out --processes")
@@ -291,7 +296,7 @@ def main() -> None:
     if args.public_random:
         from streamgen.testing import public_size_bundle
 
-        bundle = public_size_bundle().to(args.device, getattr(torch, args.dtype))
+        bundle = public_size_bundle(streaming_translation=args.streaming_translation).to(args.device, getattr(torch, args.dtype))
     else:
         bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
     cast_backbones(bundle, args.device, getattr(torch, args.lm_dtype) if args.lm_dtype else None)

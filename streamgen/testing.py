@@ -43,15 +43,20 @@ def random_bundle(seed: int = 0) -> Bundle:
     return b
 
 
-def public_size_bundle(seed: int = 0) -> Bundle:
+def public_size_bundle(seed: int = 0, streaming_translation: bool = False) -> Bundle:
     """Random weights at the public model sizes (mHuBERT base to layer 11 + 1000 k-means units,
-    Unit mBART large, CodeHiFiGAN V1): what speed benchmarks run at when no checkpoint is at hand."""
+    Unit mBART large, CodeHiFiGAN V1): what speed benchmarks run at when no checkpoint is at hand.
+    streaming_translation: translation on its own Unit mBART large that streams (a causal encoder under
+    wait-k 30, as the shipped bundle's translation backbone: a decision encodes only its new source)."""
     torch.manual_seed(seed)
     b = Bundle(hubert=HubertEncoder(HubertConfig(layers=11, output_layer=11)), quantizer=KMeansQuantizer(torch.randn(1000, 768)),
                mbart=UnitMBart(UnitMBartConfig(dropout=0.0)), vocoder=CodeHiFiGAN(VocoderConfig()))
+    if streaming_translation:
+        b.backbones["translation"] = UnitMBart(UnitMBartConfig(dropout=0.0, wait_k=30, wait_ratio=1.0))
     for m in b.modules().values():
         m.eval()
-    b.mbart.requires_grad_(False)
-    with torch.no_grad():  # an untrained decoder ends at once; a zero </s> embedding keeps it talking
-        b.mbart.embed_tokens.weight[EOS].zero_()
+    for m in [b.mbart, *b.backbones.values()]:
+        m.eval().requires_grad_(False)
+        with torch.no_grad():  # an untrained decoder ends at once; a zero </s> embedding keeps it talking
+            m.embed_tokens.weight[EOS].zero_()
     return b
