@@ -458,6 +458,14 @@ def test_joining_decisions_keeps_each_units_timing():
     assert torch.equal(run_frames(t(7, 8), t(2, 5), 6), t(7, 7, 7, 8))  # 7 from frame 2 to 5, 8 from 5 to 6
     with pytest.raises(ValueError, match="out of order"):
         run_frames(t(7, 8), t(5, 2), 6)
+    with pytest.raises(ValueError, match="end after frame 4"):  # the last run would end before it starts
+        run_frames(t(7, 8), t(2, 5), 4)
+    assert run_frames(t(), t(), 3).shape == (0,)
+    from streamgen.models.vocoder import check_units
+
+    with pytest.raises(ValueError, match=r"units must lie in 0\.\.99, got -1\.\.120"):
+        check_units(t(5, -1, 120), 100)
+    check_units(t(0, 99), 100)
     timed = Decision(commit=t(1, 2), frames=t(1, 1, 2))
     untimed = Decision(commit=t(3))
     d = then(untimed, timed)  # untimed units, then timed ones: the frames start at the timed ones

@@ -199,5 +199,7 @@ class CodeHiFiGAN(nn.Module):
 def check_units(units: Tensor, num_units: int) -> None:
     if units.dim() != 1 or units.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"units must be a 1-D integer tensor, got {units.dtype} {tuple(units.shape)}")
-    if units.numel() and (int(units.min()) < 0 or int(units.max()) >= num_units):
-        raise ValueError(f"units must lie in 0..{num_units - 1}, got {int(units.min())}..{int(units.max())}")
+    if units.numel():
+        lo, hi = (int(x) for x in torch.aminmax(units))  # (one pass: a check per session and tick)
+        if lo < 0 or hi >= num_units:
+            raise ValueError(f"units must lie in 0..{num_units - 1}, got {lo}..{hi}")

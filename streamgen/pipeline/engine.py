@@ -616,15 +616,16 @@ class Engine:
         if isinstance(item, AudioChunk):
             s.buf = torch.cat([s.buf, item.samples.float()])
             n = self.cfg.chunk_samples
-            while len(s.buf) >= n and not s.input_ended:
+            while s.buf.shape[0] >= n and not s.input_ended:
                 self._chunk(s, s.buf[:n], item.captured_at)
                 s.buf = s.buf[n:]
 
     def _chunk(self, s: Session, samples: Tensor, captured_at: float) -> None:
-        s.pos += len(samples)
+        n = samples.shape[0]
+        s.pos += n
         s.seq += 1
         s.chunks.append((samples, s.pos, captured_at))
-        s.chunked += len(samples)
+        s.chunked += n
         if not s.heard:
             s.heard = s.gate.push(samples.numpy())
         if self.vad is not None and self.vad.ended(s.name, samples):

@@ -136,13 +136,17 @@ def then(a: Decision | None, b: Decision | None) -> Decision | None:
     return Decision(commit=commit, decode=b.decode, frames=a.frames if b.frames is None else torch.cat([a.frames, b.frames]))
 
 
-def run_frames(units: Tensor, starts: Tensor, end: int) -> Tensor:
+def run_frames(units: Tensor | np.ndarray, starts: Tensor | np.ndarray, end: int) -> Tensor:
     """Runs of `units` starting at frames `starts`, the last ending at frame `end`: one unit id per frame
     (on the host, in numpy: a few runs per session and tick)."""
-    lengths = np.diff(starts.numpy(), append=end)
+    starts = np.asarray(starts)
+    lengths = np.empty_like(starts)
+    lengths[:-1] = starts[1:] - starts[:-1]
+    if len(starts):
+        lengths[-1] = end - starts[-1]
     if (lengths < 0).any():
         raise ValueError(f"unit runs starting at frames {starts.tolist()} are out of order or end after frame {end}")
-    return torch.from_numpy(np.repeat(units.numpy(), lengths))
+    return torch.from_numpy(np.repeat(np.asarray(units), lengths))
 
 
 class Policy:
@@ -239,19 +243,19 @@ class Resynthesis(Policy):
     def speak_timed(self, units: Tensor, starts: Tensor) -> Decision | None:
         """New units starting at absolute frames `starts`: the frames since the last call, the
         previous run continuing up to the first new start, the last run up to `source_frames`."""
+        u, f = units.numpy(), starts.numpy()
         if self.last is None:  # the first unit (silence before speech may have been dropped unheard)
-            if not len(units):
+            if not len(u):
                 return None
-            ids, first = units, starts
-            self.timed = int(starts[0])
+            ids, first = u, f
+            self.timed = int(f[0])
         else:
-            ids = torch.from_numpy(np.concatenate([[self.last], units.numpy()]))
-            first = torch.from_numpy(np.concatenate([[self.timed], starts.numpy()]))
+            ids, first = np.concatenate([[self.last], u]), np.concatenate([[self.timed], f])
         frames = run_frames(ids, first, self.source_frames)
-        if not len(frames):
+        if not frames.shape[0]:
             return None
         self.timed, self.last = self.source_frames, int(ids[-1])
-        return Decision(commit=units if len(units) else None, frames=frames)
+        return Decision(commit=units if len(u) else None, frames=frames)
 
 
 class Continuation(Policy):
