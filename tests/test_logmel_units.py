@@ -1,10 +1,13 @@
 """Log-mel k-means unit encoder: streamed units equal whole-utterance units; a unit depends only on its
 window of samples; k-means fitted on real features gives a codebook that separates different sounds."""
 
+import contextlib
+
 import pytest
 import torch
 
 from streamgen.models.logmel_units import LogMelUnits, LogMelUnitsConfig
+from streamgen.models.shapes import gpu_shapes
 from streamgen.pipeline.streams import LogMelUnitStream, encode_logmel_windows
 from streamgen.models.kmeans import dedup
 from streamgen.train.units import kmeans
@@ -144,11 +147,18 @@ def test_variance_normalisation_needs_the_running_mean():
         LogMelUnitsConfig(cvn=True)
 
 
-def test_sessions_encoded_in_one_call_equal_each_alone():
+@pytest.mark.parametrize("shapes", [False, True], ids=["exact shapes", "shapes on the GPU's grid"])
+def test_sessions_encoded_in_one_call_equal_each_alone(any_encoder, shapes):
     """The engine plans every session's windows (one per chunk that came in, several per session in a
-    tick) and quantises them together; with a running mean each stream makes its own windows'
-    features in order, so batching changes nothing."""
-    enc = mean_normalised_encoder()
+    tick) and encodes them together: the frames of every window in one padded log-mel call (each frame
+    reads its own samples: on the GPU's grid too, extra rows and samples), or, with a running mean, each
+    stream's made in order as its windows are planned; so batching changes nothing."""
+    enc = any_encoder
+    with gpu_shapes() if shapes else contextlib.nullcontext():
+        check_sessions_encoded_together(enc)
+
+
+def check_sessions_encoded_together(enc):
     waves = [chirp(12000 + 500 * k, seed=10 + k) for k in range(3)]
     streams = [LogMelUnitStream(enc) for _ in waves]
     got = [[] for _ in waves]

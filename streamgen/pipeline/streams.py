@@ -434,10 +434,20 @@ class LogMelUnitStream(EncoderStream):
 
 
 def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> list[Tensor]:
-    """Frame units of every window: all windows' frames in one log-mel and one k-means call."""
+    """Frame units of every window: all windows' frames in one log-mel call (a padded batch: each frame reads
+    its own samples only) and one k-means call. The frames of a stream that normalises were made when its
+    window was planned (its running statistics follow its frames in order)."""
     dev = encoder.fb.device
-    feats = torch.cat([w.feats if w.feats is not None else encoder.frame_features(w.wave.to(dev), w.count) for w in windows])
-    return list(encoder.quantize(feats).cpu().split([w.count for w in windows]))
+    feats = [w.feats for w in windows]
+    todo = [i for i, f in enumerate(feats) if f is None]
+    if todo:
+        width = multiple(max(len(windows[i].wave) for i in todo), 16 * encoder.cfg.hop, dev)
+        extra = [torch.zeros(width)] * (on_grid(len(todo), dev) - len(todo))  # (extra rows: silence)
+        wave, _ = padded_rows([windows[i].wave.float() for i in todo] + extra, width, 0.0, dev)
+        batch = encoder.frame_features(wave, max(windows[i].count for i in todo))  # [rows, frames, n_mels]
+        for row, i in enumerate(todo):
+            feats[i] = batch[row, : windows[i].count]
+    return list(encoder.quantize(torch.cat(feats)).cpu().split([w.count for w in windows]))
 
 
 class PhoneUnitStream(EncoderStream):
