@@ -387,12 +387,13 @@ def test_a_reply_said_after_the_input_ended_does_not_make_the_service_busy(test_
     """A continuation speaks its reply after the input ends, seconds of audio in a fraction of one: every
     chunk of it answers the same last input, so its delay after that input's capture grows with the reply's
     length, not with how far behind the engine is. Only the answers of sessions whose input goes on count:
-    here the reply answers input captured 5 s before (over the 3 s bound), and a newcomer is admitted."""
-    engine = build_engine(test_bundle, "continuation", chunk_ms=100, admit_lag_s=3.0, queue_size=64)
+    here the reply answers input captured 30 s before (over the 20 s bound, which the other session's answers
+    stay far below however busy the machine), and a newcomer is admitted."""
+    engine = build_engine(test_bundle, "continuation", chunk_ms=100, admit_lag_s=20.0, queue_size=64)
     now = time.monotonic()
     keep = [Control("keep", "start", "resynthesis", {})] + chunks_of("keep", espeak("Hello there."), 1600, at=now, end=False)
     reply = [Control("a", "start", "continuation", {"max_units": 60, "min_units": 40})]
-    reply += chunks_of("a", espeak("The weather is nice today."), 1600, at=now, end=False) + [End("a", 0, now - 5.0)]
+    reply += chunks_of("a", espeak("The weather is nice today."), 1600, at=now, end=False) + [End("a", 0, now - 30.0)]
 
     async def scenario():
         out: asyncio.Queue = asyncio.Queue()
