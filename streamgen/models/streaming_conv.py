@@ -88,7 +88,13 @@ def shift(x: Tensor, start: np.ndarray, width: int) -> Tensor:
         return F.pad(out, (0, width - out.shape[2])) if out.shape[2] < width else out
     if T == 0:
         return x.new_zeros(B, C, width)
-    idx = (counts(start, x.device)[:, None] + torch.arange(width, device=x.device)).clamp_max(T - 1)
+    return gathered(x, counts(start, x.device), width)
+
+
+def gathered(x: Tensor, start: Tensor, width: int) -> Tensor:
+    """`shift` with the starts on the device (a static step's): every row gathered, whatever its start."""
+    B, C, T = x.shape
+    idx = (start[:, None] + torch.arange(width, device=x.device)).clamp(0, max(T - 1, 0))
     return x.gather(2, idx[:, None, :].expand(B, C, width))
 
 
@@ -109,10 +115,15 @@ def join(a: Tensor, na: np.ndarray, b: Tensor, nb: np.ndarray, size=lambda w: w)
         return both[:, :, :width], n
     if both.shape[2] == 0 or width == 0:
         return both.new_zeros(both.shape[0], both.shape[1], width), n
-    j = torch.arange(width, device=a.device)[None]
-    na_ = counts(na, a.device)[:, None]
-    idx = torch.where(j < na_, j, a.shape[2] + j - na_).clamp_max(both.shape[2] - 1)
-    return both.gather(2, idx[:, None, :].expand(-1, both.shape[1], -1)), n
+    return spliced(both, a.shape[2], counts(na, a.device), width), n
+
+
+def spliced(both: Tensor, split: int, na: Tensor, width: int) -> Tensor:
+    """Row b's first na_b samples of `both` (of its first `split`), then those from `split` on, in [B, C, width]
+    (na on the device): `join`'s gather, whatever the rows."""
+    j = torch.arange(width, device=both.device)[None]
+    idx = torch.where(j < na[:, None], j, split + j - na[:, None]).clamp_max(both.shape[2] - 1)
+    return both.gather(2, idx[:, None, :].expand(-1, both.shape[1], -1))
 
 
 class Slots:
@@ -484,9 +495,7 @@ class _Static:
     def push(self, q, y, m):
         qn, queue = self._next(), self.S.queues[q][: self.R]
         both = torch.cat([queue, y], dim=2)
-        j = torch.arange(both.shape[2], device=y.device)[None]
-        idx = torch.where(j < qn[:, None], j, queue.shape[2] + j - qn[:, None]).clamp_max(both.shape[2] - 1)
-        return both.gather(2, idx[:, None, :].expand(-1, both.shape[1], -1)), qn + m
+        return spliced(both, queue.shape[2], qn, both.shape[2]), qn + m
 
     def keep(self, q, r, rn, used):
         queue = self.S.queues[q][: self.R]
@@ -501,14 +510,6 @@ class _Static:
     @staticmethod
     def mean(outs, common, x):
         return sum(o[:, :, : x.shape[2]] for o in outs) / len(outs)
-
-
-def gathered(x: Tensor, start: Tensor, width: int) -> Tensor:
-    """Row b's x[b, :, start_b : start_b + width] (starts on the device), left-aligned in [B, C, width]; positions
-    past x's end repeat its last sample (callers keep each row's valid length beside it)."""
-    B, C, T = x.shape
-    idx = (start[:, None] + torch.arange(width, device=x.device)).clamp(0, max(T - 1, 0))
-    return x.gather(2, idx[:, None, :].expand(B, C, width))
 
 
 class StreamingParams:
