@@ -97,7 +97,7 @@ class EngineConfig:
     max_batch: int = 0  # 0: no limit; 1: one session per model call (the one-at-a-time baseline)
     decode_budget_ms: float = 30.0  # decoder steps per tick: as many as fit in this (at least one)
     trim_every_s: float = 10.0  # freed memory goes back to the system this often while sessions run
-    cuda_graphs: bool = True  # on CUDA, decoder steps and the encoder's and vocoder's windows are replayed as CUDA graphs
+    cuda_graphs: bool = True  # on CUDA, decoder steps, the encoder's and vocoder's windows and streaming steps replay as CUDA graphs
     speech_gate: bool = True  # a session's units reach its task only once speech has been heard in it
 
     def __post_init__(self):
@@ -162,8 +162,8 @@ class Engine:
         self.bundle, self.cfg = bundle, cfg
         self.stats = stats or Stats(bundle.sample_rate)
         sr = bundle.sample_rate
-        # on CUDA: the decoder's steps, the HuBERT encoder's windows and a CodeHiFiGAN's windows and durations are
-        # replayed as CUDA graphs, one per shape met (`models.captured`)
+        # on CUDA: the decoder's steps, the HuBERT encoder's windows and a CodeHiFiGAN's windows, durations and
+        # streaming steps are replayed as CUDA graphs, one per shape met (`models.captured`)
         self.graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
         capture = (lambda fn, name: CapturedCall(fn, name)) if self.graphs else (lambda fn, name: None)
         self.captured: list[CapturedCall] = []
