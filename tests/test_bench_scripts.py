@@ -13,15 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def gpu_commands() -> list[tuple[str, list[str]]]:
-    """(script, its options) for every `python3 bench/NAME.py ...` the GPU script runs, its `$S` expanded."""
+    """(script, its options) for every `python3 bench/NAME.py ...` the GPU script runs, its commands held in
+    variables (`S="python3 ..."`, used as `$S ...`) expanded."""
     text = (ROOT / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
-    s = re.search(r'^S="(.*)"$', text, re.M)
+    variables = dict(re.findall(r'^ *([A-Z]+)="(python3 .*)"$', text, re.M))
     out = []
     for line in text.splitlines():
-        if line.startswith("S="):
+        if re.match(r' *[A-Z]+="python3 ', line):
             continue
-        if s:
-            line = line.replace("$S", s.group(1))
+        for name, command in variables.items():
+            line = line.replace(f"${name} ", f"{command} ")
         for m in re.finditer(r"python3 (bench/\w+\.py)(.*?)(?:2>&1|\||$)", line):
             out.append((m.group(1), re.findall(r"(?<!\S)--[a-z][a-z-]*", m.group(2))))
     return out
@@ -29,8 +30,9 @@ def gpu_commands() -> list[tuple[str, list[str]]]:
 
 def test_the_gpu_scripts_commands_take_the_options_it_gives_them():
     commands = gpu_commands()
-    assert {script for script, _ in commands} == {"bench/decode.py", "bench/sessions.py", "bench/streaming_vocoder.py"}
-    assert len(commands) >= 8
+    assert {script for script, _ in commands} == {"bench/decode.py", "bench/sessions.py", "bench/streaming_vocoder.py",
+                                                  "bench/engine_overhead.py"}
+    assert len(commands) >= 8 and sum(script == "bench/engine_overhead.py" for script, _ in commands) == 2
     helps = {}
     for script, options in commands:
         if script not in helps:
