@@ -175,6 +175,36 @@ def check_sessions_encoded_together(enc):
         assert torch.equal(torch.cat(got[k]), enc.encode(w)[0])
 
 
+def test_a_batch_that_fails_leaves_the_running_statistics_as_they_were(monkeypatch):
+    """The engine retries a failed batch a row at a time: the streams' running statistics must be those from
+    before the batch, so that the retried windows give what one batch that worked gives."""
+    enc = mean_normalised_encoder()
+    waves = [chirp(8000, seed=20 + k) for k in range(2)]
+
+    def planned():
+        streams = [LogMelUnitStream(enc) for _ in waves]
+        for s, w in zip(streams, waves):
+            s.add(w[:5000])
+        return streams, [s.plan() for s in streams]
+
+    streams, windows = planned()
+    before = [s.norm_state for s in streams]
+    quantize = enc.quantize
+
+    def fails(feats):
+        raise RuntimeError("the k-means call failed")
+
+    monkeypatch.setattr(enc, "quantize", fails)
+    with pytest.raises(RuntimeError, match="k-means"):
+        encode_logmel_windows(enc, windows)
+    assert all(s.norm_state is b for s, b in zip(streams, before))
+    monkeypatch.setattr(enc, "quantize", quantize)
+    retried = [encode_logmel_windows(enc, [w])[0] for w in windows]
+    _, fresh = planned()
+    for a, b in zip(retried, encode_logmel_windows(enc, fresh)):
+        assert torch.equal(a, b)
+
+
 def test_a_bundle_keeps_the_running_mean(tmp_path):
     from streamgen.bundle import Bundle, load_bundle
 

@@ -61,7 +61,7 @@ class EncodeWindow:
     first: int  # index in the window's frames of the first frame to keep
     count: int  # frames to keep
     end: int  # absolute frame index after the last kept one
-    feats: Tensor | None = None  # the kept frames' features, where the stream had to make them (running mean)
+    stream: EncoderStream | None = None  # the stream whose running statistics its frames follow (they normalise)
 
 
 class EncoderStream(ABC):
@@ -420,11 +420,7 @@ class LogMelUnitStream(EncoderStream):
             return None
         wave = self.samples(a * self.hop, (end - 1) * self.hop + self.win)
         self.n_planned = end
-        window = EncodeWindow(wave, 0, end - a, end)
-        if self.norm_state is not None:  # running statistics follow the frames in order: made here, at plan time
-            feats = self.encoder.frame_features(wave.to(self.encoder.fb.device), end - a)
-            window.feats, self.norm_state = self.encoder.normalise(feats, self.norm_state)
-        return window
+        return EncodeWindow(wave, 0, end - a, end, self if self.norm_state is not None else None)
 
     def needed_from(self) -> int | None:
         return self.n_planned * self.hop  # padded index where the next window to plan starts
@@ -435,19 +431,24 @@ class LogMelUnitStream(EncoderStream):
 
 def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> list[Tensor]:
     """Frame units of every window: all windows' frames in one log-mel call (a padded batch: each frame reads
-    its own samples only) and one k-means call. The frames of a stream that normalises were made when its
-    window was planned (its running statistics follow its frames in order)."""
+    its own samples only) and one k-means call. A stream that normalises has its windows' frames normalised
+    in the order they were planned, its running statistics kept only once every window is encoded (a batch
+    that fails, retried a row at a time, starts from the same statistics)."""
     dev = encoder.fb.device
-    feats = [w.feats for w in windows]
-    todo = [i for i, f in enumerate(feats) if f is None]
-    if todo:
-        width = multiple(max(len(windows[i].wave) for i in todo), 16 * encoder.cfg.hop, dev)
-        extra = [torch.zeros(width)] * (on_grid(len(todo), dev) - len(todo))  # (extra rows: silence)
-        wave, _ = padded_rows([windows[i].wave.float() for i in todo] + extra, width, 0.0, dev)
-        batch = encoder.frame_features(wave, max(windows[i].count for i in todo))  # [rows, frames, n_mels]
-        for row, i in enumerate(todo):
-            feats[i] = batch[row, : windows[i].count]
-    return list(encoder.quantize(torch.cat(feats)).cpu().split([w.count for w in windows]))
+    width = multiple(max(len(w.wave) for w in windows), 16 * encoder.cfg.hop, dev)
+    extra = [torch.zeros(width)] * (on_grid(len(windows), dev) - len(windows))  # (extra rows: silence)
+    wave, _ = padded_rows([w.wave.float() for w in windows] + extra, width, 0.0, dev)
+    batch = encoder.frame_features(wave, max(w.count for w in windows))  # [rows, frames, n_mels]
+    feats, states = [], {}
+    for row, w in enumerate(windows):
+        f = batch[row, : w.count]
+        if w.stream is not None:
+            f, states[w.stream] = encoder.normalise(f, states.get(w.stream, w.stream.norm_state))
+        feats.append(f)
+    units = encoder.quantize(torch.cat(feats)).cpu().split([w.count for w in windows])
+    for stream, state in states.items():
+        stream.norm_state = state
+    return list(units)
 
 
 class PhoneUnitStream(EncoderStream):
