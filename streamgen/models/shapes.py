@@ -60,6 +60,14 @@ def padded_rows(seqs: list[Tensor], width: int, fill, device) -> tuple[Tensor, T
     return to_device(out, device), to_device(torch.tensor([len(s) for s in seqs]), device)
 
 
+def padded_batch(seqs: list[Tensor], step: int, fill, device) -> tuple[Tensor, Tensor]:
+    """`padded_rows` of a call's inputs as a GPU shapes them (`rounds`): the width a multiple of `step` and the rows
+    on the grid, each extra row `fill` over the whole width (its results dropped); elsewhere the inputs as they are."""
+    width = multiple(max(len(s) for s in seqs), step, device)
+    extra = [seqs[0].new_full((width,), fill)] * (on_grid(len(seqs), device) - len(seqs))
+    return padded_rows(list(seqs) + extra, width, fill, device)
+
+
 def to_device(t: Tensor, device) -> Tensor:
     """A host tensor on `device` without waiting for the device: on a GPU, through pinned memory and an
     asynchronous copy (a plain copy from pageable memory waits until every queued kernel has run)."""

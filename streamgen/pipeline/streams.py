@@ -44,7 +44,7 @@ from ..models.kmeans import KMeansQuantizer, dedup_continuing
 from ..models.logmel_units import LogMelUnits
 from ..models.phone_units import PhoneUnits, next_window
 from ..models.source_filter_vocoder import SourceFilterVocoder
-from ..models.shapes import multiple, on_grid, padded_rows
+from ..models.shapes import padded_batch
 from ..models.streaming_conv import Slots, StreamingGenerator, StreamingParams
 from ..models.vocoder import CodeHiFiGAN, check_units
 
@@ -177,10 +177,8 @@ def encode_windows(hubert: HubertEncoder, quantizer: KMeansQuantizer, windows: l
     `frame_units(wave, lengths)` (`window_units` captured: the engine's on a GPU): the units of every frame of
     the padded batch in one call, the kept ones read on the host."""
     p = next(hubert.parameters())
-    width = multiple(max(len(w.wave) for w in windows), 16 * hubert.cfg.hop, p.device)
-    extra = [torch.zeros(width)] * (on_grid(len(windows), p.device) - len(windows))  # (extra rows: silence)
-    wave, lengths = padded_rows([w.wave for w in windows] + extra, width, 0.0, p.device)
-    padded = wave.shape[0] > 1 or width > len(windows[0].wave)
+    wave, lengths = padded_batch([w.wave for w in windows], 16 * hubert.cfg.hop, 0.0, p.device)  # (extra rows: silence)
+    padded = wave.shape[0] > 1 or wave.shape[1] > len(windows[0].wave)
     if frame_units is not None and padded:
         units = frame_units(wave.to(p.dtype), lengths).cpu()  # one read back per call
         return [units[i, w.first : w.first + w.count] for i, w in enumerate(windows)]
@@ -360,9 +358,7 @@ class VocoderStream(TimedUnitStream):
 def _pad(seqs: list[Tensor], device) -> tuple[Tensor, Tensor]:
     """Unit ids per row -> [B, width] padded with 0 and the lengths, built on the host and moved without
     waiting for the device (on a GPU, two asynchronous copies per call instead of a blocking one per row)."""
-    width = multiple(max(len(s) for s in seqs), 16, torch.device(device))
-    extra = [torch.zeros(width, dtype=torch.long)] * (on_grid(len(seqs), device) - len(seqs))  # (extra rows: unit 0)
-    return padded_rows([s.cpu() for s in seqs] + extra, width, 0, device)
+    return padded_batch([s.cpu() for s in seqs], 16, 0, device)  # (extra rows: unit 0)
 
 
 def time_windows(model: CodeHiFiGAN, windows: list[DurationWindow], durations: Batched | None = None) -> list[Tensor]:
@@ -435,9 +431,7 @@ def encode_logmel_windows(encoder: LogMelUnits, windows: list[EncodeWindow]) -> 
     in the order they were planned, its running statistics kept only once every window is encoded (a batch
     that fails, retried a row at a time, starts from the same statistics)."""
     dev = encoder.fb.device
-    width = multiple(max(len(w.wave) for w in windows), 16 * encoder.cfg.hop, dev)
-    extra = [torch.zeros(width)] * (on_grid(len(windows), dev) - len(windows))  # (extra rows: silence)
-    wave, _ = padded_rows([w.wave.float() for w in windows] + extra, width, 0.0, dev)
+    wave, _ = padded_batch([w.wave.float() for w in windows], 16 * encoder.cfg.hop, 0.0, dev)  # (extra rows: silence)
     batch = encoder.frame_features(wave, max(w.count for w in windows))  # [rows, frames, n_mels]
     feats, states = [], {}
     for row, w in enumerate(windows):
