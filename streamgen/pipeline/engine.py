@@ -165,8 +165,14 @@ class Engine:
         # on CUDA: the decoder's steps, the HuBERT encoder's windows and a CodeHiFiGAN's windows, durations and
         # streaming steps are replayed as CUDA graphs, one per shape met (`models.captured`)
         self.graphs = cfg.cuda_graphs and bundle.device.type == "cuda"
-        capture = (lambda fn, name: CapturedCall(fn, name)) if self.graphs else (lambda fn, name: None)
         self.captured: list[CapturedCall] = []
+
+        def capture(fn, name: str) -> CapturedCall | None:
+            if not self.graphs:
+                return None
+            self.captured.append(CapturedCall(fn, name))
+            return self.captured[-1]
+
         # the unit encoder's stream class -> its batched call, and the stream each task reads with
         self.encode_batch: dict[type, object] = {}
         if bundle.logmel_units is not None:  # log-mel units: frame-local, exact at any chunking
@@ -180,7 +186,6 @@ class Engine:
             hubert, quantizer = bundle.need("hubert"), bundle.need("kmeans")
             self.new_kmeans_stream = lambda: UnitStream(hubert, quantizer, cfg.left_frames, cfg.lookahead_frames)
             frame_units = capture(window_units(hubert, quantizer), "the unit encoder")
-            self.captured += [frame_units] if frame_units is not None else []
             self.encode_batch[UnitStream] = lambda windows: encode_windows(hubert, quantizer, windows, frame_units)
             hc = hubert.cfg
             enc_wait = float("inf") if cfg.lookahead_frames is None else ((hc.receptive_field - hc.hop) + cfg.lookahead_frames * hc.hop) / sr
@@ -195,7 +200,6 @@ class Engine:
             self.audio_batch = synthesise_source_filter
         else:
             durations, generate = capture(voc.durations, "the duration predictor"), capture(voc.generate, "the vocoder")
-            self.captured += [c for c in (durations, generate) if c is not None]
             self.time_batch = lambda windows: time_windows(voc, windows, durations)
             self.audio_batch = lambda streams, windows: synthesise(streams, windows, generate)
         voc_wait = (voc.frame_context() if cfg.vocoder_lookahead is None else cfg.vocoder_lookahead) * voc.hop / sr
