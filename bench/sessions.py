@@ -25,6 +25,7 @@ serves one session at a time (what the one-worker-per-stage pipeline did before 
     python bench/sessions.py --json out.json
     python bench/sessions.py --tasks translation --pause-s 0.6  # talkers who pause between sentences
     python bench/sessions.py --tasks translation --processes 2  # one engine process per core
+    python bench/sessions.py --device cuda --dtype bfloat16 --public-random --processes 8  # eight engines on one GPU
     python bench/sessions.py --tasks translation --levels 16 --runs 8 --modes engine  # held in how many of 8 runs
     python bench/sessions.py --tasks resynthesis,resynthesis:durations=predicted  # task options after colons
 """
@@ -37,6 +38,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -213,18 +215,87 @@ def summary(parts: list[dict]) -> dict:
             "compute_s": {k: round(v, 2) for k, v in compute.items()}, "processes": len(parts)}
 
 
-def level_in_processes(processes: int, bundle, task: str, n: int, *args) -> dict:
-    """The level with its talkers split over `processes` engine processes, one per core, each with
-    its own engine and talkers (as a cluster of `serve --mqtt` workers shares sessions, without the
-    broker in between)."""
-    if processes == 1:
-        return summary([level(bundle, task, n, *args)])
-    import multiprocessing
+def load_models(spec: dict):
+    """The bundle a run measures, from its options (`spec`: what a started engine process loads itself)."""
+    torch.set_grad_enabled(False)
+    torch.backends.cudnn.enabled = not spec["no_cudnn"]
+    if spec["no_cudnn_attention"]:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    dtype = getattr(torch, spec["dtype"])
+    if spec["public_random"]:
+        from streamgen.testing import public_size_bundle
 
-    shares = [n // processes + (i < n % processes) for i in range(processes)]
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        parts = pool.starmap(level, [(bundle, task, k, *args) for k in shares if k])
-    return summary(parts)
+        bundle = public_size_bundle(streaming_translation=spec["streaming_translation"]).to(spec["device"], dtype)
+    else:
+        bundle = load_bundle(spec["bundle"], device=spec["device"], dtype=dtype)
+    return cast_backbones(bundle, spec["device"], getattr(torch, spec["lm_dtype"]) if spec["lm_dtype"] else None)
+
+
+def _engine_process(conn, models, threads: int | None) -> None:
+    """An engine process: its levels' shares, one after the other, until None (`models`: the bundle, forked, or
+    the options to load it with)."""
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = load_models(models) if isinstance(models, dict) else models
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        try:
+            conn.send(("ok", level(bundle, *job)))
+        except BaseException:
+            conn.send(("failed", traceback.format_exc()))
+
+
+class EngineProcesses:
+    """Engine processes that live for the whole run (as `serve --mqtt` workers do), each given its share of a
+    level's talkers at once, so that the host's Python work of a tick (the bound of one engine on a GPU,
+    bench/RESULTS.md) spreads over cores. On a CPU they are forked from this process with its bundle, one per
+    core; CUDA cannot be forked, so on a GPU (or with start="spawn") each starts anew and loads its own models
+    onto the one device they share."""
+
+    def __init__(self, n: int, bundle, spec: dict, start: str):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context(start)
+        threads = max(1, (os.cpu_count() or 1) // n) if start == "spawn" else None  # (forked: the parent's setting)
+        self.conns, self.procs = [], []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_engine_process, args=(child, bundle if start == "fork" else spec, threads), daemon=True)
+            proc.start()
+            child.close()  # (so that a process that dies reads as the end of its pipe here)
+            self.conns.append(parent)
+            self.procs.append(proc)
+        for conn in self.conns:  # every one has its models before the first level starts
+            self._answer(conn, "ready")
+
+    def _answer(self, conn, expect: str | None = None):
+        try:
+            got = conn.recv()
+        except EOFError:
+            raise SystemExit("an engine process died (see its output above)") from None
+        if expect is not None:
+            if got != expect:
+                raise SystemExit(f"an engine process answered {got!r}, not {expect!r}")
+            return got
+        status, value = got
+        if status != "ok":
+            raise SystemExit(f"an engine process failed:\n{value}")
+        return value
+
+    def level(self, task: str, n: int, *args) -> dict:
+        """The level with its talkers split evenly over the processes, each with its own engine and talkers (as
+        a cluster of `serve --mqtt` workers shares sessions, without the broker in between)."""
+        shares = [n // len(self.conns) + (i < n % len(self.conns)) for i in range(len(self.conns))]
+        busy = [conn for conn, k in zip(self.conns, shares) if k]
+        for conn, k in zip(busy, [k for k in shares if k]):
+            conn.send((task, k, *args))
+        return summary([self._answer(conn) for conn in busy])
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
 
 
 def verdict(runs: list[dict], max_lag: float) -> dict:
@@ -274,7 +345,11 @@ def main() -> None:
                     help="with --public-random: translation on its own backbone that streams (causal encoder, wait-k 30, "
                          "as the shipped bundle's), where the public Unit mBART re-encodes the source at every decision")
     ap.add_argument("--processes", type=int, default=1,
-                    help="CPU: split each level's talkers over this many engine processes (one per core, 1 thread each)")
+                    help="split each level's talkers over this many engine processes that live for the whole run: on a CPU "
+                         "one per core (1 thread each); on a GPU they share the device, each with its own models")
+    ap.add_argument("--start", choices=["fork", "spawn"], default=None,
+                    help="how the engine processes start (default: forked with this process's models on a CPU; started "
+                         "anew, each loading its own, on a GPU, where CUDA cannot be forked)")
     ap.add_argument("--runs", type=int, default=1,
                     help="run each level this many times, the modes alternated run by run; a level is held when its p99 "
                          "stays within --max-lag-ms in more than half of them")
@@ -289,17 +364,11 @@ def main() -> None:
             ap.error("--profile records one engine process: leave out --processes")
         os.makedirs(args.profile, exist_ok=True)
 
-    torch.set_grad_enabled(False)
-    torch.backends.cudnn.enabled = not args.no_cudnn
-    if args.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    if args.public_random:
-        from streamgen.testing import public_size_bundle
-
-        bundle = public_size_bundle(streaming_translation=args.streaming_translation).to(args.device, getattr(torch, args.dtype))
-    else:
-        bundle = load_bundle(args.bundle, device=args.device, dtype=getattr(torch, args.dtype))
-    cast_backbones(bundle, args.device, getattr(torch, args.lm_dtype) if args.lm_dtype else None)
+    spec = {k: getattr(args, k) for k in ("bundle", "public_random", "streaming_translation", "device", "dtype", "lm_dtype",
+                                         "no_cudnn", "no_cudnn_attention")}
+    bundle = load_models(spec)
+    start = args.start or ("spawn" if torch.device(args.device).type == "cuda" else "fork")
+    engines = EngineProcesses(args.processes, bundle, spec, start) if args.processes > 1 else None
     wave = talker_wave(bundle.sample_rate, args.seconds, args.pause_s, args.talker)
     levels = [int(x) for x in args.levels.split(",")]
     lookahead = bundle.vocoder.frame_context() if args.vocoder_windows else None  # that much look-ahead: exact
@@ -320,7 +389,8 @@ def main() -> None:
                         continue
                     probe = machine_probe(bundle, task_options(task)[0])
                     prof = os.path.join(args.profile, f"{task.replace(':', '_')}_{mode}_N{lv}_run{i + 1}.txt") if args.profile else None
-                    r = level_in_processes(args.processes, bundle, task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead, prof)
+                    job = (task, lv, wave, args.chunk_ms, max_batch, not args.no_cuda_graphs, lookahead)
+                    r = engines.level(*job) if engines is not None else summary([level(bundle, *job, prof)])
                     r["run"], r["probe"] = i + 1, probe
                     runs[mode].append(r)
                     report["tasks"][task][mode]["rows"].append(r)
@@ -347,6 +417,8 @@ def main() -> None:
         ratio = f", {h['engine'] / h['one-at-a-time']:.1f}x the baseline" if len(h) == 2 and h["one-at-a-time"] else ""
         runs_said = f" in more than half of {args.runs} runs" if args.runs > 1 else ""
         print(f"{task}: sessions held at p99 lag <= {args.max_lag_ms:.0f} ms{runs_said}: " + ", ".join(f"{m} {v}" for m, v in h.items()) + ratio)
+    if engines is not None:
+        engines.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -64,6 +64,23 @@ def test_the_sessions_bench_runs_every_task_in_both_modes_and_writes_its_report(
     assert re.search(r"^resynthesis: sessions held at p99 lag <= 250 ms: engine \d, one-at-a-time \d", r.stdout, re.M), r.stdout
 
 
+def test_the_sessions_bench_splits_a_level_over_engine_processes_that_load_their_own_models(tmp_path):
+    """`--processes` on a GPU: CUDA cannot be forked, so each engine process starts anew and loads its models
+    (`--start spawn`, the default there; tried here on the CPU). Every talker of a level is served, by both."""
+    from streamgen.testing import random_bundle
+
+    random_bundle(seed=1).save(tmp_path / "tiny")
+    report = tmp_path / "sessions.json"
+    r = subprocess.run([sys.executable, "bench/sessions.py", "--bundle", str(tmp_path / "tiny"), "--levels", "1,3", "--seconds", "1",
+                        "--tasks", "resynthesis", "--modes", "engine", "--processes", "2", "--start", "spawn", "--json", str(report)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "2 engine processes" in r.stdout.splitlines()[0]
+    rows = json.loads(report.read_text())["tasks"]["resynthesis"]["engine"]["rows"]
+    assert [(x["sessions"], x["completed"], x["processes"]) for x in rows] == [(1, 1, 1), (3, 3, 2)]
+    assert all(x["ticks"] > 0 and x["lag_p99_ms"] is not None for x in rows)
+
+
 def test_the_sessions_bench_profiles_the_engines_worker(tmp_path):
     from streamgen.testing import random_bundle
 
