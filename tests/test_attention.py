@@ -1,6 +1,6 @@
 import torch
 
-from streamgen.models.attention import attend, attend_fused, attend_prefix, merge
+from streamgen.models.attention import additive, attend, attend_fused, attend_prefix, merge
 
 
 def softmax_attention(q, k, v, mask):
@@ -55,3 +55,23 @@ def test_fused_full_pass_equals_the_merged_prefix_path():
     kmask[..., 0] = True
     torch.testing.assert_close(attend_fused(q, k, v, kmask, a), merge(*attend(q, k, v, kmask), *attend_prefix(q, a)), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(attend_fused(q, k, v, None, None), softmax_attention(q, k, v, torch.ones(1, 1, 1, S, dtype=torch.bool)), atol=1e-6, rtol=1e-5)
+
+
+def test_a_mask_as_the_scores_bias_gives_what_the_boolean_mask_gives():
+    """A decoder step passes its masks as `additive` biases, made once for all of its layers: the same numbers from
+    every attention function (the merged prefix path, the fused one with one prefix, with task groups, and none),
+    a query that sees no key included."""
+    torch.manual_seed(1)
+    B, H, T, S, D = 4, 2, 3, 7, 8
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    a, b = (torch.randn(H, 6, D), torch.randn(H, 6, D)), (torch.randn(H, 3, D), torch.randn(H, 3, D))
+    groups = [(a, torch.tensor([0, 2])), (b, torch.tensor([1]))]
+    for shape in ((B, 1, T, S), (B, 1, 1, S)):
+        mask = torch.rand(*shape) > 0.4
+        mask[0, 0, 0] = False
+        bias = additive(mask, q.dtype)
+        assert bias.dtype == q.dtype and set(bias.unique().tolist()) == {0.0, float("-inf")}
+        for got, want in zip(attend(q, k, v, bias), attend(q, k, v, mask)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        for prefix in (None, a, groups):
+            torch.testing.assert_close(attend_fused(q, k, v, bias, prefix), attend_fused(q, k, v, mask, prefix), atol=1e-6, rtol=1e-6)

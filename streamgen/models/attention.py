@@ -32,15 +32,23 @@ Prefix = tuple[Tensor, Tensor]  # (k, v), each [H, L, D], shared by every row
 PrefixGroups = list[tuple[Prefix, Tensor]]
 
 
+def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A visibility mask (True = visible) as the scores' additive bias in `dtype`: 0 where visible, -inf elsewhere.
+    Every function here takes a mask in either form. `scaled_dot_product_attention` turns a boolean mask into
+    this at each call (on a GPU, kernels of their own in every layer); a decoder step makes it once for all of
+    its layers."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scores.
 
-    q [B,H,T,D], k/v [B,H,S,D], mask broadcastable to [B,H,T,S] (True = visible).
+    q [B,H,T,D], k/v [B,H,S,D], mask broadcastable to [B,H,T,S] (True = visible, or `additive`).
     Returns out [B,H,T,D] and lse [B,H,T,1] (float32; -inf where a query sees no key).
     """
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - lse.clamp_min(torch.finfo(torch.float32).min))  # no NaN on empty rows
     return (probs.to(v.dtype) @ v), lse
@@ -99,8 +107,8 @@ def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
 def attend_fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None) -> Tensor:
     """Softmax attention over the prefix's keys and each row's, in one fused call (full passes).
 
-    q [B,H,T,D], k/v [B,H,S,D], mask [B|1, H|1, T|1, S] (True = visible); a query that sees
-    no key gets zeros, as in `attend`."""
+    q [B,H,T,D], k/v [B,H,S,D], mask [B|1, H|1, T|1, S] (True = visible, or `additive`); a query that
+    sees no key gets zeros, as in `attend`."""
     B, H, T, D = q.shape
     if prefix:
         if isinstance(prefix, tuple):  # one prefix for every row
@@ -117,6 +125,8 @@ def attend_fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: P
             ones = lambda n: torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device)
             mask = ones(k.shape[2]) if mask is None else mask
             seen = ones(pk.shape[2]) if seen is None else seen
+            if mask.is_floating_point():
+                seen = additive(seen, mask.dtype)
             lead = [max(m, s) for m, s in zip(mask.shape[:-1], seen.shape[:-1])]  # both [B|1, H|1, T|1]
             mask = torch.cat([seen.expand(*lead, -1), mask.expand(*lead, -1)], dim=-1)
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
@@ -145,6 +155,29 @@ class Attention(nn.Module):
         """Keys and values of x [B, S, d], each [B, H, S, D]."""
         k, v = linear(x, self.k_proj.weight, self.k_proj.bias), linear(x, self.v_proj.weight, self.v_proj.bias)
         return self.split(k), self.split(v)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of x [B, T, d], each [B, H, T, D]: in inference one product with the three
+        projections side by side (a decoder step's three smallest products in one; the joined copy of their
+        weights is made on first use and again whenever one of them changes), else three."""
+        joined = self._joined()
+        if joined is None:
+            return tuple(self.split(linear(x, p.weight, p.bias)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return tuple(self.split(t) for t in linear(x, *joined).chunk(3, dim=-1))
+
+    def _joined(self) -> tuple[Tensor, Tensor] | None:
+        """[W_q; W_k; W_v] and their biases, kept while the six tensors are the same (None where a gradient is
+        wanted, or a tensor keeps no version to tell a change by)."""
+        ps = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
+        if any(t.is_inference() for t in ps) or (torch.is_grad_enabled() and any(t.requires_grad for t in ps)):
+            return None
+        key = tuple((id(t), t.data_ptr(), t.dtype, t._version) for t in ps)
+        cached = self.__dict__.get("_joined_qkv")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):  # (made in inference mode it would keep no version: never packed, see linear)
+                cached = key, torch.cat(ps[:3]), torch.cat(ps[3:])
+            self.__dict__["_joined_qkv"] = cached  # (a plain attribute: not a parameter, not in the state dict)
+        return cached[1], cached[2]
 
     def prefix_kv(self, k_in: Tensor, v_in: Tensor) -> Prefix:
         """A deep prompt's prefix: its vectors [L, d] through this layer's own k/v projections."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention, Prefix, PrefixGroups, attend_rows
+from .attention import Attention, Prefix, PrefixGroups, additive, attend_rows
 from .half_weights import linear
 from .shapes import on_grid, to_device
 
@@ -177,8 +177,7 @@ class Layer(nn.Module):
         sa = self.self_attn
 
         def self_attention(h: Tensor) -> Tensor:
-            q, k, v = (sa.split(linear(h, p.weight, p.bias)) for p in (sa.q_proj, sa.k_proj, sa.v_proj))
-            return sa.project(self_attend(q, k, v))
+            return sa.project(self_attend(*sa.qkv(h)))
 
         def cross_attention(h: Tensor) -> Tensor:
             ca = self.encoder_attn
@@ -528,8 +527,9 @@ class UnitMBart(nn.Module):
         pos = state.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T] cache slots
         x = self.decoder.embed(self.token_embedding(tokens), pos + PAD + 1)
         visible = torch.arange(state.capacity, device=tokens.device)[None, None, :] <= pos[:, :, None]
-        self_mask = visible[:, None]  # [B,1,T,C]: causal within the new tokens, all earlier entries
-        cross_mask = self.cross_mask(state.src_mask, pos)
+        # [B,1,T,C]: causal within the new tokens, all earlier entries; both masks as the scores' bias, made once
+        self_mask = additive(visible[:, None], x.dtype)
+        cross_mask = additive(self.cross_mask(state.src_mask, pos), x.dtype)
         for i, (layer, k_cache, v_cache) in enumerate(zip(self.decoder.layers, state.k, state.v)):
 
             def self_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor = k_cache, v_cache: Tensor = v_cache, i: int = i) -> Tensor:
