@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from streamgen.testing import TINY_MBART
 from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix
+from streamgen.models import attention
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import UNIT_OFFSET, DecoderState, UnitMBart, UnitMBartConfig, units_to_source
 
@@ -226,6 +227,9 @@ def main():
     for name, cfg in chosen:
         n, s, plain, shared, naive = bench_prompt(cfg, name, device, dtype, args.repeats, args.sessions, args.cuda_graphs)
         print(f"| {n} | {s} | {plain:.2f} | {shared:.2f} | {shared / plain:.3f}x | {naive:.2f} | {naive / plain:.2f}x |")
+    how = {True: "one fused kernel with its log-sum-exp", False: "ten operators (the fused kernel unavailable or differing here)"}
+    print("\nA prompted step's attention to its own keys and to the prefix: "
+          + "; ".join(f"{d} {str(t).removeprefix('torch.')}: {how[ok]}" for (d, t), ok in attention._fused_ok.items()))
     print(f"\n## The engine's decode loop vs the bare model step ({'CUDA graph' if args.cuda_graphs else 'eager'}), 150 cached units, 150-unit source")
     print("| size | sessions | Decoder.step (ms) | bare step (ms) | engine / bare |\n|---|---|---|---|---|")
     for name, cfg in chosen:

@@ -34,7 +34,7 @@ PART=${1:-all}
 # the GPU aim is sessions held at p99 <= 100 ms (the CPU bench's default bound is 250 ms)
 S="python3 bench/sessions.py --device cuda --dtype bfloat16 --public-random --seconds 6 --max-lag-ms 100 --tasks resynthesis,translation"
 if [ "$PART" = short ]; then
-  timeout 30 python3 -m pytest -q -rf -p no:cacheprovider --noconftest tests/test_vocoder.py tests/test_captured.py -k on_a_gpu 2>&1 \
+  timeout 30 python3 -m pytest -q -rf -p no:cacheprovider --noconftest tests/test_vocoder.py tests/test_captured.py tests/test_attention.py -k on_a_gpu 2>&1 \
     | tail -40 | tee -a "$OUT/device.txt"
   # the streaming vocoder's step replayed as a CUDA graph (2026-11-29, eager: 1,848 launches, 46-204 ms a step)
   timeout 30 python3 bench/streaming_vocoder.py --device cuda --sizes public --levels 256,1024 --repeats 3 2>&1 \

@@ -75,3 +75,70 @@ def test_a_mask_as_the_scores_bias_gives_what_the_boolean_mask_gives():
             torch.testing.assert_close(got, want, atol=0, rtol=0)
         for prefix in (None, a, groups):
             torch.testing.assert_close(attend_fused(q, k, v, bias, prefix), attend_fused(q, k, v, mask, prefix), atol=1e-6, rtol=1e-6)
+
+
+def _one_step_shapes(device="cpu", dtype=torch.float32, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    B, H, S, D = 5, 4, 48, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(device, dtype) for n in (1, S, S))
+    mask = torch.arange(S)[None, None, None, :] <= torch.tensor([0, 3, 17, 30, 47])[:, None, None, None]  # ragged caches
+    return q, k, v, mask.to(device)
+
+
+def test_attention_seen_in_one_fused_kernel_gives_the_ten_operators_numbers(monkeypatch, caplog):
+    """`attend_seen` (a decoder step's own keys, and a prefix for every row at once) by torch's fused kernel that
+    also returns the log-sum-exp: the numbers of `attend`, with a boolean mask, an additive one, and none; the
+    first call on a device and dtype is checked, and a kernel that fails or differs is left for good, said once."""
+    from streamgen.models import attention
+
+    monkeypatch.setattr(attention, "_fused_ok", {})
+    q, k, v, mask = _one_step_shapes()
+    for m in (mask, additive(mask, q.dtype), None):
+        out, lse = attention.attend_seen(q, k, v, m)
+        want_out, want_lse = attend(q, k, v, m)
+        torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+        assert lse.shape == (5, 4, 1, 1) and lse.dtype == torch.float32
+    assert attention._fused_ok == {("cpu", torch.float32): True}
+
+    calls = []
+    monkeypatch.setattr(attention, "_fused_ok", {})
+    monkeypatch.setattr(attention, "_fused_with_lse", lambda *a: (calls.append(1), (a[0] * 0, torch.zeros(5, 4, 1, 1)))[1])
+    with caplog.at_level("WARNING", logger="streamgen"):
+        for _ in range(3):  # wrong numbers: found on the first call, which already answers with attend's
+            torch.testing.assert_close(attention.attend_seen(q, k, v, mask)[0], attend(q, k, v, mask)[0])
+    assert calls == [1] and attention._fused_ok == {("cpu", torch.float32): False}
+    assert sum("differs" in r.getMessage() for r in caplog.records) == 1
+
+    def unavailable(*a):
+        raise NotImplementedError("no such kernel here")
+
+    caplog.clear()
+    monkeypatch.setattr(attention, "_fused_ok", {})
+    monkeypatch.setattr(attention, "_fused_with_lse", unavailable)
+    with caplog.at_level("WARNING", logger="streamgen"):
+        for _ in range(3):
+            torch.testing.assert_close(attention.attend_seen(q, k, v, mask)[0], attend(q, k, v, mask)[0])
+    assert attention._fused_ok == {("cpu", torch.float32): False}
+    assert [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()][0].endswith("no such kernel here")
+    assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_attention_seen_is_fused_on_a_gpu(monkeypatch):
+    """On CUDA the memory-efficient kernel with its log-sum-exp gives `attend`'s numbers (float32, and bfloat16
+    to its rounding), so a prompted decoder step uses it (run by bench/gpu.sh short)."""
+    import pytest
+
+    from streamgen.models import attention
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    monkeypatch.setattr(attention, "_fused_ok", {})
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        q, k, v, mask = _one_step_shapes("cuda", dtype)
+        for m in (additive(mask, dtype), None):
+            out, lse = attention.attend_seen(q, k, v, m)
+            want_out, want_lse = attend(q, k, v, m)
+            torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+            torch.testing.assert_close(lse, want_lse, atol=tol, rtol=tol)
+        assert attention._fused_ok[("cuda", dtype)] is True, dtype

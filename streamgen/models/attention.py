@@ -5,11 +5,15 @@ Shapes: B rows, H heads, D head size, T queries, S per-row keys, L shared prefix
 A task's deep prompt gives every attention layer a prefix of L keys/values that is the same
 for all rows (all sessions of that task). Concatenating it to each row's keys would copy it
 B times per layer per step. Instead the prefix is attended to on its own, with the rows folded
-into the matmul's M dimension so the prefix is only read, and the two partial softmaxes are
+into one sequence of queries so the prefix is only read, and the two partial softmaxes are
 merged with their log-sum-exps:
 
     softmax([s_p, s_r]) @ [V_p; V_r] = w_p * softmax(s_p) @ V_p + w_r * softmax(s_r) @ V_r,
-    w_x = exp(lse_x - logaddexp(lse_p, lse_r)).
+    w_x = exp(lse_x - logaddexp(lse_p, lse_r)),  i.e.  w_r = sigmoid(lse_r - lse_p) = 1 - w_p.
+
+Each part is one call of torch's fused attention kernel that also returns its log-sum-exp
+(`attend_seen`, checked against the plain operators on first use), so a prompted decoder step
+launches a few kernels more than an unprompted one, not thirty a layer.
 
 That is for decoder steps (one query per row), where the prefix is as large as a row's cache. A full
 pass (the encoder, a prefill: T queries per row) reads T x S scores per row and a prefix of L keys
@@ -21,11 +25,15 @@ unfused scores/log-sum-exp path. The K/V cache never holds the prefix.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .half_weights import linear
+
+log = logging.getLogger("streamgen")
 
 Prefix = tuple[Tensor, Tensor]  # (k, v), each [H, L, D], shared by every row
 # Rows of different tasks in one batch: each task's prefix with the rows that attend to it.
@@ -54,17 +62,63 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor
     return (probs.to(v.dtype) @ v), lse
 
 
+# (device type, dtype) -> whether torch's fused kernel that also gives the log-sum-exp gave `attend`'s numbers there
+_fused_ok: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One call of the fused attention kernel that also returns the log-sum-exp (what training keeps for the
+    backward pass): the memory-efficient one on CUDA (its lse padded to a multiple of 32 queries), the flash one
+    on a CPU. bias: `additive`, in q's dtype."""
+    T, S = q.shape[2], k.shape[2]
+    if bias is not None:
+        if q.device.type == "cuda" and S % 16:  # the kernel reads the bias in rows of 16 (as torch's own call pads it)
+            bias = F.pad(bias, (0, -S % 16))[..., :S]
+        bias = bias.expand(q.shape[0], q.shape[1], T, S)
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias)
+    return out, lse[..., :T, None].float()
+
+
+def attend_seen(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`attend` where every query sees at least one key (a decoder step's own keys: its new token's at least), in
+    one fused kernel instead of ten: on a GPU a step is bound by its launches. The kernel is a private torch
+    operator, so on each device type and dtype its first call is checked against `attend` (rows that see no key
+    left out: there the kernels disagree); where it fails or differs, `attend` serves from then on, said once."""
+    where = (q.device.type, q.dtype)
+    ok = _fused_ok.get(where)
+    if ok is False:
+        return attend(q, k, v, mask)
+    bias = mask if mask is None or mask.is_floating_point() else additive(mask, q.dtype)
+    try:
+        got = _fused_with_lse(q, k, v, bias)
+    except (RuntimeError, NotImplementedError) as e:
+        log.warning("fused attention with log-sum-exp unavailable on %s %s, attending in ten operators: %s", *where, e)
+        _fused_ok[where] = False
+        return attend(q, k, v, mask)
+    if ok is None:
+        want = attend(q, k, v, mask)
+        seen = torch.isfinite(want[1])
+        tol = 1e-4 if q.dtype == torch.float32 else 5e-2
+        close = lambda a, b: bool(torch.allclose(a.float() * seen, b.float() * seen, rtol=tol, atol=tol))
+        _fused_ok[where] = close(got[0], want[0]) and close(torch.where(seen, got[1], 0), torch.where(seen, want[1], 0))
+        if not _fused_ok[where]:
+            log.warning("fused attention with log-sum-exp differs from attention in ten operators on %s %s: using those", *where)
+            return want
+    return got
+
+
 def attend_prefix(q: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor]:
     """Attention of every row's queries to one shared prefix, without copying the prefix.
 
-    q [B,H,T,D]; prefix k/v [H,L,D]. Rows and queries fold into one axis: [H, B*T, D] @ [H, D, L].
+    q [B,H,T,D]; prefix k/v [H,L,D]. Rows and queries fold into one axis: [1, H, B*T, D] against [1, H, L, D].
     """
     pk, pv = prefix
     B, H, T, D = q.shape
-    qh = q.transpose(0, 1).reshape(H, B * T, D)  # copies q (small), never the prefix
-    scores = torch.bmm(qh, pk.transpose(1, 2)).float() * D**-0.5  # [H, B*T, L]
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.bmm(torch.exp(scores - lse).to(pv.dtype), pv)  # [H, B*T, D]
+    qh = q.transpose(0, 1).reshape(1, H, B * T, D)  # copies q (small), never the prefix
+    out, lse = attend_seen(qh, pk[None], pv[None], None)  # [1, H, B*T, D], [1, H, B*T, 1]
     return out.view(H, B, T, D).transpose(0, 1), lse.view(H, B, T, 1).transpose(0, 1)
 
 
@@ -91,17 +145,16 @@ def attend_rows(q: Tensor, kv: list[tuple[Tensor, Tensor]], prefix: Prefix | Pre
     read), and every row to the prefix (read once for all rows) -> [B,H,T,D]."""
     if not prefix:
         return torch.cat([F.scaled_dot_product_attention(q[r : r + 1], k, v) for r, (k, v) in enumerate(kv)])
-    parts = [attend(q[r : r + 1], k, v, None) for r, (k, v) in enumerate(kv)]
+    parts = [attend_seen(q[r : r + 1], k, v, None) for r, (k, v) in enumerate(kv)]
     own = torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     return merge(*own, *attend_prefix_any(q, prefix))
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
-    """Combine two partial attentions over disjoint key sets into attention over their union."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    w_a = torch.exp(lse_a - lse).to(out_a.dtype)
-    w_b = torch.exp(lse_b - lse).to(out_b.dtype)
-    return out_a * w_a + out_b * w_b
+    """Combine two partial attentions over disjoint key sets into attention over their union: a's share of the
+    union's softmax mass is exp(lse_a) / (exp(lse_a) + exp(lse_b)) = sigmoid(lse_a - lse_b) (1 where b sees no
+    key, 0 where a sees none), and the union's output lies that far from b's towards a's."""
+    return torch.lerp(out_b, out_a, torch.sigmoid(lse_a - lse_b).to(out_a.dtype))
 
 
 def attend_fused(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None) -> Tensor:
@@ -200,8 +253,8 @@ class Attention(nn.Module):
     @staticmethod
     def attend_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: Prefix | PrefixGroups | None = None) -> Tensor:
         """Attention of queries q [B,H,T,D] to k/v [B,H,S,D] and the prefix, per head -> [B,H,T,D]."""
-        if q.shape[2] == 1 and prefix:  # a decoder step: the prefix is read in place, never copied
-            return merge(*attend(q, k, v, mask), *attend_prefix_any(q, prefix))
+        if q.shape[2] == 1 and prefix:  # a decoder step (its new token's key seen): the prefix read in place, never copied
+            return merge(*attend_seen(q, k, v, mask), *attend_prefix_any(q, prefix))
         return attend_fused(q, k, v, mask, prefix)
 
     def project(self, out: Tensor) -> Tensor:
