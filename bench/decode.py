@@ -3,7 +3,9 @@
 1. One new unit with the K/V cache (`step`) vs recomputing the decoder over everything generated
    (`decode`), after 50 / 150 / 300 generated units; tiny and full (mbart_large) sizes; batch 1.
 2. One step for many sessions with a shared 200-vector deep prompt vs no prompt (aim <= 1.1x), and
-   the naive alternative that expands the prefix and concatenates it to every session's cache.
+   the naive alternative that expands the prefix and concatenates it to every session's cache; the
+   operators each step dispatches (a kernel each on a GPU, where a step is bound by their launches), and
+   which attention a prompted step took (a fused kernel, or ten operators where that is unavailable).
 3. The serving engine's decode loop (`models.generation.Decoder`: K/V slots, masked steps, per-row
    sampling, reading the tick's tokens back) for N running sessions, against the bare model step
    of section 2 (the plain-PyTorch ceiling, with --cuda-graphs its graph-captured form); with
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from streamgen.testing import TINY_MBART
 from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix
+from streaming_vocoder import Counts  # (bench/ is on the path when a bench script runs)
 from streamgen.models import attention
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import UNIT_OFFSET, DecoderState, UnitMBart, UnitMBartConfig, units_to_source
@@ -143,10 +146,20 @@ def bench_prompt(cfg, name, device, dtype, repeats, sessions, cuda_graphs, gener
         for p in prompt.parameters():
             p.normal_()
         kv = prompt.shared_kv(model)
+        ops = [operators(step_fn(model, state_at(model, sessions, src_len, generated, p), False)) for p in (None, kv)]
         t_plain = timeit(step_fn(model, state_at(model, sessions, src_len, generated, None), cuda_graphs), device, repeats)
         t_prompt = timeit(step_fn(model, state_at(model, sessions, src_len, generated, kv), cuda_graphs), device, repeats)
         t_naive = timeit(naive_step_fn(model, state_at(model, sessions, src_len, generated, kv), kv), device, repeats)
-    return name, sessions, t_plain * 1e3, t_prompt * 1e3, t_naive * 1e3
+    return name, sessions, t_plain * 1e3, t_prompt * 1e3, t_naive * 1e3, *ops
+
+
+def operators(run) -> int:
+    """The operators one eager step dispatches (each a kernel on a GPU, what a replayed step is made of), after a
+    first step (which makes what is kept between steps)."""
+    run()
+    with Counts() as counts:
+        run()
+    return counts.ops
 
 
 def bench_engine(cfg, name, device, dtype, sessions, cuda_graphs, repeats=20, generated=150, src_len=150):
@@ -223,10 +236,10 @@ def main():
         for row in bench_cache(cfg, name, device, dtype, args.repeats):
             print("| %s | %d | %.2f | %.2f | %.1fx |" % row)
     print(f"\n## Shared 200-vector prompt vs none ({args.sessions} sessions, 150 cached units, 150-unit source)")
-    print("| size | sessions | no prompt (ms) | shared prefix (ms) | prefix / none | naive concat (ms) | naive / none |\n|---|---|---|---|---|---|---|")
+    print("| size | sessions | no prompt (ms) | shared prefix (ms) | prefix / none | naive concat (ms) | naive / none | operators a step (none / prefix) |\n|---|---|---|---|---|---|---|---|")
     for name, cfg in chosen:
-        n, s, plain, shared, naive = bench_prompt(cfg, name, device, dtype, args.repeats, args.sessions, args.cuda_graphs)
-        print(f"| {n} | {s} | {plain:.2f} | {shared:.2f} | {shared / plain:.3f}x | {naive:.2f} | {naive / plain:.2f}x |")
+        n, s, plain, shared, naive, ops_plain, ops_prompt = bench_prompt(cfg, name, device, dtype, args.repeats, args.sessions, args.cuda_graphs)
+        print(f"| {n} | {s} | {plain:.2f} | {shared:.2f} | {shared / plain:.3f}x | {naive:.2f} | {naive / plain:.2f}x | {ops_plain} / {ops_prompt} |")
     how = {True: "one fused kernel with its log-sum-exp", False: "ten operators (the fused kernel unavailable or differing here)"}
     print("\nA prompted step's attention to its own keys and to the prefix: "
           + "; ".join(f"{d} {str(t).removeprefix('torch.')}: {how[ok]}" for (d, t), ok in attention._fused_ok.items()))
