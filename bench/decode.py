@@ -242,7 +242,8 @@ def main():
         print(f"| {n} | {s} | {plain:.2f} | {shared:.2f} | {shared / plain:.3f}x | {naive:.2f} | {naive / plain:.2f}x | {ops_plain} / {ops_prompt} |")
     how = {True: "one fused kernel with its log-sum-exp", False: "ten operators (the fused kernel unavailable or differing here)"}
     print("\nA prompted step's attention to its own keys and to the prefix: "
-          + "; ".join(f"{d} {str(t).removeprefix('torch.')}: {how[ok]}" for (d, t), ok in attention._fused_ok.items()))
+          + "; ".join(f"{d} {str(t).removeprefix('torch.')} {'with' if m else 'without'} a mask: {how[ok]}"
+                      for (d, t, m), ok in attention._fused_ok.items()))
     print(f"\n## The engine's decode loop vs the bare model step ({'CUDA graph' if args.cuda_graphs else 'eager'}), 150 cached units, 150-unit source")
     print("| size | sessions | Decoder.step (ms) | bare step (ms) | engine / bare |\n|---|---|---|---|---|")
     for name, cfg in chosen:

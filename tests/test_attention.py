@@ -99,7 +99,7 @@ def test_attention_seen_in_one_fused_kernel_gives_the_ten_operators_numbers(monk
         torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
         assert lse.shape == (5, 4, 1, 1) and lse.dtype == torch.float32
-    assert attention._fused_ok == {("cpu", torch.float32): True}
+    assert attention._fused_ok == {("cpu", torch.float32, True): True, ("cpu", torch.float32, False): True}
 
     calls = []
     monkeypatch.setattr(attention, "_fused_ok", {})
@@ -107,7 +107,7 @@ def test_attention_seen_in_one_fused_kernel_gives_the_ten_operators_numbers(monk
     with caplog.at_level("WARNING", logger="streamgen"):
         for _ in range(3):  # wrong numbers: found on the first call, which already answers with attend's
             torch.testing.assert_close(attention.attend_seen(q, k, v, mask)[0], attend(q, k, v, mask)[0])
-    assert calls == [1] and attention._fused_ok == {("cpu", torch.float32): False}
+    assert calls == [1] and attention._fused_ok == {("cpu", torch.float32, True): False}
     assert sum("differs" in r.getMessage() for r in caplog.records) == 1
 
     def unavailable(*a):
@@ -119,7 +119,7 @@ def test_attention_seen_in_one_fused_kernel_gives_the_ten_operators_numbers(monk
     with caplog.at_level("WARNING", logger="streamgen"):
         for _ in range(3):
             torch.testing.assert_close(attention.attend_seen(q, k, v, mask)[0], attend(q, k, v, mask)[0])
-    assert attention._fused_ok == {("cpu", torch.float32): False}
+    assert attention._fused_ok == {("cpu", torch.float32, True): False}
     assert [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()][0].endswith("no such kernel here")
     assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
 
@@ -141,4 +141,4 @@ def test_attention_seen_is_fused_on_a_gpu(monkeypatch):
             want_out, want_lse = attend(q, k, v, m)
             torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
             torch.testing.assert_close(lse, want_lse, atol=tol, rtol=tol)
-        assert attention._fused_ok[("cuda", dtype)] is True, dtype
+        assert attention._fused_ok[("cuda", dtype, True)] is True and attention._fused_ok[("cuda", dtype, False)] is True, dtype

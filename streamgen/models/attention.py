@@ -62,8 +62,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor
     return (probs.to(v.dtype) @ v), lse
 
 
-# (device type, dtype) -> whether torch's fused kernel that also gives the log-sum-exp gave `attend`'s numbers there
-_fused_ok: dict[tuple[str, torch.dtype], bool] = {}
+# (device type, dtype, with a mask) -> whether torch's fused kernel that also gives the log-sum-exp gave `attend`'s
+# numbers there
+_fused_ok: dict[tuple[str, torch.dtype, bool], bool] = {}
 
 
 def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -85,9 +86,10 @@ def _fused_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tup
 def attend_seen(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """`attend` where every query sees at least one key (a decoder step's own keys: its new token's at least), in
     one fused kernel instead of ten: on a GPU a step is bound by its launches. The kernel is a private torch
-    operator, so on each device type and dtype its first call is checked against `attend` (rows that see no key
-    left out: there the kernels disagree); where it fails or differs, `attend` serves from then on, said once."""
-    where = (q.device.type, q.dtype)
+    operator, so on each device type and dtype, with a mask and without, its first call is checked against `attend`
+    (rows that see no key left out: there the kernels disagree); where it fails or differs, `attend` serves from
+    then on, said once."""
+    where = (q.device.type, q.dtype, mask is not None)
     ok = _fused_ok.get(where)
     if ok is False:
         return attend(q, k, v, mask)
@@ -95,7 +97,7 @@ def attend_seen(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[T
     try:
         got = _fused_with_lse(q, k, v, bias)
     except (RuntimeError, NotImplementedError) as e:
-        log.warning("fused attention with log-sum-exp unavailable on %s %s, attending in ten operators: %s", *where, e)
+        log.warning("fused attention with log-sum-exp unavailable on %s %s (mask: %s), attending in ten operators: %s", *where, e)
         _fused_ok[where] = False
         return attend(q, k, v, mask)
     if ok is None:
@@ -105,7 +107,8 @@ def attend_seen(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[T
         close = lambda a, b: bool(torch.allclose(a.float() * seen, b.float() * seen, rtol=tol, atol=tol))
         _fused_ok[where] = close(got[0], want[0]) and close(torch.where(seen, got[1], 0), torch.where(seen, want[1], 0))
         if not _fused_ok[where]:
-            log.warning("fused attention with log-sum-exp differs from attention in ten operators on %s %s: using those", *where)
+            log.warning("fused attention with log-sum-exp differs from attention in ten operators on %s %s (mask: %s): "
+                        "using those", *where)
             return want
     return got
 
