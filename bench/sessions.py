@@ -238,7 +238,13 @@ def _engine_process(conn, models, threads: int | None) -> None:
         torch.set_num_threads(threads)
     bundle = load_models(models) if isinstance(models, dict) else models
     conn.send("ready")
-    while (job := conn.recv()) is not None:
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:  # the bench ended (or was stopped) without saying so
+            return
+        if job is None:
+            return
         try:
             conn.send(("ok", level(bundle, *job)))
         except BaseException:
