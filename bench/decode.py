@@ -26,12 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from streamgen.testing import TINY_MBART
-from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix
-from streaming_vocoder import Counts  # (bench/ is on the path when a bench script runs)
 from streamgen.models import attention
+from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix
 from streamgen.models.prompt import DeepPrompt, PromptConfig
 from streamgen.models.unit_mbart import UNIT_OFFSET, DecoderState, UnitMBart, UnitMBartConfig, units_to_source
+from streamgen.testing import TINY_MBART
+from streaming_vocoder import Counts  # (bench/ is on the path when a bench script runs)
 
 FULL = UnitMBartConfig()  # 12 + 12 layers, d=1024, 16 heads, FFN 4096
 

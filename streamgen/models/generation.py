@@ -134,6 +134,10 @@ class _Running:
     budget: int  # the most tokens it may produce (`Decoder._budget`, once per request)
     produced: int = 0
     chosen: list[int] = field(default_factory=list)  # a stream's tokens (all but the last are fed to its cache)
+    prefilled: int = field(init=False)  # the request's prefix tokens (a number: a tensor's len() costs a microsecond a row a step)
+
+    def __post_init__(self):
+        self.prefilled = len(self.request.prefix)
 
 
 @dataclass
@@ -354,7 +358,7 @@ class Decoder:
 
     def _advance(self) -> list[tuple[object, list[int], bool]]:
         running = sorted(self.running)
-        longest = max(len(run.request.prefix) + run.produced for run in self.running.values())
+        longest = max(run.prefilled + run.produced for run in self.running.values())
         self.pool.grow(longest + 1)
         if self.graphs and len({id(self.pool.prompts[s]) for s in running}) == 1:
             return self._advance_static(running)
