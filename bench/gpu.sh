@@ -11,9 +11,9 @@
 #   short: what the issue's aims need, for a lease with little time left (at most 9.6 minutes): the GPU tests,
 #      the streaming vocoder's step (replayed as a CUDA graph), the decode step, live sessions (two runs a level,
 #      the second warm) with the baseline at 16, 1,024 of them over eight engine processes sharing the GPU,
-#      translation on a backbone that streams, resynthesis with
-#      the vocoder's exact windows, the engine's ticks unpaced (bench/engine_overhead.py, one run profiled). (Profiling the engine's worker thread failed on the H200 of 2026-11-29: CUPTI wants the
-#      thread that registered it; part 2 still tries.)
+#      translation on a backbone that streams, resynthesis with the vocoder's exact windows, the engine's ticks
+#      unpaced (bench/engine_overhead.py, one run profiled). (Profiling the engine's worker thread failed on the
+#      H200 of 2026-11-29: CUPTI wants the thread that registered it; part 2 still tries.)
 #   bash bench/gpu.sh [1|2|short]   (parts 1 and 2 without an argument; CUDA and PyTorch; wheels in .whl/ if given)
 # The lent H200's image (Python 3.12, torch 2.11) lacks soundfile and soxr, which the sessions bench imports; before
 # the device call: pip download soundfile soxr cffi pycparser --python-version 3.12 --only-binary=:all: --no-deps
