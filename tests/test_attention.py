@@ -101,6 +101,21 @@ def test_attention_seen_in_one_fused_kernel_gives_the_ten_operators_numbers(monk
         assert lse.shape == (5, 4, 1, 1) and lse.dtype == torch.float32
     assert attention._fused_ok == {("cpu", torch.float32, True): True, ("cpu", torch.float32, False): True}
 
+    # a row that sees no key is left out of the check, whatever a kernel leaves there (NaN too)
+    blind = mask.clone()
+    blind[1] = False
+    right = attention._fused_with_lse
+
+    def nan_where_blind(q, k, v, bias):
+        out, lse = right(q, k, v, bias)
+        return out.index_fill(0, torch.tensor([1]), float("nan")), lse.index_fill(0, torch.tensor([1]), float("nan"))
+
+    monkeypatch.setattr(attention, "_fused_ok", {})
+    monkeypatch.setattr(attention, "_fused_with_lse", nan_where_blind)
+    attention.attend_seen(q, k, v, blind)
+    assert attention._fused_ok == {("cpu", torch.float32, True): True}
+    monkeypatch.setattr(attention, "_fused_with_lse", right)
+
     calls = []
     monkeypatch.setattr(attention, "_fused_ok", {})
     monkeypatch.setattr(attention, "_fused_with_lse", lambda *a: (calls.append(1), (a[0] * 0, torch.zeros(5, 4, 1, 1)))[1])
