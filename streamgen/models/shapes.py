@@ -51,13 +51,18 @@ def multiple(n: int, step: int, device) -> int:
     return -(-n // step) * step if rounds(device) else n
 
 
-def padded_rows(seqs: list[Tensor], width: int, fill, device) -> tuple[Tensor, Tensor]:
-    """1-D host tensors right-padded with `fill` into one [len(seqs), width] tensor, and their lengths: built on the
-    host and moved with `to_device` (two copies a call, where a row at a time on the device would be one each)."""
+def right_padded(seqs: list[Tensor], width: int, fill) -> Tensor:
+    """1-D tensors right-padded with `fill` into one [len(seqs), width] tensor, where the first one is."""
     out = seqs[0].new_full((len(seqs), width), fill)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
-    return to_device(out, device), to_device(torch.tensor([len(s) for s in seqs]), device)
+    return out
+
+
+def padded_rows(seqs: list[Tensor], width: int, fill, device) -> tuple[Tensor, Tensor]:
+    """1-D host tensors `right_padded` and their lengths: built on the host and moved with `to_device` (two copies a
+    call, where a row at a time on the device would be one each)."""
+    return to_device(right_padded(seqs, width, fill), device), to_device(torch.tensor([len(s) for s in seqs]), device)
 
 
 def padded_batch(seqs: list[Tensor], step: int, fill, device) -> tuple[Tensor, Tensor]:

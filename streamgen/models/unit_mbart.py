@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, Prefix, PrefixGroups, additive, attend_rows
 from .half_weights import linear
-from .shapes import on_grid, to_device
+from .shapes import on_grid, right_padded, to_device
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 UNIT_OFFSET = 4
@@ -118,10 +118,7 @@ def rows_of(t: Tensor, rows: list[int], n: int) -> Tensor:
 
 def pad_sequences(seqs: list[Tensor], value: int = PAD) -> Tensor:
     """Right-pad 1-D token tensors to one [B, T] tensor."""
-    out = seqs[0].new_full((len(seqs), max(len(s) for s in seqs)), value)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
+    return right_padded(seqs, max(len(s) for s in seqs), value)
 
 
 def make_positions(tokens: Tensor) -> Tensor:
