@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 import streamgen
-from streamgen.bundle import load_bundle
 from streamgen.io.files import read_audio
 from streamgen.io.memory import chunks_of
 from streamgen.pipeline.engine import build_engine
-from sessions import task_options  # (bench/ is on the path when a bench script runs)
+from sessions import load_models, talker_wave, task_options  # (bench/ is on the path when a bench script runs)
 
 STAGES = ("_intake", "_encode", "_decide", "_decode", "_vocode")
 CHUNK_MS = 320
@@ -87,15 +86,11 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3, help="ticks before the timed ones")
     ap.add_argument("--profile", metavar="PREFIX", help="write each level's operators under torch's profiler to PREFIX_N.txt")
     args = ap.parse_args()
-    torch.set_grad_enabled(False)
-    if args.public_random:
-        from streamgen.testing import public_size_bundle
-
-        bundle = public_size_bundle().to(args.device, getattr(torch, args.dtype))
+    bundle = load_models(args.device, args.dtype, public_random=args.public_random)
+    if args.seconds:
+        wave = talker_wave(bundle.sample_rate, args.seconds)
     else:
-        bundle = load_bundle(device=args.device, dtype=getattr(torch, args.dtype))
-    sample = read_audio(Path(streamgen.__file__).parent / "assets" / "sample.wav", bundle.sample_rate)
-    wave = sample.repeat(int(args.seconds * bundle.sample_rate) // len(sample) + 1)[: int(args.seconds * bundle.sample_rate)] if args.seconds else sample
+        wave = read_audio(Path(streamgen.__file__).parent / "assets" / "sample.wav", bundle.sample_rate)
     kw = {"vocoder_lookahead": bundle.vocoder.frame_context()} if args.vocoder_windows else {}
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {args.task}, device {args.device} ({args.dtype}"
           f"{', public sizes, random weights' if args.public_random else ''}{', vocoder in exact windows' if kw else ''}), "

@@ -215,20 +215,21 @@ def summary(parts: list[dict]) -> dict:
             "compute_s": {k: round(v, 2) for k, v in compute.items()}, "processes": len(parts)}
 
 
-def load_models(spec: dict):
-    """The bundle a run measures, from its options (`spec`: what a started engine process loads itself)."""
+def load_models(device: str = "cpu", dtype: str = "float32", bundle: str | None = None, public_random: bool = False,
+                streaming_translation: bool = False, lm_dtype: str | None = None, no_cudnn: bool = False,
+                no_cudnn_attention: bool = False):
+    """The bundle a run measures, from its options (a started engine process loads its own with the same ones)."""
     torch.set_grad_enabled(False)
-    torch.backends.cudnn.enabled = not spec["no_cudnn"]
-    if spec["no_cudnn_attention"]:
+    torch.backends.cudnn.enabled = not no_cudnn
+    if no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    dtype = getattr(torch, spec["dtype"])
-    if spec["public_random"]:
+    if public_random:
         from streamgen.testing import public_size_bundle
 
-        bundle = public_size_bundle(streaming_translation=spec["streaming_translation"]).to(spec["device"], dtype)
+        models = public_size_bundle(streaming_translation=streaming_translation).to(device, getattr(torch, dtype))
     else:
-        bundle = load_bundle(spec["bundle"], device=spec["device"], dtype=dtype)
-    return cast_backbones(bundle, spec["device"], getattr(torch, spec["lm_dtype"]) if spec["lm_dtype"] else None)
+        models = load_bundle(bundle, device=device, dtype=getattr(torch, dtype))
+    return cast_backbones(models, device, getattr(torch, lm_dtype) if lm_dtype else None)
 
 
 def _engine_process(conn, models, threads: int | None) -> None:
@@ -236,7 +237,7 @@ def _engine_process(conn, models, threads: int | None) -> None:
     the options to load it with)."""
     if threads:
         torch.set_num_threads(threads)
-    bundle = load_models(models) if isinstance(models, dict) else models
+    bundle = load_models(**models) if isinstance(models, dict) else models
     conn.send("ready")
     while True:
         try:
@@ -372,7 +373,7 @@ def main() -> None:
 
     spec = {k: getattr(args, k) for k in ("bundle", "public_random", "streaming_translation", "device", "dtype", "lm_dtype",
                                          "no_cudnn", "no_cudnn_attention")}
-    bundle = load_models(spec)
+    bundle = load_models(**spec)
     start = args.start or ("spawn" if torch.device(args.device).type == "cuda" else "fork")
     engines = EngineProcesses(args.processes, bundle, spec, start) if args.processes > 1 else None
     wave = talker_wave(bundle.sample_rate, args.seconds, args.pause_s, args.talker)
