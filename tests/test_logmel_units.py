@@ -151,8 +151,8 @@ def test_variance_normalisation_needs_the_running_mean():
 def test_sessions_encoded_in_one_call_equal_each_alone(any_encoder, shapes):
     """The engine plans every session's windows (one per chunk that came in, several per session in a
     tick) and encodes them together: the frames of every window in one padded log-mel call (each frame
-    reads its own samples: on the GPU's grid too, extra rows and samples), or, with a running mean, each
-    stream's made in order as its windows are planned; so batching changes nothing."""
+    reads its own samples: on the GPU's grid too, extra rows and samples), a stream with a running mean having
+    its windows' frames normalised in the order they were planned; so batching changes nothing."""
     enc = any_encoder
     with gpu_shapes() if shapes else contextlib.nullcontext():
         check_sessions_encoded_together(enc)
