@@ -86,6 +86,36 @@ def test_the_streaming_vocoders_static_step_reads_nothing_back_and_takes_its_sha
     assert len(calls) == 1 and found == []
 
 
+def test_the_decoders_static_step_reads_nothing_back_and_takes_its_shapes_from_its_arguments():
+    """The decoder step a GPU captures (`generation._Captured`: a prompted step of a block of slots, the greedy
+    rows' tokens chosen and recorded in it), with a greedy and a sampled request running."""
+    from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix
+    from streamgen.models.prompt import DeepPrompt, PromptConfig
+    from streamgen.models.unit_mbart import units_to_source
+
+    m = random_bundle().mbart
+    prompt = DeepPrompt(m.cfg, PromptConfig(3)).shared_kv(m)
+    dec = Decoder(m, slots=4, graphs=True)
+    g = torch.Generator().manual_seed(3)
+    for key, sampling in enumerate((Sampling(), Sampling(greedy=False, top_k=5))):
+        dec.submit(key, Request(units_to_source(torch.randint(0, 50, (9,), generator=g)), decoder_prefix(), 30, 30,
+                                sampling=sampling, prompt=prompt, seed=key))
+    with torch.no_grad():
+        dec.step(), dec.step()  # admitted, then a static step (captured: its function kept)
+        (captured,) = dec.captured.values()
+        fn, found = captured.run, []
+
+        def watched():
+            with ValueDependent() as seen:
+                out = fn()
+            found.extend(seen.found)
+            return out
+
+        captured.run = watched
+        moved = dec.step()
+    assert len(moved) == 2 and found == []
+
+
 def test_a_value_read_back_is_seen():
     """The check above can fail: a call that sizes its output by a value is caught."""
     with ValueDependent() as seen:

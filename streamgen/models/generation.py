@@ -28,7 +28,8 @@ stream (later requests under the key get no units until its source starts anew).
 Static steps (`graphs=True`, the GPU path): the running rows are stepped as one block of the pool,
 rows [0, b) with b the next power of two (unused rows masked out), so a step has one of a few
 shapes; on CUDA each (b, cache size, prompt) is captured once as a CUDA graph and replayed (as in
-gpt-fast). Batches that mix prompts take the eager step.
+gpt-fast), the greedy rows' next tokens chosen and recorded inside it (the host reads the tokens once a
+step; only sampled rows are chosen outside). Batches that mix prompts take the eager step.
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ def choose(logits: Tensor, allowed: Tensor, greedy: Tensor, temperature: Tensor,
     scaled = scaled.masked_fill((top_k[:, None] > 0) & (scaled < kth), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform(seed, step, logits.shape[-1]))).float()
     return torch.where(greedy, best, (scaled + gumbel).argmax(-1))
+
+
+def greedy_choice(logits: Tensor, disallowed: Tensor, may_end: Tensor) -> Tensor:
+    """`choose`'s greedy tokens, without gathering settings: the best allowed token of each row of logits
+    [B, V] (disallowed: [V]), </s> only where may_end [B]."""
+    best = logits.float().masked_fill(disallowed, float("-inf"))
+    best[:, EOS].masked_fill_(~may_end, float("-inf"))
+    return best.argmax(-1)
 
 
 def token_rows(seqs: list[Tensor], device, pad_rows: bool = True) -> tuple[Tensor, Tensor]:
@@ -348,9 +357,7 @@ class Decoder:
         """The next token of each of `slots` (idx: the same as a tensor) from its logits [len(slots), V]."""
         may_end = self.produced[idx] >= self.min_new[idx]
         if self.sampled.isdisjoint(slots):  # all greedy, as `choose` decides them, without gathering settings
-            best = logits.float().masked_fill(self.disallowed, float("-inf"))
-            best[:, EOS].masked_fill_(~may_end, float("-inf"))
-            return best.argmax(-1)
+            return greedy_choice(logits, self.disallowed, may_end)
         allowed = self.allowed[None].repeat(len(slots), 1)
         allowed[:, EOS] &= may_end
         return choose(logits, allowed, self.greedy[idx], self.temperature[idx], self.top_k[idx],
@@ -398,17 +405,27 @@ class Decoder:
         rows = min(pool.batch_size, 1 << (slots[-1]).bit_length())
         prompt = pool.prompts[slots[0]]
         where = (pool.capacity, pool.source_capacity,
-                 *(t.data_ptr() for t in (pool.k[0], pool.cross[0][0], pool.lengths, pool.src_mask, self.tokens, self.active)))
+                 *(t.data_ptr() for t in (pool.k[0], pool.cross[0][0], pool.lengths, pool.src_mask, *self._settings())))
         if any(key[2:] != where for key in self.captured):  # the pool was reallocated (it grew)
             self.captured.clear()
         key = (rows, id(prompt), *where)
         if key not in self.captured:
-            self.captured[key] = _Captured(self.model, pool, rows, prompt, self.tokens, self.active)
+            self.captured[key] = _Captured(self, rows, prompt)
         idx = to_device(torch.tensor(slots), self.device)
         self.active.zero_()
         self.active[idx] = True
-        logits = self.captured[key].replay()
-        return self._emit(slots, idx, self._choose(logits[idx], slots, idx))
+        logits = self.captured[key].replay()  # greedy rows' tokens chosen and recorded in it
+        sampled = sorted(self.sampled.intersection(slots))
+        if sampled:  # their tokens from the logits, recorded as `_emit` does
+            sidx = to_device(torch.tensor(sampled), self.device)
+            self.tokens[sidx] = self._choose(logits[sidx], sampled, sidx)
+            self.produced[sidx] += 1
+        tokens = self.tokens[:rows].tolist()  # the step's one read of results
+        return self._results(slots, [tokens[s] for s in slots])
+
+    def _settings(self) -> tuple[Tensor, ...]:
+        """The per-slot tensors a static step reads and writes."""
+        return self.tokens, self.active, self.greedy, self.produced, self.min_new
 
     def _admit(self) -> list[tuple[object, list[int], bool]]:
         """The first waiting requests (up to max_batch): encoded and prefilled in one batched call each,
@@ -460,10 +477,15 @@ class Decoder:
         return out + self._emit(slots, idx, self._choose(logits, slots, idx))
 
     def _emit(self, slots: list[int], idx: Tensor, nxt: Tensor) -> list[tuple[object, list[int], bool]]:
+        """Record the tokens chosen for `slots` (idx: the same as a tensor) and return what moved."""
         self.tokens[idx] = nxt
         self.produced[idx] += 1
+        return self._results(slots, nxt.tolist())  # the step's one read of results
+
+    def _results(self, slots: list[int], chosen: list[int]) -> list[tuple[object, list[int], bool]]:
+        """(key, new units, done) of each of `slots` given its token chosen (already recorded on the device)."""
         out = []
-        for s, tok in zip(slots, nxt.tolist()):  # the tick's one read of results
+        for s, tok in zip(slots, chosen):
             run = self.running[s]
             run.produced += 1
             if self.streams:
@@ -494,40 +516,54 @@ class Decoder:
 
 class _Captured:
     """A static decoder step over pool rows [0, rows): fixed views of the pool's tensors, every
-    row attending to `prompt` (unused rows are masked out by `active`). On CUDA it is captured as a
-    CUDA graph once and replayed; elsewhere the same function runs eagerly."""
+    row attending to `prompt` (unused rows are masked out by `active`). The greedy rows' next tokens are
+    chosen in it too and recorded in the decoder's per-slot `tokens` and `produced` (a sampled row's are
+    left to the host: `Decoder._advance_static`). On CUDA it is captured as a CUDA graph once and replayed;
+    elsewhere the same function runs eagerly."""
 
-    def __init__(self, model: UnitMBart, pool: DecoderState, rows: int, prompt: PromptKV | None, tokens: Tensor, active: Tensor):
+    def __init__(self, decoder: Decoder, rows: int, prompt: PromptKV | None):
         self.prompt = prompt  # held, so the prefix tensors the graph reads stay alive
-        lengths = pool.lengths[:rows]
+        model, pool = decoder.model, decoder.pool
+        tokens, active, greedy, produced, min_new = (t[:rows] for t in decoder._settings())
+        disallowed, lengths = decoder.disallowed, pool.lengths[:rows]
         view = DecoderState([t[:rows] for t in pool.k], [t[:rows] for t in pool.v], lengths,
                             [(k[:rows], v[:rows]) for k, v in pool.cross], pool.src_mask[:rows], [prompt] * rows)
 
         def run() -> Tensor:
             view.lengths = lengths
-            logits = model.step(view, tokens[:rows], active=active[:rows], grow=False)
+            logits = model.step(view, tokens, active=active, grow=False)
             lengths.copy_(view.lengths)
+            chosen = active & greedy
+            tokens.copy_(torch.where(chosen, greedy_choice(logits, disallowed, produced >= min_new), tokens))
+            produced.add_(chosen)
             return logits
 
         self.run, self.graph, self.logits = run, None, None
         if lengths.device.type != "cuda":
             return
         # warm up on a side stream (allocator, kernels, the prompt grouping), then capture. A step
-        # writes the K/V of the tokens already in `tokens` at each row's length and advances it;
-        # the lengths are put back, so the first replay repeats exactly that write.
-        saved = lengths.clone()
+        # writes the K/V of the tokens already in `tokens` at each row's length, advances it and
+        # chooses the next tokens; the lengths, tokens and counts are put back, so the first replay
+        # repeats exactly that step.
+        state = (lengths, tokens, produced)
+        saved = [t.clone() for t in state]
+
+        def put_back() -> None:
+            for t, was in zip(state, saved):
+                t.copy_(was)
+
         with off_the_main_stream():
             try:
                 for _ in range(2):
                     run()
-                    lengths.copy_(saved)
+                    put_back()
             finally:
-                lengths.copy_(saved)
+                put_back()
         try:
             self.graph, self.logits = capture(run)
         except RuntimeError as e:  # the eager static step still serves; say why once per shape
             log.warning("decoder step not captured as a CUDA graph (%d rows), running it eagerly: %s", rows, e)
-        lengths.copy_(saved)
+        put_back()
 
     def replay(self) -> Tensor:
         if self.graph is None:
