@@ -722,22 +722,38 @@ class Engine:
         the steps go on only while no session has input waiting and every decode in flight will end
         within a second budget at this tick's pace: its last units then reach the vocoder in this
         tick, not a whole tick (every session's vocoder and encoder calls) later. A long decode (a
-        continuation) still speaks budget by budget."""
+        continuation) still speaks budget by budget.
+
+        A policy gets its units once a tick (at the end of the steps), or with the step that ends its
+        decode (its next decision may then start the next decode in the same steps); the steps'
+        time is charged to each session once a tick too: per step and session, the engine only
+        gathers (on a GPU serving a thousand sessions, per-row Python costs as much as the step)."""
         t0, budget, steps = time.perf_counter(), self.cfg.decode_budget_ms / 1000, 0
-        while busy := [d for d in self.decoders.values() if d.busy]:
-            for decoder in busy:
-                self._decode_step(decoder)
-            steps += 1
-            spent = time.perf_counter() - t0
-            if spent >= budget and not finish_in_tick(spent, steps, max(d.left for d in self.decoders.values()), budget,
-                                                      self._input_waiting()):
-                break
+        decoded: dict[Session, list[int]] = {}  # units not yet given to their policies
+        charged: dict[Session, float] = {}  # each session's share of the steps' time
+        largest = 0
+        try:
+            while busy := [d for d in self.decoders.values() if d.busy]:
+                for decoder in busy:
+                    largest = max(largest, self._decode_step(decoder, decoded, charged))
+                steps += 1
+                spent = time.perf_counter() - t0
+                if spent >= budget and not finish_in_tick(spent, steps, max(d.left for d in self.decoders.values()),
+                                                          budget, self._input_waiting()):
+                    break
+        finally:  # (a session failed in the steps, whose id may have a new session already, gets nothing)
+            for s, units in decoded.items():
+                if self.sessions.get(s.name) is s:
+                    self._on_decoded(s, units, False)
+            self._charge("generator", {s: t for s, t in charged.items() if self.sessions.get(s.name) is s}, largest)
 
     def _input_waiting(self) -> bool:
         """Some session has input the rest of a tick would take in (audio, units for its policy)."""
         return any(s.has_input for s in list(self.sessions.values()))
 
-    def _decode_step(self, decoder: Decoder) -> None:
+    def _decode_step(self, decoder: Decoder, decoded: dict[Session, list[int]], charged: dict[Session, float]) -> int:
+        """One step of a decoder: its units gathered per session in `decoded` (a finished decode's given to its
+        policy now), each session's share of the time added to `charged`. Returns the rows it moved."""
         t = time.perf_counter()
         try:
             results = decoder.step()
@@ -745,23 +761,38 @@ class Engine:
             log.exception("decoder step failed")
             for s in [s for s in list(self.sessions.values()) if s.decoder is decoder and s.decoding]:
                 self._fail(s, f"generator: {type(e).__name__}: {e}")
-            return
-        self._account("generator", [self.sessions[k] for k, _, _ in results if k in self.sessions], time.perf_counter() - t)
+            return 0
+        seconds = time.perf_counter() - t
+        self._total("generator", seconds)
+        share = seconds / max(1, len(results))
         for name, units, done in results:
             s = self.sessions.get(name)
             if s is None:
                 continue
-            if done:
-                s.decoding = False
-            try:
-                self._apply(s, s.policy.on_decoded(units, done))
-            except Exception as e:
-                self._policy_failed(s, e)
+            charged[s] = charged.get(s, 0.0) + share
+            if not done:
+                if (got := decoded.get(s)) is None:
+                    decoded[s] = units
+                else:
+                    got += units
                 continue
-            if done and s.heard and not s.decoding and s.name in self.sessions:
+            s.decoding = False
+            if not self._on_decoded(s, decoded.pop(s, []) + units, True):
+                continue
+            if s.heard and not s.decoding and s.name in self.sessions:
                 # its next decision now, not a tick later: the units it waits on were encoded while it decoded
                 # (at the end of its input, the closing decode follows its last decision's in the same steps)
                 self._next_decisions(s)
+        return len(results)
+
+    def _on_decoded(self, s: Session, units: list[int], done: bool) -> bool:
+        """Give a session's policy its decoded units; whether it took them (a failing policy fails its session)."""
+        try:
+            self._apply(s, s.policy.on_decoded(units, done))
+        except Exception as e:
+            self._policy_failed(s, e)
+            return False
+        return True
 
     def _policy_failed(self, s: Session, e: Exception) -> None:
         """A task's policy raised: a ValueError says what is wrong with the session's input or options;
@@ -847,19 +878,24 @@ class Engine:
 
     def _account(self, stage: str, sessions: list[Session], seconds: float) -> None:
         """A batched call's time, shared equally by the sessions in it."""
+        self._total(stage, seconds)
+        share = seconds / max(1, len(sessions))
+        self._charge(stage, {s: share for s in sessions}, len(sessions))
+
+    def _total(self, stage: str, seconds: float) -> None:
         self.compute[stage] = self.compute.get(stage, 0.0) + seconds
-        self.largest_batch[stage] = max(self.largest_batch.get(stage, 0), len(sessions))
-        if not sessions:
-            return
-        share = seconds / len(sessions)
+
+    def _charge(self, stage: str, charged: dict[Session, float], batch: int) -> None:
+        """Each session's compute in a stage (its shares of calls of at most `batch` sessions)."""
+        self.largest_batch[stage] = max(self.largest_batch.get(stage, 0), batch)
         now = time.monotonic()
         log_events = self.stats.json_log is not None
-        for s in sessions:
+        for s, seconds in charged.items():
             st = self.stats.session(s.name)
-            st.compute[stage] = st.compute.get(stage, 0.0) + share
+            st.compute[stage] = st.compute.get(stage, 0.0) + seconds
             if log_events:
-                self.stats.event(event="stage", stage=stage, session=s.name, batch=len(sessions),
-                                 compute_ms=round(1000 * share, 3), algorithmic_ms=round(1000 * self.algorithmic_s.get(stage, 0.0), 1),
+                self.stats.event(event="stage", stage=stage, session=s.name, batch=batch,
+                                 compute_ms=round(1000 * seconds, 3), algorithmic_ms=round(1000 * self.algorithmic_s.get(stage, 0.0), 1),
                                  since_capture_ms=round(1000 * (now - s.captured_at), 3) if s.captured_at else None)
 
     @property

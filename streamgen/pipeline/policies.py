@@ -3,7 +3,8 @@
 A policy sees a session's source units as they become final (`on_source`) and the end of its
 input (`on_end`), and answers with a `Decision` (or None): units to speak now, and/or a decode to
 run. The engine runs every session's decodes together (`models.generation.Decoder`) and hands the
-units back through `on_decoded` as they come; with `emit_every` > 0 they are spoken in chunks of
+units back through `on_decoded` as they come (those of a tick's decoder steps together, and the last
+ones with the step that ends the decode); with `emit_every` > 0 they are spoken in chunks of
 that many while decoding goes on, else all at once when the decode is done (`decoded`); a policy
 may override `on_decoded` to speak them as soon as it knows they are final. One decode
 per session is in flight at a time; the session's next source units wait for it.
@@ -199,7 +200,8 @@ class Policy:
         return None
 
     def on_decoded(self, units: list[int], done: bool) -> Decision | None:
-        """Units of the decode in flight, as they come (done: it has finished)."""
+        """Units of the decode in flight, as they come: those of a tick's steps together, the last ones with
+        done=True (the decode has finished)."""
         self.pending += units
         if done:
             rest, self.pending = self.pending, []
