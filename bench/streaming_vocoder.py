@@ -13,7 +13,10 @@ cannot: a step whose operators grow with N, or that reads counts back per layer,
 computes. Every figure comes from this run.
 
     OMP_NUM_THREADS=1 python bench/streaming_vocoder.py                    # tiny CodeHiFiGAN + the shipped bundle's
-    python bench/streaming_vocoder.py --device cuda --sizes public --levels 16,64,256,1024
+    python bench/streaming_vocoder.py --device cuda --sizes public --levels 16,64,256,1024 --dtypes float32,bfloat16
+
+A CodeHiFiGAN's step runs in each of `--dtypes` (the engine's vocoder takes the bundle's dtype: bfloat16 in a GPU
+service); the source-filter vocoder's streams compute in float64 whatever is asked, so it runs once.
 """
 
 from __future__ import annotations
@@ -104,24 +107,31 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16,64,256")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, the CodeHiFiGAN's steps eager (not replayed as graphs)")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated: the CodeHiFiGAN's weights in each (float32, bfloat16, float16)")
     args = ap.parse_args()
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+        ap.error(f"--dtypes takes floating-point torch dtypes (float32, bfloat16, float16), got {args.dtypes!r}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, device {device}, torch threads {torch.get_num_threads()}")
-    print("| vocoder | streams | step (ms) | per stream (ms) | operators per step | " + ("synchronisations" if device.type == "cuda" else "host reads") + " per step |")
-    print("|---|---|---|---|---|---|")
+    print("| vocoder | dtype | streams | step (ms) | per stream (ms) | operators per step | "
+          + ("synchronisations" if device.type == "cuda" else "host reads") + " per step |")
+    print("|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
-        if size == "bundle":
-            from streamgen.bundle import load_bundle
-            voc = load_bundle(device=device).unit_vocoder
-            graph, units = StreamingParams(voc), voc.cfg.num_units
-        else:
-            cfg = TINY_VOCODER if size == "tiny" else VocoderConfig()
-            voc = CodeHiFiGAN(cfg).to(device).eval()
-            graph, units = StreamingGenerator(voc, graphs=not args.no_cuda_graphs), cfg.num_embeddings
-        for n in [int(x) for x in args.levels.split(",")]:
-            r = measure(graph, units, n, device, args.repeats)
-            print(f"| {size} | {n} | {r['ms']:.2f} | {r['ms_per_session']:.3f} | {r['ops']} | {r['reads']} |", flush=True)
+        for dtype in dtypes if size != "bundle" else [torch.float64]:
+            if size == "bundle":
+                from streamgen.bundle import load_bundle
+                voc = load_bundle(device=device).unit_vocoder
+                graph, units = StreamingParams(voc), voc.cfg.num_units
+            else:
+                cfg = TINY_VOCODER if size == "tiny" else VocoderConfig()
+                voc = CodeHiFiGAN(cfg).to(device=device, dtype=dtype).eval()
+                graph, units = StreamingGenerator(voc, graphs=not args.no_cuda_graphs), cfg.num_embeddings
+            for n in [int(x) for x in args.levels.split(",")]:
+                r = measure(graph, units, n, device, args.repeats)
+                print(f"| {size} | {str(dtype).removeprefix('torch.')} | {n} | {r['ms']:.2f} | {r['ms_per_session']:.3f} | {r['ops']} "
+                      f"| {r['reads']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -98,11 +98,13 @@ def test_the_sessions_bench_profiles_the_engines_worker(tmp_path):
 
 
 def test_the_streaming_vocoder_bench_counts_a_steps_operators_and_host_reads():
-    r = subprocess.run([sys.executable, "bench/streaming_vocoder.py", "--sizes", "tiny", "--levels", "1,3", "--repeats", "1"],
+    r = subprocess.run([sys.executable, "bench/streaming_vocoder.py", "--sizes", "tiny", "--levels", "1,3", "--repeats", "1",
+                        "--dtypes", "float32,bfloat16"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    rows = re.findall(r"^\| tiny \| (\d+) \| [\d.]+ \| [\d.]+ \| (\d+) \| (\d+) \|$", r.stdout, re.M)
-    assert [n for n, _, _ in rows] == ["1", "3"] and all(int(ops) > 0 and reads == "0" for _, ops, reads in rows), r.stdout
+    rows = re.findall(r"^\| tiny \| (\w+) \| (\d+) \| [\d.]+ \| [\d.]+ \| (\d+) \| (\d+) \|$", r.stdout, re.M)
+    assert [(d, n) for d, n, _, _ in rows] == [("float32", "1"), ("float32", "3"), ("bfloat16", "1"), ("bfloat16", "3")], r.stdout
+    assert all(int(ops) > 0 and reads == "0" for _, _, ops, reads in rows), r.stdout
 
 
 def test_the_option_check_reads_the_commands_as_the_shell_runs_them(monkeypatch, tmp_path):
