@@ -725,35 +725,43 @@ class Engine:
         continuation) still speaks budget by budget.
 
         A policy gets its units once a tick (at the end of the steps), or with the step that ends its
-        decode (its next decision may then start the next decode in the same steps); the steps'
-        time is charged to each session once a tick too: per step and session, the engine only
-        gathers (on a GPU serving a thousand sessions, per-row Python costs as much as the step)."""
+        decode (its next decision may then start the next decode in the same steps), and the steps'
+        time is charged to each session once a tick too: per step and row the engine only gathers (on a
+        GPU serving a thousand sessions, per-row Python costs as much as the step)."""
         t0, budget, steps = time.perf_counter(), self.cfg.decode_budget_ms / 1000, 0
-        decoded: dict[Session, list[int]] = {}  # units not yet given to their policies
-        charged: dict[Session, float] = {}  # each session's share of the steps' time
+        # by session id, its decode's [session, decoder, the decoder's share total before it joined, units this tick not yet
+        # given to its policy] (lists: made per session and tick, unpacked per row)
+        decoding: dict[str, list] = {}
+        shares: dict[Decoder, float] = {}  # per decoder: a row's share of its steps' time so far this tick
+        charged: dict[Session, float] = {}
         largest = 0
         try:
             while busy := [d for d in self.decoders.values() if d.busy]:
                 for decoder in busy:
-                    largest = max(largest, self._decode_step(decoder, decoded, charged))
+                    largest = max(largest, self._decode_step(decoder, decoding, shares, charged))
                 steps += 1
                 spent = time.perf_counter() - t0
                 if spent >= budget and not finish_in_tick(spent, steps, max(d.left for d in self.decoders.values()),
                                                           budget, self._input_waiting()):
                     break
-        finally:  # (a session failed in the steps, whose id may have a new session already, gets nothing)
-            for s, units in decoded.items():
-                if self.sessions.get(s.name) is s:
+        finally:
+            for s, decoder, since, _ in decoding.values():
+                charged[s] = charged.get(s, 0.0) + shares[decoder] - since
+            # (a session failed in the steps, whose id may have a new session already, gets nothing)
+            live = {s: t for s, t in charged.items() if self.sessions.get(s.name) is s}
+            self._charge("generator", live, largest)
+            for s, _, _, units in decoding.values():
+                if s in live:
                     self._on_decoded(s, units, False)
-            self._charge("generator", {s: t for s, t in charged.items() if self.sessions.get(s.name) is s}, largest)
 
     def _input_waiting(self) -> bool:
         """Some session has input the rest of a tick would take in (audio, units for its policy)."""
         return any(s.has_input for s in list(self.sessions.values()))
 
-    def _decode_step(self, decoder: Decoder, decoded: dict[Session, list[int]], charged: dict[Session, float]) -> int:
-        """One step of a decoder: its units gathered per session in `decoded` (a finished decode's given to its
-        policy now), each session's share of the time added to `charged`. Returns the rows it moved."""
+    def _decode_step(self, decoder: Decoder, decoding: dict[str, list], shares: dict[Decoder, float],
+                     charged: dict[Session, float]) -> int:
+        """One step of a decoder: its units gathered per session in `decoding` (a finished decode's given to its
+        policy now, its share of the steps' time added to `charged`). Returns the rows it moved."""
         t = time.perf_counter()
         try:
             results = decoder.step()
@@ -764,20 +772,24 @@ class Engine:
             return 0
         seconds = time.perf_counter() - t
         self._total("generator", seconds)
-        share = seconds / max(1, len(results))
+        before = shares.get(decoder, 0.0)  # (every decode running is in every step: a session's share is
+        shares[decoder] = after = before + seconds / max(1, len(results))  # the rows' shares since it joined)
         for name, units, done in results:
-            s = self.sessions.get(name)
-            if s is None:
-                continue
-            charged[s] = charged.get(s, 0.0) + share
+            d = decoding.get(name)
+            if d is None:
+                s = self.sessions.get(name)
+                if s is None:
+                    continue
+                d = decoding[name] = [s, decoder, before, units]
+            else:
+                d[3] += units
             if not done:
-                if (got := decoded.get(s)) is None:
-                    decoded[s] = units
-                else:
-                    got += units
                 continue
+            del decoding[name]
+            s = d[0]
+            charged[s] = charged.get(s, 0.0) + after - d[2]
             s.decoding = False
-            if not self._on_decoded(s, decoded.pop(s, []) + units, True):
+            if not self._on_decoded(s, d[3], True):
                 continue
             if s.heard and not s.decoding and s.name in self.sessions:
                 # its next decision now, not a tick later: the units it waits on were encoded while it decoded
@@ -788,7 +800,8 @@ class Engine:
     def _on_decoded(self, s: Session, units: list[int], done: bool) -> bool:
         """Give a session's policy its decoded units; whether it took them (a failing policy fails its session)."""
         try:
-            self._apply(s, s.policy.on_decoded(units, done))
+            if (d := s.policy.on_decoded(units, done)) is not None:
+                self._apply(s, d)
         except Exception as e:
             self._policy_failed(s, e)
             return False
