@@ -3,6 +3,7 @@ tasks, joining and leaving mid-decode), the one-at-a-time baseline agrees, and s
 length run with bounded state."""
 
 import asyncio
+import collections
 import contextlib
 import time
 
@@ -210,6 +211,8 @@ def test_decoder_requests_join_and_leave_mid_decode_with_mixed_prompts(test_bund
                 dec.submit(i, Request(units_to_source(srcs[i]), decoder_prefix(), 25, 10, sampling[i], which[i], seed=i))
             for key, units, _ in dec.step():
                 out[key] += units
+            # (the running rows counted by prompt, which tells whether a step may be the static one)
+            assert sorted(dec.prompt_rows.values()) == sorted(collections.Counter(id(dec.pool.prompts[s]) for s in dec.running).values())
             if step > 5 and not dec.busy:
                 break
     assert [out[i] for i in range(4)] == alone

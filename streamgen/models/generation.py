@@ -176,6 +176,7 @@ class Decoder:
         self.disallowed = ~self.allowed
         self.waiting: list[tuple[object, Request]] = []
         self.running: dict[int, _Running] = {}  # by slot
+        self.prompt_rows: dict[int, int] = {}  # running rows by id of the prompt their slot holds (static steps need one)
         self.parked: dict[object, _Parked] = {}  # streams between decodes, by key
         self.resuming: list[tuple[object, Request, _Parked]] = []
         self.streams = model.cfg.streams
@@ -319,7 +320,7 @@ class Decoder:
                 self.parked[key] = p
                 out.append((key, [], True))
             else:  # its prefix ends with the token chosen last, which the next step feeds
-                self.running[p.slot] = _Running(key, r, p.slot, budget)
+                self._start(_Running(key, r, p.slot, budget))
                 run.append((r, p))
         if run:
             slots = [p.slot for _, p in run]
@@ -367,7 +368,7 @@ class Decoder:
         running = sorted(self.running)
         longest = max(run.prefilled + run.produced for run in self.running.values())
         self.pool.grow(longest + 1)
-        if self.graphs and len({id(self.pool.prompts[s]) for s in running}) == 1:
+        if self.graphs and len(self.prompt_rows) == 1:
             return self._advance_static(running)
         n = self.max_batch or len(running)
         out = []
@@ -471,7 +472,7 @@ class Decoder:
             self.free += slots  # nothing of them runs yet
             raise
         for (key, r, budget), s in zip(todo, slots):
-            self.running[s] = _Running(key, r, s, budget)
+            self._start(_Running(key, r, s, budget))
         self._configure(slots, [r for _, r, _ in todo])
         idx = to_device(torch.tensor(slots), self.device)
         return out + self._emit(slots, idx, self._choose(logits, slots, idx))
@@ -484,30 +485,45 @@ class Decoder:
 
     def _results(self, slots: list[int], chosen: list[int]) -> list[tuple[object, list[int], bool]]:
         """(key, new units, done) of each of `slots` given its token chosen (already recorded on the device)."""
-        out = []
+        out, running, streams = [], self.running, self.streams
         for s, tok in zip(slots, chosen):
-            run = self.running[s]
+            run = running[s]
             run.produced += 1
-            if self.streams:
+            if streams:
                 run.chosen.append(tok)
-            eos = tok == EOS
-            done = eos or run.produced >= run.budget
-            out.append((run.key, [] if eos else [tok - UNIT_OFFSET], done))
-            if done and self.streams:
+            if tok != EOS and run.produced < run.budget:
+                out.append((run.key, [tok - UNIT_OFFSET], False))
+                continue
+            out.append((run.key, [] if tok == EOS else [tok - UNIT_OFFSET], True))
+            if streams:
                 self._park(s)
-            elif done:
+            else:
                 self._finish(s)
         return out
 
     def _park(self, slot: int) -> None:
         """A stream's decode is done: keep its slot for the key's next request."""
-        run = self.running.pop(slot)
+        run = self._stop(slot)
         fed = torch.cat([run.request.prefix, torch.tensor(run.chosen[:-1], dtype=torch.long)])
         self.parked[run.key] = _Parked(slot, run.request.source, fed, run.chosen[-1])
 
     def _finish(self, slot: int) -> None:
-        self.running.pop(slot)
+        self._stop(slot)
         self._release(slot)
+
+    def _start(self, run: _Running) -> None:
+        self.running[run.slot] = run
+        p = id(self.pool.prompts[run.slot])
+        self.prompt_rows[p] = self.prompt_rows.get(p, 0) + 1
+
+    def _stop(self, slot: int) -> _Running:
+        run = self.running.pop(slot)
+        p = id(self.pool.prompts[slot])
+        if self.prompt_rows[p] == 1:
+            del self.prompt_rows[p]
+        else:
+            self.prompt_rows[p] -= 1
+        return run
 
     def _release(self, slot: int) -> None:
         self.pool.release([slot])
