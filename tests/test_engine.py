@@ -64,10 +64,12 @@ def test_sessions_batched_together_equal_each_alone(test_bundle):
         a, b = together.wave(n), sink.wave(n)
         assert len(a) == len(b) > 0 and (a - b).abs().max() <= 1e-5, n
     assert not engine.sessions and all(not d.running for d in engine.decoders.values())  # everyone left; their slots are free
-    # every decoder step's time charged to the sessions it moved (once a tick, as the sum of their shares)
-    generator = {st.session: st.compute.get("generator", 0.0) for st in engine.stats.sessions.values()}
-    assert sum(generator.values()) == pytest.approx(engine.compute["generator"], rel=1e-9)
-    assert all(generator[n] > 0 for n in "acde") and generator["b"] == 0  # (resynthesis needs no LM)
+    # every batched call's time charged to the sessions in it (the decoder's steps once a tick, as the sum of their shares)
+    for stage in ("encoder", "generator", "vocoder"):
+        charged = {st.session: st.compute.get(stage, 0.0) for st in engine.stats.sessions.values()}
+        assert sum(charged.values()) == pytest.approx(engine.compute[stage], rel=1e-9), stage
+        assert all(charged[n] > 0 for n in ("acde" if stage == "generator" else SESSIONS)), stage
+    assert engine.stats.sessions["b"].compute.get("generator", 0.0) == 0  # (resynthesis needs no LM)
 
 
 def test_an_idle_engine_gives_back_its_pools_and_serves_the_next_sessions_as_a_fresh_one(test_bundle):

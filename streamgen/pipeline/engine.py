@@ -890,10 +890,12 @@ class Engine:
         return out
 
     def _account(self, stage: str, sessions: list[Session], seconds: float) -> None:
-        """A batched call's time, shared equally by the sessions in it."""
+        """A batched call's time, shared equally by its rows (a session behind by several chunks has a row for each)."""
         self._total(stage, seconds)
-        share = seconds / max(1, len(sessions))
-        self._charge(stage, {s: share for s in sessions}, len(sessions))
+        share, charged = seconds / max(1, len(sessions)), {}
+        for s in sessions:
+            charged[s] = charged.get(s, 0.0) + share
+        self._charge(stage, charged, len(sessions))
 
     def _total(self, stage: str, seconds: float) -> None:
         self.compute[stage] = self.compute.get(stage, 0.0) + seconds
