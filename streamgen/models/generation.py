@@ -177,6 +177,7 @@ class Decoder:
         self.waiting: list[tuple[object, Request]] = []
         self.running: dict[int, _Running] = {}  # by slot
         self.prompt_rows: dict[int, int] = {}  # running rows by id of the prompt their slot holds (static steps need one)
+        self.longest = 0  # at least the longest cache of a running row (exact when the pool may have to grow)
         self.parked: dict[object, _Parked] = {}  # streams between decodes, by key
         self.resuming: list[tuple[object, Request, _Parked]] = []
         self.streams = model.cfg.streams
@@ -366,8 +367,9 @@ class Decoder:
 
     def _advance(self) -> list[tuple[object, list[int], bool]]:
         running = sorted(self.running)
-        longest = max(run.prefilled + run.produced for run in self.running.values())
-        self.pool.grow(longest + 1)
+        if self.longest + 1 > self.pool.capacity:  # (the step writes each row's token at its length)
+            self.longest = max(run.prefilled + run.produced for run in self.running.values())
+            self.pool.grow(self.longest + 1)
         if self.graphs and len(self.prompt_rows) == 1:
             return self._advance_static(running)
         n = self.max_batch or len(running)
@@ -486,6 +488,7 @@ class Decoder:
     def _results(self, slots: list[int], chosen: list[int]) -> list[tuple[object, list[int], bool]]:
         """(key, new units, done) of each of `slots` given its token chosen (already recorded on the device)."""
         out, running, streams = [], self.running, self.streams
+        self.longest += 1  # (every row given a token has one more in its cache for the next step)
         for s, tok in zip(slots, chosen):
             run = running[s]
             run.produced += 1
@@ -513,6 +516,7 @@ class Decoder:
 
     def _start(self, run: _Running) -> None:
         self.running[run.slot] = run
+        self.longest = max(self.longest, run.prefilled + run.produced)
         p = id(self.pool.prompts[run.slot])
         self.prompt_rows[p] = self.prompt_rows.get(p, 0) + 1
 
