@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, the CodeHiFiGAN's steps eager (not replayed as graphs)")
     ap.add_argument("--dtypes", default="float32", help="comma-separated: the CodeHiFiGAN's weights in each (float32, bfloat16, float16)")
     args = ap.parse_args()
-    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    dtypes = [getattr(torch, name, None) for name in args.dtypes.split(",")]
     if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
         ap.error(f"--dtypes takes floating-point torch dtypes (float32, bfloat16, float16), got {args.dtypes!r}")
     device = torch.device(args.device)

@@ -5,7 +5,7 @@ input (`on_end`), and answers with a `Decision` (or None): units to speak now, a
 run. The engine runs every session's decodes together (`models.generation.Decoder`) and hands the
 units back through `on_decoded` as they come (those of a tick's decoder steps together, and the last
 ones with the step that ends the decode); with `emit_every` > 0 they are spoken in chunks of
-that many while decoding goes on, else all at once when the decode is done (`decoded`); a policy
+at least that many while decoding goes on, else all at once when the decode is done (`decoded`); a policy
 may override `on_decoded` to speak them as soon as it knows they are final. One decode
 per session is in flight at a time; the session's next source units wait for it.
 
@@ -153,7 +153,7 @@ def run_frames(units: Tensor | np.ndarray, starts: Tensor | np.ndarray, end: int
 class Policy:
     """Base: collects the source; subclasses decide when to speak."""
 
-    emit_every = 0  # 0: a decode's units are spoken when it is done; n: n at a time while decoding
+    emit_every = 0  # 0: a decode's units are spoken when it is done; n: at least n at a time while decoding (a tick's at once)
     # frames the encoder had turned into units when the current hook's units were final (the
     # engine sets it before each `on_source` and `on_end`)
     source_frames = 0
