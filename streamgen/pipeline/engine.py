@@ -15,7 +15,8 @@ that has work ready:
                 (`models.generation.Decoder`), until the tick's decode budget is spent; one decoder
                 per backbone (the shared one, and each task's own where the bundle has one); a session
                 whose decode ends with its next units already encoded (or its input ended) has its
-                policy decide at once, and its next decode joins the same steps
+                policy decide at once, and its next decode joins the same steps; the other decodes'
+                units reach their policies once, after the tick's steps
     vocoder     every session's duration window in one padded call, then every audio window in
                 one padded generator call, trimmed per row
 
