@@ -162,6 +162,39 @@ def test_on_a_gpu_replays_equal_eager_calls_whatever_was_replayed_between():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_decoder_steps_replayed_as_graphs_give_the_units_of_eager_steps():
+    """Greedy and sampled requests on one prompt joining and leaving (the pool grows past its first slots): the
+    decoder's static steps replayed as CUDA graphs, the greedy rows' tokens chosen inside them, give the units of
+    its eager steps, request by request."""
+    from streamgen.models.generation import Decoder, Request, Sampling, decoder_prefix
+    from streamgen.models.prompt import DeepPrompt, PromptConfig
+    from streamgen.models.unit_mbart import units_to_source
+
+    m = random_bundle().to("cuda", torch.float32).mbart
+    deep = DeepPrompt(m.cfg, PromptConfig(4)).to("cuda")
+    g = torch.Generator().manual_seed(4)
+    srcs = [torch.randint(0, 100, (n,), generator=g) for n in (5, 17, 9, 30, 12)]
+    sampling = [Sampling(), Sampling(greedy=False, temperature=0.9, top_k=10), Sampling(), Sampling(greedy=False), Sampling()]
+    joins = {0: [0], 3: [1], 5: [2, 3], 9: [4]}
+    outs, captured = [], []
+    with torch.no_grad(), full_float32():
+        prompt = deep.shared_kv(m)
+        for graphs in (False, True):
+            dec, out = Decoder(m, slots=2, graphs=graphs), {i: [] for i in range(len(srcs))}
+            for step in range(200):
+                for i in joins.get(step, []):
+                    dec.submit(i, Request(units_to_source(srcs[i]), decoder_prefix(), 25, 10, sampling[i], prompt, seed=i))
+                for key, units, _ in dec.step():
+                    out[key] += units
+                captured += [c for c in dec.captured.values() if c not in captured]
+                if step > 9 and not dec.busy:
+                    break
+            outs.append(out)
+    assert outs[0] == outs[1] and all(len(u) >= 10 for u in outs[0].values())
+    assert captured and all(c.graph is not None for c in captured)  # the steps were replayed graphs, not eager runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_streaming_vocoder_steps_replayed_as_graphs_equal_each_whole():
     """Twelve streams stepped with ragged pieces of one width: their static steps are captured (the warm-up before a
     capture puts the slots back) and replayed; a stream ending between them runs eagerly; eight more streams join
