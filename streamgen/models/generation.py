@@ -143,10 +143,6 @@ class _Running:
     budget: int  # the most tokens it may produce (`Decoder._budget`, once per request)
     produced: int = 0
     chosen: list[int] = field(default_factory=list)  # a stream's tokens (all but the last are fed to its cache)
-    prefilled: int = field(init=False)  # the request's prefix tokens (a number: a tensor's len() costs a microsecond a row a step)
-
-    def __post_init__(self):
-        self.prefilled = len(self.request.prefix)
 
 
 @dataclass
@@ -368,7 +364,7 @@ class Decoder:
     def _advance(self) -> list[tuple[object, list[int], bool]]:
         running = sorted(self.running)
         if self.longest + 1 > self.pool.capacity:  # (the step writes each row's token at its length)
-            self.longest = max(run.prefilled + run.produced for run in self.running.values())
+            self.longest = max(len(run.request.prefix) + run.produced for run in self.running.values())
             self.pool.grow(self.longest + 1)
         if self.graphs and len(self.prompt_rows) == 1:
             return self._advance_static(running)
@@ -419,10 +415,9 @@ class Decoder:
         self.active[idx] = True
         logits = self.captured[key].replay()  # greedy rows' tokens chosen and recorded in it
         sampled = sorted(self.sampled.intersection(slots))
-        if sampled:  # their tokens from the logits, recorded as `_emit` does
+        if sampled:  # their tokens from the logits
             sidx = to_device(torch.tensor(sampled), self.device)
-            self.tokens[sidx] = self._choose(logits[sidx], sampled, sidx)
-            self.produced[sidx] += 1
+            self._record(sidx, self._choose(logits[sidx], sampled, sidx))
         tokens = self.tokens[:rows].tolist()  # the step's one read of results
         return self._results(slots, [tokens[s] for s in slots])
 
@@ -481,9 +476,13 @@ class Decoder:
 
     def _emit(self, slots: list[int], idx: Tensor, nxt: Tensor) -> list[tuple[object, list[int], bool]]:
         """Record the tokens chosen for `slots` (idx: the same as a tensor) and return what moved."""
+        self._record(idx, nxt)
+        return self._results(slots, nxt.tolist())  # the step's one read of results
+
+    def _record(self, idx: Tensor, nxt: Tensor) -> None:
+        """The slots' next tokens (fed by the next step) and their count of tokens produced."""
         self.tokens[idx] = nxt
         self.produced[idx] += 1
-        return self._results(slots, nxt.tolist())  # the step's one read of results
 
     def _results(self, slots: list[int], chosen: list[int]) -> list[tuple[object, list[int], bool]]:
         """(key, new units, done) of each of `slots` given its token chosen (already recorded on the device)."""
@@ -516,7 +515,7 @@ class Decoder:
 
     def _start(self, run: _Running) -> None:
         self.running[run.slot] = run
-        self.longest = max(self.longest, run.prefilled + run.produced)
+        self.longest = max(self.longest, len(run.request.prefix) + run.produced)
         p = id(self.pool.prompts[run.slot])
         self.prompt_rows[p] = self.prompt_rows.get(p, 0) + 1
 
